@@ -1,0 +1,425 @@
+//! API keys as secrets, and the parsing of a key list.
+//!
+//! A key is read once, from a string or an environment variable, validated once, and from
+//! then on only ever referred to by its 1-based position (`key 2/3`). Nothing in this crate
+//! prints a key's value: [`ApiKey`]'s `Debug` and `Display` are redacted and every error names
+//! a position, never the text at that position.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use zeroize::Zeroizing;
+
+/// One API key: a secret.
+///
+/// `Debug` and `Display` print `<redacted>`; the value is zeroized when the key is dropped.
+/// The only way to read it is [`ApiKey::expose_secret`], which custom placements use to build
+/// their header.
+///
+/// # Examples
+///
+/// ```
+/// use tower_key_rotation::ApiKey;
+///
+/// let key = ApiKey::new("sk-secret").unwrap();
+/// assert_eq!(format!("{key:?}"), "ApiKey(<redacted>)");
+/// assert_eq!(key.to_string(), "<redacted>");
+/// assert_eq!(key.expose_secret(), "sk-secret");
+/// ```
+pub struct ApiKey {
+    value: Zeroizing<String>,
+}
+
+impl ApiKey {
+    /// Wraps one key, checking that it can travel in an HTTP header.
+    ///
+    /// White space around the key is trimmed.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError::Empty`] for an empty (or all-blank) key, [`KeyError::InvalidByte`] for a
+    /// byte that an HTTP header value cannot carry. The errors name position 1.
+    pub fn new(value: impl Into<String>) -> Result<Self, KeyError> {
+        let value = Zeroizing::new(value.into());
+        validate(value.trim(), 1)?;
+        Ok(Self::trusted(value.trim()))
+    }
+
+    fn trusted(value: &str) -> Self {
+        Self {
+            value: Zeroizing::new(value.to_owned()),
+        }
+    }
+
+    /// The key's value. Handle with care: never log it.
+    pub fn expose_secret(&self) -> &str {
+        &self.value
+    }
+
+    /// Builds the header value `prefix` + key, marked sensitive.
+    ///
+    /// The bytes live in a zeroizing buffer that is wiped when the last copy of the header
+    /// value is dropped, so the key does not linger in freed memory.
+    pub fn header_value(&self, prefix: &str) -> HeaderValue {
+        let mut buf = Zeroizing::new(Vec::with_capacity(prefix.len() + self.value.len()));
+        buf.extend_from_slice(prefix.as_bytes());
+        buf.extend_from_slice(self.value.as_bytes());
+        let mut value = HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
+            .expect("a validated key with a valid prefix is a valid header value");
+        value.set_sensitive(true);
+        value
+    }
+}
+
+impl Clone for ApiKey {
+    fn clone(&self) -> Self {
+        Self::trusted(&self.value)
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+impl fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A validated, non-empty list of distinct API keys.
+///
+/// # Examples
+///
+/// ```
+/// use tower_key_rotation::KeySet;
+///
+/// // White space after the commas is fine.
+/// let keys = KeySet::parse("k1, k2,k3").unwrap();
+/// assert_eq!(keys.len(), 3);
+///
+/// // Errors name the position, never the key.
+/// let err = KeySet::parse("k1,,k2").unwrap_err();
+/// assert_eq!(err.to_string(), "key 2 of 3 is empty (two commas in a row?)");
+/// ```
+#[derive(Clone)]
+pub struct KeySet {
+    keys: Vec<ApiKey>,
+}
+
+impl KeySet {
+    /// Parses a comma-separated key list such as `k1,k2,k3`.
+    ///
+    /// White space around each key is trimmed.
+    ///
+    /// # Errors
+    ///
+    /// A [`KeyError`] naming the first bad entry's 1-based position: the list is empty, an
+    /// entry is empty, an entry holds a byte not allowed in a header value, or an entry
+    /// repeats an earlier one.
+    pub fn parse(list: &str) -> Result<Self, KeyError> {
+        Self::parse_from(list, None)
+    }
+
+    /// Reads and parses the key list in environment variable `var`.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError::NotConfigured`] when the variable is unset, empty or not Unicode; otherwise
+    /// as [`KeySet::parse`], with the variable's name in the message.
+    pub fn from_env(var: &str) -> Result<Self, KeyError> {
+        let not_configured = || KeyError::NotConfigured {
+            source: Some(var.to_owned()),
+        };
+        let raw = Zeroizing::new(std::env::var(var).map_err(|_| not_configured())?);
+        Self::parse_from(&raw, Some(var))
+    }
+
+    fn parse_from(list: &str, source: Option<&str>) -> Result<Self, KeyError> {
+        let source = || source.map(str::to_owned);
+        if list.trim().is_empty() {
+            return Err(KeyError::NotConfigured { source: source() });
+        }
+        let entries: Vec<&str> = list.split(',').map(str::trim).collect();
+        let count = entries.len();
+        for (i, entry) in entries.iter().enumerate() {
+            let position = i + 1;
+            validate(entry, position).map_err(|e| e.with_context(count, source()))?;
+            if let Some(first) = entries[..i].iter().position(|earlier| earlier == entry) {
+                return Err(KeyError::Duplicate {
+                    position,
+                    first: first + 1,
+                    count,
+                    source: source(),
+                });
+            }
+        }
+        Ok(Self {
+            keys: entries.into_iter().map(ApiKey::trusted).collect(),
+        })
+    }
+
+    /// Builds a key set from keys already wrapped.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError::NotConfigured`] for no keys, [`KeyError::Duplicate`] for a repeated key.
+    pub fn from_keys(keys: impl IntoIterator<Item = ApiKey>) -> Result<Self, KeyError> {
+        let keys: Vec<ApiKey> = keys.into_iter().collect();
+        if keys.is_empty() {
+            return Err(KeyError::NotConfigured { source: None });
+        }
+        let count = keys.len();
+        for (i, key) in keys.iter().enumerate() {
+            if let Some(first) = keys[..i].iter().position(|k| k.value == key.value) {
+                return Err(KeyError::Duplicate {
+                    position: i + 1,
+                    first: first + 1,
+                    count,
+                    source: None,
+                });
+            }
+        }
+        Ok(Self { keys })
+    }
+
+    /// Number of keys (at least one).
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Always `false`: a key set holds at least one key.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The keys in order; position `i` in this slice is `key {i+1}`.
+    pub fn keys(&self) -> &[ApiKey] {
+        &self.keys
+    }
+}
+
+impl fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeySet({} keys, <redacted>)", self.keys.len())
+    }
+}
+
+fn validate(key: &str, position: usize) -> Result<(), KeyError> {
+    if key.is_empty() {
+        return Err(KeyError::Empty {
+            position,
+            count: 1,
+            source: None,
+        });
+    }
+    // Visible ASCII only: what every provider issues, and what a header value carries
+    // without surprises (no control characters, no inner white space, no obs-text).
+    if let Some(offset) = key.bytes().position(|b| !(0x21..=0x7e).contains(&b)) {
+        let byte = key.as_bytes()[offset];
+        return Err(KeyError::InvalidByte {
+            position,
+            offset: offset + 1,
+            kind: ByteKind::of(byte),
+            count: 1,
+            source: None,
+        });
+    }
+    Ok(())
+}
+
+/// What kind of byte made a key invalid (never the byte itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteKind {
+    /// A control character such as a newline or NUL.
+    Control,
+    /// White space inside the key.
+    Whitespace,
+    /// A byte outside ASCII (a non-ASCII character).
+    NonAscii,
+}
+
+impl ByteKind {
+    fn of(byte: u8) -> Self {
+        match byte {
+            b' ' | b'\t' => Self::Whitespace,
+            0x80.. => Self::NonAscii,
+            _ => Self::Control,
+        }
+    }
+}
+
+impl fmt::Display for ByteKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Control => "a control character",
+            Self::Whitespace => "white space",
+            Self::NonAscii => "a non-ASCII character",
+        })
+    }
+}
+
+/// Why a key list was rejected. Names positions (1-based), never key values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// No key at all: empty list, or the environment variable is unset or empty.
+    NotConfigured {
+        /// The environment variable read, if any.
+        source: Option<String>,
+    },
+    /// An entry is empty, as in `k1,,k2` or a trailing comma.
+    Empty {
+        /// 1-based position of the entry.
+        position: usize,
+        /// Number of entries in the list.
+        count: usize,
+        /// The environment variable read, if any.
+        source: Option<String>,
+    },
+    /// An entry holds a byte an HTTP header value cannot carry.
+    InvalidByte {
+        /// 1-based position of the entry.
+        position: usize,
+        /// 1-based byte offset of the first bad byte inside the entry.
+        offset: usize,
+        /// What kind of byte it is.
+        kind: ByteKind,
+        /// Number of entries in the list.
+        count: usize,
+        /// The environment variable read, if any.
+        source: Option<String>,
+    },
+    /// An entry repeats an earlier one.
+    Duplicate {
+        /// 1-based position of the repeat.
+        position: usize,
+        /// 1-based position of the first occurrence.
+        first: usize,
+        /// Number of entries in the list.
+        count: usize,
+        /// The environment variable read, if any.
+        source: Option<String>,
+    },
+}
+
+impl KeyError {
+    fn with_context(mut self, list_len: usize, from: Option<String>) -> Self {
+        match &mut self {
+            Self::NotConfigured { source } => *source = from,
+            Self::Empty { count, source, .. }
+            | Self::InvalidByte { count, source, .. }
+            | Self::Duplicate { count, source, .. } => {
+                *count = list_len;
+                *source = from;
+            }
+        }
+        self
+    }
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotConfigured { source: Some(var) } => {
+                write!(f, "no API key configured in {var}")
+            }
+            Self::NotConfigured { source: None } => f.write_str("no API key configured"),
+            Self::Empty {
+                position, count, ..
+            } => write!(
+                f,
+                "key {position} of {count} is empty (two commas in a row?)"
+            ),
+            Self::InvalidByte {
+                position,
+                offset,
+                kind,
+                count,
+                ..
+            } => write!(
+                f,
+                "key {position} of {count} contains {kind} at byte {offset}; keys must be visible ASCII"
+            ),
+            Self::Duplicate {
+                position,
+                first,
+                count,
+                ..
+            } => write!(f, "key {position} of {count} repeats key {first}"),
+        }?;
+        match self {
+            Self::NotConfigured { .. } => Ok(()),
+            Self::Empty { source, .. }
+            | Self::InvalidByte { source, .. }
+            | Self::Duplicate { source, .. } => match source {
+                Some(var) => write!(f, " (in {var})"),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spaces_after_commas_are_trimmed() {
+        let keys = KeySet::parse(" k1 , k2,\tk3 ").unwrap();
+        let values: Vec<_> = keys.keys().iter().map(ApiKey::expose_secret).collect();
+        assert_eq!(values, ["k1", "k2", "k3"]);
+    }
+
+    #[test]
+    fn empty_list_is_not_configured() {
+        assert_eq!(
+            KeySet::parse("  ").unwrap_err().to_string(),
+            "no API key configured"
+        );
+    }
+
+    #[test]
+    fn empty_entry_names_its_position() {
+        let err = KeySet::parse("k1,k2,").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "key 3 of 3 is empty (two commas in a row?)"
+        );
+    }
+
+    #[test]
+    fn invalid_byte_names_position_and_kind_not_value() {
+        let err = KeySet::parse("good,bad\u{7}secret").unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(
+            msg,
+            "key 2 of 2 contains a control character at byte 4; keys must be visible ASCII"
+        );
+        assert!(!msg.contains("secret"));
+        let err = KeySet::parse("inner space").unwrap_err();
+        assert!(err.to_string().contains("white space"));
+        let err = KeySet::parse("k1,clé").unwrap_err();
+        assert!(err.to_string().contains("non-ASCII"));
+    }
+
+    #[test]
+    fn duplicate_names_both_positions() {
+        let err = KeySet::parse("a1,b2,a1").unwrap_err();
+        assert_eq!(err.to_string(), "key 3 of 3 repeats key 1");
+    }
+
+    #[test]
+    fn header_value_is_sensitive_and_prefixed() {
+        let key = ApiKey::new("abc").unwrap();
+        let value = key.header_value("Bearer ");
+        assert!(value.is_sensitive());
+        assert_eq!(value.as_bytes(), b"Bearer abc");
+        assert_eq!(format!("{value:?}"), "Sensitive");
+    }
+}

@@ -1,0 +1,50 @@
+//! Per-key statistics: what an admin endpoint or a metrics exporter shows.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A snapshot of one key's counters and state, from [`KeyPool::snapshot`](crate::KeyPool::snapshot).
+///
+/// Keys are named by position only; a snapshot never holds a key value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyStats {
+    /// 1-based position of the key in its [`KeySet`](crate::KeySet).
+    pub position: usize,
+    /// Requests sent with this key.
+    pub requests: u64,
+    /// Responses classified [`Outcome::Success`](crate::Outcome::Success).
+    pub successes: u64,
+    /// Responses classified as rate limited (429).
+    pub rate_limited: u64,
+    /// Failures: rejected keys, server errors and transport errors.
+    pub failures: u64,
+    /// Requests reserved or in flight on this key right now.
+    pub in_flight: u32,
+    /// How long until the key may be used again, if it is cooling down.
+    pub cooling_down_for: Option<Duration>,
+    /// The key was rejected by the provider and takes no more requests.
+    pub disabled: bool,
+}
+
+impl fmt::Display for KeyStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "key {}: {} requests, {} ok, {} rate limited, {} failed, {} in flight",
+            self.position,
+            self.requests,
+            self.successes,
+            self.rate_limited,
+            self.failures,
+            self.in_flight
+        )?;
+        if self.disabled {
+            f.write_str(", disabled")
+        } else if let Some(wait) = self.cooling_down_for {
+            write!(f, ", cooling down for {wait:.1?}")
+        } else {
+            Ok(())
+        }
+    }
+}
