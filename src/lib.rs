@@ -111,6 +111,7 @@ mod layer;
 mod pool;
 mod service;
 mod stats;
+mod tried;
 
 pub use auth::Placement;
 pub use backoff::{Backoff, Classifier, Outcome, classify, parse_retry_after, retry_after};
@@ -120,6 +121,7 @@ pub use layer::KeyRotationLayer;
 pub use pool::{KeyPool, KeyPoolBuilder, Lease, Strategy, Waiter};
 pub use service::KeyRotation;
 pub use stats::KeyStats;
+pub use tried::TriedKeys;
 
 /// The boxed error type of [`KeyRotation`]: the inner service's error, or
 /// [`AllKeysDisabled`].

@@ -247,6 +247,31 @@ impl KeyPool {
         Some(self.lease(index))
     }
 
+    /// Reserves an available key among those `allowed` (by 0-based index), scanning in
+    /// rotation order and taking the least loaded. A slow path for retries that must avoid
+    /// keys already tried; `None` if no allowed key is available.
+    pub fn try_reserve_where(&self, allowed: impl Fn(usize) -> bool) -> Option<Lease> {
+        let inner = &*self.inner;
+        let n = inner.slots.len();
+        let start = inner.cursor.load(Ordering::Relaxed) % n;
+        let mut now = LazyNow {
+            pool: inner,
+            nanos: None,
+        };
+        loop {
+            let best = (0..n)
+                .map(|step| (start + step) % n)
+                .filter(|&i| allowed(i))
+                .filter(|&i| !inner.is_resting(&inner.slots[i], &mut now))
+                .map(|i| (i, inner.slots[i].in_flight.load(Ordering::Relaxed)))
+                .filter(|&(_, in_flight)| in_flight < inner.cap)
+                .min_by_key(|&(_, in_flight)| in_flight)?;
+            if inner.try_take(&inner.slots[best.0]) {
+                return Some(self.lease(best.0));
+            }
+        }
+    }
+
     fn lease(&self, index: usize) -> Lease {
         let generation = self.inner.slots[index].generation.load(Ordering::Acquire);
         Lease {

@@ -11,6 +11,7 @@ use crate::auth::{Placement, PreparedPlacement};
 use crate::body::TrackedBody;
 use crate::future::ResponseFuture;
 use crate::pool::{KeyPool, Lease, Waiter};
+use crate::tried::TriedKeys;
 
 /// Middleware that puts a key from a shared [`KeyPool`] on every request.
 ///
@@ -105,10 +106,19 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let lease = self
+        let mut lease = self
             .lease
             .take()
             .expect("KeyRotation::call without a key: poll_ready must return Ready first");
+        if let Some(tried) = req.extensions().get::<TriedKeys>() {
+            // A retry: prefer a key this request has not been refused on yet.
+            if tried.contains(lease.index()) {
+                if let Some(untried) = self.pool.try_reserve_where(|i| !tried.contains(i)) {
+                    lease = untried;
+                }
+            }
+            tried.insert(lease.index());
+        }
         let req = self.placement.apply(lease.index(), req);
         lease.mark_sent();
         ResponseFuture::new(self.inner.call(req), lease)

@@ -1,0 +1,72 @@
+//! [`TriedKeys`]: which keys a request (and its retries) has already used.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// A request extension recording the keys a request has been sent with, shared by every
+/// clone of the request.
+///
+/// A retry policy puts one on a request; [`KeyRotation`](crate::KeyRotation) then records
+/// each attempt's key in it and, when the key it reserved was already tried, trades it for
+/// an untried available key if there is one. Requests without it cost nothing extra.
+///
+/// # Examples
+///
+/// ```
+/// use tower_key_rotation::TriedKeys;
+///
+/// let tried = TriedKeys::new();
+/// let mut request = http::Request::new(());
+/// request.extensions_mut().insert(tried.clone());
+/// // ... after an attempt through KeyRotation:
+/// # tried.insert(1);
+/// assert_eq!(tried.positions(), vec![2]); // key 2 was used
+/// ```
+#[derive(Clone, Default)]
+pub struct TriedKeys(Arc<Mutex<Vec<usize>>>);
+
+impl TriedKeys {
+    /// An empty record.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Has the key at 0-based `index` been tried?
+    pub fn contains(&self, index: usize) -> bool {
+        self.lock().contains(&index)
+    }
+
+    /// Records the key at 0-based `index` as tried.
+    pub fn insert(&self, index: usize) {
+        let mut tried = self.lock();
+        if !tried.contains(&index) {
+            tried.push(index);
+        }
+    }
+
+    /// Number of distinct keys tried.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// `true` before any attempt.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// 1-based positions of the keys tried, in the order they were first used.
+    pub fn positions(&self) -> Vec<usize> {
+        self.lock().iter().map(|i| i + 1).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
+        // The critical sections cannot panic; a poisoned lock still holds valid data.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for TriedKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("TriedKeys").field(&self.positions()).finish()
+    }
+}
