@@ -24,11 +24,17 @@ async fn round_robin_visits_keys_in_exact_order() {
     let pool = KeyPool::new(key_set());
     let mut client = rotated(&pool);
     for _ in 0..7 {
-        assert_eq!(get(&mut client, &upstream.url("/")).await.unwrap(), StatusCode::OK);
+        assert_eq!(
+            get(&mut client, &upstream.url("/")).await.unwrap(),
+            StatusCode::OK
+        );
     }
     assert_eq!(upstream.keys_seen(), [1, 2, 3, 1, 2, 3, 1]);
     let stats = pool.snapshot();
-    assert_eq!(stats.iter().map(|s| s.requests).collect::<Vec<_>>(), [3, 2, 2]);
+    assert_eq!(
+        stats.iter().map(|s| s.requests).collect::<Vec<_>>(),
+        [3, 2, 2]
+    );
     assert!(stats.iter().all(|s| s.in_flight == 0));
 }
 
@@ -53,8 +59,9 @@ async fn a_named_header_carries_the_bare_key() {
         Upstream::start_with_header(&KEYS, "x-api-key", |_, _| async { status(StatusCode::OK) })
             .await;
     let pool = KeyPool::new(key_set());
-    let layer = KeyRotationLayer::new(pool)
-        .placement(Placement::header(http::HeaderName::from_static("x-api-key")));
+    let layer = KeyRotationLayer::new(pool).placement(Placement::header(
+        http::HeaderName::from_static("x-api-key"),
+    ));
     let mut client = tower::Layer::layer(&layer, support::http_client());
     for _ in 0..2 {
         get(&mut client, &upstream.url("/")).await.unwrap();
@@ -66,11 +73,10 @@ async fn a_named_header_carries_the_bare_key() {
 
 #[tokio::test]
 async fn a_custom_placement_runs_for_every_request() {
-    let upstream =
-        Upstream::start_with_header(&KEYS, "x-goog-api-key", |_, _| async {
-            status(StatusCode::OK)
-        })
-        .await;
+    let upstream = Upstream::start_with_header(&KEYS, "x-goog-api-key", |_, _| async {
+        status(StatusCode::OK)
+    })
+    .await;
     let pool = KeyPool::new(key_set());
     let layer = KeyRotationLayer::new(pool).placement(Placement::custom(|key, parts| {
         parts.headers.insert("x-goog-api-key", key.header_value(""));
@@ -159,5 +165,8 @@ async fn per_key_cap_holds_under_200_concurrent_callers() {
     }
     let max = upstream.max_in_flight();
     assert!(max.iter().all(|&m| m <= 2), "cap exceeded: {max:?}");
-    assert!(max.iter().all(|&m| m == 2), "the test never reached the cap: {max:?}");
+    assert!(
+        max.iter().all(|&m| m == 2),
+        "the test never reached the cap: {max:?}"
+    );
 }

@@ -162,9 +162,7 @@ pub fn status(status: StatusCode) -> Response<Full<Bytes>> {
 pub fn too_many(headers: &[(&'static str, &str)]) -> Response<Full<Bytes>> {
     let mut response = status(StatusCode::TOO_MANY_REQUESTS);
     for (name, value) in headers {
-        response
-            .headers_mut()
-            .insert(*name, value.parse().unwrap());
+        response.headers_mut().insert(*name, value.parse().unwrap());
     }
     response
 }
