@@ -1,0 +1,208 @@
+//! Tower readiness semantics: reservation in `poll_ready`, release on drop, waiting with a
+//! real wake-up, and the all-disabled error. The inner service is an in-memory mock that
+//! answers with the status (and Retry-After) the request asks for and echoes the key.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::time::advance;
+use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok};
+use tower::{BoxError, ServiceExt};
+use tower_key_rotation::{AllKeysDisabled, KeyPool, KeyPoolBuilder, KeyRotation, KeySet, Outcome};
+use tower_test::mock::Spawn;
+
+type Inner = tower::util::BoxCloneSyncService<Request<()>, Response<Full<Bytes>>, Infallible>;
+
+/// Answers with `x-status` (default 200) and `retry-after` from `x-retry-after`, and echoes
+/// the credential in `x-key`.
+fn mock() -> Inner {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(|req: Request<()>| async move {
+        let header = |name: &str| req.headers().get(name).cloned();
+        let status = header("x-status")
+            .map(|v| v.to_str().unwrap().parse::<u16>().unwrap())
+            .unwrap_or(200);
+        let mut response = Response::new(Full::new(Bytes::from_static(b"body")));
+        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+        if let Some(wait) = header("x-retry-after") {
+            response.headers_mut().insert("retry-after", wait);
+        }
+        if let Some(key) = header("authorization") {
+            response.headers_mut().insert("x-key", key);
+        }
+        Ok::<_, Infallible>(response)
+    }))
+}
+
+fn builder(n: usize) -> KeyPoolBuilder {
+    let keys: Vec<String> = (1..=n).map(|i| format!("key-{i}")).collect();
+    KeyPool::builder(KeySet::parse(&keys.join(",")).unwrap())
+}
+
+fn service(pool: &KeyPool) -> Spawn<KeyRotation<Inner>> {
+    Spawn::new(KeyRotation::new(mock(), pool.clone()))
+}
+
+fn request(status: u16, retry_after: Option<&str>) -> Request<()> {
+    let mut builder = Request::get("/").header("x-status", status.to_string());
+    if let Some(wait) = retry_after {
+        builder = builder.header("x-retry-after", wait);
+    }
+    builder.body(()).unwrap()
+}
+
+/// Sends one request through a fresh service and reads the body; returns the key used.
+async fn send(pool: &KeyPool, status: u16, retry_after: Option<&str>) -> String {
+    let service = KeyRotation::new(mock(), pool.clone());
+    let response = service.oneshot(request(status, retry_after)).await.unwrap();
+    let key = response.headers()["x-key"].to_str().unwrap().to_owned();
+    response.into_body().collect().await.unwrap();
+    key
+}
+
+fn in_flight(pool: &KeyPool) -> Vec<u32> {
+    pool.snapshot().iter().map(|s| s.in_flight).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn all_keys_cooling_is_pending_until_the_earliest_deadline_passes() {
+    let pool = builder(2).build();
+    send(&pool, 429, Some("5")).await;
+    send(&pool, 429, Some("3")).await;
+
+    let mut waiting = service(&pool);
+    assert_pending!(waiting.poll_ready());
+    advance(Duration::from_millis(2999)).await;
+    assert!(!waiting.is_woken(), "woken before any key came back");
+    advance(Duration::from_millis(1)).await;
+    assert!(waiting.is_woken(), "not woken when key 2 came back");
+    // One poll after the wake-up is enough: no polling in a loop.
+    assert_ready_ok!(waiting.poll_ready());
+    let response = waiting.call(request(200, None)).await.unwrap();
+    assert_eq!(response.headers()["x-key"], "Bearer key-2");
+}
+
+#[tokio::test]
+async fn a_freed_slot_wakes_a_waiting_caller() {
+    let pool = builder(1).max_in_flight_per_key(1).build();
+    let mut first = service(&pool);
+    assert_ready_ok!(first.poll_ready());
+    let response = first.call(request(200, None)).await.unwrap();
+
+    let mut second = service(&pool);
+    assert_pending!(second.poll_ready());
+    assert!(!second.is_woken());
+    // The first request is in flight until its body is done.
+    drop(response);
+    assert!(second.is_woken());
+    assert_ready_ok!(second.poll_ready());
+}
+
+#[tokio::test]
+async fn every_key_disabled_is_an_error_and_wakes_waiters() {
+    let pool = builder(2).max_in_flight_per_key(1).build();
+    let (mut a, mut b, mut waiting) = (service(&pool), service(&pool), service(&pool));
+    assert_ready_ok!(a.poll_ready());
+    assert_ready_ok!(b.poll_ready());
+    assert_pending!(waiting.poll_ready());
+
+    let response = a.call(request(401, None)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    drop(response);
+    assert!(waiting.is_woken());
+    // Key 1 is disabled, key 2 is still busy: keep waiting, no error yet.
+    assert_pending!(waiting.poll_ready());
+
+    b.call(request(403, None)).await.unwrap();
+    assert!(waiting.is_woken());
+    let error: BoxError = assert_ready_err!(waiting.poll_ready());
+    let error = error.downcast::<AllKeysDisabled>().unwrap();
+    assert_eq!(
+        error.to_string(),
+        "all 2 API key(s) are disabled: the provider rejected each of them"
+    );
+    assert!(
+        pool.snapshot()
+            .iter()
+            .all(|s| s.disabled && s.in_flight == 0)
+    );
+}
+
+#[tokio::test]
+async fn dropping_a_ready_service_gives_its_reservation_back() {
+    let pool = builder(2).build();
+    let mut ready = service(&pool);
+    assert_ready_ok!(ready.poll_ready());
+    assert_eq!(in_flight(&pool), [1, 0]);
+    drop(ready);
+    assert_eq!(in_flight(&pool), [0, 0]);
+}
+
+#[tokio::test]
+async fn a_clone_carries_no_reservation() {
+    let pool = builder(1).max_in_flight_per_key(1).build();
+    let mut ready = service(&pool);
+    assert_ready_ok!(ready.poll_ready());
+    let mut clone = Spawn::new(ready.get_ref().clone());
+    assert_eq!(in_flight(&pool), [1]);
+    assert_pending!(clone.poll_ready());
+    drop(ready);
+    assert!(clone.is_woken());
+    assert_ready_ok!(clone.poll_ready());
+}
+
+#[tokio::test]
+async fn repeated_poll_ready_keeps_a_good_reservation() {
+    let pool = builder(3).build();
+    let mut ready = service(&pool);
+    for _ in 0..5 {
+        assert_ready_ok!(ready.poll_ready());
+    }
+    assert_eq!(in_flight(&pool), [1, 0, 0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reservation_on_a_key_that_starts_cooling_is_traded() {
+    let pool = builder(2).build();
+    let mut ready = service(&pool);
+    assert_ready_ok!(ready.poll_ready()); // holds key 1
+    // Meanwhile another request on key 1 is refused.
+    let other = pool.try_reserve_where(|i| i == 0).unwrap();
+    other.record(Outcome::RateLimited {
+        retry_after: Some(Duration::from_secs(10)),
+    });
+    drop(other);
+
+    assert_ready_ok!(ready.poll_ready());
+    assert_eq!(in_flight(&pool), [0, 1]);
+    let response = ready.call(request(200, None)).await.unwrap();
+    assert_eq!(response.headers()["x-key"], "Bearer key-2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reservation_on_a_cooling_key_is_given_back_when_no_key_is_free() {
+    let pool = builder(1).build();
+    let mut ready = service(&pool);
+    assert_ready_ok!(ready.poll_ready());
+    let other = pool.try_reserve().unwrap();
+    other.record(Outcome::RateLimited {
+        retry_after: Some(Duration::from_secs(1)),
+    });
+    drop(other);
+
+    assert_pending!(ready.poll_ready());
+    assert_eq!(in_flight(&pool), [0]);
+    advance(Duration::from_secs(1)).await;
+    assert!(ready.is_woken());
+    assert_ready_ok!(ready.poll_ready());
+}
+
+#[tokio::test]
+#[should_panic(expected = "poll_ready must return Ready first")]
+async fn call_without_poll_ready_panics() {
+    let pool = builder(1).build();
+    let mut service = service(&pool);
+    let _ = service.call(request(200, None));
+}
