@@ -1,0 +1,216 @@
+//! Cost of choosing a key and giving it back: `KeyPool::try_reserve()` and dropping the
+//! `Lease`, for round-robin and least-in-flight, over 1 to 4,096 keys with 0 %, 50 % or 90 %
+//! of them cooling down, on one thread and with two threads contending on one pool.
+//!
+//! The baselines sit in the same groups, so one run gives the ratios:
+//!
+//! - `atomic_fetch_add`: a bare `AtomicUsize::fetch_add(1) % n`, the physical floor of a
+//!   round-robin shared between threads (it tracks nothing: no in-flight count, no release);
+//! - `mutex_rotation`: the same rotation behind a `Mutex<usize>`;
+//! - `tower_p2c`: tower's `balance::p2c` choosing among `n` always-ready services with
+//!   `PendingRequests` load, then the call's response completing (its release). `Balance`
+//!   needs `&mut self`, so two threads share it behind a `Mutex`.
+//!
+//! Every benchmark runs the same loop (`iters` operations per thread, timed per thread, the
+//! slowest thread's time reported), and `Throughput::Elements(threads)` makes criterion report
+//! the total selections per second, so 1 and 2 threads compare directly.
+//!
+//! ```sh
+//! cargo bench --bench selection
+//! cargo bench --bench selection -- 'selection_1_thread/round_robin'   # a subset
+//! ```
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Barrier, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use tokio::time::Instant;
+use tower::Service;
+use tower::balance::p2c::Balance;
+use tower::discover::ServiceList;
+use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
+use tower_key_rotation::{Backoff, KeyPool, KeySet, Outcome, Strategy};
+
+const KEY_COUNTS: [usize; 5] = [1, 3, 16, 256, 4096];
+const COOLING_PERCENT: [usize; 3] = [0, 50, 90];
+/// Longer than any benchmark run: a cooled key stays cooled throughout.
+const LONG_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// A pool of `n` keys, `cooling_percent` of which (rounded down, evenly spread) are cooling
+/// down after a 429 with a day-long `Retry-After`.
+fn pool(n: usize, strategy: Strategy, cooling_percent: usize) -> KeyPool {
+    let list = (0..n)
+        .map(|i| format!("bench-key-{i}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pool = KeyPool::builder(KeySet::parse(&list).expect("valid keys"))
+        .strategy(strategy)
+        .backoff(Backoff::default().max_retry_after(LONG_RETRY_AFTER))
+        .build();
+    let cooling = n * cooling_percent / 100;
+    for index in (0..n).filter(|&i| (i + 1) * cooling / n != i * cooling / n) {
+        let lease = pool
+            .try_reserve_where(|i| i == index)
+            .expect("a fresh key is available");
+        lease.record(Outcome::RateLimited {
+            retry_after: Some(LONG_RETRY_AFTER),
+        });
+    }
+    let cooled = pool
+        .snapshot()
+        .iter()
+        .filter(|key| key.cooling_down_for.is_some())
+        .count();
+    assert_eq!(cooled, cooling, "{n} keys, {cooling_percent}% cooling");
+    pool
+}
+
+/// Runs `op` `iters` times on each of `threads` threads started together; returns the
+/// slowest thread's time.
+fn contended(threads: usize, iters: u64, op: impl Fn() + Sync) -> Duration {
+    let start_line = Barrier::new(threads);
+    std::thread::scope(|scope| {
+        let runners: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    start_line.wait();
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        op();
+                    }
+                    start.elapsed()
+                })
+            })
+            .collect();
+        runners
+            .into_iter()
+            .map(|runner| runner.join().expect("bench thread panicked"))
+            .max()
+            .unwrap_or_default()
+    })
+}
+
+type Ready = std::future::Ready<Result<(), Infallible>>;
+type ReadyService = tower::util::ServiceFn<fn(()) -> Ready>;
+type P2c = Balance<PendingRequestsDiscover<ServiceList<Vec<ReadyService>>>, ()>;
+
+fn answer(_: ()) -> Ready {
+    std::future::ready(Ok(()))
+}
+
+/// tower's p2c balancer over `n` always-ready services, with every service discovered and
+/// ready.
+fn p2c(n: usize) -> P2c {
+    let services = vec![tower::service_fn(answer as fn(()) -> Ready); n];
+    let discover =
+        PendingRequestsDiscover::new(ServiceList::new(services), CompleteOnResponse::default());
+    let mut balance = Balance::new(discover);
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(matches!(balance.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+    assert_eq!(balance.len(), n);
+    balance
+}
+
+/// One p2c choice: ready a service (power of two choices by pending requests), call it, and
+/// complete the response, which releases its pending-request count.
+#[inline]
+fn p2c_choose_and_release(balance: &mut P2c) {
+    let mut cx = Context::from_waker(Waker::noop());
+    match balance.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {}
+        _ => panic!("p2c over ready services is ready"),
+    }
+    let response = pin!(balance.call(()));
+    assert!(black_box(response.poll(&mut cx)).is_ready());
+}
+
+#[inline]
+fn reserve_and_release(pool: &KeyPool) {
+    let lease = black_box(pool.try_reserve());
+    debug_assert!(lease.is_some());
+    drop(lease);
+}
+
+fn selection(c: &mut Criterion) {
+    for threads in [1, 2] {
+        let mut group = c.benchmark_group(if threads == 1 {
+            "selection_1_thread".to_owned()
+        } else {
+            format!("selection_{threads}_threads")
+        });
+        group
+            .throughput(Throughput::Elements(threads as u64))
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(2))
+            .sample_size(50);
+
+        for n in KEY_COUNTS {
+            let cursor = AtomicUsize::new(0);
+            group.bench_with_input(BenchmarkId::new("atomic_fetch_add", n), &n, |b, &n| {
+                b.iter_custom(|iters| {
+                    contended(threads, iters, || {
+                        black_box(cursor.fetch_add(1, Ordering::Relaxed) % black_box(n));
+                    })
+                });
+            });
+
+            let rotation = Mutex::new(0usize);
+            group.bench_with_input(BenchmarkId::new("mutex_rotation", n), &n, |b, &n| {
+                b.iter_custom(|iters| {
+                    contended(threads, iters, || {
+                        let mut next = rotation.lock().unwrap_or_else(PoisonError::into_inner);
+                        let index = *next;
+                        *next = if index + 1 == black_box(n) {
+                            0
+                        } else {
+                            index + 1
+                        };
+                        black_box(index);
+                    })
+                });
+            });
+
+            let balance = Mutex::new(p2c(n));
+            group.bench_with_input(BenchmarkId::new("tower_p2c", n), &n, |b, _| {
+                b.iter_custom(|iters| {
+                    contended(threads, iters, || {
+                        let mut balance = balance.lock().unwrap_or_else(PoisonError::into_inner);
+                        p2c_choose_and_release(&mut balance);
+                    })
+                });
+            });
+
+            for (strategy, name) in [
+                (Strategy::RoundRobin, "round_robin"),
+                (Strategy::LeastInFlight, "least_in_flight"),
+            ] {
+                for cooling in COOLING_PERCENT {
+                    if n * cooling / 100 == 0 && cooling != 0 {
+                        continue; // one key: nothing to cool without cooling them all
+                    }
+                    let pool = pool(n, strategy, cooling);
+                    let id = BenchmarkId::new(format!("{name}_cooling_{cooling}%"), n);
+                    group.bench_with_input(id, &pool, |b, pool| {
+                        b.iter_custom(|iters| {
+                            contended(threads, iters, || reserve_and_release(pool))
+                        });
+                    });
+                }
+            }
+        }
+        group.finish();
+    }
+}
+
+// `criterion_main!` spelled out: the macro's generated `pub fn` would trip `missing_docs`.
+fn main() {
+    let mut criterion = Criterion::default().configure_from_args();
+    selection(&mut criterion);
+    criterion.final_summary();
+}
