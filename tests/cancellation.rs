@@ -128,7 +128,7 @@ async fn requests_dropped_at_random_points_leak_no_in_flight_count() {
             }
             if let Poll::Ready(result) = live[i].poll() {
                 result.unwrap();
-                live.swap_remove(i);
+                drop(live.swap_remove(i));
                 completed += 1;
             }
         }
