@@ -204,5 +204,5 @@ async fn a_reservation_on_a_cooling_key_is_given_back_when_no_key_is_free() {
 async fn call_without_poll_ready_panics() {
     let pool = builder(1).build();
     let mut service = service(&pool);
-    let _ = service.call(request(200, None));
+    drop(service.call(request(200, None)));
 }
