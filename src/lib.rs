@@ -123,6 +123,11 @@ pub use service::KeyRotation;
 pub use stats::KeyStats;
 pub use tried::TriedKeys;
 
+/// Compiles the README's examples as doctests, so the quick start cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// The boxed error type of [`KeyRotation`]: the inner service's error, or
 /// [`AllKeysDisabled`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
