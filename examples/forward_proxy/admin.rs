@@ -1,0 +1,62 @@
+//! Routes under `/_keyrotation/`, answered by the proxy itself and never forwarded.
+
+use http::{Method, Response, StatusCode, header};
+use serde_json::json;
+
+use crate::handler::{Body, State, full, json_error};
+
+pub(crate) const PREFIX: &str = "/_keyrotation/";
+
+/// Does this route need the access token? Health checks come from load balancers that
+/// carry none, and say nothing about the keys.
+pub(crate) fn is_public(path: &str) -> bool {
+    path == "/_keyrotation/health"
+}
+
+pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Body> {
+    if method != Method::GET {
+        return json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "admin routes answer GET only",
+        );
+    }
+    match path {
+        "/_keyrotation/health" => Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(full("ok\n"))
+            .expect("static response"),
+        "/_keyrotation/keys" => {
+            // Positions and counters only: nothing here can reveal a key.
+            let keys: Vec<_> = state
+                .pool
+                .snapshot()
+                .iter()
+                .map(|key| {
+                    json!({
+                        "index": key.position,
+                        "in_flight": key.in_flight,
+                        "requests": key.requests,
+                        "successes": key.successes,
+                        "rate_limited": key.rate_limited,
+                        "failures": key.failures,
+                        "disabled": key.disabled,
+                        "cooling_down_ms": key.cooling_down_for.map_or(0, |d| d.as_millis() as u64),
+                    })
+                })
+                .collect();
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(full(serde_json::Value::Array(keys).to_string()))
+                .expect("static response")
+        }
+        "/_keyrotation/metrics" => Response::builder()
+            .header(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+            .body(full(state.metrics.render()))
+            .expect("static response"),
+        _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such admin route"),
+    }
+}

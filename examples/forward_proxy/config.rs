@@ -1,0 +1,244 @@
+//! Command line flags, `.env`, and turning them into a validated configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, Uri};
+use subtle::ConstantTimeEq;
+use tower_key_rotation::{KeySet, Placement, Strategy};
+use zeroize::Zeroizing;
+
+const EXAMPLES: &str = "\
+Example:
+  BIGMODEL_API_KEY=k1,k2,k3 cargo run --release --example forward_proxy -- \\
+      --listen 127.0.0.1:8080 --upstream https://open.bigmodel.cn/api/paas/v4
+
+  curl http://127.0.0.1:8080/chat/completions -H 'content-type: application/json' \\
+      -d '{\"model\":\"glm-4-flash\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'
+
+Keys are read from the environment variable named by --keys-env (comma-separated), or from
+a .env file in the working directory. Admin routes: /_keyrotation/health, /_keyrotation/keys,
+/_keyrotation/metrics.
+
+Anyone who can reach the proxy uses your keys: keep it on loopback, or set --access-token-env.";
+
+/// A forward proxy that spreads requests over several API keys of one provider.
+#[derive(Debug, Parser)]
+#[command(name = "forward_proxy", version, after_help = EXAMPLES)]
+pub(crate) struct Args {
+    /// Address to listen on. Keep it on loopback unless an access token is set.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub(crate) listen: SocketAddr,
+
+    /// The provider's base URL (http or https). Its path is a prefix: `/chat/completions?x=1`
+    /// goes to `<upstream path>/chat/completions?x=1`.
+    #[arg(long, value_parser = Upstream::parse)]
+    pub(crate) upstream: Upstream,
+
+    /// How a key is chosen among the available ones.
+    #[arg(long, value_enum, default_value_t = StrategyArg::RoundRobin)]
+    pub(crate) strategy: StrategyArg,
+
+    /// At most this many requests in flight per key (default: no cap).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) max_in_flight_per_key: Option<u32>,
+
+    /// Resend a request answered 429 on another key at most this many times.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub(crate) retries: usize,
+
+    /// How long a request may wait for a free key before a 503.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
+    pub(crate) max_wait: Duration,
+
+    /// Environment variable holding the comma-separated keys.
+    #[arg(long, value_name = "NAME", default_value = "BIGMODEL_API_KEY")]
+    pub(crate) keys_env: String,
+
+    /// Where the key goes: `bearer` (Authorization: Bearer <key>) or `header:NAME`.
+    #[arg(long, value_name = "bearer|header:NAME", default_value = "bearer", value_parser = parse_auth)]
+    pub(crate) auth: AuthArg,
+
+    /// Environment variable holding a token clients must send as `Authorization: Bearer
+    /// <token>`; without it, any client that reaches the proxy is served.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) access_token_env: Option<String>,
+
+    /// Give up connecting to the upstream after this long (504).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds)]
+    pub(crate) connect_timeout: Duration,
+
+    /// Give up waiting for the upstream's response head after this long (504). Streaming
+    /// bodies are not cut.
+    #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = seconds)]
+    pub(crate) request_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, wait at most this long for requests in flight.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
+    pub(crate) shutdown_timeout: Duration,
+
+    /// Request bodies up to this many bytes are buffered so a 429 can be retried on another
+    /// key; larger ones stream through and are not retried.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    pub(crate) retry_body_limit: usize,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub(crate) log_level: tracing::Level,
+}
+
+/// `--strategy`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum StrategyArg {
+    /// 1, 2, 3, 1, 2, 3 over the available keys.
+    RoundRobin,
+    /// The key with the fewest requests in flight.
+    LeastInFlight,
+}
+
+impl From<StrategyArg> for Strategy {
+    fn from(arg: StrategyArg) -> Self {
+        match arg {
+            StrategyArg::RoundRobin => Strategy::RoundRobin,
+            StrategyArg::LeastInFlight => Strategy::LeastInFlight,
+        }
+    }
+}
+
+/// `--auth`.
+#[derive(Debug, Clone)]
+pub(crate) enum AuthArg {
+    Bearer,
+    Header(HeaderName),
+}
+
+impl AuthArg {
+    pub(crate) fn placement(&self) -> Placement {
+        match self {
+            Self::Bearer => Placement::bearer(),
+            Self::Header(name) => Placement::header(name.clone()),
+        }
+    }
+}
+
+fn parse_auth(s: &str) -> Result<AuthArg, String> {
+    if s == "bearer" {
+        return Ok(AuthArg::Bearer);
+    }
+    let name = s
+        .strip_prefix("header:")
+        .ok_or_else(|| "expected `bearer` or `header:NAME`".to_owned())?;
+    HeaderName::try_from(name)
+        .map(AuthArg::Header)
+        .map_err(|_| format!("`{name}` is not a valid header name"))
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| "expected a number of seconds".to_owned())?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| "expected a non-negative number of seconds".to_owned())
+}
+
+/// The validated `--upstream`: where every request goes, and the only host ever contacted.
+#[derive(Debug, Clone)]
+pub(crate) struct Upstream {
+    pub(crate) scheme: Scheme,
+    pub(crate) authority: Authority,
+    /// The URL's path without its trailing `/` (empty for the root).
+    pub(crate) prefix: String,
+}
+
+impl Upstream {
+    fn parse(s: &str) -> Result<Self, String> {
+        let uri: Uri = s.parse().map_err(|_| "not a valid URL".to_owned())?;
+        let scheme = uri
+            .scheme()
+            .filter(|s| **s == Scheme::HTTP || **s == Scheme::HTTPS)
+            .cloned()
+            .ok_or_else(|| "the URL must start with http:// or https://".to_owned())?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| "the URL has no host".to_owned())?;
+        if authority.as_str().contains('@') {
+            // Credentials in the URL would be logged and sent along: keys belong in the env.
+            return Err("the URL must not carry user info".to_owned());
+        }
+        if uri.query().is_some() {
+            return Err("the URL must not have a query string".to_owned());
+        }
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        Ok(Self {
+            scheme,
+            authority,
+            prefix,
+        })
+    }
+
+    /// The upstream URI for a request's path and query.
+    pub(crate) fn join(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{path_and_query}", self.prefix))
+            .build()
+    }
+}
+
+/// The token clients must present, compared in constant time.
+pub(crate) struct AccessToken(Zeroizing<Vec<u8>>);
+
+impl AccessToken {
+    /// Does an `Authorization` header value present this token as `Bearer <token>`?
+    pub(crate) fn admits(&self, authorization: Option<&[u8]>) -> bool {
+        let Some(given) = authorization.and_then(|v| v.strip_prefix(b"Bearer ")) else {
+            return false;
+        };
+        // Lengths may differ (and that much leaks); the bytes are compared in constant time.
+        given.ct_eq(&self.0).into()
+    }
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccessToken(<redacted>)")
+    }
+}
+
+/// What is read from the environment (after `.env`): the keys and the access token.
+#[derive(Debug)]
+pub(crate) struct Secrets {
+    pub(crate) keys: KeySet,
+    pub(crate) access_token: Option<AccessToken>,
+}
+
+/// Reads `.env` (if present) and the variables the flags name. Errors are one line and
+/// never contain a secret.
+pub(crate) fn load_secrets(args: &Args) -> Result<Secrets, String> {
+    match dotenvy::dotenv() {
+        Ok(_) => {}
+        Err(e) if e.not_found() => {}
+        // dotenvy's parse error quotes the offending line, which may hold a key.
+        Err(dotenvy::Error::LineParse(_, index)) => {
+            return Err(format!(".env: cannot parse the line at character {index}"));
+        }
+        Err(e) => return Err(format!(".env: {e}")),
+    }
+    let keys = KeySet::from_env(&args.keys_env).map_err(|e| e.to_string())?;
+    let access_token = match &args.access_token_env {
+        None => None,
+        Some(var) => {
+            let token = Zeroizing::new(std::env::var(var).unwrap_or_default());
+            let token = token.trim();
+            if token.is_empty() {
+                return Err(format!("access token variable {var} is not set or empty"));
+            }
+            Some(AccessToken(Zeroizing::new(token.as_bytes().to_vec())))
+        }
+    };
+    Ok(Secrets { keys, access_token })
+}

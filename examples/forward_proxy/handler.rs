@@ -1,0 +1,300 @@
+//! One client request: admit it, rewrite it for the upstream, send it through the key
+//! layers, and stream the answer back.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tower::{BoxError, ServiceExt};
+use tower_key_rotation::retry::ReplayBody;
+use tower_key_rotation::{AllKeysDisabled, KeyPool, TriedKeys};
+
+use crate::admin;
+use crate::config::{AccessToken, Upstream as UpstreamUrl};
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+use crate::wait::NoKeyAvailable;
+
+/// Every response body the proxy sends: the upstream's, streamed, or its own.
+pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Shared by every connection.
+pub(crate) struct State {
+    pub(crate) pool: KeyPool,
+    pub(crate) upstream_url: UpstreamUrl,
+    pub(crate) upstream: Upstream,
+    pub(crate) access_token: Option<AccessToken>,
+    pub(crate) metrics: Metrics,
+    pub(crate) retry_body_limit: usize,
+    pub(crate) listen: SocketAddr,
+}
+
+pub(crate) fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// An OpenAI-style JSON error, so clients' SDKs show the message.
+pub(crate) fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "error": { "message": message, "type": "key_rotation_proxy", "code": code }
+    });
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(body.to_string()))
+        .expect("static response")
+}
+
+pub(crate) async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    // The path only: a query string is the client's business and stays out of logs.
+    let path = req.uri().path().to_owned();
+    let (response, key) = proxy(&state, req).await;
+    let elapsed = started.elapsed();
+    let status = response.status();
+    let latency_ms = elapsed.as_millis();
+    if path.starts_with(admin::PREFIX) {
+        tracing::debug!("{method} {path} -> {}", status.as_u16());
+        return Ok(response);
+    }
+    state.metrics.observe(status, elapsed);
+    let keys = state.pool.len();
+    match key {
+        Some(key) => tracing::info!(
+            "Using key {key}/{keys}: {method} {path} -> {} in {latency_ms} ms",
+            status.as_u16()
+        ),
+        None => tracing::info!(
+            "No key used: {method} {path} -> {} in {latency_ms} ms",
+            status.as_u16()
+        ),
+    }
+    Ok(response)
+}
+
+async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Option<usize>) {
+    if req.method() == Method::CONNECT {
+        let response = json_error(
+            StatusCode::BAD_REQUEST,
+            "connect_not_supported",
+            "CONNECT is not supported: this proxy only reaches its configured upstream",
+        );
+        return (response, None);
+    }
+    if let Some(authority) = req.uri().authority() {
+        if !is_own_authority(state, authority) {
+            let response = json_error(
+                StatusCode::BAD_REQUEST,
+                "foreign_host",
+                "this proxy only reaches its configured upstream; send origin-form requests",
+            );
+            return (response, None);
+        }
+    }
+    let path = req.uri().path();
+    let admitted = state.access_token.as_ref().is_none_or(|token| {
+        token.admits(
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes),
+        )
+    });
+    if path.starts_with(admin::PREFIX) {
+        if !admitted && !admin::is_public(path) {
+            return (unauthorized(), None);
+        }
+        return (admin::respond(state, req.method(), path), None);
+    }
+    if !admitted {
+        return (unauthorized(), None);
+    }
+
+    let (mut parts, body) = req.into_parts();
+    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let Ok(uri) = state.upstream_url.join(path_and_query) else {
+        let response = json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_path",
+            "the request path is not valid",
+        );
+        return (response, None);
+    };
+    parts.uri = uri;
+    // The client speaks to us in whatever version; the upstream connection picks its own
+    // (HTTP/2 by ALPN where offered).
+    parts.version = Version::HTTP_11;
+    remove_hop_by_hop(&mut parts.headers);
+    // The client's credentials are for this proxy; the key layer adds the provider's.
+    parts.headers.remove(header::AUTHORIZATION);
+    parts.headers.remove(header::PROXY_AUTHORIZATION);
+    parts.headers.remove(header::HOST);
+    parts.extensions = http::Extensions::new();
+    let tried = TriedKeys::new();
+    parts.extensions.insert(tried.clone());
+
+    let body = match ReplayBody::buffer(body, state.retry_body_limit).await {
+        Ok(body) => body,
+        Err(error) => {
+            tracing::debug!("reading the request body failed: {error}");
+            let response = json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request_body",
+                "the request body could not be read",
+            );
+            return (response, None);
+        }
+    };
+    let result = state
+        .upstream
+        .clone()
+        .oneshot(Request::from_parts(parts, body))
+        .await;
+    let key = tried.positions().last().copied();
+    match result {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            let body = body.map_err(BoxError::from).boxed_unsync();
+            (Response::from_parts(parts, body), key)
+        }
+        Err(error) => (error_response(&error), key),
+    }
+}
+
+fn unauthorized() -> Response<Body> {
+    let mut response = json_error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_access_token",
+        "this proxy requires `Authorization: Bearer <access token>`",
+    );
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Absolute-form targets may name the upstream or this proxy, nothing else: a key must
+/// never travel to a host the operator did not configure.
+fn is_own_authority(state: &State, authority: &Authority) -> bool {
+    if *authority == state.upstream_url.authority {
+        return true;
+    }
+    let port_matches = authority.port_u16() == Some(state.listen.port());
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    port_matches
+        && (host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip == state.listen.ip()))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection, not the message.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// The proxy's own failures, as JSON. Upstream answers (429s included) never come here:
+/// they pass through as they are.
+fn error_response(error: &BoxError) -> Response<Body> {
+    tracing::warn!("request failed: {}", chain(error.as_ref()));
+    if let Some(no_key) = error.downcast_ref::<NoKeyAvailable>() {
+        let secs = no_key.retry_after.as_secs() + u64::from(no_key.retry_after.subsec_nanos() > 0);
+        let mut response = json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_key_available",
+            "every API key is busy or rate limited; retry later",
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        return response;
+    }
+    if error.downcast_ref::<AllKeysDisabled>().is_some() {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "all_keys_disabled",
+            "the provider rejected every configured API key",
+        );
+    }
+    if error
+        .downcast_ref::<tower::timeout::error::Elapsed>()
+        .is_some()
+        || is_timeout(error.as_ref())
+    {
+        return json_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            "the upstream did not answer in time",
+        );
+    }
+    json_error(
+        StatusCode::BAD_GATEWAY,
+        "upstream_unreachable",
+        "the upstream could not be reached",
+    )
+}
+
+fn is_timeout(error: &(dyn StdError + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(error) = source {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// `outer: inner: innermost`, for one log line.
+fn chain(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(error) = source {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        source = error.source();
+    }
+    text
+}

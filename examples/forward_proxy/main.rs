@@ -1,0 +1,163 @@
+//! A forward proxy that spreads requests over several API keys of one provider, built on
+//! `tower_key_rotation`: every backend process talks to this proxy, and the proxy shares
+//! one pool of keys among them, resting keys that answered 429 and retrying such requests
+//! on a key they have not tried.
+//!
+//! Try it:
+//!
+//! ```sh
+//! BIGMODEL_API_KEY=k1,k2,k3 cargo run --release --example forward_proxy -- \
+//!     --listen 127.0.0.1:8080 --upstream https://open.bigmodel.cn/api/paas/v4
+//! curl http://127.0.0.1:8080/_keyrotation/keys
+//! ```
+//!
+//! One module per job: `config` (flags, `.env`, secrets), `handler` (one request),
+//! `upstream` (client stack), `wait` (bounded wait for a key), `admin` and `metrics`.
+
+mod admin;
+mod config;
+mod handler;
+mod metrics;
+mod upstream;
+mod wait;
+
+use std::pin::pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tower_key_rotation::KeyPool;
+
+use crate::config::Args;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(args.log_level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            // One line, no secret: errors name variables and positions only.
+            eprintln!("forward_proxy: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let secrets = config::load_secrets(&args)?;
+    let mut pool = KeyPool::builder(secrets.keys).strategy(args.strategy.into());
+    if let Some(max) = args.max_in_flight_per_key {
+        pool = pool.max_in_flight_per_key(max);
+    }
+    let pool = pool.build();
+    tracing::info!("Loaded {} API key(s)", pool.len());
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let listen = listener
+        .local_addr()
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    if secrets.access_token.is_none() && !listen.ip().is_loopback() {
+        tracing::warn!(
+            "listening on {listen} without --access-token-env: anyone who can reach this \
+             address uses your API keys"
+        );
+    }
+    let upstream_url = args.upstream.clone();
+    tracing::info!(
+        "Listening on http://{listen}, forwarding to {}://{}{}/",
+        upstream_url.scheme,
+        upstream_url.authority,
+        upstream_url.prefix
+    );
+
+    let upstream = upstream::build(
+        &pool,
+        upstream::Options {
+            placement: args.auth.placement(),
+            retries: args.retries,
+            max_wait: args.max_wait,
+            connect_timeout: args.connect_timeout,
+            request_timeout: args.request_timeout,
+        },
+    );
+    let state = Arc::new(handler::State {
+        metrics: metrics::Metrics::new(pool.clone()),
+        pool,
+        upstream_url,
+        upstream,
+        access_token: secrets.access_token,
+        retry_body_limit: args.retry_body_limit,
+        listen,
+    });
+
+    serve(listener, state, args.shutdown_timeout).await;
+    Ok(())
+}
+
+/// Accepts connections (HTTP/1.1 and HTTP/2) until SIGINT or SIGTERM, then lets the
+/// requests in flight finish, for at most `shutdown_timeout`.
+async fn serve(listener: TcpListener, state: Arc<handler::State>, shutdown_timeout: Duration) {
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut signal = pin!(shutdown_signal());
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut signal => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let service = service_fn(move |req| handler::handle(state.clone(), req));
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("connection ended with an error: {e}");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("Shutting down: finishing requests in flight");
+    match tokio::time::timeout(shutdown_timeout, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("Shut down cleanly"),
+        Err(_) => tracing::warn!("Shutdown timed out; dropping requests still in flight"),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,125 @@
+//! Prometheus exposition: per-key counters and gauges read from the pool at scrape time,
+//! plus the proxy's own latency histogram and response counts.
+
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tower_key_rotation::KeyPool;
+
+/// Everything `/_keyrotation/metrics` shows.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    latency: Histogram,
+    responses: Family<Vec<(&'static str, String)>, Counter>,
+}
+
+impl Metrics {
+    pub(crate) fn new(pool: KeyPool) -> Self {
+        let mut registry = Registry::with_prefix("keyrotation");
+        // Time to the response head: a streamed answer's length is the model's business.
+        let latency = Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]);
+        registry.register(
+            "request_duration_seconds",
+            "Time from receiving a request to sending the response head",
+            latency.clone(),
+        );
+        let responses = Family::default();
+        registry.register(
+            "responses",
+            "Responses sent to clients, by status code",
+            responses.clone(),
+        );
+        registry.register_collector(Box::new(KeyCollector { pool }));
+        Self {
+            registry,
+            latency,
+            responses,
+        }
+    }
+
+    pub(crate) fn observe(&self, status: http::StatusCode, latency: Duration) {
+        self.latency.observe(latency.as_secs_f64());
+        self.responses
+            .get_or_create(&vec![("status", status.as_str().to_owned())])
+            .inc();
+    }
+
+    /// The Prometheus text format.
+    pub(crate) fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Reads [`KeyPool::snapshot`] on each scrape: the pool already counts everything, so the
+/// proxy keeps no second copy that could drift.
+#[derive(Debug)]
+struct KeyCollector {
+    pool: KeyPool,
+}
+
+impl Collector for KeyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let keys = self.pool.snapshot();
+        let label = |position: usize| [("key", position.to_string())];
+
+        type Read = fn(&tower_key_rotation::KeyStats) -> u64;
+        let counters: [(&str, &str, Read); 4] = [
+            ("key_requests", "Requests sent with each key", |k| {
+                k.requests
+            }),
+            ("key_successes", "Responses accepted on each key", |k| {
+                k.successes
+            }),
+            ("key_rate_limited", "429 answers per key", |k| {
+                k.rate_limited
+            }),
+            (
+                "key_failures",
+                "Rejections, 5xx and transport errors per key",
+                |k| k.failures,
+            ),
+        ];
+        for (name, help, read) in counters {
+            let metric = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            for key in &keys {
+                let labels = label(key.position);
+                ConstCounter::new(read(key)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+
+        type Gauge = fn(&tower_key_rotation::KeyStats) -> f64;
+        let gauges: [(&str, &str, Gauge); 3] = [
+            ("key_in_flight", "Requests in flight per key", |k| {
+                f64::from(k.in_flight)
+            }),
+            (
+                "key_cooling_down_seconds",
+                "Seconds until a rate-limited key is back (0 if not cooling)",
+                |k| k.cooling_down_for.map_or(0.0, |d| d.as_secs_f64()),
+            ),
+            ("key_disabled", "1 if the provider rejected the key", |k| {
+                f64::from(u8::from(k.disabled))
+            }),
+        ];
+        for (name, help, read) in gauges {
+            let metric = ConstGauge::new(0.0f64);
+            let mut family = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            for key in &keys {
+                let labels = label(key.position);
+                ConstGauge::new(read(key)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+//! The client side: hyper-util's pooled client over rustls, wrapped in the key layers.
+//!
+//! Order matters (see the crate docs): retry outside, so each attempt reserves its own key;
+//! the bounded wait around `KeyRotation::poll_ready`; the response-head timeout inside, so
+//! that a key which timed out is counted as a failure of that key.
+
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tower::timeout::{Timeout, TimeoutLayer};
+use tower::{BoxError, ServiceBuilder};
+use tower_key_rotation::retry::{ReplayBody, Retry, RetryLayer};
+use tower_key_rotation::{KeyPool, KeyRotation, KeyRotationLayer, Placement};
+
+use crate::wait::{BoundedWait, BoundedWaitLayer};
+
+pub(crate) type RequestBody = ReplayBody<Incoming>;
+type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+/// The whole client stack, one clone per request.
+pub(crate) type Upstream = Retry<BoundedWait<KeyRotation<Timeout<HttpClient>>>>;
+
+pub(crate) struct Options {
+    pub(crate) placement: Placement,
+    pub(crate) retries: usize,
+    pub(crate) max_wait: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) request_timeout: Duration,
+}
+
+pub(crate) fn build(pool: &KeyPool, options: Options) -> Upstream {
+    let mut http = HttpConnector::new();
+    // The scheme is checked by the TLS connector, which lets `http://` through as plain.
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(options.connect_timeout));
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(https);
+
+    ServiceBuilder::new()
+        .layer(
+            RetryLayer::new(pool.clone())
+                .max_retries(options.retries)
+                .retry_error_if(is_connect_error),
+        )
+        .layer(BoundedWaitLayer {
+            pool: pool.clone(),
+            max_wait: options.max_wait,
+        })
+        .layer(KeyRotationLayer::new(pool.clone()).placement(options.placement))
+        .layer(TimeoutLayer::new(options.request_timeout))
+        .service(client)
+}
+
+/// A connection that failed before any byte of the request was sent (refused, DNS, TLS
+/// handshake, connect timeout): safe to send again.
+fn is_connect_error(error: &BoxError) -> bool {
+    error
+        .downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(|e| e.is_connect())
+}

@@ -1,0 +1,79 @@
+//! Resend a request refused with `429` on a key it has not tried yet.
+//!
+//! A provider's `429` is about one key, not about the request: another key usually takes
+//! it at once. Generic retry policies resend on whatever key comes next, which is often
+//! the same one (and only earns another `429`), and they answer with a response stripped of
+//! its `Retry-After` when they give up. This module's policy
+//!
+//! - retries a `429`, or a connection that failed before any byte was sent,
+//! - only when some key the request has not been sent with yet is usable right now
+//!   (not cooling down, not disabled): the [`TriedKeys`](crate::TriedKeys) extension it puts
+//!   on the request makes [`KeyRotation`](crate::KeyRotation) prefer such a key,
+//! - only when the body can be sent again ([`ReplayBody`], buffered up to a size you choose),
+//! - at most [`RetryLayer::max_retries`] times per request, and only while the shared
+//!   [retry budget](tower::retry::budget::TpsBudget) allows, so that a storm of `429`s
+//!   cannot multiply the load on the provider,
+//! - and when it gives up, hands back the provider's last response untouched, with its
+//!   `Retry-After` / `retry-after-ms` headers.
+//!
+//! Retries never wait for a cool-down: if every untried key is resting, the `429` goes back
+//! to the caller, whose own retry logic can honour `Retry-After`.
+//!
+//! # Composition
+//!
+//! [`RetryLayer`] goes *outside* [`KeyRotationLayer`](crate::KeyRotationLayer), so each
+//! attempt runs `poll_ready` again and reserves a key of its own:
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use tower_key_rotation::retry::{ReplayBody, RetryLayer};
+//! use tower_key_rotation::{KeyPool, KeyRotationLayer, KeySet};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let pool = KeyPool::new(KeySet::parse("key-one,key-two")?);
+//! # let client = tower::service_fn(|req: http::Request<ReplayBody<Full<Bytes>>>| async move {
+//! #     // The first key is rate limited; the second is not.
+//! #     let limited = req.headers()["authorization"] == "Bearer key-one";
+//! #     let status = if limited { 429 } else { 200 };
+//! #     Ok::<_, std::convert::Infallible>(
+//! #         http::Response::builder().status(status).body(Full::new(Bytes::new())).unwrap(),
+//! #     )
+//! # });
+//! let mut service = ServiceBuilder::new()
+//!     .layer(RetryLayer::new(pool.clone()).max_retries(2))
+//!     .layer(KeyRotationLayer::new(pool.clone()))
+//!     .service(client);
+//!
+//! // Buffer the body (up to 1 MiB) so that it can be sent again.
+//! let body = ReplayBody::buffer(Full::new(Bytes::from("{}")), 1 << 20).await?;
+//! let request = http::Request::post("http://provider.example/v4/chat/completions").body(body)?;
+//! let response = service.ready().await?.call(request).await?;
+//! assert_eq!(response.status(), 200); // key 1 answered 429, key 2 took it
+//! # Ok(())
+//! # }
+//! ```
+
+mod body;
+mod layer;
+mod policy;
+mod service;
+
+pub use body::ReplayBody;
+pub use layer::RetryLayer;
+pub use policy::{RetryPolicy, is_connection_refused};
+pub use service::Retry;
+
+/// Future types of [`Retry`].
+pub mod future {
+    use http::Request;
+
+    use super::{ReplayBody, RetryPolicy};
+
+    /// Response future of [`Retry`](super::Retry): tower's retry future with this module's
+    /// policy.
+    pub type ResponseFuture<S, B> =
+        tower::retry::future::ResponseFuture<RetryPolicy, S, Request<ReplayBody<B>>>;
+}
