@@ -422,6 +422,9 @@ impl PoolInner {
                 index = 0;
             }
         }
+        // Nothing available: give the turn back, so waiting callers polling again do not
+        // move the rotation on (the next key in turn stays next).
+        self.cursor.fetch_sub(1, Ordering::Relaxed);
         None
     }
 
