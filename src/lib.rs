@@ -109,6 +109,7 @@ pub mod future;
 mod key;
 mod layer;
 mod pool;
+pub mod retry;
 mod service;
 mod stats;
 mod tried;
