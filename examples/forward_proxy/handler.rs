@@ -273,7 +273,8 @@ fn error_response(error: &BoxError) -> Response<Body> {
     )
 }
 
-fn is_timeout(error: &(dyn StdError + 'static)) -> bool {
+/// Is there an I/O timeout anywhere in the error's source chain?
+pub(crate) fn is_timeout(error: &(dyn StdError + 'static)) -> bool {
     let mut source = Some(error);
     while let Some(error) = source {
         if error

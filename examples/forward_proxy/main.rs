@@ -38,7 +38,19 @@ use crate::config::Args;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        // --help and --version print and exit 0 as usual.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // clap adds usage and tips below the error; keep the one line that says it.
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or_default();
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            eprintln!("forward_proxy: error: {line} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_max_level(args.log_level)
         .with_writer(std::io::stderr)

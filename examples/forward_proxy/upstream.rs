@@ -64,9 +64,11 @@ pub(crate) fn build(pool: &KeyPool, options: Options) -> Upstream {
 }
 
 /// A connection that failed before any byte of the request was sent (refused, DNS, TLS
-/// handshake, connect timeout): safe to send again.
+/// handshake): safe to send again. A connect timeout is not retried: it already took
+/// `--connect-timeout`, and another key would not reach the host any faster.
 fn is_connect_error(error: &BoxError) -> bool {
     error
         .downcast_ref::<hyper_util::client::legacy::Error>()
         .is_some_and(|e| e.is_connect())
+        && !crate::handler::is_timeout(error.as_ref())
 }
