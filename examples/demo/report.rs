@@ -466,7 +466,7 @@ pub(crate) fn timeline(
         s.dim(),
         s.reset()
     );
-    let _ = writeln!(out, "  {:>label_width$} {}{}", "", labels.trim_end(), "");
+    let _ = writeln!(out, "  {:>label_width$} {}", "", labels.trim_end());
     out
 }
 
