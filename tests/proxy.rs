@@ -738,3 +738,36 @@ async fn clients_may_speak_http2() {
     assert_eq!(response.version(), http::Version::HTTP_2);
     assert_eq!(upstream.seen()[0].target, "/h2");
 }
+
+#[tokio::test]
+async fn an_https_upstream_is_verified_and_reached_over_http2() {
+    let upstream = MockUpstream::start_tls(|_| async { reply(200, "secure") }).await;
+
+    // Signed by a CA the proxy does not know: refused, never sent a key.
+    let untrusting = ProxyConfig::new(&upstream.https_url("/v4"), KEY_LIST)
+        .start()
+        .await;
+    let got = get(&untrusting.url("/models")).await;
+    assert_eq!(got.status, 502, "{}", got.body);
+    assert!(upstream.seen().is_empty());
+
+    let proxy = ProxyConfig::new(&upstream.https_url("/v4"), KEY_LIST)
+        .arg("--upstream-ca", &test_ca_path())
+        .start()
+        .await;
+    for _ in 0..2 {
+        let got = get(&proxy.url("/models")).await;
+        assert_eq!(got.status, 200, "{}", got.body);
+        assert_eq!(got.body, "secure");
+    }
+    let seen = upstream.seen();
+    assert_eq!(
+        seen[0].version,
+        http::Version::HTTP_2,
+        "HTTP/2 chosen by ALPN"
+    );
+    assert_eq!(seen[0].target, "/v4/models");
+    assert_eq!(positions(&upstream), [1, 2]);
+    proxy.assert_log_has_no_secret(&KEYS);
+    untrusting.assert_log_has_no_secret(&KEYS);
+}

@@ -1,11 +1,13 @@
 //! Command line flags, `.env`, and turning them into a validated configuration.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, Uri};
+use rustls::pki_types::{CertificateDer, pem::PemObject};
 use subtle::ConstantTimeEq;
 use tower_key_rotation::{KeySet, Placement, Strategy};
 use zeroize::Zeroizing;
@@ -56,6 +58,11 @@ pub(crate) struct Args {
     /// Environment variable holding the comma-separated keys.
     #[arg(long, value_name = "NAME", default_value = "BIGMODEL_API_KEY")]
     pub(crate) keys_env: String,
+
+    /// Also trust the CA certificates in this PEM file for an https upstream (a company
+    /// gateway, say); the usual public roots stay trusted.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) upstream_ca: Option<PathBuf>,
 
     /// Where the key goes: `bearer` (Authorization: Bearer <key>) or `header:NAME`.
     #[arg(long, value_name = "bearer|header:NAME", default_value = "bearer", value_parser = parse_auth)]
@@ -241,4 +248,17 @@ pub(crate) fn load_secrets(args: &Args) -> Result<Secrets, String> {
         }
     };
     Ok(Secrets { keys, access_token })
+}
+
+/// Reads the certificates of `--upstream-ca`.
+pub(crate) fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("--upstream-ca {}: {e}", path.display());
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| fail(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(&e))?;
+    if certs.is_empty() {
+        return Err(fail(&"no certificate in the file"));
+    }
+    Ok(certs)
 }

@@ -75,6 +75,21 @@ async fn run(args: Args) -> Result<(), String> {
     let pool = pool.build();
     tracing::info!("Loaded {} API key(s)", pool.len());
 
+    let upstream = upstream::build(
+        &pool,
+        upstream::Options {
+            placement: args.auth.placement(),
+            retries: args.retries,
+            max_wait: args.max_wait,
+            connect_timeout: args.connect_timeout,
+            request_timeout: args.request_timeout,
+            extra_roots: match &args.upstream_ca {
+                Some(path) => config::load_ca(path)?,
+                None => Vec::new(),
+            },
+        },
+    )?;
+
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -95,16 +110,6 @@ async fn run(args: Args) -> Result<(), String> {
         upstream_url.prefix
     );
 
-    let upstream = upstream::build(
-        &pool,
-        upstream::Options {
-            placement: args.auth.placement(),
-            retries: args.retries,
-            max_wait: args.max_wait,
-            connect_timeout: args.connect_timeout,
-            request_timeout: args.request_timeout,
-        },
-    );
     let state = Arc::new(handler::State {
         metrics: metrics::Metrics::new(pool.clone()),
         pool,

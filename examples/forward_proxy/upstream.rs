@@ -4,6 +4,7 @@
 //! the bounded wait around `KeyRotation::poll_ready`; the response-head timeout inside, so
 //! that a key which timed out is counted as a failure of that key.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -11,6 +12,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
 use tower::timeout::{Timeout, TimeoutLayer};
 use tower::{BoxError, ServiceBuilder};
 use tower_key_rotation::retry::{ReplayBody, Retry, RetryLayer};
@@ -30,16 +32,34 @@ pub(crate) struct Options {
     pub(crate) max_wait: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
+    /// Trusted besides the public web roots (`--upstream-ca`).
+    pub(crate) extra_roots: Vec<CertificateDer<'static>>,
 }
 
-pub(crate) fn build(pool: &KeyPool, options: Options) -> Upstream {
+pub(crate) fn build(pool: &KeyPool, options: Options) -> Result<Upstream, String> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    for cert in options.extra_roots {
+        roots
+            .add(cert)
+            .map_err(|e| format!("--upstream-ca: unusable certificate: {e}"))?;
+    }
+    // ring, named here rather than left to rustls' process-wide default: it builds with
+    // nothing but a C compiler (aws-lc-rs wants cmake).
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let mut http = HttpConnector::new();
     // The scheme is checked by the TLS connector, which lets `http://` through as plain.
     http.enforce_http(false);
     http.set_connect_timeout(Some(options.connect_timeout));
     http.set_nodelay(true);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
@@ -48,7 +68,7 @@ pub(crate) fn build(pool: &KeyPool, options: Options) -> Upstream {
         .pool_idle_timeout(Duration::from_secs(90))
         .build(https);
 
-    ServiceBuilder::new()
+    Ok(ServiceBuilder::new()
         .layer(
             RetryLayer::new(pool.clone())
                 .max_retries(options.retries)
@@ -60,7 +80,7 @@ pub(crate) fn build(pool: &KeyPool, options: Options) -> Upstream {
         })
         .layer(KeyRotationLayer::new(pool.clone()).placement(options.placement))
         .layer(TimeoutLayer::new(options.request_timeout))
-        .service(client)
+        .service(client))
 }
 
 /// A connection that failed before any byte of the request was sent (refused, DNS, TLS

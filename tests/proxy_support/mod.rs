@@ -44,6 +44,8 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub method: http::Method,
+    /// The HTTP version the request arrived in.
+    pub version: http::Version,
     /// Path and query, as received.
     pub target: String,
     pub headers: HeaderMap,
@@ -121,6 +123,47 @@ impl MockUpstream {
         F: Fn(Seen) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<MockBody>> + Send + 'static,
     {
+        Self::serve_with(listener, None, handler)
+    }
+
+    /// An HTTPS upstream on 127.0.0.1 whose certificate is signed by the test CA in
+    /// `tls/` ([`test_ca_path`]); it offers HTTP/2 and HTTP/1.1 by ALPN.
+    pub async fn start_tls<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(Seen) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<MockBody>> + Send + 'static,
+    {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(include_bytes!("tls/leaf.pem"))
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(include_bytes!("tls/leaf.key")).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve_with(
+            listener,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            handler,
+        )
+    }
+
+    fn serve_with<F, Fut>(
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        handler: F,
+    ) -> Self
+    where
+        F: Fn(Seen) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<MockBody>> + Send + 'static,
+    {
         let addr = listener.local_addr().unwrap();
         let handler: Handler = Arc::new(move |seen| Box::pin(handler(seen)));
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -149,6 +192,7 @@ impl MockUpstream {
                                 .unwrap_or_default();
                             let request = Seen {
                                 method: parts.method,
+                                version: parts.version,
                                 target: parts
                                     .uri
                                     .path_and_query()
@@ -165,11 +209,26 @@ impl MockUpstream {
                             Ok::<_, Infallible>(handler(request).await)
                         }
                     });
-                    tokio::spawn(
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                            .serve_connection(TokioIo::new(stream), service)
-                            .into_owned(),
-                    );
+                    let tls = tls.clone();
+                    tokio::spawn(async move {
+                        let builder =
+                            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                        match tls {
+                            None => {
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                            Some(tls) => {
+                                // A failed handshake (an untrusting client) just ends the connection.
+                                if let Ok(stream) = tls.accept(stream).await {
+                                    let _ = builder
+                                        .serve_connection(TokioIo::new(stream), service)
+                                        .await;
+                                }
+                            }
+                        }
+                    });
                 }
             })
         };
@@ -183,6 +242,10 @@ impl MockUpstream {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    pub fn https_url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
     }
 
     /// Every request received so far.
@@ -225,6 +288,16 @@ impl Drop for MockUpstream {
 // The proxy process
 // ---------------------------------------------------------------------------------------
 
+/// The PEM file of the CA that signed [`MockUpstream::start_tls`]'s certificate (for
+/// 127.0.0.1; test use only).
+pub fn test_ca_path() -> String {
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/proxy_support/tls/ca.pem"
+    )
+    .to_owned()
+}
+
 /// The example binary, built by `cargo test` (which builds examples) or here if missing.
 pub fn binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -236,7 +309,7 @@ pub fn binary() -> PathBuf {
             let path = debug
                 .join("examples")
                 .join(format!("forward_proxy{}", std::env::consts::EXE_SUFFIX));
-            if !path.exists() {
+            if std::env::var_os("PROXY_TEST_BUILD").is_some() || !path.exists() {
                 let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
                 let status = std::process::Command::new(cargo)
                     .args(["build", "--example", "forward_proxy"])
