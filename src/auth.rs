@@ -4,9 +4,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use http::header::{AUTHORIZATION, HeaderName};
-use http::{HeaderValue, Request, request::Parts};
+use http::{Request, request::Parts};
 
-use crate::key::{ApiKey, KeySet};
+use crate::key::ApiKey;
+use crate::pool::Lease;
 
 type CustomFn = dyn Fn(&ApiKey, &mut Parts) + Send + Sync;
 
@@ -24,35 +25,35 @@ type CustomFn = dyn Fn(&ApiKey, &mut Parts) + Send + Sync;
 /// let bearer = Placement::bearer();
 /// // Anthropic: `x-api-key: <key>`; Azure OpenAI: `api-key: <key>`.
 /// let anthropic = Placement::header(http::HeaderName::from_static("x-api-key"));
-/// // Anything else: your own function, e.g. Gemini's `?key=` query parameter.
+/// // Anything else: your own function, e.g. Gemini's `x-goog-api-key`.
 /// let custom = Placement::custom(|key, parts| {
 ///     parts.headers.insert("x-goog-api-key", key.header_value(""));
 /// });
 /// ```
 #[derive(Clone)]
-pub struct Placement(PlacementKind);
+pub struct Placement(Kind);
 
 #[derive(Clone)]
-enum PlacementKind {
-    Header {
-        name: HeaderName,
-        prefix: &'static str,
-    },
+enum Kind {
+    Header { name: HeaderName, bearer: bool },
     Custom(Arc<CustomFn>),
 }
 
 impl Placement {
     /// `Authorization: Bearer <key>` (the default).
     pub fn bearer() -> Self {
-        Self(PlacementKind::Header {
+        Self(Kind::Header {
             name: AUTHORIZATION,
-            prefix: "Bearer ",
+            bearer: true,
         })
     }
 
     /// A named header carrying the bare key, such as `x-api-key` or `api-key`.
     pub fn header(name: HeaderName) -> Self {
-        Self(PlacementKind::Header { name, prefix: "" })
+        Self(Kind::Header {
+            name,
+            bearer: false,
+        })
     }
 
     /// A caller-supplied function that puts the key on the request's head.
@@ -60,20 +61,25 @@ impl Placement {
     /// It runs on every request; build header values with [`ApiKey::header_value`] so they
     /// are marked sensitive.
     pub fn custom(f: impl Fn(&ApiKey, &mut Parts) + Send + Sync + 'static) -> Self {
-        Self(PlacementKind::Custom(Arc::new(f)))
+        Self(Kind::Custom(Arc::new(f)))
     }
 
-    /// Builds each key's header value once, for the hot path.
-    pub(crate) fn prepare(&self, keys: &KeySet) -> PreparedPlacement {
+    /// Puts the leased key on `req`, replacing any value the caller set. Header values are
+    /// built once per key and reused.
+    #[inline]
+    pub(crate) fn apply<B>(&self, lease: &Lease, req: Request<B>) -> Request<B> {
         match &self.0 {
-            PlacementKind::Header { name, prefix } => PreparedPlacement::Header {
-                name: name.clone(),
-                values: keys.keys().iter().map(|k| k.header_value(prefix)).collect(),
-            },
-            PlacementKind::Custom(f) => PreparedPlacement::Custom {
-                keys: keys.clone(),
-                f: f.clone(),
-            },
+            Kind::Header { name, bearer } => {
+                let mut req = req;
+                req.headers_mut()
+                    .insert(name.clone(), lease.header_value(*bearer).clone());
+                req
+            }
+            Kind::Custom(f) => {
+                let (mut parts, body) = req.into_parts();
+                f(lease.key(), &mut parts);
+                Request::from_parts(parts, body)
+            }
         }
     }
 }
@@ -87,53 +93,12 @@ impl Default for Placement {
 impl fmt::Debug for Placement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            PlacementKind::Header { name, prefix: "" } => {
-                write!(f, "Placement::header({name})")
-            }
-            PlacementKind::Header { .. } => f.write_str("Placement::bearer()"),
-            PlacementKind::Custom(_) => f.write_str("Placement::custom(..)"),
-        }
-    }
-}
-
-/// A [`Placement`] with its header values built.
-#[derive(Clone)]
-pub(crate) enum PreparedPlacement {
-    Header {
-        name: HeaderName,
-        values: Arc<[HeaderValue]>,
-    },
-    Custom {
-        keys: KeySet,
-        f: Arc<CustomFn>,
-    },
-}
-
-impl PreparedPlacement {
-    /// Puts key `index` on `req`, replacing any value the caller set.
-    #[inline]
-    pub(crate) fn apply<B>(&self, index: usize, req: Request<B>) -> Request<B> {
-        match self {
-            Self::Header { name, values } => {
-                let mut req = req;
-                req.headers_mut()
-                    .insert(name.clone(), values[index].clone());
-                req
-            }
-            Self::Custom { keys, f } => {
-                let (mut parts, body) = req.into_parts();
-                f(&keys.keys()[index], &mut parts);
-                Request::from_parts(parts, body)
-            }
-        }
-    }
-}
-
-impl fmt::Debug for PreparedPlacement {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Header { name, values } => write!(f, "header {name} ({} keys)", values.len()),
-            Self::Custom { keys, .. } => write!(f, "custom ({} keys)", keys.len()),
+            Kind::Header {
+                name,
+                bearer: false,
+            } => write!(f, "Placement::header({name})"),
+            Kind::Header { .. } => f.write_str("Placement::bearer()"),
+            Kind::Custom(_) => f.write_str("Placement::custom(..)"),
         }
     }
 }

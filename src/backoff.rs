@@ -1,98 +1,12 @@
-//! From a response to what it means for the key, and how long a refused key rests.
+//! How long a refused key rests.
 //!
-//! Everything here is pure: [`classify`] reads a status and headers, [`retry_after`] parses
-//! `Retry-After` / `retry-after-ms` against a wall clock passed in, and [`Backoff`] turns a
-//! consecutive-429 level into a wait. The pool applies the result (see `pool`).
+//! Everything here is pure: [`retry_after`] parses `Retry-After` / `retry-after-ms` against
+//! a wall clock passed in, and [`Backoff`] turns a consecutive-429 level into a wait. The
+//! pool applies the result (see `pool`).
 
-use std::fmt;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, StatusCode};
-
-/// What a response says about the key that carried it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Outcome {
-    /// The key was accepted (any answer that is not about the key's limits or validity).
-    Success,
-    /// The key hit its limit. `retry_after` is the provider's own wait, if it gave one;
-    /// otherwise the pool's exponential backoff applies.
-    RateLimited {
-        /// How long the provider asked us to wait.
-        retry_after: Option<Duration>,
-    },
-    /// The key was refused (revoked, wrong, no permission): it is disabled.
-    KeyRejected,
-    /// A failure that says nothing about the key (5xx, transport error). Counted only.
-    Failure,
-}
-
-/// Classifies a response by status and headers: the default rules.
-///
-/// - `429` → [`Outcome::RateLimited`] with [`retry_after`] read from the headers;
-/// - `401`, `403` → [`Outcome::KeyRejected`];
-/// - `5xx` → [`Outcome::Failure`];
-/// - anything else → [`Outcome::Success`].
-///
-/// # Examples
-///
-/// ```
-/// use http::{HeaderMap, StatusCode};
-/// use std::time::Duration;
-/// use tower_key_rotation::{classify, Outcome};
-///
-/// let mut headers = HeaderMap::new();
-/// headers.insert("retry-after", "2".parse().unwrap());
-/// assert_eq!(
-///     classify(StatusCode::TOO_MANY_REQUESTS, &headers),
-///     Outcome::RateLimited { retry_after: Some(Duration::from_secs(2)) },
-/// );
-/// assert_eq!(classify(StatusCode::UNAUTHORIZED, &headers), Outcome::KeyRejected);
-/// ```
-pub fn classify(status: StatusCode, headers: &HeaderMap) -> Outcome {
-    match status {
-        StatusCode::TOO_MANY_REQUESTS => Outcome::RateLimited {
-            retry_after: retry_after(headers, SystemTime::now()),
-        },
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Outcome::KeyRejected,
-        s if s.is_server_error() => Outcome::Failure,
-        _ => Outcome::Success,
-    }
-}
-
-/// A replaceable classifier: a function from status and headers to an [`Outcome`].
-///
-/// Providers signal limits differently (some answer 403 or 503 for a rate limit); give the
-/// pool your own with [`KeyPoolBuilder::classifier`](crate::KeyPoolBuilder::classifier).
-#[derive(Clone)]
-pub struct Classifier(Arc<ClassifyFn>);
-
-type ClassifyFn = dyn Fn(StatusCode, &HeaderMap) -> Outcome + Send + Sync;
-
-impl Classifier {
-    /// Wraps a classifying function.
-    pub fn new(f: impl Fn(StatusCode, &HeaderMap) -> Outcome + Send + Sync + 'static) -> Self {
-        Self(Arc::new(f))
-    }
-
-    /// Classifies one response.
-    pub fn classify(&self, status: StatusCode, headers: &HeaderMap) -> Outcome {
-        (self.0)(status, headers)
-    }
-}
-
-impl Default for Classifier {
-    fn default() -> Self {
-        Self::new(classify)
-    }
-}
-
-impl fmt::Debug for Classifier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Classifier(..)")
-    }
-}
+use http::HeaderMap;
 
 /// Reads the wait a response asks for: `retry-after-ms` (milliseconds, as OpenAI sends it)
 /// first, then `Retry-After` as delta-seconds or an HTTP-date.
@@ -181,16 +95,21 @@ pub struct Backoff {
     max: Duration,
     max_retry_after: Duration,
     jitter: bool,
+    pub(crate) quota_wait: Duration,
+    pub(crate) max_quota_wait: Duration,
 }
 
 impl Default for Backoff {
-    /// Base 1 s, max 60 s, `Retry-After` capped at 5 minutes, full jitter.
+    /// Base 1 s, max 60 s, `Retry-After` capped at 5 minutes, full jitter; a spent quota
+    /// rests the key 1 hour when the reset is unknown, at most 24 hours when known.
     fn default() -> Self {
         Self {
             base: Duration::from_secs(1),
             max: Duration::from_secs(60),
             max_retry_after: Duration::from_secs(300),
             jitter: true,
+            quota_wait: Duration::from_secs(3600),
+            max_quota_wait: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -211,6 +130,21 @@ impl Backoff {
     /// The longest wait a `Retry-After` may impose.
     pub fn max_retry_after(mut self, max: Duration) -> Self {
         self.max_retry_after = max;
+        self
+    }
+
+    /// How long a key whose quota is spent ([`Outcome::QuotaExhausted`](crate::Outcome))
+    /// rests when the provider did not say when the quota resets (default 1 hour). Then
+    /// one probe request decides whether it is back.
+    pub fn quota_wait(mut self, wait: Duration) -> Self {
+        self.quota_wait = wait;
+        self
+    }
+
+    /// The longest rest for a spent quota whose reset the provider did state (default 24
+    /// hours).
+    pub fn max_quota_wait(mut self, max: Duration) -> Self {
+        self.max_quota_wait = max;
         self
     }
 

@@ -1,5 +1,7 @@
 //! [`TrackedBody`]: keeps the key in flight until the response body is done.
 
+use std::collections::VecDeque;
+use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -14,31 +16,76 @@ pin_project! {
     /// The request counts as in flight on its key until this body yields its last frame,
     /// yields an error, or is dropped, so a streamed (SSE) answer keeps its key busy for as
     /// long as it streams.
-    #[derive(Debug)]
-    pub struct TrackedBody<B> {
+    pub struct TrackedBody<B>
+    where
+        B: Body,
+    {
         #[pin]
-        inner: B,
+        inner: Inner<B>,
+        // Frames read ahead for the classifier, replayed first.
+        replay: VecDeque<Frame<B::Data>>,
+        // An error met while reading ahead, yielded after the replay.
+        error: Option<B::Error>,
         lease: Option<Lease>,
     }
 }
 
-impl<B: Body> TrackedBody<B> {
-    pub(crate) fn new(inner: B, lease: Lease) -> Self {
-        // A body that is already over (e.g. empty) may never be polled: release now.
-        let lease = (!inner.is_end_stream()).then_some(lease);
-        Self { inner, lease }
+pin_project! {
+    #[project = InnerProj]
+    #[project_ref = InnerRef]
+    enum Inner<B> {
+        // The common case: the body as the inner service gave it.
+        Direct { #[pin] body: B },
+        // A body the classifier read ahead (boxed to be polled before it got here).
+        Boxed { body: Pin<Box<B>> },
     }
 }
 
-impl<B> TrackedBody<B> {
-    /// A reference to the wrapped body.
-    pub fn get_ref(&self) -> &B {
-        &self.inner
+type FrameResult<B> = Result<Frame<<B as Body>::Data>, <B as Body>::Error>;
+
+impl<B: Body> From<B> for TrackedBody<B> {
+    fn from(body: B) -> Self {
+        Self {
+            inner: Inner::Direct { body },
+            replay: VecDeque::new(),
+            error: None,
+            lease: None,
+        }
+    }
+}
+
+impl<B: Body> TrackedBody<B> {
+    pub(crate) fn replaying(
+        body: Pin<Box<B>>,
+        replay: VecDeque<Frame<B::Data>>,
+        error: Option<B::Error>,
+    ) -> Self {
+        Self {
+            inner: Inner::Boxed { body },
+            replay,
+            error,
+            lease: None,
+        }
     }
 
-    /// Unwraps the body. The key is released.
-    pub fn into_inner(self) -> B {
-        self.inner
+    /// Attaches the lease; a body that is already over (e.g. empty) may never be polled,
+    /// so it releases at once.
+    pub(crate) fn track(mut self, lease: Lease) -> Self {
+        if !self.is_end_stream() {
+            self.lease = Some(lease);
+        }
+        self
+    }
+
+    /// Yields the frames read ahead, then the error met reading ahead, if any.
+    fn poll_replay(self: Pin<&mut Self>) -> Option<Poll<Option<FrameResult<B>>>> {
+        let this = self.project();
+        if let Some(frame) = this.replay.pop_front() {
+            return Some(Poll::Ready(Some(Ok(frame))));
+        }
+        let error = this.error.take()?;
+        drop(this.lease.take());
+        Some(Poll::Ready(Some(Err(error))))
     }
 }
 
@@ -47,13 +94,25 @@ impl<B: Body> Body for TrackedBody<B> {
     type Error = B::Error;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut this = self.project();
-        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if let Some(replayed) = self.as_mut().poll_replay() {
+            return replayed;
+        }
+        let this = self.project();
+        let (frame, ended) = match this.inner.project() {
+            InnerProj::Direct { mut body } => {
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                (frame, body.is_end_stream())
+            }
+            InnerProj::Boxed { body } => {
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                (frame, body.is_end_stream())
+            }
+        };
         let done = match &frame {
-            Some(Ok(_)) => this.inner.is_end_stream(),
+            Some(Ok(_)) => ended,
             None | Some(Err(_)) => true,
         };
         if done {
@@ -64,10 +123,40 @@ impl<B: Body> Body for TrackedBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.replay.is_empty()
+            && self.error.is_none()
+            && match &self.inner {
+                Inner::Direct { body } => body.is_end_stream(),
+                Inner::Boxed { body } => body.is_end_stream(),
+            }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = match &self.inner {
+            Inner::Direct { body } => body.size_hint(),
+            Inner::Boxed { body } => body.size_hint(),
+        };
+        let replayed: u64 = self
+            .replay
+            .iter()
+            .filter_map(|frame| frame.data_ref())
+            .map(|data| bytes::Buf::remaining(data) as u64)
+            .sum();
+        if replayed > 0 {
+            hint.set_lower(hint.lower() + replayed);
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + replayed);
+            }
+        }
+        hint
+    }
+}
+
+impl<B: Body> fmt::Debug for TrackedBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrackedBody")
+            .field("lease", &self.lease)
+            .field("replay_frames", &self.replay.len())
+            .finish()
     }
 }

@@ -1,68 +1,162 @@
 //! [`ResponseFuture`]: classifies the response and hands the key's lease to the body.
 
+use std::collections::VecDeque;
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::Buf;
 use http::Response;
+use http::response::Parts;
+use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 
 use crate::BoxError;
-use crate::backoff::Outcome;
 use crate::body::TrackedBody;
+use crate::outcome::Outcome;
 use crate::pool::Lease;
 
 pin_project! {
     /// Response future of [`KeyRotation`](crate::KeyRotation).
     ///
     /// When the response head arrives, the pool's classifier decides what it means for the
-    /// key (success, 429, rejected) and the lease moves into the [`TrackedBody`]. If this
-    /// future is dropped first, the lease is given back.
-    #[derive(Debug)]
-    pub struct ResponseFuture<F> {
+    /// key (success, 429, rejected) and the lease moves into the [`TrackedBody`]. A
+    /// classifier that reads error bodies (the provider profiles) first buffers up to its
+    /// limit of such a body, then hands it on in full. If this future is dropped first, the
+    /// lease is given back.
+    ///
+    /// A response whose outcome is not [`Outcome::Success`] carries that [`Outcome`] in its
+    /// extensions, for layers outside (a retry policy) to read.
+    pub struct ResponseFuture<F, B>
+    where
+        B: Body,
+    {
         #[pin]
         inner: F,
         lease: Option<Lease>,
+        reading: Option<ReadingBody<B>>,
     }
 }
 
-impl<F> ResponseFuture<F> {
+/// An error body being read for the classifier.
+struct ReadingBody<B: Body> {
+    head: Parts,
+    body: Pin<Box<B>>,
+    frames: VecDeque<Frame<B::Data>>,
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl<F, B: Body> ResponseFuture<F, B> {
     pub(crate) fn new(inner: F, lease: Lease) -> Self {
         Self {
             inner,
             lease: Some(lease),
+            reading: None,
         }
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F>
+impl<F, B, E> Future for ResponseFuture<F, B>
 where
     F: Future<Output = Result<Response<B>, E>>,
-    B: http_body::Body,
+    B: Body,
     E: Into<BoxError>,
 {
     type Output = Result<Response<TrackedBody<B>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = ready!(this.inner.poll(cx));
+        if this.reading.is_none() {
+            let result = ready!(this.inner.poll(cx));
+            let lease = this
+                .lease
+                .as_ref()
+                .expect("ResponseFuture polled after completion");
+            let response = match result {
+                Ok(response) => response,
+                Err(error) => {
+                    lease.record(Outcome::Failure);
+                    drop(this.lease.take());
+                    return Poll::Ready(Err(error.into()));
+                }
+            };
+            let classifier = lease.classifier();
+            let Some(limit) = classifier.body_limit(response.status()) else {
+                let outcome = classifier.classify(response.status(), response.headers());
+                let lease = this.lease.take().expect("lease present");
+                return Poll::Ready(Ok(finish(response, outcome, lease)));
+            };
+            let (head, body) = response.into_parts();
+            // The rare path (an error the classifier reads): box the body to poll it here
+            // and hand it on afterwards.
+            *this.reading = Some(ReadingBody {
+                head,
+                body: Box::pin(body),
+                frames: VecDeque::new(),
+                bytes: Vec::new(),
+                limit,
+            });
+        }
+        let reading = this.reading.as_mut().expect("reading an error body");
+        let error = loop {
+            if reading.bytes.len() >= reading.limit {
+                break None;
+            }
+            match ready!(reading.body.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        let room = reading.limit - reading.bytes.len();
+                        let chunk = data.chunk();
+                        reading
+                            .bytes
+                            .extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    }
+                    reading.frames.push_back(frame);
+                }
+                Some(Err(error)) => break Some(error),
+                None => break None,
+            }
+        };
+        let ReadingBody {
+            head,
+            body,
+            frames,
+            bytes,
+            ..
+        } = this.reading.take().expect("reading an error body");
         let lease = this
             .lease
             .take()
             .expect("ResponseFuture polled after completion");
-        match result {
-            Ok(response) => {
-                let pool = lease.pool();
-                let outcome = pool
-                    .classifier()
-                    .classify(response.status(), response.headers());
-                lease.record(outcome);
-                Poll::Ready(Ok(response.map(|body| TrackedBody::new(body, lease))))
-            }
-            Err(error) => {
-                lease.record(Outcome::Failure);
-                Poll::Ready(Err(error.into()))
-            }
-        }
+        let outcome = lease
+            .classifier()
+            .classify_with_body(head.status, &head.headers, &bytes);
+        let body = TrackedBody::replaying(body, frames, error);
+        Poll::Ready(Ok(finish(Response::from_parts(head, body), outcome, lease)))
+    }
+}
+
+/// Applies the outcome to the key and moves the lease into the body.
+fn finish<B, T>(response: Response<T>, outcome: Outcome, lease: Lease) -> Response<TrackedBody<B>>
+where
+    B: Body,
+    T: Into<TrackedBody<B>>,
+{
+    lease.record(outcome);
+    let mut response = response.map(|body| body.into().track(lease));
+    if outcome != Outcome::Success {
+        response.extensions_mut().insert(outcome);
+    }
+    response
+}
+
+impl<F, B: Body> fmt::Debug for ResponseFuture<F, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("lease", &self.lease)
+            .field("reading_error_body", &self.reading.is_some())
+            .finish()
     }
 }

@@ -11,6 +11,8 @@ use bytes::Bytes;
 use http::HeaderValue;
 use zeroize::Zeroizing;
 
+use crate::quota::Quota;
+
 /// One API key: a secret.
 ///
 /// `Debug` and `Display` print `<redacted>`; the value is zeroized when the key is dropped.
@@ -107,7 +109,7 @@ impl fmt::Display for ApiKey {
 /// ```
 #[derive(Clone)]
 pub struct KeySet {
-    keys: Vec<ApiKey>,
+    specs: Vec<KeySpec>,
 }
 
 impl KeySet {
@@ -158,7 +160,10 @@ impl KeySet {
             }
         }
         Ok(Self {
-            keys: entries.into_iter().map(ApiKey::trusted).collect(),
+            specs: entries
+                .into_iter()
+                .map(|entry| KeySpec::new(ApiKey::trusted(entry)))
+                .collect(),
         })
     }
 
@@ -166,45 +171,201 @@ impl KeySet {
     ///
     /// # Errors
     ///
-    /// [`KeyError::NotConfigured`] for no keys, [`KeyError::Duplicate`] for a repeated key.
+    /// As [`KeySet::from_specs`].
     pub fn from_keys(keys: impl IntoIterator<Item = ApiKey>) -> Result<Self, KeyError> {
-        let keys: Vec<ApiKey> = keys.into_iter().collect();
-        if keys.is_empty() {
+        Self::from_specs(keys.into_iter().map(KeySpec::new))
+    }
+
+    /// Builds a key set from keys with their own settings (name, weight, cap, quota,
+    /// account).
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError::NotConfigured`] for no keys, [`KeyError::Duplicate`] for a repeated key
+    /// or name, [`KeyError::InvalidSetting`] for a zero weight or cap.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_key_rotation::{ApiKey, KeySet, KeySpec, Quota};
+    ///
+    /// let keys = KeySet::from_specs([
+    ///     KeySpec::new(ApiKey::new("sk-paid-tier")?).name("paid").weight(3).max_in_flight(8),
+    ///     KeySpec::new(ApiKey::new("sk-free-tier")?).name("free").quota(Quota::per_minute(3)),
+    /// ])?;
+    /// assert_eq!(keys.len(), 2);
+    /// # Ok::<(), tower_key_rotation::KeyError>(())
+    /// ```
+    pub fn from_specs(specs: impl IntoIterator<Item = KeySpec>) -> Result<Self, KeyError> {
+        let specs: Vec<KeySpec> = specs.into_iter().collect();
+        if specs.is_empty() {
             return Err(KeyError::NotConfigured { source: None });
         }
-        let count = keys.len();
-        for (i, key) in keys.iter().enumerate() {
-            if let Some(first) = keys[..i].iter().position(|k| k.value == key.value) {
+        let count = specs.len();
+        for (i, spec) in specs.iter().enumerate() {
+            let position = i + 1;
+            let invalid = |reason| KeyError::InvalidSetting {
+                position,
+                count,
+                name: spec.name.clone(),
+                reason,
+            };
+            if spec.weight == 0 {
+                return Err(invalid("weight must be at least 1"));
+            }
+            if spec.max_in_flight == Some(0) {
+                return Err(invalid("max in flight must be at least 1"));
+            }
+            let earlier = &specs[..i];
+            let same_value = earlier.iter().position(|e| e.key.value == spec.key.value);
+            let same_name = spec
+                .name
+                .as_ref()
+                .and_then(|name| earlier.iter().position(|e| e.name.as_ref() == Some(name)));
+            if let Some(first) = same_value.or(same_name) {
                 return Err(KeyError::Duplicate {
-                    position: i + 1,
+                    position,
                     first: first + 1,
                     count,
                     source: None,
                 });
             }
         }
-        Ok(Self { keys })
+        Ok(Self { specs })
     }
 
     /// Number of keys (at least one).
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.specs.len()
     }
 
     /// Always `false`: a key set holds at least one key.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.specs.is_empty()
     }
 
-    /// The keys in order; position `i` in this slice is `key {i+1}`.
-    pub fn keys(&self) -> &[ApiKey] {
-        &self.keys
+    /// The keys in order; the `i`-th is `key {i+1}`.
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &ApiKey> {
+        self.specs.iter().map(|spec| &spec.key)
+    }
+
+    /// The keys with their settings, in order.
+    pub fn specs(&self) -> &[KeySpec] {
+        &self.specs
+    }
+}
+
+/// One key and its own settings: a name for logs, a weight (share of requests), a cap on
+/// requests in flight, a request quota, and the account it belongs to.
+///
+/// Settings left unset fall back to the pool's defaults
+/// ([`KeyPoolBuilder`](crate::KeyPoolBuilder)).
+#[derive(Clone)]
+pub struct KeySpec {
+    pub(crate) key: ApiKey,
+    pub(crate) name: Option<String>,
+    pub(crate) weight: u32,
+    pub(crate) max_in_flight: Option<u32>,
+    pub(crate) quota: Option<Quota>,
+    pub(crate) account: Option<String>,
+}
+
+impl KeySpec {
+    /// A key with default settings: weight 1, the pool's cap and quota, no account.
+    pub fn new(key: ApiKey) -> Self {
+        Self {
+            key,
+            name: None,
+            weight: 1,
+            max_in_flight: None,
+            quota: None,
+            account: None,
+        }
+    }
+
+    /// A name shown in logs and stats beside the position (`key 2/3 (paid)`). Never put a
+    /// secret here.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The key's share of requests relative to the others (default 1): with weights 3 and
+    /// 1, round-robin sends three requests to the first for each to the second, smoothly
+    /// interleaved as nginx does; least-in-flight compares in-flight counts per unit of
+    /// weight.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// This key's cap on requests in flight (overrides the pool's).
+    pub fn max_in_flight(mut self, max: u32) -> Self {
+        self.max_in_flight = Some(max);
+        self
+    }
+
+    /// This key's request quota (overrides the pool's).
+    pub fn quota(mut self, quota: Quota) -> Self {
+        self.quota = Some(quota);
+        self
+    }
+
+    /// The account (or organisation) the key belongs to. Providers limit per account: an
+    /// [`Outcome::AccountLimited`](crate::Outcome::AccountLimited) on one key rests every
+    /// key of the same account.
+    pub fn account(mut self, account: impl Into<String>) -> Self {
+        self.account = Some(account.into());
+        self
+    }
+
+    /// The key.
+    pub fn key(&self) -> &ApiKey {
+        &self.key
+    }
+
+    /// The name, if any.
+    pub fn name_str(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The account, if any.
+    pub fn account_str(&self) -> Option<&str> {
+        self.account.as_deref()
+    }
+
+    /// The weight.
+    pub fn weight_value(&self) -> u32 {
+        self.weight
+    }
+
+    /// Same key and same settings?
+    pub(crate) fn same_as(&self, other: &Self) -> bool {
+        self.key.value == other.key.value
+            && self.name == other.name
+            && self.weight == other.weight
+            && self.max_in_flight == other.max_in_flight
+            && self.quota == other.quota
+            && self.account == other.account
+    }
+}
+
+impl fmt::Debug for KeySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeySpec")
+            .field("key", &self.key)
+            .field("name", &self.name)
+            .field("weight", &self.weight)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("quota", &self.quota)
+            .field("account", &self.account)
+            .finish()
     }
 }
 
 impl fmt::Debug for KeySet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeySet({} keys, <redacted>)", self.keys.len())
+        write!(f, "KeySet({} keys, <redacted>)", self.specs.len())
     }
 }
 
@@ -293,7 +454,18 @@ pub enum KeyError {
         /// The environment variable read, if any.
         source: Option<String>,
     },
-    /// An entry repeats an earlier one.
+    /// A key's setting is out of range (a zero weight or cap).
+    InvalidSetting {
+        /// 1-based position of the key.
+        position: usize,
+        /// Number of keys.
+        count: usize,
+        /// The key's name, if it has one.
+        name: Option<String>,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// An entry repeats an earlier one (the same key, or the same name).
     Duplicate {
         /// 1-based position of the repeat.
         position: usize,
@@ -316,6 +488,7 @@ impl KeyError {
                 *count = list_len;
                 *source = from;
             }
+            Self::InvalidSetting { count, .. } => *count = list_len,
         }
         self
     }
@@ -350,9 +523,18 @@ impl fmt::Display for KeyError {
                 count,
                 ..
             } => write!(f, "key {position} of {count} repeats key {first}"),
+            Self::InvalidSetting {
+                position,
+                count,
+                name,
+                reason,
+            } => match name {
+                Some(name) => write!(f, "key {position} of {count} ({name}): {reason}"),
+                None => write!(f, "key {position} of {count}: {reason}"),
+            },
         }?;
         match self {
-            Self::NotConfigured { .. } => Ok(()),
+            Self::NotConfigured { .. } | Self::InvalidSetting { .. } => Ok(()),
             Self::Empty { source, .. }
             | Self::InvalidByte { source, .. }
             | Self::Duplicate { source, .. } => match source {
@@ -372,7 +554,7 @@ mod tests {
     #[test]
     fn spaces_after_commas_are_trimmed() {
         let keys = KeySet::parse(" k1 , k2,\tk3 ").unwrap();
-        let values: Vec<_> = keys.keys().iter().map(ApiKey::expose_secret).collect();
+        let values: Vec<_> = keys.keys().map(ApiKey::expose_secret).collect();
         assert_eq!(values, ["k1", "k2", "k3"]);
     }
 

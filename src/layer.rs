@@ -4,7 +4,7 @@ use std::fmt;
 
 use tower_layer::Layer;
 
-use crate::auth::{Placement, PreparedPlacement};
+use crate::auth::Placement;
 use crate::pool::KeyPool;
 use crate::service::KeyRotation;
 
@@ -27,19 +27,21 @@ use crate::service::KeyRotation;
 #[derive(Clone)]
 pub struct KeyRotationLayer {
     pool: KeyPool,
-    placement: PreparedPlacement,
+    placement: Placement,
 }
 
 impl KeyRotationLayer {
     /// A layer over `pool`, placing keys as `Authorization: Bearer <key>`.
     pub fn new(pool: KeyPool) -> Self {
-        let placement = Placement::default().prepare(pool.keys());
-        Self { pool, placement }
+        Self {
+            pool,
+            placement: Placement::default(),
+        }
     }
 
     /// Where keys go on the request (default [`Placement::bearer`]).
     pub fn placement(mut self, placement: Placement) -> Self {
-        self.placement = placement.prepare(self.pool.keys());
+        self.placement = placement;
         self
     }
 

@@ -2,12 +2,17 @@
 //!
 //! # Key states
 //!
-//! Each key is in one of four states, read from two atomics (`deadline`, `in_flight`):
+//! Each key is in one of these states, read from a few atomics of its [`Slot`]:
 //!
 //! ```text
-//!   Healthy ──(in_flight reaches the cap)──► AtCap ──(a lease is released)──► Healthy
-//!   Healthy | AtCap ──(429)──► Cooling ──(the deadline passes)──► Healthy
+//!   Healthy ──(in_flight reaches the cap, or the quota is used up)──► Busy
+//!   Busy ──(a lease is released / the quota refills)──► Healthy
+//!   Healthy | Busy ──(429, or headers say the window is used up)──► Cooling
 //!   Cooling ──(another 429)──► Cooling, deadline = max(deadline, now + wait)
+//!   Cooling ──(the deadline passes)──► Healthy
+//!   any ──(quota exhausted: billing, daily quota)──► Suspended (Cooling + probe owed)
+//!   Suspended ──(the deadline passes)──► Probing: exactly one request may go
+//!   Probing ──(success)──► Healthy      Probing ──(refused again)──► Suspended
 //!   any ──(401/403)──► Disabled (for good)
 //! ```
 //!
@@ -15,7 +20,7 @@
 //! "disabled", anything else is the end of a cool-down in nanoseconds since the pool was
 //! built (tokio's monotonic clock, so tests can pause it). Deadlines only grow (`fetch_max`);
 //! an expired one is cleared back to `0` by whoever notices, so the common path never reads
-//! the clock.
+//! the clock. `probe` says whether a suspended key owes a probe, or has one in flight.
 //!
 //! The backoff `level` counts consecutive 429s and `generation` counts the cool-downs that
 //! raised it. A lease remembers the generation it was reserved in; a 429 raises the level
@@ -23,30 +28,43 @@
 //! flight when the first 429 came back cannot escalate it), and a success resets the level
 //! under the same condition.
 //!
+//! # Keys can change at run time
+//!
+//! The keys live in a [`Table`] behind an `ArcSwap`: selection loads the current table
+//! without locking; [`KeyPool::reload`] builds a new table, reusing the slot (and so the
+//! state) of every unchanged key, and swaps it in. A lease holds its key's slot, so a key
+//! removed while requests are in flight keeps counting them until they finish, and takes no
+//! new ones.
+//!
 //! # Waking waiters
 //!
 //! A caller that finds no key arms a [`Waiter`]: it registers with the pool's [`Notify`]
 //! and counts itself in `waiters` *before* re-checking the keys, and sleeps until the
-//! earliest cool-down ends. A release decrements `in_flight` and then notifies one waiter if
-//! `waiters` is non-zero. Both sides use sequentially consistent operations, so either the
-//! releaser sees the waiter or the waiter's re-check sees the freed slot: no lost wake-up,
-//! and no notification cost when nobody waits.
+//! earliest cool-down ends or quota refills. A release decrements `in_flight` and then
+//! notifies one waiter if `waiters` is non-zero. Both sides use sequentially consistent
+//! operations, so either the releaser sees the waiter or the waiter's re-check sees the
+//! freed slot: no lost wake-up, and no notification cost when nobody waits.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use http::HeaderValue;
 use tokio::sync::{Notify, futures::OwnedNotified};
 use tokio::time::{Instant, Sleep};
 
-use crate::backoff::{Backoff, Classifier, Outcome};
+use crate::backoff::Backoff;
 use crate::error::AllKeysDisabled;
-use crate::key::KeySet;
+use crate::key::{ApiKey, KeySet, KeySpec};
+use crate::outcome::{Classifier, Outcome};
+use crate::quota::{Gcra, Quota};
 use crate::stats::KeyStats;
+use crate::weights::schedule;
 
 /// `deadline` value of a disabled key.
 const DISABLED: u64 = u64::MAX;
@@ -56,19 +74,25 @@ const DISABLED: u64 = u64::MAX;
 /// that has an available key, which keeps selection O(1) at thousands of keys.
 const WINDOW: usize = 16;
 
+/// `probe` states.
+const PROBE_NONE: u8 = 0;
+const PROBE_OWED: u8 = 1;
+const PROBE_IN_FLIGHT: u8 = 2;
+
 /// How the pool chooses among available keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Strategy {
-    /// Exact rotation 1, 2, 3, 1, 2, 3 over available keys; unavailable keys are skipped
-    /// and the rotation moves past them.
+    /// Exact rotation 1, 2, 3, 1, 2, 3 over available keys (smooth weighted rotation when
+    /// keys have weights); unavailable keys are skipped and the rotation moves past them.
     #[default]
     RoundRobin,
-    /// The key with the fewest requests in flight; ties go to the next key in rotation.
-    /// Pools of more than 16 keys compare a window of 16 keys starting at the rotation.
+    /// The key with the fewest requests in flight per unit of weight; ties go to the next
+    /// key in rotation. Pools of more than 16 keys compare a window of 16 keys starting at
+    /// the rotation.
     LeastInFlight,
 }
 
-/// The shared pool of keys: selection, cool-downs, counters.
+/// The shared pool of keys: selection, cool-downs, quotas, counters.
 ///
 /// Cheap to clone (an `Arc`); every clone is the same pool. Give the same pool to every
 /// [`KeyRotationLayer`](crate::KeyRotationLayer) that must share the keys' limits.
@@ -95,33 +119,74 @@ pub struct KeyPool {
 }
 
 struct PoolInner {
-    slots: Box<[Slot]>,
-    keys: KeySet,
+    signals: Arc<Signals>,
+    table: ArcSwap<Table>,
     strategy: Strategy,
-    /// `u32::MAX` when uncapped.
-    cap: u32,
-    backoff: Backoff,
-    classifier: Classifier,
-    /// Time zero of every `deadline`.
-    epoch: Instant,
+    default_cap: u32,
+    default_quota: Option<Quota>,
     cursor: Padded<AtomicUsize>,
-    waiters: Padded<AtomicUsize>,
-    disabled: AtomicUsize,
-    notify: Arc<Notify>,
+    /// Serialises reloads (readers never take it).
+    reload: Mutex<()>,
 }
 
-/// One key's state, on its own cache lines so that keys do not contend with each other.
+/// What every slot needs to reach on its own: settings applied to outcomes, the clock, and
+/// the waiters. Slots hold it, so a lease needs only its slot.
+struct Signals {
+    backoff: Backoff,
+    classifier: Classifier,
+    /// Time zero of every `deadline` and quota state.
+    epoch: Instant,
+    waiters: Padded<AtomicUsize>,
+    notify: Arc<Notify>,
+    /// For the rare paths that need every key (an account-wide limit).
+    pool: Weak<PoolInner>,
+}
+
+/// The keys in force: slots in position order and, for weighted keys, the rotation's
+/// schedule.
+struct Table {
+    slots: Box<[Arc<Slot>]>,
+    /// One period of smooth weighted round-robin (slot indices); `None` if all weights are 1.
+    schedule: Option<Box<[u32]>>,
+}
+
+impl Table {
+    fn turns(&self) -> usize {
+        self.schedule.as_ref().map_or(self.slots.len(), |s| s.len())
+    }
+
+    #[inline]
+    fn key_at(&self, turn: usize) -> usize {
+        match &self.schedule {
+            Some(schedule) => schedule[turn] as usize,
+            None => turn,
+        }
+    }
+}
+
+/// One key's state, hot fields first and on their own cache lines so that keys do not
+/// contend with each other.
 #[repr(align(128))]
-#[derive(Default)]
 struct Slot {
     in_flight: AtomicU32,
     level: AtomicU32,
     generation: AtomicU32,
+    probe: AtomicU8,
     deadline: AtomicU64,
+    /// GCRA theoretical arrival time (see `quota`), in pool nanoseconds.
+    tat: AtomicU64,
     requests: AtomicU64,
     successes: AtomicU64,
     rate_limited: AtomicU64,
     failures: AtomicU64,
+    cap: u32,
+    weight: u32,
+    quota: Option<Gcra>,
+    spec: KeySpec,
+    /// Header values, built on first use and reused: `Bearer <key>` and the bare key.
+    bearer: OnceLock<HeaderValue>,
+    bare: OnceLock<HeaderValue>,
+    signals: Arc<Signals>,
 }
 
 #[repr(align(128))]
@@ -141,6 +206,7 @@ pub struct KeyPoolBuilder {
     keys: KeySet,
     strategy: Strategy,
     cap: u32,
+    quota: Option<Quota>,
     backoff: Backoff,
     classifier: Classifier,
 }
@@ -152,8 +218,9 @@ impl KeyPoolBuilder {
         self
     }
 
-    /// At most `max` requests in flight per key (default: no cap). Callers beyond every
-    /// key's cap wait for a slot.
+    /// At most `max` requests in flight per key (default: no cap), for keys without a cap
+    /// of their own ([`KeySpec::max_in_flight`]). Callers beyond every key's cap wait for a
+    /// slot.
     ///
     /// # Panics
     ///
@@ -161,6 +228,14 @@ impl KeyPoolBuilder {
     pub fn max_in_flight_per_key(mut self, max: u32) -> Self {
         assert!(max > 0, "max_in_flight_per_key must be at least 1");
         self.cap = max;
+        self
+    }
+
+    /// A request quota per key (default: none), for keys without a quota of their own
+    /// ([`KeySpec::quota`]). Callers wait for the earliest key with quota, so requests the
+    /// provider would refuse are never sent.
+    pub fn quota_per_key(mut self, quota: Quota) -> Self {
+        self.quota = Some(quota);
         self
     }
 
@@ -178,27 +253,110 @@ impl KeyPoolBuilder {
 
     /// Builds the pool.
     pub fn build(self) -> KeyPool {
-        let slots = (0..self.keys.len()).map(|_| Slot::default()).collect();
-        KeyPool {
-            inner: Arc::new(PoolInner {
-                slots,
-                keys: self.keys,
-                strategy: self.strategy,
-                cap: self.cap,
+        let inner = Arc::new_cyclic(|pool: &Weak<PoolInner>| {
+            let signals = Arc::new(Signals {
                 backoff: self.backoff,
                 classifier: self.classifier,
                 epoch: Instant::now(),
-                cursor: Padded::default(),
                 waiters: Padded::default(),
-                disabled: AtomicUsize::new(0),
                 notify: Arc::new(Notify::new()),
-            }),
+                pool: pool.clone(),
+            });
+            let slots = self
+                .keys
+                .specs()
+                .iter()
+                .map(|spec| Slot::new(spec.clone(), self.cap, self.quota, &signals))
+                .collect();
+            PoolInner {
+                table: ArcSwap::from_pointee(Table::new(slots)),
+                signals,
+                strategy: self.strategy,
+                default_cap: self.cap,
+                default_quota: self.quota,
+                cursor: Padded::default(),
+                reload: Mutex::new(()),
+            }
+        });
+        KeyPool { inner }
+    }
+}
+
+impl Slot {
+    fn new(spec: KeySpec, cap: u32, quota: Option<Quota>, signals: &Arc<Signals>) -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: AtomicU32::new(0),
+            level: AtomicU32::new(0),
+            generation: AtomicU32::new(0),
+            probe: AtomicU8::new(PROBE_NONE),
+            deadline: AtomicU64::new(0),
+            tat: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            successes: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            cap: spec.max_in_flight.unwrap_or(cap),
+            weight: spec.weight,
+            quota: spec.quota.or(quota).map(|q| q.gcra()),
+            spec,
+            bearer: OnceLock::new(),
+            bare: OnceLock::new(),
+            signals: signals.clone(),
+        })
+    }
+}
+
+impl Table {
+    fn new(slots: Vec<Arc<Slot>>) -> Self {
+        let weights: Vec<u32> = slots.iter().map(|s| s.weight).collect();
+        Self {
+            schedule: schedule(&weights),
+            slots: slots.into_boxed_slice(),
         }
     }
 }
 
+/// What [`KeyPool::reload`] changed, by position and name (never by value).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReloadSummary {
+    /// Keys new to the pool: their positions in the new order, and names.
+    pub added: Vec<(usize, Option<String>)>,
+    /// Keys gone: their positions in the old order, and names.
+    pub removed: Vec<(usize, Option<String>)>,
+    /// Keys whose value or settings changed (their state starts afresh): new positions.
+    pub replaced: Vec<(usize, Option<String>)>,
+    /// Keys unchanged (their state carries over).
+    pub unchanged: usize,
+}
+
+impl fmt::Display for ReloadSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |keys: &[(usize, Option<String>)]| {
+            keys.iter()
+                .map(|(position, name)| match name {
+                    Some(name) => format!("{position} ({name})"),
+                    None => position.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        write!(f, "{} unchanged", self.unchanged)?;
+        for (what, keys) in [
+            ("added", &self.added),
+            ("replaced", &self.replaced),
+            ("removed", &self.removed),
+        ] {
+            if !keys.is_empty() {
+                write!(f, "; {what}: key {}", list(keys))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl KeyPool {
-    /// A pool with default settings: round-robin, no cap, default [`Backoff`] and
+    /// A pool with default settings: round-robin, no cap, no quota, default [`Backoff`] and
     /// [`classify`](crate::classify).
     pub fn new(keys: KeySet) -> Self {
         Self::builder(keys).build()
@@ -210,24 +368,20 @@ impl KeyPool {
             keys,
             strategy: Strategy::default(),
             cap: u32::MAX,
+            quota: None,
             backoff: Backoff::default(),
             classifier: Classifier::default(),
         }
     }
 
-    /// Number of keys.
+    /// Number of keys now.
     pub fn len(&self) -> usize {
-        self.inner.slots.len()
+        self.inner.table.load().slots.len()
     }
 
     /// Always `false`: a pool holds at least one key.
     pub fn is_empty(&self) -> bool {
-        self.inner.slots.is_empty()
-    }
-
-    /// The keys, in position order.
-    pub fn keys(&self) -> &KeySet {
-        &self.inner.keys
+        self.len() == 0
     }
 
     /// The selection strategy.
@@ -237,14 +391,99 @@ impl KeyPool {
 
     /// The classifier responses go through.
     pub fn classifier(&self) -> &Classifier {
-        &self.inner.classifier
+        &self.inner.signals.classifier
+    }
+
+    /// Replaces the keys at run time.
+    ///
+    /// Keys are matched by name when they have one, else by value. An unchanged key keeps
+    /// its state (in flight, cool-down, backoff, counters); a key whose value or settings
+    /// changed starts afresh; a removed key takes no new requests while its requests in
+    /// flight finish. Logged by position and name, never by value.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_key_rotation::{KeyPool, KeySet};
+    ///
+    /// let pool = KeyPool::new(KeySet::parse("k1,k2")?);
+    /// let summary = pool.reload(KeySet::parse("k2,k3")?);
+    /// assert_eq!(summary.to_string(), "1 unchanged; added: key 2; removed: key 1");
+    /// assert_eq!(pool.len(), 2);
+    /// # Ok::<(), tower_key_rotation::KeyError>(())
+    /// ```
+    pub fn reload(&self, keys: KeySet) -> ReloadSummary {
+        let inner = &*self.inner;
+        let _writer = inner.reload.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = inner.table.load_full();
+        let same_identity = |a: &KeySpec, b: &KeySpec| match (&a.name, &b.name) {
+            (Some(x), Some(y)) => x == y,
+            (None, None) => a.key.expose_secret() == b.key.expose_secret(),
+            _ => false,
+        };
+        let mut summary = ReloadSummary::default();
+        let mut kept = vec![false; old.slots.len()];
+        let slots: Vec<Arc<Slot>> = keys
+            .specs()
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let label = (i + 1, spec.name.clone());
+                let found = old
+                    .slots
+                    .iter()
+                    .position(|slot| same_identity(&slot.spec, spec));
+                match found {
+                    Some(j) if old.slots[j].spec.same_as(spec) => {
+                        kept[j] = true;
+                        summary.unchanged += 1;
+                        old.slots[j].clone()
+                    }
+                    Some(j) => {
+                        kept[j] = true;
+                        summary.replaced.push(label);
+                        Slot::new(
+                            spec.clone(),
+                            inner.default_cap,
+                            inner.default_quota,
+                            &inner.signals,
+                        )
+                    }
+                    None => {
+                        summary.added.push(label);
+                        Slot::new(
+                            spec.clone(),
+                            inner.default_cap,
+                            inner.default_quota,
+                            &inner.signals,
+                        )
+                    }
+                }
+            })
+            .collect();
+        for (j, slot) in old.slots.iter().enumerate() {
+            if !kept[j] {
+                summary.removed.push((j + 1, slot.spec.name.clone()));
+            }
+        }
+        inner.table.store(Arc::new(Table::new(slots)));
+        tracing::info!(keys = keys.len(), "keys reloaded: {summary}");
+        // New keys may be free: let every waiter look again.
+        inner.signals.notify.notify_waiters();
+        summary
     }
 
     /// Reserves an available key now, or returns `None` when every key is cooling down,
-    /// at its cap or disabled. The key counts as in flight until the [`Lease`] is dropped.
+    /// busy (at its cap or out of quota) or disabled. The key counts as in flight until the
+    /// [`Lease`] is dropped.
     pub fn try_reserve(&self) -> Option<Lease> {
-        let index = self.inner.select()?;
-        Some(self.lease(index))
+        let table = self.inner.table.load();
+        let mut now = LazyNow::new(&self.inner.signals);
+        let (index, probe) = match self.inner.strategy {
+            Strategy::RoundRobin => self.inner.select_round_robin(&table, &mut now),
+            Strategy::LeastInFlight => self.inner.select_least_in_flight(&table, &mut now),
+        }?;
+        Some(Lease::new(&table, index, probe))
     }
 
     /// Reserves an available key among those `allowed` (by 0-based index), scanning in
@@ -252,39 +491,27 @@ impl KeyPool {
     /// keys already tried; `None` if no allowed key is available.
     pub fn try_reserve_where(&self, allowed: impl Fn(usize) -> bool) -> Option<Lease> {
         let inner = &*self.inner;
-        let n = inner.slots.len();
+        let table = inner.table.load();
+        let n = table.slots.len();
         let start = inner.cursor.load(Ordering::Relaxed) % n;
-        let mut now = LazyNow {
-            pool: inner,
-            nanos: None,
-        };
+        let mut now = LazyNow::new(&inner.signals);
         loop {
             let best = (0..n)
                 .map(|step| (start + step) % n)
                 .filter(|&i| allowed(i))
-                .filter(|&i| !inner.is_resting(&inner.slots[i], &mut now))
-                .map(|i| (i, inner.slots[i].in_flight.load(Ordering::Relaxed)))
-                .filter(|&(_, in_flight)| in_flight < inner.cap)
-                .min_by_key(|&(_, in_flight)| in_flight)?;
-            if inner.try_take(&inner.slots[best.0]) {
-                return Some(self.lease(best.0));
+                .filter(|&i| table.slots[i].is_available(&mut now))
+                .min_by(|&a, &b| compare_load(&table.slots[a], &table.slots[b]))?;
+            if let Some(probe) = table.slots[best].try_take(&mut now) {
+                return Some(Lease::new(&table, best, probe));
             }
-        }
-    }
-
-    fn lease(&self, index: usize) -> Lease {
-        let generation = self.inner.slots[index].generation.load(Ordering::Acquire);
-        Lease {
-            pool: self.clone(),
-            index,
-            generation,
         }
     }
 
     /// Reserves a key, or registers `waiter` to be woken when one may be free.
     ///
-    /// Returns `Pending` with a wake-up arranged (a slot released, or the earliest
-    /// cool-down ending), and an error only when every key is disabled.
+    /// Returns `Pending` with a wake-up arranged (a slot released, keys reloaded, or the
+    /// earliest cool-down ending or quota refilling), and an error only when every key is
+    /// disabled.
     pub fn poll_reserve(
         &self,
         waiter: &mut Waiter,
@@ -326,10 +553,15 @@ impl KeyPool {
 
     /// `true` once every key has been disabled (401/403): waiting cannot help.
     pub fn all_disabled(&self) -> bool {
-        self.inner.disabled.load(Ordering::SeqCst) == self.len()
+        let table = self.inner.table.load();
+        table
+            .slots
+            .iter()
+            .all(|slot| slot.deadline.load(Ordering::SeqCst) == DISABLED)
     }
 
-    /// How long until the earliest cooling key comes back, if any key is cooling.
+    /// How long until the earliest resting key comes back (cool-down over, or quota
+    /// refilled), if any key is resting.
     pub fn earliest_return_in(&self) -> Option<Duration> {
         let at = self.inner.earliest_return()?;
         Some(at.saturating_duration_since(Instant::now()))
@@ -337,15 +569,20 @@ impl KeyPool {
 
     /// Per-key statistics, in position order. Never contains a key value.
     pub fn snapshot(&self) -> Vec<KeyStats> {
-        let now = self.inner.now_nanos();
-        self.inner
+        let table = self.inner.table.load();
+        let now = self.inner.signals.now_nanos();
+        table
             .slots
             .iter()
             .enumerate()
             .map(|(i, slot)| {
                 let deadline = slot.deadline.load(Ordering::Acquire);
+                let quota_at = slot.quota.map_or(0, |q| q.available_at(&slot.tat));
                 KeyStats {
                     position: i + 1,
+                    name: slot.spec.name.clone(),
+                    account: slot.spec.account.clone(),
+                    weight: slot.weight,
                     requests: slot.requests.load(Ordering::Relaxed),
                     successes: slot.successes.load(Ordering::Relaxed),
                     rate_limited: slot.rate_limited.load(Ordering::Relaxed),
@@ -353,6 +590,8 @@ impl KeyPool {
                     in_flight: slot.in_flight.load(Ordering::Relaxed),
                     cooling_down_for: (deadline != DISABLED && deadline > now)
                         .then(|| Duration::from_nanos(deadline - now)),
+                    quota_wait: (quota_at > now).then(|| Duration::from_nanos(quota_at - now)),
+                    probing: slot.probe.load(Ordering::Relaxed) != PROBE_NONE,
                     disabled: deadline == DISABLED,
                 }
             })
@@ -362,64 +601,76 @@ impl KeyPool {
 
 impl fmt::Debug for KeyPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &*self.inner;
         f.debug_struct("KeyPool")
             .field("keys", &self.len())
-            .field("strategy", &self.inner.strategy)
+            .field("strategy", &inner.strategy)
             .field(
                 "max_in_flight_per_key",
-                &(self.inner.cap != u32::MAX).then_some(self.inner.cap),
+                &(inner.default_cap != u32::MAX).then_some(inner.default_cap),
             )
-            .field("backoff", &self.inner.backoff)
+            .field("quota_per_key", &inner.default_quota)
+            .field("backoff", &inner.signals.backoff)
             .finish()
     }
 }
 
-/// The clock, read at most once per selection and only if some key has a deadline.
+/// The clock, read at most once per selection and only if some key needs it.
 struct LazyNow<'a> {
-    pool: &'a PoolInner,
+    signals: &'a Signals,
     nanos: Option<u64>,
 }
 
-impl LazyNow<'_> {
+impl<'a> LazyNow<'a> {
+    fn new(signals: &'a Signals) -> Self {
+        Self {
+            signals,
+            nanos: None,
+        }
+    }
+
     fn get(&mut self) -> u64 {
-        *self.nanos.get_or_insert_with(|| self.pool.now_nanos())
+        *self.nanos.get_or_insert_with(|| self.signals.now_nanos())
     }
 }
 
-impl PoolInner {
+impl Signals {
     fn now_nanos(&self) -> u64 {
         let since = Instant::now().saturating_duration_since(self.epoch);
         u64::try_from(since.as_nanos()).unwrap_or(DISABLED - 1)
     }
 
-    fn select(&self) -> Option<usize> {
-        let mut now = LazyNow {
-            pool: self,
-            nanos: None,
-        };
-        match self.strategy {
-            Strategy::RoundRobin => self.select_round_robin(&mut now),
-            Strategy::LeastInFlight => self.select_least_in_flight(&mut now),
+    fn wake_one(&self) {
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            self.notify.notify_one();
         }
     }
+}
 
-    fn select_round_robin(&self, now: &mut LazyNow<'_>) -> Option<usize> {
-        let n = self.slots.len();
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
-        let mut index = start;
-        for skipped in 0..n {
-            let slot = &self.slots[index];
-            if !self.is_resting(slot, now) && self.try_take(slot) {
+/// Compares two keys' load: in-flight requests per unit of weight.
+fn compare_load(a: &Slot, b: &Slot) -> std::cmp::Ordering {
+    let load = |s: &Slot| u64::from(s.in_flight.load(Ordering::Relaxed));
+    (load(a) * u64::from(b.weight)).cmp(&(load(b) * u64::from(a.weight)))
+}
+
+impl PoolInner {
+    fn select_round_robin(&self, table: &Table, now: &mut LazyNow<'_>) -> Option<(usize, bool)> {
+        let turns = table.turns();
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % turns;
+        let mut turn = start;
+        for skipped in 0..turns {
+            let index = table.key_at(turn);
+            if let Some(probe) = table.slots[index].try_take(now) {
                 if skipped > 0 {
                     // Move the rotation past the keys we skipped, so the next caller
                     // continues after the key we took.
                     self.cursor.fetch_add(skipped, Ordering::Relaxed);
                 }
-                return Some(index);
+                return Some((index, probe));
             }
-            index += 1;
-            if index == n {
-                index = 0;
+            turn += 1;
+            if turn == turns {
+                turn = 0;
             }
         }
         // Nothing available: give the turn back, so waiting callers polling again do not
@@ -428,48 +679,75 @@ impl PoolInner {
         None
     }
 
-    fn select_least_in_flight(&self, now: &mut LazyNow<'_>) -> Option<usize> {
-        let n = self.slots.len();
+    fn select_least_in_flight(
+        &self,
+        table: &Table,
+        now: &mut LazyNow<'_>,
+    ) -> Option<(usize, bool)> {
+        let n = table.slots.len();
         let start = self.cursor.load(Ordering::Relaxed) % n;
         let window = n.min(WINDOW);
         let mut scanned = 0;
         while scanned < n {
             let end = (scanned + window).min(n);
-            let mut best: Option<(usize, u32)> = None;
+            let mut best: Option<&Slot> = None;
+            let mut best_index = 0;
             for step in scanned..end {
                 let mut index = start + step;
                 if index >= n {
                     index -= n;
                 }
-                let slot = &self.slots[index];
-                let in_flight = slot.in_flight.load(Ordering::Relaxed);
-                if in_flight >= self.cap || self.is_resting(slot, now) {
+                let slot = &*table.slots[index];
+                if !slot.is_available(now) {
                     continue;
                 }
-                if best.is_none_or(|(_, least)| in_flight < least) {
-                    best = Some((index, in_flight));
-                    if in_flight == 0 {
+                if best.is_none_or(|b| compare_load(slot, b).is_lt()) {
+                    best = Some(slot);
+                    best_index = index;
+                    if slot.in_flight.load(Ordering::Relaxed) == 0 {
                         break; // cannot do better, and it is the first in rotation
                     }
                 }
             }
-            match best {
-                Some((index, _)) if self.try_take(&self.slots[index]) => {
-                    self.cursor.store(index + 1, Ordering::Relaxed);
-                    return Some(index);
+            match best.map(|slot| slot.try_take(now)) {
+                Some(Some(probe)) => {
+                    self.cursor.store(best_index + 1, Ordering::Relaxed);
+                    return Some((best_index, probe));
                 }
                 // Another caller took the last slot of our choice: look at this window again.
-                Some(_) => continue,
+                Some(None) => continue,
                 None => scanned = end,
             }
         }
         None
     }
 
+    /// The earliest time a resting key comes back: a cool-down ending or quota refilling.
+    fn earliest_return(&self) -> Option<Instant> {
+        let table = self.table.load();
+        let now = self.signals.now_nanos();
+        table
+            .slots
+            .iter()
+            .filter_map(|slot| {
+                let deadline = slot.deadline.load(Ordering::Acquire);
+                if deadline == DISABLED {
+                    return None;
+                }
+                let quota_at = slot.quota.map_or(0, |q| q.available_at(&slot.tat));
+                Some(deadline.max(quota_at))
+            })
+            .filter(|&at| at > now)
+            .min()
+            .map(|at| self.signals.epoch + Duration::from_nanos(at))
+    }
+}
+
+impl Slot {
     /// Is the key cooling down or disabled? Clears an expired deadline.
     #[inline]
-    fn is_resting(&self, slot: &Slot, now: &mut LazyNow<'_>) -> bool {
-        let deadline = slot.deadline.load(Ordering::Acquire);
+    fn is_resting(&self, now: &mut LazyNow<'_>) -> bool {
+        let deadline = self.deadline.load(Ordering::Acquire);
         if deadline == 0 {
             return false;
         }
@@ -477,119 +755,154 @@ impl PoolInner {
             return true;
         }
         // Cooling => Healthy. A concurrent extension makes this fail, which is right.
-        let _ = slot
+        let _ = self
             .deadline
             .compare_exchange(deadline, 0, Ordering::AcqRel, Ordering::Relaxed);
         false
     }
 
-    /// Takes an in-flight slot if the key is under its cap.
+    /// Could a request take this key now? (A hint: `try_take` decides.)
+    fn is_available(&self, now: &mut LazyNow<'_>) -> bool {
+        if self.is_resting(now) {
+            return false;
+        }
+        match self.probe.load(Ordering::Acquire) {
+            PROBE_NONE => {}
+            PROBE_OWED => return true,
+            _ => return false,
+        }
+        if self.in_flight.load(Ordering::Relaxed) >= self.cap {
+            return false;
+        }
+        self.quota
+            .is_none_or(|q| q.available_at(&self.tat) <= now.get())
+    }
+
+    /// Takes an in-flight slot (and a unit of quota) if the key is usable now. Returns
+    /// whether the lease is a suspended key's probe.
     #[inline]
-    fn try_take(&self, slot: &Slot) -> bool {
-        if self.cap == u32::MAX {
-            slot.in_flight.fetch_add(1, Ordering::AcqRel);
-            return true;
+    fn try_take(&self, now: &mut LazyNow<'_>) -> Option<bool> {
+        if self.is_resting(now) {
+            return None;
         }
-        slot.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < self.cap).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    fn release(&self, index: usize) {
-        // SeqCst pairs with the waiter's registration (see the module docs).
-        self.slots[index].in_flight.fetch_sub(1, Ordering::SeqCst);
-        if self.waiters.load(Ordering::SeqCst) != 0 {
-            self.notify.notify_one();
-        }
-    }
-
-    /// The earliest end of a cool-down still in the future.
-    fn earliest_return(&self) -> Option<Instant> {
-        let now = self.now_nanos();
-        self.slots
-            .iter()
-            .map(|slot| slot.deadline.load(Ordering::Acquire))
-            .filter(|&d| d != DISABLED && d > now)
-            .min()
-            .map(|d| self.epoch + Duration::from_nanos(d))
-    }
-
-    fn record(&self, index: usize, generation: u32, outcome: Outcome) {
-        let slot = &self.slots[index];
-        let position = index + 1;
-        let keys = self.slots.len();
-        match outcome {
-            Outcome::Success => {
-                slot.successes.fetch_add(1, Ordering::Relaxed);
-                // Only a request reserved after the last cool-down began proves the key
-                // has recovered; a straggler's success does not.
-                if slot.level.load(Ordering::Relaxed) != 0
-                    && slot.generation.load(Ordering::Acquire) == generation
-                {
-                    slot.level.store(0, Ordering::Relaxed);
-                }
-            }
-            Outcome::RateLimited { retry_after } => {
-                slot.rate_limited.fetch_add(1, Ordering::Relaxed);
-                let fresh = slot
-                    .generation
+        let probe = match self.probe.load(Ordering::Acquire) {
+            PROBE_NONE => false,
+            // Suspended => Probing: exactly one caller wins the probe.
+            PROBE_OWED => {
+                self.probe
                     .compare_exchange(
-                        generation,
-                        generation.wrapping_add(1),
+                        PROBE_OWED,
+                        PROBE_IN_FLIGHT,
                         Ordering::AcqRel,
-                        Ordering::Acquire,
+                        Ordering::Relaxed,
                     )
-                    .is_ok();
-                let level = if fresh {
-                    slot.level.fetch_add(1, Ordering::AcqRel).saturating_add(1)
-                } else {
-                    slot.level.load(Ordering::Acquire).max(1)
-                };
-                let wait = self.backoff.wait(level, retry_after);
-                let wait_nanos = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
-                let until = self
-                    .now_nanos()
-                    .saturating_add(wait_nanos)
-                    .min(DISABLED - 1);
-                // A deadline only ever extends.
-                let previous = slot.deadline.fetch_max(until, Ordering::AcqRel);
-                if previous == DISABLED {
-                    return;
-                }
-                if until > previous {
-                    tracing::warn!(
-                        key = position,
-                        keys,
-                        wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                        level,
-                        retry_after = retry_after.is_some(),
-                        "key {position}/{keys} rate limited; cooling down for {wait:.3?} ({})",
-                        if retry_after.is_some() {
-                            "Retry-After"
-                        } else {
-                            "backoff"
-                        }
-                    );
-                }
+                    .ok()?;
+                true
             }
-            Outcome::KeyRejected => {
-                slot.failures.fetch_add(1, Ordering::Relaxed);
-                if slot.deadline.swap(DISABLED, Ordering::AcqRel) != DISABLED {
-                    self.disabled.fetch_add(1, Ordering::SeqCst);
-                    tracing::warn!(
-                        key = position,
-                        keys,
-                        "key {position}/{keys} rejected by the provider; disabled"
-                    );
-                    // Waiters must learn if this was the last key.
-                    self.notify.notify_waiters();
-                }
-            }
-            Outcome::Failure => {
-                slot.failures.fetch_add(1, Ordering::Relaxed);
-            }
+            _ => return None,
+        };
+        let took_slot = if self.cap == u32::MAX {
+            self.in_flight.fetch_add(1, Ordering::AcqRel);
+            true
+        } else {
+            self.in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                    (n < self.cap).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        let took_quota = took_slot && self.quota.is_none_or(|q| q.try_take(&self.tat, now.get()));
+        if took_quota {
+            return Some(probe);
+        }
+        if took_slot {
+            self.release();
+        }
+        if probe {
+            self.probe.store(PROBE_OWED, Ordering::Release);
+        }
+        None
+    }
+
+    fn release(&self) {
+        // SeqCst pairs with the waiter's registration (see the module docs).
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.signals.wake_one();
+    }
+
+    fn header(&self, bearer: bool) -> &HeaderValue {
+        if bearer {
+            self.bearer
+                .get_or_init(|| self.spec.key.header_value("Bearer "))
+        } else {
+            self.bare.get_or_init(|| self.spec.key.header_value(""))
+        }
+    }
+
+    /// Rests the key until at least `wait` from now. Returns whether that extended the
+    /// deadline (false if the key was already resting as long, or is disabled).
+    fn extend(&self, wait: Duration) -> bool {
+        let wait_nanos = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+        let until = self
+            .signals
+            .now_nanos()
+            .saturating_add(wait_nanos)
+            .min(DISABLED - 1);
+        // A deadline only ever extends.
+        let previous = self.deadline.fetch_max(until, Ordering::AcqRel);
+        previous != DISABLED && until > previous
+    }
+
+    /// A 429 on a lease of `generation`: raise the level if fresh, rest the key.
+    fn rate_limited(
+        &self,
+        generation: u32,
+        retry_after: Option<Duration>,
+    ) -> (Duration, u32, bool) {
+        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+        let fresh = self
+            .generation
+            .compare_exchange(
+                generation,
+                generation.wrapping_add(1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        let level = if fresh {
+            self.level.fetch_add(1, Ordering::AcqRel).saturating_add(1)
+        } else {
+            self.level.load(Ordering::Acquire).max(1)
+        };
+        let wait = self.signals.backoff.wait(level, retry_after);
+        (wait, level, self.extend(wait))
+    }
+
+    fn succeeded(&self, generation: u32) {
+        self.successes.fetch_add(1, Ordering::Relaxed);
+        // Only a request reserved after the last cool-down began proves the key has
+        // recovered; a straggler's success does not.
+        if self.level.load(Ordering::Relaxed) != 0
+            && self.generation.load(Ordering::Acquire) == generation
+        {
+            self.level.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// `key 2/3` or `key 2/3 (name)`, for logs.
+struct Label<'a> {
+    position: usize,
+    keys: usize,
+    name: Option<&'a str>,
+}
+
+impl fmt::Display for Label<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key {}/{}", self.position, self.keys)?;
+        match self.name {
+            Some(name) => write!(f, " ({name})"),
+            None => Ok(()),
         }
     }
 }
@@ -600,13 +913,40 @@ impl PoolInner {
 /// into the response future and then into the response body, so the slot is given back
 /// when the body ends, errors or is dropped, or as soon as anything on the way is dropped.
 pub struct Lease {
-    pool: KeyPool,
+    slot: Arc<Slot>,
     index: usize,
+    keys: usize,
     generation: u32,
+    /// `SENT`, `PROBE`, `RESOLVED` bits; atomic only so that a lease is `Sync`.
+    flags: AtomicU8,
 }
 
+const SENT: u8 = 1;
+const PROBE: u8 = 2;
+const RESOLVED: u8 = 4;
+
 impl Lease {
-    /// 0-based index of the reserved key in [`KeyPool::keys`].
+    fn new(table: &Table, index: usize, probe: bool) -> Self {
+        let slot = table.slots[index].clone();
+        let generation = slot.generation.load(Ordering::Acquire);
+        Self {
+            slot,
+            index,
+            keys: table.slots.len(),
+            generation,
+            flags: AtomicU8::new(if probe { PROBE } else { 0 }),
+        }
+    }
+
+    fn label(&self) -> Label<'_> {
+        Label {
+            position: self.index + 1,
+            keys: self.keys,
+            name: self.slot.spec.name.as_deref(),
+        }
+    }
+
+    /// 0-based index of the reserved key (in the pool's order when it was reserved).
     pub fn index(&self) -> usize {
         self.index
     }
@@ -616,52 +956,197 @@ impl Lease {
         self.index + 1
     }
 
-    /// The pool the key belongs to.
-    pub fn pool(&self) -> &KeyPool {
-        &self.pool
+    /// The reserved key's name, if it has one.
+    pub fn name(&self) -> Option<&str> {
+        self.slot.spec.name.as_deref()
+    }
+
+    /// The reserved key, for custom placements.
+    pub fn key(&self) -> &ApiKey {
+        &self.slot.spec.key
+    }
+
+    /// The reserved key's header value, `Bearer <key>` (if `bearer`) or the bare key,
+    /// built once per key and marked sensitive.
+    pub fn header_value(&self, bearer: bool) -> &HeaderValue {
+        self.slot.header(bearer)
+    }
+
+    /// Is this lease the single probe request of a key coming back from a suspension?
+    pub fn is_probe(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & PROBE != 0
+    }
+
+    /// The classifier of the pool the key belongs to.
+    pub fn classifier(&self) -> &Classifier {
+        &self.slot.signals.classifier
     }
 
     /// Is the key still usable (not cooling down, not disabled)? A repeated `poll_ready`
     /// asks this of a reservation it holds.
     pub fn is_usable(&self) -> bool {
-        let inner = &*self.pool.inner;
-        let mut now = LazyNow {
-            pool: inner,
-            nanos: None,
-        };
-        !inner.is_resting(&inner.slots[self.index], &mut now)
+        !self.slot.is_resting(&mut LazyNow::new(&self.slot.signals))
     }
 
     /// Counts the request as sent with this key and logs `Using key i/n`.
     pub fn mark_sent(&self) {
-        let inner = &*self.pool.inner;
-        inner.slots[self.index]
-            .requests
-            .fetch_add(1, Ordering::Relaxed);
+        self.flags.fetch_or(SENT, Ordering::Relaxed);
+        self.slot.requests.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             key = self.position(),
-            keys = inner.slots.len(),
-            "Using key {}/{}",
-            self.position(),
-            inner.slots.len()
+            keys = self.keys,
+            "Using {}",
+            self.label()
         );
     }
 
-    /// Applies a response's [`Outcome`] to the key: cool down, disable, or count.
+    /// Applies a response's [`Outcome`] to the key: cool down, suspend, disable, or count.
     pub fn record(&self, outcome: Outcome) {
-        self.pool.inner.record(self.index, self.generation, outcome);
+        let slot = &*self.slot;
+        let label = self.label();
+        let (position, keys) = (self.position(), self.keys);
+        match outcome {
+            Outcome::Success => slot.succeeded(self.generation),
+            Outcome::LimitReached { reset_after } => {
+                slot.succeeded(self.generation);
+                if slot.extend(reset_after) {
+                    tracing::info!(
+                        key = position,
+                        keys,
+                        wait_ms = millis(reset_after),
+                        "{label} used up its window; resting for {reset_after:.3?} (rate-limit headers)"
+                    );
+                }
+            }
+            Outcome::RateLimited { retry_after } => {
+                let (wait, level, extended) = slot.rate_limited(self.generation, retry_after);
+                if extended {
+                    tracing::warn!(
+                        key = position,
+                        keys,
+                        wait_ms = millis(wait),
+                        level,
+                        retry_after = retry_after.is_some(),
+                        "{label} rate limited; cooling down for {wait:.3?} ({})",
+                        if retry_after.is_some() {
+                            "Retry-After"
+                        } else {
+                            "backoff"
+                        }
+                    );
+                }
+            }
+            Outcome::AccountLimited { retry_after } => {
+                let (wait, _, extended) = slot.rate_limited(self.generation, retry_after);
+                let mates = self.rest_account(wait);
+                if extended || mates > 0 {
+                    tracing::warn!(
+                        key = position,
+                        keys,
+                        wait_ms = millis(wait),
+                        "{label} hit its account's limit; it and {mates} other key(s) of the account cool down for {wait:.3?}"
+                    );
+                }
+            }
+            Outcome::QuotaExhausted { reset_after } => {
+                slot.rate_limited.fetch_add(1, Ordering::Relaxed);
+                let backoff = &slot.signals.backoff;
+                let wait =
+                    reset_after.map_or(backoff.quota_wait, |w| w.min(backoff.max_quota_wait));
+                let extended = slot.extend(wait);
+                // Healthy => Suspended (a probe in flight settles below).
+                let _ = slot.probe.compare_exchange(
+                    PROBE_NONE,
+                    PROBE_OWED,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+                if extended {
+                    tracing::warn!(
+                        key = position,
+                        keys,
+                        wait_ms = millis(wait),
+                        "{label} quota exhausted; suspended for {wait:.3?}, then one probe request"
+                    );
+                }
+            }
+            Outcome::KeyRejected => {
+                slot.failures.fetch_add(1, Ordering::Relaxed);
+                if slot.deadline.swap(DISABLED, Ordering::SeqCst) != DISABLED {
+                    tracing::warn!(
+                        key = position,
+                        keys,
+                        "{label} rejected by the provider; disabled"
+                    );
+                    // Waiters must learn if this was the last key.
+                    slot.signals.notify.notify_waiters();
+                }
+            }
+            Outcome::Failure => {
+                slot.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if self.is_probe() {
+            self.flags.fetch_or(RESOLVED, Ordering::Relaxed);
+            let back = matches!(outcome, Outcome::Success | Outcome::LimitReached { .. });
+            // Probing => Healthy on success; else Probing => Suspended: another probe once
+            // the rest (if any) is over.
+            slot.probe.store(
+                if back { PROBE_NONE } else { PROBE_OWED },
+                Ordering::Release,
+            );
+            if back {
+                tracing::info!(
+                    key = position,
+                    keys,
+                    "{label} answered its probe; back in rotation"
+                );
+            }
+        }
     }
+
+    /// Rests every other key of this key's account for `wait`; returns how many.
+    fn rest_account(&self, wait: Duration) -> usize {
+        let Some(account) = self.slot.spec.account.as_deref() else {
+            return 0;
+        };
+        let Some(pool) = self.slot.signals.pool.upgrade() else {
+            return 0;
+        };
+        let table = pool.table.load();
+        table
+            .slots
+            .iter()
+            .filter(|s| !Arc::ptr_eq(s, &self.slot) && s.spec.account.as_deref() == Some(account))
+            .filter(|s| s.extend(wait))
+            .count()
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.pool.inner.release(self.index);
+        let flags = *self.flags.get_mut();
+        if flags & SENT == 0 {
+            // Reserved but never sent: the quota unit goes back.
+            if let Some(quota) = self.slot.quota {
+                quota.refund(&self.slot.tat);
+            }
+        }
+        if flags & PROBE != 0 && flags & RESOLVED == 0 {
+            // The probe never got an answer: the next caller may probe.
+            self.slot.probe.store(PROBE_OWED, Ordering::Release);
+        }
+        self.slot.release();
     }
 }
 
 impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Lease(key {}/{})", self.position(), self.pool.len())
+        write!(f, "Lease({})", self.label())
     }
 }
 
@@ -675,7 +1160,7 @@ pub struct Waiter {
 }
 
 struct Armed {
-    pool: KeyPool,
+    signals: Arc<Signals>,
     notified: Pin<Box<OwnedNotified>>,
 }
 
@@ -686,14 +1171,12 @@ impl Waiter {
     }
 
     fn arm(&mut self, pool: &KeyPool) {
-        let mut notified = Box::pin(pool.inner.notify.clone().notified_owned());
+        let signals = pool.inner.signals.clone();
+        let mut notified = Box::pin(signals.notify.clone().notified_owned());
         notified.as_mut().enable();
-        pool.inner.waiters.fetch_add(1, Ordering::SeqCst);
+        signals.waiters.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        self.armed = Some(Armed {
-            pool: pool.clone(),
-            notified,
-        });
+        self.armed = Some(Armed { signals, notified });
     }
 
     fn disarm(&mut self) {
@@ -703,7 +1186,7 @@ impl Waiter {
 
 impl Drop for Armed {
     fn drop(&mut self) {
-        self.pool.inner.waiters.fetch_sub(1, Ordering::SeqCst);
+        self.signals.waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -7,7 +7,7 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use crate::BoxError;
-use crate::auth::{Placement, PreparedPlacement};
+use crate::auth::Placement;
 use crate::body::TrackedBody;
 use crate::future::ResponseFuture;
 use crate::pool::{KeyPool, Lease, Waiter};
@@ -33,7 +33,7 @@ use crate::tried::TriedKeys;
 pub struct KeyRotation<S> {
     inner: S,
     pool: KeyPool,
-    placement: PreparedPlacement,
+    placement: Placement,
     lease: Option<Lease>,
     waiter: Waiter,
 }
@@ -41,11 +41,10 @@ pub struct KeyRotation<S> {
 impl<S> KeyRotation<S> {
     /// Wraps `inner`, taking keys from `pool` and placing them as `Authorization: Bearer`.
     pub fn new(inner: S, pool: KeyPool) -> Self {
-        let placement = Placement::default().prepare(pool.keys());
-        Self::from_parts(inner, pool, placement)
+        Self::from_parts(inner, pool, Placement::default())
     }
 
-    pub(crate) fn from_parts(inner: S, pool: KeyPool, placement: PreparedPlacement) -> Self {
+    pub(crate) fn from_parts(inner: S, pool: KeyPool, placement: Placement) -> Self {
         Self {
             inner,
             pool,
@@ -84,7 +83,7 @@ where
 {
     type Response = Response<TrackedBody<ResBody>>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S::Future, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         ready!(self.inner.poll_ready(cx)).map_err(Into::into)?;
@@ -119,7 +118,7 @@ where
             }
             tried.insert(lease.index());
         }
-        let req = self.placement.apply(lease.index(), req);
+        let req = self.placement.apply(&lease, req);
         lease.mark_sent();
         ResponseFuture::new(self.inner.call(req), lease)
     }

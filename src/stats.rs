@@ -9,8 +9,14 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct KeyStats {
-    /// 1-based position of the key in its [`KeySet`](crate::KeySet).
+    /// 1-based position of the key in the pool.
     pub position: usize,
+    /// The key's name, if it has one.
+    pub name: Option<String>,
+    /// The account the key belongs to, if tagged.
+    pub account: Option<String>,
+    /// The key's weight.
+    pub weight: u32,
     /// Requests sent with this key.
     pub requests: u64,
     /// Responses classified [`Outcome::Success`](crate::Outcome::Success).
@@ -21,23 +27,26 @@ pub struct KeyStats {
     pub failures: u64,
     /// Requests reserved or in flight on this key right now.
     pub in_flight: u32,
-    /// How long until the key may be used again, if it is cooling down.
+    /// How long until the key may be used again, if it is cooling down (or suspended).
     pub cooling_down_for: Option<Duration>,
+    /// How long until the key's quota lets the next request go, if it is used up.
+    pub quota_wait: Option<Duration>,
+    /// The key was suspended (quota spent) and is owed, or running, its probe request.
+    pub probing: bool,
     /// The key was rejected by the provider and takes no more requests.
     pub disabled: bool,
 }
 
 impl fmt::Display for KeyStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key {}", self.position)?;
+        if let Some(name) = &self.name {
+            write!(f, " ({name})")?;
+        }
         write!(
             f,
-            "key {}: {} requests, {} ok, {} rate limited, {} failed, {} in flight",
-            self.position,
-            self.requests,
-            self.successes,
-            self.rate_limited,
-            self.failures,
-            self.in_flight
+            ": {} requests, {} ok, {} rate limited, {} failed, {} in flight",
+            self.requests, self.successes, self.rate_limited, self.failures, self.in_flight
         )?;
         if self.disabled {
             f.write_str(", disabled")

@@ -5,7 +5,7 @@ use tower_key_rotation::{ApiKey, KeyError, KeySet};
 #[test]
 fn from_env_reads_and_trims_the_list() {
     let keys = KeySet::from_env("TKR_TEST_KEYS").unwrap();
-    let values: Vec<&str> = keys.keys().iter().map(ApiKey::expose_secret).collect();
+    let values: Vec<&str> = keys.keys().map(ApiKey::expose_secret).collect();
     assert_eq!(values, ["alpha-111", "beta-222", "gamma-333"]);
 }
 

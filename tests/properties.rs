@@ -64,7 +64,7 @@ proptest! {
         match expected_keys(&input) {
             Some(keys) => {
                 let parsed = parsed.unwrap();
-                let got: Vec<&str> = parsed.keys().iter().map(ApiKey::expose_secret).collect();
+                let got: Vec<&str> = parsed.keys().map(ApiKey::expose_secret).collect();
                 prop_assert_eq!(got, keys);
             }
             None => prop_assert!(parsed.is_err()),

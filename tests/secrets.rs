@@ -72,12 +72,12 @@ async fn no_key_value_appears_in_logs_or_debug_output() {
     let mut request = http::Request::new(());
     request
         .headers_mut()
-        .insert("authorization", keys.keys()[0].header_value("Bearer "));
+        .insert("authorization", keys.specs()[0].key().header_value("Bearer "));
     let mut shown = vec![
         format!("{pool:?}"),
         format!("{keys:?}"),
-        format!("{:?}", keys.keys()),
-        format!("{}", keys.keys()[1]),
+        format!("{:?}", keys.specs()),
+        format!("{}", keys.specs()[1].key()),
         format!("{:?}", ApiKey::new(KEYS[0]).unwrap()),
         format!("{layer:?}"),
         format!("{client:?}"),

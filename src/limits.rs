@@ -1,0 +1,284 @@
+//! Learned limits: the rate-limit headers providers send on every response, read so that a
+//! key can rest *before* it is refused.
+//!
+//! | provider | remaining | reset |
+//! | --- | --- | --- |
+//! | OpenAI | `x-ratelimit-remaining-requests`, `x-ratelimit-remaining-tokens` | `x-ratelimit-reset-requests`, `x-ratelimit-reset-tokens`: a duration such as `1s`, `6m0s`, `20ms` |
+//! | Anthropic | `anthropic-ratelimit-requests-remaining`, `anthropic-ratelimit-tokens-remaining`, `anthropic-ratelimit-input-tokens-remaining`, `anthropic-ratelimit-output-tokens-remaining` | the matching `-reset`: an RFC 3339 time |
+//!
+//! When a dimension reports `0` remaining, the key rests until that dimension resets; with
+//! several exhausted, until the latest reset.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::HeaderMap;
+
+/// OpenAI's pairs of (remaining, reset-as-duration) headers.
+const OPENAI: [(&str, &str); 2] = [
+    (
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ),
+    ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+];
+
+/// Anthropic's pairs of (remaining, reset-as-RFC-3339) headers.
+const ANTHROPIC: [(&str, &str); 4] = [
+    (
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
+    ),
+    (
+        "anthropic-ratelimit-tokens-remaining",
+        "anthropic-ratelimit-tokens-reset",
+    ),
+    (
+        "anthropic-ratelimit-input-tokens-remaining",
+        "anthropic-ratelimit-input-tokens-reset",
+    ),
+    (
+        "anthropic-ratelimit-output-tokens-remaining",
+        "anthropic-ratelimit-output-tokens-reset",
+    ),
+];
+
+/// How long until the key may be used again, if the response's rate-limit headers say a
+/// limit is used up (`remaining: 0`). `None` when no limit is exhausted or the reset is
+/// missing or unreadable.
+///
+/// # Examples
+///
+/// ```
+/// use http::HeaderMap;
+/// use std::time::{Duration, SystemTime};
+/// use tower_key_rotation::learned_reset;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
+/// headers.insert("x-ratelimit-reset-requests", "6m0s".parse().unwrap());
+/// assert_eq!(learned_reset(&headers, SystemTime::now()), Some(Duration::from_secs(360)));
+/// ```
+pub fn learned_reset(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let exhausted = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() == "0")
+    };
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let openai = OPENAI
+        .iter()
+        .filter(|(remaining, _)| exhausted(remaining))
+        .filter_map(|(_, reset)| parse_go_duration(text(reset)?));
+    let anthropic = ANTHROPIC
+        .iter()
+        .filter(|(remaining, _)| exhausted(remaining))
+        .filter_map(|(_, reset)| {
+            let at = parse_rfc3339(text(reset)?)?;
+            Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+        });
+    openai.chain(anthropic).max()
+}
+
+/// Parses a Go-style duration as OpenAI sends it: `1s`, `6m0s`, `20ms`, `1h2m3.5s`,
+/// `150us`. Units `h`, `m`, `s`, `ms`, `us`/`µs`, `ns`; each number may have a fraction.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_key_rotation::parse_go_duration;
+///
+/// assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
+/// assert_eq!(parse_go_duration("1.5s"), Some(Duration::from_millis(1500)));
+/// assert_eq!(parse_go_duration("soon"), None);
+/// ```
+pub fn parse_go_duration(text: &str) -> Option<Duration> {
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    if rest == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number: f64 = rest[..number_len].parse().ok()?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds_per_unit = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" | "μs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += number * seconds_per_unit;
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
+/// Parses an RFC 3339 time such as `2024-06-01T12:00:00Z` or
+/// `2024-06-01T20:00:00.5+08:00`.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// use tower_key_rotation::parse_rfc3339;
+///
+/// let at = parse_rfc3339("1970-01-02T00:00:01Z").unwrap();
+/// assert_eq!(at, UNIX_EPOCH + Duration::from_secs(86_401));
+/// ```
+pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let s = text.trim().as_bytes();
+    let digits = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(range)?;
+        part.iter().all(u8::is_ascii_digit).then_some(())?;
+        std::str::from_utf8(part).ok()?.parse().ok()
+    };
+    let year = digits(0..4)?;
+    let (month, day) = (digits(5..7)?, digits(8..10)?);
+    let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
+    let separators_ok = s.get(4) == Some(&b'-')
+        && s.get(7) == Some(&b'-')
+        && matches!(s.get(10), Some(b'T' | b't' | b' '))
+        && s.get(13) == Some(&b':')
+        && s.get(16) == Some(&b':');
+    let in_range = (1..=12).contains(&month)
+        && (1..=days_in_month(year, month)).contains(&day)
+        && hour < 24
+        && minute < 60
+        && second < 61;
+    if !separators_ok || !in_range {
+        return None;
+    }
+    let mut i = 19;
+    let mut nanos = 0u32;
+    if s.get(i) == Some(&b'.') {
+        let start = i + 1;
+        let end = start + s[start..].iter().take_while(|b| b.is_ascii_digit()).count();
+        if end == start {
+            return None;
+        }
+        for (n, b) in s[start..end.min(start + 9)].iter().enumerate() {
+            nanos += u32::from(b - b'0') * 10u32.pow(8 - n as u32);
+        }
+        i = end;
+    }
+    let offset_seconds = match s.get(i..)? {
+        b"Z" | b"z" => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let hh = digits(i + 1..i + 3)?;
+            let mm = digits(i + 4..i + 6)?;
+            let _ = (h1, h2, m1, m2);
+            let offset = hh * 3600 + mm * 60;
+            if *sign == b'+' { offset } else { -offset }
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(year, month, day);
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
+    let seconds = u64::try_from(seconds).ok()?;
+    Some(UNIX_EPOCH + Duration::new(seconds, nanos))
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+pub(crate) fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        let cases = [
+            ("1s", 1_000),
+            ("6m0s", 360_000),
+            ("20ms", 20),
+            ("1h2m3.5s", 3_723_500),
+            ("0.5s", 500),
+            ("1500us", 1),
+            ("0", 0),
+        ];
+        for (text, ms) in cases {
+            assert_eq!(
+                parse_go_duration(text).map(|d| d.as_millis()),
+                Some(ms),
+                "{text}"
+            );
+        }
+        for bad in ["", "s", "5", "5x", "-1s", "1..2s", "1 s"] {
+            assert_eq!(parse_go_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn rfc3339_agrees_with_http_dates() {
+        let at = parse_rfc3339("2015-10-21T07:28:00Z").unwrap();
+        assert_eq!(
+            at,
+            httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap()
+        );
+        let offset = parse_rfc3339("2015-10-21T15:28:00.250+08:00").unwrap();
+        assert_eq!(offset, at + Duration::from_millis(250));
+        for bad in [
+            "2015-13-01T00:00:00Z",
+            "2015-02-29T00:00:00Z",
+            "2015-10-21 07:28:00",
+            "2015-10-21T07:28:00+0800",
+            "yesterday",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_exhausted_limits_count_and_the_latest_reset_wins() {
+        let now = parse_rfc3339("2024-01-01T00:00:00Z").unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-ratelimit-remaining-requests", "5".parse().unwrap());
+        headers.insert("x-ratelimit-reset-requests", "1s".parse().unwrap());
+        assert_eq!(learned_reset(&headers, now), None);
+        headers.insert("x-ratelimit-remaining-tokens", "0".parse().unwrap());
+        headers.insert("x-ratelimit-reset-tokens", "20ms".parse().unwrap());
+        assert_eq!(
+            learned_reset(&headers, now),
+            Some(Duration::from_millis(20))
+        );
+        headers.insert(
+            "anthropic-ratelimit-requests-remaining",
+            "0".parse().unwrap(),
+        );
+        headers.insert(
+            "anthropic-ratelimit-requests-reset",
+            "2024-01-01T00:00:30Z".parse().unwrap(),
+        );
+        assert_eq!(learned_reset(&headers, now), Some(Duration::from_secs(30)));
+    }
+}

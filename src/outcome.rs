@@ -1,0 +1,220 @@
+//! From a response to what it means for the key that carried it.
+//!
+//! A [`Classifier`] turns a response's status and headers (and, for the provider profiles,
+//! a small error body) into an [`Outcome`]; the pool applies it (see `pool`).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, StatusCode};
+
+use crate::backoff::retry_after;
+use crate::limits::learned_reset;
+
+/// What a response says about the key that carried it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The key was accepted (any answer that is not about the key's limits or validity).
+    Success,
+    /// The key was accepted, and the response's rate-limit headers say its window is now
+    /// used up: it rests until the window resets, before it can be refused.
+    LimitReached {
+        /// When the provider's window resets.
+        reset_after: Duration,
+    },
+    /// The key hit its limit. `retry_after` is the provider's own wait, if it gave one;
+    /// otherwise the pool's exponential backoff applies.
+    RateLimited {
+        /// How long the provider asked us to wait.
+        retry_after: Option<Duration>,
+    },
+    /// The *account* the key belongs to hit its limit: every key tagged with the same
+    /// account rests (see [`KeySpec::account`](crate::KeySpec::account)).
+    AccountLimited {
+        /// How long the provider asked us to wait.
+        retry_after: Option<Duration>,
+    },
+    /// The key's quota is spent (daily quota, billing, arrears): a long rest until the
+    /// reset, if known, else [`Backoff::quota_wait`](crate::Backoff::quota_wait); then one
+    /// probe request decides whether it is back. Not worth retrying on another key of the
+    /// same account.
+    QuotaExhausted {
+        /// When the quota resets, if the provider said.
+        reset_after: Option<Duration>,
+    },
+    /// The key was refused (revoked, wrong, no permission): it is disabled.
+    KeyRejected,
+    /// A failure that says nothing about the key (5xx, platform overload, transport
+    /// error). Counted only.
+    Failure,
+}
+
+impl Outcome {
+    /// Is this a refusal for limits (the request was not served and another key might)?
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, Self::RateLimited { .. } | Self::AccountLimited { .. })
+    }
+}
+
+/// Classifies a response by status and headers: the default rules.
+///
+/// - `429` → [`Outcome::RateLimited`], waiting for `Retry-After` / `retry-after-ms`, else
+///   for the reset of an exhausted provider limit header ([`learned_reset`]);
+/// - `401`, `403` → [`Outcome::KeyRejected`];
+/// - `503` with `Retry-After` → [`Outcome::RateLimited`] for that long;
+/// - other `5xx` → [`Outcome::Failure`];
+/// - anything else → [`Outcome::Success`], or [`Outcome::LimitReached`] when the
+///   provider's rate-limit headers say a limit is used up.
+///
+/// # Examples
+///
+/// ```
+/// use http::{HeaderMap, StatusCode};
+/// use std::time::Duration;
+/// use tower_key_rotation::{classify, Outcome};
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("retry-after", "2".parse().unwrap());
+/// assert_eq!(
+///     classify(StatusCode::TOO_MANY_REQUESTS, &headers),
+///     Outcome::RateLimited { retry_after: Some(Duration::from_secs(2)) },
+/// );
+/// assert_eq!(classify(StatusCode::UNAUTHORIZED, &headers), Outcome::KeyRejected);
+/// ```
+pub fn classify(status: StatusCode, headers: &HeaderMap) -> Outcome {
+    match status {
+        StatusCode::TOO_MANY_REQUESTS => {
+            let now = SystemTime::now();
+            Outcome::RateLimited {
+                retry_after: retry_after(headers, now).or_else(|| learned_reset(headers, now)),
+            }
+        }
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Outcome::KeyRejected,
+        StatusCode::SERVICE_UNAVAILABLE => match retry_after(headers, SystemTime::now()) {
+            Some(wait) => Outcome::RateLimited {
+                retry_after: Some(wait),
+            },
+            None => Outcome::Failure,
+        },
+        s if s.is_server_error() => Outcome::Failure,
+        _ if headers.is_empty() => Outcome::Success,
+        _ => match learned_reset(headers, SystemTime::now()) {
+            Some(reset_after) => Outcome::LimitReached { reset_after },
+            None => Outcome::Success,
+        },
+    }
+}
+
+type HeadFn = dyn Fn(StatusCode, &HeaderMap) -> Outcome + Send + Sync;
+type BodyFn = dyn Fn(StatusCode, &HeaderMap, &[u8]) -> Outcome + Send + Sync;
+type WantsBodyFn = dyn Fn(StatusCode) -> bool + Send + Sync;
+
+/// A replaceable classifier: a function from a response to an [`Outcome`].
+///
+/// Providers signal limits differently (some answer 403 or 503 for a rate limit, some put
+/// the reason in a JSON error body); give the pool your own with
+/// [`KeyPoolBuilder::classifier`](crate::KeyPoolBuilder::classifier), or one of the
+/// built-in provider profiles ([`Classifier::bigmodel`], [`Classifier::openai`],
+/// [`Classifier::anthropic`]).
+///
+/// # Examples
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_key_rotation::{Classifier, Outcome, classify};
+///
+/// // A provider that says "rate limited" with 403 and a header.
+/// let classifier = Classifier::new(|status, headers| {
+///     if status == StatusCode::FORBIDDEN && headers.contains_key("x-throttled") {
+///         Outcome::RateLimited { retry_after: None }
+///     } else {
+///         classify(status, headers)
+///     }
+/// });
+/// # let _ = classifier;
+/// ```
+#[derive(Clone)]
+pub struct Classifier {
+    head: Arc<HeadFn>,
+    body: Option<BodyRule>,
+}
+
+#[derive(Clone)]
+struct BodyRule {
+    wants: Arc<WantsBodyFn>,
+    limit: usize,
+    classify: Arc<BodyFn>,
+}
+
+impl Classifier {
+    /// A classifier that reads status and headers only.
+    pub fn new(f: impl Fn(StatusCode, &HeaderMap) -> Outcome + Send + Sync + 'static) -> Self {
+        Self {
+            head: Arc::new(f),
+            body: None,
+        }
+    }
+
+    /// A classifier that also reads the response body, for the statuses `wants` selects
+    /// (typically errors), up to `limit` bytes. The body is buffered before the response
+    /// is handed on, then replayed in full to the caller; other statuses go through
+    /// `classify` with an empty body and stream as usual.
+    pub fn with_body(
+        wants: impl Fn(StatusCode) -> bool + Send + Sync + 'static,
+        limit: usize,
+        classify: impl Fn(StatusCode, &HeaderMap, &[u8]) -> Outcome + Send + Sync + 'static,
+    ) -> Self {
+        let classify: Arc<BodyFn> = Arc::new(classify);
+        let head_classify = classify.clone();
+        Self {
+            head: Arc::new(move |status, headers| head_classify(status, headers, &[])),
+            body: Some(BodyRule {
+                wants: Arc::new(wants),
+                limit,
+                classify,
+            }),
+        }
+    }
+
+    /// Classifies one response by its head.
+    pub fn classify(&self, status: StatusCode, headers: &HeaderMap) -> Outcome {
+        (self.head)(status, headers)
+    }
+
+    /// Classifies one response by its head and (part of) its body.
+    pub fn classify_with_body(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Outcome {
+        match &self.body {
+            Some(rule) => (rule.classify)(status, headers, body),
+            None => (self.head)(status, headers),
+        }
+    }
+
+    /// How many body bytes to read before classifying a response with `status`, if any.
+    pub fn body_limit(&self, status: StatusCode) -> Option<usize> {
+        let rule = self.body.as_ref()?;
+        (rule.wants)(status).then_some(rule.limit)
+    }
+}
+
+impl Default for Classifier {
+    fn default() -> Self {
+        Self::new(classify)
+    }
+}
+
+impl fmt::Debug for Classifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.body.is_some() {
+            "Classifier(head and body)"
+        } else {
+            "Classifier(head)"
+        })
+    }
+}
