@@ -771,3 +771,65 @@ async fn an_https_upstream_is_verified_and_reached_over_http2() {
     proxy.assert_log_has_no_secret(&KEYS);
     untrusting.assert_log_has_no_secret(&KEYS);
 }
+
+/// Not a test: what the proxy costs per request. Run with
+/// `cargo test --release --test proxy -- --ignored --nocapture measure`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn measure_proxy_overhead() {
+    let upstream = ok_upstream().await;
+    // Default settings, info log (one line per request) included.
+    let proxy = ProxyConfig::new(&upstream.url(""), KEY_LIST).start().await;
+    let client = client();
+    let once = move |url: String| {
+        let client = client.clone();
+        async move {
+            let started = tokio::time::Instant::now();
+            let response = client
+                .request(Request::get(url).body(Full::default()).unwrap())
+                .await
+                .unwrap();
+            response.into_body().collect().await.unwrap();
+            started.elapsed()
+        }
+    };
+    let percentiles = |mut samples: Vec<Duration>| {
+        samples.sort();
+        let at = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize];
+        format!("p50 {:?}  p99 {:?}", at(0.5), at(0.99))
+    };
+    const N: usize = 2000;
+    for (name, url) in [
+        ("direct ", upstream.url("/x")),
+        ("proxied", proxy.url("/x")),
+    ] {
+        for _ in 0..100 {
+            once(url.clone()).await; // warm up connections
+        }
+        let mut samples = Vec::with_capacity(N);
+        for _ in 0..N {
+            samples.push(once(url.clone()).await);
+        }
+        println!("{name} sequential: {}", percentiles(samples));
+    }
+    let started = tokio::time::Instant::now();
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let url = proxy.url("/x");
+            let once = once.clone();
+            tokio::spawn(async move {
+                for _ in 0..200 {
+                    once(url.clone()).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "proxied, 32 concurrent clients: {:.0} requests/s",
+        6400.0 / elapsed.as_secs_f64()
+    );
+}
