@@ -250,22 +250,23 @@ fn intro(workload: &Workload, cases: &[Case], style: Style) -> String {
     let s = style;
     let l = &workload.limits;
     let mut out = format!(
-        "{}{} tower-key-rotation demo{}: the article case, against a mock provider on 127.0.0.1 (no API keys needed)\n\n",
+        "{}{} tower-key-rotation demo{}: the article case, no API keys needed\n\n",
         s.bold(),
         s.rule(),
         s.reset()
     );
     out += &format!(
-        "  workload   {} article(s) requested at once, {} sections each expanded in parallel: {} chat completions\n",
-        workload.articles,
-        workload.sections,
+        "  workload   {} requested at once, {} each expanded in parallel\n             \
+         = {} chat completions\n",
+        plural(workload.articles, "article"),
+        plural(workload.sections, "section"),
         workload.requests()
     );
     out += &format!(
-        "  provider   per key: {} completion(s) at a time, {} requests per {:.1} s window, {} ms per completion;\n             \
-         anything more is answered 429 + Retry-After\n",
-        l.concurrency,
-        l.rate,
+        "  provider   a mock on 127.0.0.1; per key {} at a time, {} per {:.1} s,\n             \
+         {} ms per completion; anything more gets 429 + Retry-After\n",
+        plural(l.concurrency as usize, "completion"),
+        plural(l.rate as usize, "request"),
         l.window.as_secs_f64(),
         l.latency.as_millis()
     );
@@ -277,6 +278,14 @@ fn intro(workload: &Workload, cases: &[Case], style: Style) -> String {
     out += &titles.join("\n             ");
     out += "\n\n";
     out
+}
+
+fn plural(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
 }
 
 fn case_heading(case: Case, i: usize, of: usize, workload: &Workload, style: Style) -> String {
@@ -304,21 +313,21 @@ fn case_result(run: &CaseRun, workload: &Workload, style: Style) -> String {
     } else {
         s.red()
     };
+    let seen = if run.caller_429 == 0 {
+        s.green()
+    } else {
+        s.red()
+    };
     let arrow = if s.unicode { "→" } else { "->" };
     format!(
-        "  {} {written}{}/{total} sections written{} in {}{:.2} s{}; the provider refused {} request(s), the callers saw {}{}{} 429(s)\n",
-        arrow,
+        "  {arrow} {written}{}/{total} sections{} in {}{:.2} s{}; the provider refused {}, \
+         callers saw {seen}{} 429s{}\n",
         run.sections_ok,
         s.reset(),
         s.bold(),
         run.wall.as_secs_f64(),
         s.reset(),
         up.refused(),
-        if run.caller_429 == 0 {
-            s.green()
-        } else {
-            s.red()
-        },
         run.caller_429,
         s.reset()
     )

@@ -166,33 +166,26 @@ pub(crate) fn table(runs: &[CaseRun], workload: &Workload, style: Style) -> Stri
     let total = workload.requests();
     let sep = if s.unicode { " · " } else { "/" };
     let headers = [
-        "case",
+        "#",
+        "setup",
         "wall",
-        "vs case 2",
+        "speed-up",
         "written",
-        "429s at provider",
-        "429s at caller",
+        "provider 429s",
+        "caller 429s",
         "sent per key",
     ];
-    let mut rows: Vec<[String; 7]> = Vec::new();
+    let mut rows: Vec<[String; 8]> = Vec::new();
     for run in runs {
         let up = Upstream::of(run, &workload.limits);
         let speed = speed_up(run, runs, total)
             .map(|x| format!("{x:.1}x"))
             .unwrap_or_else(|| if s.unicode { "—" } else { "-" }.to_owned());
-        let refused = if up.refused() == 0 {
-            "0".to_owned()
-        } else {
-            format!(
-                "{} ({} conc, {} rate)",
-                up.refused(),
-                up.refused_concurrency,
-                up.refused_rate
-            )
-        };
+        let refused = format!("{} + {}", up.refused_concurrency, up.refused_rate);
         let per_key: Vec<String> = up.attempts.iter().map(u64::to_string).collect();
         rows.push([
-            format!("{} {}", run.case.number(), run.case.title(workload)),
+            run.case.number().to_string(),
+            run.case.short_title(workload),
             secs(run.wall),
             speed,
             format!("{}/{}", run.sections_ok, total),
@@ -217,13 +210,13 @@ pub(crate) fn table(runs: &[CaseRun], workload: &Workload, style: Style) -> Stri
             let colour = colours.get(i).copied().unwrap_or("");
             let reset = if colour.is_empty() { "" } else { s.reset() };
             // Text left, numbers right.
-            if i == 0 || i == cells.len() - 1 {
+            if i == 1 || i == cells.len() - 1 {
                 let _ = write!(out, "{colour}{cell}{reset}{}", " ".repeat(pad));
             } else {
                 let _ = write!(out, "{}{colour}{cell}{reset}", " ".repeat(pad));
             }
             if i + 1 < cells.len() {
-                out.push_str("   ");
+                out.push_str("  ");
             }
         }
         let trimmed = out.trim_end_matches(' ').len();
@@ -234,7 +227,7 @@ pub(crate) fn table(runs: &[CaseRun], workload: &Workload, style: Style) -> Stri
     out.push_str(s.bold());
     line(&mut out, &header_cells, &[]);
     out.push_str(s.reset());
-    let rule_width: usize = widths.iter().sum::<usize>() + 3 * (widths.len() - 1);
+    let rule_width: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
     let _ = writeln!(
         out,
         "  {}{}{}",
@@ -245,6 +238,7 @@ pub(crate) fn table(runs: &[CaseRun], workload: &Workload, style: Style) -> Stri
     for (run, row) in runs.iter().zip(&rows) {
         let good = run.sections_ok == total;
         let colours = [
+            "",
             "",
             "",
             if good { s.green() } else { "" },
@@ -259,10 +253,16 @@ pub(crate) fn table(runs: &[CaseRun], workload: &Workload, style: Style) -> Stri
         ];
         line(&mut out, row, &colours);
     }
+    let _ = writeln!(
+        out,
+        "  {}speed-up: over case 2;  provider 429s: refused for concurrency + for the rate window{}",
+        s.dim(),
+        s.reset()
+    );
     out
 }
 
-/// One plain-language conclusion drawn from the runs.
+/// The conclusions, in plain words, drawn from the runs.
 pub(crate) fn verdict(runs: &[CaseRun], workload: &Workload, style: Style) -> String {
     let s = style;
     let total = workload.requests();
@@ -270,8 +270,12 @@ pub(crate) fn verdict(runs: &[CaseRun], workload: &Workload, style: Style) -> St
     if let Some(naive) = runs.iter().find(|r| r.case == Case::Naive) {
         let _ = writeln!(
             out,
-            "  Without the layer, {}{} of {total} callers got a 429{}: the article comes back with holes.",
-            s.red(),
+            "  Without the layer {}{} of {total} callers got a 429{}: the article has holes.",
+            if naive.caller_429 == 0 {
+                s.green()
+            } else {
+                s.red()
+            },
             naive.caller_429,
             s.reset()
         );
@@ -285,7 +289,7 @@ pub(crate) fn verdict(runs: &[CaseRun], workload: &Workload, style: Style) -> St
             .sum();
         let _ = writeln!(
             out,
-            "  Through KeyRotation, {}{seen} callers saw a 429{} ({absorbed} refusals by the provider became waits).",
+            "  Through KeyRotation {}{seen} callers saw a 429{}: {absorbed} refusals became waits.",
             if seen == 0 { s.green() } else { s.red() },
             s.reset()
         );
@@ -309,7 +313,7 @@ pub(crate) fn verdict(runs: &[CaseRun], workload: &Workload, style: Style) -> St
         let up = Upstream::of(capped, &workload.limits);
         let _ = writeln!(
             out,
-            "  Capped at the provider's concurrency, the keys drew {} concurrency 429s: callers waited in the layer instead.",
+            "  Capped at the provider's concurrency, the keys drew {} concurrency 429s.",
             up.refused_concurrency
         );
     }

@@ -98,8 +98,25 @@ impl Case {
             n => format!("{} keys", number_word(n)),
         };
         match self {
-            Case::Naive => format!("{keys}, naive client (no layer)"),
-            Case::OneKey => format!("{keys}, KeyRotation + retry"),
+            Case::Naive => format!("{keys}, naive client, no layer"),
+            Case::OneKey => format!("{keys} through KeyRotation"),
+            Case::RoundRobin => format!("{keys}, round-robin"),
+            Case::LeastInFlight => format!(
+                "{keys}, least-in-flight, cap {}",
+                workload.limits.concurrency
+            ),
+        }
+    }
+
+    /// The title in digits, for the table.
+    pub(crate) fn short_title(self, workload: &Workload) -> String {
+        let keys = match self.keys(workload) {
+            1 => "1 key".to_owned(),
+            n => format!("{n} keys"),
+        };
+        match self {
+            Case::Naive => format!("{keys}, naive, no layer"),
+            Case::OneKey => format!("{keys}, KeyRotation"),
             Case::RoundRobin => format!("{keys}, round-robin"),
             Case::LeastInFlight => format!(
                 "{keys}, least-in-flight, cap {}",
@@ -114,9 +131,11 @@ impl Case {
             Case::Naive => {
                 "every request fires at once on one key; the provider's 429s reach the caller"
             }
-            Case::OneKey => "a refused request waits for the key to cool down, then goes again",
+            Case::OneKey => {
+                "a refused request is resent, and the layer holds it until the key has cooled down"
+            }
             Case::RoundRobin => {
-                "requests rotate over the keys; 429s still happen but only the layer sees them"
+                "requests rotate over the keys, uncapped: the provider still refuses some, unseen"
             }
             Case::LeastInFlight => {
                 "each key takes at most the provider's concurrency; the rest wait for a free slot"
@@ -341,6 +360,11 @@ impl Attempts {
 ///
 /// No sleep here: the resend goes back through `KeyRotation::poll_ready`, which waits
 /// until a key is available (the refusing key cools down for the provider's Retry-After).
+///
+/// The library's own `retry::RetryLayer` is built for proxies: it resends only on an
+/// untried key that is usable right now and otherwise hands the 429 (with its
+/// Retry-After) back at once, so with one key it would never resend. An article generator
+/// would rather wait, so the demo resends on whatever key the layer gives it next.
 #[derive(Debug, Clone)]
 struct RetryOn429 {
     max_attempts: u32,
