@@ -833,3 +833,47 @@ async fn measure_proxy_overhead() {
         6400.0 / elapsed.as_secs_f64()
     );
 }
+
+#[tokio::test]
+async fn least_in_flight_sends_new_requests_past_a_busy_key() {
+    let (chunks, body) = channel_body();
+    let held = std::sync::Mutex::new(Some(body));
+    let upstream = MockUpstream::start(move |_| {
+        let body = held.lock().unwrap().take();
+        async move { body.map_or_else(|| reply(200, "quick"), http::Response::new) }
+    })
+    .await;
+    let proxy = ProxyConfig::new(&upstream.url(""), KEY_LIST)
+        .arg("--strategy", "least-in-flight")
+        .start()
+        .await;
+
+    // Key 1 stays busy with a stream; round-robin would come back to it, this does not.
+    let stream = open_stream(&proxy, "/stream").await;
+    for _ in 0..4 {
+        assert_eq!(get(&proxy.url("/x")).await.status, 200);
+    }
+    assert_eq!(positions(&upstream), [1, 2, 3, 2, 3]);
+    drop(chunks);
+    drop(stream);
+}
+
+#[tokio::test]
+async fn a_body_over_the_retry_limit_streams_through_and_is_not_retried() {
+    let upstream = MockUpstream::start(|_| async { reply(429, "busy") }).await;
+    let proxy = ProxyConfig::new(&upstream.url(""), KEY_LIST)
+        .arg("--retry-body-limit", "1024")
+        .start()
+        .await;
+
+    let large = "x".repeat(100_000);
+    let got = post(&proxy.url("/upload"), &large).await;
+    assert_eq!(got.status, 429);
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "not retried");
+    assert_eq!(seen[0].body.len(), 100_000, "the whole body arrived");
+
+    // A small body is retried, on the keys not resting (key 1 cools after its 429).
+    assert_eq!(post(&proxy.url("/small"), "{}").await.status, 429);
+    assert_eq!(positions(&upstream), [1, 2, 3]);
+}
