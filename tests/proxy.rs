@@ -218,9 +218,11 @@ async fn a_waiting_request_is_served_when_a_slot_frees() {
         let url = proxy.url("/second");
         async move { get(&url).await }
     });
-    // The second request is parked in the proxy: its key is taken.
+    // The only slot is taken, so the second request cannot have been forwarded; with 20 s
+    // of wait budget it is parked in the proxy rather than refused.
     wait_for_keys(&proxy, |keys| keys[0]["in_flight"] == 1).await;
     assert_eq!(upstream.seen().len(), 1);
+    assert!(!waiting.is_finished());
 
     release.send(Bytes::from("last")).unwrap();
     drop(release);
