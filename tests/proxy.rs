@@ -527,6 +527,11 @@ async fn other_hosts_and_connect_are_refused_and_redirects_are_not_followed() {
     assert_eq!(raw_status(proxy.addr, foreign).await, 400);
     let connect = "CONNECT elsewhere.invalid:443 HTTP/1.1\r\nHost: elsewhere.invalid:443\r\n\r\n";
     assert_eq!(raw_status(proxy.addr, connect).await, 400);
+    // Nor can a path climb out of the upstream's prefix.
+    for path in ["/v4/../admin", "/%2e%2E/admin", "/./x"] {
+        let raw = format!("GET {path} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n");
+        assert_eq!(raw_status(proxy.addr, &raw).await, 400, "{path}");
+    }
     assert!(upstream.seen().is_empty());
 
     // Absolute-form naming the upstream itself is fine.

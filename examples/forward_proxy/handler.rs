@@ -126,7 +126,10 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Option
 
     let (mut parts, body) = req.into_parts();
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let Ok(uri) = state.upstream_url.join(path_and_query) else {
+    let joined = (!has_dot_segment(parts.uri.path()))
+        .then(|| state.upstream_url.join(path_and_query).ok())
+        .flatten();
+    let Some(uri) = joined else {
         let response = json_error(
             StatusCode::BAD_REQUEST,
             "bad_path",
@@ -174,6 +177,15 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Option
         }
         Err(error) => (error_response(&error), key),
     }
+}
+
+/// `.` and `..` segments (also percent-encoded) would let a request climb out of the
+/// upstream's path prefix once the upstream normalises the path.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
 }
 
 fn unauthorized() -> Response<Body> {

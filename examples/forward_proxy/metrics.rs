@@ -74,18 +74,18 @@ impl Collector for KeyCollector {
 
         type Read = fn(&tower_key_rotation::KeyStats) -> u64;
         let counters: [(&str, &str, Read); 4] = [
-            ("key_requests", "Requests sent with each key", |k| {
+            ("key_requests", "Requests sent with each key.", |k| {
                 k.requests
             }),
-            ("key_successes", "Responses accepted on each key", |k| {
+            ("key_successes", "Responses accepted on each key.", |k| {
                 k.successes
             }),
-            ("key_rate_limited", "429 answers per key", |k| {
+            ("key_rate_limited", "429 answers per key.", |k| {
                 k.rate_limited
             }),
             (
                 "key_failures",
-                "Rejections, 5xx and transport errors per key",
+                "Rejections, 5xx and transport errors per key.",
                 |k| k.failures,
             ),
         ];
@@ -100,15 +100,15 @@ impl Collector for KeyCollector {
 
         type Gauge = fn(&tower_key_rotation::KeyStats) -> f64;
         let gauges: [(&str, &str, Gauge); 3] = [
-            ("key_in_flight", "Requests in flight per key", |k| {
+            ("key_in_flight", "Requests in flight per key.", |k| {
                 f64::from(k.in_flight)
             }),
             (
                 "key_cooling_down_seconds",
-                "Seconds until a rate-limited key is back (0 if not cooling)",
+                "Seconds until a rate-limited key is back (0 if not cooling).",
                 |k| k.cooling_down_for.map_or(0.0, |d| d.as_secs_f64()),
             ),
-            ("key_disabled", "1 if the provider rejected the key", |k| {
+            ("key_disabled", "1 if the provider rejected the key.", |k| {
                 f64::from(u8::from(k.disabled))
             }),
         ];

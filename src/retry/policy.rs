@@ -161,3 +161,128 @@ pub fn is_connection_refused(error: &BoxError) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use tower::retry::Policy;
+
+    use super::*;
+    use crate::KeySet;
+    use crate::retry::RetryLayer;
+
+    type Body = ReplayBody<http_body_util::Full<Bytes>>;
+
+    fn policy(keys: &str) -> (KeyPool, RetryPolicy) {
+        let pool = KeyPool::new(KeySet::parse(keys).unwrap());
+        let policy = RetryLayer::new(pool.clone()).policy().clone();
+        (pool, policy)
+    }
+
+    fn request(body: Body, tried: &TriedKeys) -> Request<Body> {
+        let mut request = Request::post("http://provider.test/v4/chat")
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap();
+        request.extensions_mut().insert(tried.clone());
+        request
+    }
+
+    /// `Policy::clone_request` with the response type pinned down.
+    fn clone_of(policy: &mut RetryPolicy, req: &Request<Body>) -> Option<Request<Body>> {
+        Policy::<Request<Body>, Response<()>, BoxError>::clone_request(policy, req)
+    }
+
+    fn answer(status: StatusCode) -> Result<Response<()>, BoxError> {
+        Ok(Response::builder().status(status).body(()).unwrap())
+    }
+
+    #[test]
+    fn a_clone_has_the_same_head_and_shares_the_tried_keys() {
+        let (_, mut policy) = policy("k1,k2");
+        let tried = TriedKeys::new();
+        let original = request(ReplayBody::buffered(Bytes::from_static(b"{}")), &tried);
+        let clone = clone_of(&mut policy, &original).unwrap();
+        assert_eq!(clone.method(), original.method());
+        assert_eq!(clone.uri(), original.uri());
+        assert_eq!(clone.headers(), original.headers());
+        tried.insert(1);
+        assert!(clone.extensions().get::<TriedKeys>().unwrap().contains(1));
+    }
+
+    #[test]
+    fn a_streaming_body_is_never_cloned() {
+        let (_, mut policy) = policy("k1,k2");
+        let body = ReplayBody::streaming(http_body_util::Full::new(Bytes::new()));
+        assert!(clone_of(&mut policy, &request(body, &TriedKeys::new())).is_none());
+    }
+
+    #[test]
+    fn only_a_429_with_an_untried_usable_key_is_retried() {
+        let (_, mut policy) = policy("k1,k2");
+        let tried = TriedKeys::new();
+        tried.insert(0);
+        let mut req = request(ReplayBody::buffered(Bytes::new()), &tried);
+        for status in [
+            StatusCode::OK,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::FORBIDDEN,
+        ] {
+            assert!(
+                policy.retry(&mut req, &mut answer(status)).is_none(),
+                "{status}"
+            );
+        }
+        assert!(
+            policy
+                .retry(&mut req, &mut answer(StatusCode::TOO_MANY_REQUESTS))
+                .is_some()
+        );
+
+        // Every key tried: the 429 is the answer.
+        tried.insert(1);
+        assert!(
+            policy
+                .retry(&mut req, &mut answer(StatusCode::TOO_MANY_REQUESTS))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn retries_are_counted_per_request() {
+        let (_, template) = policy("k1,k2,k3,k4");
+        let mut policy = template.clone();
+        policy.max_retries = 1;
+        let tried = TriedKeys::new();
+        tried.insert(0);
+        let mut req = request(ReplayBody::buffered(Bytes::new()), &tried);
+        assert!(
+            policy
+                .retry(&mut req, &mut answer(StatusCode::TOO_MANY_REQUESTS))
+                .is_some()
+        );
+        assert!(
+            policy
+                .retry(&mut req, &mut answer(StatusCode::TOO_MANY_REQUESTS))
+                .is_none()
+        );
+        assert!(
+            clone_of(&mut policy, &req).is_none(),
+            "no copy kept once retries are spent"
+        );
+        assert_eq!(template.retries, 0, "the layer's template is untouched");
+    }
+
+    #[test]
+    fn a_refused_connection_is_retried_but_other_errors_are_not() {
+        let (_, mut policy) = policy("k1,k2");
+        let mut req = request(ReplayBody::buffered(Bytes::new()), &TriedKeys::new());
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let mut result: Result<Response<()>, BoxError> = Err(Box::new(reset));
+        assert!(policy.retry(&mut req, &mut result).is_none());
+        let mut result: Result<Response<()>, BoxError> = Err(Box::new(refused));
+        assert!(policy.retry(&mut req, &mut result).is_some());
+    }
+}
