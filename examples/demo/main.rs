@@ -59,11 +59,11 @@ const CASE_TIMEOUT: Duration = Duration::from_secs(300);
 )]
 struct Args {
     /// Articles requested at the same moment.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=100))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=20))]
     articles: u16,
 
     /// Sections per article, expanded in parallel (the guide's article has 5).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=100))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=20))]
     sections: u16,
 
     /// API keys in cases 3 and 4.
