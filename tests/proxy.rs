@@ -133,6 +133,16 @@ async fn a_429_is_resent_on_another_key_and_that_key_cools_down() {
     assert_eq!(keys[1]["cooling_down_ms"], 0);
     proxy.wait_for_log("key 1/3 rate limited").await;
     proxy.wait_for_log("resending on another key").await;
+    proxy
+        .wait_for_log("Using key 2/3: POST /chat/completions -> 200")
+        .await;
+    proxy.wait_for_log("(keys tried: [1, 2])").await;
+    let metrics = get(&proxy.url("/_keyrotation/metrics")).await;
+    assert!(
+        metrics.body.contains("keyrotation_retries_total 1\n"),
+        "{}",
+        metrics.body
+    );
     proxy.assert_log_has_no_secret(&KEYS);
 }
 

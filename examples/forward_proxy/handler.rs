@@ -64,7 +64,7 @@ pub(crate) async fn handle(
     let method = req.method().clone();
     // The path only: a query string is the client's business and stays out of logs.
     let path = req.uri().path().to_owned();
-    let (response, key) = proxy(&state, req).await;
+    let (response, tried) = proxy(&state, req).await;
     let elapsed = started.elapsed();
     let status = response.status();
     let latency_ms = elapsed.as_millis();
@@ -72,9 +72,15 @@ pub(crate) async fn handle(
         tracing::debug!("{method} {path} -> {}", status.as_u16());
         return Ok(response);
     }
-    state.metrics.observe(status, elapsed);
+    state
+        .metrics
+        .observe(status, elapsed, tried.len().saturating_sub(1));
     let keys = state.pool.len();
-    match key {
+    match tried.last() {
+        Some(key) if tried.len() > 1 => tracing::info!(
+            "Using key {key}/{keys}: {method} {path} -> {} in {latency_ms} ms (keys tried: {tried:?})",
+            status.as_u16()
+        ),
         Some(key) => tracing::info!(
             "Using key {key}/{keys}: {method} {path} -> {} in {latency_ms} ms",
             status.as_u16()
@@ -87,14 +93,16 @@ pub(crate) async fn handle(
     Ok(response)
 }
 
-async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Option<usize>) {
+/// The response, and the 1-based positions of the keys tried, in order (empty when the
+/// request never reached the key layer).
+async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Vec<usize>) {
     if req.method() == Method::CONNECT {
         let response = json_error(
             StatusCode::BAD_REQUEST,
             "connect_not_supported",
             "CONNECT is not supported: this proxy only reaches its configured upstream",
         );
-        return (response, None);
+        return (response, Vec::new());
     }
     if let Some(authority) = req.uri().authority() {
         if !is_own_authority(state, authority) {
@@ -103,7 +111,7 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Option
                 "foreign_host",
                 "this proxy only reaches its configured upstream; send origin-form requests",
             );
-            return (response, None);
+            return (response, Vec::new());
         }
     }
     let path = req.uri().path();
@@ -116,12 +124,12 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Option
     });
     if path.starts_with(admin::PREFIX) {
         if !admitted && !admin::is_public(path) {
-            return (unauthorized(), None);
+            return (unauthorized(), Vec::new());
         }
-        return (admin::respond(state, req.method(), path), None);
+        return (admin::respond(state, req.method(), path), Vec::new());
     }
     if !admitted {
-        return (unauthorized(), None);
+        return (unauthorized(), Vec::new());
     }
 
     let (mut parts, body) = req.into_parts();
@@ -135,7 +143,7 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Option
             "bad_path",
             "the request path is not valid",
         );
-        return (response, None);
+        return (response, Vec::new());
     };
     parts.uri = uri;
     // The client speaks to us in whatever version; the upstream connection picks its own
@@ -159,7 +167,7 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Option
                 "bad_request_body",
                 "the request body could not be read",
             );
-            return (response, None);
+            return (response, Vec::new());
         }
     };
     let result = state
@@ -167,15 +175,15 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Option
         .clone()
         .oneshot(Request::from_parts(parts, body))
         .await;
-    let key = tried.positions().last().copied();
+    let tried = tried.positions();
     match result {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
             let body = body.map_err(BoxError::from).boxed_unsync();
-            (Response::from_parts(parts, body), key)
+            (Response::from_parts(parts, body), tried)
         }
-        Err(error) => (error_response(&error), key),
+        Err(error) => (error_response(&error), tried),
     }
 }
 

@@ -18,6 +18,7 @@ pub(crate) struct Metrics {
     registry: Registry,
     latency: Histogram,
     responses: Family<Vec<(&'static str, String)>, Counter>,
+    retries: Counter,
 }
 
 impl Metrics {
@@ -36,15 +37,25 @@ impl Metrics {
             "Responses sent to clients, by status code",
             responses.clone(),
         );
+        let retries = Counter::default();
+        registry.register(
+            "retries",
+            "Requests resent on another key after a 429 or a failed connection",
+            retries.clone(),
+        );
         registry.register_collector(Box::new(KeyCollector { pool }));
         Self {
             registry,
             latency,
             responses,
+            retries,
         }
     }
 
-    pub(crate) fn observe(&self, status: http::StatusCode, latency: Duration) {
+    /// One answered request: its status, time to the response head, and how many times
+    /// it was resent on another key.
+    pub(crate) fn observe(&self, status: http::StatusCode, latency: Duration, retries: usize) {
+        self.retries.inc_by(retries as u64);
         self.latency.observe(latency.as_secs_f64());
         self.responses
             .get_or_create(&vec![("status", status.as_str().to_owned())])
