@@ -801,6 +801,15 @@ impl Slot {
             }
             _ => return None,
         };
+        // Quota first: giving a unit back needs no wake-up, while giving back an in-flight
+        // slot would (and would wake this very caller if it is waiting).
+        let now_nanos = if self.quota.is_some() { now.get() } else { 0 };
+        if let Some(quota) = self.quota {
+            if !quota.try_take(&self.tat, now_nanos) {
+                self.unprobe(probe);
+                return None;
+            }
+        }
         let took_slot = if self.cap == u32::MAX {
             self.in_flight.fetch_add(1, Ordering::AcqRel);
             true
@@ -811,17 +820,21 @@ impl Slot {
                 })
                 .is_ok()
         };
-        let took_quota = took_slot && self.quota.is_none_or(|q| q.try_take(&self.tat, now.get()));
-        if took_quota {
+        if took_slot {
             return Some(probe);
         }
-        if took_slot {
-            self.release();
+        if let Some(quota) = self.quota {
+            quota.refund(&self.tat);
         }
+        self.unprobe(probe);
+        None
+    }
+
+    /// Gives back a probe won by a caller that could not take the key after all.
+    fn unprobe(&self, probe: bool) {
         if probe {
             self.probe.store(PROBE_OWED, Ordering::Release);
         }
-        None
     }
 
     fn release(&self) {

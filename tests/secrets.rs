@@ -70,9 +70,10 @@ async fn no_key_value_appears_in_logs_or_debug_output() {
         http::HeaderName::from_static("x-api-key"),
     ));
     let mut request = http::Request::new(());
-    request
-        .headers_mut()
-        .insert("authorization", keys.specs()[0].key().header_value("Bearer "));
+    request.headers_mut().insert(
+        "authorization",
+        keys.specs()[0].key().header_value("Bearer "),
+    );
     let mut shown = vec![
         format!("{pool:?}"),
         format!("{keys:?}"),

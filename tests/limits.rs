@@ -1,0 +1,413 @@
+//! Staying under the limits: quotas, learned limits, weights and per-key settings, hot
+//! reload, provider profiles, account-wide limits and the half-open probe.
+
+mod support;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::time::advance;
+use tokio_test::{assert_pending, assert_ready_ok};
+use tower::ServiceExt;
+use tower_key_rotation::{
+    ApiKey, Backoff, Classifier, KeyPool, KeyRotation, KeySet, KeySpec, Outcome, Quota, Strategy,
+};
+use tower_test::mock::Spawn;
+
+type Inner = tower::util::BoxCloneSyncService<Request<()>, Response<Full<Bytes>>, Infallible>;
+
+/// Answers with the status, headers and body the request asks for (`x-status`,
+/// `x-header: name=value`, `x-body`) and echoes the credential in `x-key`.
+fn mock() -> Inner {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(|req: Request<()>| async move {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        let body = header("x-body").unwrap_or_default();
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        if let Some(status) = header("x-status") {
+            *response.status_mut() = StatusCode::from_u16(status.parse().unwrap()).unwrap();
+        }
+        for value in req.headers().get_all("x-header") {
+            let (name, value) = value.to_str().unwrap().split_once('=').unwrap();
+            response.headers_mut().insert(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        let key = req.headers()["authorization"].to_str().unwrap();
+        response.headers_mut().insert("x-key", key.parse().unwrap());
+        Ok::<_, Infallible>(response)
+    }))
+}
+
+fn request() -> http::request::Builder {
+    Request::get("/")
+}
+
+/// Sends one request; returns (key used, status, body).
+async fn send(pool: &KeyPool, builder: http::request::Builder) -> (String, StatusCode, Bytes) {
+    let service = KeyRotation::new(mock(), pool.clone());
+    let response = service.oneshot(builder.body(()).unwrap()).await.unwrap();
+    let key = response.headers()["x-key"]
+        .to_str()
+        .unwrap()
+        .trim_start_matches("Bearer ")
+        .to_owned();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (key, status, body)
+}
+
+async fn key_of(pool: &KeyPool) -> String {
+    send(pool, request()).await.0
+}
+
+fn keys(list: &str) -> KeySet {
+    KeySet::parse(list).unwrap()
+}
+
+fn spec(key: &str) -> KeySpec {
+    KeySpec::new(ApiKey::new(key).unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_wait_for_the_earliest_key_with_quota() {
+    // Two keys, 2 requests per second each: one every 500 ms per key.
+    let pool = KeyPool::builder(keys("k1,k2"))
+        .quota_per_key(Quota::per_second(2))
+        .build();
+    assert_eq!(key_of(&pool).await, "k1");
+    assert_eq!(key_of(&pool).await, "k2");
+
+    let mut waiting = Spawn::new(KeyRotation::new(mock(), pool.clone()));
+    assert_pending!(waiting.poll_ready());
+    advance(Duration::from_millis(499)).await;
+    assert!(!waiting.is_woken());
+    advance(Duration::from_millis(1)).await;
+    assert!(waiting.is_woken());
+    assert_ready_ok!(waiting.poll_ready());
+    // The reservation spent key 1's next unit.
+    assert_eq!(
+        pool.snapshot()[0].quota_wait,
+        Some(Duration::from_millis(500))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unsent_reservation_gives_its_quota_back() {
+    let pool = KeyPool::builder(keys("only"))
+        .quota_per_key(Quota::per_minute(1))
+        .build();
+    let lease = pool.try_reserve().unwrap();
+    assert!(pool.try_reserve().is_none());
+    drop(lease); // never sent
+    let lease = pool.try_reserve().expect("quota refunded");
+    lease.mark_sent();
+    drop(lease);
+    assert!(
+        pool.try_reserve().is_none(),
+        "a sent request spent its quota"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn openai_headers_rest_a_key_before_it_is_refused() {
+    let pool = KeyPool::new(keys("k1,k2"));
+    let used_up = request()
+        .header("x-header", "x-ratelimit-remaining-requests=0")
+        .header("x-header", "x-ratelimit-reset-requests=1m30s");
+    let (key, status, _) = send(&pool, used_up).await;
+    assert_eq!((key.as_str(), status), ("k1", StatusCode::OK));
+    let stats = &pool.snapshot()[0];
+    assert_eq!(stats.cooling_down_for, Some(Duration::from_secs(90)));
+    assert_eq!((stats.successes, stats.rate_limited), (1, 0));
+    for _ in 0..3 {
+        assert_eq!(key_of(&pool).await, "k2");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn anthropic_reset_times_and_503_retry_after_rest_a_key() {
+    let pool = KeyPool::new(keys("k1,k2"));
+    let now = std::time::SystemTime::now() + Duration::from_secs(10);
+    let rfc3339 = {
+        let secs = now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let days = secs / 86_400;
+        let (y, m, d) = civil_from_days(days as i64);
+        let t = secs % 86_400;
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+            t / 3600,
+            t / 60 % 60,
+            t % 60
+        )
+    };
+    let used_up = request()
+        .header("x-header", "anthropic-ratelimit-requests-remaining=0")
+        .header(
+            "x-header",
+            format!("anthropic-ratelimit-requests-reset={rfc3339}"),
+        );
+    send(&pool, used_up).await;
+    let wait = pool.snapshot()[0].cooling_down_for.unwrap();
+    assert!(
+        wait > Duration::from_secs(8) && wait <= Duration::from_secs(10),
+        "{wait:?}"
+    );
+
+    let unavailable = request()
+        .header("x-status", "503")
+        .header("x-header", "retry-after=7");
+    let (key, ..) = send(&pool, unavailable).await;
+    assert_eq!(key, "k2");
+    assert_eq!(
+        pool.snapshot()[1].cooling_down_for,
+        Some(Duration::from_secs(7))
+    );
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[tokio::test]
+async fn weighted_round_robin_interleaves_shares_smoothly() {
+    let keys = KeySet::from_specs([spec("heavy").weight(3), spec("light")]).unwrap();
+    let pool = KeyPool::new(keys);
+    let mut order = Vec::new();
+    for _ in 0..8 {
+        order.push(key_of(&pool).await);
+    }
+    assert_eq!(
+        order,
+        [
+            "heavy", "heavy", "light", "heavy", "heavy", "heavy", "light", "heavy"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn least_in_flight_weighs_load_by_weight_and_keys_have_their_own_caps() {
+    let keys = KeySet::from_specs([
+        spec("big").weight(2).max_in_flight(2),
+        spec("small").max_in_flight(1),
+    ])
+    .unwrap();
+    let pool = KeyPool::builder(keys)
+        .strategy(Strategy::LeastInFlight)
+        .build();
+    let leases: Vec<_> = (0..3).map(|_| pool.try_reserve().unwrap()).collect();
+    // big (weight 2) takes two before small looks less loaded; then the caps are full.
+    let names: Vec<usize> = leases.iter().map(|l| l.position()).collect();
+    assert_eq!(names, [1, 2, 1]);
+    assert!(pool.try_reserve().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn reload_keeps_unchanged_keys_state_and_drains_removed_keys() {
+    let pool = KeyPool::builder(
+        KeySet::from_specs([spec("k1").name("one"), spec("k2").name("two"), spec("k3")]).unwrap(),
+    )
+    .backoff(Backoff::default().jitter(false))
+    .build();
+    // k1 is cooling; k2 has a request in flight.
+    pool.try_reserve().unwrap().record(Outcome::RateLimited {
+        retry_after: Some(Duration::from_secs(60)),
+    });
+    let in_flight_on_two = pool.try_reserve().unwrap();
+    assert_eq!(in_flight_on_two.position(), 2);
+
+    let summary = pool.reload(
+        KeySet::from_specs([
+            spec("k1").name("one"),
+            spec("k2-rotated").name("two"),
+            spec("k4"),
+        ])
+        .unwrap(),
+    );
+    assert_eq!(
+        summary.to_string(),
+        "1 unchanged; added: key 3; replaced: key 2 (two); removed: key 3"
+    );
+    let stats = pool.snapshot();
+    assert!(
+        stats[0].cooling_down_for.is_some(),
+        "unchanged key kept its cool-down"
+    );
+    assert_eq!(stats[1].in_flight, 0, "the replaced key starts afresh");
+    // The removed request still finishes on its own slot.
+    drop(in_flight_on_two);
+    let mut used = Vec::new();
+    for _ in 0..4 {
+        used.push(key_of(&pool).await);
+    }
+    used.sort();
+    assert_eq!(
+        used,
+        ["k2-rotated", "k2-rotated", "k4", "k4"],
+        "k1 is still cooling"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_wakes_callers_waiting_for_a_key() {
+    let pool = KeyPool::builder(keys("k1"))
+        .max_in_flight_per_key(1)
+        .build();
+    let _busy = pool.try_reserve().unwrap();
+    let mut waiting = Spawn::new(KeyRotation::new(mock(), pool.clone()));
+    assert_pending!(waiting.poll_ready());
+    pool.reload(keys("k1,k2"));
+    assert!(waiting.is_woken());
+    assert_ready_ok!(waiting.poll_ready());
+}
+
+#[tokio::test(start_paused = true)]
+async fn bigmodel_overload_does_not_penalise_the_key_and_the_body_arrives_intact() {
+    let pool = KeyPool::builder(keys("k1,k2"))
+        .classifier(Classifier::bigmodel())
+        .build();
+    let overload =
+        r#"{"error":{"code":"1305","message":"The service may be temporarily overloaded"}}"#;
+    let (key, status, body) = send(
+        &pool,
+        request()
+            .header("x-status", "429")
+            .header("x-body", overload),
+    )
+    .await;
+    assert_eq!(
+        (key.as_str(), status),
+        ("k1", StatusCode::TOO_MANY_REQUESTS)
+    );
+    assert_eq!(body, overload.as_bytes());
+    let stats = &pool.snapshot()[0];
+    assert_eq!((stats.cooling_down_for, stats.failures), (None, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_account_wide_limit_rests_every_key_of_the_account() {
+    let keys = KeySet::from_specs([
+        spec("a1").account("acct-a"),
+        spec("a2").account("acct-a"),
+        spec("b1").account("acct-b"),
+    ])
+    .unwrap();
+    let pool = KeyPool::builder(keys)
+        .classifier(Classifier::bigmodel())
+        .build();
+    let concurrency = r#"{"error":{"code":"1302","message":"concurrency"}}"#;
+    let limited = request()
+        .header("x-status", "429")
+        .header("x-header", "retry-after=30")
+        .header("x-body", concurrency);
+    send(&pool, limited).await;
+    let cooling: Vec<bool> = pool
+        .snapshot()
+        .iter()
+        .map(|s| s.cooling_down_for.is_some())
+        .collect();
+    assert_eq!(cooling, [true, true, false]);
+    for _ in 0..3 {
+        assert_eq!(key_of(&pool).await, "b1");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spent_quota_suspends_the_key_then_one_probe_brings_it_back() {
+    let pool = KeyPool::builder(keys("k1,k2"))
+        .classifier(Classifier::openai())
+        .backoff(Backoff::default().quota_wait(Duration::from_secs(600)))
+        .build();
+    let billing = r#"{"error":{"type":"insufficient_quota","code":"insufficient_quota"}}"#;
+    let (_, status, _) = send(
+        &pool,
+        request()
+            .header("x-status", "429")
+            .header("x-body", billing),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let stats = &pool.snapshot()[0];
+    assert_eq!(stats.cooling_down_for, Some(Duration::from_secs(600)));
+    assert!(stats.probing);
+
+    advance(Duration::from_secs(600)).await;
+    // Exactly one probe may go to k1; everything else waits for it or goes to k2.
+    let probe = pool.try_reserve_where(|i| i == 0).expect("the probe");
+    assert!(probe.is_probe());
+    assert!(
+        pool.try_reserve_where(|i| i == 0).is_none(),
+        "a second probe"
+    );
+    // A cancelled probe lets the next caller probe.
+    drop(probe);
+    let probe = pool.try_reserve_where(|i| i == 0).expect("the probe again");
+    probe.mark_sent();
+    probe.record(Outcome::Success);
+    drop(probe);
+    assert!(!pool.snapshot()[0].probing);
+    let both: Vec<_> = (0..2).map(|_| pool.try_reserve().unwrap()).collect();
+    let mut positions: Vec<usize> = both.iter().map(|l| l.position()).collect();
+    positions.sort();
+    assert_eq!(positions, [1, 2], "k1 takes ordinary requests again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_probe_suspends_the_key_again() {
+    let pool = KeyPool::builder(keys("k1"))
+        .backoff(Backoff::default().quota_wait(Duration::from_secs(60)))
+        .build();
+    pool.try_reserve()
+        .unwrap()
+        .record(Outcome::QuotaExhausted { reset_after: None });
+    advance(Duration::from_secs(60)).await;
+    let probe = pool.try_reserve().unwrap();
+    assert!(probe.is_probe());
+    probe.record(Outcome::QuotaExhausted {
+        reset_after: Some(Duration::from_secs(30)),
+    });
+    drop(probe);
+    assert_eq!(
+        pool.snapshot()[0].cooling_down_for,
+        Some(Duration::from_secs(30))
+    );
+    assert!(pool.try_reserve().is_none());
+    advance(Duration::from_secs(30)).await;
+    assert!(pool.try_reserve().unwrap().is_probe());
+}
+
+#[tokio::test(start_paused = true)]
+async fn outcomes_other_than_success_ride_on_the_response() {
+    let pool = KeyPool::builder(keys("k1,k2"))
+        .classifier(Classifier::openai())
+        .build();
+    let service = KeyRotation::new(mock(), pool.clone());
+    let billing = r#"{"error":{"code":"insufficient_quota"}}"#;
+    let req = request()
+        .header("x-status", "429")
+        .header("x-body", billing)
+        .body(())
+        .unwrap();
+    let response = service.clone().oneshot(req).await.unwrap();
+    assert_eq!(
+        response.extensions().get::<Outcome>(),
+        Some(&Outcome::QuotaExhausted { reset_after: None })
+    );
+    let response = service.oneshot(request().body(()).unwrap()).await.unwrap();
+    assert_eq!(response.extensions().get::<Outcome>(), None);
+}
