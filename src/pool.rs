@@ -852,18 +852,31 @@ impl Slot {
         }
     }
 
-    /// Rests the key until at least `wait` from now. Returns whether that extended the
-    /// deadline (false if the key was already resting as long, or is disabled).
-    fn extend(&self, wait: Duration) -> bool {
+    /// Rests the key until at least `wait` from now.
+    fn extend(&self, wait: Duration) -> Rest {
         let wait_nanos = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
-        let until = self
-            .signals
-            .now_nanos()
-            .saturating_add(wait_nanos)
-            .min(DISABLED - 1);
+        let now = self.signals.now_nanos();
+        let until = now.saturating_add(wait_nanos).min(DISABLED - 1);
         // A deadline only ever extends.
         let previous = self.deadline.fetch_max(until, Ordering::AcqRel);
-        previous != DISABLED && until > previous
+        if previous == DISABLED || until <= previous {
+            Rest::Unchanged
+        } else if previous <= now {
+            Rest::Started
+        } else {
+            Rest::Extended
+        }
+    }
+
+    /// After a cool-down for a limit, the key comes back with one probe request rather than
+    /// to every waiter at once (which would earn a burst of 429s if the limit still holds).
+    fn owe_probe(&self) {
+        let _ = self.probe.compare_exchange(
+            PROBE_NONE,
+            PROBE_OWED,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 
     /// A 429 on a lease of `generation`: raise the level if fresh, rest the key.
@@ -871,7 +884,7 @@ impl Slot {
         &self,
         generation: u32,
         retry_after: Option<Duration>,
-    ) -> (Duration, u32, bool) {
+    ) -> (Duration, u32, Rest) {
         self.rate_limited.fetch_add(1, Ordering::Relaxed);
         let fresh = self
             .generation
@@ -888,7 +901,11 @@ impl Slot {
             self.level.load(Ordering::Acquire).max(1)
         };
         let wait = self.signals.backoff.wait(level, retry_after);
-        (wait, level, self.extend(wait))
+        let rest = self.extend(wait);
+        if rest == Rest::Started {
+            self.owe_probe();
+        }
+        (wait, level, rest)
     }
 
     fn succeeded(&self, generation: u32) {
@@ -899,6 +916,33 @@ impl Slot {
             && self.generation.load(Ordering::Acquire) == generation
         {
             self.level.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What a cool-down did to a key's deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rest {
+    /// The key was usable and now rests: worth a warning.
+    Started,
+    /// The key was resting and now rests longer.
+    Extended,
+    /// The key already rested at least as long (or is disabled).
+    Unchanged,
+}
+
+/// A wait as people write it: `850 ms`, `2.5 s`, `3 min 20 s`, `1 h 5 min`.
+struct Wait(Duration);
+
+impl fmt::Display for Wait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        let s = self.0.as_secs();
+        match s {
+            0 => write!(f, "{ms} ms"),
+            1..60 => write!(f, "{:.1} s", self.0.as_secs_f64()),
+            60..3600 => write!(f, "{} min {} s", s / 60, s % 60),
+            _ => write!(f, "{} h {} min", s / 3600, s / 60 % 60),
         }
     }
 }
@@ -1022,42 +1066,52 @@ impl Lease {
             Outcome::Success => slot.succeeded(self.generation),
             Outcome::LimitReached { reset_after } => {
                 slot.succeeded(self.generation);
-                if slot.extend(reset_after) {
+                if slot.extend(reset_after) == Rest::Started {
                     tracing::info!(
                         key = position,
                         keys,
                         wait_ms = millis(reset_after),
-                        "{label} used up its window; resting for {reset_after:.3?} (rate-limit headers)"
+                        "{label} used up its window; resting for {} (rate-limit headers)",
+                        Wait(reset_after)
                     );
                 }
             }
             Outcome::RateLimited { retry_after } => {
-                let (wait, level, extended) = slot.rate_limited(self.generation, retry_after);
-                if extended {
-                    tracing::warn!(
+                let (wait, level, rest) = slot.rate_limited(self.generation, retry_after);
+                let why = if retry_after.is_some() {
+                    "Retry-After"
+                } else {
+                    "backoff"
+                };
+                match rest {
+                    Rest::Started => tracing::warn!(
                         key = position,
                         keys,
                         wait_ms = millis(wait),
                         level,
-                        retry_after = retry_after.is_some(),
-                        "{label} rate limited; cooling down for {wait:.3?} ({})",
-                        if retry_after.is_some() {
-                            "Retry-After"
-                        } else {
-                            "backoff"
-                        }
-                    );
+                        "{label} rate limited; cooling down for {} ({why})",
+                        Wait(wait)
+                    ),
+                    Rest::Extended => tracing::debug!(
+                        key = position,
+                        keys,
+                        wait_ms = millis(wait),
+                        "{label} rate limited again; cooling down until {} from now ({why})",
+                        Wait(wait)
+                    ),
+                    Rest::Unchanged => {}
                 }
             }
             Outcome::AccountLimited { retry_after } => {
-                let (wait, _, extended) = slot.rate_limited(self.generation, retry_after);
+                let (wait, _, rest) = slot.rate_limited(self.generation, retry_after);
                 let mates = self.rest_account(wait);
-                if extended || mates > 0 {
+                if rest == Rest::Started || mates > 0 {
                     tracing::warn!(
                         key = position,
                         keys,
                         wait_ms = millis(wait),
-                        "{label} hit its account's limit; it and {mates} other key(s) of the account cool down for {wait:.3?}"
+                        "{label} hit its account's limit; it and {mates} other key(s) of the account cool down for {}",
+                        Wait(wait)
                     );
                 }
             }
@@ -1066,20 +1120,16 @@ impl Lease {
                 let backoff = &slot.signals.backoff;
                 let wait =
                     reset_after.map_or(backoff.quota_wait, |w| w.min(backoff.max_quota_wait));
-                let extended = slot.extend(wait);
+                let rest = slot.extend(wait);
                 // Healthy => Suspended (a probe in flight settles below).
-                let _ = slot.probe.compare_exchange(
-                    PROBE_NONE,
-                    PROBE_OWED,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                );
-                if extended {
+                slot.owe_probe();
+                if rest != Rest::Unchanged {
                     tracing::warn!(
                         key = position,
                         keys,
                         wait_ms = millis(wait),
-                        "{label} quota exhausted; suspended for {wait:.3?}, then one probe request"
+                        "{label} quota exhausted; suspended for {}, then one probe request",
+                        Wait(wait)
                     );
                 }
             }
@@ -1109,11 +1159,13 @@ impl Lease {
                 Ordering::Release,
             );
             if back {
-                tracing::info!(
+                tracing::debug!(
                     key = position,
                     keys,
                     "{label} answered its probe; back in rotation"
                 );
+                // Everyone waiting for this key may go now.
+                slot.signals.notify.notify_waiters();
             }
         }
     }
@@ -1131,7 +1183,14 @@ impl Lease {
             .slots
             .iter()
             .filter(|s| !Arc::ptr_eq(s, &self.slot) && s.spec.account.as_deref() == Some(account))
-            .filter(|s| s.extend(wait))
+            .filter(|s| match s.extend(wait) {
+                Rest::Started => {
+                    s.owe_probe();
+                    true
+                }
+                Rest::Extended => true,
+                Rest::Unchanged => false,
+            })
             .count()
     }
 }
