@@ -7,7 +7,8 @@
 #   bash benches/instructions.sh 'key_rotation_round_robin/3'
 #
 # Runs the bench binary in criterion's --profile-time mode under valgrind, counts only inside
-# `one_request` (poll_ready, call, response, body to its end), and divides by its calls.
+# `one_request` (poll_ready, call, response, body to its end) and in the Buffer worker's
+# task, and divides by the calls of `one_request`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
@@ -25,7 +26,9 @@ PATHS=${1:-"bare_inner/0 set_request_header/1 key_rotation_round_robin/3 key_rot
 printf '| path | instructions/request |\n| --- | ---: |\n'
 for path in $PATHS; do
     file="$OUT/$(echo "$path" | tr / _).out"
+    # The Buffer's worker task runs beside one_request, not inside it: count it too.
     valgrind --tool=callgrind --callgrind-out-file="$file" --toggle-collect='*one_request*' \
+        --toggle-collect='*buffer::worker::Worker*' \
         "$BIN" --bench --profile-time 1 "^layer/$path\$" >/dev/null 2>&1
     # Total instructions counted, over the calls of the one_request future's poll.
     awk '

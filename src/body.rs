@@ -22,10 +22,9 @@ pin_project! {
     {
         #[pin]
         inner: Inner<B>,
-        // Frames read ahead for the classifier, replayed first.
-        replay: VecDeque<Frame<B::Data>>,
-        // An error met while reading ahead, yielded after the replay.
-        error: Option<B::Error>,
+        // What the classifier read ahead, replayed first. Boxed: only the rare path (an
+        // error body the classifier reads) has any, and a body is moved several times.
+        replay: Option<Box<Replay<B>>>,
         lease: Option<Lease>,
     }
 }
@@ -41,14 +40,26 @@ pin_project! {
     }
 }
 
+/// Frames read ahead for the classifier, and an error met while reading ahead (yielded
+/// after the frames).
+struct Replay<B: Body> {
+    frames: VecDeque<Frame<B::Data>>,
+    error: Option<B::Error>,
+}
+
+impl<B: Body> Replay<B> {
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty() && self.error.is_none()
+    }
+}
+
 type FrameResult<B> = Result<Frame<<B as Body>::Data>, <B as Body>::Error>;
 
 impl<B: Body> From<B> for TrackedBody<B> {
     fn from(body: B) -> Self {
         Self {
             inner: Inner::Direct { body },
-            replay: VecDeque::new(),
-            error: None,
+            replay: None,
             lease: None,
         }
     }
@@ -62,8 +73,10 @@ impl<B: Body> TrackedBody<B> {
     ) -> Self {
         Self {
             inner: Inner::Boxed { body },
-            replay,
-            error,
+            replay: Some(Box::new(Replay {
+                frames: replay,
+                error,
+            })),
             lease: None,
         }
     }
@@ -80,10 +93,14 @@ impl<B: Body> TrackedBody<B> {
     /// Yields the frames read ahead, then the error met reading ahead, if any.
     fn poll_replay(self: Pin<&mut Self>) -> Option<Poll<Option<FrameResult<B>>>> {
         let this = self.project();
-        if let Some(frame) = this.replay.pop_front() {
+        let replay = this.replay.as_mut()?;
+        if let Some(frame) = replay.frames.pop_front() {
             return Some(Poll::Ready(Some(Ok(frame))));
         }
-        let error = this.error.take()?;
+        let error = replay.error.take();
+        // Replayed: the body goes on as if it had never been read ahead.
+        *this.replay = None;
+        let error = error?;
         drop(this.lease.take());
         Some(Poll::Ready(Some(Err(error))))
     }
@@ -123,8 +140,7 @@ impl<B: Body> Body for TrackedBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.replay.is_empty()
-            && self.error.is_none()
+        self.replay.as_ref().is_none_or(|replay| replay.is_empty())
             && match &self.inner {
                 Inner::Direct { body } => body.is_end_stream(),
                 Inner::Boxed { body } => body.is_end_stream(),
@@ -139,6 +155,7 @@ impl<B: Body> Body for TrackedBody<B> {
         let replayed: u64 = self
             .replay
             .iter()
+            .flat_map(|replay| replay.frames.iter())
             .filter_map(|frame| frame.data_ref())
             .map(|data| bytes::Buf::remaining(data) as u64)
             .sum();
@@ -156,7 +173,10 @@ impl<B: Body> fmt::Debug for TrackedBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TrackedBody")
             .field("lease", &self.lease)
-            .field("replay_frames", &self.replay.len())
+            .field(
+                "replay_frames",
+                &self.replay.as_ref().map_or(0, |replay| replay.frames.len()),
+            )
             .finish()
     }
 }

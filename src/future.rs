@@ -35,7 +35,9 @@ pin_project! {
         #[pin]
         inner: F,
         lease: Option<Lease>,
-        reading: Option<ReadingBody<B>>,
+        // Boxed: only the rare path (an error body the classifier reads) has one, and
+        // inline it would make every response future some 200 bytes larger to move.
+        reading: Option<Box<ReadingBody<B>>>,
     }
 }
 
@@ -91,13 +93,13 @@ where
             let (head, body) = response.into_parts();
             // The rare path (an error the classifier reads): box the body to poll it here
             // and hand it on afterwards.
-            *this.reading = Some(ReadingBody {
+            *this.reading = Some(Box::new(ReadingBody {
                 head,
                 body: Box::pin(body),
                 frames: VecDeque::new(),
                 bytes: Vec::new(),
                 limit,
-            });
+            }));
         }
         let reading = this.reading.as_mut().expect("reading an error body");
         let error = loop {
@@ -125,7 +127,7 @@ where
             frames,
             bytes,
             ..
-        } = this.reading.take().expect("reading an error body");
+        } = *this.reading.take().expect("reading an error body");
         let lease = this
             .lease
             .take()

@@ -118,7 +118,8 @@ where
             }
             tried.insert(lease.index());
         }
-        let req = self.placement.apply(&lease, req);
+        let mut req = req;
+        self.placement.apply(&lease, &mut req);
         lease.mark_sent();
         ResponseFuture::new(self.inner.call(req), lease)
     }
