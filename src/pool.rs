@@ -495,7 +495,8 @@ impl KeyPool {
         let n = table.slots.len();
         let start = inner.cursor.load(Ordering::Relaxed) % n;
         let mut now = LazyNow::new(&inner.signals);
-        loop {
+        // Losing a race for the chosen key looks again, a few times at most.
+        for _ in 0..4 {
             let best = (0..n)
                 .map(|step| (start + step) % n)
                 .filter(|&i| allowed(i))
@@ -505,6 +506,7 @@ impl KeyPool {
                 return Some(Lease::new(&table, best, probe));
             }
         }
+        None
     }
 
     /// Reserves a key, or registers `waiter` to be woken when one may be free.
@@ -688,6 +690,8 @@ impl PoolInner {
         let start = self.cursor.load(Ordering::Relaxed) % n;
         let window = n.min(WINDOW);
         let mut scanned = 0;
+        // Losing a race for the chosen key rescans the window, a few times at most.
+        let mut retries = 0;
         while scanned < n {
             let end = (scanned + window).min(n);
             let mut best: Option<&Slot> = None;
@@ -715,8 +719,8 @@ impl PoolInner {
                     return Some((best_index, probe));
                 }
                 // Another caller took the last slot of our choice: look at this window again.
-                Some(None) => continue,
-                None => scanned = end,
+                Some(None) if retries < 4 => retries += 1,
+                Some(None) | None => scanned = end,
             }
         }
         None
@@ -761,15 +765,14 @@ impl Slot {
         false
     }
 
-    /// Could a request take this key now? (A hint: `try_take` decides.)
+    /// Could a request take this key now? (A hint: `try_take` decides, and agrees unless
+    /// another caller changes the key in between.)
     fn is_available(&self, now: &mut LazyNow<'_>) -> bool {
         if self.is_resting(now) {
             return false;
         }
-        match self.probe.load(Ordering::Acquire) {
-            PROBE_NONE => {}
-            PROBE_OWED => return true,
-            _ => return false,
+        if self.probe.load(Ordering::Acquire) == PROBE_IN_FLIGHT {
+            return false;
         }
         if self.in_flight.load(Ordering::Relaxed) >= self.cap {
             return false;

@@ -411,3 +411,25 @@ async fn outcomes_other_than_success_ride_on_the_response() {
     let response = service.oneshot(request().body(()).unwrap()).await.unwrap();
     assert_eq!(response.extensions().get::<Outcome>(), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_key_owed_a_probe_but_at_its_cap_is_passed_over_not_spun_on() {
+    // A straggler still holds the key's only slot when its cool-down ends.
+    for strategy in [Strategy::LeastInFlight, Strategy::RoundRobin] {
+        let pool = KeyPool::builder(keys("k1"))
+            .strategy(strategy)
+            .max_in_flight_per_key(1)
+            .build();
+        let straggler = pool.try_reserve().unwrap();
+        let refused = pool.try_reserve_where(|_| true);
+        assert!(refused.is_none());
+        straggler.record(Outcome::RateLimited {
+            retry_after: Some(Duration::from_secs(1)),
+        });
+        advance(Duration::from_secs(1)).await;
+        assert!(pool.try_reserve().is_none(), "{strategy:?}");
+        assert!(pool.try_reserve_where(|_| true).is_none());
+        drop(straggler);
+        assert!(pool.try_reserve().unwrap().is_probe());
+    }
+}

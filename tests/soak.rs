@@ -161,6 +161,15 @@ fn soak_holds_caps_leaks_nothing_and_answers_every_request() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
+    // A watchdog outside the runtime: a livelock (a worker spinning) would keep the
+    // runtime's own timeout from ever firing.
+    let (done, watchdog) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if watchdog.recv_timeout(Duration::from_secs(1_200)).is_err() {
+            eprintln!("soak: no progress in 20 minutes (livelock?); aborting");
+            std::process::exit(101);
+        }
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_time()
@@ -233,9 +242,18 @@ fn soak_holds_caps_leaks_nothing_and_answers_every_request() {
                     worker.await.unwrap();
                 }
             };
-            tokio::time::timeout(Duration::from_secs(600), all)
-                .await
-                .expect("the soak finished in time (no lost wake-up)");
+            let limit: u64 = std::env::var("TKR_SOAK_TIMEOUT_SECS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(600);
+            if tokio::time::timeout(Duration::from_secs(limit), all).await.is_err() {
+                panic!(
+                    "the soak did not finish in {limit} s (lost wake-up?); {} of {} requests started; keys: {:#?}",
+                    next.load(Ordering::SeqCst),
+                    total / 2,
+                    pool.snapshot()
+                );
+            }
         });
         let stats = pool.snapshot();
         assert!(
@@ -277,6 +295,7 @@ fn soak_holds_caps_leaks_nothing_and_answers_every_request() {
     );
     assert!(completed + cancelled + disabled >= total - 1);
     assert!(completed > total / 4 && cancelled > total / 10);
+    let _ = done.send(());
 }
 
 async fn one_request<S>(service: KeyRotation<S>) -> Result<(), tower::BoxError>
