@@ -75,21 +75,65 @@
 //!
 //! # What happens on each response
 //!
-//! The pool's [`Classifier`] (default [`classify`]) turns status and headers into an
+//! The pool's [`Classifier`] (default [`classify`]) turns the response into an
 //! [`Outcome`]:
 //!
 //! | response | outcome | effect on the key |
 //! | --- | --- | --- |
 //! | 429 with `Retry-After` / `retry-after-ms` | rate limited | cools down for that long (capped) |
 //! | 429 without | rate limited | cools down for an exponential, jittered backoff |
+//! | 2xx whose rate-limit headers say `remaining: 0` | limit reached | rests until the window resets ([`learned_reset`]) |
+//! | 503 with `Retry-After` | rate limited | cools down for that long |
 //! | 401, 403 | rejected | disabled |
-//! | 5xx, transport error | failure | counted only |
+//! | other 5xx, transport error | failure | counted only |
 //! | anything else | success | backoff level reset |
 //!
 //! A cool-down deadline only ever extends; only a 429 to a request sent after the key's
 //! last cool-down began raises the backoff level (requests already in flight do not
-//! escalate it). A cooling or disabled key is simply not ready: `poll_ready` returns an
-//! error only when every key is disabled.
+//! escalate it). When a cool-down ends, the key takes one probe request before the rest
+//! (so waiters do not all rush a key whose limit still holds). A cooling or disabled key
+//! is simply not ready: `poll_ready` returns an error only when every key is disabled.
+//!
+//! The [provider profiles](profile) ([`Classifier::bigmodel`], [`Classifier::openai`],
+//! [`Classifier::anthropic`]) also read the small JSON error body, because status codes
+//! alone misclassify: Zhipu's `1305` "overloaded" 429 is not the key's fault, OpenAI's
+//! `insufficient_quota` 429 is a spent quota ([`Outcome::QuotaExhausted`]: a long rest,
+//! then one probe), and a 429 about the *account* ([`Outcome::AccountLimited`]) rests every
+//! key of that account.
+//!
+//! # Staying under the limits
+//!
+//! Bouncing off a limit costs a round trip and, with some providers, counts against the
+//! key. The pool can keep requests the provider would refuse from being sent at all:
+//!
+//! - a per-key **cap** on requests in flight ([`KeyPoolBuilder::max_in_flight_per_key`]);
+//! - a per-key **quota** of requests per period ([`Quota`], [`KeyPoolBuilder::quota_per_key`]):
+//!   callers wait for the earliest key with quota;
+//! - **learned limits**: the providers' rate-limit headers rest a key before it is refused;
+//! - per-key **settings** ([`KeySpec`]): a name for logs, a **weight** (smooth weighted
+//!   round-robin, as nginx does it), its own cap and quota, and the **account** it belongs
+//!   to;
+//! - **hot reload** ([`KeyPool::reload`]): add, remove or replace keys at run time; unchanged
+//!   keys keep their state and removed keys finish their requests in flight.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_key_rotation::{ApiKey, KeyPool, KeySet, KeySpec, Quota, Strategy};
+//!
+//! # fn main() -> Result<(), tower_key_rotation::KeyError> {
+//! let keys = KeySet::from_specs([
+//!     KeySpec::new(ApiKey::new("sk-team-a")?).name("team-a").weight(2).account("org-a"),
+//!     KeySpec::new(ApiKey::new("sk-team-b")?).name("team-b").account("org-b"),
+//! ])?;
+//! let pool = KeyPool::builder(keys)
+//!     .strategy(Strategy::LeastInFlight)
+//!     .max_in_flight_per_key(4)                 // the provider's concurrency per key
+//!     .quota_per_key(Quota::per_minute(60))     // and its requests per minute
+//!     .build();
+//! assert_eq!(pool.snapshot()[0].name.as_deref(), Some("team-a"));
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Secrets
 //!
@@ -99,7 +143,8 @@
 //! # Logging
 //!
 //! With [`tracing`](https://docs.rs/tracing): a `debug` event `Using key 2/3` per request,
-//! a `warn` event when a key cools down (for how long and why) or is disabled.
+//! a `warn` event when a key starts a cool-down (for how long and why), is suspended or is
+//! disabled, an `info` event when keys are reloaded.
 
 mod auth;
 mod backoff;
