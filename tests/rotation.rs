@@ -170,3 +170,34 @@ async fn per_key_cap_holds_under_200_concurrent_callers() {
         "the test never reached the cap: {max:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cap_holds_behind_a_buffer_shared_by_many_callers() {
+    let upstream = Upstream::start(&KEYS, |_, _| async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        status(StatusCode::OK)
+    })
+    .await;
+    let pool = KeyPool::builder(key_set()).max_in_flight_per_key(1).build();
+    // Buffer drives one inner service from its worker: the pool, not the service
+    // instance, must hold the limit.
+    let buffered = tower::buffer::Buffer::new(rotated(&pool), 1024);
+    let callers: Vec<_> = (0..60)
+        .map(|_| {
+            let buffered = buffered.clone();
+            let url = upstream.url("/");
+            tokio::spawn(async move {
+                let request = Request::get(url).body(Empty::<Bytes>::new()).unwrap();
+                let response = tower::ServiceExt::oneshot(buffered, request).await.unwrap();
+                http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .unwrap();
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    assert!(upstream.max_in_flight().iter().all(|&m| m <= 1));
+    assert_eq!(upstream.seen().len(), 60);
+}
