@@ -5,7 +5,11 @@
 //! the same one (and only earns another `429`), and they answer with a response stripped of
 //! its `Retry-After` when they give up. This module's policy
 //!
-//! - retries a `429`, or a connection that failed before any byte was sent,
+//! - retries a `429` (or a `503` with `Retry-After`, which the pool reads as a rate limit),
+//!   or a connection that failed before any byte was sent; never a response whose
+//!   [`Outcome`](crate::Outcome) says the key's quota is spent
+//!   ([`QuotaExhausted`](crate::Outcome::QuotaExhausted): billing, a daily quota; another
+//!   key of the same account would not help) or that the platform as a whole is overloaded,
 //! - only when some key the request has not been sent with yet is usable right now
 //!   (not cooling down, not disabled): the [`TriedKeys`](crate::TriedKeys) extension it puts
 //!   on the request makes [`KeyRotation`](crate::KeyRotation) prefer such a key,

@@ -10,6 +10,7 @@ use tower::retry::Policy;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::BoxError;
+use crate::outcome::Outcome;
 use crate::pool::KeyPool;
 use crate::retry::ReplayBody;
 use crate::tried::TriedKeys;
@@ -35,6 +36,8 @@ pub struct RetryPolicy {
 #[derive(Debug, Clone, Copy)]
 enum Reason {
     RateLimited,
+    /// A 503 whose `Retry-After` the classifier read as a rate limit of the key.
+    Unavailable,
     NotConnected,
 }
 
@@ -42,8 +45,45 @@ impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::RateLimited => "429",
+            Self::Unavailable => "503 with Retry-After",
             Self::NotConnected => "connection failure",
         })
+    }
+}
+
+/// Is this response worth sending again on another key, and why?
+///
+/// The [`Outcome`] that [`KeyRotation`](crate::KeyRotation) puts on every response it did
+/// not classify as a success decides before the status does:
+///
+/// | outcome | status | retried? |
+/// | --- | --- | --- |
+/// | [`Outcome::RateLimited`], [`Outcome::AccountLimited`] | 429 | yes: another key (of another account) may take it |
+/// | [`Outcome::RateLimited`] | 503 (with `Retry-After`) | yes |
+/// | [`Outcome::QuotaExhausted`] | any | no: billing or a spent quota, not a rate limit; the client must hear it |
+/// | [`Outcome::Failure`] | 429 | no: the provider says it is overloaded as a whole (BigModel 1305), another key would only add load |
+/// | [`Outcome::KeyRejected`] | any | no, as for 401/403 |
+/// | none (no `KeyRotation` inside, or a classifier that calls it a success) | 429 | yes, by status |
+fn response_reason<R>(response: &Response<R>) -> Option<Reason> {
+    let status = response.status();
+    match response.extensions().get::<Outcome>() {
+        Some(Outcome::RateLimited { .. } | Outcome::AccountLimited { .. })
+            if status == StatusCode::TOO_MANY_REQUESTS =>
+        {
+            Some(Reason::RateLimited)
+        }
+        Some(Outcome::RateLimited { .. }) if status == StatusCode::SERVICE_UNAVAILABLE => {
+            Some(Reason::Unavailable)
+        }
+        Some(Outcome::QuotaExhausted { .. }) => {
+            tracing::debug!(
+                "{} for a spent quota; not retried on another key",
+                status.as_u16()
+            );
+            None
+        }
+        Some(_) => None,
+        None => (status == StatusCode::TOO_MANY_REQUESTS).then_some(Reason::RateLimited),
     }
 }
 
@@ -70,11 +110,9 @@ impl<B, R> Policy<Request<ReplayBody<B>>, Response<R>, BoxError> for RetryPolicy
         result: &mut Result<Response<R>, BoxError>,
     ) -> Option<Self::Future> {
         let reason = match result {
-            Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
-                Reason::RateLimited
-            }
+            Ok(response) => response_reason(response)?,
             Err(error) if (self.retry_error)(error) => Reason::NotConnected,
-            _ => return None,
+            Err(_) => return None,
         };
         if self.retries >= self.max_retries {
             tracing::debug!(
@@ -247,6 +285,66 @@ mod tests {
                 .retry(&mut req, &mut answer(StatusCode::TOO_MANY_REQUESTS))
                 .is_none()
         );
+    }
+
+    fn answer_with(status: StatusCode, outcome: Outcome) -> Result<Response<()>, BoxError> {
+        let mut response = Response::builder().status(status).body(()).unwrap();
+        response.extensions_mut().insert(outcome);
+        Ok(response)
+    }
+
+    #[test]
+    fn the_outcome_on_the_response_decides_before_the_status() {
+        let (_, mut policy) = policy("k1,k2,k3,k4,k5,k6,k7,k8");
+        policy.max_retries = 100;
+        let tried = TriedKeys::new();
+        tried.insert(0);
+        let mut req = request(ReplayBody::buffered(Bytes::new()), &tried);
+        let wait = Some(std::time::Duration::from_secs(1));
+        let too_many = StatusCode::TOO_MANY_REQUESTS;
+        let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+        let cases = [
+            (too_many, Outcome::RateLimited { retry_after: wait }, true),
+            (too_many, Outcome::RateLimited { retry_after: None }, true),
+            (
+                too_many,
+                Outcome::AccountLimited { retry_after: wait },
+                true,
+            ),
+            // 503 + Retry-After, which `classify` reads as a rate limit of the key.
+            (
+                unavailable,
+                Outcome::RateLimited { retry_after: wait },
+                true,
+            ),
+            (unavailable, Outcome::Failure, false),
+            // Billing / a spent quota: another key of the account would not help.
+            (
+                too_many,
+                Outcome::QuotaExhausted { reset_after: None },
+                false,
+            ),
+            (
+                too_many,
+                Outcome::QuotaExhausted { reset_after: wait },
+                false,
+            ),
+            // BigModel 1305: the platform is overloaded, not the key.
+            (too_many, Outcome::Failure, false),
+            (StatusCode::FORBIDDEN, Outcome::KeyRejected, false),
+        ];
+        for (status, outcome, retried) in cases {
+            assert_eq!(
+                policy
+                    .retry(&mut req, &mut answer_with(status, outcome))
+                    .is_some(),
+                retried,
+                "{status} {outcome:?}"
+            );
+        }
+        // No outcome on the response (no `KeyRotation` inside): the status decides.
+        assert!(policy.retry(&mut req, &mut answer(too_many)).is_some());
+        assert!(policy.retry(&mut req, &mut answer(unavailable)).is_none());
     }
 
     #[test]
