@@ -63,7 +63,9 @@ cargo build --release --quiet --example forward_proxy
 PROXY_BIN=target/release/examples/forward_proxy
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-rm -rf "$OUT"
+mkdir -p "$OUT"
+# Only what this script writes there (OUT may be any directory).
+rm -rf "$OUT/nginx-upstream" "$OUT/nginx-proxy" "$OUT"/*.txt "$OUT/post.lua" "$OUT/results.md" "$OUT/forward_proxy.log"
 mkdir -p "$OUT/nginx-upstream" "$OUT/nginx-proxy"
 OUT=$(cd "$OUT" && pwd)
 
