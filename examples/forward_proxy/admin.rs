@@ -27,7 +27,7 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
             .body(full("ok\n"))
             .expect("static response"),
         "/_keyrotation/keys" => {
-            // Positions and counters only: nothing here can reveal a key.
+            // Positions, names and counters only: nothing here can reveal a key.
             let keys: Vec<_> = state
                 .pool
                 .snapshot()
@@ -35,6 +35,9 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
                 .map(|key| {
                     json!({
                         "index": key.position,
+                        "name": key.name,
+                        "account": key.account,
+                        "weight": key.weight,
                         "in_flight": key.in_flight,
                         "requests": key.requests,
                         "successes": key.successes,
@@ -42,6 +45,8 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
                         "failures": key.failures,
                         "disabled": key.disabled,
                         "cooling_down_ms": key.cooling_down_for.map_or(0, |d| d.as_millis() as u64),
+                        "quota_wait_ms": key.quota_wait.map_or(0, |d| d.as_millis() as u64),
+                        "probing": key.probing,
                     })
                 })
                 .collect();

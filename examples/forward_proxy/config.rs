@@ -9,8 +9,10 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, Uri};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use subtle::ConstantTimeEq;
-use tower_key_rotation::{KeySet, Placement, Strategy};
+use tower_key_rotation::{Classifier, KeySet, Placement, Strategy};
 use zeroize::Zeroizing;
+
+use crate::keys::{self, KeySource};
 
 const EXAMPLES: &str = "\
 Example:
@@ -21,8 +23,19 @@ Example:
       -d '{\"model\":\"glm-4-flash\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'
 
 Keys are read from the environment variable named by --keys-env (comma-separated), or from
-a .env file in the working directory. Admin routes: /_keyrotation/health, /_keyrotation/keys,
-/_keyrotation/metrics.
+a .env file in the working directory, or from a TOML key file (--keys-file) that names
+each key and takes its value from an environment variable or a file:
+
+  [[key]]
+  name = \"paid\"
+  env = \"PAID_KEY\"       # or: file = \"secrets/paid.key\"
+  weight = 3               # optional: share, rpm, max_in_flight, account
+  rpm = 500
+
+SIGHUP, or a change to the key file, reloads the keys (unchanged keys keep their state).
+Keys of one account share its limit: tag them with the same account.
+
+Admin routes: /_keyrotation/health, /_keyrotation/keys, /_keyrotation/metrics.
 
 Anyone who can reach the proxy uses your keys: keep it on loopback, or set --access-token-env.";
 
@@ -58,6 +71,22 @@ pub(crate) struct Args {
     /// Environment variable holding the comma-separated keys.
     #[arg(long, value_name = "NAME", default_value = "BIGMODEL_API_KEY")]
     pub(crate) keys_env: String,
+
+    /// A TOML file listing the keys by name, each with its value from an environment
+    /// variable or a file, and optional weight, rpm, max_in_flight and account. Takes
+    /// precedence over --keys-env. Reloaded on SIGHUP and when it changes.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) keys_file: Option<PathBuf>,
+
+    /// How the provider's answers are read: `generic` (status and rate-limit headers), or a
+    /// provider profile that also reads its JSON error bodies.
+    #[arg(long, value_enum, default_value_t = ProfileArg::Generic)]
+    pub(crate) profile: ProfileArg,
+
+    /// At most this many requests per minute per key (keys of a key file may set their
+    /// own `rpm`). Requests beyond it wait instead of earning a 429.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) rpm_per_key: Option<u32>,
 
     /// Also trust the CA certificates in this PEM file for an https upstream (a company
     /// gateway, say); the usual public roots stay trusted.
@@ -110,6 +139,31 @@ impl From<StrategyArg> for Strategy {
         match arg {
             StrategyArg::RoundRobin => Strategy::RoundRobin,
             StrategyArg::LeastInFlight => Strategy::LeastInFlight,
+        }
+    }
+}
+
+/// `--profile`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum ProfileArg {
+    /// Status codes and the OpenAI/Anthropic rate-limit headers (any provider).
+    Generic,
+    /// Zhipu BigModel: reads `error.code` (1302/1303 limits, 1113/1304/1308/1310 quota,
+    /// 1305/1312 overload, 1000-1004 invalid key).
+    Bigmodel,
+    /// OpenAI: a billing 429 (`insufficient_quota`) is a spent quota, not a rate limit.
+    Openai,
+    /// Anthropic: 529 overload is platform-wide, not the key's fault.
+    Anthropic,
+}
+
+impl From<ProfileArg> for Classifier {
+    fn from(arg: ProfileArg) -> Self {
+        match arg {
+            ProfileArg::Generic => Classifier::default(),
+            ProfileArg::Bigmodel => Classifier::bigmodel(),
+            ProfileArg::Openai => Classifier::openai(),
+            ProfileArg::Anthropic => Classifier::anthropic(),
         }
     }
 }
@@ -216,26 +270,41 @@ impl std::fmt::Debug for AccessToken {
     }
 }
 
-/// What is read from the environment (after `.env`): the keys and the access token.
+/// What is read from the environment (after `.env`) and the key file: the keys, where
+/// they came from (to read them again on reload), and the access token.
 #[derive(Debug)]
 pub(crate) struct Secrets {
     pub(crate) keys: KeySet,
+    pub(crate) source: KeySource,
+    /// The key file's fingerprint just before it was read (see `reload`).
+    pub(crate) fingerprint: Option<u64>,
     pub(crate) access_token: Option<AccessToken>,
 }
 
-/// Reads `.env` (if present) and the variables the flags name. Errors are one line and
-/// never contain a secret.
+/// Reads `.env` (if present), the key file or variable, and the variables the flags name.
+/// Errors are one line and never contain a secret.
 pub(crate) fn load_secrets(args: &Args) -> Result<Secrets, String> {
+    // Set by the process environment itself, before `.env` may add it (the environment
+    // wins over `.env`, and only `.env` can be read again on reload).
+    let keys_env_preset = std::env::var_os(&args.keys_env).is_some();
     match dotenvy::dotenv() {
         Ok(_) => {}
         Err(e) if e.not_found() => {}
-        // dotenvy's parse error quotes the offending line, which may hold a key.
-        Err(dotenvy::Error::LineParse(_, index)) => {
-            return Err(format!(".env: cannot parse the line at character {index}"));
-        }
-        Err(e) => return Err(format!(".env: {e}")),
+        Err(e) => return Err(keys::dotenv_error(&e)),
     }
-    let keys = KeySet::from_env(&args.keys_env).map_err(|e| e.to_string())?;
+    let source = match &args.keys_file {
+        Some(path) => KeySource::File(path.clone()),
+        None => KeySource::Env {
+            var: args.keys_env.clone(),
+            from_dotenv: !keys_env_preset && std::env::var_os(&args.keys_env).is_some(),
+        },
+    };
+    let fingerprint = args.keys_file.as_deref().and_then(keys::fingerprint);
+    let keys = match &source {
+        // At start, the process environment (with `.env` applied) is the truth.
+        KeySource::Env { var, .. } => KeySet::from_env(var).map_err(|e| e.to_string())?,
+        KeySource::File(_) => keys::load(&source)?,
+    };
     let access_token = match &args.access_token_env {
         None => None,
         Some(var) => {
@@ -247,7 +316,12 @@ pub(crate) fn load_secrets(args: &Args) -> Result<Secrets, String> {
             Some(AccessToken(Zeroizing::new(token.as_bytes().to_vec())))
         }
     };
-    Ok(Secrets { keys, access_token })
+    Ok(Secrets {
+        keys,
+        source,
+        fingerprint,
+        access_token,
+    })
 }
 
 /// Reads the certificates of `--upstream-ca`.

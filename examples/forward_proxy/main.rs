@@ -11,13 +11,16 @@
 //! curl http://127.0.0.1:8080/_keyrotation/keys
 //! ```
 //!
-//! One module per job: `config` (flags, `.env`, secrets), `handler` (one request),
-//! `upstream` (client stack), `wait` (bounded wait for a key), `admin` and `metrics`.
+//! One module per job: `config` (flags, `.env`, secrets), `keys` (the key file),
+//! `reload` (SIGHUP and key file changes), `handler` (one request), `upstream` (client
+//! stack), `wait` (bounded wait for a key), `admin` and `metrics`.
 
 mod admin;
 mod config;
 mod handler;
+mod keys;
 mod metrics;
+mod reload;
 mod upstream;
 mod wait;
 
@@ -32,7 +35,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tower_key_rotation::KeyPool;
+use tower_key_rotation::{KeyPool, Quota};
 
 use crate::config::Args;
 
@@ -68,12 +71,24 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let secrets = config::load_secrets(&args)?;
-    let mut pool = KeyPool::builder(secrets.keys).strategy(args.strategy.into());
+    let mut pool = KeyPool::builder(secrets.keys)
+        .strategy(args.strategy.into())
+        .classifier(args.profile.into());
     if let Some(max) = args.max_in_flight_per_key {
         pool = pool.max_in_flight_per_key(max);
     }
+    if let Some(rpm) = args.rpm_per_key {
+        pool = pool.quota_per_key(Quota::per_minute(rpm));
+    }
     let pool = pool.build();
-    tracing::info!("Loaded {} API key(s)", pool.len());
+    tracing::info!(
+        "Loaded {} API key(s) from {}{}",
+        pool.len(),
+        secrets.source,
+        key_names(&pool)
+    );
+    // Before "Listening": from then on a SIGHUP reloads instead of ending the process.
+    let hangup = reload::Hangup::install()?;
 
     let upstream = upstream::build(
         &pool,
@@ -110,8 +125,16 @@ async fn run(args: Args) -> Result<(), String> {
         upstream_url.prefix
     );
 
+    let metrics = metrics::Metrics::new(pool.clone());
+    tokio::spawn(reload::run(
+        pool.clone(),
+        secrets.source,
+        secrets.fingerprint,
+        hangup,
+        metrics.reloads(),
+    ));
     let state = Arc::new(handler::State {
-        metrics: metrics::Metrics::new(pool.clone()),
+        metrics,
         pool,
         upstream_url,
         upstream,
@@ -122,6 +145,20 @@ async fn run(args: Args) -> Result<(), String> {
 
     serve(listener, state, args.shutdown_timeout).await;
     Ok(())
+}
+
+/// `: 1 (paid), 2 (free)` when keys have names, for the start-up line; never a value.
+fn key_names(pool: &KeyPool) -> String {
+    let named: Vec<String> = pool
+        .snapshot()
+        .iter()
+        .filter_map(|key| Some(format!("{} ({})", key.position, key.name.as_ref()?)))
+        .collect();
+    if named.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", named.join(", "))
+    }
 }
 
 /// Accepts connections (HTTP/1.1 and HTTP/2) until SIGINT or SIGTERM, then lets the

@@ -12,6 +12,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tower_key_rotation::KeyPool;
 
+use crate::reload::ReloadCounter;
+
 /// Everything `/_keyrotation/metrics` shows.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -19,6 +21,7 @@ pub(crate) struct Metrics {
     latency: Histogram,
     responses: Family<Vec<(&'static str, String)>, Counter>,
     retries: Counter,
+    reloads: ReloadCounter,
 }
 
 impl Metrics {
@@ -43,13 +46,25 @@ impl Metrics {
             "Requests resent on another key after a 429 or a failed connection",
             retries.clone(),
         );
+        let reloads = ReloadCounter::default();
+        registry.register(
+            "key_reloads",
+            "Key reloads (SIGHUP or key file change), by result: ok or failed",
+            reloads.clone(),
+        );
         registry.register_collector(Box::new(KeyCollector { pool }));
         Self {
             registry,
             latency,
             responses,
             retries,
+            reloads,
         }
+    }
+
+    /// The reload counter, for the reload task.
+    pub(crate) fn reloads(&self) -> ReloadCounter {
+        self.reloads.clone()
     }
 
     /// One answered request: its status, time to the response head, and how many times
@@ -81,7 +96,26 @@ struct KeyCollector {
 impl Collector for KeyCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let keys = self.pool.snapshot();
-        let label = |position: usize| [("key", position.to_string())];
+        // Position, and the name from the key file when there is one (never a value).
+        let label = |key: &tower_key_rotation::KeyStats| {
+            let mut labels = vec![("key", key.position.to_string())];
+            if let Some(name) = &key.name {
+                labels.push(("name", name.clone()));
+            }
+            if let Some(account) = &key.account {
+                labels.push(("account", account.clone()));
+            }
+            labels
+        };
+
+        let count = ConstGauge::new(keys.len() as f64);
+        let family = encoder.encode_descriptor(
+            "keys",
+            "Keys in force (changes on reload).",
+            None,
+            count.metric_type(),
+        )?;
+        count.encode(family)?;
 
         type Read = fn(&tower_key_rotation::KeyStats) -> u64;
         let counters: [(&str, &str, Read); 4] = [
@@ -104,13 +138,13 @@ impl Collector for KeyCollector {
             let metric = ConstCounter::new(0u64);
             let mut family = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
             for key in &keys {
-                let labels = label(key.position);
+                let labels = label(key);
                 ConstCounter::new(read(key)).encode(family.encode_family(&labels)?)?;
             }
         }
 
         type Gauge = fn(&tower_key_rotation::KeyStats) -> f64;
-        let gauges: [(&str, &str, Gauge); 3] = [
+        let gauges: [(&str, &str, Gauge); 6] = [
             ("key_in_flight", "Requests in flight per key.", |k| {
                 f64::from(k.in_flight)
             }),
@@ -122,12 +156,25 @@ impl Collector for KeyCollector {
             ("key_disabled", "1 if the provider rejected the key.", |k| {
                 f64::from(u8::from(k.disabled))
             }),
+            (
+                "key_quota_wait_seconds",
+                "Seconds until the key's quota lets the next request go (0 if it has room).",
+                |k| k.quota_wait.map_or(0.0, |d| d.as_secs_f64()),
+            ),
+            (
+                "key_probing",
+                "1 if the key is back from a rest and owes (or runs) its one probe request.",
+                |k| f64::from(u8::from(k.probing)),
+            ),
+            ("key_weight", "The key's weight (share of requests).", |k| {
+                f64::from(k.weight)
+            }),
         ];
         for (name, help, read) in gauges {
             let metric = ConstGauge::new(0.0f64);
             let mut family = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
             for key in &keys {
-                let labels = label(key.position);
+                let labels = label(key);
                 ConstGauge::new(read(key)).encode(family.encode_family(&labels)?)?;
             }
         }

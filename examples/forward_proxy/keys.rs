@@ -1,0 +1,262 @@
+//! Where the keys come from: a TOML key file (`--keys-file`), or a comma-separated list in
+//! an environment variable (`--keys-env`, possibly set by `.env`). Read at start and again
+//! on every reload; errors name the file, the key's position and name, and what is wrong,
+//! never a value.
+//!
+//! A key file lists keys by name; each takes its value from an environment variable or a
+//! file (a path relative to the key file), and may set its own weight, quota and cap:
+//!
+//! ```toml
+//! [[key]]
+//! name = "paid"            # required, unique: logs and /_keyrotation/keys show it
+//! env = "PAID_KEY"         # the value: exactly one of env, file or value
+//! weight = 3               # share of requests (default 1)
+//! rpm = 500                # requests per minute sent with this key, at most
+//! max_in_flight = 8        # requests in flight with this key, at most
+//! account = "acme"         # keys of one account share its limit
+//!
+//! [[key]]
+//! name = "free"
+//! file = "secrets/free.key"
+//! ```
+//!
+//! `value = "..."` (the key written in the file) is accepted but warned about: the file is
+//! then a secret itself, and easily ends up in a repository or a support ticket.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tower_key_rotation::{ApiKey, KeySet, KeySpec, Quota};
+use zeroize::Zeroizing;
+
+/// Where the proxy's keys are read from, at start and on reload.
+#[derive(Debug, Clone)]
+pub(crate) enum KeySource {
+    /// `--keys-file`.
+    File(PathBuf),
+    /// `--keys-env`. `from_dotenv`: the variable was not in the process environment at
+    /// start, so its value came from `.env`, which a reload can read again.
+    Env { var: String, from_dotenv: bool },
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::Env {
+                var,
+                from_dotenv: true,
+            } => write!(f, "{var} in .env"),
+            Self::Env { var, .. } => f.write_str(var),
+        }
+    }
+}
+
+/// The whole key file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    #[serde(rename = "key", default)]
+    keys: Vec<KeyEntry>,
+}
+
+/// One `[[key]]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    name: String,
+    env: Option<String>,
+    file: Option<PathBuf>,
+    value: Option<InlineSecret>,
+    weight: Option<u32>,
+    rpm: Option<u32>,
+    max_in_flight: Option<u32>,
+    account: Option<String>,
+}
+
+/// A key written in the key file itself: wiped when dropped.
+struct InlineSecret(Zeroizing<String>);
+
+impl<'de> Deserialize<'de> for InlineSecret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(|s| Self(Zeroizing::new(s)))
+    }
+}
+
+/// Reads the keys from `source`.
+pub(crate) fn load(source: &KeySource) -> Result<KeySet, String> {
+    match source {
+        KeySource::File(path) => load_file(path),
+        KeySource::Env {
+            var,
+            from_dotenv: false,
+        } => KeySet::from_env(var).map_err(|e| e.to_string()),
+        KeySource::Env {
+            var,
+            from_dotenv: true,
+        } => load_dotenv_var(var),
+    }
+}
+
+/// Reads `var` from `./.env` without touching the process environment (which other
+/// threads may be reading).
+fn load_dotenv_var(var: &str) -> Result<KeySet, String> {
+    let entries = dotenvy::from_filename_iter(".env").map_err(|e| dotenv_error(&e))?;
+    for entry in entries {
+        let (name, value) = entry.map_err(|e| dotenv_error(&e))?;
+        let value = Zeroizing::new(value);
+        if name == var {
+            return KeySet::parse(&value).map_err(|e| format!("{e} (in {var} in .env)"));
+        }
+    }
+    Err(format!("no API key configured in {var} (.env no longer sets it)"))
+}
+
+/// dotenvy's parse error quotes the offending line, which may hold a key: position only.
+pub(crate) fn dotenv_error(error: &dotenvy::Error) -> String {
+    match error {
+        dotenvy::Error::LineParse(_, index) => {
+            format!(".env: cannot parse the line at character {index}")
+        }
+        other => format!(".env: {other}"),
+    }
+}
+
+fn load_file(path: &Path) -> Result<KeySet, String> {
+    let fail = |what: &dyn fmt::Display| format!("--keys-file {}: {what}", path.display());
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| fail(&e))?);
+    let file: KeyFile = toml::from_str(&text).map_err(|e| fail(&toml_error(&e, &text)))?;
+    if file.keys.is_empty() {
+        return Err(fail(&"no [[key]] table: the file lists no key"));
+    }
+    let count = file.keys.len();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut specs = Vec::with_capacity(count);
+    for (i, entry) in file.keys.into_iter().enumerate() {
+        let label = format!("key {} of {count} ({})", i + 1, entry.name);
+        let spec = spec(entry, dir).map_err(|what| fail(&format!("{label}: {what}")))?;
+        specs.push(spec);
+    }
+    // Zero weights and caps are caught above; what is left is a repeated key or name,
+    // which the library names by position.
+    KeySet::from_specs(specs).map_err(|e| fail(&e))
+}
+
+/// One entry's key and settings, or what is wrong with it (without the key's position,
+/// which the caller adds).
+fn spec(entry: KeyEntry, dir: &Path) -> Result<KeySpec, String> {
+    if entry.name.trim().is_empty() {
+        return Err("the name is empty".to_owned());
+    }
+    let value: Zeroizing<String> = match (entry.env, entry.file, entry.value) {
+        (Some(var), None, None) => Zeroizing::new(
+            std::env::var(&var)
+                .map_err(|_| format!("environment variable {var} is not set"))?,
+        ),
+        (None, Some(file), None) => {
+            let file = dir.join(file);
+            Zeroizing::new(
+                std::fs::read_to_string(&file)
+                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?,
+            )
+        }
+        (None, None, Some(InlineSecret(value))) => value,
+        (None, None, None) => return Err("no value: set one of env, file or value".to_owned()),
+        _ => return Err("more than one of env, file and value".to_owned()),
+    };
+    let key = ApiKey::new(value.as_str()).map_err(|e| match e {
+        tower_key_rotation::KeyError::Empty { .. }
+        | tower_key_rotation::KeyError::NotConfigured { .. } => "the key is empty".to_owned(),
+        tower_key_rotation::KeyError::InvalidByte { offset, kind, .. } => {
+            format!("the key contains {kind} at byte {offset}; keys must be visible ASCII")
+        }
+        other => other.to_string(),
+    })?;
+    let positive = |field: &str, n: Option<u32>| match n {
+        Some(0) => Err(format!("{field} must be at least 1")),
+        _ => Ok(n),
+    };
+    let mut spec = KeySpec::new(key).name(entry.name.trim());
+    if let Some(weight) = positive("weight", entry.weight)? {
+        spec = spec.weight(weight);
+    }
+    if let Some(rpm) = positive("rpm", entry.rpm)? {
+        spec = spec.quota(Quota::per_minute(rpm));
+    }
+    if let Some(max) = positive("max_in_flight", entry.max_in_flight)? {
+        spec = spec.max_in_flight(max);
+    }
+    if let Some(account) = entry.account {
+        spec = spec.account(account);
+    }
+    Ok(spec)
+}
+
+/// A TOML error as `line N: message`. toml's own `Display` prints the offending line,
+/// which may hold a key written in the file, and serde's messages quote wrong values
+/// (`invalid type: string "sk-…"`): quoted text is left out.
+fn toml_error(error: &toml::de::Error, text: &str) -> String {
+    let message = redact_quoted(error.message().trim());
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message,
+    }
+}
+
+/// Replaces every `"…"` in `message` with `"<redacted>"`.
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (i, part) in parts.enumerate() {
+        if i % 2 == 0 {
+            out.push_str("\"<redacted>\"");
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// A fingerprint of everything a key file's keys are read from: the file and the files
+/// it names. `None` if the key file cannot be read.
+pub(crate) fn fingerprint(path: &Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let text = Zeroizing::new(std::fs::read(path).ok()?);
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    // Secret files (a Kubernetes secret volume, say) change without the key file changing.
+    let parsed = std::str::from_utf8(&text)
+        .ok()
+        .and_then(|text| toml::from_str::<KeyFile>(text).ok());
+    if let Some(file) = parsed {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for entry in file.keys {
+            if let Some(file) = entry.file {
+                let bytes = Zeroizing::new(std::fs::read(dir.join(file)).unwrap_or_default());
+                bytes.hash(&mut hasher);
+            }
+        }
+    }
+    Some(hasher.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_text_is_redacted() {
+        assert_eq!(
+            redact_quoted(r#"invalid type: string "sk-secret", expected u32"#),
+            r#"invalid type: string "<redacted>", expected u32"#
+        );
+        assert_eq!(redact_quoted("unknown field `valu`"), "unknown field `valu`");
+    }
+}

@@ -1,0 +1,134 @@
+//! Hot reload: on SIGHUP, and when the key file changes, read the keys again and hand them
+//! to [`KeyPool::reload`]. Unchanged keys keep their state (cool-downs, counters, requests
+//! in flight); removed keys finish what they carry and take nothing new. A new key list
+//! that does not load is logged and the keys in force stay.
+//!
+//! The key file is polled once a second (a fingerprint of its content and of the secret
+//! files it names) rather than watched with an inotify crate: polling works on every
+//! platform and file system (network mounts, Kubernetes secret volumes that swap a
+//! symlink, editors that write a new file and rename it over the old, which a watch on
+//! the old file misses), needs no dependency, and a second is soon enough for keys.
+
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::time::MissedTickBehavior;
+use tower_key_rotation::KeyPool;
+
+use crate::keys::{self, KeySource};
+
+/// How often the key file is looked at.
+const POLL_EVERY: Duration = Duration::from_secs(1);
+
+/// Counts reloads by result (`ok`, `failed`), for the metrics.
+pub(crate) type ReloadCounter = Family<Vec<(&'static str, &'static str)>, Counter>;
+
+/// SIGHUP, installed before the proxy says it listens, so that a SIGHUP sent from then on
+/// reloads rather than (the default) terminates the process.
+pub(crate) struct Hangup {
+    #[cfg(unix)]
+    signal: tokio::signal::unix::Signal,
+}
+
+impl Hangup {
+    pub(crate) fn install() -> Result<Self, String> {
+        #[cfg(unix)]
+        {
+            let signal =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                    .map_err(|e| format!("cannot install a SIGHUP handler: {e}"))?;
+            Ok(Self { signal })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            if self.signal.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        #[cfg(not(unix))]
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Why the keys are read again.
+#[derive(Debug, Clone, Copy)]
+enum Trigger {
+    Hangup,
+    FileChanged,
+}
+
+/// Runs for the life of the proxy: reloads `pool` from `source` on SIGHUP and, for a key
+/// file, when it changes. `loaded` is the key file's fingerprint taken before the keys in
+/// force were read (so that a change made while they were read is not missed).
+pub(crate) async fn run(
+    pool: KeyPool,
+    source: KeySource,
+    loaded: Option<u64>,
+    mut hangup: Hangup,
+    reloads: ReloadCounter,
+) {
+    let path = match &source {
+        KeySource::File(path) => Some(path.clone()),
+        KeySource::Env { .. } => None,
+    };
+    let mut last = loaded;
+    let mut poll = tokio::time::interval(POLL_EVERY);
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let trigger = tokio::select! {
+            () = hangup.recv() => Trigger::Hangup,
+            _ = poll.tick(), if path.is_some() => {
+                let now = path.as_deref().and_then(keys::fingerprint);
+                // An unreadable file (mid-replace, or removed) is not a change: keep the
+                // keys in force and look again.
+                if now.is_none() || now == last {
+                    continue;
+                }
+                last = now;
+                Trigger::FileChanged
+            }
+        };
+        reload(&pool, &source, trigger, &reloads);
+    }
+}
+
+fn reload(pool: &KeyPool, source: &KeySource, trigger: Trigger, reloads: &ReloadCounter) {
+    let why = match trigger {
+        Trigger::Hangup => "SIGHUP",
+        Trigger::FileChanged => "key file changed",
+    };
+    if let KeySource::Env {
+        var,
+        from_dotenv: false,
+    } = source
+    {
+        tracing::warn!(
+            "{why}: nothing to reload: the keys come from the environment variable {var}, \
+             which a running process cannot see change (use --keys-file, or .env, or restart)"
+        );
+        return;
+    }
+    match keys::load(source) {
+        Ok(keys) => {
+            let summary = pool.reload(keys);
+            reloads.get_or_create(&vec![("result", "ok")]).inc();
+            tracing::info!(
+                "Reloaded keys from {source} ({why}): {} key(s); {summary}",
+                pool.len()
+            );
+        }
+        Err(error) => {
+            reloads.get_or_create(&vec![("result", "failed")]).inc();
+            tracing::warn!(
+                "Reload failed ({why}); the {} key(s) in force stay: {error}",
+                pool.len()
+            );
+        }
+    }
+}
