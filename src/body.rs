@@ -160,10 +160,12 @@ impl<B: Body> Body for TrackedBody<B> {
             .map(|data| bytes::Buf::remaining(data) as u64)
             .sum();
         if replayed > 0 {
-            hint.set_lower(hint.lower() + replayed);
+            // Upper first: `set_lower` asserts the new lower bound is not above the upper
+            // one (an exact hint, from a Content-Length, would panic otherwise).
             if let Some(upper) = hint.upper() {
-                hint.set_upper(upper + replayed);
+                hint.set_upper(upper.saturating_add(replayed));
             }
+            hint.set_lower(hint.lower().saturating_add(replayed));
         }
         hint
     }
