@@ -78,6 +78,10 @@ pub(crate) struct Args {
     #[arg(long, value_name = "FILE")]
     pub(crate) keys_file: Option<PathBuf>,
 
+    /// Look for changes to the key file this often; 0 turns it off (reload with SIGHUP).
+    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = seconds)]
+    pub(crate) keys_file_poll: Duration,
+
     /// How the provider's answers are read: `generic` (status and rate-limit headers), or a
     /// provider profile that also reads its JSON error bodies.
     #[arg(long, value_enum, default_value_t = ProfileArg::Generic)]

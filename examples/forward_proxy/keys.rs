@@ -110,7 +110,9 @@ fn load_dotenv_var(var: &str) -> Result<KeySet, String> {
             return KeySet::parse(&value).map_err(|e| format!("{e} (in {var} in .env)"));
         }
     }
-    Err(format!("no API key configured in {var} (.env no longer sets it)"))
+    Err(format!(
+        "no API key configured in {var} (.env no longer sets it)"
+    ))
 }
 
 /// dotenvy's parse error quotes the offending line, which may hold a key: position only.
@@ -151,8 +153,7 @@ fn spec(entry: KeyEntry, dir: &Path) -> Result<KeySpec, String> {
     }
     let value: Zeroizing<String> = match (entry.env, entry.file, entry.value) {
         (Some(var), None, None) => Zeroizing::new(
-            std::env::var(&var)
-                .map_err(|_| format!("environment variable {var} is not set"))?,
+            std::env::var(&var).map_err(|_| format!("environment variable {var} is not set"))?,
         ),
         (None, Some(file), None) => {
             let file = dir.join(file);
@@ -161,7 +162,14 @@ fn spec(entry: KeyEntry, dir: &Path) -> Result<KeySpec, String> {
                     .map_err(|e| format!("cannot read {}: {e}", file.display()))?,
             )
         }
-        (None, None, Some(InlineSecret(value))) => value,
+        (None, None, Some(InlineSecret(value))) => {
+            tracing::warn!(
+                "key {name:?} is written in the key file itself: keep the file out of \
+                 repositories and tickets, or use env or file instead",
+                name = entry.name.trim()
+            );
+            value
+        }
         (None, None, None) => return Err("no value: set one of env, file or value".to_owned()),
         _ => return Err("more than one of env, file and value".to_owned()),
     };
@@ -207,20 +215,20 @@ fn toml_error(error: &toml::de::Error, text: &str) -> String {
     }
 }
 
-/// Replaces every `"…"` in `message` with `"<redacted>"`.
+/// Replaces every `"…"` pair in `message` with `"<redacted>"` (a lone `"`, as in
+/// "expected `\"`", stays).
 fn redact_quoted(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
-    let mut parts = message.split('"');
-    if let Some(first) = parts.next() {
-        out.push_str(first);
+    let mut rest = message;
+    while let Some(open) = rest.find('"') {
+        let Some(len) = rest[open + 1..].find('"') else {
+            break;
+        };
+        out.push_str(&rest[..open]);
+        out.push_str("\"<redacted>\"");
+        rest = &rest[open + len + 2..];
     }
-    for (i, part) in parts.enumerate() {
-        if i % 2 == 0 {
-            out.push_str("\"<redacted>\"");
-        } else {
-            out.push_str(part);
-        }
-    }
+    out.push_str(rest);
     out
 }
 
@@ -257,6 +265,10 @@ mod tests {
             redact_quoted(r#"invalid type: string "sk-secret", expected u32"#),
             r#"invalid type: string "<redacted>", expected u32"#
         );
-        assert_eq!(redact_quoted("unknown field `valu`"), "unknown field `valu`");
+        assert_eq!(
+            redact_quoted("unknown field `valu`"),
+            "unknown field `valu`"
+        );
+        assert_eq!(redact_quoted("expected `\"`"), "expected `\"`");
     }
 }

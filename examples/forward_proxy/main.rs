@@ -130,6 +130,7 @@ async fn run(args: Args) -> Result<(), String> {
         pool.clone(),
         secrets.source,
         secrets.fingerprint,
+        args.keys_file_poll,
         hangup,
         metrics.reloads(),
     ));

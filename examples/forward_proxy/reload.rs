@@ -18,9 +18,6 @@ use tower_key_rotation::KeyPool;
 
 use crate::keys::{self, KeySource};
 
-/// How often the key file is looked at.
-const POLL_EVERY: Duration = Duration::from_secs(1);
-
 /// Counts reloads by result (`ok`, `failed`), for the metrics.
 pub(crate) type ReloadCounter = Family<Vec<(&'static str, &'static str)>, Counter>;
 
@@ -35,9 +32,8 @@ impl Hangup {
     pub(crate) fn install() -> Result<Self, String> {
         #[cfg(unix)]
         {
-            let signal =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                    .map_err(|e| format!("cannot install a SIGHUP handler: {e}"))?;
+            let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|e| format!("cannot install a SIGHUP handler: {e}"))?;
             Ok(Self { signal })
         }
         #[cfg(not(unix))]
@@ -64,21 +60,23 @@ enum Trigger {
 }
 
 /// Runs for the life of the proxy: reloads `pool` from `source` on SIGHUP and, for a key
-/// file, when it changes. `loaded` is the key file's fingerprint taken before the keys in
-/// force were read (so that a change made while they were read is not missed).
+/// file, when it changes (looked at every `poll`; never if zero). `loaded` is the key
+/// file's fingerprint taken before the keys in force were read (so that a change made
+/// while they were read is not missed).
 pub(crate) async fn run(
     pool: KeyPool,
     source: KeySource,
     loaded: Option<u64>,
+    poll_every: Duration,
     mut hangup: Hangup,
     reloads: ReloadCounter,
 ) {
     let path = match &source {
-        KeySource::File(path) => Some(path.clone()),
-        KeySource::Env { .. } => None,
+        KeySource::File(path) if !poll_every.is_zero() => Some(path.clone()),
+        _ => None,
     };
     let mut last = loaded;
-    let mut poll = tokio::time::interval(POLL_EVERY);
+    let mut poll = tokio::time::interval(poll_every.max(Duration::from_millis(10)));
     poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let trigger = tokio::select! {

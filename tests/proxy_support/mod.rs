@@ -639,3 +639,36 @@ pub async fn wait_for_keys(proxy: &Proxy, done: impl Fn(&[serde_json::Value]) ->
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+impl Proxy {
+    /// Sends `signal` (`HUP`, `TERM`, ...) to the proxy process.
+    pub async fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("the proxy is running");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the `n`-th log line containing `needle` (1-based), and returns it.
+    pub async fn wait_for_nth_log(&mut self, needle: &str, n: usize) -> String {
+        let mut log = self.log.clone();
+        let found = tokio::time::timeout(
+            WAIT,
+            log.wait_for(|log| log.lines().filter(|l| l.contains(needle)).count() >= n),
+        )
+        .await;
+        let log = self.log();
+        match found {
+            Ok(Ok(_)) => log
+                .lines()
+                .filter(|line| line.contains(needle))
+                .nth(n - 1)
+                .unwrap()
+                .to_owned(),
+            _ => panic!("no log line #{n} with {needle:?}; log so far:\n{log}"),
+        }
+    }
+}
