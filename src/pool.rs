@@ -977,7 +977,9 @@ pub struct Lease {
     index: usize,
     keys: usize,
     generation: u32,
-    /// `SENT`, `PROBE`, `RESOLVED` bits; atomic only so that a lease is `Sync`.
+    /// `SENT`, `PROBE`, `RESOLVED` bits. Only the lease's owner writes them, so a plain
+    /// load and store suffice (no locked read-modify-write on the hot path); atomic only
+    /// so that a lease is `Sync`.
     flags: AtomicU8,
 }
 
@@ -996,6 +998,11 @@ impl Lease {
             generation,
             flags: AtomicU8::new(if probe { PROBE } else { 0 }),
         }
+    }
+
+    fn set_flag(&self, flag: u8) {
+        let flags = self.flags.load(Ordering::Relaxed);
+        self.flags.store(flags | flag, Ordering::Relaxed);
     }
 
     fn label(&self) -> Label<'_> {
@@ -1050,7 +1057,7 @@ impl Lease {
 
     /// Counts the request as sent with this key and logs `Using key i/n`.
     pub fn mark_sent(&self) {
-        self.flags.fetch_or(SENT, Ordering::Relaxed);
+        self.set_flag(SENT);
         self.slot.requests.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             key = self.position(),
@@ -1153,7 +1160,7 @@ impl Lease {
             }
         }
         if self.is_probe() {
-            self.flags.fetch_or(RESOLVED, Ordering::Relaxed);
+            self.set_flag(RESOLVED);
             let back = matches!(outcome, Outcome::Success | Outcome::LimitReached { .. });
             // Probing => Healthy on success; else Probing => Suspended: another probe once
             // the rest (if any) is over.
