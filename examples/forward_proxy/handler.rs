@@ -134,7 +134,10 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Vec<us
 
     let (mut parts, body) = req.into_parts();
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let joined = (!has_dot_segment(parts.uri.path()))
+    // Only a path can go under the prefix: the asterisk-form `OPTIONS * HTTP/1.1` would be
+    // joined into `<prefix>*`, outside it (found by fuzz/proxy_request).
+    let within_prefix = parts.uri.path().starts_with('/') && !has_dot_segment(parts.uri.path());
+    let joined = within_prefix
         .then(|| state.upstream_url.join(path_and_query).ok())
         .flatten();
     let Some(uri) = joined else {

@@ -1,0 +1,53 @@
+//! `KeySet::parse` on any input: never panics, accepts exactly the lists whose entries are
+//! non-empty, visible ASCII and distinct, and its errors never quote an entry.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tower_key_rotation::{ApiKey, KeySet};
+
+/// The spec, written plainly (the same as tests/properties.rs).
+fn expected(input: &str) -> Option<Vec<&str>> {
+    if input.trim().is_empty() {
+        return None;
+    }
+    let entries: Vec<&str> = input.split(',').map(str::trim).collect();
+    for (i, entry) in entries.iter().enumerate() {
+        let visible = !entry.is_empty() && entry.bytes().all(|b| (0x21..=0x7e).contains(&b));
+        if !visible || entries[..i].contains(entry) {
+            return None;
+        }
+    }
+    Some(entries)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(input) = std::str::from_utf8(data) else {
+        return;
+    };
+    let parsed = KeySet::parse(input);
+    match (expected(input), parsed) {
+        (Some(keys), Ok(set)) => {
+            let got: Vec<&str> = set.keys().map(ApiKey::expose_secret).collect();
+            assert_eq!(got, keys);
+            // Debug of the set and of each key is redacted.
+            let debug = format!("{set:?} {:?}", set.keys().collect::<Vec<_>>());
+            for key in keys.iter().filter(|k| k.len() >= 6) {
+                assert!(!debug.contains(key), "Debug shows a key");
+            }
+        }
+        (None, Err(error)) => {
+            let text = format!("{error} {error:?}");
+            // An entry long and odd enough not to occur in the fixed wording by chance
+            // must never appear in the error.
+            for entry in input.split(',').map(str::trim) {
+                let odd = entry.len() >= 8 && entry.bytes().any(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+                    && entry.bytes().any(|b| b.is_ascii_lowercase());
+                if odd {
+                    assert!(!text.contains(entry), "error quotes an entry: {text}");
+                }
+            }
+        }
+        (Some(_), Err(error)) => panic!("a valid list was refused: {error}"),
+        (None, Ok(_)) => panic!("an invalid list was accepted"),
+    }
+});

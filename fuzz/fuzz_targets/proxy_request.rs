@@ -1,0 +1,300 @@
+//! The forward proxy's request handling on any bytes a client may send.
+//!
+//! The proxy is an example, not a library, so its own modules (all but `main.rs`) are
+//! compiled into this target with `#[path]` (the real files, not copies; a module added to
+//! the example must be added here too): `handler::handle` serves each input
+//! over an in-memory connection through hyper's server (HTTP/1.1, or HTTP/2 when the input
+//! starts with the preface), exactly as `main.rs` wires it, with its real upstream client
+//! talking to a mock upstream on 127.0.0.1. Coverage reaches hyper's parser and the
+//! handler's checks (CONNECT, absolute-form authorities, dot segments, hop-by-hop headers,
+//! admin routes, the access token).
+//!
+//! In the input, `UPSTREAM` is replaced by the mock upstream's `host:port` and `OTHER` by
+//! the address of a second listener standing in for another host, so that the fuzzer can
+//! aim absolute-form targets and `Host` headers at both. After each input:
+//! - the other host has accepted no connection;
+//! - every request the upstream saw lies under the configured prefix, has no dot segment,
+//!   carries exactly one credential, a configured key;
+//! - nothing the client got back contains a key;
+//! - every key's in-flight count is back to 0.
+#![no_main]
+#![allow(dead_code, unreachable_pub, clippy::all)]
+
+#[path = "../../examples/forward_proxy/admin.rs"]
+mod admin;
+#[path = "../../examples/forward_proxy/config.rs"]
+mod config;
+#[path = "../../examples/forward_proxy/handler.rs"]
+mod handler;
+#[path = "../../examples/forward_proxy/keys.rs"]
+mod keys;
+#[path = "../../examples/forward_proxy/metrics.rs"]
+mod metrics;
+#[path = "../../examples/forward_proxy/reload.rs"]
+mod reload;
+#[path = "../../examples/forward_proxy/upstream.rs"]
+mod upstream;
+#[path = "../../examples/forward_proxy/wait.rs"]
+mod wait;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use libfuzzer_sys::fuzz_target;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tower_key_rotation::KeyPool;
+
+const KEYS: [&str; 2] = ["fuzz-key-Alpha-7f3a", "fuzz-key-Bravo-91c2"];
+const TOKEN: &str = "fuzz-token";
+const PREFIX: &str = "/v4";
+
+struct World {
+    runtime: tokio::runtime::Runtime,
+    /// Without and with an access token (the input's first byte chooses).
+    states: [Arc<handler::State>; 2],
+    pools: [KeyPool; 2],
+    upstream: SocketAddr,
+    other: SocketAddr,
+    seen: Arc<Mutex<Vec<(String, Vec<Vec<u8>>)>>>,
+    other_connections: Arc<AtomicUsize>,
+}
+
+fn world() -> &'static World {
+    static WORLD: OnceLock<World> = OnceLock::new();
+    WORLD.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let other_connections = Arc::new(AtomicUsize::new(0));
+        let (upstream, other) = runtime.block_on(async {
+            let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let other = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addrs = (upstream.local_addr().unwrap(), other.local_addr().unwrap());
+            tokio::spawn(serve_upstream(upstream, seen.clone()));
+            let count = other_connections.clone();
+            tokio::spawn(async move {
+                while let Ok((_stream, _)) = other.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            addrs
+        });
+        // SAFETY: set before any other thread of this process reads the environment.
+        unsafe {
+            std::env::set_var("FUZZ_KEYS", KEYS.join(","));
+            std::env::set_var("FUZZ_TOKEN", TOKEN);
+        }
+        let upstream_url = format!("http://{upstream}{PREFIX}");
+        let build = |token: bool| {
+            let mut argv = vec![
+                "forward_proxy",
+                "--listen",
+                "127.0.0.1:8080",
+                "--upstream",
+                &upstream_url,
+                "--keys-env",
+                "FUZZ_KEYS",
+                "--max-wait",
+                "0.2",
+                "--connect-timeout",
+                "1",
+                "--request-timeout",
+                "2",
+                "--retry-body-limit",
+                "65536",
+            ];
+            if token {
+                argv.extend(["--access-token-env", "FUZZ_TOKEN"]);
+            }
+            let args = config::Args::try_parse_from(argv).unwrap();
+            let secrets = config::load_secrets(&args).unwrap();
+            // As main.rs builds it.
+            let mut pool = KeyPool::builder(secrets.keys)
+                .strategy(args.strategy.into())
+                .classifier(args.profile.into());
+            if let Some(max) = args.max_in_flight_per_key {
+                pool = pool.max_in_flight_per_key(max);
+            }
+            let pool = pool.build();
+            let upstream = runtime.block_on(async {
+                upstream::build(
+                    &pool,
+                    upstream::Options {
+                        placement: args.auth.placement(),
+                        retries: args.retries,
+                        max_wait: args.max_wait,
+                        connect_timeout: args.connect_timeout,
+                        request_timeout: args.request_timeout,
+                        extra_roots: Vec::new(),
+                    },
+                )
+                .unwrap()
+            });
+            let state = Arc::new(handler::State {
+                metrics: metrics::Metrics::new(pool.clone()),
+                pool: pool.clone(),
+                upstream_url: args.upstream.clone(),
+                upstream,
+                access_token: secrets.access_token,
+                retry_body_limit: args.retry_body_limit,
+                listen: args.listen,
+            });
+            (state, pool)
+        };
+        let (open, open_pool) = build(false);
+        let (guarded, guarded_pool) = build(true);
+        World {
+            runtime,
+            states: [open, guarded],
+            pools: [open_pool, guarded_pool],
+            upstream,
+            other,
+            seen,
+            other_connections,
+        }
+    })
+}
+
+/// Records each request's target and credentials (any key outside `Authorization` counts
+/// as an extra credential) and answers 200 echoing the target. Never 429 or 401: those
+/// would rest or disable keys and make later inputs depend on earlier ones.
+async fn serve_upstream(listener: TcpListener, seen: Arc<Mutex<Vec<(String, Vec<Vec<u8>>)>>>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    let target = req.uri().path_and_query().map_or("/".into(), |pq| pq.to_string());
+                    let mut credentials: Vec<Vec<u8>> = req
+                        .headers()
+                        .get_all("authorization")
+                        .iter()
+                        .map(|v| v.as_bytes().to_vec())
+                        .collect();
+                    for (name, value) in req.headers() {
+                        if name != "authorization" {
+                            let value = value.as_bytes();
+                            if KEYS.iter().any(|k| value.windows(k.len()).any(|w| w == k.as_bytes())) {
+                                credentials.push(b"elsewhere".to_vec());
+                            }
+                        }
+                    }
+                    let _ = req.into_body().collect().await;
+                    seen.lock().unwrap().push((target.clone(), credentials));
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(target))))
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn replace(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut i = 0;
+    while i < data.len() {
+        if data[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+        } else {
+            out.push(data[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&choice, data)) = data.split_first() else {
+        return;
+    };
+    if data.len() > 64 * 1024 {
+        return;
+    }
+    let world = world();
+    let which = usize::from(choice & 1);
+    let state = world.states[which].clone();
+    let input = replace(data, b"UPSTREAM", world.upstream.to_string().as_bytes());
+    let input = replace(&input, b"OTHER", world.other.to_string().as_bytes());
+    world.seen.lock().unwrap().clear();
+
+    let answer = world.runtime.block_on(async move {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let connection = tokio::spawn(async move {
+            let service = service_fn(move |req| handler::handle(state.clone(), req));
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // The input ends with the client's write side closed: let the answer out first.
+            builder.http1().half_close(true);
+            let _ = builder.serve_connection(TokioIo::new(server), service).await;
+        });
+        let exchange = async {
+            let _ = client.write_all(&input).await;
+            let _ = client.shutdown().await;
+            let mut answer = Vec::new();
+            let _ = client.read_to_end(&mut answer).await;
+            let _ = connection.await;
+            answer
+        };
+        tokio::time::timeout(Duration::from_secs(20), exchange)
+            .await
+            .expect("the proxy neither answered nor closed within 20 s")
+    });
+
+    assert_eq!(world.other_connections.load(Ordering::SeqCst), 0, "another host was contacted");
+    for (target, credentials) in world.seen.lock().unwrap().iter() {
+        let path = target.split('?').next().unwrap_or_default();
+        assert!(
+            path == PREFIX || path.starts_with("/v4/"),
+            "the upstream saw a path outside the prefix: {target:?}"
+        );
+        assert!(!has_dot_segment(path), "the upstream saw a dot segment: {target:?}");
+        assert_eq!(credentials.len(), 1, "not exactly one credential: {credentials:?}");
+        let bearer = credentials[0].strip_prefix(b"Bearer ").unwrap_or_default();
+        assert!(KEYS.iter().any(|k| k.as_bytes() == bearer), "an unexpected credential");
+    }
+    for key in KEYS {
+        assert!(
+            !answer.windows(key.len()).any(|w| w == key.as_bytes()),
+            "a key reached the client"
+        );
+    }
+    // Bodies were read to the end or dropped with the connection: nothing stays in flight.
+    // (HTTP/2 streams run in tasks of their own, which end just after the connection: a
+    // bounded wait for them.)
+    let pool = &world.pools[which];
+    world.runtime.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while pool.snapshot().iter().any(|s| s.in_flight != 0) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "in flight after the connection closed: {:?}",
+                pool.snapshot()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+});
