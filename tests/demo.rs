@@ -5,7 +5,8 @@
 //! - callers behind the layer never see a 429, while a naive client does;
 //! - three keys finish the work in a fraction of the latency rounds one key needs;
 //! - the provider's per-key limits are never exceeded, and capping each key at the
-//!   provider's concurrency means the provider never has to refuse for concurrency.
+//!   provider's concurrency means the provider never has to refuse for concurrency;
+//! - with quotas and caps set to the provider's limits (case 5), it never refuses at all.
 //!
 //! Speed is compared in *rounds*: the longest chain of completions the mock provider ran
 //! back to back. One key with a concurrency of 2 cannot need fewer than `requests / 2`
@@ -165,7 +166,7 @@ fn summary() -> &'static Value {
     })
 }
 
-/// The summary of case `n` (1 to 4).
+/// The summary of case `n` (1 to 5).
 fn case(n: u64) -> &'static Value {
     summary()["cases"]
         .as_array()
@@ -201,7 +202,7 @@ fn callers_through_the_layer_never_see_a_429() {
         "{naive:#}"
     );
 
-    for n in [2, 3, 4] {
+    for n in [2, 3, 4, 5] {
         let c = case(n);
         assert_eq!(uint(c, "caller_429"), 0, "case {n}: {c:#}");
         assert_eq!(uint(c, "caller_errors"), 0, "case {n}: {c:#}");
@@ -245,7 +246,7 @@ fn three_keys_finish_in_a_fraction_of_the_rounds_of_one() {
 
 #[test]
 fn the_provider_limits_hold_for_every_key() {
-    for n in [1, 2, 3, 4] {
+    for n in [1, 2, 3, 4, 5] {
         let c = case(n);
         for (key, &max) in uints(c, "upstream_max_concurrent_per_key")
             .iter()
@@ -269,6 +270,23 @@ fn the_provider_limits_hold_for_every_key() {
     // Capped at the provider's concurrency, the layer never sends a key more than it takes.
     let capped = case(4);
     assert_eq!(uint(capped, "upstream_429_concurrency"), 0, "{capped:#}");
+}
+
+#[test]
+fn quotas_set_to_the_providers_limits_draw_no_429_at_all() {
+    let quota = case(5);
+    assert_eq!(uint(quota, "keys"), 3);
+    assert_eq!(uint(quota, "sections_ok"), REQUESTS, "{quota:#}");
+    // Not one request the provider refused, for concurrency or for the rate window, and so
+    // not one the layer had to wait out or resend.
+    assert_eq!(uint(quota, "upstream_429"), 0, "{quota:#}");
+    assert_eq!(
+        uints(quota, "pool_rate_limited_per_key"),
+        [0, 0, 0],
+        "{quota:#}"
+    );
+    let sent: u64 = uints(quota, "upstream_requests_per_key").iter().sum();
+    assert_eq!(sent, REQUESTS, "each section sent once: {quota:#}");
 }
 
 #[test]

@@ -3,9 +3,10 @@
 //! An article generator expands its sections in parallel against a provider that limits
 //! each key. The demo starts such a provider in-process on 127.0.0.1 (per-key concurrency
 //! and requests-per-window limits, 429 + Retry-After for the excess, a fixed latency per
-//! completion) and sends the same workload four ways: one key without the layer, one key
-//! through `KeyRotation`, several keys round-robin, and several keys least-in-flight with a
-//! per-key cap. It prints the layer's log live, then a table and a timeline.
+//! completion) and sends the same workload five ways: one key without the layer, one key
+//! through `KeyRotation`, several keys round-robin, several keys least-in-flight with a
+//! per-key cap, and the same with a per-key quota at the provider's rate. It prints the
+//! layer's log live, then a table and a timeline.
 //!
 //! Try it:
 //!
@@ -39,12 +40,13 @@ const CASE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Several readers ask for an article at the same moment; each article's sections are
 /// expanded in parallel, one chat completion per section. The mock provider limits each
 /// key (completions at a time, requests per window) and answers the excess with
-/// 429 + Retry-After, like a real one. The same workload is sent four ways:
+/// 429 + Retry-After, like a real one. The same workload is sent five ways:
 ///
 ///   1. one key, naive client (no layer): how many 429s reach the caller;
 ///   2. one key through KeyRotation (with a retry outside it): waits instead of failing;
 ///   3. several keys through KeyRotation, round-robin;
-///   4. several keys, least-in-flight, each capped at the provider's concurrency.
+///   4. several keys, least-in-flight, each capped at the provider's concurrency;
+///   5. the same, each key also given the provider's rate as its quota: zero 429s.
 ///
 /// The keys are fake and never printed; keys are named by position (key 2/3).
 #[derive(Debug, Parser)]
@@ -66,7 +68,7 @@ struct Args {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=20))]
     sections: u16,
 
-    /// API keys in cases 3 and 4.
+    /// API keys in cases 3 to 5.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=16))]
     keys: u16,
 
@@ -74,17 +76,18 @@ struct Args {
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     latency_ms: u64,
 
-    /// Completions the provider runs at once per key; more get 429. Case 4 caps each key at
-    /// this many requests in flight.
+    /// Completions the provider runs at once per key; more get 429. Cases 4 and 5 cap each
+    /// key at this many requests in flight.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1000))]
     concurrency: u32,
 
     /// Requests the provider accepts per key in any window of --window-ms; more get 429.
-    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    /// Case 5 gives each key this quota.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     rate: u32,
 
     /// The rate limit's sliding window, in milliseconds.
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     window_ms: u64,
 
     /// Attempts per section through the layer before a 429 is handed to the caller.
@@ -92,8 +95,8 @@ struct Args {
     max_attempts: u32,
 
     /// Which cases to run, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4",
-          value_parser = clap::value_parser!(u8).range(1..=4))]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5",
+          value_parser = clap::value_parser!(u8).range(1..=5))]
     cases: Vec<u8>,
 
     /// Width of the timeline, in columns.

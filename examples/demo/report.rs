@@ -317,6 +317,17 @@ pub(crate) fn verdict(runs: &[CaseRun], workload: &Workload, style: Style) -> St
             up.refused_concurrency
         );
     }
+    if let Some(quota) = runs.iter().find(|r| r.case == Case::Quota) {
+        let refused = Upstream::of(quota, &workload.limits).refused();
+        let _ = writeln!(
+            out,
+            "  With quotas and caps set to the provider's limits, the provider refused {}{refused}{} \
+             requests (case {}): the layer stays under the limits instead of bouncing off them.",
+            if refused == 0 { s.green() } else { s.red() },
+            s.reset(),
+            quota.case.number()
+        );
+    }
     out
 }
 

@@ -1,9 +1,9 @@
-//! The article workload and the four ways of sending it.
+//! The article workload and the five ways of sending it.
 //!
 //! `articles` readers each ask for an article at the same moment; each article's
 //! `sections` are expanded in parallel, one chat completion per section. The same requests
 //! go through a plain hyper-util client (case 1) or through `Retry → KeyRotation → client`
-//! (cases 2 to 4), where the retry policy outside the layer resends a 429-answered request
+//! (cases 2 to 5), where the retry policy outside the layer resends a 429-answered request
 //! and the layer's `poll_ready` makes the resend wait for a key that is not cooling down.
 
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tower::retry::{Policy, RetryLayer};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_key_rotation::{
-    BoxError, KeyPool, KeyRotationLayer, KeySet, KeyStats, Strategy, TriedKeys,
+    BoxError, KeyPool, KeyRotationLayer, KeySet, KeyStats, Quota, Strategy, TriedKeys,
 };
 
 use crate::mock::{self, Attempt, Limits, MockProvider};
@@ -51,7 +51,7 @@ impl Workload {
     }
 }
 
-/// One of the four ways of sending the workload.
+/// One of the five ways of sending the workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Case {
     /// One key, a plain client: parallel requests, 429s reach the caller.
@@ -62,15 +62,19 @@ pub(crate) enum Case {
     RoundRobin,
     /// All keys, least-in-flight, capped at the provider's concurrency per key.
     LeastInFlight,
+    /// All keys, least-in-flight, each with the provider's concurrency as its cap and the
+    /// provider's rate as its quota: nothing is sent that the provider would refuse.
+    Quota,
 }
 
 impl Case {
-    /// The four cases in order.
-    pub(crate) const ALL: [Case; 4] = [
+    /// The five cases in order.
+    pub(crate) const ALL: [Case; 5] = [
         Case::Naive,
         Case::OneKey,
         Case::RoundRobin,
         Case::LeastInFlight,
+        Case::Quota,
     ];
 
     /// 1-based number, as the issue and the table count them.
@@ -80,6 +84,7 @@ impl Case {
             Case::OneKey => 2,
             Case::RoundRobin => 3,
             Case::LeastInFlight => 4,
+            Case::Quota => 5,
         }
     }
 
@@ -87,7 +92,7 @@ impl Case {
     pub(crate) fn keys(self, workload: &Workload) -> usize {
         match self {
             Case::Naive | Case::OneKey => 1,
-            Case::RoundRobin | Case::LeastInFlight => workload.keys,
+            Case::RoundRobin | Case::LeastInFlight | Case::Quota => workload.keys,
         }
     }
 
@@ -105,6 +110,7 @@ impl Case {
                 "{keys}, least-in-flight, cap {}",
                 workload.limits.concurrency
             ),
+            Case::Quota => format!("{keys}, quotas set to the provider's limits"),
         }
     }
 
@@ -120,6 +126,12 @@ impl Case {
             Case::RoundRobin => format!("{keys}, round-robin"),
             Case::LeastInFlight => format!(
                 "{keys}, least-in-flight, cap {}",
+                workload.limits.concurrency
+            ),
+            Case::Quota => format!(
+                "{keys}, quota {}/{:.1} s, cap {}",
+                workload.limits.rate,
+                workload.limits.window.as_secs_f64(),
                 workload.limits.concurrency
             ),
         }
@@ -139,6 +151,10 @@ impl Case {
             }
             Case::LeastInFlight => {
                 "each key takes at most the provider's concurrency; the rest wait for a free slot"
+            }
+            Case::Quota => {
+                "each key sends at most the provider's rate and concurrency: the layer holds the \
+                 rest, so the provider has nothing to refuse"
             }
         }
     }
@@ -221,13 +237,17 @@ pub(crate) async fn run(case: Case, workload: &Workload) -> Result<CaseRun, BoxE
             }
             None
         }
-        Case::OneKey | Case::RoundRobin | Case::LeastInFlight => {
+        Case::OneKey | Case::RoundRobin | Case::LeastInFlight | Case::Quota => {
             let keys = KeySet::parse(&keys.join(","))?;
             let builder = KeyPool::builder(keys);
             let builder = match case {
                 Case::LeastInFlight => builder
                     .strategy(Strategy::LeastInFlight)
                     .max_in_flight_per_key(workload.limits.concurrency),
+                Case::Quota => builder
+                    .strategy(Strategy::LeastInFlight)
+                    .max_in_flight_per_key(workload.limits.concurrency)
+                    .quota_per_key(provider_quota(&workload.limits)),
                 _ => builder.strategy(Strategy::RoundRobin),
             };
             let pool = builder.build();
@@ -276,6 +296,18 @@ pub(crate) async fn run(case: Case, workload: &Workload) -> Result<CaseRun, BoxE
     run.upstream_max_in_flight = provider.max_in_flight();
     run.pool = pool.map(|pool| pool.snapshot());
     Ok(run)
+}
+
+/// The provider's rate limit as a per-key [`Quota`]: `rate` requests per `window`, spaced
+/// evenly, so no window ever holds more than `rate`.
+///
+/// The window is stretched by 2% (and 10 ms): the quota spaces requests when they leave
+/// the layer, the provider counts them when they arrive, and a request that needed a new
+/// connection arrives a little later than one that found an open one. Without slack, the
+/// last request of a window could arrive a hair inside it.
+pub(crate) fn provider_quota(limits: &Limits) -> Quota {
+    let window = limits.window.mul_f64(1.02) + Duration::from_millis(10);
+    Quota::new(limits.rate, window)
 }
 
 /// `(article, section)`, 1-based, in the order the callers start.
