@@ -321,8 +321,7 @@ pub(crate) fn verdict(runs: &[CaseRun], workload: &Workload, style: Style) -> St
         let refused = Upstream::of(quota, &workload.limits).refused();
         let _ = writeln!(
             out,
-            "  With quotas and caps set to the provider's limits, the provider refused {}{refused}{} \
-             requests (case {}): the layer stays under the limits instead of bouncing off them.",
+            "  With quotas set to the provider's limits, it refused {}{refused}{} requests (case {}).",
             if refused == 0 { s.green() } else { s.red() },
             s.reset(),
             quota.case.number()

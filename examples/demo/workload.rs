@@ -153,8 +153,7 @@ impl Case {
                 "each key takes at most the provider's concurrency; the rest wait for a free slot"
             }
             Case::Quota => {
-                "each key sends at most the provider's rate and concurrency: the layer holds the \
-                 rest, so the provider has nothing to refuse"
+                "each key sends at most the provider's rate and concurrency; nothing is refused"
             }
         }
     }
