@@ -528,3 +528,74 @@ async fn bad_key_files_stop_the_proxy_with_one_line_naming_file_key_and_problem(
         assert_no_secret(file, &format!("{stdout}{stderr}"), &SECRETS);
     }
 }
+
+#[tokio::test]
+async fn learned_limits_rest_a_key_before_it_is_refused_and_a_503_with_retry_after_is_resent() {
+    let upstream = MockUpstream::start(|seen: Seen| async move {
+        let mut response = reply(200, "{}");
+        match (seen.bearer().as_deref(), seen.target.as_str()) {
+            // An answer that uses up key 1's window: OpenAI's headers say so.
+            (Some(ALPHA), "/first") => {
+                let headers = response.headers_mut();
+                headers.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
+                headers.insert("x-ratelimit-reset-requests", "1m0s".parse().unwrap());
+            }
+            // Key 2 is unavailable for a while, and says how long.
+            (Some(BRAVO), _) => {
+                response = reply(503, "{\"error\":\"busy\"}");
+                response
+                    .headers_mut()
+                    .insert("retry-after", "40".parse().unwrap());
+            }
+            _ => {}
+        }
+        response
+    })
+    .await;
+    let proxy = ProxyConfig::new(&upstream.url(""), &format!("{ALPHA},{BRAVO},{CHARLIE}"))
+        .start()
+        .await;
+
+    // Key 1 answers, and its headers say it has no request left for a minute.
+    assert_eq!(get(&proxy.url("/first")).await.status, 200);
+    // Key 2 answers 503 + Retry-After: resent on key 3, which the client never notices.
+    let got = post(&proxy.url("/second"), "{}").await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    // Both rest: every request now goes to key 3, and none is refused on the way.
+    for _ in 0..3 {
+        assert_eq!(get(&proxy.url("/more")).await.status, 200);
+    }
+    assert_eq!(
+        names_seen(&upstream),
+        ["alpha", "bravo", "charlie", "charlie", "charlie", "charlie"]
+    );
+    let stats = keys(&proxy).await;
+    let resting = |i: usize| stats[i]["cooling_down_ms"].as_u64().unwrap();
+    assert!((50_000..=60_000).contains(&resting(0)), "{}", resting(0));
+    assert_eq!(stats[0]["rate_limited"], 0, "rested before any refusal");
+    assert!((30_000..=40_000).contains(&resting(1)), "{}", resting(1));
+    assert_nothing_leaked(&proxy, &[got.text()]).await;
+}
+
+#[tokio::test]
+async fn help_documents_the_key_file_reload_and_profiles() {
+    let mut config = ProxyConfig::new("http://127.0.0.1:9", "");
+    config.args = vec!["--help".into()];
+    let (status, stdout, _) = config.run_to_exit().await;
+    assert!(status.success());
+    for text in [
+        "--keys-file",
+        "--keys-file-poll",
+        "--profile",
+        "bigmodel",
+        "--rpm-per-key",
+        "[[key]]",
+        "SIGHUP",
+        "share its limit",
+    ] {
+        assert!(
+            stdout.contains(text),
+            "{text} missing from --help:\n{stdout}"
+        );
+    }
+}
