@@ -99,10 +99,11 @@ pub(crate) fn load(source: &KeySource) -> Result<KeySet, String> {
     }
 }
 
-/// Reads `var` from `./.env` without touching the process environment (which other
-/// threads may be reading).
+/// Reads `var` from the `.env` file found as at start (the working directory or one of its
+/// parents), without touching the process environment (which other threads may be
+/// reading). The first definition wins, as it did at start.
 fn load_dotenv_var(var: &str) -> Result<KeySet, String> {
-    let entries = dotenvy::from_filename_iter(".env").map_err(|e| dotenv_error(&e))?;
+    let entries = dotenvy::dotenv_iter().map_err(|e| dotenv_error(&e))?;
     for entry in entries {
         let (name, value) = entry.map_err(|e| dotenv_error(&e))?;
         let value = Zeroizing::new(value);
