@@ -599,3 +599,59 @@ async fn help_documents_the_key_file_reload_and_profiles() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_key_removed_by_a_reload_finishes_its_stream_and_takes_nothing_new() {
+    use http_body_util::BodyExt;
+
+    let (chunks, body) = channel_body();
+    let held = Mutex::new(Some(body));
+    let upstream = MockUpstream::start(move |_| {
+        // The first request streams until the test ends it; later ones answer at once.
+        let body = held.lock().unwrap().take();
+        async move { body.map_or_else(|| reply(200, "quick"), http::Response::new) }
+    })
+    .await;
+    let dir = empty_dir();
+    std::fs::write(dir.join("keys.toml"), env_keys(&["alpha", "bravo"])).unwrap();
+    let mut proxy = with_key_file(&upstream, &dir, &KEY_ENV)
+        .arg("--keys-file-poll", "0")
+        .start()
+        .await;
+
+    // alpha carries a streaming answer.
+    let response = within(
+        "the stream's head",
+        client().request(
+            http::Request::get(proxy.url("/stream"))
+                .body(http_body_util::Full::default())
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(names_seen(&upstream), ["alpha"]);
+
+    write_atomically(&dir, "keys.toml", &env_keys(&["bravo"]));
+    proxy.signal("HUP").await;
+    let line = proxy
+        .wait_for_log("Reloaded keys from keys.toml (SIGHUP)")
+        .await;
+    assert!(line.contains("removed: key 1 (alpha)"), "{line}");
+
+    // The stream goes on to its end on the removed key...
+    chunks.send(bytes::Bytes::from("still here")).unwrap();
+    drop(chunks);
+    let body = within("the rest of the stream", response.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body, "still here");
+    // ...and new requests go to the keys in force only.
+    for _ in 0..3 {
+        assert_eq!(get(&proxy.url("/x")).await.body, "quick");
+    }
+    assert_eq!(names_seen(&upstream), ["alpha", "bravo", "bravo", "bravo"]);
+    assert_nothing_leaked(&proxy, &[]).await;
+}

@@ -163,7 +163,7 @@ impl Collector for KeyCollector {
             ),
             (
                 "key_probing",
-                "1 if the key is back from a rest and owes (or runs) its one probe request.",
+                "1 if the key rested for a limit or a spent quota and its next request is a single probe.",
                 |k| f64::from(u8::from(k.probing)),
             ),
             ("key_weight", "The key's weight (share of requests).", |k| {
