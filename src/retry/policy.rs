@@ -18,7 +18,11 @@ use crate::tried::TriedKeys;
 type ErrorPredicate = dyn Fn(&BoxError) -> bool + Send + Sync;
 
 /// The [`tower::retry::Policy`] behind [`Retry`](super::Retry): resend a `429` (or a
-/// connection failure) on a key the request has not tried.
+/// `503` with `Retry-After`, or a connection failure) on a key the request has not tried.
+///
+/// The response's [`Outcome`] decides before its status: a spent quota
+/// ([`Outcome::QuotaExhausted`]) or a platform-wide overload ([`Outcome::Failure`]) is
+/// handed back at once, since no other key would fare better.
 ///
 /// Each request's future holds its own copy, which counts that request's retries; the
 /// budget is shared by all copies. Made by [`RetryLayer`](super::RetryLayer).
