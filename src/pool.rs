@@ -401,6 +401,10 @@ impl KeyPool {
     /// changed starts afresh; a removed key takes no new requests while its requests in
     /// flight finish. Logged by position and name, never by value.
     ///
+    /// A key that starts afresh does not count the requests its previous incarnation
+    /// still has in flight, nor the quota it spent: right after a settings change, that key
+    /// may briefly exceed its cap or the provider's window by what was in flight.
+    ///
     /// # Examples
     ///
     /// ```

@@ -31,7 +31,8 @@ pub struct KeyStats {
     pub cooling_down_for: Option<Duration>,
     /// How long until the key's quota lets the next request go, if it is used up.
     pub quota_wait: Option<Duration>,
-    /// The key was suspended (quota spent) and is owed, or running, its probe request.
+    /// The key is coming back from a rest (a cool-down or a spent quota) and is owed, or
+    /// running, its single probe request: until the probe succeeds it takes no other.
     pub probing: bool,
     /// The key was rejected by the provider and takes no more requests.
     pub disabled: bool,
