@@ -869,6 +869,12 @@ impl Slot {
         if previous == DISABLED || until <= previous {
             Rest::Unchanged
         } else if previous <= now {
+            // A new moment at which this key comes back. A waiter that armed no timer
+            // (every key was busy for reasons other than time) would not hear of it if the
+            // one caller woken by a release gave up: let every waiter recompute its timer.
+            if self.signals.waiters.load(Ordering::SeqCst) != 0 {
+                self.signals.notify.notify_waiters();
+            }
             Rest::Started
         } else {
             Rest::Extended

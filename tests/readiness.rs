@@ -206,3 +206,32 @@ async fn call_without_poll_ready_panics() {
     let mut service = service(&pool);
     drop(service.call(request(200, None)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn waiters_without_a_timer_hear_of_a_new_cool_down() {
+    let pool = builder(1).build();
+    // Key 1 cooled down once and now owes a probe; the probe is in flight.
+    pool.try_reserve().unwrap().record(Outcome::RateLimited {
+        retry_after: Some(Duration::from_secs(1)),
+    });
+    advance(Duration::from_secs(1)).await;
+    let probe = pool.try_reserve().unwrap();
+    assert!(probe.is_probe());
+    // Two callers wait; no key has a deadline, so neither has a timer.
+    let (mut first, mut second) = (service(&pool), service(&pool));
+    assert_pending!(first.poll_ready());
+    assert_pending!(second.poll_ready());
+    // The probe is refused again: a new cool-down, then its slot is released.
+    probe.record(Outcome::RateLimited {
+        retry_after: Some(Duration::from_secs(1)),
+    });
+    drop(probe);
+    assert!(first.is_woken() && second.is_woken());
+    assert_pending!(first.poll_ready());
+    assert_pending!(second.poll_ready());
+    // The first caller gives up; the second must still come back when the key does.
+    drop(first);
+    advance(Duration::from_secs(1)).await;
+    assert!(second.is_woken());
+    assert_ready_ok!(second.poll_ready());
+}
