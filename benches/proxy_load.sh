@@ -32,25 +32,10 @@ PORT_NGINX=${PORT_NGINX:-18083}
 OUT=${OUT:-target/proxy_load}
 KEYS="k1,k2,k3"
 
-log() { printf '== %s\n' "$*" >&2; }
-
-# --- tools -----------------------------------------------------------------------------
-install_missing() {
-    local missing=()
-    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
-    command -v wrk >/dev/null || missing+=(wrk)
-    command -v curl >/dev/null || missing+=(curl)
-    if [ ${#missing[@]} -eq 0 ]; then return; fi
-    log "installing ${missing[*]}"
-    # Keep the package's own nginx service from starting (and taking port 80).
-    local policy=/usr/sbin/policy-rc.d placed=""
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && placed=1
-    fi
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    if [ -n "$placed" ]; then rm -f "$policy"; fi
-}
+# Shared with load_1000.sh: log, install_missing, PIDS/cleanup, wait_ready, nginx_conf,
+# CHAT, write_post_lua, parse_wrk, rss_kib.
+# shellcheck source=benches/proxy_bench_lib.sh
+source benches/proxy_bench_lib.sh
 install_missing
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
@@ -70,52 +55,7 @@ mkdir -p "$OUT/nginx-upstream" "$OUT/nginx-proxy"
 OUT=$(cd "$OUT" && pwd)
 
 # --- processes -------------------------------------------------------------------------
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-}
 trap cleanup EXIT INT TERM
-
-wait_ready() { # url, what
-    local i
-    for i in $(seq 1 300); do
-        if curl -fsS -o /dev/null --max-time 1 "$1"; then return 0; fi
-        sleep 0.1
-    done
-    echo "$2 did not come up at $1" >&2
-    exit 1
-}
-
-nginx_conf() { # prefix, port, server block body
-    cat <<EOF
-daemon off;
-master_process on;
-worker_processes auto;
-worker_rlimit_nofile 65536;
-user root;
-pid $1/nginx.pid;
-error_log $1/error.log warn;
-events { worker_connections 8192; multi_accept on; }
-http {
-    access_log off;
-    client_body_temp_path $1/body;
-    proxy_temp_path $1/proxy;
-    fastcgi_temp_path $1/fastcgi;
-    uwsgi_temp_path $1/uwsgi;
-    scgi_temp_path $1/scgi;
-    keepalive_requests 1000000;
-    $3
-}
-EOF
-}
-
-CHAT='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"glm-4-flash","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":8,"completion_tokens":9,"total_tokens":17}}'
 
 nginx_conf "$OUT/nginx-upstream" "$PORT_UPSTREAM" "
     server {
@@ -163,11 +103,7 @@ PIDS+=($OURS_PID)
 wait_ready "http://127.0.0.1:$PORT_OURS/_keyrotation/health" "forward_proxy"
 
 # --- load ------------------------------------------------------------------------------
-cat >"$OUT/post.lua" <<'EOF'
-wrk.method = "POST"
-wrk.body = '{"model":"glm-4-flash","messages":[{"role":"user","content":"Hello"}]}'
-wrk.headers["Content-Type"] = "application/json"
-EOF
+write_post_lua "$OUT/post.lua"
 
 url_of() {
     case $1 in
@@ -175,24 +111,6 @@ url_of() {
     forward_proxy) echo "http://127.0.0.1:$PORT_OURS/chat/completions" ;;
     nginx_proxy) echo "http://127.0.0.1:$PORT_NGINX/chat/completions" ;;
     esac
-}
-
-# Prints "requests_per_s p50_ms p99_ms errors" from one wrk report.
-parse_wrk() {
-    awk '
-        function ms(v) {
-            if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
-            if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
-            if (v ~ /s$/) return substr(v, 1, length(v) - 1) * 1000
-            return v + 0
-        }
-        $1 == "50%" { p50 = ms($2) }
-        $1 == "99%" { p99 = ms($2) }
-        $1 == "Requests/sec:" { rps = $2 }
-        /Non-2xx or 3xx responses:/ { errors += $NF }
-        /Socket errors:/ { gsub(",", ""); errors += $4 + $6 + $8 + $10 }
-        END { printf "%s %s %s %d\n", rps, p50, p99, errors }
-    ' "$1"
 }
 
 run_wrk() { # target, connections, round
@@ -221,14 +139,6 @@ for target in forward_proxy nginx_proxy; do
     run_wrk "$target" "$BIG_CONNECTIONS" 1
 done
 
-rss_kib() { # pid and its children: sum of VmHWM
-    local total=0 pid hwm
-    for pid in "$1" $(pgrep -P "$1" || true); do
-        hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
-        total=$((total + ${hwm:-0}))
-    done
-    echo "$total"
-}
 OURS_RSS=$(rss_kib "$OURS_PID")
 NGINX_RSS=$(rss_kib "$NGINX_PROXY_PID")
 

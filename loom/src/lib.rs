@@ -1,0 +1,1 @@
+//! Nothing here: the model lives in `tests/pool_model.rs`.
