@@ -20,17 +20,32 @@ fuzz_target!(|data: &[u8]| {
     let (value, body) = data[3..].split_at(len);
     let mut headers = HeaderMap::new();
     if let Ok(value) = HeaderValue::from_bytes(value) {
-        for name in ["retry-after", "retry-after-ms", "x-ratelimit-reset-requests", "anthropic-ratelimit-requests-reset"] {
+        for name in [
+            "retry-after",
+            "retry-after-ms",
+            "x-ratelimit-reset-requests",
+            "anthropic-ratelimit-requests-reset",
+        ] {
             headers.insert(name, value.clone());
         }
-        headers.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("0"));
+        headers.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("0"),
+        );
     }
     let head = classify(status, &headers);
-    for classifier in [Classifier::bigmodel(), Classifier::openai(), Classifier::anthropic(), Classifier::default()] {
+    for classifier in [
+        Classifier::bigmodel(),
+        Classifier::openai(),
+        Classifier::anthropic(),
+        Classifier::default(),
+    ] {
         // As the layer does: the body only for the statuses the classifier asks it for,
         // cut at its limit.
         let outcome = match classifier.body_limit(status) {
-            Some(limit) => classifier.classify_with_body(status, &headers, &body[..body.len().min(limit)]),
+            Some(limit) => {
+                classifier.classify_with_body(status, &headers, &body[..body.len().min(limit)])
+            }
             None => classifier.classify(status, &headers),
         };
         let _ = classifier.classify_with_body(status, &headers, body);
@@ -43,6 +58,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if status.is_success() {
-        assert!(matches!(head, Outcome::Success | Outcome::LimitReached { .. }));
+        assert!(matches!(
+            head,
+            Outcome::Success | Outcome::LimitReached { .. }
+        ));
     }
 });

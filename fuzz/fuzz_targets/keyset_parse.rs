@@ -40,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
             // An entry long and odd enough not to occur in the fixed wording by chance
             // must never appear in the error.
             for entry in input.split(',').map(str::trim) {
-                let odd = entry.len() >= 8 && entry.bytes().any(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+                let odd = entry.len() >= 8
+                    && entry
+                        .bytes()
+                        .any(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
                     && entry.bytes().any(|b| b.is_ascii_lowercase());
                 if odd {
                     assert!(!text.contains(entry), "error quotes an entry: {text}");

@@ -179,7 +179,10 @@ async fn serve_upstream(listener: TcpListener, seen: Arc<Mutex<Vec<(String, Vec<
             let service = service_fn(move |req: Request<Incoming>| {
                 let seen = seen.clone();
                 async move {
-                    let target = req.uri().path_and_query().map_or("/".into(), |pq| pq.to_string());
+                    let target = req
+                        .uri()
+                        .path_and_query()
+                        .map_or("/".into(), |pq| pq.to_string());
                     let mut credentials: Vec<Vec<u8>> = req
                         .headers()
                         .get_all("authorization")
@@ -189,7 +192,10 @@ async fn serve_upstream(listener: TcpListener, seen: Arc<Mutex<Vec<(String, Vec<
                     for (name, value) in req.headers() {
                         if name != "authorization" {
                             let value = value.as_bytes();
-                            if KEYS.iter().any(|k| value.windows(k.len()).any(|w| w == k.as_bytes())) {
+                            if KEYS
+                                .iter()
+                                .any(|k| value.windows(k.len()).any(|w| w == k.as_bytes()))
+                            {
                                 credentials.push(b"elsewhere".to_vec());
                             }
                         }
@@ -249,7 +255,9 @@ fuzz_target!(|data: &[u8]| {
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             // The input ends with the client's write side closed: let the answer out first.
             builder.http1().half_close(true);
-            let _ = builder.serve_connection(TokioIo::new(server), service).await;
+            let _ = builder
+                .serve_connection(TokioIo::new(server), service)
+                .await;
         });
         let exchange = async {
             let _ = client.write_all(&input).await;
@@ -264,17 +272,31 @@ fuzz_target!(|data: &[u8]| {
             .expect("the proxy neither answered nor closed within 20 s")
     });
 
-    assert_eq!(world.other_connections.load(Ordering::SeqCst), 0, "another host was contacted");
+    assert_eq!(
+        world.other_connections.load(Ordering::SeqCst),
+        0,
+        "another host was contacted"
+    );
     for (target, credentials) in world.seen.lock().unwrap().iter() {
         let path = target.split('?').next().unwrap_or_default();
         assert!(
             path == PREFIX || path.starts_with("/v4/"),
             "the upstream saw a path outside the prefix: {target:?}"
         );
-        assert!(!has_dot_segment(path), "the upstream saw a dot segment: {target:?}");
-        assert_eq!(credentials.len(), 1, "not exactly one credential: {credentials:?}");
+        assert!(
+            !has_dot_segment(path),
+            "the upstream saw a dot segment: {target:?}"
+        );
+        assert_eq!(
+            credentials.len(),
+            1,
+            "not exactly one credential: {credentials:?}"
+        );
         let bearer = credentials[0].strip_prefix(b"Bearer ").unwrap_or_default();
-        assert!(KEYS.iter().any(|k| k.as_bytes() == bearer), "an unexpected credential");
+        assert!(
+            KEYS.iter().any(|k| k.as_bytes() == bearer),
+            "an unexpected credential"
+        );
     }
     for key in KEYS {
         assert!(

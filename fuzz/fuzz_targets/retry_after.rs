@@ -24,7 +24,9 @@ fuzz_target!(|data: &[u8]| {
         let wait = parse_retry_after(text, now);
         let trimmed = text.trim();
         if !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit()) {
-            let exact = trimmed.parse::<u64>().map_or(Duration::from_secs(u64::MAX), Duration::from_secs);
+            let exact = trimmed
+                .parse::<u64>()
+                .map_or(Duration::from_secs(u64::MAX), Duration::from_secs);
             assert_eq!(wait, Some(exact));
         } else if let Some(wait) = wait {
             // Only an HTTP-date gets here: the time left until it, zero when past.
@@ -45,10 +47,19 @@ fuzz_target!(|data: &[u8]| {
         }
         let mut headers = HeaderMap::new();
         for (remaining, reset) in [
-            ("x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
+            (
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ),
             ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
-            ("anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-reset"),
-            ("anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset"),
+            (
+                "anthropic-ratelimit-requests-remaining",
+                "anthropic-ratelimit-requests-reset",
+            ),
+            (
+                "anthropic-ratelimit-tokens-remaining",
+                "anthropic-ratelimit-tokens-reset",
+            ),
         ] {
             headers.insert(remaining, HeaderValue::from_static("0"));
             headers.insert(reset, value.clone());
