@@ -188,12 +188,12 @@ impl SlotModel {
 }
 
 /// Three threads with a mutex-based `Notify` have too many interleavings to explore in
-/// full within CI's budget: bound the preemptions per execution (loom's recommended knob;
-/// bugs rarely need more than two or three). `LOOM_MAX_PREEMPTIONS` overrides it.
+/// full within CI's budget (unbounded ran for over 9 minutes): bound the preemptions per
+/// execution, loom's recommended knob. 4 takes about 5 s; `LOOM_MAX_PREEMPTIONS` overrides.
 fn bounded() -> loom::model::Builder {
     let mut builder = loom::model::Builder::new();
     if builder.preemption_bound.is_none() {
-        builder.preemption_bound = Some(2);
+        builder.preemption_bound = Some(4);
     }
     builder
 }
