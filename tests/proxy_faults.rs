@@ -699,6 +699,32 @@ async fn trickling_clients_do_not_starve_others_and_are_answered_when_done() {
 }
 
 #[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let sentinel = Sentinel::start().await;
+    let upstream = MockUpstream::start(|_| async { reply(200, "ok") }).await;
+    let proxy = config(&upstream.url(""))
+        .arg("--header-read-timeout", "1")
+        .start()
+        .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /stalled HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    // The proxy closes the connection once the timeout passes (whatever it says first).
+    let mut answer = Vec::new();
+    within(
+        "the stalled connection to close",
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .unwrap();
+    assert!(upstream.seen().is_empty());
+    let received = vec![String::from_utf8_lossy(&answer).into_owned()];
+    assert_still_sound(&proxy, &sentinel, &received).await;
+}
+
+#[tokio::test]
 async fn a_client_going_away_mid_upload_forwards_nothing_or_releases_the_key() {
     let sentinel = Sentinel::start().await;
     let upstream = MockUpstream::start(|_| async { reply(200, "ok") }).await;

@@ -119,6 +119,11 @@ pub(crate) struct Args {
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
     pub(crate) shutdown_timeout: Duration,
 
+    /// Close an HTTP/1 connection whose request headers take longer than this to arrive
+    /// (slowloris protection).
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
+    pub(crate) header_read_timeout: Duration,
+
     /// Request bodies up to this many bytes are buffered so a 429 can be retried on another
     /// key; larger ones stream through and are not retried.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -149,7 +149,13 @@ async fn run(args: Args) -> Result<(), String> {
         listen,
     });
 
-    serve(listener, state, args.shutdown_timeout).await;
+    serve(
+        listener,
+        state,
+        args.shutdown_timeout,
+        args.header_read_timeout,
+    )
+    .await;
     Ok(())
 }
 
@@ -168,10 +174,21 @@ fn key_names(pool: &KeyPool) -> String {
 }
 
 /// Accepts connections (HTTP/1.1 and HTTP/2) until SIGINT or SIGTERM, then lets the
-/// requests in flight finish, for at most `shutdown_timeout`.
-async fn serve(listener: TcpListener, state: Arc<handler::State>, shutdown_timeout: Duration) {
+/// requests in flight finish, for at most `shutdown_timeout`. An HTTP/1 client that takes
+/// longer than `header_read_timeout` to send its request headers is disconnected.
+async fn serve(
+    listener: TcpListener,
+    state: Arc<handler::State>,
+    shutdown_timeout: Duration,
+    header_read_timeout: Duration,
+) {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper enforces the header timeout only with a timer.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
     let mut signal = pin!(shutdown_signal());
     loop {
         let stream = tokio::select! {
