@@ -14,14 +14,16 @@
 //! loaded machine stretches every round alike, so the comparison does not depend on it.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::Value;
+
+mod example_binary;
 
 const ARTICLES: u64 = 3;
 const SECTIONS: u64 = 4;
@@ -33,62 +35,12 @@ const LATENCY_MS: u64 = 200;
 /// The demo with these flags takes about 3 s; this bounds it on any machine.
 const DEMO_DEADLINE: Duration = Duration::from_secs(180);
 
-/// The example binary `cargo test` builds next to this test's own binary. When only this
-/// test target was built (`cargo test --test demo`) and the binary is missing or older than
-/// its sources, it is built here first.
+/// The demo's binary, built once if need be (see `example_binary`).
 fn demo_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("the test binary's path");
-            // target/<profile>/deps/demo-<hash> → target/<profile>/examples/demo
-            let profile_dir = exe
-                .parent()
-                .and_then(|deps| deps.parent())
-                .expect("the test binary lives in target/<profile>/deps");
-            let binary = profile_dir
-                .join("examples")
-                .join(format!("demo{}", std::env::consts::EXE_SUFFIX));
-            if is_stale(&binary) {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-                let mut build = Command::new(cargo);
-                build.args(["build", "--example", "demo"]);
-                if profile_dir.ends_with("release") {
-                    build.arg("--release");
-                }
-                let status = build.status().expect("cargo runs");
-                assert!(status.success(), "building the demo example failed");
-            }
-            binary
-        })
+        .get_or_init(|| example_binary::example_binary("demo"))
         .clone()
-}
-
-/// Is `binary` missing, or older than a source it is built from?
-fn is_stale(binary: &Path) -> bool {
-    fn newest(dir: &Path) -> SystemTime {
-        let mut latest = SystemTime::UNIX_EPOCH;
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            let modified = if path.is_dir() {
-                newest(&path)
-            } else {
-                entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .unwrap_or(latest)
-            };
-            latest = latest.max(modified);
-        }
-        latest
-    }
-    let Ok(built) = std::fs::metadata(binary).and_then(|m| m.modified()) else {
-        return true;
-    };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    ["src", "examples/demo"]
-        .iter()
-        .any(|dir| newest(&root.join(dir)) > built)
 }
 
 /// Runs the demo with `args` and returns its stdout, or panics with its stderr. Never

@@ -4,6 +4,9 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+#[path = "../example_binary/mod.rs"]
+mod example_binary;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -298,62 +301,12 @@ pub fn test_ca_path() -> String {
     .to_owned()
 }
 
-/// The example binary. `cargo test` builds examples before running tests; when only this
-/// test target was built (`cargo test --test proxy`) and the binary is missing or older
-/// than its sources, it is built here.
+/// The proxy's binary, built once if need be (see `example_binary`).
 pub fn binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().unwrap();
-            // target/<profile>/deps/proxy-<hash> → target/<profile>/examples/forward_proxy
-            let profile_dir = exe.parent().unwrap().parent().unwrap();
-            let path = profile_dir
-                .join("examples")
-                .join(format!("forward_proxy{}", std::env::consts::EXE_SUFFIX));
-            if is_stale(&path) {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-                let mut build = std::process::Command::new(cargo);
-                build.args(["build", "--example", "forward_proxy"]);
-                if profile_dir.ends_with("release") {
-                    build.arg("--release");
-                }
-                let status = build.status().expect("running cargo build");
-                assert!(
-                    status.success(),
-                    "building the forward_proxy example failed"
-                );
-            }
-            path
-        })
+        .get_or_init(|| example_binary::example_binary("forward_proxy"))
         .clone()
-}
-
-/// Is `binary` missing, or older than any source it is built from?
-fn is_stale(binary: &std::path::Path) -> bool {
-    fn newest(dir: &std::path::Path) -> std::time::SystemTime {
-        let mut latest = std::time::SystemTime::UNIX_EPOCH;
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            let modified = if path.is_dir() {
-                newest(&path)
-            } else {
-                entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .unwrap_or(latest)
-            };
-            latest = latest.max(modified);
-        }
-        latest
-    }
-    let Ok(built) = std::fs::metadata(binary).and_then(|m| m.modified()) else {
-        return true;
-    };
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    ["src", "examples/forward_proxy"]
-        .iter()
-        .any(|dir| newest(&root.join(dir)) > built)
 }
 
 /// A running proxy. Its stderr (the log) is collected; it is killed when dropped.
