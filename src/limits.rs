@@ -11,34 +11,38 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
-/// OpenAI's pairs of (remaining, reset-as-duration) headers.
-const OPENAI: [(&str, &str); 2] = [
+/// OpenAI's pairs of (remaining, reset-as-duration) headers. Header names built at compile
+/// time: this runs on every response, and a `&str` lookup would parse the name each time.
+const OPENAI: [(HeaderName, HeaderName); 2] = [
     (
-        "x-ratelimit-remaining-requests",
-        "x-ratelimit-reset-requests",
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
     ),
-    ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+    (
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ),
 ];
 
 /// Anthropic's pairs of (remaining, reset-as-RFC-3339) headers.
-const ANTHROPIC: [(&str, &str); 4] = [
+const ANTHROPIC: [(HeaderName, HeaderName); 4] = [
     (
-        "anthropic-ratelimit-requests-remaining",
-        "anthropic-ratelimit-requests-reset",
+        HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-requests-reset"),
     ),
     (
-        "anthropic-ratelimit-tokens-remaining",
-        "anthropic-ratelimit-tokens-reset",
+        HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-tokens-reset"),
     ),
     (
-        "anthropic-ratelimit-input-tokens-remaining",
-        "anthropic-ratelimit-input-tokens-reset",
+        HeaderName::from_static("anthropic-ratelimit-input-tokens-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-input-tokens-reset"),
     ),
     (
-        "anthropic-ratelimit-output-tokens-remaining",
-        "anthropic-ratelimit-output-tokens-reset",
+        HeaderName::from_static("anthropic-ratelimit-output-tokens-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-output-tokens-reset"),
     ),
 ];
 
@@ -49,7 +53,7 @@ const ANTHROPIC: [(&str, &str); 4] = [
 /// # Examples
 ///
 /// ```
-/// use http::HeaderMap;
+/// use http::{HeaderMap, HeaderName};
 /// use std::time::{Duration, SystemTime};
 /// use tower_key_rotation::learned_reset;
 ///
@@ -59,25 +63,34 @@ const ANTHROPIC: [(&str, &str); 4] = [
 /// assert_eq!(learned_reset(&headers, SystemTime::now()), Some(Duration::from_secs(360)));
 /// ```
 pub fn learned_reset(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let exhausted = |name: &str| {
+    learned_reset_at(headers, || now)
+}
+
+/// [`learned_reset`], reading the wall clock only if an Anthropic limit is exhausted (the
+/// common answer, with limits left, needs no clock).
+pub(crate) fn learned_reset_at(
+    headers: &HeaderMap,
+    now: impl FnOnce() -> SystemTime,
+) -> Option<Duration> {
+    let exhausted = |name: &HeaderName| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim() == "0")
     };
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     let openai = OPENAI
         .iter()
         .filter(|(remaining, _)| exhausted(remaining))
-        .filter_map(|(_, reset)| parse_go_duration(text(reset)?));
+        .filter_map(|(_, reset)| parse_go_duration(text(reset)?))
+        .max();
     let anthropic = ANTHROPIC
         .iter()
         .filter(|(remaining, _)| exhausted(remaining))
-        .filter_map(|(_, reset)| {
-            let at = parse_rfc3339(text(reset)?)?;
-            Some(at.duration_since(now).unwrap_or(Duration::ZERO))
-        });
-    openai.chain(anthropic).max()
+        .filter_map(|(_, reset)| parse_rfc3339(text(reset)?))
+        .max()
+        .map(|at| at.duration_since(now()).unwrap_or(Duration::ZERO));
+    openai.max(anthropic)
 }
 
 /// Parses a Go-style duration as OpenAI sends it: `1s`, `6m0s`, `20ms`, `1h2m3.5s`,

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, StatusCode};
 
 use crate::backoff::retry_after;
-use crate::limits::learned_reset;
+use crate::limits::{learned_reset, learned_reset_at};
 
 /// What a response says about the key that carried it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,7 +100,7 @@ pub fn classify(status: StatusCode, headers: &HeaderMap) -> Outcome {
         },
         s if s.is_server_error() => Outcome::Failure,
         _ if headers.is_empty() => Outcome::Success,
-        _ => match learned_reset(headers, SystemTime::now()) {
+        _ => match learned_reset_at(headers, SystemTime::now) {
             Some(reset_after) => Outcome::LimitReached { reset_after },
             None => Outcome::Success,
         },
