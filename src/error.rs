@@ -1,6 +1,7 @@
 //! The failures this middleware adds of its own.
 
 use std::fmt;
+use std::time::Duration;
 
 /// Every key of the pool has been disabled (the provider rejected each with 401/403, or
 /// as the classifier decided): waiting cannot produce a key.
@@ -31,3 +32,52 @@ impl fmt::Display for AllKeysDisabled {
 }
 
 impl std::error::Error for AllKeysDisabled {}
+
+/// No key could take the request within its wait budget
+/// ([`KeyPoolBuilder::max_wait`](crate::KeyPoolBuilder::max_wait)): every key is resting,
+/// busy or out of quota, and the earliest comes back after the budget ends (or the budget
+/// ran out while waiting).
+///
+/// Waiting is pointless when the earliest return is already past the budget, so the
+/// request fails at once rather than at the end of the budget. [`retry_after`] says when
+/// to try again.
+///
+/// [`retry_after`]: NoKeyAvailable::retry_after
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoKeyAvailable {
+    retry_after: Duration,
+    waited: Duration,
+}
+
+impl NoKeyAvailable {
+    pub(crate) fn new(retry_after: Duration, waited: Duration) -> Self {
+        Self {
+            retry_after,
+            waited,
+        }
+    }
+
+    /// When the earliest key comes back (a rest ends or quota refills), from the moment of
+    /// the error. When every usable key was merely busy (at its cap, or running the probe
+    /// after a rest), no time is known and this is one second.
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+
+    /// How long the request waited for a key before giving up.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+}
+
+impl fmt::Display for NoKeyAvailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "no API key is free within the wait budget (waited {:.1?}); the earliest is back in {:.1?}",
+            self.waited, self.retry_after
+        )
+    }
+}
+
+impl std::error::Error for NoKeyAvailable {}

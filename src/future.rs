@@ -33,11 +33,22 @@ pin_project! {
         B: Body,
     {
         #[pin]
-        inner: F,
+        state: State<F>,
         lease: Option<Lease>,
         // Boxed: only the rare path (an error body the classifier reads) has one, and
         // inline it would make every response future some 200 bytes larger to move.
         reading: Option<Box<ReadingBody<B>>>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        /// The inner service's future, with the key's header on its request.
+        Calling { #[pin] future: F },
+        /// No key could take the request (`poll_ready` found none, or the reservation went
+        /// stale): the inner service was never called.
+        Refused { error: Option<BoxError> },
     }
 }
 
@@ -51,10 +62,18 @@ struct ReadingBody<B: Body> {
 }
 
 impl<F, B: Body> ResponseFuture<F, B> {
-    pub(crate) fn new(inner: F, lease: Lease) -> Self {
+    pub(crate) fn new(future: F, lease: Lease) -> Self {
         Self {
-            inner,
+            state: State::Calling { future },
             lease: Some(lease),
+            reading: None,
+        }
+    }
+
+    pub(crate) fn refused(error: BoxError) -> Self {
+        Self {
+            state: State::Refused { error: Some(error) },
+            lease: None,
             reading: None,
         }
     }
@@ -71,7 +90,13 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if this.reading.is_none() {
-            let result = ready!(this.inner.poll(cx));
+            let result = match this.state.project() {
+                StateProj::Calling { future } => ready!(future.poll(cx)),
+                StateProj::Refused { error } => {
+                    let error = error.take().expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Err(error));
+                }
+            };
             let lease = this
                 .lease
                 .as_ref()

@@ -166,15 +166,15 @@ mod weights;
 
 pub use auth::Placement;
 pub use backoff::{Backoff, parse_retry_after, retry_after};
-pub use error::AllKeysDisabled;
+pub use error::{AllKeysDisabled, NoKeyAvailable};
 pub use key::{ApiKey, ByteKind, KeyError, KeySet, KeySpec};
 pub use layer::KeyRotationLayer;
 pub use limits::{learned_reset, parse_go_duration, parse_rfc3339};
 pub use outcome::{Classifier, Outcome, classify};
-pub use pool::{KeyPool, KeyPoolBuilder, Lease, ReloadSummary, Strategy, Waiter};
+pub use pool::{KeyPool, KeyPoolBuilder, Lease, ReloadSummary, Reserve, Strategy, Waiter};
 pub use quota::Quota;
 pub use service::KeyRotation;
-pub use stats::KeyStats;
+pub use stats::{KeyState, KeyStats};
 pub use tried::TriedKeys;
 
 /// Compiles the README's examples as doctests, so the quick start cannot rot.

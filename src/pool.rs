@@ -48,7 +48,9 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -59,11 +61,11 @@ use tokio::sync::{Notify, futures::OwnedNotified};
 use tokio::time::{Instant, Sleep};
 
 use crate::backoff::Backoff;
-use crate::error::AllKeysDisabled;
+use crate::error::{AllKeysDisabled, NoKeyAvailable};
 use crate::key::{ApiKey, KeySet, KeySpec};
 use crate::outcome::{Classifier, Outcome};
 use crate::quota::{Gcra, Quota};
-use crate::stats::KeyStats;
+use crate::stats::{KeyState, KeyStats};
 use crate::weights::schedule;
 
 /// `deadline` value of a disabled key.
@@ -73,6 +75,15 @@ const DISABLED: u64 = u64::MAX;
 /// larger pools take the least loaded key of the first window (from the rotating cursor)
 /// that has an available key, which keeps selection O(1) at thousands of keys.
 const WINDOW: usize = 16;
+
+/// A learned concurrency limit rises by one after this many successes per unit of the
+/// limit, each sent with the key at its limit (additive increase: a limit of 2 rises to 3
+/// after 32 such successes). Slow on purpose: every step up past the provider's real limit
+/// costs a refusal and a rest.
+const GROWTH: u32 = 16;
+
+/// The wait budget of a request by default (see [`KeyPoolBuilder::max_wait`]).
+const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// `probe` states.
 const PROBE_NONE: u8 = 0;
@@ -134,6 +145,10 @@ struct PoolInner {
 struct Signals {
     backoff: Backoff,
     classifier: Classifier,
+    /// Learn each key's concurrency limit from refusals (see `Slot::learn_refusal`).
+    learn_concurrency: bool,
+    /// How long a request may wait for a key, from its arrival; `None`: for ever.
+    max_wait: Option<Duration>,
     /// Time zero of every `deadline` and quota state.
     epoch: Instant,
     waiters: Padded<AtomicUsize>,
@@ -169,6 +184,11 @@ impl Table {
 #[repr(align(128))]
 struct Slot {
     in_flight: AtomicU32,
+    /// The concurrency limit in force: `cap`, or lower once refusals taught the pool the
+    /// provider's (`learn_refusal`); never above `cap`, never below 1. `u32::MAX`: none.
+    limit: AtomicU32,
+    /// Successes sent with the key at its learned `limit` since the limit last changed.
+    gains: AtomicU32,
     level: AtomicU32,
     generation: AtomicU32,
     probe: AtomicU8,
@@ -179,6 +199,10 @@ struct Slot {
     successes: AtomicU64,
     rate_limited: AtomicU64,
     failures: AtomicU64,
+    /// Set by a reload that removed the key: it finishes its requests in flight and takes
+    /// no reservation made earlier to the provider.
+    retired: AtomicBool,
+    /// The configured concurrency cap (`u32::MAX`: none).
     cap: u32,
     weight: u32,
     quota: Option<Gcra>,
@@ -209,6 +233,8 @@ pub struct KeyPoolBuilder {
     quota: Option<Quota>,
     backoff: Backoff,
     classifier: Classifier,
+    learn_concurrency: bool,
+    max_wait: Option<Duration>,
 }
 
 impl KeyPoolBuilder {
@@ -251,12 +277,41 @@ impl KeyPoolBuilder {
         self
     }
 
+    /// Whether to learn each key's concurrency limit from refusals (default `true`).
+    ///
+    /// A `429` that comes back while other requests are in flight on the same key says the
+    /// provider limits how many run at once: the key's limit drops to the number of other
+    /// requests then in flight (never below 1), so that later callers wait for a slot
+    /// instead of being refused. Successes sent with the key at that limit raise it again
+    /// slowly (by one after 16 × the limit of them), never above
+    /// [`max_in_flight_per_key`](Self::max_in_flight_per_key). The limit in force shows in
+    /// [`KeyStats::concurrency_limit`].
+    pub fn learn_concurrency(mut self, learn: bool) -> Self {
+        self.learn_concurrency = learn;
+        self
+    }
+
+    /// How long a request may wait for a key, counted from its arrival and across all its
+    /// attempts (default 30 s; `None`: for ever).
+    ///
+    /// [`KeyRotation::poll_ready`](crate::KeyRotation) waits at most this long for a key,
+    /// and the [retry](crate::retry) waits for a key to take a refused request again only
+    /// within what is left. When the earliest key comes back (a rest ends, quota refills)
+    /// after the budget ends, the request fails at once with [`NoKeyAvailable`] and its
+    /// [`retry_after`](NoKeyAvailable::retry_after), rather than at the end of the budget.
+    pub fn max_wait(mut self, max_wait: Option<Duration>) -> Self {
+        self.max_wait = max_wait;
+        self
+    }
+
     /// Builds the pool.
     pub fn build(self) -> KeyPool {
         let inner = Arc::new_cyclic(|pool: &Weak<PoolInner>| {
             let signals = Arc::new(Signals {
                 backoff: self.backoff,
                 classifier: self.classifier,
+                learn_concurrency: self.learn_concurrency,
+                max_wait: self.max_wait,
                 epoch: Instant::now(),
                 waiters: Padded::default(),
                 notify: Arc::new(Notify::new()),
@@ -284,8 +339,11 @@ impl KeyPoolBuilder {
 
 impl Slot {
     fn new(spec: KeySpec, cap: u32, quota: Option<Quota>, signals: &Arc<Signals>) -> Arc<Self> {
+        let cap = spec.max_in_flight.unwrap_or(cap);
         Arc::new(Self {
             in_flight: AtomicU32::new(0),
+            limit: AtomicU32::new(cap),
+            gains: AtomicU32::new(0),
             level: AtomicU32::new(0),
             generation: AtomicU32::new(0),
             probe: AtomicU8::new(PROBE_NONE),
@@ -295,7 +353,8 @@ impl Slot {
             successes: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             failures: AtomicU64::new(0),
-            cap: spec.max_in_flight.unwrap_or(cap),
+            retired: AtomicBool::new(false),
+            cap,
             weight: spec.weight,
             quota: spec.quota.or(quota).map(|q| q.gcra()),
             spec,
@@ -371,6 +430,8 @@ impl KeyPool {
             quota: None,
             backoff: Backoff::default(),
             classifier: Classifier::default(),
+            learn_concurrency: true,
+            max_wait: Some(DEFAULT_MAX_WAIT),
         }
     }
 
@@ -445,6 +506,8 @@ impl KeyPool {
                     }
                     Some(j) => {
                         kept[j] = true;
+                        // The old incarnation finishes what it has in flight, nothing more.
+                        old.slots[j].retired.store(true, Ordering::Release);
                         summary.replaced.push(label);
                         Slot::new(
                             spec.clone(),
@@ -467,6 +530,7 @@ impl KeyPool {
             .collect();
         for (j, slot) in old.slots.iter().enumerate() {
             if !kept[j] {
+                slot.retired.store(true, Ordering::Release);
                 summary.removed.push((j + 1, slot.spec.name.clone()));
             }
         }
@@ -478,16 +542,16 @@ impl KeyPool {
     }
 
     /// Reserves an available key now, or returns `None` when every key is cooling down,
-    /// busy (at its cap or out of quota) or disabled. The key counts as in flight until the
-    /// [`Lease`] is dropped.
+    /// busy (at its concurrency limit or out of quota) or disabled. The key counts as in
+    /// flight until the [`Lease`] is dropped.
     pub fn try_reserve(&self) -> Option<Lease> {
         let table = self.inner.table.load();
         let mut now = LazyNow::new(&self.inner.signals);
-        let (index, probe) = match self.inner.strategy {
+        let (index, taken) = match self.inner.strategy {
             Strategy::RoundRobin => self.inner.select_round_robin(&table, &mut now),
             Strategy::LeastInFlight => self.inner.select_least_in_flight(&table, &mut now),
         }?;
-        Some(Lease::new(&table, index, probe))
+        Some(Lease::new(&table, index, taken))
     }
 
     /// Reserves an available key among those `allowed` (by 0-based index), scanning in
@@ -506,8 +570,8 @@ impl KeyPool {
                 .filter(|&i| allowed(i))
                 .filter(|&i| table.slots[i].is_available(&mut now))
                 .min_by(|&a, &b| compare_load(&table.slots[a], &table.slots[b]))?;
-            if let Some(probe) = table.slots[best].try_take(&mut now) {
-                return Some(Lease::new(&table, best, probe));
+            if let Some(taken) = table.slots[best].try_take(&mut now) {
+                return Some(Lease::new(&table, best, taken));
             }
         }
         None
@@ -515,22 +579,57 @@ impl KeyPool {
 
     /// Reserves a key, or registers `waiter` to be woken when one may be free.
     ///
-    /// Returns `Pending` with a wake-up arranged (a slot released, keys reloaded, or the
-    /// earliest cool-down ending or quota refilling), and an error only when every key is
-    /// disabled.
+    /// Returns `Pending` with a wake-up arranged (a slot released, keys reloaded, the
+    /// earliest cool-down ending or quota refilling, or `deadline`). Gives up with
+    /// [`Reserve::NoKey`] when `deadline` has passed, or at once when the earliest key comes
+    /// back only after it (a deadline of `None` waits for ever), and with
+    /// [`Reserve::AllDisabled`] when every key is disabled.
     pub fn poll_reserve(
         &self,
         waiter: &mut Waiter,
+        deadline: Option<Instant>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<Lease, AllKeysDisabled>> {
+    ) -> Poll<Reserve> {
         loop {
             if let Some(lease) = self.try_reserve() {
                 waiter.disarm();
-                return Poll::Ready(Ok(lease));
+                return Poll::Ready(Reserve::Lease(lease));
             }
-            if self.all_disabled() {
+            let now = Instant::now();
+            let started = *waiter.since.get_or_insert(now);
+            let availability = self.inner.availability();
+            let give_up = |retry_after: Duration| {
+                Poll::Ready(Reserve::NoKey(NoKeyAvailable::new(
+                    retry_after,
+                    now.saturating_duration_since(started),
+                )))
+            };
+            let earliest = match availability {
+                // Free since `try_reserve` looked: look again.
+                PoolAvailability::Now => continue,
+                PoolAvailability::Never => {
+                    waiter.disarm();
+                    return Poll::Ready(Reserve::AllDisabled(AllKeysDisabled::new(self.len())));
+                }
+                PoolAvailability::OnRelease { earliest } => {
+                    earliest.map(|at| self.inner.signals.instant(at))
+                }
+                PoolAvailability::At(at) => {
+                    let at = self.inner.signals.instant(at);
+                    if deadline.is_some_and(|deadline| at > deadline) {
+                        // Waiting cannot help: say so now, not at the deadline.
+                        waiter.disarm();
+                        return give_up(at.saturating_duration_since(now));
+                    }
+                    Some(at)
+                }
+            };
+            if let Some(deadline) = deadline.filter(|&deadline| deadline <= now) {
                 waiter.disarm();
-                return Poll::Ready(Err(AllKeysDisabled::new(self.len())));
+                let retry_after = earliest.map_or(Duration::from_secs(1), |at| {
+                    at.saturating_duration_since(deadline.max(now))
+                });
+                return give_up(retry_after.max(Duration::from_millis(1)));
             }
             let Some(armed) = waiter.armed.as_mut() else {
                 // Register interest, then look again before sleeping.
@@ -539,10 +638,14 @@ impl KeyPool {
             };
             if armed.notified.as_mut().poll(cx).is_ready() {
                 // A slot was released: look again (and re-register if still nothing).
-                waiter.disarm();
+                waiter.rearm();
                 continue;
             }
-            if let Some(at) = self.inner.earliest_return() {
+            let wake_at = match (earliest, deadline) {
+                (Some(at), Some(deadline)) => Some(at.min(deadline)),
+                (at, deadline) => at.or(deadline),
+            };
+            if let Some(at) = wake_at {
                 let sleep = waiter
                     .sleep
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
@@ -566,17 +669,58 @@ impl KeyPool {
             .all(|slot| slot.deadline.load(Ordering::SeqCst) == DISABLED)
     }
 
-    /// How long until the earliest resting key comes back (cool-down over, or quota
-    /// refilled), if any key is resting.
+    /// How long until some key can take a request: `Some(ZERO)` if one can now, the time
+    /// until the earliest rest ends or quota refills if every key is resting, `None` if no
+    /// time is known (every usable key is busy until a request ends, or all are disabled).
     pub fn earliest_return_in(&self) -> Option<Duration> {
-        let at = self.inner.earliest_return()?;
-        Some(at.saturating_duration_since(Instant::now()))
+        match self.inner.availability() {
+            PoolAvailability::Now => Some(Duration::ZERO),
+            PoolAvailability::At(at) => Some(
+                self.inner
+                    .signals
+                    .instant(at)
+                    .saturating_duration_since(Instant::now()),
+            ),
+            PoolAvailability::OnRelease { .. } | PoolAvailability::Never => None,
+        }
+    }
+
+    /// When some key can next take a request.
+    pub(crate) fn availability(&self) -> PoolAvailability {
+        self.inner.availability()
+    }
+
+    /// The instant of a time in pool nanoseconds (as [`PoolAvailability::At`] gives it).
+    pub(crate) fn instant(&self, nanos: u64) -> Instant {
+        self.inner.signals.instant(nanos)
+    }
+
+    /// Could some key among those `allowed` (by 0-based index) take a request now?
+    pub(crate) fn can_take_now(&self, allowed: impl Fn(usize) -> bool) -> bool {
+        let table = self.inner.table.load();
+        let mut now = LazyNow::new(&self.inner.signals);
+        table
+            .slots
+            .iter()
+            .enumerate()
+            .any(|(i, slot)| allowed(i) && slot.is_available(&mut now))
+    }
+
+    /// The wait budget of each request ([`KeyPoolBuilder::max_wait`]).
+    pub fn max_wait(&self) -> Option<Duration> {
+        self.inner.signals.max_wait
+    }
+
+    /// Requests waiting for a key right now (in [`poll_reserve`](Self::poll_reserve)).
+    pub fn waiting(&self) -> usize {
+        self.inner.signals.waiters.load(Ordering::Relaxed)
     }
 
     /// Per-key statistics, in position order. Never contains a key value.
     pub fn snapshot(&self) -> Vec<KeyStats> {
         let table = self.inner.table.load();
-        let now = self.inner.signals.now_nanos();
+        let mut now = LazyNow::new(&self.inner.signals);
+        let now_nanos = now.get();
         table
             .slots
             .iter()
@@ -584,6 +728,7 @@ impl KeyPool {
             .map(|(i, slot)| {
                 let deadline = slot.deadline.load(Ordering::Acquire);
                 let quota_at = slot.quota.map_or(0, |q| q.available_at(&slot.tat));
+                let limit = slot.limit.load(Ordering::Relaxed);
                 KeyStats {
                     position: i + 1,
                     name: slot.spec.name.clone(),
@@ -594,15 +739,44 @@ impl KeyPool {
                     rate_limited: slot.rate_limited.load(Ordering::Relaxed),
                     failures: slot.failures.load(Ordering::Relaxed),
                     in_flight: slot.in_flight.load(Ordering::Relaxed),
-                    cooling_down_for: (deadline != DISABLED && deadline > now)
-                        .then(|| Duration::from_nanos(deadline - now)),
-                    quota_wait: (quota_at > now).then(|| Duration::from_nanos(quota_at - now)),
+                    concurrency_limit: (limit != u32::MAX).then_some(limit),
+                    state: slot.status(&mut now).0,
+                    cooling_down_for: (deadline != DISABLED && deadline > now_nanos)
+                        .then(|| Duration::from_nanos(deadline - now_nanos)),
+                    quota_wait: (quota_at > now_nanos)
+                        .then(|| Duration::from_nanos(quota_at - now_nanos)),
                     probing: slot.probe.load(Ordering::Relaxed) != PROBE_NONE,
                     disabled: deadline == DISABLED,
                 }
             })
             .collect()
     }
+}
+
+/// What [`KeyPool::poll_reserve`] ends with.
+#[derive(Debug)]
+pub enum Reserve {
+    /// A key, reserved.
+    Lease(Lease),
+    /// No key within the deadline.
+    NoKey(NoKeyAvailable),
+    /// Every key is disabled.
+    AllDisabled(AllKeysDisabled),
+}
+
+/// When some key of the pool can next take a request: the keys' [`Availability`] combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PoolAvailability {
+    /// A key can take one now.
+    Now,
+    /// A key frees when one of its requests ends; `earliest` is the earliest timed return
+    /// of the others, if any.
+    OnRelease { earliest: Option<u64> },
+    /// Every usable key rests or waits for quota; the earliest is back at this time (pool
+    /// nanoseconds).
+    At(u64),
+    /// Every key is disabled.
+    Never,
 }
 
 impl fmt::Debug for KeyPool {
@@ -646,6 +820,11 @@ impl Signals {
         u64::try_from(since.as_nanos()).unwrap_or(DISABLED - 1)
     }
 
+    /// The instant of a time in pool nanoseconds.
+    fn instant(&self, nanos: u64) -> Instant {
+        self.epoch + Duration::from_nanos(nanos)
+    }
+
     fn wake_one(&self) {
         if self.waiters.load(Ordering::SeqCst) != 0 {
             self.notify.notify_one();
@@ -660,19 +839,19 @@ fn compare_load(a: &Slot, b: &Slot) -> std::cmp::Ordering {
 }
 
 impl PoolInner {
-    fn select_round_robin(&self, table: &Table, now: &mut LazyNow<'_>) -> Option<(usize, bool)> {
+    fn select_round_robin(&self, table: &Table, now: &mut LazyNow<'_>) -> Option<(usize, Taken)> {
         let turns = table.turns();
         let start = self.cursor.fetch_add(1, Ordering::Relaxed) % turns;
         let mut turn = start;
         for skipped in 0..turns {
             let index = table.key_at(turn);
-            if let Some(probe) = table.slots[index].try_take(now) {
+            if let Some(taken) = table.slots[index].try_take(now) {
                 if skipped > 0 {
                     // Move the rotation past the keys we skipped, so the next caller
                     // continues after the key we took.
                     self.cursor.fetch_add(skipped, Ordering::Relaxed);
                 }
-                return Some((index, probe));
+                return Some((index, taken));
             }
             turn += 1;
             if turn == turns {
@@ -689,7 +868,7 @@ impl PoolInner {
         &self,
         table: &Table,
         now: &mut LazyNow<'_>,
-    ) -> Option<(usize, bool)> {
+    ) -> Option<(usize, Taken)> {
         let n = table.slots.len();
         let start = self.cursor.load(Ordering::Relaxed) % n;
         let window = n.min(WINDOW);
@@ -718,9 +897,9 @@ impl PoolInner {
                 }
             }
             match best.map(|slot| slot.try_take(now)) {
-                Some(Some(probe)) => {
+                Some(Some(taken)) => {
                     self.cursor.store(best_index + 1, Ordering::Relaxed);
-                    return Some((best_index, probe));
+                    return Some((best_index, taken));
                 }
                 // Another caller took the last slot of our choice: look at this window again.
                 Some(None) if retries < 4 => retries += 1,
@@ -730,24 +909,26 @@ impl PoolInner {
         None
     }
 
-    /// The earliest time a resting key comes back: a cool-down ending or quota refilling.
-    fn earliest_return(&self) -> Option<Instant> {
+    /// When some key can next take a request: every key's [`Availability`], combined.
+    /// Waiting (`poll_reserve`), the retry policy and `earliest_return_in` all ask this.
+    pub(crate) fn availability(&self) -> PoolAvailability {
         let table = self.table.load();
-        let now = self.signals.now_nanos();
-        table
-            .slots
-            .iter()
-            .filter_map(|slot| {
-                let deadline = slot.deadline.load(Ordering::Acquire);
-                if deadline == DISABLED {
-                    return None;
-                }
-                let quota_at = slot.quota.map_or(0, |q| q.available_at(&slot.tat));
-                Some(deadline.max(quota_at))
-            })
-            .filter(|&at| at > now)
-            .min()
-            .map(|at| self.signals.epoch + Duration::from_nanos(at))
+        let mut now = LazyNow::new(&self.signals);
+        let mut on_release = false;
+        let mut earliest: Option<u64> = None;
+        for slot in table.slots.iter() {
+            match slot.status(&mut now).1 {
+                Availability::Now => return PoolAvailability::Now,
+                Availability::OnRelease => on_release = true,
+                Availability::At(at) => earliest = Some(earliest.map_or(at, |e| e.min(at))),
+                Availability::Never => {}
+            }
+        }
+        match (on_release, earliest) {
+            (true, earliest) => PoolAvailability::OnRelease { earliest },
+            (false, Some(at)) => PoolAvailability::At(at),
+            (false, None) => PoolAvailability::Never,
+        }
     }
 }
 
@@ -769,26 +950,50 @@ impl Slot {
         false
     }
 
-    /// Could a request take this key now? (A hint: `try_take` decides, and agrees unless
-    /// another caller changes the key in between.)
-    fn is_available(&self, now: &mut LazyNow<'_>) -> bool {
-        if self.is_resting(now) {
-            return false;
+    /// The key's state and when it can next take a request: the one answer that
+    /// selection, waiting, the retry policy and [`KeyPool::snapshot`] all use. The states
+    /// are those of the module docs' diagram; a key owing its probe reads `Healthy` (the next
+    /// taker probes).
+    fn status(&self, now: &mut LazyNow<'_>) -> (KeyState, Availability) {
+        let deadline = self.deadline.load(Ordering::Acquire);
+        if deadline == DISABLED {
+            return (KeyState::Disabled, Availability::Never);
+        }
+        let quota_at = self.quota.map_or(0, |q| q.available_at(&self.tat));
+        if deadline != 0 && deadline > now.get() {
+            // Cooling or Suspended: back (to its probe) at the deadline, or when the quota
+            // refills if later.
+            return (KeyState::Resting, Availability::At(deadline.max(quota_at)));
         }
         if self.probe.load(Ordering::Acquire) == PROBE_IN_FLIGHT {
-            return false;
+            // Probing: the probe's answer wakes every waiter.
+            return (KeyState::Probing, Availability::OnRelease);
         }
-        if self.in_flight.load(Ordering::Relaxed) >= self.cap {
-            return false;
+        if self.in_flight.load(Ordering::Relaxed) >= self.limit.load(Ordering::Relaxed) {
+            return (KeyState::Busy, Availability::OnRelease);
         }
-        self.quota
-            .is_none_or(|q| q.available_at(&self.tat) <= now.get())
+        if quota_at != 0 && quota_at > now.get() {
+            return (KeyState::Busy, Availability::At(quota_at));
+        }
+        (KeyState::Healthy, Availability::Now)
     }
 
-    /// Takes an in-flight slot (and a unit of quota) if the key is usable now. Returns
-    /// whether the lease is a suspended key's probe.
+    /// Could a request take this key now? (A hint: `try_take` decides, and agrees unless
+    /// another caller changes the key in between.)
     #[inline]
-    fn try_take(&self, now: &mut LazyNow<'_>) -> Option<bool> {
+    fn is_available(&self, now: &mut LazyNow<'_>) -> bool {
+        // Clears an expired deadline, so that the next look need not read the clock.
+        !self.is_resting(now) && self.status(now).1 == Availability::Now
+    }
+
+    /// Takes an in-flight slot (and a unit of quota) if the key is usable now.
+    #[inline]
+    fn try_take(&self, now: &mut LazyNow<'_>) -> Option<Taken> {
+        // Read before anything else, so that a lease never carries a generation newer
+        // than its take: a cool-down starts by raising the generation (`rate_limited`),
+        // and a lease reserved before that is a straggler whose 429 must not escalate.
+        // The AcqRel increment below keeps this load before the take.
+        let generation = self.generation.load(Ordering::Acquire);
         if self.is_resting(now) {
             return None;
         }
@@ -817,24 +1022,72 @@ impl Slot {
                 return None;
             }
         }
-        let took_slot = if self.cap == u32::MAX {
-            self.in_flight.fetch_add(1, Ordering::AcqRel);
-            true
+        let limit = self.limit.load(Ordering::Relaxed);
+        let in_flight = if limit == u32::MAX {
+            Some(self.in_flight.fetch_add(1, Ordering::AcqRel))
         } else {
             self.in_flight
                 .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                    (n < self.cap).then_some(n + 1)
+                    (n < limit).then_some(n + 1)
                 })
-                .is_ok()
+                .ok()
         };
-        if took_slot {
-            return Some(probe);
+        if let Some(before) = in_flight {
+            return Some(Taken {
+                probe,
+                generation,
+                at_limit: before.saturating_add(1) >= limit,
+            });
         }
         if let Some(quota) = self.quota {
             quota.refund(&self.tat);
         }
         self.unprobe(probe);
         None
+    }
+
+    /// A refusal on a lease: if other requests were in flight on the key when it came
+    /// back, the provider limits concurrency, and its limit is at most what was in flight
+    /// besides this request. Lowers `limit` to that (never below 1).
+    fn learn_refusal(&self) -> Option<u32> {
+        if !self.signals.learn_concurrency {
+            return None;
+        }
+        // This lease still counts.
+        let others = self.in_flight.load(Ordering::Acquire).saturating_sub(1);
+        if others == 0 {
+            // Alone on the key: a limit of rate, not of concurrency.
+            return None;
+        }
+        self.gains.store(0, Ordering::Relaxed);
+        let previous = self
+            .limit
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |limit| {
+                (others < limit).then_some(others)
+            })
+            .ok()?;
+        Some(previous)
+    }
+
+    /// A success on a lease taken with the key at its learned limit: after `GROWTH` ×
+    /// limit of them, the limit rises by one (additive increase), up to `cap`.
+    fn learn_success(&self) {
+        let limit = self.limit.load(Ordering::Relaxed);
+        if limit >= self.cap {
+            return;
+        }
+        let gains = self.gains.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if gains >= limit.saturating_mul(GROWTH) {
+            self.gains.store(0, Ordering::Relaxed);
+            let _ = self.limit.compare_exchange(
+                limit,
+                limit.saturating_add(1).min(self.cap),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+            // One more slot: a waiter may take it.
+            self.signals.wake_one();
+        }
     }
 
     /// Gives back a probe won by a caller that could not take the key after all.
@@ -933,6 +1186,32 @@ impl Slot {
     }
 }
 
+/// What `Slot::try_take` hands to the lease it makes.
+#[derive(Debug, Clone, Copy)]
+struct Taken {
+    /// The lease is the key's single probe after a rest.
+    probe: bool,
+    /// The key's cool-down generation, read before the take.
+    generation: u32,
+    /// The take filled the key up to its concurrency limit (a success then counts
+    /// towards raising a learned limit).
+    at_limit: bool,
+}
+
+/// When a key can next take a request (see `Slot::status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Availability {
+    /// Now.
+    Now,
+    /// When one of its requests ends (at its concurrency limit, or its probe running): no
+    /// time is known, but the release or the probe's answer wakes waiters.
+    OnRelease,
+    /// At this time (pool nanoseconds): its rest ends or its quota refills.
+    At(u64),
+    /// Never: disabled.
+    Never,
+}
+
 /// What a cool-down did to a key's deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rest {
@@ -987,6 +1266,8 @@ pub struct Lease {
     index: usize,
     keys: usize,
     generation: u32,
+    /// Taken with the key at its concurrency limit.
+    at_limit: bool,
     /// `SENT`, `PROBE`, `RESOLVED` bits. Only the lease's owner writes them, so a plain
     /// load and store suffice (no locked read-modify-write on the hot path); atomic only
     /// so that a lease is `Sync`.
@@ -998,15 +1279,14 @@ const PROBE: u8 = 2;
 const RESOLVED: u8 = 4;
 
 impl Lease {
-    fn new(table: &Table, index: usize, probe: bool) -> Self {
-        let slot = table.slots[index].clone();
-        let generation = slot.generation.load(Ordering::Acquire);
+    fn new(table: &Table, index: usize, taken: Taken) -> Self {
         Self {
-            slot,
+            slot: table.slots[index].clone(),
             index,
             keys: table.slots.len(),
-            generation,
-            flags: AtomicU8::new(if probe { PROBE } else { 0 }),
+            generation: taken.generation,
+            at_limit: taken.at_limit,
+            flags: AtomicU8::new(if taken.probe { PROBE } else { 0 }),
         }
     }
 
@@ -1059,10 +1339,42 @@ impl Lease {
         &self.slot.signals.classifier
     }
 
-    /// Is the key still usable (not cooling down, not disabled)? A repeated `poll_ready`
-    /// asks this of a reservation it holds.
+    /// May this reservation still be sent? Not if, since it was made, its key was removed
+    /// or replaced by a reload, started resting, was disabled, or came to owe its single
+    /// probe after a rest to another request. `poll_ready` and `call` ask this of a
+    /// reservation made earlier.
+    ///
+    /// A key owing its probe makes this reservation the probe, if no other request has
+    /// claimed it yet: a ready request may as well be the one.
     pub fn is_usable(&self) -> bool {
-        !self.slot.is_resting(&mut LazyNow::new(&self.slot.signals))
+        let slot = &*self.slot;
+        if slot.retired.load(Ordering::Acquire)
+            || slot.is_resting(&mut LazyNow::new(&slot.signals))
+        {
+            return false;
+        }
+        if self.is_probe() {
+            return true;
+        }
+        match slot.probe.load(Ordering::Acquire) {
+            PROBE_NONE => true,
+            PROBE_OWED => {
+                let claimed = slot
+                    .probe
+                    .compare_exchange(
+                        PROBE_OWED,
+                        PROBE_IN_FLIGHT,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok();
+                if claimed {
+                    self.set_flag(PROBE);
+                }
+                claimed
+            }
+            _ => false,
+        }
     }
 
     /// Counts the request as sent with this key and logs `Using key i/n`.
@@ -1082,6 +1394,9 @@ impl Lease {
         let slot = &*self.slot;
         let label = self.label();
         let (position, keys) = (self.position(), self.keys);
+        if matches!(outcome, Outcome::Success | Outcome::LimitReached { .. }) && self.at_limit {
+            slot.learn_success();
+        }
         match outcome {
             Outcome::Success => slot.succeeded(self.generation),
             Outcome::LimitReached { reset_after } => {
@@ -1097,6 +1412,9 @@ impl Lease {
                 }
             }
             Outcome::RateLimited { retry_after } => {
+                if let Some(before) = slot.learn_refusal() {
+                    self.log_learned(before);
+                }
                 let (wait, level, rest) = slot.rate_limited(self.generation, retry_after);
                 let why = if retry_after.is_some() {
                     "Retry-After"
@@ -1190,6 +1508,23 @@ impl Lease {
         }
     }
 
+    /// Logs a concurrency limit learned from a refusal (it was `before`).
+    fn log_learned(&self, before: u32) {
+        let limit = self.slot.limit.load(Ordering::Relaxed);
+        let label = self.label();
+        let before = if before == u32::MAX {
+            "none".to_string()
+        } else {
+            before.to_string()
+        };
+        tracing::info!(
+            key = self.position(),
+            keys = self.keys,
+            limit,
+            "{label} refused with {limit} other request(s) in flight; at most {limit} at once from now on (was {before})"
+        );
+    }
+
     /// Rests every other key of this key's account for `wait`; returns how many.
     fn rest_account(&self, wait: Duration) -> usize {
         let Some(account) = self.slot.spec.account.as_deref() else {
@@ -1247,6 +1582,9 @@ impl fmt::Debug for Lease {
 #[derive(Default)]
 pub struct Waiter {
     armed: Option<Armed>,
+    /// When this caller started waiting (the first time no key was free), until it gets a
+    /// key or gives up.
+    pub(crate) since: Option<Instant>,
     /// Kept across waits so that waiting again does not allocate a new timer.
     sleep: Option<Pin<Box<Sleep>>>,
 }
@@ -1271,7 +1609,14 @@ impl Waiter {
         self.armed = Some(Armed { signals, notified });
     }
 
+    /// Done waiting (a key, or given up).
     fn disarm(&mut self) {
+        self.armed = None;
+        self.since = None;
+    }
+
+    /// Woken: the registration is used up; the next look registers again.
+    fn rearm(&mut self) {
         self.armed = None;
     }
 }
@@ -1286,6 +1631,7 @@ impl fmt::Debug for Waiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Waiter")
             .field("armed", &self.armed.is_some())
+            .field("since", &self.since)
             .finish()
     }
 }

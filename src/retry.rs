@@ -1,27 +1,34 @@
-//! Resend a request refused with `429` on a key it has not tried yet.
+//! Send a refused request again, on another key or on the same key once it may take it,
+//! within the request's wait budget.
 //!
 //! A provider's `429` is about one key, not about the request: another key usually takes
-//! it at once. Generic retry policies resend on whatever key comes next, which is often
-//! the same one (and only earns another `429`), and they answer with a response stripped of
-//! its `Retry-After` when they give up. This module's policy
+//! it at once, and the same key takes it once its rest (`Retry-After`) is over. Generic
+//! retry policies resend on whatever key comes next, which is often the same one (and only
+//! earns another `429`), and they answer with a response stripped of its `Retry-After` when
+//! they give up. This module's policy
 //!
 //! - retries a `429` (or a `503` with `Retry-After`, which the pool reads as a rate limit),
-//!   or a connection that failed before any byte was sent; never a response whose
-//!   [`Outcome`](crate::Outcome) says the key's quota is spent
-//!   ([`QuotaExhausted`](crate::Outcome::QuotaExhausted): billing, a daily quota; another
-//!   key of the same account would not help) or that the platform as a whole is overloaded,
-//! - only when some key the request has not been sent with yet is usable right now
-//!   (not cooling down, not disabled): the [`TriedKeys`](crate::TriedKeys) extension it puts
-//!   on the request makes [`KeyRotation`](crate::KeyRotation) prefer such a key,
+//!   a `401`/`403` (the key is disabled; another may serve), or a connection that failed
+//!   before any byte was sent; never a response whose [`Outcome`](crate::Outcome) says the
+//!   key's quota is spent ([`QuotaExhausted`](crate::Outcome::QuotaExhausted): billing, a
+//!   daily quota; another key of the same account would not help) or that the platform as
+//!   a whole is overloaded,
+//! - sends the next attempt to a key the request has not tried, if one can take it now
+//!   (the [`TriedKeys`](crate::TriedKeys) extension it puts on the request makes
+//!   [`KeyRotation`](crate::KeyRotation) prefer such a key); else it **waits** for the
+//!   earliest key that can: one freeing a slot, or a tried key whose own rest is over. It
+//!   never sends on a key that is still resting,
+//! - waits only within the request's **wait budget**
+//!   ([`KeyPoolBuilder::max_wait`](crate::KeyPoolBuilder::max_wait), 30 s by default,
+//!   counted from the request's arrival across all its attempts): when the earliest key
+//!   comes back after the budget ends, the refusal goes back to the caller at once,
 //! - only when the body can be sent again ([`ReplayBody`], buffered up to a size you choose),
 //! - at most [`RetryLayer::max_retries`] times per request, and only while the shared
 //!   [retry budget](tower::retry::budget::TpsBudget) allows, so that a storm of `429`s
 //!   cannot multiply the load on the provider,
 //! - and when it gives up, hands back the provider's last response untouched, with its
-//!   `Retry-After` / `retry-after-ms` headers.
-//!
-//! Retries never wait for a cool-down: if every untried key is resting, the `429` goes back
-//! to the caller, whose own retry logic can honour `Retry-After`.
+//!   `Retry-After` / `retry-after-ms` headers. A final answer that took more than one
+//!   attempt, or waited, carries an [`Attempts`] extension.
 //!
 //! # Composition
 //!
@@ -61,23 +68,46 @@
 //! ```
 
 mod body;
+pub mod future;
 mod layer;
 mod policy;
 mod service;
+
+use std::time::Duration;
 
 pub use body::ReplayBody;
 pub use layer::RetryLayer;
 pub use policy::{RetryPolicy, is_connection_refused};
 pub use service::Retry;
 
-/// Future types of [`Retry`].
-pub mod future {
-    use http::Request;
+/// A response extension saying the request took more than one attempt, or waited for a
+/// key: what a proxy needs to tell its clients not to retry again themselves (the openai
+/// and anthropic SDKs obey `x-should-retry: false`).
+///
+/// # Examples
+///
+/// ```
+/// use tower_key_rotation::retry::Attempts;
+///
+/// # let response = http::Response::new(());
+/// if let Some(attempts) = response.extensions().get::<Attempts>() {
+///     println!("{} attempts, {:?} waiting for a key", attempts.count(), attempts.waited());
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempts {
+    pub(crate) count: u32,
+    pub(crate) waited: Duration,
+}
 
-    use super::{ReplayBody, RetryPolicy};
+impl Attempts {
+    /// Attempts made, this one included.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
 
-    /// Response future of [`Retry`](super::Retry): tower's retry future with this module's
-    /// policy.
-    pub type ResponseFuture<S, B> =
-        tower::retry::future::ResponseFuture<RetryPolicy, S, Request<ReplayBody<B>>>;
+    /// Time spent waiting for a key, before the first attempt and between attempts.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use http::{Request, Response};
 use tower_service::Service;
@@ -10,21 +11,37 @@ use crate::BoxError;
 use crate::auth::Placement;
 use crate::body::TrackedBody;
 use crate::future::ResponseFuture;
-use crate::pool::{KeyPool, Lease, Waiter};
+use tokio::time::Instant;
+
+use crate::error::{AllKeysDisabled, NoKeyAvailable};
+use crate::pool::{KeyPool, Lease, Reserve, Waiter};
 use crate::tried::TriedKeys;
 
 /// Middleware that puts a key from a shared [`KeyPool`] on every request.
 ///
 /// - `poll_ready` first drives the inner service to readiness, then reserves a key (a
 ///   [`Lease`], counted in flight). With no key available it returns `Pending` and arranges
-///   its own wake-up; it fails only when every key is disabled.
-/// - `call` consumes the reservation: the key's header goes on the request, and the lease
-///   travels with the response future and then the response body.
+///   its own wake-up, for at most the pool's wait budget
+///   ([`KeyPoolBuilder::max_wait`](crate::KeyPoolBuilder::max_wait), 30 s by default).
+/// - `poll_ready` never fails for want of a key: tower says a service whose `poll_ready`
+///   failed must be dropped, and behind [`Buffer`](tower::buffer::Buffer) that would end
+///   the service for good, though a reload could bring a key back. When no key can come
+///   within the budget ([`NoKeyAvailable`], decided at once when the earliest return is
+///   past it) or every key is disabled ([`AllKeysDisabled`]), it is ready and that one call
+///   fails with the error.
+/// - `call` checks the reservation again (a reload may have removed its key since, or the
+///   key may have started resting, or owe its single probe to another request) and trades
+///   it if needed; then the key's header goes on the request, and the lease travels with
+///   the response future and then the response body. A retried request (carrying
+///   [`TriedKeys`]) goes to a key it has not tried if one is free.
 /// - A service dropped between `poll_ready` and `call` gives its reservation back. `Clone`
 ///   gives a service with no reservation.
 ///
 /// The inner service is driven to readiness first so that a key is never held idle (and
 /// counted in flight) while the inner client is still connecting.
+///
+/// [`NoKeyAvailable`]: crate::NoKeyAvailable
+/// [`AllKeysDisabled`]: crate::AllKeysDisabled
 ///
 /// # Panics
 ///
@@ -34,8 +51,31 @@ pub struct KeyRotation<S> {
     inner: S,
     pool: KeyPool,
     placement: Placement,
-    lease: Option<Lease>,
+    reserved: Option<Reserved>,
     waiter: Waiter,
+}
+
+/// What `poll_ready` set aside for the next `call`.
+#[derive(Debug)]
+enum Reserved {
+    Lease(Lease),
+    /// No key: the call fails with this.
+    Refused(Refused),
+}
+
+#[derive(Debug)]
+enum Refused {
+    NoKey(NoKeyAvailable),
+    AllDisabled(AllKeysDisabled),
+}
+
+impl From<Refused> for BoxError {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::NoKey(e) => e.into(),
+            Refused::AllDisabled(e) => e.into(),
+        }
+    }
 }
 
 impl<S> KeyRotation<S> {
@@ -49,7 +89,7 @@ impl<S> KeyRotation<S> {
             inner,
             pool,
             placement,
-            lease: None,
+            reserved: None,
             waiter: Waiter::new(),
         }
     }
@@ -87,35 +127,68 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         ready!(self.inner.poll_ready(cx)).map_err(Into::into)?;
-        if let Some(lease) = &self.lease {
-            if lease.is_usable() {
-                return Poll::Ready(Ok(()));
-            }
-            // The reserved key started cooling down (or was disabled) since: trade it for
-            // a usable one, or give it back and wait like everyone else.
-            if let Some(other) = self.pool.try_reserve() {
-                self.lease = Some(other);
-                return Poll::Ready(Ok(()));
-            }
-            self.lease = None;
+        match &self.reserved {
+            Some(Reserved::Lease(lease)) if lease.is_usable() => return Poll::Ready(Ok(())),
+            // The reserved key was removed, started resting or was disabled since: trade it
+            // for a usable one, or give it back and wait like everyone else.
+            Some(Reserved::Lease(_)) => self.reserved = self.pool.try_reserve().map(Reserved::Lease),
+            // A refusal is decided afresh: a key may have come back since.
+            Some(Reserved::Refused(_)) => self.reserved = None,
+            None => {}
         }
-        let lease = ready!(self.pool.poll_reserve(&mut self.waiter, cx))?;
-        self.lease = Some(lease);
+        if self.reserved.is_none() {
+            self.reserved = self.pool.try_reserve().map(Reserved::Lease);
+        }
+        if self.reserved.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        // The slow path: wait for a key, within the budget counted from the first look.
+        let since = *self.waiter.since.get_or_insert_with(Instant::now);
+        let deadline = self.pool.max_wait().and_then(|wait| since.checked_add(wait));
+        self.reserved = Some(
+            match ready!(self.pool.poll_reserve(&mut self.waiter, deadline, cx)) {
+                Reserve::Lease(lease) => Reserved::Lease(lease),
+                Reserve::NoKey(e) => Reserved::Refused(Refused::NoKey(e)),
+                Reserve::AllDisabled(e) => Reserved::Refused(Refused::AllDisabled(e)),
+            },
+        );
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let mut lease = self
-            .lease
+        let reserved = self
+            .reserved
             .take()
             .expect("KeyRotation::call without a key: poll_ready must return Ready first");
-        if let Some(tried) = req.extensions().get::<TriedKeys>() {
-            // A retry: prefer a key this request has not been refused on yet.
-            if tried.contains(lease.index()) {
-                if let Some(untried) = self.pool.try_reserve_where(|i| !tried.contains(i)) {
-                    lease = untried;
+        let mut lease = match reserved {
+            Reserved::Lease(lease) => lease,
+            Reserved::Refused(refused) => return ResponseFuture::refused(refused.into()),
+        };
+        let tried = req.extensions().get::<TriedKeys>();
+        let usable = lease.is_usable();
+        if !usable || tried.is_some_and(|tried| tried.contains(lease.index())) {
+            // A retry prefers a key this request has not been refused on yet; a
+            // reservation that went stale since `poll_ready` is traded for any free key.
+            let other = tried
+                .and_then(|tried| self.pool.try_reserve_where(|i| !tried.contains(i)))
+                .or_else(|| (!usable).then(|| self.pool.try_reserve()).flatten());
+            match other {
+                Some(other) => lease = other,
+                None if usable => {}
+                None => {
+                    // Never sent on a key that may not take it; the caller hears when the
+                    // earliest key is back.
+                    let retry_after = self
+                        .pool
+                        .earliest_return_in()
+                        .filter(|wait| !wait.is_zero())
+                        .unwrap_or(Duration::from_secs(1));
+                    let error = NoKeyAvailable::new(retry_after, Duration::ZERO);
+                    return ResponseFuture::refused(error.into());
                 }
             }
+        }
+        if let Some(tried) = tried {
             tried.insert(lease.index());
         }
         let mut req = req;
@@ -140,7 +213,7 @@ impl<S: fmt::Debug> fmt::Debug for KeyRotation<S> {
         f.debug_struct("KeyRotation")
             .field("inner", &self.inner)
             .field("pool", &self.pool)
-            .field("lease", &self.lease)
+            .field("reserved", &self.reserved)
             .finish()
     }
 }

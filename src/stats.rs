@@ -27,6 +27,13 @@ pub struct KeyStats {
     pub failures: u64,
     /// Requests reserved or in flight on this key right now.
     pub in_flight: u32,
+    /// At most this many requests in flight at once: the configured cap, or a lower limit
+    /// learned from the provider's refusals
+    /// ([`KeyPoolBuilder::learn_concurrency`](crate::KeyPoolBuilder::learn_concurrency)).
+    /// `None`: no limit.
+    pub concurrency_limit: Option<u32>,
+    /// The key's state now.
+    pub state: KeyState,
     /// How long until the key may be used again, if it is cooling down (or suspended).
     pub cooling_down_for: Option<Duration>,
     /// How long until the key's quota lets the next request go, if it is used up.
@@ -36,6 +43,42 @@ pub struct KeyStats {
     pub probing: bool,
     /// The key was rejected by the provider and takes no more requests.
     pub disabled: bool,
+}
+
+/// A key's state, as the pool's state diagram names it (see [`KeyPool`](crate::KeyPool)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KeyState {
+    /// Can take a request now (if it owes a probe after a rest, the next request is it).
+    Healthy,
+    /// At its concurrency limit, or out of quota until it refills.
+    Busy,
+    /// Cooling down after a refusal, or suspended for a spent quota: back, with a single
+    /// probe request, when the rest ends.
+    Resting,
+    /// Its probe request after a rest is in flight: takes no other until it answers.
+    Probing,
+    /// Rejected by the provider: takes no more requests.
+    Disabled,
+}
+
+impl KeyState {
+    /// The state's name in lower case, as the proxy's admin page and metrics show it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Busy => "busy",
+            Self::Resting => "resting",
+            Self::Probing => "probing",
+            Self::Disabled => "disabled",
+        }
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl fmt::Display for KeyStats {

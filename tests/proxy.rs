@@ -132,7 +132,7 @@ async fn a_429_is_resent_on_another_key_and_that_key_cools_down() {
     assert!((20_000..=30_000).contains(&cooling), "{cooling}");
     assert_eq!(keys[1]["cooling_down_ms"], 0);
     proxy.wait_for_log("key 1/3 rate limited").await;
-    proxy.wait_for_log("resending on another key").await;
+    proxy.wait_for_log("429 from key 1/3; sending again").await;
     proxy
         .wait_for_log("Using key 2/3: POST /chat/completions -> 200")
         .await;
@@ -400,7 +400,7 @@ async fn a_client_going_away_mid_stream_releases_the_key() {
 }
 
 #[tokio::test]
-async fn a_401_disables_the_key_and_the_others_carry_on() {
+async fn a_401_disables_the_key_and_the_request_goes_to_another() {
     let upstream = MockUpstream::start(|seen: Seen| async move {
         if seen.bearer().as_deref() == Some(KEYS[1]) {
             reply(401, "{\"error\":\"invalid api key\"}")
@@ -422,9 +422,9 @@ async fn a_401_disables_the_key_and_the_others_carry_on() {
         }
         statuses
     };
-    // The 401 is the provider's answer and passes through; key 2 is then skipped.
-    assert_eq!(statuses, [200, 401, 200, 200, 200]);
-    assert_eq!(positions(&upstream), [1, 2, 3, 1, 3]);
+    // The 401 disables key 2 and its request goes to key 3; key 2 is then skipped.
+    assert_eq!(statuses, [200, 200, 200, 200, 200]);
+    assert_eq!(positions(&upstream), [1, 2, 3, 1, 3, 1]);
     let keys = keys(&proxy).await;
     assert_eq!(keys[1]["disabled"], true);
     assert_eq!(keys[0]["disabled"], false);
@@ -880,6 +880,7 @@ async fn a_body_over_the_retry_limit_streams_through_and_is_not_retried() {
     let upstream = MockUpstream::start(|_| async { reply(429, "busy") }).await;
     let proxy = ProxyConfig::new(&upstream.url(""), KEY_LIST)
         .arg("--retry-body-limit", "1024")
+        .arg("--retries", "1")
         .start()
         .await;
 
@@ -890,7 +891,8 @@ async fn a_body_over_the_retry_limit_streams_through_and_is_not_retried() {
     assert_eq!(seen.len(), 1, "not retried");
     assert_eq!(seen[0].body.len(), 100_000, "the whole body arrived");
 
-    // A small body is retried, on the keys not resting (key 1 cools after its 429).
+    // A small body is retried (once, with --retries 1), on a key not resting (key 1 cools
+    // after its 429).
     assert_eq!(post(&proxy.url("/small"), "{}").await.status, 429);
     assert_eq!(positions(&upstream), [1, 2, 3]);
 }

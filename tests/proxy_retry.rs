@@ -132,17 +132,23 @@ async fn retries_stop_at_the_limit_and_the_last_429_keeps_its_retry_after() {
 }
 
 #[tokio::test]
-async fn retries_stop_once_every_key_has_been_tried() {
+async fn a_refusal_is_handed_back_at_once_when_no_key_is_back_within_the_budget() {
     let upstream = MockUpstream::start(|_| async { limited("9") }).await;
-    let pool = pool(3);
-    // More retries allowed than there are keys: each key is tried once, then the 429 is
-    // the answer.
+    let pool = KeyPool::builder(KeySet::parse(&KEYS.join(",")).unwrap())
+        .max_wait(Some(Duration::from_secs(1)))
+        .build();
+    // More retries allowed than there are keys: each key is tried once; then every key
+    // rests 9 s, past the 1 s budget, so the 429 is the answer, with its Retry-After.
     let service = stack(&pool, RetryLayer::new(pool.clone()).max_retries(10));
 
+    let started = tokio::time::Instant::now();
     let (tried, result) = send(service, &upstream.url("/x"), buffered("{}").await).await;
-    assert_eq!(result.unwrap().status(), 429);
+    let response = result.unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "9");
     assert_eq!(tried.positions(), [1, 2, 3]);
     assert_eq!(upstream.seen().len(), 3);
+    assert!(started.elapsed() < Duration::from_secs(1), "not at the end of the budget");
 }
 
 #[tokio::test]

@@ -9,9 +9,11 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::time::advance;
-use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok};
-use tower::{BoxError, ServiceExt};
-use tower_key_rotation::{AllKeysDisabled, KeyPool, KeyPoolBuilder, KeyRotation, KeySet, Outcome};
+use tokio_test::{assert_pending, assert_ready_ok};
+use tower::{BoxError, Service, ServiceExt};
+use tower_key_rotation::{
+    AllKeysDisabled, KeyPool, KeyPoolBuilder, KeyRotation, KeySet, NoKeyAvailable, Outcome,
+};
 use tower_test::mock::Spawn;
 
 type Inner = tower::util::BoxCloneSyncService<Request<()>, Response<Full<Bytes>>, Infallible>;
@@ -62,6 +64,15 @@ async fn send(pool: &KeyPool, status: u16, retry_after: Option<&str>) -> String 
     key
 }
 
+/// Sends one request through a fresh service, reads the body, and returns the status.
+async fn send_response(pool: &KeyPool, status: u16, retry_after: Option<&str>) -> StatusCode {
+    let service = KeyRotation::new(mock(), pool.clone());
+    let response = service.oneshot(request(status, retry_after)).await.unwrap();
+    let status = response.status();
+    response.into_body().collect().await.unwrap();
+    status
+}
+
 fn in_flight(pool: &KeyPool) -> Vec<u32> {
     pool.snapshot().iter().map(|s| s.in_flight).collect()
 }
@@ -101,7 +112,7 @@ async fn a_freed_slot_wakes_a_waiting_caller() {
 }
 
 #[tokio::test]
-async fn every_key_disabled_is_an_error_and_wakes_waiters() {
+async fn every_key_disabled_readies_the_waiters_and_fails_their_calls() {
     let pool = builder(2).max_in_flight_per_key(1).build();
     let (mut a, mut b, mut waiting) = (service(&pool), service(&pool), service(&pool));
     assert_ready_ok!(a.poll_ready());
@@ -117,7 +128,10 @@ async fn every_key_disabled_is_an_error_and_wakes_waiters() {
 
     b.call(request(403, None)).await.unwrap();
     assert!(waiting.is_woken());
-    let error: BoxError = assert_ready_err!(waiting.poll_ready());
+    // Ready (a failed poll_ready would make tower callers drop the service for good); the
+    // call fails instead.
+    assert_ready_ok!(waiting.poll_ready());
+    let error: BoxError = waiting.call(request(200, None)).await.unwrap_err();
     let error = error.downcast::<AllKeysDisabled>().unwrap();
     assert_eq!(
         error.to_string(),
@@ -128,6 +142,115 @@ async fn every_key_disabled_is_an_error_and_wakes_waiters() {
             .iter()
             .all(|s| s.disabled && s.in_flight == 0)
     );
+}
+
+#[tokio::test]
+async fn behind_a_buffer_a_reload_revives_a_service_whose_keys_were_all_disabled() {
+    let pool = builder(1).build();
+    let mut buffered = tower::buffer::Buffer::new(KeyRotation::new(mock(), pool.clone()), 8);
+    let response = buffered.ready().await.unwrap().call(request(401, None)).await;
+    assert_eq!(response.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert!(pool.all_disabled());
+    let error = buffered
+        .ready()
+        .await
+        .unwrap()
+        .call(request(200, None))
+        .await
+        .unwrap_err();
+    assert!(error.is::<AllKeysDisabled>(), "{error}");
+
+    // A good key comes back: the same buffered service serves again.
+    pool.reload(KeySet::parse("key-new").unwrap());
+    let response = buffered
+        .ready()
+        .await
+        .unwrap()
+        .call(request(200, None))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-key"], "Bearer key-new");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_past_the_budget_fails_at_once_with_retry_after() {
+    let pool = builder(1)
+        .max_wait(Some(Duration::from_secs(1)))
+        .build();
+    let status = send_response(&pool, 429, Some("5")).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    // The only key rests 5 s; the budget is 1 s: ready at once, and the call says when.
+    let mut waiting = service(&pool);
+    assert_ready_ok!(waiting.poll_ready());
+    let error = waiting.call(request(200, None)).await.unwrap_err();
+    let error = error.downcast::<NoKeyAvailable>().unwrap();
+    assert_eq!(error.retry_after(), Duration::from_secs(5));
+    assert_eq!(error.waited(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_for_a_busy_key_ends_with_the_budget() {
+    let pool = builder(1)
+        .max_in_flight_per_key(1)
+        .max_wait(Some(Duration::from_secs(2)))
+        .build();
+    let mut holder = service(&pool);
+    assert_ready_ok!(holder.poll_ready());
+    let mut waiting = service(&pool);
+    assert_pending!(waiting.poll_ready());
+    advance(Duration::from_millis(1999)).await;
+    assert_pending!(waiting.poll_ready());
+    advance(Duration::from_millis(1)).await;
+    assert!(waiting.is_woken(), "the budget's end wakes the waiter");
+    assert_ready_ok!(waiting.poll_ready());
+    let error = waiting.call(request(200, None)).await.unwrap_err();
+    let error = error.downcast::<NoKeyAvailable>().unwrap();
+    assert_eq!(error.waited(), Duration::from_secs(2));
+    // A busy key gives no time: one second.
+    assert_eq!(error.retry_after(), Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_for_a_resting_key_within_the_budget_gets_it() {
+    let pool = builder(1).build(); // 30 s budget
+    send_response(&pool, 429, Some("2")).await;
+    let mut waiting = service(&pool);
+    assert_pending!(waiting.poll_ready());
+    advance(Duration::from_secs(2)).await;
+    assert!(waiting.is_woken());
+    assert_ready_ok!(waiting.poll_ready());
+    let response = waiting.call(request(200, None)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_reservation_on_a_key_removed_since_is_traded_before_sending() {
+    let pool = builder(2).build();
+    let mut ready = service(&pool);
+    assert_ready_ok!(ready.poll_ready()); // key 1
+    pool.reload(KeySet::parse("key-2,key-3").unwrap());
+    let response = ready.call(request(200, None)).await.unwrap();
+    assert_ne!(response.headers()["x-key"], "Bearer key-1", "key 1 was removed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reservation_made_before_a_rest_becomes_the_probe_or_waits() {
+    let pool = builder(1).build();
+    let (mut early, mut later) = (service(&pool), service(&pool));
+    assert_ready_ok!(early.poll_ready());
+    assert_ready_ok!(later.poll_ready());
+    // Another request is refused: the key rests 1 s, then owes one probe.
+    send_response(&pool, 429, Some("1")).await;
+    advance(Duration::from_secs(1)).await;
+    // Both reservations predate the rest. The first to be sent becomes the probe ...
+    let probe = early.call(request(200, None));
+    assert!(pool.snapshot()[0].probing);
+    // ... and the other may not go while the probe is out.
+    let error = later.call(request(200, None)).await.unwrap_err();
+    assert!(error.is::<NoKeyAvailable>(), "{error}");
+    assert_eq!(probe.await.unwrap().status(), StatusCode::OK);
+    assert!(!pool.snapshot()[0].probing);
 }
 
 #[tokio::test]

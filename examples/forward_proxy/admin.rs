@@ -22,6 +22,13 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
         );
     }
     match path {
+        // 503 once no key can ever serve again (all disabled): a load balancer should send
+        // clients elsewhere until a reload brings a working key.
+        "/_keyrotation/health" if state.pool.all_disabled() => Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(full("every key is disabled\n"))
+            .expect("static response"),
         "/_keyrotation/health" => Response::builder()
             .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
             .body(full("ok\n"))
@@ -38,7 +45,9 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
                         "name": key.name,
                         "account": key.account,
                         "weight": key.weight,
+                        "state": key.state.as_str(),
                         "in_flight": key.in_flight,
+                        "concurrency_limit": key.concurrency_limit,
                         "requests": key.requests,
                         "successes": key.successes,
                         "rate_limited": key.rate_limited,

@@ -60,13 +60,21 @@ pub(crate) struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) max_in_flight_per_key: Option<u32>,
 
-    /// Resend a request answered 429 on another key at most this many times.
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    /// Send a refused request (429, rejected key, refused connection) again at most this
+    /// many times; what bounds a request is --max-wait.
+    #[arg(long, value_name = "N", default_value_t = 10)]
     pub(crate) retries: usize,
 
-    /// How long a request may wait for a free key before a 503.
+    /// How long a request may wait for a key, from its arrival and across its retries,
+    /// before a 503 with Retry-After (at once when no key can be back in time).
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
     pub(crate) max_wait: Duration,
+
+    /// Do not learn each key's concurrency limit from 429s that arrive while other
+    /// requests are in flight on it (learning makes later requests wait for a slot instead
+    /// of being refused).
+    #[arg(long)]
+    pub(crate) no_learn_concurrency: bool,
 
     /// Environment variable holding the comma-separated keys.
     #[arg(long, value_name = "NAME", default_value = "BIGMODEL_API_KEY")]

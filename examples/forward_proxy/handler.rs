@@ -15,14 +15,13 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::{BoxError, ServiceExt};
-use tower_key_rotation::retry::ReplayBody;
-use tower_key_rotation::{AllKeysDisabled, KeyPool, TriedKeys};
+use tower_key_rotation::retry::{Attempts, ReplayBody};
+use tower_key_rotation::{AllKeysDisabled, KeyPool, NoKeyAvailable, TriedKeys};
 
 use crate::admin;
 use crate::config::{AccessToken, Upstream as UpstreamUrl};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
-use crate::wait::NoKeyAvailable;
 
 /// Every response body the proxy sends: the upstream's, streamed, or its own.
 pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -64,7 +63,11 @@ pub(crate) async fn handle(
     let method = req.method().clone();
     // The path only: a query string is the client's business and stays out of logs.
     let path = req.uri().path().to_owned();
-    let (response, tried) = proxy(&state, req).await;
+    let (mut response, tried) = proxy(&state, req).await;
+    let waited = response
+        .extensions_mut()
+        .remove::<Waited>()
+        .map_or(std::time::Duration::ZERO, |waited| waited.0);
     let elapsed = started.elapsed();
     let status = response.status();
     let latency_ms = elapsed.as_millis();
@@ -74,7 +77,7 @@ pub(crate) async fn handle(
     }
     state
         .metrics
-        .observe(status, elapsed, tried.len().saturating_sub(1));
+        .observe(status, elapsed, tried.len().saturating_sub(1), waited);
     let keys = state.pool.len();
     match tried.last() {
         Some(key) if tried.len() > 1 => tracing::info!(
@@ -183,12 +186,29 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Vec<us
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
+            if let Some(attempts) = parts.extensions.get::<Attempts>() {
+                // We already retried or waited for this answer: an SDK retrying it again
+                // would only stack its retries on ours.
+                no_more_retries(&mut parts.headers);
+                let waited = Waited(attempts.waited());
+                parts.extensions.insert(waited);
+            }
             let body = body.map_err(BoxError::from).boxed_unsync();
             (Response::from_parts(parts, body), tried)
         }
-        Err(error) => (error_response(&error), tried),
+        Err(error) => {
+            let mut response = error_response(&error);
+            if let Some(no_key) = error.downcast_ref::<NoKeyAvailable>() {
+                response.extensions_mut().insert(Waited(no_key.waited()));
+            }
+            (response, tried)
+        }
     }
 }
+
+/// How long a request waited for a key, passed from `proxy` to the metrics.
+#[derive(Clone, Copy)]
+struct Waited(std::time::Duration);
 
 /// `.` and `..` segments (also percent-encoded) would let a request climb out of the
 /// upstream's path prefix once the upstream normalises the path.
@@ -255,20 +275,47 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+/// Obeyed by the openai and anthropic SDKs: `false` and they do not retry.
+const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+
+/// Tells SDKs not to retry an answer the proxy already retried or waited for, and (for a
+/// refusal) when to come back, in the millisecond form the openai SDK reads first.
+fn no_more_retries(headers: &mut HeaderMap) {
+    headers.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
+    if headers.contains_key(RETRY_AFTER_MS) {
+        return;
+    }
+    let wait = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| tower_key_rotation::parse_retry_after(value, std::time::SystemTime::now()));
+    if let Some(wait) = wait {
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        headers.insert(RETRY_AFTER_MS, HeaderValue::from(ms));
+    }
+}
+
 /// The proxy's own failures, as JSON. Upstream answers (429s included) never come here:
 /// they pass through as they are.
 fn error_response(error: &BoxError) -> Response<Body> {
     tracing::warn!("request failed: {}", chain(error.as_ref()));
     if let Some(no_key) = error.downcast_ref::<NoKeyAvailable>() {
-        let secs = no_key.retry_after.as_secs() + u64::from(no_key.retry_after.subsec_nanos() > 0);
+        let wait = no_key.retry_after();
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         let mut response = json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_key_available",
             "every API key is busy or rate limited; retry later",
         );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        let headers = response.headers_mut();
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        headers.insert(
+            RETRY_AFTER_MS,
+            HeaderValue::from(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)),
+        );
+        // The proxy waited as long as it was allowed to.
+        headers.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
         return response;
     }
     if error.downcast_ref::<AllKeysDisabled>().is_some() {

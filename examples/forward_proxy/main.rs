@@ -18,7 +18,7 @@
 //!
 //! One module per job: `config` (flags, `.env`, secrets), `keys` (the key file),
 //! `reload` (SIGHUP and key file changes), `handler` (one request), `upstream` (client
-//! stack), `wait` (bounded wait for a key), `admin` and `metrics`.
+//! stack), `admin` and `metrics`.
 
 mod admin;
 mod config;
@@ -27,7 +27,6 @@ mod keys;
 mod metrics;
 mod reload;
 mod upstream;
-mod wait;
 
 use std::pin::pin;
 use std::process::ExitCode;
@@ -78,7 +77,9 @@ async fn run(args: Args) -> Result<(), String> {
     let secrets = config::load_secrets(&args)?;
     let mut pool = KeyPool::builder(secrets.keys)
         .strategy(args.strategy.into())
-        .classifier(args.profile.into());
+        .classifier(args.profile.into())
+        .max_wait(Some(args.max_wait))
+        .learn_concurrency(!args.no_learn_concurrency);
     if let Some(max) = args.max_in_flight_per_key {
         pool = pool.max_in_flight_per_key(max);
     }
@@ -100,7 +101,6 @@ async fn run(args: Args) -> Result<(), String> {
         upstream::Options {
             placement: args.auth.placement(),
             retries: args.retries,
-            max_wait: args.max_wait,
             connect_timeout: args.connect_timeout,
             request_timeout: args.request_timeout,
             extra_roots: match &args.upstream_ca {

@@ -21,6 +21,7 @@ pub(crate) struct Metrics {
     latency: Histogram,
     responses: Family<Vec<(&'static str, String)>, Counter>,
     retries: Counter,
+    waited: Histogram,
     reloads: ReloadCounter,
 }
 
@@ -46,6 +47,12 @@ impl Metrics {
             "Requests resent on another key after a 429 or a failed connection",
             retries.clone(),
         );
+        let waited = Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
+        registry.register(
+            "wait_seconds",
+            "Time requests that had to wait spent waiting for a key (before the first attempt and between attempts)",
+            waited.clone(),
+        );
         let reloads = ReloadCounter::default();
         registry.register(
             "key_reloads",
@@ -58,6 +65,7 @@ impl Metrics {
             latency,
             responses,
             retries,
+            waited,
             reloads,
         }
     }
@@ -69,8 +77,17 @@ impl Metrics {
 
     /// One answered request: its status, time to the response head, and how many times
     /// it was resent on another key.
-    pub(crate) fn observe(&self, status: http::StatusCode, latency: Duration, retries: usize) {
+    pub(crate) fn observe(
+        &self,
+        status: http::StatusCode,
+        latency: Duration,
+        retries: usize,
+        waited: Duration,
+    ) {
         self.retries.inc_by(retries as u64);
+        if !waited.is_zero() {
+            self.waited.observe(waited.as_secs_f64());
+        }
         self.latency.observe(latency.as_secs_f64());
         self.responses
             .get_or_create(&vec![("status", status.as_str().to_owned())])
@@ -116,6 +133,15 @@ impl Collector for KeyCollector {
             count.metric_type(),
         )?;
         count.encode(family)?;
+
+        let waiting = ConstGauge::new(self.pool.waiting() as f64);
+        let family = encoder.encode_descriptor(
+            "requests_waiting",
+            "Requests waiting for a key right now.",
+            None,
+            waiting.metric_type(),
+        )?;
+        waiting.encode(family)?;
 
         type Read = fn(&tower_key_rotation::KeyStats) -> u64;
         let counters: [(&str, &str, Read); 4] = [
@@ -176,6 +202,21 @@ impl Collector for KeyCollector {
             for key in &keys {
                 let labels = label(key);
                 ConstGauge::new(read(key)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+
+        // Only keys with a limit: "no limit" has no number.
+        let metric = ConstGauge::new(0.0f64);
+        let mut family = encoder.encode_descriptor(
+            "key_concurrency_limit",
+            "Requests a key may have in flight at once: the configured cap, or the lower limit learned from 429s.",
+            None,
+            metric.metric_type(),
+        )?;
+        for key in &keys {
+            if let Some(limit) = key.concurrency_limit {
+                let labels = label(key);
+                ConstGauge::new(f64::from(limit)).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())

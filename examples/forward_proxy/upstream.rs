@@ -1,8 +1,8 @@
 //! The client side: hyper-util's pooled client over rustls, wrapped in the key layers.
 //!
-//! Order matters (see the crate docs): retry outside, so each attempt reserves its own key;
-//! the bounded wait around `KeyRotation::poll_ready`; the response-head timeout inside, so
-//! that a key which timed out is counted as a failure of that key.
+//! Order matters (see the crate docs): retry outside, so each attempt reserves its own key
+//! (and waits for one within the pool's wait budget, `--max-wait`); the response-head
+//! timeout inside, so that a key which timed out is counted as a failure of that key.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,18 +18,15 @@ use tower::{BoxError, ServiceBuilder};
 use tower_key_rotation::retry::{ReplayBody, Retry, RetryLayer};
 use tower_key_rotation::{KeyPool, KeyRotation, KeyRotationLayer, Placement};
 
-use crate::wait::{BoundedWait, BoundedWaitLayer};
-
 pub(crate) type RequestBody = ReplayBody<Incoming>;
 type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
 /// The whole client stack, one clone per request.
-pub(crate) type Upstream = Retry<BoundedWait<KeyRotation<Timeout<HttpClient>>>>;
+pub(crate) type Upstream = Retry<KeyRotation<Timeout<HttpClient>>>;
 
 pub(crate) struct Options {
     pub(crate) placement: Placement,
     pub(crate) retries: usize,
-    pub(crate) max_wait: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
     /// Trusted besides the public web roots (`--upstream-ca`).
@@ -74,10 +71,6 @@ pub(crate) fn build(pool: &KeyPool, options: Options) -> Result<Upstream, String
                 .max_retries(options.retries)
                 .retry_error_if(is_connect_error),
         )
-        .layer(BoundedWaitLayer {
-            pool: pool.clone(),
-            max_wait: options.max_wait,
-        })
         .layer(KeyRotationLayer::new(pool.clone()).placement(options.placement))
         .layer(TimeoutLayer::new(options.request_timeout))
         .service(client))

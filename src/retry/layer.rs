@@ -12,12 +12,16 @@ use crate::pool::KeyPool;
 use crate::retry::policy::{RetryPolicy, is_connection_refused};
 use crate::retry::service::Retry;
 
-/// Resends a request refused with `429` (or not connected) on a key it has not tried.
+/// Sends a refused request (`429`, rejected key, not connected) again, on a key it has not
+/// tried or on the earliest key back within the request's wait budget.
 ///
-/// Put it outside [`KeyRotationLayer`](crate::KeyRotationLayer), over the same pool. The
-/// defaults: 2 retries per request, and a budget of 20% extra requests over a 10 s
-/// window, with at least 10 retries a second allowed. Cloning is cheap; every clone shares
-/// the budget.
+/// Put it outside [`KeyRotationLayer`](crate::KeyRotationLayer), over the same pool. What
+/// bounds a request is the pool's wait budget
+/// ([`KeyPoolBuilder::max_wait`](crate::KeyPoolBuilder::max_wait)); the defaults here only
+/// stop pathologies: at most 10 retries per request, and a retry budget of 20% extra
+/// requests over a 10 s window, with at least 10 retries a second allowed, so that a storm
+/// of refusals cannot multiply the load on the provider. Cloning is cheap; every clone
+/// shares the retry budget.
 ///
 /// # Examples
 ///
@@ -44,7 +48,7 @@ impl RetryLayer {
         Self {
             policy: RetryPolicy {
                 pool,
-                max_retries: 2,
+                max_retries: 10,
                 budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
                 retry_error: Arc::new(is_connection_refused),
                 retries: 0,

@@ -1,31 +1,31 @@
-//! [`RetryPolicy`]: when a response or error earns a second attempt.
+//! [`RetryPolicy`]: when a response or error earns another attempt, and whether waiting
+//! for a key can still fit in the request's budget.
 
 use std::error::Error as StdError;
 use std::fmt;
-use std::future::{Ready, ready};
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
-use tower::retry::Policy;
+use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::BoxError;
 use crate::outcome::Outcome;
-use crate::pool::KeyPool;
+use crate::pool::{KeyPool, PoolAvailability};
 use crate::retry::ReplayBody;
 use crate::tried::TriedKeys;
 
 type ErrorPredicate = dyn Fn(&BoxError) -> bool + Send + Sync;
 
-/// The [`tower::retry::Policy`] behind [`Retry`](super::Retry): resend a `429` (or a
-/// `503` with `Retry-After`, or a connection failure) on a key the request has not tried.
+/// The policy behind [`Retry`](super::Retry): send a refused request again on another key,
+/// or on the same key once its rest is over, within the request's wait budget.
 ///
 /// The response's [`Outcome`] decides before its status: a spent quota
 /// ([`Outcome::QuotaExhausted`]) or a platform-wide overload ([`Outcome::Failure`]) is
 /// handed back at once, since no other key would fare better.
 ///
 /// Each request's future holds its own copy, which counts that request's retries; the
-/// budget is shared by all copies. Made by [`RetryLayer`](super::RetryLayer).
+/// retry budget is shared by all copies. Made by [`RetryLayer`](super::RetryLayer).
 #[derive(Clone)]
 pub struct RetryPolicy {
     pub(crate) pool: KeyPool,
@@ -37,11 +37,13 @@ pub struct RetryPolicy {
 }
 
 /// Why an attempt is worth repeating.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reason {
     RateLimited,
     /// A 503 whose `Retry-After` the classifier read as a rate limit of the key.
     Unavailable,
+    /// 401/403: the key is disabled, another may serve.
+    KeyRejected,
     NotConnected,
 }
 
@@ -50,23 +52,24 @@ impl fmt::Display for Reason {
         f.write_str(match self {
             Self::RateLimited => "429",
             Self::Unavailable => "503 with Retry-After",
+            Self::KeyRejected => "rejected key",
             Self::NotConnected => "connection failure",
         })
     }
 }
 
-/// Is this response worth sending again on another key, and why?
+/// Is this response worth sending again, and why?
 ///
 /// The [`Outcome`] that [`KeyRotation`](crate::KeyRotation) puts on every response it did
 /// not classify as a success decides before the status does:
 ///
 /// | outcome | status | retried? |
 /// | --- | --- | --- |
-/// | [`Outcome::RateLimited`], [`Outcome::AccountLimited`] | 429 | yes: another key (of another account) may take it |
+/// | [`Outcome::RateLimited`], [`Outcome::AccountLimited`] | 429 | yes: another key (of another account) may take it, or the same once its rest is over |
 /// | [`Outcome::RateLimited`] | 503 (with `Retry-After`) | yes |
+/// | [`Outcome::KeyRejected`] | any | yes, on another key (this one is now disabled) |
 /// | [`Outcome::QuotaExhausted`] | any | no: billing or a spent quota, not a rate limit; the client must hear it |
 /// | [`Outcome::Failure`] | 429 | no: the provider says it is overloaded as a whole (BigModel 1305), another key would only add load |
-/// | [`Outcome::KeyRejected`] | any | no, as for 401/403 |
 /// | none (no `KeyRotation` inside, or a classifier that calls it a success) | 429 | yes, by status |
 fn response_reason<R>(response: &Response<R>) -> Option<Reason> {
     let status = response.status();
@@ -79,6 +82,7 @@ fn response_reason<R>(response: &Response<R>) -> Option<Reason> {
         Some(Outcome::RateLimited { .. }) if status == StatusCode::SERVICE_UNAVAILABLE => {
             Some(Reason::Unavailable)
         }
+        Some(Outcome::KeyRejected) => Some(Reason::KeyRejected),
         Some(Outcome::QuotaExhausted { .. }) => {
             tracing::debug!(
                 "{} for a spent quota; not retried on another key",
@@ -92,63 +96,89 @@ fn response_reason<R>(response: &Response<R>) -> Option<Reason> {
 }
 
 impl RetryPolicy {
-    /// Is some key this request has not been sent with usable right now?
+    /// Should this attempt's `result` be sent again? `budget_end` is when the request's
+    /// wait budget runs out (`None`: never).
     ///
-    /// Only then is a retry worth its cost: resending on a tried key that is still
-    /// cooling down would wait for it, or earn the same `429` again. A key at its in-flight
-    /// cap counts as usable, since a slot frees as soon as any answer ends. The snapshot
-    /// allocates, which is fine on this slow path.
-    fn has_untried_key(&self, tried: &TriedKeys) -> bool {
-        self.pool.snapshot().iter().any(|key| {
-            !key.disabled && key.cooling_down_for.is_none() && !tried.contains(key.position - 1)
-        })
-    }
-}
-
-impl<B, R> Policy<Request<ReplayBody<B>>, Response<R>, BoxError> for RetryPolicy {
-    type Future = Ready<()>;
-
-    fn retry(
+    /// Yes when the refusal is worth a retry, retries and the retry budget allow, and some
+    /// key can take the request within the wait budget:
+    ///
+    /// - a key that can take it now, or one at its concurrency limit (it frees when any of
+    ///   its requests ends);
+    /// - else the earliest key whose rest ends (or quota refills) before the budget ends: a
+    ///   tried key counts once its own rest (`Retry-After`) is over.
+    ///
+    /// A connection failure is sent again only to a key not tried yet that is free now:
+    /// the same host through the same key would fail the same way.
+    pub(crate) fn should_retry<B, R>(
         &mut self,
-        req: &mut Request<ReplayBody<B>>,
-        result: &mut Result<Response<R>, BoxError>,
-    ) -> Option<Self::Future> {
+        req: &Request<ReplayBody<B>>,
+        result: &Result<Response<R>, BoxError>,
+        budget_end: Option<Instant>,
+    ) -> bool {
         let reason = match result {
-            Ok(response) => response_reason(response)?,
+            Ok(response) => match response_reason(response) {
+                Some(reason) => reason,
+                None => return false,
+            },
             Err(error) if (self.retry_error)(error) => Reason::NotConnected,
-            Err(_) => return None,
+            Err(_) => return false,
         };
         if self.retries >= self.max_retries {
             tracing::debug!(
                 retries = self.retries,
                 "retries spent; passing the {reason} on"
             );
-            return None;
+            return false;
         }
-        let tried = req.extensions().get::<TriedKeys>()?;
-        if !self.has_untried_key(tried) {
+        let Some(tried) = req.extensions().get::<TriedKeys>() else {
+            return false; // not replayable
+        };
+        let worth_it = match reason {
+            Reason::NotConnected => self.pool.can_take_now(|i| !tried.contains(i)),
+            _ => match self.pool.availability() {
+                PoolAvailability::Now | PoolAvailability::OnRelease { .. } => true,
+                PoolAvailability::At(at) => {
+                    let at = self.pool.instant(at);
+                    let in_time = budget_end.is_none_or(|end| at <= end);
+                    if !in_time {
+                        tracing::debug!(
+                            back_in_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64,
+                            "the earliest key is back after the wait budget; passing the {reason} on"
+                        );
+                    }
+                    in_time
+                }
+                PoolAvailability::Never => false,
+            },
+        };
+        if !worth_it {
             tracing::debug!(
                 tried = ?tried.positions(),
-                "no untried key is usable now; passing the {reason} on"
+                "no key can take it again in time; passing the {reason} on"
             );
-            return None;
+            return false;
         }
         if !self.budget.withdraw() {
             tracing::warn!("retry budget exhausted; passing the {reason} on");
-            return None;
+            return false;
         }
         self.retries += 1;
         tracing::info!(
             attempt = self.retries + 1,
             tried = ?tried.positions(),
-            "{reason} from key {}/{}; resending on another key",
+            "{reason} from key {}/{}; sending again",
             tried.positions().last().copied().unwrap_or(0),
             self.pool.len(),
         );
-        Some(ready(()))
+        true
     }
 
-    fn clone_request(&mut self, req: &Request<ReplayBody<B>>) -> Option<Request<ReplayBody<B>>> {
+    /// A copy of the request for the next attempt, if it may have one: its body is
+    /// buffered and retries remain.
+    pub(crate) fn clone_request<B>(
+        &self,
+        req: &Request<ReplayBody<B>>,
+    ) -> Option<Request<ReplayBody<B>>> {
         if self.retries >= self.max_retries {
             return None;
         }
@@ -206,9 +236,10 @@ pub fn is_connection_refused(error: &BoxError) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use bytes::Bytes;
     use http::{Request, Response, StatusCode};
-    use tower::retry::Policy;
 
     use super::*;
     use crate::KeySet;
@@ -231,21 +262,26 @@ mod tests {
         request
     }
 
-    /// `Policy::clone_request` with the response type pinned down.
-    fn clone_of(policy: &mut RetryPolicy, req: &Request<Body>) -> Option<Request<Body>> {
-        Policy::<Request<Body>, Response<()>, BoxError>::clone_request(policy, req)
-    }
-
     fn answer(status: StatusCode) -> Result<Response<()>, BoxError> {
         Ok(Response::builder().status(status).body(()).unwrap())
     }
 
+    fn answer_with(status: StatusCode, outcome: Outcome) -> Result<Response<()>, BoxError> {
+        let mut response = Response::builder().status(status).body(()).unwrap();
+        response.extensions_mut().insert(outcome);
+        Ok(response)
+    }
+
+    fn in_secs(secs: u64) -> Option<Instant> {
+        Some(Instant::now() + Duration::from_secs(secs))
+    }
+
     #[test]
     fn a_clone_has_the_same_head_and_shares_the_tried_keys() {
-        let (_, mut policy) = policy("k1,k2");
+        let (_, policy) = policy("k1,k2");
         let tried = TriedKeys::new();
         let original = request(ReplayBody::buffered(Bytes::from_static(b"{}")), &tried);
-        let clone = clone_of(&mut policy, &original).unwrap();
+        let clone = policy.clone_request(&original).unwrap();
         assert_eq!(clone.method(), original.method());
         assert_eq!(clone.uri(), original.uri());
         assert_eq!(clone.headers(), original.headers());
@@ -255,56 +291,57 @@ mod tests {
 
     #[test]
     fn a_streaming_body_is_never_cloned() {
-        let (_, mut policy) = policy("k1,k2");
+        let (_, policy) = policy("k1,k2");
         let body = ReplayBody::streaming(http_body_util::Full::new(Bytes::new()));
-        assert!(clone_of(&mut policy, &request(body, &TriedKeys::new())).is_none());
+        assert!(policy.clone_request(&request(body, &TriedKeys::new())).is_none());
     }
 
-    #[test]
-    fn only_a_429_with_an_untried_usable_key_is_retried() {
+    #[tokio::test(start_paused = true)]
+    async fn only_refusals_are_retried() {
         let (_, mut policy) = policy("k1,k2");
         let tried = TriedKeys::new();
         tried.insert(0);
-        let mut req = request(ReplayBody::buffered(Bytes::new()), &tried);
-        for status in [
-            StatusCode::OK,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            StatusCode::FORBIDDEN,
-        ] {
-            assert!(
-                policy.retry(&mut req, &mut answer(status)).is_none(),
-                "{status}"
-            );
+        let req = request(ReplayBody::buffered(Bytes::new()), &tried);
+        for status in [StatusCode::OK, StatusCode::INTERNAL_SERVER_ERROR] {
+            assert!(!policy.should_retry(&req, &answer(status), in_secs(30)), "{status}");
         }
-        assert!(
-            policy
-                .retry(&mut req, &mut answer(StatusCode::TOO_MANY_REQUESTS))
-                .is_some()
-        );
-
-        // Every key tried: the 429 is the answer.
-        tried.insert(1);
-        assert!(
-            policy
-                .retry(&mut req, &mut answer(StatusCode::TOO_MANY_REQUESTS))
-                .is_none()
-        );
+        assert!(policy.should_retry(&req, &answer(StatusCode::TOO_MANY_REQUESTS), in_secs(30)));
     }
 
-    fn answer_with(status: StatusCode, outcome: Outcome) -> Result<Response<()>, BoxError> {
-        let mut response = Response::builder().status(status).body(()).unwrap();
-        response.extensions_mut().insert(outcome);
-        Ok(response)
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_waits_for_a_tried_key_only_within_the_budget() {
+        let (pool, mut policy) = policy("k1");
+        let tried = TriedKeys::new();
+        let req = request(ReplayBody::buffered(Bytes::new()), &tried);
+        // The one key is refused with Retry-After: 5 and rests.
+        let lease = pool.try_reserve().unwrap();
+        tried.insert(lease.index());
+        lease.mark_sent();
+        let refusal = Outcome::RateLimited {
+            retry_after: Some(Duration::from_secs(5)),
+        };
+        lease.record(refusal);
+        drop(lease);
+        let too_many = StatusCode::TOO_MANY_REQUESTS;
+        assert!(
+            !policy.should_retry(&req, &answer_with(too_many, refusal), in_secs(1)),
+            "back after the budget: handed back at once"
+        );
+        assert!(
+            policy.should_retry(&req, &answer_with(too_many, refusal), in_secs(10)),
+            "back within the budget: worth waiting for"
+        );
+        assert!(policy.should_retry(&req, &answer_with(too_many, refusal), None));
     }
 
-    #[test]
-    fn the_outcome_on_the_response_decides_before_the_status() {
+    #[tokio::test(start_paused = true)]
+    async fn the_outcome_on_the_response_decides_before_the_status() {
         let (_, mut policy) = policy("k1,k2,k3,k4,k5,k6,k7,k8");
         policy.max_retries = 100;
         let tried = TriedKeys::new();
         tried.insert(0);
-        let mut req = request(ReplayBody::buffered(Bytes::new()), &tried);
-        let wait = Some(std::time::Duration::from_secs(1));
+        let req = request(ReplayBody::buffered(Bytes::new()), &tried);
+        let wait = Some(Duration::from_secs(1));
         let too_many = StatusCode::TOO_MANY_REQUESTS;
         let unavailable = StatusCode::SERVICE_UNAVAILABLE;
         let cases = [
@@ -335,56 +372,59 @@ mod tests {
             ),
             // BigModel 1305: the platform is overloaded, not the key.
             (too_many, Outcome::Failure, false),
-            (StatusCode::FORBIDDEN, Outcome::KeyRejected, false),
+            // A rejected key is disabled; another may serve.
+            (StatusCode::FORBIDDEN, Outcome::KeyRejected, true),
+            (StatusCode::UNAUTHORIZED, Outcome::KeyRejected, true),
         ];
         for (status, outcome, retried) in cases {
             assert_eq!(
-                policy
-                    .retry(&mut req, &mut answer_with(status, outcome))
-                    .is_some(),
+                policy.should_retry(&req, &answer_with(status, outcome), in_secs(30)),
                 retried,
                 "{status} {outcome:?}"
             );
         }
         // No outcome on the response (no `KeyRotation` inside): the status decides.
-        assert!(policy.retry(&mut req, &mut answer(too_many)).is_some());
-        assert!(policy.retry(&mut req, &mut answer(unavailable)).is_none());
+        assert!(policy.should_retry(&req, &answer(too_many), in_secs(30)));
+        assert!(!policy.should_retry(&req, &answer(unavailable), in_secs(30)));
     }
 
-    #[test]
-    fn retries_are_counted_per_request() {
+    #[tokio::test(start_paused = true)]
+    async fn retries_are_counted_per_request() {
         let (_, template) = policy("k1,k2,k3,k4");
         let mut policy = template.clone();
         policy.max_retries = 1;
         let tried = TriedKeys::new();
         tried.insert(0);
-        let mut req = request(ReplayBody::buffered(Bytes::new()), &tried);
+        let req = request(ReplayBody::buffered(Bytes::new()), &tried);
+        let too_many = answer(StatusCode::TOO_MANY_REQUESTS);
+        assert!(policy.should_retry(&req, &too_many, in_secs(30)));
+        assert!(!policy.should_retry(&req, &too_many, in_secs(30)));
         assert!(
-            policy
-                .retry(&mut req, &mut answer(StatusCode::TOO_MANY_REQUESTS))
-                .is_some()
-        );
-        assert!(
-            policy
-                .retry(&mut req, &mut answer(StatusCode::TOO_MANY_REQUESTS))
-                .is_none()
-        );
-        assert!(
-            clone_of(&mut policy, &req).is_none(),
+            policy.clone_request(&req).is_none(),
             "no copy kept once retries are spent"
         );
         assert_eq!(template.retries, 0, "the layer's template is untouched");
     }
 
-    #[test]
-    fn a_refused_connection_is_retried_but_other_errors_are_not() {
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_connection_is_retried_on_an_untried_key_but_other_errors_are_not() {
         let (_, mut policy) = policy("k1,k2");
-        let mut req = request(ReplayBody::buffered(Bytes::new()), &TriedKeys::new());
-        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let tried = TriedKeys::new();
+        tried.insert(0);
+        let req = request(ReplayBody::buffered(Bytes::new()), &tried);
+        let refused = || -> Result<Response<()>, BoxError> {
+            Err(Box::new(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            )))
+        };
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
-        let mut result: Result<Response<()>, BoxError> = Err(Box::new(reset));
-        assert!(policy.retry(&mut req, &mut result).is_none());
-        let mut result: Result<Response<()>, BoxError> = Err(Box::new(refused));
-        assert!(policy.retry(&mut req, &mut result).is_some());
+        let result: Result<Response<()>, BoxError> = Err(Box::new(reset));
+        assert!(!policy.should_retry(&req, &result, in_secs(30)));
+        assert!(policy.should_retry(&req, &refused(), in_secs(30)));
+        tried.insert(1);
+        assert!(
+            !policy.should_retry(&req, &refused(), in_secs(30)),
+            "every key tried: the same host would refuse again"
+        );
     }
 }

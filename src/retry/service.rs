@@ -1,8 +1,9 @@
-//! [`Retry`]: marks each request for retrying, then runs tower's retry loop.
+//! [`Retry`]: marks each request for retrying and starts its [`ResponseFuture`].
 
 use std::task::{Context, Poll};
 
 use http::Request;
+use tokio::time::Instant;
 use tower::retry::budget::Budget;
 use tower_service::Service;
 
@@ -12,43 +13,49 @@ use crate::retry::future::ResponseFuture;
 use crate::retry::policy::RetryPolicy;
 use crate::tried::TriedKeys;
 
-/// Middleware that resends a request refused with `429` on a key it has not tried. Made
+/// Middleware that sends a refused request again, on a key it has not tried if one is
+/// free, else on the earliest key that comes back within the request's wait budget. Made
 /// by [`RetryLayer`](super::RetryLayer).
 ///
 /// Before the first attempt it puts a [`TriedKeys`] record on a replayable request (so
-/// [`KeyRotation`](crate::KeyRotation) notes every key used) and credits the retry budget;
-/// the attempts themselves are tower's [`Retry`](tower::retry::Retry), which runs the inner
-/// service's `poll_ready` again before each one, so each attempt reserves its own key.
+/// [`KeyRotation`](crate::KeyRotation) notes every key used) and credits the retry budget.
+/// Each further attempt runs the inner service's `poll_ready` again, on a clone of the
+/// inner service, so each attempt reserves its own key; that wait ends with the request's
+/// budget ([`NoKeyAvailable`](crate::NoKeyAvailable)), counted from the moment the request
+/// first waited in this service's `poll_ready`.
 ///
 /// A request with a streaming [`ReplayBody`] is sent once, and whatever comes back passes
 /// through.
 #[derive(Clone, Debug)]
 pub struct Retry<S> {
-    inner: tower::retry::Retry<RetryPolicy, S>,
+    inner: S,
     policy: RetryPolicy,
+    /// When the caller now being readied started waiting (its first `Pending`).
+    waiting_since: Option<Instant>,
 }
 
 impl<S> Retry<S> {
     pub(crate) fn new(policy: RetryPolicy, inner: S) -> Self {
         Self {
-            inner: tower::retry::Retry::new(policy.clone(), inner),
+            inner,
             policy,
+            waiting_since: None,
         }
     }
 
     /// A reference to the inner service.
     pub fn get_ref(&self) -> &S {
-        self.inner.get_ref()
+        &self.inner
     }
 
     /// A mutable reference to the inner service.
     pub fn get_mut(&mut self) -> &mut S {
-        self.inner.get_mut()
+        &mut self.inner
     }
 
     /// The inner service.
     pub fn into_inner(self) -> S {
-        self.inner.into_inner()
+        self.inner
     }
 }
 
@@ -61,16 +68,28 @@ where
     type Future = ResponseFuture<S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        let ready = self.inner.poll_ready(cx);
+        if ready.is_pending() {
+            // The request's wait budget counts from here.
+            self.waiting_since.get_or_insert_with(Instant::now);
+        }
+        ready
     }
 
     fn call(&mut self, mut req: Request<ReplayBody<B>>) -> Self::Future {
+        let now = Instant::now();
+        let arrival = self.waiting_since.take().unwrap_or(now);
         // Every request earns the budget its share, retried or not (as tower's budget
         // expects), so retries stay a fraction of the traffic.
         self.policy.budget.deposit();
         if req.body().is_replayable() && req.extensions().get::<TriedKeys>().is_none() {
             req.extensions_mut().insert(TriedKeys::new());
         }
-        self.inner.call(req)
+        let policy = self.policy.clone();
+        let next = policy.clone_request(&req);
+        // This (ready) service takes the first attempt; a clone the further ones.
+        let service = self.inner.clone();
+        let future = self.inner.call(req);
+        ResponseFuture::new(future, service, policy, next, arrival, now - arrival)
     }
 }
