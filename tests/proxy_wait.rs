@@ -1,0 +1,244 @@
+//! Wait, don't bounce: the proxy, started with the README's defaults (no limits set by
+//! hand), in front of a local provider stand-in that enforces a per-key limit the way the
+//! real ones do: at most 2 requests in flight per key, more are refused with `429` and
+//! `Retry-After: 1`. Callers must all get their answer, with refusals only in the first
+//! burst, while the proxy learns the limit and waits for capacity.
+
+mod proxy_support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proxy_support::{Got, MockUpstream, ProxyConfig, Seen, keys, post, reply};
+use tokio::time::Instant;
+
+const KEYS: [&str; 3] = ["wk-one", "wk-two", "wk-three"];
+
+/// How long the stand-in works on an accepted request.
+const WORK: Duration = Duration::from_millis(300);
+
+/// What the stand-in saw: per request, its key and when it arrived, and whether it was
+/// refused.
+#[derive(Default)]
+struct Ledger {
+    in_flight: HashMap<String, u32>,
+    arrivals: Vec<(String, Instant, bool)>,
+}
+
+impl Ledger {
+    fn refused(&self) -> usize {
+        self.arrivals.iter().filter(|(_, _, refused)| *refused).count()
+    }
+}
+
+/// A provider allowing `limit` requests in flight per key; more get `429` with
+/// `Retry-After: 1`.
+async fn limited_provider(limit: u32) -> (MockUpstream, Arc<Mutex<Ledger>>) {
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let shared = ledger.clone();
+    let upstream = MockUpstream::start(move |seen: Seen| {
+        let ledger = shared.clone();
+        async move {
+            let key = seen.bearer().unwrap_or_default();
+            let accepted = {
+                let mut ledger = ledger.lock().unwrap();
+                let count = ledger.in_flight.entry(key.clone()).or_default();
+                let accepted = *count < limit;
+                if accepted {
+                    *count += 1;
+                }
+                ledger.arrivals.push((key.clone(), Instant::now(), !accepted));
+                accepted
+            };
+            if !accepted {
+                let mut response = reply(429, "{\"error\":{\"message\":\"too many requests\"}}");
+                response
+                    .headers_mut()
+                    .insert("retry-after", "1".parse().unwrap());
+                return response;
+            }
+            tokio::time::sleep(WORK).await;
+            *ledger.lock().unwrap().in_flight.get_mut(&key).unwrap() -= 1;
+            reply(200, "{\"choices\":[]}")
+        }
+    })
+    .await;
+    (upstream, ledger)
+}
+
+/// `n` concurrent chat requests; their answers and the wall time.
+async fn burst(url: &str, n: usize) -> (Vec<Got>, Duration) {
+    let started = Instant::now();
+    let requests: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.to_owned();
+            tokio::spawn(async move { post(&url, "{\"model\":\"glm-4\"}").await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for request in requests {
+        answers.push(request.await.unwrap());
+    }
+    (answers, started.elapsed())
+}
+
+fn statuses(answers: &[Got]) -> Vec<u16> {
+    answers.iter().map(|got| got.status.as_u16()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_ten_callers_all_succeed_with_default_settings() {
+    let (upstream, ledger) = limited_provider(2).await;
+    let proxy = ProxyConfig::new(&upstream.url(""), KEYS[0]).start().await;
+
+    let (answers, elapsed) = burst(&proxy.url("/chat/completions"), 10).await;
+    assert_eq!(statuses(&answers), [200; 10]);
+    let ledger = ledger.lock().unwrap();
+    // Refusals only in the first burst: 10 went at once, 2 were taken.
+    assert!(ledger.refused() <= 8, "{} refusals", ledger.refused());
+    let first_refusal = ledger
+        .arrivals
+        .iter()
+        .find(|(_, _, refused)| *refused)
+        .map(|(_, at, _)| *at)
+        .expect("the first burst met the limit");
+    assert!(
+        ledger
+            .arrivals
+            .iter()
+            .filter(|(_, _, refused)| *refused)
+            .all(|(_, at, _)| at.duration_since(first_refusal) < Duration::from_millis(500)),
+        "a refusal after the first burst"
+    );
+    // Ideal: 1 s rest, the probe, then 2 at a time (~2.5 s); a loaded machine adds some.
+    assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
+    // The proxy learned the limit and shows it.
+    let keys = keys(&proxy).await;
+    assert_eq!(keys[0]["concurrency_limit"], 2);
+    // Every answer we retried or waited for tells SDKs not to retry it again.
+    assert!(answers.iter().any(|got| got.headers.contains_key("x-should-retry")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_keys_twenty_callers_all_succeed_with_default_settings() {
+    let (upstream, ledger) = limited_provider(2).await;
+    let proxy = ProxyConfig::new(&upstream.url(""), &KEYS.join(",")).start().await;
+
+    let (answers, elapsed) = burst(&proxy.url("/chat/completions"), 20).await;
+    assert_eq!(statuses(&answers), [200; 20]);
+    let ledger = ledger.lock().unwrap();
+    // 20 went at once and 6 were taken; a refused request's retry may go to another key
+    // before that key's own refusals come back, and be refused there too: more refusals,
+    // but all in the first burst, and each request tries each key at most once in it.
+    assert!(ledger.refused() <= 14 * 3, "{} refusals", ledger.refused());
+    let first = ledger.arrivals[0].1;
+    let late_refusals: Vec<_> = ledger
+        .arrivals
+        .iter()
+        .filter(|(_, at, refused)| *refused && at.duration_since(first) > Duration::from_millis(500))
+        .collect();
+    assert!(late_refusals.is_empty(), "refused after the first burst: {}", late_refusals.len());
+    assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
+    let keys = keys(&proxy).await;
+    for key in &keys {
+        assert_eq!(key["concurrency_limit"], 2, "{key}");
+        assert_eq!(key["in_flight"], 0, "{key}");
+    }
+}
+
+/// Every key refuses its first request with `Retry-After: secs`, then serves.
+async fn refuses_once(secs: &'static str) -> (MockUpstream, Arc<Mutex<Ledger>>) {
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let shared = ledger.clone();
+    let upstream = MockUpstream::start(move |seen: Seen| {
+        let ledger = shared.clone();
+        async move {
+            let key = seen.bearer().unwrap_or_default();
+            let mut ledger = ledger.lock().unwrap();
+            let first = !ledger.arrivals.iter().any(|(k, _, _)| *k == key);
+            ledger.arrivals.push((key, Instant::now(), first));
+            if first {
+                let mut response = reply(429, "{\"error\":{\"message\":\"slow down\"}}");
+                response
+                    .headers_mut()
+                    .insert("retry-after", secs.parse().unwrap());
+                response
+            } else {
+                reply(200, "{\"ok\":true}")
+            }
+        }
+    })
+    .await;
+    (upstream, ledger)
+}
+
+#[tokio::test]
+async fn every_key_refusing_once_is_waited_out_within_the_budget() {
+    let (upstream, ledger) = refuses_once("1").await;
+    let proxy = ProxyConfig::new(&upstream.url(""), &KEYS[..2].join(","))
+        .arg("--max-wait", "10")
+        .start()
+        .await;
+
+    let started = Instant::now();
+    let got = post(&proxy.url("/chat/completions"), "{}").await;
+    let elapsed = started.elapsed();
+    assert_eq!(got.status, 200, "{}", got.body);
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(3)).contains(&elapsed),
+        "{elapsed:?}"
+    );
+    // We retried and waited: the SDK must not retry on top.
+    assert_eq!(got.headers["x-should-retry"], "false");
+
+    let ledger = ledger.lock().unwrap();
+    let arrivals: Vec<(usize, Duration, bool)> = ledger
+        .arrivals
+        .iter()
+        .map(|(key, at, refused)| {
+            let position = KEYS.iter().position(|k| k == key).unwrap() + 1;
+            (position, at.duration_since(started), *refused)
+        })
+        .collect();
+    assert_eq!(arrivals.len(), 3, "{arrivals:?}");
+    // The untried free key 2 was preferred to waiting for key 1 ...
+    assert_eq!((arrivals[0].0, arrivals[1].0), (1, 2), "{arrivals:?}");
+    assert!(arrivals[1].1 < Duration::from_millis(500), "{arrivals:?}");
+    // ... and the third attempt went to a key only once its rest was over.
+    assert!(!arrivals[2].2);
+    let refused_at = arrivals
+        .iter()
+        .find(|(key, _, refused)| *key == arrivals[2].0 && *refused)
+        .unwrap()
+        .1;
+    assert!(
+        arrivals[2].1 >= refused_at + Duration::from_millis(990),
+        "sent on a key still resting: {arrivals:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_rest_past_the_budget_hands_back_the_refusal_and_then_503s_at_once() {
+    let (upstream, ledger) = refuses_once("5").await;
+    let proxy = ProxyConfig::new(&upstream.url(""), KEYS[0])
+        .arg("--max-wait", "1")
+        .start()
+        .await;
+
+    // The refusal itself passes through with its Retry-After: no key is back within 1 s.
+    let started = Instant::now();
+    let got = post(&proxy.url("/chat/completions"), "{}").await;
+    assert_eq!(got.status, 429);
+    assert_eq!(got.headers["retry-after"], "5");
+    // The next request is not sent at all, and is told at once when to come back.
+    let got = post(&proxy.url("/chat/completions"), "{}").await;
+    assert!(started.elapsed() < Duration::from_millis(800), "{:?}", started.elapsed());
+    assert_eq!(got.status, 503);
+    let retry_after: u64 = got.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((4..=5).contains(&retry_after), "{retry_after}");
+    assert!(got.headers.contains_key("retry-after-ms"));
+    assert_eq!(got.headers["x-should-retry"], "false");
+    assert_eq!(got.json()["error"]["code"], "no_key_available");
+    assert_eq!(ledger.lock().unwrap().arrivals.len(), 1);
+}
