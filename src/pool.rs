@@ -660,7 +660,7 @@ fn compare_load(a: &Slot, b: &Slot) -> std::cmp::Ordering {
 }
 
 impl PoolInner {
-    fn select_round_robin(&self, table: &Table, now: &mut LazyNow<'_>) -> Option<(usize, bool)> {
+    fn select_round_robin(&self, table: &Table, now: &mut LazyNow<'_>) -> Option<(usize, Taken)> {
         let turns = table.turns();
         let start = self.cursor.fetch_add(1, Ordering::Relaxed) % turns;
         let mut turn = start;
@@ -689,7 +689,7 @@ impl PoolInner {
         &self,
         table: &Table,
         now: &mut LazyNow<'_>,
-    ) -> Option<(usize, bool)> {
+    ) -> Option<(usize, Taken)> {
         let n = table.slots.len();
         let start = self.cursor.load(Ordering::Relaxed) % n;
         let window = n.min(WINDOW);
@@ -786,9 +786,9 @@ impl Slot {
     }
 
     /// Takes an in-flight slot (and a unit of quota) if the key is usable now. Returns
-    /// whether the lease is a suspended key's probe.
+    /// whether the lease is a suspended key's probe, and where its quota unit ends.
     #[inline]
-    fn try_take(&self, now: &mut LazyNow<'_>) -> Option<bool> {
+    fn try_take(&self, now: &mut LazyNow<'_>) -> Option<Taken> {
         if self.is_resting(now) {
             return None;
         }
@@ -811,11 +811,13 @@ impl Slot {
         // Quota first: giving a unit back needs no wake-up, while giving back an in-flight
         // slot would (and would wake this very caller if it is waiting).
         let now_nanos = if self.quota.is_some() { now.get() } else { 0 };
+        let mut tat_after = 0;
         if let Some(quota) = self.quota {
-            if !quota.try_take(&self.tat, now_nanos) {
+            let Some(after) = quota.try_take(&self.tat, now_nanos) else {
                 self.unprobe(probe);
                 return None;
-            }
+            };
+            tat_after = after;
         }
         let took_slot = if self.cap == u32::MAX {
             self.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -828,10 +830,10 @@ impl Slot {
                 .is_ok()
         };
         if took_slot {
-            return Some(probe);
+            return Some(Taken { probe, tat_after });
         }
         if let Some(quota) = self.quota {
-            quota.refund(&self.tat);
+            quota.refund(&self.tat, tat_after, now_nanos);
         }
         self.unprobe(probe);
         None
@@ -944,6 +946,15 @@ enum Rest {
     Unchanged,
 }
 
+/// What [`Slot::try_take`] took, for the [`Lease`].
+#[derive(Debug, Clone, Copy)]
+struct Taken {
+    /// The lease is a suspended key's probe.
+    probe: bool,
+    /// The quota state the take left: its unit ends there (0 without a quota).
+    tat_after: u64,
+}
+
 /// A wait as people write it: `850 ms`, `2.5 s`, `3 min 20 s`, `1 h 5 min`.
 struct Wait(Duration);
 
@@ -987,6 +998,9 @@ pub struct Lease {
     index: usize,
     keys: usize,
     generation: u32,
+    /// Where the quota unit this lease took ends: a refund gives back only what of it is
+    /// still unused (see `Gcra::refund`).
+    tat_after: u64,
     /// `SENT`, `PROBE`, `RESOLVED` bits. Only the lease's owner writes them, so a plain
     /// load and store suffice (no locked read-modify-write on the hot path); atomic only
     /// so that a lease is `Sync`.
@@ -998,7 +1012,7 @@ const PROBE: u8 = 2;
 const RESOLVED: u8 = 4;
 
 impl Lease {
-    fn new(table: &Table, index: usize, probe: bool) -> Self {
+    fn new(table: &Table, index: usize, taken: Taken) -> Self {
         let slot = table.slots[index].clone();
         let generation = slot.generation.load(Ordering::Acquire);
         Self {
@@ -1006,7 +1020,8 @@ impl Lease {
             index,
             keys: table.slots.len(),
             generation,
-            flags: AtomicU8::new(if probe { PROBE } else { 0 }),
+            tat_after: taken.tat_after,
+            flags: AtomicU8::new(if taken.probe { PROBE } else { 0 }),
         }
     }
 
@@ -1223,9 +1238,11 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let flags = *self.flags.get_mut();
         if flags & SENT == 0 {
-            // Reserved but never sent: the quota unit goes back.
+            // Reserved but never sent: what is left of its quota unit goes back. Only a
+            // quota reads the clock.
             if let Some(quota) = self.slot.quota {
-                quota.refund(&self.slot.tat);
+                let now = self.slot.signals.now_nanos();
+                quota.refund(&self.slot.tat, self.tat_after, now);
             }
         }
         if flags & PROBE != 0 && flags & RESOLVED == 0 {

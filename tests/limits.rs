@@ -433,3 +433,62 @@ async fn a_key_owed_a_probe_but_at_its_cap_is_passed_over_not_spun_on() {
         assert!(pool.try_reserve().unwrap().is_probe());
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_reservation_dropped_unsent_gives_back_no_quota_spent_since() {
+    // One request a minute. A reservation taken at 0 s is held unsent: its unit,
+    // [0 s, 60 s), passes unused. A request sent at 60 s spends [60 s, 120 s), so dropping
+    // the old reservation at 70 s has nothing left to give back: no request before 120 s.
+    let pool = KeyPool::builder(keys("only"))
+        .quota_per_key(Quota::per_minute(1))
+        .build();
+    let stale = pool.try_reserve().unwrap();
+    advance(Duration::from_secs(60)).await;
+    let sent = pool.try_reserve().expect("the next minute's unit");
+    sent.mark_sent();
+    drop(sent);
+    advance(Duration::from_secs(10)).await;
+    drop(stale);
+    assert!(
+        pool.try_reserve().is_none(),
+        "a second request in the minute of the first"
+    );
+    assert_eq!(pool.snapshot()[0].quota_wait, Some(Duration::from_secs(50)));
+    advance(Duration::from_secs(50)).await;
+    assert!(pool.try_reserve().is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reservation_dropped_part_way_through_its_unit_gives_back_only_the_rest() {
+    // A burst of 3, one unit every 10 s: three reservations at 0 s fill [0 s, 30 s).
+    // The first, dropped unsent at 4 s, gives back the 6 s of its unit still unused, not
+    // the whole unit. A request then fills the burst again; the next may go at 14 s (it
+    // would at 10 s had the whole unit come back).
+    let pool = KeyPool::builder(keys("only"))
+        .quota_per_key(Quota::per_minute(6).burst(3))
+        .build();
+    let first = pool.try_reserve().unwrap();
+    let others: Vec<_> = (0..2).map(|_| pool.try_reserve().unwrap()).collect();
+    others.iter().for_each(|lease| lease.mark_sent());
+    assert!(pool.try_reserve().is_none());
+    advance(Duration::from_secs(4)).await;
+    drop(first);
+    pool.try_reserve().expect("the unit given back").mark_sent();
+    assert_eq!(pool.snapshot()[0].quota_wait, Some(Duration::from_secs(10)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_extreme_quota_neither_wraps_nor_panics() {
+    // One request per `Duration::MAX` with a burst of 2: two requests, then none.
+    let pool = KeyPool::builder(keys("only"))
+        .quota_per_key(Quota::new(1, Duration::MAX).burst(2))
+        .build();
+    for _ in 0..2 {
+        pool.try_reserve().expect("the burst").mark_sent();
+    }
+    assert!(pool.try_reserve().is_none(), "a third request");
+    advance(Duration::from_secs(365 * 24 * 3600)).await;
+    assert!(pool.try_reserve().is_none(), "a third request a year on");
+    assert!(pool.snapshot()[0].quota_wait.is_some());
+    assert!(pool.earliest_return_in().is_some());
+}
