@@ -492,3 +492,29 @@ async fn an_extreme_quota_neither_wraps_nor_panics() {
     assert!(pool.snapshot()[0].quota_wait.is_some());
     assert!(pool.earliest_return_in().is_some());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replayed_error_body_frees_its_key_with_the_last_frame() {
+    let pool = KeyPool::builder(keys("k1"))
+        .classifier(Classifier::bigmodel())
+        .build();
+    let service = KeyRotation::new(mock(), pool.clone());
+    let overload = r#"{"error":{"code":"1305","message":"overloaded"}}"#;
+    let req = request()
+        .header("x-status", "429")
+        .header("x-body", overload)
+        .body(())
+        .unwrap();
+    let mut body = service.oneshot(req).await.unwrap().into_body();
+    assert_eq!(pool.snapshot()[0].in_flight, 1);
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), overload.as_bytes());
+    assert!(http_body::Body::is_end_stream(&body));
+    // A caller that sees the end may keep the body a while before dropping it.
+    assert_eq!(
+        pool.snapshot()[0].in_flight,
+        0,
+        "the key is still busy after the body's last frame"
+    );
+    drop(body);
+}
