@@ -7,20 +7,25 @@
 //! ```text
 //!   Healthy ──(in_flight reaches the cap, or the quota is used up)──► Busy
 //!   Busy ──(a lease is released / the quota refills)──► Healthy
-//!   Healthy | Busy ──(429, or headers say the window is used up)──► Cooling
-//!   Cooling ──(another 429)──► Cooling, deadline = max(deadline, now + wait)
-//!   Cooling ──(the deadline passes)──► Healthy
-//!   any ──(quota exhausted: billing, daily quota)──► Suspended (Cooling + probe owed)
-//!   Suspended ──(the deadline passes)──► Probing: exactly one request may go
-//!   Probing ──(success)──► Healthy      Probing ──(refused again)──► Suspended
+//!   Healthy | Busy ──(429, account limit, or headers say the window is used up)──► Cooling
+//!   any but Disabled ──(quota exhausted: billing, daily quota)──► Cooling (a long rest)
+//!   Cooling ──(another limit)──► Cooling, deadline = max(deadline, now + wait)
+//!   Cooling ──(the deadline passes)──► Probing: exactly one request may go
+//!   Probing ──(success)──► Healthy
+//!   Probing ──(refused again, or its window used up again)──► Cooling
+//!   Probing ──(the probe is dropped unanswered)──► Probing: the next caller probes
 //!   any ──(401/403)──► Disabled (for good)
 //! ```
+//!
+//! Every rest is for a limit, and a limit may still hold when the rest ends (a `Retry-After`
+//! or a window's reset is the provider's guess, and capped): so a rest that starts owes a
+//! probe, and the key comes back with one request rather than to every waiter at once.
 //!
 //! `deadline` encodes three states in one word: `0` is "not cooling", [`DISABLED`] is
 //! "disabled", anything else is the end of a cool-down in nanoseconds since the pool was
 //! built (tokio's monotonic clock, so tests can pause it). Deadlines only grow (`fetch_max`);
 //! an expired one is cleared back to `0` by whoever notices, so the common path never reads
-//! the clock. `probe` says whether a suspended key owes a probe, or has one in flight.
+//! the clock. `probe` says whether a key owes a probe, or has one in flight.
 //!
 //! The backoff `level` counts consecutive 429s and `generation` counts the cool-downs that
 //! raised it. A lease remembers the generation it was reserved in; a 429 raises the level
@@ -883,6 +888,16 @@ impl Slot {
         }
     }
 
+    /// Rests the key for a limit (a 429, an account's limit, a window the headers say is
+    /// used up): a rest that starts owes a probe. (One that extends owes one already.)
+    fn rest_for_limit(&self, wait: Duration) -> Rest {
+        let rest = self.extend(wait);
+        if rest == Rest::Started {
+            self.owe_probe();
+        }
+        rest
+    }
+
     /// After a cool-down for a limit, the key comes back with one probe request rather than
     /// to every waiter at once (which would earn a burst of 429s if the limit still holds).
     fn owe_probe(&self) {
@@ -916,11 +931,7 @@ impl Slot {
             self.level.load(Ordering::Acquire).max(1)
         };
         let wait = self.signals.backoff.wait(level, retry_after);
-        let rest = self.extend(wait);
-        if rest == Rest::Started {
-            self.owe_probe();
-        }
-        (wait, level, rest)
+        (wait, level, self.rest_for_limit(wait))
     }
 
     fn succeeded(&self, generation: u32) {
@@ -1101,13 +1112,16 @@ impl Lease {
             Outcome::Success => slot.succeeded(self.generation),
             Outcome::LimitReached { reset_after } => {
                 slot.succeeded(self.generation);
-                if slot.extend(reset_after) == Rest::Started {
+                // A rest for a limit, as after a 429: capped the same way, and ended by a
+                // probe (the window may not have reset when the headers said).
+                let wait = slot.signals.backoff.cap(reset_after);
+                if slot.rest_for_limit(wait) == Rest::Started {
                     tracing::info!(
                         key = position,
                         keys,
-                        wait_ms = millis(reset_after),
-                        "{label} used up its window; resting for {} (rate-limit headers)",
-                        Wait(reset_after)
+                        wait_ms = millis(wait),
+                        "{label} used up its window; resting for {} (rate-limit headers), then one probe request",
+                        Wait(wait)
                     );
                 }
             }
@@ -1186,7 +1200,14 @@ impl Lease {
         }
         if self.is_probe() {
             self.set_flag(RESOLVED);
-            let back = matches!(outcome, Outcome::Success | Outcome::LimitReached { .. });
+            // A used-up window rests the key again, and a rest ends with a probe.
+            let back = match outcome {
+                Outcome::Success => true,
+                Outcome::LimitReached { reset_after } => {
+                    slot.signals.backoff.cap(reset_after).is_zero()
+                }
+                _ => false,
+            };
             // Probing => Healthy on success; else Probing => Suspended: another probe once
             // the rest (if any) is over.
             slot.probe.store(
@@ -1218,14 +1239,7 @@ impl Lease {
             .slots
             .iter()
             .filter(|s| !Arc::ptr_eq(s, &self.slot) && s.spec.account.as_deref() == Some(account))
-            .filter(|s| match s.extend(wait) {
-                Rest::Started => {
-                    s.owe_probe();
-                    true
-                }
-                Rest::Extended => true,
-                Rest::Unchanged => false,
-            })
+            .filter(|s| s.rest_for_limit(wait) != Rest::Unchanged)
             .count()
     }
 }

@@ -518,3 +518,37 @@ async fn a_replayed_error_body_frees_its_key_with_the_last_frame() {
     );
     drop(body);
 }
+#[tokio::test(start_paused = true)]
+async fn a_rest_learned_from_headers_is_capped_and_ends_with_a_probe() {
+    let pool = KeyPool::builder(keys("k1"))
+        .backoff(Backoff::default().max_retry_after(Duration::from_secs(10)))
+        .build();
+    let lease = pool.try_reserve().unwrap();
+    lease.mark_sent();
+    lease.record(Outcome::LimitReached {
+        reset_after: Duration::from_secs(3600),
+    });
+    drop(lease);
+    let stats = &pool.snapshot()[0];
+    assert_eq!(stats.cooling_down_for, Some(Duration::from_secs(10)));
+    assert!(stats.probing, "a rest for a limit owes a probe");
+
+    advance(Duration::from_secs(10)).await;
+    let probe = pool.try_reserve().expect("the probe");
+    assert!(probe.is_probe());
+    assert!(
+        pool.try_reserve().is_none(),
+        "a second request beside the probe"
+    );
+    // The probe's answer says the window is used up again: rest again, then probe again.
+    probe.mark_sent();
+    probe.record(Outcome::LimitReached {
+        reset_after: Duration::from_secs(5),
+    });
+    drop(probe);
+    let stats = &pool.snapshot()[0];
+    assert_eq!(stats.cooling_down_for, Some(Duration::from_secs(5)));
+    assert!(stats.probing);
+    advance(Duration::from_secs(5)).await;
+    assert!(pool.try_reserve().unwrap().is_probe());
+}
