@@ -274,13 +274,9 @@ mod tests {
                     // Time passes: up to two intervals, on a clock of at most `MAX_SPAN`.
                     0 => now = (now + roll % (2 * gcra.interval + 1)).min(MAX_SPAN),
                     // A request sent at once.
-                    1 => if gcra.try_take(&tat, now).is_some() {
-                        sent.push(now);
-                    },
+                    1 => sent.extend(gcra.try_take(&tat, now).map(|_| now)),
                     // A reservation held for now.
-                    2 => if let Some(after) = gcra.try_take(&tat, now) {
-                        held.push((now, after));
-                    },
+                    2 => held.extend(gcra.try_take(&tat, now).map(|after| (now, after))),
                     // A held reservation sent, or dropped unsent.
                     _ if !held.is_empty() => {
                         let (at, after) = held.swap_remove(roll as usize % held.len());
