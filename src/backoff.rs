@@ -127,7 +127,8 @@ impl Backoff {
         self
     }
 
-    /// The longest wait a `Retry-After` may impose.
+    /// The longest wait a `Retry-After` may impose; also caps a rest until a window's reset
+    /// read from rate-limit headers ([`Outcome::LimitReached`](crate::Outcome)).
     pub fn max_retry_after(mut self, max: Duration) -> Self {
         self.max_retry_after = max;
         self
@@ -158,7 +159,7 @@ impl Backoff {
     /// `Retry-After`, if any.
     pub fn wait(&self, level: u32, retry_after: Option<Duration>) -> Duration {
         if let Some(wait) = retry_after {
-            return wait.min(self.max_retry_after);
+            return self.cap(wait);
         }
         let ceiling = self.ceiling(level);
         if self.jitter {
@@ -167,6 +168,12 @@ impl Backoff {
         } else {
             ceiling
         }
+    }
+
+    /// A wait the provider asked for (`Retry-After`, or a window's reset read from
+    /// rate-limit headers), capped at `max_retry_after`: one cap for every rest for a limit.
+    pub(crate) fn cap(&self, wait: Duration) -> Duration {
+        wait.min(self.max_retry_after)
     }
 
     /// `min(max, base · 2^(level-1))`: the upper bound of the jittered wait.

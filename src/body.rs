@@ -95,6 +95,12 @@ impl<B: Body> TrackedBody<B> {
         let this = self.project();
         let replay = this.replay.as_mut()?;
         if let Some(frame) = replay.frames.pop_front() {
+            if replay.is_empty() && inner_ended(&this.inner) {
+                // The last frame of a body that has ended: the caller, seeing the end, may
+                // never poll again, so the key is free now (as for a body not read ahead).
+                *this.replay = None;
+                drop(this.lease.take());
+            }
             return Some(Poll::Ready(Some(Ok(frame))));
         }
         let error = replay.error.take();
@@ -140,11 +146,7 @@ impl<B: Body> Body for TrackedBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.replay.as_ref().is_none_or(|replay| replay.is_empty())
-            && match &self.inner {
-                Inner::Direct { body } => body.is_end_stream(),
-                Inner::Boxed { body } => body.is_end_stream(),
-            }
+        self.replay.as_ref().is_none_or(|replay| replay.is_empty()) && inner_ended(&self.inner)
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -168,6 +170,13 @@ impl<B: Body> Body for TrackedBody<B> {
             hint.set_lower(hint.lower().saturating_add(replayed));
         }
         hint
+    }
+}
+
+fn inner_ended<B: Body>(inner: &Inner<B>) -> bool {
+    match inner {
+        Inner::Direct { body } => body.is_end_stream(),
+        Inner::Boxed { body } => body.is_end_stream(),
     }
 }
 

@@ -93,7 +93,9 @@ where
             let result = match this.state.project() {
                 StateProj::Calling { future } => ready!(future.poll(cx)),
                 StateProj::Refused { error } => {
-                    let error = error.take().expect("ResponseFuture polled after completion");
+                    let error = error
+                        .take()
+                        .expect("ResponseFuture polled after completion");
                     return Poll::Ready(Err(error));
                 }
             };

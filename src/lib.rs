@@ -82,7 +82,7 @@
 //! | --- | --- | --- |
 //! | 429 with `Retry-After` / `retry-after-ms` | rate limited | cools down for that long (capped) |
 //! | 429 without | rate limited | cools down for an exponential, jittered backoff |
-//! | 2xx whose rate-limit headers say `remaining: 0` | limit reached | rests until the window resets ([`learned_reset`]) |
+//! | 2xx whose rate-limit headers say `remaining: 0` | limit reached | rests until the window resets ([`learned_reset`], capped as `Retry-After`) |
 //! | 503 with `Retry-After` | rate limited | cools down for that long |
 //! | 401, 403 | rejected | disabled |
 //! | other 5xx, transport error | failure | counted only |

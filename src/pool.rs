@@ -2,25 +2,36 @@
 //!
 //! # Key states
 //!
-//! Each key is in one of these states, read from a few atomics of its [`Slot`]:
+//! Each key is in one of these states ([`KeyState`]), read from a few atomics of its
+//! [`Slot`] by one function, `Slot::status`, which also says when the key can next take a
+//! request: selection, waiting, the retry policy and [`KeyPool::snapshot`] all ask it.
 //!
 //! ```text
-//!   Healthy ──(in_flight reaches the cap, or the quota is used up)──► Busy
+//!   Healthy ──(in_flight reaches the limit, or the quota is used up)──► Busy
 //!   Busy ──(a lease is released / the quota refills)──► Healthy
-//!   Healthy | Busy ──(429, or headers say the window is used up)──► Cooling
-//!   Cooling ──(another 429)──► Cooling, deadline = max(deadline, now + wait)
-//!   Cooling ──(the deadline passes)──► Healthy
-//!   any ──(quota exhausted: billing, daily quota)──► Suspended (Cooling + probe owed)
-//!   Suspended ──(the deadline passes)──► Probing: exactly one request may go
-//!   Probing ──(success)──► Healthy      Probing ──(refused again)──► Suspended
+//!   Healthy | Busy ──(429, account limit, or headers say the window is used up)──► Resting
+//!   any but Disabled ──(quota exhausted: billing, daily quota)──► Resting (a long rest)
+//!   Resting ──(another limit)──► Resting, deadline = max(deadline, now + wait)
+//!   Resting ──(the deadline passes)──► Probing: exactly one request may go
+//!   Probing ──(success)──► Healthy
+//!   Probing ──(refused again, or its window used up again)──► Resting
+//!   Probing ──(the probe is dropped unanswered)──► Probing: the next caller probes
 //!   any ──(401/403)──► Disabled (for good)
 //! ```
+//!
+//! The limit is the configured cap, or lower once a `429` that came back while other
+//! requests were in flight on the key taught the pool the provider's concurrency limit
+//! (`Slot::learn_refusal`); successes at that limit raise it again slowly.
+//!
+//! Every rest is for a limit, and a limit may still hold when the rest ends (a `Retry-After`
+//! or a window's reset is the provider's guess, and capped): so a rest that starts owes a
+//! probe, and the key comes back with one request rather than to every waiter at once.
 //!
 //! `deadline` encodes three states in one word: `0` is "not cooling", [`DISABLED`] is
 //! "disabled", anything else is the end of a cool-down in nanoseconds since the pool was
 //! built (tokio's monotonic clock, so tests can pause it). Deadlines only grow (`fetch_max`);
 //! an expired one is cleared back to `0` by whoever notices, so the common path never reads
-//! the clock. `probe` says whether a suspended key owes a probe, or has one in flight.
+//! the clock. `probe` says whether a key owes a probe, or has one in flight.
 //!
 //! The backoff `level` counts consecutive 429s and `generation` counts the cool-downs that
 //! raised it. A lease remembers the generation it was reserved in; a 429 raises the level
@@ -48,9 +59,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{
-    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
-};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -1016,11 +1025,13 @@ impl Slot {
         // Quota first: giving a unit back needs no wake-up, while giving back an in-flight
         // slot would (and would wake this very caller if it is waiting).
         let now_nanos = if self.quota.is_some() { now.get() } else { 0 };
+        let mut tat_after = 0;
         if let Some(quota) = self.quota {
-            if !quota.try_take(&self.tat, now_nanos) {
+            let Some(after) = quota.try_take(&self.tat, now_nanos) else {
                 self.unprobe(probe);
                 return None;
-            }
+            };
+            tat_after = after;
         }
         let limit = self.limit.load(Ordering::Relaxed);
         let in_flight = if limit == u32::MAX {
@@ -1037,10 +1048,11 @@ impl Slot {
                 probe,
                 generation,
                 at_limit: before.saturating_add(1) >= limit,
+                tat_after,
             });
         }
         if let Some(quota) = self.quota {
-            quota.refund(&self.tat);
+            quota.refund(&self.tat, tat_after, now_nanos);
         }
         self.unprobe(probe);
         None
@@ -1134,6 +1146,16 @@ impl Slot {
         }
     }
 
+    /// Rests the key for a limit (a 429, an account's limit, a window the headers say is
+    /// used up): a rest that starts owes a probe. (One that extends owes one already.)
+    fn rest_for_limit(&self, wait: Duration) -> Rest {
+        let rest = self.extend(wait);
+        if rest == Rest::Started {
+            self.owe_probe();
+        }
+        rest
+    }
+
     /// After a cool-down for a limit, the key comes back with one probe request rather than
     /// to every waiter at once (which would earn a burst of 429s if the limit still holds).
     fn owe_probe(&self) {
@@ -1167,11 +1189,7 @@ impl Slot {
             self.level.load(Ordering::Acquire).max(1)
         };
         let wait = self.signals.backoff.wait(level, retry_after);
-        let rest = self.extend(wait);
-        if rest == Rest::Started {
-            self.owe_probe();
-        }
-        (wait, level, rest)
+        (wait, level, self.rest_for_limit(wait))
     }
 
     fn succeeded(&self, generation: u32) {
@@ -1196,6 +1214,8 @@ struct Taken {
     /// The take filled the key up to its concurrency limit (a success then counts
     /// towards raising a learned limit).
     at_limit: bool,
+    /// The quota state the take left: its unit ends there (0 without a quota).
+    tat_after: u64,
 }
 
 /// When a key can next take a request (see `Slot::status`).
@@ -1223,6 +1243,8 @@ enum Rest {
     Unchanged,
 }
 
+/// What [`Slot::try_take`] took, for the [`Lease`].
+#[derive(Debug, Clone, Copy)]
 /// A wait as people write it: `850 ms`, `2.5 s`, `3 min 20 s`, `1 h 5 min`.
 struct Wait(Duration);
 
@@ -1268,6 +1290,9 @@ pub struct Lease {
     generation: u32,
     /// Taken with the key at its concurrency limit.
     at_limit: bool,
+    /// Where the quota unit this lease took ends: a refund gives back only what of it is
+    /// still unused (see `Gcra::refund`).
+    tat_after: u64,
     /// `SENT`, `PROBE`, `RESOLVED` bits. Only the lease's owner writes them, so a plain
     /// load and store suffice (no locked read-modify-write on the hot path); atomic only
     /// so that a lease is `Sync`.
@@ -1286,6 +1311,7 @@ impl Lease {
             keys: table.slots.len(),
             generation: taken.generation,
             at_limit: taken.at_limit,
+            tat_after: taken.tat_after,
             flags: AtomicU8::new(if taken.probe { PROBE } else { 0 }),
         }
     }
@@ -1348,8 +1374,7 @@ impl Lease {
     /// claimed it yet: a ready request may as well be the one.
     pub fn is_usable(&self) -> bool {
         let slot = &*self.slot;
-        if slot.retired.load(Ordering::Acquire)
-            || slot.is_resting(&mut LazyNow::new(&slot.signals))
+        if slot.retired.load(Ordering::Acquire) || slot.is_resting(&mut LazyNow::new(&slot.signals))
         {
             return false;
         }
@@ -1401,13 +1426,16 @@ impl Lease {
             Outcome::Success => slot.succeeded(self.generation),
             Outcome::LimitReached { reset_after } => {
                 slot.succeeded(self.generation);
-                if slot.extend(reset_after) == Rest::Started {
+                // A rest for a limit, as after a 429: capped the same way, and ended by a
+                // probe (the window may not have reset when the headers said).
+                let wait = slot.signals.backoff.cap(reset_after);
+                if slot.rest_for_limit(wait) == Rest::Started {
                     tracing::info!(
                         key = position,
                         keys,
-                        wait_ms = millis(reset_after),
-                        "{label} used up its window; resting for {} (rate-limit headers)",
-                        Wait(reset_after)
+                        wait_ms = millis(wait),
+                        "{label} used up its window; resting for {} (rate-limit headers), then one probe request",
+                        Wait(wait)
                     );
                 }
             }
@@ -1489,7 +1517,14 @@ impl Lease {
         }
         if self.is_probe() {
             self.set_flag(RESOLVED);
-            let back = matches!(outcome, Outcome::Success | Outcome::LimitReached { .. });
+            // A used-up window rests the key again, and a rest ends with a probe.
+            let back = match outcome {
+                Outcome::Success => true,
+                Outcome::LimitReached { reset_after } => {
+                    slot.signals.backoff.cap(reset_after).is_zero()
+                }
+                _ => false,
+            };
             // Probing => Healthy on success; else Probing => Suspended: another probe once
             // the rest (if any) is over.
             slot.probe.store(
@@ -1538,14 +1573,7 @@ impl Lease {
             .slots
             .iter()
             .filter(|s| !Arc::ptr_eq(s, &self.slot) && s.spec.account.as_deref() == Some(account))
-            .filter(|s| match s.extend(wait) {
-                Rest::Started => {
-                    s.owe_probe();
-                    true
-                }
-                Rest::Extended => true,
-                Rest::Unchanged => false,
-            })
+            .filter(|s| s.rest_for_limit(wait) != Rest::Unchanged)
             .count()
     }
 }
@@ -1558,9 +1586,11 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let flags = *self.flags.get_mut();
         if flags & SENT == 0 {
-            // Reserved but never sent: the quota unit goes back.
+            // Reserved but never sent: what is left of its quota unit goes back. Only a
+            // quota reads the clock.
             if let Some(quota) = self.slot.quota {
-                quota.refund(&self.slot.tat);
+                let now = self.slot.signals.now_nanos();
+                quota.refund(&self.slot.tat, self.tat_after, now);
             }
         }
         if flags & PROBE != 0 && flags & RESOLVED == 0 {

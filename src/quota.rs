@@ -3,9 +3,10 @@
 //!
 //! GCRA keeps a *theoretical arrival time* (TAT): the time at which the key would be
 //! idle again if requests were spaced exactly one emission interval `T = period /
-//! requests` apart. A request is allowed when `TAT ≤ now + τ` (τ, the tolerance, allows a
-//! burst of `burst` requests), and moves `TAT` to `max(TAT, now) + T`. One `u64` holds the
-//! whole state, so checking and taking is a compare-and-swap, like the rest of the pool.
+//! requests` (rounded up) apart. A request is allowed when `TAT ≤ now + τ` (τ, the
+//! tolerance, allows a burst of `burst` requests), and moves `TAT` to `max(TAT, now) + T`.
+//! One `u64` holds the whole state, so checking and taking is a compare-and-swap, like the
+//! rest of the pool.
 //!
 //! We do not use `governor` (the well-kept GCRA crate) because the pool needs three things
 //! it does not offer together: taking quota in the same step as the in-flight slot,
@@ -21,6 +22,9 @@ use std::time::Duration;
 /// window of length `period` ever holds more than `requests`: what a provider's sliding
 /// "requests per minute" limit needs. A larger burst lets that many go at once after a
 /// quiet spell, at the risk of a window holding up to `burst - 1` more.
+///
+/// The interval is rounded up to the nanosecond, so that promise holds exactly. An interval
+/// or burst spanning more than about 146 years acts as if it spanned that long.
 ///
 /// # Examples
 ///
@@ -76,21 +80,39 @@ impl Quota {
         self
     }
 
-    /// The spacing between requests: `period / requests`.
+    /// The spacing between requests: `period / requests`, rounded up to the nanosecond.
+    ///
+    /// Rounded up, because `requests` intervals must span the whole period: rounded down,
+    /// 3 per second would let a fourth request out a nanosecond before the second is over.
     pub fn interval(&self) -> Duration {
-        self.period / self.requests
+        let nanos = self.period.as_nanos().div_ceil(u128::from(self.requests));
+        // At most `period`, so the seconds fit a `u64` as they did in `period`.
+        Duration::new(
+            u64::try_from(nanos / 1_000_000_000).unwrap_or(u64::MAX),
+            (nanos % 1_000_000_000) as u32,
+        )
     }
 
     pub(crate) fn gcra(&self) -> Gcra {
         let interval = u64::try_from(self.interval().as_nanos())
             .unwrap_or(u64::MAX)
-            .max(1);
+            .clamp(1, MAX_SPAN);
         Gcra {
             interval,
-            tolerance: interval.saturating_mul(u64::from(self.burst - 1)),
+            tolerance: interval
+                .saturating_mul(u64::from(self.burst - 1))
+                .min(MAX_SPAN),
         }
     }
 }
+
+/// The longest interval, and the longest tolerance, in nanoseconds (about 146 years).
+///
+/// A quota state stays below `now + tolerance + interval` (≤ `now + u64::MAX / 2`), so the
+/// arithmetic below neither wraps nor saturates on any clock the pool will see; saturating
+/// (as `u64::MAX` would be, for `Duration::MAX`) would instead let every request through.
+/// A quota whose interval or burst spans longer acts as if it spanned this long.
+const MAX_SPAN: u64 = u64::MAX / 4;
 
 /// A [`Quota`] in nanoseconds of the pool's clock.
 #[derive(Debug, Clone, Copy)]
@@ -105,24 +127,39 @@ impl Gcra {
         tat.load(Ordering::Acquire).saturating_sub(self.tolerance)
     }
 
-    /// Takes one unit if allowed at `now`.
-    pub(crate) fn try_take(&self, tat: &AtomicU64, now: u64) -> bool {
+    /// Takes one unit if allowed at `now`; returns the state the take left (the end of
+    /// the unit taken), which [`Gcra::refund`] needs.
+    pub(crate) fn try_take(&self, tat: &AtomicU64, now: u64) -> Option<u64> {
+        let next = |t: u64| t.max(now).saturating_add(self.interval);
         tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-            (t <= now.saturating_add(self.tolerance)).then(|| t.max(now) + self.interval)
+            (t <= now.saturating_add(self.tolerance)).then(|| next(t))
         })
-        .is_ok()
+        .ok()
+        .map(next)
     }
 
-    /// Gives back a unit taken for a request that was never sent.
-    pub(crate) fn refund(&self, tat: &AtomicU64) {
+    /// Gives back what is still unused, at `now`, of the unit a take that left the state
+    /// `tat_after` took, for a request that was never sent.
+    ///
+    /// That unit spans `[tat_after - T, tat_after)`; only its part after `now` can still go
+    /// to another request. Giving back the whole unit would hand out quota already spent:
+    /// a reservation held unsent through its unit, then dropped after others were sent,
+    /// would let one request more into their window.
+    pub(crate) fn refund(&self, tat: &AtomicU64, tat_after: u64, now: u64) {
+        let unused = tat_after.saturating_sub(now).min(self.interval);
+        if unused == 0 {
+            return;
+        }
         let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-            Some(t.saturating_sub(self.interval))
+            Some(t.saturating_sub(unused))
         });
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     const MS: u64 = 1_000_000;
@@ -131,11 +168,11 @@ mod tests {
     fn spaces_requests_one_interval_apart() {
         let gcra = Quota::per_second(10).gcra(); // 100 ms apart
         let tat = AtomicU64::new(0);
-        assert!(gcra.try_take(&tat, 0));
-        assert!(!gcra.try_take(&tat, 50 * MS));
+        assert!(gcra.try_take(&tat, 0).is_some());
+        assert!(gcra.try_take(&tat, 50 * MS).is_none());
         assert_eq!(gcra.available_at(&tat), 100 * MS);
-        assert!(gcra.try_take(&tat, 100 * MS));
-        assert!(!gcra.try_take(&tat, 199 * MS));
+        assert!(gcra.try_take(&tat, 100 * MS).is_some());
+        assert!(gcra.try_take(&tat, 199 * MS).is_none());
     }
 
     #[test]
@@ -144,7 +181,7 @@ mod tests {
         let tat = AtomicU64::new(0);
         let mut sent = Vec::new();
         for now in (0..10_000).map(|ms| ms * MS) {
-            if gcra.try_take(&tat, now) {
+            if gcra.try_take(&tat, now).is_some() {
                 sent.push(now);
             }
         }
@@ -158,15 +195,148 @@ mod tests {
         assert_eq!(sent.len(), 50);
     }
 
+    /// Sends as early as `gcra` allows, `count` times from a fresh state; the send times.
+    fn greedy(gcra: Gcra, count: usize) -> Vec<u64> {
+        let tat = AtomicU64::new(0);
+        (0..count)
+            .map(|_| {
+                let now = gcra.available_at(&tat);
+                assert!(gcra.try_take(&tat, now).is_some());
+                now
+            })
+            .collect()
+    }
+
+    #[test]
+    fn three_per_second_never_let_a_fourth_out_within_the_second() {
+        let quota = Quota::per_second(3);
+        let sent = greedy(quota.gcra(), 4);
+        assert!(sent[3] - sent[0] >= 1_000 * MS, "{sent:?}");
+        assert_eq!(quota.interval(), Duration::from_nanos(333_333_334));
+    }
+
+    #[test]
+    fn an_endless_period_with_a_burst_lets_the_burst_go_then_nothing() {
+        for burst in [1, 2, 3, u32::MAX] {
+            let gcra = Quota::new(1, Duration::MAX).burst(burst).gcra();
+            let tat = AtomicU64::new(0);
+            let at_once = (0..4).filter(|_| gcra.try_take(&tat, 0).is_some()).count();
+            // The burst in full where its span fits the clock (see `MAX_SPAN`), never more.
+            assert!((1..=burst as usize).contains(&at_once), "burst {burst}");
+            if burst <= 2 {
+                assert_eq!(at_once, burst as usize);
+            }
+            // A century on, still nothing.
+            let century = 100 * 365 * 24 * 3600 * 1_000 * MS;
+            assert!(gcra.try_take(&tat, century).is_none(), "burst {burst}");
+        }
+    }
+
     #[test]
     fn burst_and_refund() {
         let gcra = Quota::per_second(10).burst(3).gcra();
         let tat = AtomicU64::new(0);
-        for _ in 0..3 {
-            assert!(gcra.try_take(&tat, 0));
+        let taken: Vec<u64> = (0..3).map(|_| gcra.try_take(&tat, 0).unwrap()).collect();
+        assert_eq!(taken, [100 * MS, 200 * MS, 300 * MS]);
+        assert!(gcra.try_take(&tat, 0).is_none());
+        gcra.refund(&tat, taken[2], 0);
+        assert!(gcra.try_take(&tat, 0).is_some());
+    }
+
+    /// Any period (up to `Duration::MAX`), a handful of requests per period, any burst.
+    fn quotas() -> impl Strategy<Value = Quota> {
+        let secs = prop_oneof![Just(0), 0..100u64, any::<u64>(), Just(u64::MAX)];
+        let nanos = prop_oneof![Just(0), 0..1_000_000_000u32, Just(999_999_999)];
+        let burst = prop_oneof![Just(1), 1..5u32, any::<u32>(), Just(u32::MAX)];
+        (1..5u32, secs, nanos, burst).prop_filter_map("a zero period", |(r, s, n, b)| {
+            let period = Duration::new(s, n);
+            (!period.is_zero()).then(|| Quota::new(r, period).burst(b))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// Takes, sends and unsent drops in any order: the arithmetic never overflows, and
+        /// the requests sent keep GCRA's bound, `t_j - t_i ≥ (j - i)·T - τ` (with a burst of
+        /// 1: no window of length `period` holds more than `requests`), whatever the
+        /// refunds gave back.
+        #[test]
+        fn refunds_never_let_sent_requests_break_the_bound(
+            quota in quotas(),
+            ops in proptest::collection::vec((0..4u8, any::<u64>()), 1..80),
+        ) {
+            let gcra = quota.gcra();
+            let tat = AtomicU64::new(0);
+            let (mut now, mut held, mut sent) = (0u64, Vec::new(), Vec::new());
+            for (op, roll) in ops {
+                match op {
+                    // Time passes: up to two intervals, on a clock of at most `MAX_SPAN`.
+                    0 => now = (now + roll % (2 * gcra.interval + 1)).min(MAX_SPAN),
+                    // A request sent at once.
+                    1 => sent.extend(gcra.try_take(&tat, now).map(|_| now)),
+                    // A reservation held for now.
+                    2 => held.extend(gcra.try_take(&tat, now).map(|after| (now, after))),
+                    // A held reservation sent, or dropped unsent.
+                    _ if !held.is_empty() => {
+                        let (at, after) = held.swap_remove(roll as usize % held.len());
+                        if roll % 2 == 0 {
+                            sent.push(at);
+                        } else {
+                            gcra.refund(&tat, after, now);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            sent.sort_unstable();
+            let (interval, tolerance) = (i128::from(gcra.interval), i128::from(gcra.tolerance));
+            for (i, &first) in sent.iter().enumerate() {
+                for (k, &later) in sent[i + 1..].iter().enumerate() {
+                    let apart = i128::from(later) - i128::from(first);
+                    let units = i128::try_from(k).unwrap() + 1;
+                    prop_assert!(
+                        apart >= units * interval - tolerance,
+                        "{sent:?} with {gcra:?}"
+                    );
+                }
+            }
+            if quota.burst == 1 && gcra.interval < MAX_SPAN {
+                let period = u64::try_from(quota.period.as_nanos()).unwrap();
+                for window in sent.windows(quota.requests as usize + 1) {
+                    prop_assert!(window[quota.requests as usize] - window[0] >= period);
+                }
+            }
         }
-        assert!(!gcra.try_take(&tat, 0));
-        gcra.refund(&tat);
-        assert!(gcra.try_take(&tat, 0));
+    }
+
+    #[test]
+    fn a_refund_gives_back_only_the_unused_part_of_its_unit() {
+        // 100 ms apart, a burst of 3: three at 0 fill [0, 300 ms).
+        let gcra = Quota::per_second(10).burst(3).gcra();
+        let tat = AtomicU64::new(0);
+        let first = gcra.try_take(&tat, 0).unwrap();
+        for _ in 0..2 {
+            gcra.try_take(&tat, 0).unwrap();
+        }
+        // The first unit, [0, 100 ms), dropped at 40 ms: 60 ms come back, not 100.
+        gcra.refund(&tat, first, 40 * MS);
+        assert_eq!(gcra.available_at(&tat), 40 * MS);
+        gcra.try_take(&tat, 40 * MS).unwrap();
+        assert_eq!(gcra.available_at(&tat), 140 * MS);
+    }
+
+    #[test]
+    fn a_refund_after_its_unit_has_passed_gives_nothing_back() {
+        // One a minute: a unit taken at 0, another at 60 s; the first, dropped at 70 s,
+        // has nothing left to give back.
+        let gcra = Quota::per_minute(1).gcra();
+        let second = 1_000 * MS;
+        let tat = AtomicU64::new(0);
+        let stale = gcra.try_take(&tat, 0).unwrap();
+        gcra.try_take(&tat, 60 * second).unwrap();
+        gcra.refund(&tat, stale, 70 * second);
+        assert!(gcra.try_take(&tat, 70 * second).is_none());
+        assert_eq!(gcra.available_at(&tat), 120 * second);
     }
 }

@@ -131,7 +131,9 @@ where
             Some(Reserved::Lease(lease)) if lease.is_usable() => return Poll::Ready(Ok(())),
             // The reserved key was removed, started resting or was disabled since: trade it
             // for a usable one, or give it back and wait like everyone else.
-            Some(Reserved::Lease(_)) => self.reserved = self.pool.try_reserve().map(Reserved::Lease),
+            Some(Reserved::Lease(_)) => {
+                self.reserved = self.pool.try_reserve().map(Reserved::Lease)
+            }
             // A refusal is decided afresh: a key may have come back since.
             Some(Reserved::Refused(_)) => self.reserved = None,
             None => {}
@@ -144,7 +146,10 @@ where
         }
         // The slow path: wait for a key, within the budget counted from the first look.
         let since = *self.waiter.since.get_or_insert_with(Instant::now);
-        let deadline = self.pool.max_wait().and_then(|wait| since.checked_add(wait));
+        let deadline = self
+            .pool
+            .max_wait()
+            .and_then(|wait| since.checked_add(wait));
         self.reserved = Some(
             match ready!(self.pool.poll_reserve(&mut self.waiter, deadline, cx)) {
                 Reserve::Lease(lease) => Reserved::Lease(lease),

@@ -433,3 +433,122 @@ async fn a_key_owed_a_probe_but_at_its_cap_is_passed_over_not_spun_on() {
         assert!(pool.try_reserve().unwrap().is_probe());
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_reservation_dropped_unsent_gives_back_no_quota_spent_since() {
+    // One request a minute. A reservation taken at 0 s is held unsent: its unit,
+    // [0 s, 60 s), passes unused. A request sent at 60 s spends [60 s, 120 s), so dropping
+    // the old reservation at 70 s has nothing left to give back: no request before 120 s.
+    let pool = KeyPool::builder(keys("only"))
+        .quota_per_key(Quota::per_minute(1))
+        .build();
+    let stale = pool.try_reserve().unwrap();
+    advance(Duration::from_secs(60)).await;
+    let sent = pool.try_reserve().expect("the next minute's unit");
+    sent.mark_sent();
+    drop(sent);
+    advance(Duration::from_secs(10)).await;
+    drop(stale);
+    assert!(
+        pool.try_reserve().is_none(),
+        "a second request in the minute of the first"
+    );
+    assert_eq!(pool.snapshot()[0].quota_wait, Some(Duration::from_secs(50)));
+    advance(Duration::from_secs(50)).await;
+    assert!(pool.try_reserve().is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reservation_dropped_part_way_through_its_unit_gives_back_only_the_rest() {
+    // A burst of 3, one unit every 10 s: three reservations at 0 s fill [0 s, 30 s).
+    // The first, dropped unsent at 4 s, gives back the 6 s of its unit still unused, not
+    // the whole unit. A request then fills the burst again; the next may go at 14 s (it
+    // would at 10 s had the whole unit come back).
+    let pool = KeyPool::builder(keys("only"))
+        .quota_per_key(Quota::per_minute(6).burst(3))
+        .build();
+    let first = pool.try_reserve().unwrap();
+    let others: Vec<_> = (0..2).map(|_| pool.try_reserve().unwrap()).collect();
+    others.iter().for_each(|lease| lease.mark_sent());
+    assert!(pool.try_reserve().is_none());
+    advance(Duration::from_secs(4)).await;
+    drop(first);
+    pool.try_reserve().expect("the unit given back").mark_sent();
+    assert_eq!(pool.snapshot()[0].quota_wait, Some(Duration::from_secs(10)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_extreme_quota_neither_wraps_nor_panics() {
+    // One request per `Duration::MAX` with a burst of 2: two requests, then none.
+    let pool = KeyPool::builder(keys("only"))
+        .quota_per_key(Quota::new(1, Duration::MAX).burst(2))
+        .build();
+    for _ in 0..2 {
+        pool.try_reserve().expect("the burst").mark_sent();
+    }
+    assert!(pool.try_reserve().is_none(), "a third request");
+    advance(Duration::from_secs(365 * 24 * 3600)).await;
+    assert!(pool.try_reserve().is_none(), "a third request a year on");
+    assert!(pool.snapshot()[0].quota_wait.is_some());
+    assert!(pool.earliest_return_in().is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replayed_error_body_frees_its_key_with_the_last_frame() {
+    let pool = KeyPool::builder(keys("k1"))
+        .classifier(Classifier::bigmodel())
+        .build();
+    let service = KeyRotation::new(mock(), pool.clone());
+    let overload = r#"{"error":{"code":"1305","message":"overloaded"}}"#;
+    let req = request()
+        .header("x-status", "429")
+        .header("x-body", overload)
+        .body(())
+        .unwrap();
+    let mut body = service.oneshot(req).await.unwrap().into_body();
+    assert_eq!(pool.snapshot()[0].in_flight, 1);
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), overload.as_bytes());
+    assert!(http_body::Body::is_end_stream(&body));
+    // A caller that sees the end may keep the body a while before dropping it.
+    assert_eq!(
+        pool.snapshot()[0].in_flight,
+        0,
+        "the key is still busy after the body's last frame"
+    );
+    drop(body);
+}
+#[tokio::test(start_paused = true)]
+async fn a_rest_learned_from_headers_is_capped_and_ends_with_a_probe() {
+    let pool = KeyPool::builder(keys("k1"))
+        .backoff(Backoff::default().max_retry_after(Duration::from_secs(10)))
+        .build();
+    let lease = pool.try_reserve().unwrap();
+    lease.mark_sent();
+    lease.record(Outcome::LimitReached {
+        reset_after: Duration::from_secs(3600),
+    });
+    drop(lease);
+    let stats = &pool.snapshot()[0];
+    assert_eq!(stats.cooling_down_for, Some(Duration::from_secs(10)));
+    assert!(stats.probing, "a rest for a limit owes a probe");
+
+    advance(Duration::from_secs(10)).await;
+    let probe = pool.try_reserve().expect("the probe");
+    assert!(probe.is_probe());
+    assert!(
+        pool.try_reserve().is_none(),
+        "a second request beside the probe"
+    );
+    // The probe's answer says the window is used up again: rest again, then probe again.
+    probe.mark_sent();
+    probe.record(Outcome::LimitReached {
+        reset_after: Duration::from_secs(5),
+    });
+    drop(probe);
+    let stats = &pool.snapshot()[0];
+    assert_eq!(stats.cooling_down_for, Some(Duration::from_secs(5)));
+    assert!(stats.probing);
+    advance(Duration::from_secs(5)).await;
+    assert!(pool.try_reserve().unwrap().is_probe());
+}

@@ -148,7 +148,10 @@ async fn a_refusal_is_handed_back_at_once_when_no_key_is_back_within_the_budget(
     assert_eq!(response.headers()["retry-after"], "9");
     assert_eq!(tried.positions(), [1, 2, 3]);
     assert_eq!(upstream.seen().len(), 3);
-    assert!(started.elapsed() < Duration::from_secs(1), "not at the end of the budget");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "not at the end of the budget"
+    );
 }
 
 #[tokio::test]

@@ -28,7 +28,10 @@ struct Ledger {
 
 impl Ledger {
     fn refused(&self) -> usize {
-        self.arrivals.iter().filter(|(_, _, refused)| *refused).count()
+        self.arrivals
+            .iter()
+            .filter(|(_, _, refused)| *refused)
+            .count()
     }
 }
 
@@ -48,7 +51,9 @@ async fn limited_provider(limit: u32) -> (MockUpstream, Arc<Mutex<Ledger>>) {
                 if accepted {
                     *count += 1;
                 }
-                ledger.arrivals.push((key.clone(), Instant::now(), !accepted));
+                ledger
+                    .arrivals
+                    .push((key.clone(), Instant::now(), !accepted));
                 accepted
             };
             if !accepted {
@@ -117,13 +122,19 @@ async fn one_key_ten_callers_all_succeed_with_default_settings() {
     let keys = keys(&proxy).await;
     assert_eq!(keys[0]["concurrency_limit"], 2);
     // Every answer we retried or waited for tells SDKs not to retry it again.
-    assert!(answers.iter().any(|got| got.headers.contains_key("x-should-retry")));
+    assert!(
+        answers
+            .iter()
+            .any(|got| got.headers.contains_key("x-should-retry"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_keys_twenty_callers_all_succeed_with_default_settings() {
     let (upstream, ledger) = limited_provider(2).await;
-    let proxy = ProxyConfig::new(&upstream.url(""), &KEYS.join(",")).start().await;
+    let proxy = ProxyConfig::new(&upstream.url(""), &KEYS.join(","))
+        .start()
+        .await;
 
     let (answers, elapsed) = burst(&proxy.url("/chat/completions"), 20).await;
     assert_eq!(statuses(&answers), [200; 20]);
@@ -136,9 +147,15 @@ async fn three_keys_twenty_callers_all_succeed_with_default_settings() {
     let late_refusals: Vec<_> = ledger
         .arrivals
         .iter()
-        .filter(|(_, at, refused)| *refused && at.duration_since(first) > Duration::from_millis(500))
+        .filter(|(_, at, refused)| {
+            *refused && at.duration_since(first) > Duration::from_millis(500)
+        })
         .collect();
-    assert!(late_refusals.is_empty(), "refused after the first burst: {}", late_refusals.len());
+    assert!(
+        late_refusals.is_empty(),
+        "refused after the first burst: {}",
+        late_refusals.len()
+    );
     assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
     let keys = keys(&proxy).await;
     for key in &keys {
@@ -233,9 +250,17 @@ async fn a_rest_past_the_budget_hands_back_the_refusal_and_then_503s_at_once() {
     assert_eq!(got.headers["retry-after"], "5");
     // The next request is not sent at all, and is told at once when to come back.
     let got = post(&proxy.url("/chat/completions"), "{}").await;
-    assert!(started.elapsed() < Duration::from_millis(800), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(got.status, 503);
-    let retry_after: u64 = got.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = got.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((4..=5).contains(&retry_after), "{retry_after}");
     assert!(got.headers.contains_key("retry-after-ms"));
     assert_eq!(got.headers["x-should-retry"], "false");

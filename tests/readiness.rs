@@ -148,7 +148,12 @@ async fn every_key_disabled_readies_the_waiters_and_fails_their_calls() {
 async fn behind_a_buffer_a_reload_revives_a_service_whose_keys_were_all_disabled() {
     let pool = builder(1).build();
     let mut buffered = tower::buffer::Buffer::new(KeyRotation::new(mock(), pool.clone()), 8);
-    let response = buffered.ready().await.unwrap().call(request(401, None)).await;
+    let response = buffered
+        .ready()
+        .await
+        .unwrap()
+        .call(request(401, None))
+        .await;
     assert_eq!(response.unwrap().status(), StatusCode::UNAUTHORIZED);
     assert!(pool.all_disabled());
     let error = buffered
@@ -175,9 +180,7 @@ async fn behind_a_buffer_a_reload_revives_a_service_whose_keys_were_all_disabled
 
 #[tokio::test(start_paused = true)]
 async fn a_wait_past_the_budget_fails_at_once_with_retry_after() {
-    let pool = builder(1)
-        .max_wait(Some(Duration::from_secs(1)))
-        .build();
+    let pool = builder(1).max_wait(Some(Duration::from_secs(1))).build();
     let status = send_response(&pool, 429, Some("5")).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     // The only key rests 5 s; the budget is 1 s: ready at once, and the call says when.
@@ -231,7 +234,11 @@ async fn a_reservation_on_a_key_removed_since_is_traded_before_sending() {
     assert_ready_ok!(ready.poll_ready()); // key 1
     pool.reload(KeySet::parse("key-2,key-3").unwrap());
     let response = ready.call(request(200, None)).await.unwrap();
-    assert_ne!(response.headers()["x-key"], "Bearer key-1", "key 1 was removed");
+    assert_ne!(
+        response.headers()["x-key"],
+        "Bearer key-1",
+        "key 1 was removed"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -289,7 +289,9 @@ fn no_more_retries(headers: &mut HeaderMap) {
     let wait = headers
         .get(header::RETRY_AFTER)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| tower_key_rotation::parse_retry_after(value, std::time::SystemTime::now()));
+        .and_then(|value| {
+            tower_key_rotation::parse_retry_after(value, std::time::SystemTime::now())
+        });
     if let Some(wait) = wait {
         let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         headers.insert(RETRY_AFTER_MS, HeaderValue::from(ms));

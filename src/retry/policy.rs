@@ -142,7 +142,8 @@ impl RetryPolicy {
                     let in_time = budget_end.is_none_or(|end| at <= end);
                     if !in_time {
                         tracing::debug!(
-                            back_in_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64,
+                            back_in_ms =
+                                at.saturating_duration_since(Instant::now()).as_millis() as u64,
                             "the earliest key is back after the wait budget; passing the {reason} on"
                         );
                     }
@@ -293,7 +294,11 @@ mod tests {
     fn a_streaming_body_is_never_cloned() {
         let (_, policy) = policy("k1,k2");
         let body = ReplayBody::streaming(http_body_util::Full::new(Bytes::new()));
-        assert!(policy.clone_request(&request(body, &TriedKeys::new())).is_none());
+        assert!(
+            policy
+                .clone_request(&request(body, &TriedKeys::new()))
+                .is_none()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -303,7 +308,10 @@ mod tests {
         tried.insert(0);
         let req = request(ReplayBody::buffered(Bytes::new()), &tried);
         for status in [StatusCode::OK, StatusCode::INTERNAL_SERVER_ERROR] {
-            assert!(!policy.should_retry(&req, &answer(status), in_secs(30)), "{status}");
+            assert!(
+                !policy.should_retry(&req, &answer(status), in_secs(30)),
+                "{status}"
+            );
         }
         assert!(policy.should_retry(&req, &answer(StatusCode::TOO_MANY_REQUESTS), in_secs(30)));
     }
