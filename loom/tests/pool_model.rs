@@ -18,6 +18,8 @@
 //! - `Slot::extend` / `Slot::is_resting`: `deadline.fetch_max(until)` against the
 //!   clearing `compare_exchange(expired, 0)`.
 //! - `Lease::drop` of an unanswered probe: `probe.store(PROBE_OWED, Release)`.
+//! - `Slot::try_take` reads `generation.load(Acquire)` before its `AcqRel` take;
+//!   `Slot::rate_limited` raises it with `compare_exchange(g, g + 1, AcqRel, Acquire)`.
 //!
 //! tokio's `Notify` is modelled by [`NotifyModel`] (its list and permit under one mutex,
 //! as tokio keeps them under its own lock): `enable` registers or takes a stored permit;
@@ -340,4 +342,54 @@ fn a_suspended_key_lets_out_one_probe_at_a_time() {
         assert_eq!(probe.load(Ordering::SeqCst), PROBE_OWED);
         assert_ne!(probe.load(Ordering::SeqCst), PROBE_NONE);
     });
+}
+
+/// `Slot::try_take` reads the key's cool-down generation, then takes the slot; the first
+/// fresh 429 (`Slot::rate_limited`) raises the generation. Run as the lease being taken
+/// (thread A) against a 429 being recorded (thread B), which notes whether A's take was
+/// already visible when it raised the generation. A lease whose take came before the
+/// raise is a straggler and must carry the old generation, or its own 429 would count as
+/// fresh and raise the backoff level a second time.
+fn straggler_model(read_generation_first: bool) {
+    loom::model(move || {
+        let generation = Arc::new(AtomicU32::new(0));
+        let in_flight = Arc::new(AtomicU32::new(0));
+
+        let taker = {
+            let (generation, in_flight) = (generation.clone(), in_flight.clone());
+            thread::spawn(move || {
+                if read_generation_first {
+                    // Today's `try_take`: the generation, then the take.
+                    let seen = generation.load(Ordering::Acquire);
+                    in_flight.fetch_add(1, Ordering::AcqRel);
+                    seen
+                } else {
+                    // Before issue 10: `Lease::new` read it after the take.
+                    in_flight.fetch_add(1, Ordering::AcqRel);
+                    generation.load(Ordering::Acquire)
+                }
+            })
+        };
+        let took_before_raise = in_flight.load(Ordering::Acquire) == 1;
+        let raised = generation
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        let lease_generation = taker.join().unwrap();
+        if raised && took_before_raise {
+            assert_eq!(lease_generation, 0, "a straggler counts as fresh");
+        }
+    });
+}
+
+#[test]
+fn a_lease_taken_before_a_cool_down_starts_can_never_escalate_it() {
+    straggler_model(true);
+}
+
+/// The order `Lease::new` used before: loom finds the interleaving where a straggler reads
+/// the raised generation (the regression this model guards against).
+#[test]
+#[should_panic(expected = "a straggler counts as fresh")]
+fn reading_the_generation_after_the_take_lets_a_straggler_escalate() {
+    straggler_model(false);
 }

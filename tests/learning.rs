@@ -1,0 +1,112 @@
+//! Learned concurrency: a `429` that comes back while other requests are in flight on the
+//! same key lowers that key's limit to what else was in flight; successes at the limit
+//! raise it slowly; never above the configured cap, never below 1; off when asked.
+
+use std::time::Duration;
+
+use tower_key_rotation::{KeyPool, KeyPoolBuilder, KeySet, KeyState, Lease, Outcome};
+
+fn builder(keys: &str) -> KeyPoolBuilder {
+    KeyPool::builder(KeySet::parse(keys).unwrap())
+}
+
+fn refused() -> Outcome {
+    Outcome::RateLimited {
+        retry_after: Some(Duration::ZERO),
+    }
+}
+
+fn reserve(pool: &KeyPool, n: usize) -> Vec<Lease> {
+    (0..n)
+        .map(|_| {
+            let lease = pool.try_reserve().expect("a free slot");
+            lease.mark_sent();
+            lease
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_with_others_in_flight_lowers_the_keys_limit_to_them() {
+    let pool = builder("k1").build();
+    assert_eq!(pool.snapshot()[0].concurrency_limit, None);
+    let mut leases = reserve(&pool, 5);
+    // The provider took two and refuses the rest: each refusal sees what else is out.
+    leases[4].record(refused()); // 4 others in flight
+    assert_eq!(pool.snapshot()[0].concurrency_limit, Some(4));
+    leases.truncate(2); // 2 still in flight
+    let third = reserve(&pool, 1).pop().unwrap();
+    third.record(refused()); // 2 others
+    assert_eq!(pool.snapshot()[0].concurrency_limit, Some(2));
+    // At the learned limit, the next caller waits instead of being refused.
+    drop(third);
+    assert!(pool.try_reserve().is_none());
+    assert_eq!(pool.snapshot()[0].state, KeyState::Busy);
+    leases.pop();
+    assert!(pool.try_reserve().is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_alone_on_the_key_is_a_rate_limit_and_teaches_nothing() {
+    let pool = builder("k1").build();
+    let lease = reserve(&pool, 1).pop().unwrap();
+    lease.record(refused());
+    assert_eq!(pool.snapshot()[0].concurrency_limit, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_limit_never_drops_below_one_nor_rises_above_the_cap() {
+    let pool = builder("k1").max_in_flight_per_key(3).build();
+    assert_eq!(pool.snapshot()[0].concurrency_limit, Some(3));
+    let mut leases = reserve(&pool, 2);
+    leases[1].record(refused());
+    assert_eq!(pool.snapshot()[0].concurrency_limit, Some(1));
+    drop(leases.drain(..));
+
+    // 16 × limit successes sent at the limit raise it by one, up to the cap.
+    for expected in [2, 3, 3] {
+        let limit = pool.snapshot()[0].concurrency_limit.unwrap();
+        for _ in 0..16 * limit {
+            let at_limit = reserve(&pool, limit as usize);
+            for lease in &at_limit {
+                lease.record(Outcome::Success);
+            }
+        }
+        assert_eq!(pool.snapshot()[0].concurrency_limit, Some(expected));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn successes_below_the_limit_do_not_raise_it() {
+    let pool = builder("k1").build();
+    let leases = reserve(&pool, 3);
+    leases[2].record(refused());
+    drop(leases);
+    assert_eq!(pool.snapshot()[0].concurrency_limit, Some(2));
+    // One at a time never tests the limit: nothing learned.
+    for _ in 0..1_000 {
+        reserve(&pool, 1)[0].record(Outcome::Success);
+    }
+    assert_eq!(pool.snapshot()[0].concurrency_limit, Some(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn learning_can_be_turned_off() {
+    let pool = builder("k1").learn_concurrency(false).build();
+    let leases = reserve(&pool, 3);
+    leases[2].record(refused());
+    assert_eq!(pool.snapshot()[0].concurrency_limit, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_keeps_an_unchanged_keys_learned_limit() {
+    let pool = builder("k1,k2").build();
+    let leases: Vec<Lease> = (0..4)
+        .map(|_| pool.try_reserve_where(|i| i == 0).unwrap())
+        .collect();
+    leases[3].record(refused());
+    drop(leases);
+    pool.reload(KeySet::parse("k1,k3").unwrap());
+    assert_eq!(pool.snapshot()[0].concurrency_limit, Some(3));
+    assert_eq!(pool.snapshot()[1].concurrency_limit, None);
+}
