@@ -96,16 +96,14 @@ struct KeyCollector {
 impl Collector for KeyCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let keys = self.pool.snapshot();
-        // Position, and the name from the key file when there is one (never a value).
+        // Position, and the name and account from the key file (never a value). Every
+        // series of a metric has the same labels: empty for a key without name or account.
         let label = |key: &tower_key_rotation::KeyStats| {
-            let mut labels = vec![("key", key.position.to_string())];
-            if let Some(name) = &key.name {
-                labels.push(("name", name.clone()));
-            }
-            if let Some(account) = &key.account {
-                labels.push(("account", account.clone()));
-            }
-            labels
+            [
+                ("key", key.position.to_string()),
+                ("name", key.name.clone().unwrap_or_default()),
+                ("account", key.account.clone().unwrap_or_default()),
+            ]
         };
 
         let count = ConstGauge::new(keys.len() as f64);
