@@ -16,9 +16,11 @@
 //!     --profile bigmodel --upstream https://open.bigmodel.cn/api/paas/v4
 //! ```
 //!
-//! One module per job: `config` (flags, `.env`, secrets), `keys` (the key file),
-//! `reload` (SIGHUP and key file changes), `handler` (one request), `upstream` (client
-//! stack), `wait` (bounded wait for a key), `admin` and `metrics`.
+//! One module per job: `config` (flags, secrets), `dotenv` (`.env`), `keys` (the key
+//! file), `reload` (SIGHUP and key file changes), `handler` (one request, and a client that
+//! goes away), `upstream` (client stack), `tls` (certificate checks, failures in words),
+//! `attempts` (each attempt's time, for the log), `wait` (bounded wait for a key), `admin`
+//! and `metrics`.
 
 mod admin;
 mod attempts;
