@@ -408,8 +408,11 @@ fn validate(key: &str, position: usize) -> Result<(), KeyError> {
         });
     }
     // Visible ASCII only: what every provider issues, and what a header value carries
-    // without surprises (no control characters, no inner white space, no obs-text).
-    if let Some(offset) = key.bytes().position(|b| !(0x21..=0x7e).contains(&b)) {
+    // without surprises (no control characters, no inner white space, no obs-text). No
+    // quotes or semicolons either: no provider issues them, and they are the marks of a
+    // list written wrong (`'k1','k2'` sends the quotes; `k1;k2` would be one key).
+    let rejected = |b: &u8| !(0x21..=0x7e).contains(b) || matches!(b, b'"' | b'\'' | b'`' | b';');
+    if let Some(offset) = key.bytes().position(|b| rejected(&b)) {
         let byte = key.as_bytes()[offset];
         return Err(KeyError::InvalidByte {
             position,
@@ -431,12 +434,18 @@ pub enum ByteKind {
     Whitespace,
     /// A byte outside ASCII (a non-ASCII character).
     NonAscii,
+    /// A quote (`"`, `'` or `` ` ``): the list was quoted, or a key was.
+    Quote,
+    /// A semicolon: keys are separated by commas.
+    Semicolon,
 }
 
 impl ByteKind {
     fn of(byte: u8) -> Self {
         match byte {
             b' ' | b'\t' => Self::Whitespace,
+            b'"' | b'\'' | b'`' => Self::Quote,
+            b';' => Self::Semicolon,
             0x80.. => Self::NonAscii,
             _ => Self::Control,
         }
@@ -449,7 +458,20 @@ impl fmt::Display for ByteKind {
             Self::Control => "a control character",
             Self::Whitespace => "white space",
             Self::NonAscii => "a non-ASCII character",
+            Self::Quote => "a quote",
+            Self::Semicolon => "a semicolon",
         })
+    }
+}
+
+impl ByteKind {
+    /// What to do about it.
+    pub fn hint(self) -> &'static str {
+        match self {
+            Self::Quote => "remove the quotes: keys are never quoted",
+            Self::Semicolon => "separate keys with commas",
+            Self::Control | Self::Whitespace | Self::NonAscii => "keys must be visible ASCII",
+        }
     }
 }
 
@@ -545,7 +567,8 @@ impl fmt::Display for KeyError {
                 ..
             } => write!(
                 f,
-                "key {position} of {count} contains {kind} at byte {offset}; keys must be visible ASCII"
+                "key {position} of {count} contains {kind} at byte {offset}; {}",
+                kind.hint()
             ),
             Self::Duplicate {
                 position,
@@ -618,6 +641,24 @@ mod tests {
         assert!(err.to_string().contains("white space"));
         let err = KeySet::parse("k1,clé").unwrap_err();
         assert!(err.to_string().contains("non-ASCII"));
+    }
+
+    #[test]
+    fn quotes_and_semicolons_are_refused_by_position() {
+        let err = KeySet::parse("k1, k2 ,'k3'").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "key 3 of 3 contains a quote at byte 1; remove the quotes: keys are never quoted"
+        );
+        let err = KeySet::parse("\"sk-a\",sk-b").unwrap_err();
+        assert!(err.to_string().starts_with("key 1 of 2 contains a quote"));
+        let err = KeySet::parse("sk-first;sk-second").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "key 1 of 1 contains a semicolon at byte 9; separate keys with commas"
+        );
+        assert!(!err.to_string().contains("sk-"));
+        assert!(ApiKey::new("`sk`").is_err());
     }
 
     #[test]

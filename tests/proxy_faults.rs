@@ -761,7 +761,7 @@ async fn a_client_going_away_mid_upload_forwards_nothing_or_releases_the_key() {
 }
 
 #[tokio::test]
-async fn a_client_going_away_while_the_upstream_thinks_releases_the_key() {
+async fn a_client_going_away_while_the_upstream_thinks_releases_the_key_after_the_grace() {
     let sentinel = Sentinel::start().await;
     let (gone_tx, mut gone_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let upstream = MockUpstream::start(move |_| {
@@ -779,7 +779,13 @@ async fn a_client_going_away_while_the_upstream_thinks_releases_the_key() {
         }
     })
     .await;
-    let proxy = config(&upstream.url("")).start().await;
+    // The provider goes on working on an abandoned request: the proxy keeps it (and its
+    // key) for the grace, then cancels it (see `tests/proxy_operator.rs` for an answer
+    // within the grace).
+    let mut proxy = config(&upstream.url(""))
+        .arg("--abandoned-grace", "0.5")
+        .start()
+        .await;
 
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream
@@ -789,9 +795,13 @@ async fn a_client_going_away_while_the_upstream_thinks_releases_the_key() {
     upstream.wait_for_requests(1).await;
     assert_eq!(keys(&proxy).await[0]["in_flight"], 1);
     drop(stream);
-    // The proxy cancels its upstream request, which ends the upstream's handler.
+    proxy.wait_for_log("Client went away").await;
+    assert_eq!(keys(&proxy).await[0]["in_flight"], 1, "held for the grace");
+    // After the grace the proxy cancels its upstream request, which ends the upstream's
+    // handler.
     within("the upstream request to be dropped", gone_rx.recv())
         .await
         .unwrap();
+    proxy.wait_for_log("did not answer within 500ms").await;
     assert_still_sound(&proxy, &sentinel, &[]).await;
 }

@@ -152,7 +152,7 @@ async fn a_key_file_names_and_weights_the_keys() {
     let metrics = get(&proxy.url("/_keyrotation/metrics")).await.body;
     for line in [
         "keyrotation_key_requests_total{key=\"1\",name=\"alpha\",account=\"acme\"} 6",
-        "keyrotation_key_requests_total{key=\"3\",name=\"inline\"} 2",
+        "keyrotation_key_requests_total{key=\"3\",name=\"inline\",account=\"\"} 2",
         "keyrotation_key_weight{key=\"1\",name=\"alpha\",account=\"acme\"} 3",
         "keyrotation_keys 3",
     ] {

@@ -12,6 +12,7 @@ use subtle::ConstantTimeEq;
 use tower_key_rotation::{Classifier, KeySet, Placement, Strategy};
 use zeroize::Zeroizing;
 
+use crate::dotenv::DotEnv;
 use crate::keys::{self, KeySource};
 
 const EXAMPLES: &str = "\
@@ -22,7 +23,8 @@ Example:
   curl http://127.0.0.1:8080/chat/completions -H 'content-type: application/json' \\
       -d '{\"model\":\"glm-4-flash\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'
 
-Keys are read from the environment variable named by --keys-env (comma-separated), or from
+Keys are read from the environment variable named by --keys-env (comma-separated; by
+default the profile's: OPENAI_API_KEY, ANTHROPIC_API_KEY, else BIGMODEL_API_KEY), or from
 a .env file in the working directory, or from a TOML key file (--keys-file) that names
 each key and takes its value from an environment variable or a file:
 
@@ -43,9 +45,11 @@ Anyone who can reach the proxy uses your keys: keep it on loopback, or set --acc
 #[derive(Debug, Parser)]
 #[command(name = "forward_proxy", version, after_help = EXAMPLES)]
 pub(crate) struct Args {
-    /// Address to listen on. Keep it on loopback unless an access token is set.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub(crate) listen: SocketAddr,
+    /// Address to listen on, `HOST:PORT` (a name such as `localhost` is resolved; the
+    /// first address that can be bound is used). Keep it on loopback unless an access
+    /// token is set.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8080", value_parser = Listen::parse)]
+    pub(crate) listen: Listen,
 
     /// The provider's base URL (http or https). Its path is a prefix: `/chat/completions?x=1`
     /// goes to `<upstream path>/chat/completions?x=1`.
@@ -76,9 +80,10 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) no_learn_concurrency: bool,
 
-    /// Environment variable holding the comma-separated keys.
-    #[arg(long, value_name = "NAME", default_value = "BIGMODEL_API_KEY")]
-    pub(crate) keys_env: String,
+    /// Environment variable holding the comma-separated keys [default: the profile's:
+    /// OPENAI_API_KEY, ANTHROPIC_API_KEY, else BIGMODEL_API_KEY]
+    #[arg(long, value_name = "NAME")]
+    keys_env: Option<String>,
 
     /// A TOML file listing the keys by name, each with its value from an environment
     /// variable or a file, and optional weight, rpm, max_in_flight and account. Takes
@@ -137,9 +142,97 @@ pub(crate) struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
     pub(crate) retry_body_limit: usize,
 
+    /// Refuse request bodies larger than this many bytes with a 413, before a key is
+    /// used (32 MiB by default: the largest request LLM providers accept).
+    #[arg(long, value_name = "BYTES", default_value_t = 32 << 20)]
+    pub(crate) max_body_size: u64,
+
+    /// When a client goes away before the response head, keep its upstream request (and
+    /// its key's slot) until the provider answers, at most this long: the provider goes
+    /// on working on it, and counts it against the key's concurrency. 0 releases at once.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
+    pub(crate) abandoned_grace: Duration,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub(crate) log_level: tracing::Level,
+
+    /// Log format: `text` (for people) or `json` (one object a line, for log shippers).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+}
+
+impl Args {
+    /// `--keys-env`, or the profile's usual variable.
+    pub(crate) fn keys_env(&self) -> &str {
+        match (&self.keys_env, self.profile) {
+            (Some(var), _) => var,
+            (None, ProfileArg::Openai) => "OPENAI_API_KEY",
+            (None, ProfileArg::Anthropic) => "ANTHROPIC_API_KEY",
+            (None, ProfileArg::Generic | ProfileArg::Bigmodel) => "BIGMODEL_API_KEY",
+        }
+    }
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// `Using key 2/3: POST /chat/completions -> 200 in 812 ms`.
+    Text,
+    /// `{"timestamp":...,"level":"INFO","fields":{"message":"request","key":2,...}}`.
+    Json,
+}
+
+/// `--listen`: a host (name or IP literal) and a port, resolved when the proxy starts.
+#[derive(Debug, Clone)]
+pub(crate) struct Listen {
+    host: String,
+    port: u16,
+}
+
+impl Listen {
+    fn parse(s: &str) -> Result<Self, String> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| "expected HOST:PORT, as in 127.0.0.1:8080".to_owned())?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("`{port}` is not a port number (0-65535)"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err("the host is missing, as in 127.0.0.1:8080".to_owned());
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// Resolves the host and binds the first address that accepts.
+    pub(crate) async fn bind(&self) -> Result<tokio::net::TcpListener, String> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| format!("--listen {self}: cannot resolve {}: {e}", self.host))?
+            .collect();
+        let mut last = None;
+        for addr in &addrs {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => return Ok(listener),
+                Err(e) => last = Some(format!("--listen {self}: cannot listen on {addr}: {e}")),
+            }
+        }
+        Err(last.unwrap_or_else(|| format!("--listen {self}: {} has no address", self.host)))
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// `--strategy`.
@@ -161,7 +254,7 @@ impl From<StrategyArg> for Strategy {
 }
 
 /// `--profile`.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum ProfileArg {
     /// Status codes and the OpenAI/Anthropic rate-limit headers (any provider).
     Generic,
@@ -303,17 +396,23 @@ pub(crate) struct Secrets {
 pub(crate) fn load_secrets(args: &Args) -> Result<Secrets, String> {
     // Set by the process environment itself, before `.env` may add it (the environment
     // wins over `.env`, and only `.env` can be read again on reload).
-    let keys_env_preset = std::env::var_os(&args.keys_env).is_some();
-    match dotenvy::dotenv() {
-        Ok(_) => {}
-        Err(e) if e.not_found() => {}
-        Err(e) => return Err(keys::dotenv_error(&e)),
+    let keys_env = args.keys_env();
+    let keys_env_preset = std::env::var_os(keys_env).is_some();
+    if let Some(dotenv) = DotEnv::find()? {
+        // Only what the proxy reads may stop it: another program's line does not.
+        let mut needed: Vec<String> = match &args.keys_file {
+            Some(path) => keys::env_names(path),
+            None => vec![keys_env.to_owned()],
+        };
+        needed.extend(args.access_token_env.clone());
+        let needed: Vec<&str> = needed.iter().map(String::as_str).collect();
+        dotenv.apply(&needed)?;
     }
     let source = match &args.keys_file {
         Some(path) => KeySource::File(path.clone()),
         None => KeySource::Env {
-            var: args.keys_env.clone(),
-            from_dotenv: !keys_env_preset && std::env::var_os(&args.keys_env).is_some(),
+            var: keys_env.to_owned(),
+            from_dotenv: !keys_env_preset && std::env::var_os(keys_env).is_some(),
         },
     };
     let fingerprint = args.keys_file.as_deref().and_then(keys::fingerprint);

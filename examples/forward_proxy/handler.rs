@@ -11,15 +11,19 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::{BoxError, ServiceExt};
-use tower_key_rotation::retry::{Attempts, ReplayBody};
+use tower_key_rotation::retry::{Attempts as Retried, ReplayBody};
 use tower_key_rotation::{AllKeysDisabled, KeyPool, NoKeyAvailable, TriedKeys};
 
 use crate::admin;
-use crate::config::{AccessToken, Upstream as UpstreamUrl};
+use crate::attempts::Attempts;
+use crate::config::{AccessToken, LogFormat, Upstream as UpstreamUrl};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -35,6 +39,19 @@ pub(crate) struct State {
     pub(crate) metrics: Metrics,
     pub(crate) retry_body_limit: usize,
     pub(crate) listen: SocketAddr,
+    pub(crate) max_body_size: u64,
+    pub(crate) abandoned_grace: Duration,
+    pub(crate) log_format: LogFormat,
+    /// The keys' names by position, for the JSON log (updated on reload).
+    pub(crate) key_names: Arc<KeyNames>,
+}
+
+/// The keys' names by 0-based index (`None` for a key without one).
+pub(crate) type KeyNames = arc_swap::ArcSwap<Vec<Option<String>>>;
+
+/// The names of `pool`'s keys, for [`KeyNames`].
+pub(crate) fn key_names(pool: &KeyPool) -> Arc<Vec<Option<String>>> {
+    Arc::new(pool.snapshot().into_iter().map(|key| key.name).collect())
 }
 
 pub(crate) fn full(body: impl Into<Bytes>) -> Body {
@@ -63,49 +80,217 @@ pub(crate) async fn handle(
     let method = req.method().clone();
     // The path only: a query string is the client's business and stays out of logs.
     let path = req.uri().path().to_owned();
-    let (mut response, tried) = proxy(&state, req).await;
-    let waited = response
-        .extensions_mut()
-        .remove::<Waited>()
-        .map_or(std::time::Duration::ZERO, |waited| waited.0);
+    let request = RequestLabel {
+        method,
+        path,
+        started,
+    };
+    let exchange = proxy(&state, req, &request).await;
     let elapsed = started.elapsed();
-    let status = response.status();
-    let latency_ms = elapsed.as_millis();
-    if path.starts_with(admin::PREFIX) {
-        tracing::debug!("{method} {path} -> {}", status.as_u16());
-        return Ok(response);
+    let status = exchange.response.status();
+    if request.path.starts_with(admin::PREFIX) {
+        tracing::debug!("{} {} -> {}", request.method, request.path, status.as_u16());
+        return Ok(exchange.response);
     }
-    state
-        .metrics
-        .observe(status, elapsed, tried.len().saturating_sub(1), waited);
+    let tried = &exchange.tried;
+    state.metrics.observe(
+        status,
+        elapsed,
+        tried.len().saturating_sub(1),
+        exchange.waited,
+    );
+    access_log(&state, &request, &exchange, status, elapsed);
+    if exchange.attempts == 0 {
+        return Ok(exchange.response);
+    }
+    // Proxied: note a client that goes away before the body's end.
+    let key = exchange.tried.last().copied();
+    let (parts, body) = exchange.response.into_parts();
+    let body = ClientBody {
+        inner: body,
+        gone: Some(GoneNote {
+            state,
+            request,
+            key,
+        }),
+    };
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// A request as the log names it.
+struct RequestLabel {
+    method: Method,
+    path: String,
+    started: Instant,
+}
+
+/// What became of a request.
+struct Exchange {
+    response: Response<Body>,
+    /// 1-based positions of the keys tried, in order (empty when the request never
+    /// reached the key layer).
+    tried: Vec<usize>,
+    /// Attempts sent to the upstream.
+    attempts: u32,
+    /// Time spent waiting for a key (before the first attempt and between attempts).
+    waited: Duration,
+}
+
+impl Exchange {
+    fn local(response: Response<Body>) -> Self {
+        Self {
+            response,
+            tried: Vec::new(),
+            attempts: 0,
+            waited: Duration::ZERO,
+        }
+    }
+}
+
+/// One line per request: `Using key 2/3: POST /chat/completions -> 200 in 812 ms`, or
+/// with `--log-format json` an object with the same facts as fields.
+fn access_log(
+    state: &State,
+    request: &RequestLabel,
+    exchange: &Exchange,
+    status: StatusCode,
+    elapsed: Duration,
+) {
+    let (method, path) = (&request.method, &request.path);
     let keys = state.pool.len();
+    let latency_ms = elapsed.as_millis() as u64;
+    let waited_ms = exchange.waited.as_millis() as u64;
+    let tried = &exchange.tried;
+    if state.log_format == LogFormat::Json {
+        let key = tried.last().copied();
+        let names = state.key_names.load();
+        let key_name = key.and_then(|k| names.get(k - 1).cloned().flatten());
+        let keys_tried = (tried.len() > 1).then(|| {
+            let tried: Vec<String> = tried.iter().map(usize::to_string).collect();
+            tried.join(",")
+        });
+        tracing::info!(
+            method = %method,
+            path = %path,
+            status = status.as_u16(),
+            key,
+            key_name,
+            keys,
+            keys_tried,
+            attempts = exchange.attempts,
+            latency_ms,
+            waited_ms,
+            "request"
+        );
+        return;
+    }
+    let waited = if waited_ms > 0 {
+        format!(" (waited {waited_ms} ms for a key)")
+    } else {
+        String::new()
+    };
     match tried.last() {
         Some(key) if tried.len() > 1 => tracing::info!(
-            "Using key {key}/{keys}: {method} {path} -> {} in {latency_ms} ms (keys tried: {tried:?})",
+            "Using key {key}/{keys}: {method} {path} -> {} in {latency_ms} ms{waited} (keys tried: {tried:?})",
             status.as_u16()
         ),
         Some(key) => tracing::info!(
-            "Using key {key}/{keys}: {method} {path} -> {} in {latency_ms} ms",
+            "Using key {key}/{keys}: {method} {path} -> {} in {latency_ms} ms{waited}",
             status.as_u16()
         ),
         None => tracing::info!(
-            "No key used: {method} {path} -> {} in {latency_ms} ms",
+            "No key used: {method} {path} -> {} in {latency_ms} ms{waited}",
             status.as_u16()
         ),
     }
-    Ok(response)
 }
 
-/// The response, and the 1-based positions of the keys tried, in order (empty when the
-/// request never reached the key layer).
-async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Vec<usize>) {
+/// Logs a client that went away: before the response head (`phase`), or mid-body.
+fn log_client_gone(state: &State, request: &RequestLabel, key: Option<usize>, what: &str) {
+    let keys = state.pool.len();
+    let after_ms = request.started.elapsed().as_millis() as u64;
+    let (method, path) = (&request.method, &request.path);
+    if state.log_format == LogFormat::Json {
+        tracing::info!(
+            method = %method,
+            path = %path,
+            key,
+            keys,
+            after_ms,
+            what,
+            "client went away"
+        );
+        return;
+    }
+    match key {
+        Some(key) => tracing::info!(
+            "Client went away: {method} {path} on key {key}/{keys} after {after_ms} ms: {what}"
+        ),
+        None => tracing::info!("Client went away: {method} {path} after {after_ms} ms: {what}"),
+    }
+}
+
+/// The response body as the client gets it: logs a client that leaves before its end.
+struct ClientBody {
+    inner: Body,
+    gone: Option<GoneNote>,
+}
+
+struct GoneNote {
+    state: Arc<State>,
+    request: RequestLabel,
+    key: Option<usize>,
+}
+
+impl http_body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) {
+            // The end, or the upstream's failure: not the client's doing.
+            self.gone = None;
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        if let Some(note) = self.gone.take() {
+            if !http_body::Body::is_end_stream(&self.inner) {
+                log_client_gone(
+                    &note.state,
+                    &note.request,
+                    note.key,
+                    "mid-response; the upstream response is dropped and the key released",
+                );
+            }
+        }
+    }
+}
+
+/// What became of the request.
+async fn proxy(state: &Arc<State>, req: Request<Incoming>, request: &RequestLabel) -> Exchange {
     if req.method() == Method::CONNECT {
         let response = json_error(
             StatusCode::BAD_REQUEST,
             "connect_not_supported",
             "CONNECT is not supported: this proxy only reaches its configured upstream",
         );
-        return (response, Vec::new());
+        return Exchange::local(response);
     }
     if let Some(authority) = req.uri().authority() {
         if !is_own_authority(state, authority) {
@@ -114,7 +299,7 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Vec<us
                 "foreign_host",
                 "this proxy only reaches its configured upstream; send origin-form requests",
             );
-            return (response, Vec::new());
+            return Exchange::local(response);
         }
     }
     let path = req.uri().path();
@@ -127,12 +312,20 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Vec<us
     });
     if path.starts_with(admin::PREFIX) {
         if !admitted && !admin::is_public(path) {
-            return (unauthorized(), Vec::new());
+            return Exchange::local(unauthorized());
         }
-        return (admin::respond(state, req.method(), path), Vec::new());
+        return Exchange::local(admin::respond(state, req.method(), path));
     }
     if !admitted {
-        return (unauthorized(), Vec::new());
+        return Exchange::local(unauthorized());
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > state.max_body_size) {
+        return Exchange::local(too_large(state.max_body_size));
     }
 
     let (mut parts, body) = req.into_parts();
@@ -149,7 +342,7 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Vec<us
             "bad_path",
             "the request path is not valid",
         );
-        return (response, Vec::new());
+        return Exchange::local(response);
     };
     parts.uri = uri;
     // The client speaks to us in whatever version; the upstream connection picks its own
@@ -163,9 +356,17 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Vec<us
     parts.extensions = http::Extensions::new();
     let tried = TriedKeys::new();
     parts.extensions.insert(tried.clone());
+    let attempts = Attempts::new();
+    parts.extensions.insert(attempts.clone());
 
+    // A body without a declared length is cut at the limit (and answered 413).
+    let limit = usize::try_from(state.max_body_size).unwrap_or(usize::MAX);
+    let body = Limited::new(body, limit);
     let body = match ReplayBody::buffer(body, state.retry_body_limit).await {
         Ok(body) => body,
+        Err(error) if error.is::<LengthLimitError>() => {
+            return Exchange::local(too_large(state.max_body_size));
+        }
         Err(error) => {
             tracing::debug!("reading the request body failed: {error}");
             let response = json_error(
@@ -173,42 +374,163 @@ async fn proxy(state: &State, req: Request<Incoming>) -> (Response<Body>, Vec<us
                 "bad_request_body",
                 "the request body could not be read",
             );
-            return (response, Vec::new());
+            return Exchange::local(response);
         }
     };
-    let result = state
+    let sent = Instant::now();
+    let call = state
         .upstream
         .clone()
-        .oneshot(Request::from_parts(parts, body))
-        .await;
-    let tried = tried.positions();
-    match result {
+        .oneshot(Request::from_parts(parts, body));
+    // The call runs in its own task, so that a client going away (which drops this
+    // future) does not cancel an attempt the provider is working on: see `until_answered`.
+    let (_client_here, client_gone) = oneshot::channel::<Infallible>();
+    let task = tokio::spawn(until_answered(
+        call,
+        client_gone,
+        Abandoned {
+            state: state.clone(),
+            request: RequestLabel {
+                method: request.method.clone(),
+                path: request.path.clone(),
+                started: request.started,
+            },
+            attempts: attempts.clone(),
+            tried: tried.clone(),
+        },
+    ));
+    let result = match task.await {
+        Ok(Some(result)) => result,
+        // The task answers `None` only once this future is gone.
+        Ok(None) => Err("the client went away".into()),
+        Err(panicked) => Err(panicked.into()),
+    };
+    let waited = sent.elapsed().saturating_sub(attempts.upstream_time());
+    let response = match result {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
-            if let Some(attempts) = parts.extensions.get::<Attempts>() {
+            if parts.extensions.get::<Retried>().is_some() {
                 // We already retried or waited for this answer: an SDK retrying it again
                 // would only stack its retries on ours.
                 no_more_retries(&mut parts.headers);
-                let waited = Waited(attempts.waited());
-                parts.extensions.insert(waited);
             }
             let body = body.map_err(BoxError::from).boxed_unsync();
-            (Response::from_parts(parts, body), tried)
+            Response::from_parts(parts, body)
         }
-        Err(error) => {
-            let mut response = error_response(&error);
-            if let Some(no_key) = error.downcast_ref::<NoKeyAvailable>() {
-                response.extensions_mut().insert(Waited(no_key.waited()));
-            }
-            (response, tried)
-        }
+        Err(error) => error_response(&error, state.max_body_size),
+    };
+    Exchange {
+        response,
+        tried: tried.positions(),
+        attempts: attempts.count(),
+        waited,
     }
 }
 
-/// How long a request waited for a key, passed from `proxy` to the metrics.
-#[derive(Clone, Copy)]
-struct Waited(std::time::Duration);
+/// What `until_answered` needs to log a client that went away.
+struct Abandoned {
+    state: Arc<State>,
+    request: RequestLabel,
+    attempts: Attempts,
+    tried: TriedKeys,
+}
+
+/// Drives the upstream call to its answer, even after the client went away (`client_gone`
+/// resolves), as long as an attempt is at the provider, for at most `--abandoned-grace`.
+///
+/// Why: a provider does not stop working on a request because the connection it came on
+/// closed, and counts it against the key's concurrency until it is done. Cancelling at
+/// once would free the key's slot in the proxy while the provider still holds it, and
+/// the next request on that key could earn a 429 despite `--max-in-flight-per-key`. So
+/// the attempt runs on, its key in flight, until the response head comes (then the
+/// response is dropped, which closes a stream the provider would go on generating) or the
+/// grace ends. A request still waiting for a key, or between attempts, is cancelled at
+/// once: nothing is at the provider, and no key should be spent on it.
+async fn until_answered<F, B>(
+    call: F,
+    client_gone: oneshot::Receiver<Infallible>,
+    abandoned: Abandoned,
+) -> Option<Result<Response<B>, BoxError>>
+where
+    F: Future<Output = Result<Response<B>, BoxError>>,
+{
+    let mut call = std::pin::pin!(call);
+    tokio::select! {
+        biased;
+        result = &mut call => return Some(result),
+        _ = client_gone => {}
+    }
+    let Abandoned {
+        state,
+        request,
+        attempts,
+        tried,
+    } = abandoned;
+    let key = tried.positions().last().copied();
+    let grace = state.abandoned_grace;
+    if !attempts.at_upstream() || grace.is_zero() {
+        let what = if attempts.at_upstream() {
+            "before the response head; the upstream request is cancelled (--abandoned-grace 0)"
+        } else {
+            state.metrics.client_gone_waiting();
+            "while waiting for a key; nothing was at the upstream"
+        };
+        log_client_gone(&state, &request, key, what);
+        return None;
+    }
+    log_client_gone(
+        &state,
+        &request,
+        key,
+        &format!(
+            "before the response head; the key stays in flight until the upstream answers \
+             (at most {grace:?})"
+        ),
+    );
+    let answered = tokio::time::timeout(grace, async {
+        tokio::select! {
+            biased;
+            result = &mut call => Some(result),
+            // The attempt ended (its outcome recorded); a retry would be for no one.
+            () = attempts.none_at_upstream() => None,
+        }
+    })
+    .await;
+    let keys = state.pool.len();
+    let key = tried.positions().last().copied().unwrap_or_default();
+    let (method, path) = (&request.method, &request.path);
+    match answered {
+        Ok(Some(Ok(response))) => tracing::info!(
+            "Upstream answered {} on key {key}/{keys} after the client went away: {method} \
+             {path}; response dropped, key released",
+            response.status().as_u16()
+        ),
+        Ok(Some(Err(error))) => tracing::info!(
+            "Upstream request on key {key}/{keys} failed after the client went away: {method} \
+             {path}: {error}"
+        ),
+        Ok(None) => tracing::info!(
+            "Upstream answered on key {key}/{keys} after the client went away: {method} \
+             {path}; key released"
+        ),
+        Err(_) => tracing::info!(
+            "Upstream did not answer within {grace:?} after the client went away: {method} \
+             {path}; request cancelled, key {key}/{keys} released"
+        ),
+    }
+    None
+}
+
+fn too_large(max: u64) -> Response<Body> {
+    json_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request_too_large",
+        &format!(
+            "the request body is larger than this proxy accepts ({max} bytes, --max-body-size)"
+        ),
+    )
+}
 
 /// `.` and `..` segments (also percent-encoded) would let a request climb out of the
 /// upstream's path prefix once the upstream normalises the path.
@@ -300,7 +622,20 @@ fn no_more_retries(headers: &mut HeaderMap) {
 
 /// The proxy's own failures, as JSON. Upstream answers (429s included) never come here:
 /// they pass through as they are.
-fn error_response(error: &BoxError) -> Response<Body> {
+fn error_response(error: &BoxError, max_body_size: u64) -> Response<Body> {
+    if let Some(tls) = crate::tls::failure(error.as_ref()) {
+        tracing::warn!("request failed: {}", tls.reason);
+        let code = if tls.certificate {
+            "upstream_certificate"
+        } else {
+            "upstream_tls"
+        };
+        return json_error(StatusCode::BAD_GATEWAY, code, &tls.reason);
+    }
+    if has_source::<LengthLimitError>(error.as_ref()) {
+        tracing::info!("request refused: its body is larger than --max-body-size");
+        return too_large(max_body_size);
+    }
     tracing::warn!("request failed: {}", chain(error.as_ref()));
     if let Some(no_key) = error.downcast_ref::<NoKeyAvailable>() {
         let wait = no_key.retry_after();
@@ -353,6 +688,18 @@ pub(crate) fn is_timeout(error: &(dyn StdError + 'static)) -> bool {
             .downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
         {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// Is there an `E` anywhere in the error's source chain?
+fn has_source<E: StdError + 'static>(error: &(dyn StdError + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(error) = source {
+        if error.is::<E>() {
             return true;
         }
         source = error.source();

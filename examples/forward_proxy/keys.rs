@@ -30,6 +30,8 @@ use serde::Deserialize;
 use tower_key_rotation::{ApiKey, KeySet, KeySpec, Quota};
 use zeroize::Zeroizing;
 
+use crate::dotenv::DotEnv;
+
 /// Where the proxy's keys are read from, at start and on reload.
 #[derive(Debug, Clone)]
 pub(crate) enum KeySource {
@@ -101,29 +103,31 @@ pub(crate) fn load(source: &KeySource) -> Result<KeySet, String> {
 
 /// Reads `var` from the `.env` file found as at start (the working directory or one of its
 /// parents), without touching the process environment (which other threads may be
-/// reading). The first definition wins, as it did at start.
+/// reading). The first definition wins, as it did at start; lines setting other variables
+/// do not matter, even unreadable ones.
 fn load_dotenv_var(var: &str) -> Result<KeySet, String> {
-    let entries = dotenvy::dotenv_iter().map_err(|e| dotenv_error(&e))?;
-    for entry in entries {
-        let (name, value) = entry.map_err(|e| dotenv_error(&e))?;
-        let value = Zeroizing::new(value);
-        if name == var {
-            return KeySet::parse(&value).map_err(|e| format!("{e} (in {var} in .env)"));
-        }
+    let value = match DotEnv::find()? {
+        Some(dotenv) => dotenv.var(var)?,
+        None => None,
+    };
+    match value {
+        Some(value) => KeySet::parse(&value).map_err(|e| format!("{e} (in {var} in .env)")),
+        None => Err(format!(
+            "no API key configured in {var} (.env no longer sets it)"
+        )),
     }
-    Err(format!(
-        "no API key configured in {var} (.env no longer sets it)"
-    ))
 }
 
-/// dotenvy's parse error quotes the offending line, which may hold a key: position only.
-pub(crate) fn dotenv_error(error: &dotenvy::Error) -> String {
-    match error {
-        dotenvy::Error::LineParse(_, index) => {
-            format!(".env: cannot parse the line at character {index}")
-        }
-        other => format!(".env: {other}"),
-    }
+/// The environment variables a key file takes values from (`env = "..."`), for `.env`;
+/// empty if the file cannot be read (the error comes when the keys are loaded).
+pub(crate) fn env_names(path: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(path).map(Zeroizing::new) else {
+        return Vec::new();
+    };
+    toml::from_str::<KeyFile>(&text).map_or_else(
+        |_| Vec::new(),
+        |file| file.keys.into_iter().filter_map(|key| key.env).collect(),
+    )
 }
 
 fn load_file(path: &Path) -> Result<KeySet, String> {
@@ -178,7 +182,7 @@ fn spec(entry: KeyEntry, dir: &Path) -> Result<KeySpec, String> {
         tower_key_rotation::KeyError::Empty { .. }
         | tower_key_rotation::KeyError::NotConfigured { .. } => "the key is empty".to_owned(),
         tower_key_rotation::KeyError::InvalidByte { offset, kind, .. } => {
-            format!("the key contains {kind} at byte {offset}; keys must be visible ASCII")
+            format!("the key contains {kind} at byte {offset}; {}", kind.hint())
         }
         other => other.to_string(),
     })?;

@@ -16,16 +16,21 @@
 //!     --profile bigmodel --upstream https://open.bigmodel.cn/api/paas/v4
 //! ```
 //!
-//! One module per job: `config` (flags, `.env`, secrets), `keys` (the key file),
-//! `reload` (SIGHUP and key file changes), `handler` (one request), `upstream` (client
-//! stack), `admin` and `metrics`.
+//! One module per job: `config` (flags, secrets), `dotenv` (`.env`), `keys` (the key
+//! file), `reload` (SIGHUP and key file changes), `handler` (one request, and a client that
+//! goes away), `upstream` (client stack), `tls` (certificate checks, failures in words),
+//! `attempts` (each attempt's time, for the log), `admin`
+//! and `metrics`.
 
 mod admin;
+mod attempts;
 mod config;
+mod dotenv;
 mod handler;
 mod keys;
 mod metrics;
 mod reload;
+mod tls;
 mod upstream;
 
 use std::pin::pin;
@@ -41,7 +46,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower_key_rotation::{KeyPool, Quota};
 
-use crate::config::Args;
+use crate::config::{Args, LogFormat};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -50,19 +55,24 @@ async fn main() -> ExitCode {
         // --help and --version print and exit 0 as usual.
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
-            // clap adds usage and tips below the error; keep the one line that says it.
+            // clap's whole message: the argument at fault, the valid values, the usage line
+            // (a flag's value is never a key: keys come from the environment or files).
             let text = e.render().to_string();
-            let line = text.lines().next().unwrap_or_default();
-            let line = line.strip_prefix("error: ").unwrap_or(line);
-            eprintln!("forward_proxy: error: {line} (see --help)");
+            let text = text.strip_prefix("error: ").unwrap_or(&text);
+            eprint!("forward_proxy: error: {text}");
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_max_level(args.log_level)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match args.log_format {
+        LogFormat::Text => log.init(),
+        // One object a line; the event's fields (`message` among them) under `fields`, so that
+        // none can collide with `timestamp` or `level`.
+        LogFormat::Json => log.json().init(),
+    }
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -110,9 +120,7 @@ async fn run(args: Args) -> Result<(), String> {
         },
     )?;
 
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let listener = args.listen.bind().await?;
     let listen = listener
         .local_addr()
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -131,6 +139,7 @@ async fn run(args: Args) -> Result<(), String> {
     );
 
     let metrics = metrics::Metrics::new(pool.clone());
+    let key_names = Arc::new(handler::KeyNames::new(handler::key_names(&pool)));
     tokio::spawn(reload::run(
         pool.clone(),
         secrets.source,
@@ -138,6 +147,7 @@ async fn run(args: Args) -> Result<(), String> {
         args.keys_file_poll,
         hangup,
         metrics.reloads(),
+        key_names.clone(),
     ));
     let state = Arc::new(handler::State {
         metrics,
@@ -147,6 +157,10 @@ async fn run(args: Args) -> Result<(), String> {
         access_token: secrets.access_token,
         retry_body_limit: args.retry_body_limit,
         listen,
+        max_body_size: args.max_body_size,
+        abandoned_grace: args.abandoned_grace,
+        log_format: args.log_format,
+        key_names,
     });
 
     serve(

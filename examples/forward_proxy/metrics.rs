@@ -22,6 +22,7 @@ pub(crate) struct Metrics {
     responses: Family<Vec<(&'static str, String)>, Counter>,
     retries: Counter,
     waited: Histogram,
+    gone_waiting: Counter,
     reloads: ReloadCounter,
 }
 
@@ -53,6 +54,12 @@ impl Metrics {
             "Time requests that had to wait spent waiting for a key (before the first attempt and between attempts)",
             waited.clone(),
         );
+        let gone_waiting = Counter::default();
+        registry.register(
+            "clients_gone_waiting",
+            "Requests whose client went away while they waited for a key",
+            gone_waiting.clone(),
+        );
         let reloads = ReloadCounter::default();
         registry.register(
             "key_reloads",
@@ -66,6 +73,7 @@ impl Metrics {
             responses,
             retries,
             waited,
+            gone_waiting,
             reloads,
         }
     }
@@ -94,6 +102,11 @@ impl Metrics {
             .inc();
     }
 
+    /// A client went away while its request waited for a key.
+    pub(crate) fn client_gone_waiting(&self) {
+        self.gone_waiting.inc();
+    }
+
     /// The Prometheus text format.
     pub(crate) fn render(&self) -> String {
         let mut out = String::new();
@@ -113,16 +126,14 @@ struct KeyCollector {
 impl Collector for KeyCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let keys = self.pool.snapshot();
-        // Position, and the name from the key file when there is one (never a value).
+        // Position, and the name and account from the key file (never a value). Every
+        // series of a metric has the same labels: empty for a key without name or account.
         let label = |key: &tower_key_rotation::KeyStats| {
-            let mut labels = vec![("key", key.position.to_string())];
-            if let Some(name) = &key.name {
-                labels.push(("name", name.clone()));
-            }
-            if let Some(account) = &key.account {
-                labels.push(("account", account.clone()));
-            }
-            labels
+            [
+                ("key", key.position.to_string()),
+                ("name", key.name.clone().unwrap_or_default()),
+                ("account", key.account.clone().unwrap_or_default()),
+            ]
         };
 
         let count = ConstGauge::new(keys.len() as f64);

@@ -9,6 +9,7 @@
 //! symlink, editors that write a new file and rename it over the old, which a watch on
 //! the old file misses), needs no dependency, and a second is soon enough for keys.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -16,6 +17,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::time::MissedTickBehavior;
 use tower_key_rotation::KeyPool;
 
+use crate::handler::{self, KeyNames};
 use crate::keys::{self, KeySource};
 
 /// Counts reloads by result (`ok`, `failed`), for the metrics.
@@ -70,6 +72,7 @@ pub(crate) async fn run(
     poll_every: Duration,
     mut hangup: Hangup,
     reloads: ReloadCounter,
+    key_names: Arc<KeyNames>,
 ) {
     let path = match &source {
         KeySource::File(path) if !poll_every.is_zero() => Some(path.clone()),
@@ -93,6 +96,7 @@ pub(crate) async fn run(
             }
         };
         reload(&pool, &source, trigger, &reloads);
+        key_names.store(handler::key_names(&pool));
     }
 }
 

@@ -4,9 +4,9 @@
 //! (and waits for one within the pool's wait budget, `--max-wait`); the response-head
 //! timeout inside, so that a key which timed out is counted as a failure of that key.
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::Limited;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -18,11 +18,13 @@ use tower::{BoxError, ServiceBuilder};
 use tower_key_rotation::retry::{ReplayBody, Retry, RetryLayer};
 use tower_key_rotation::{KeyPool, KeyRotation, KeyRotationLayer, Placement};
 
-pub(crate) type RequestBody = ReplayBody<Incoming>;
+use crate::attempts::{AttemptTimer, AttemptTimerLayer};
+
+pub(crate) type RequestBody = ReplayBody<Limited<Incoming>>;
 type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
 /// The whole client stack, one clone per request.
-pub(crate) type Upstream = Retry<KeyRotation<Timeout<HttpClient>>>;
+pub(crate) type Upstream = Retry<KeyRotation<AttemptTimer<Timeout<HttpClient>>>>;
 
 pub(crate) struct Options {
     pub(crate) placement: Placement,
@@ -34,22 +36,7 @@ pub(crate) struct Options {
 }
 
 pub(crate) fn build(pool: &KeyPool, options: Options) -> Result<Upstream, String> {
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    for cert in options.extra_roots {
-        roots
-            .add(cert)
-            .map_err(|e| format!("--upstream-ca: unusable certificate: {e}"))?;
-    }
-    // ring, named here rather than left to rustls' process-wide default: it builds with
-    // nothing but a C compiler (aws-lc-rs wants cmake).
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = crate::tls::client_config(options.extra_roots)?;
     let mut http = HttpConnector::new();
     // The scheme is checked by the TLS connector, which lets `http://` through as plain.
     http.enforce_http(false);
@@ -72,6 +59,7 @@ pub(crate) fn build(pool: &KeyPool, options: Options) -> Result<Upstream, String
                 .retry_error_if(is_connect_error),
         )
         .layer(KeyRotationLayer::new(pool.clone()).placement(options.placement))
+        .layer(AttemptTimerLayer)
         .layer(TimeoutLayer::new(options.request_timeout))
         .service(client))
 }

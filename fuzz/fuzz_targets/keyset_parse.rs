@@ -1,5 +1,6 @@
 //! `KeySet::parse` on any input: never panics, accepts exactly the lists whose entries are
-//! non-empty, visible ASCII and distinct, and its errors never quote an entry.
+//! non-empty, visible ASCII without quotes or semicolons, and distinct, and its errors
+//! never quote an entry.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,7 +13,11 @@ fn expected(input: &str) -> Option<Vec<&str>> {
     }
     let entries: Vec<&str> = input.split(',').map(str::trim).collect();
     for (i, entry) in entries.iter().enumerate() {
-        let visible = !entry.is_empty() && entry.bytes().all(|b| (0x21..=0x7e).contains(&b));
+        // Visible ASCII, but no quote or semicolon (the marks of a list written wrong).
+        let visible = !entry.is_empty()
+            && entry
+                .bytes()
+                .all(|b| (0x21..=0x7e).contains(&b) && !b"\"'`;".contains(&b));
         if !visible || entries[..i].contains(entry) {
             return None;
         }

@@ -136,12 +136,22 @@ impl MockUpstream {
         F: Fn(Seen) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<MockBody>> + Send + 'static,
     {
+        Self::start_tls_with("leaf", handler).await
+    }
+
+    /// An HTTPS upstream on 127.0.0.1 presenting `tls/<name>.pem` (key `tls/<name>.key`).
+    pub async fn start_tls_with<F, Fut>(name: &str, handler: F) -> Self
+    where
+        F: Fn(Seen) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<MockBody>> + Send + 'static,
+    {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let certs = CertificateDer::pem_slice_iter(include_bytes!("tls/leaf.pem"))
+        let certs = CertificateDer::pem_file_iter(tls_path(&format!("{name}.pem")))
+            .unwrap()
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
-        let key = PrivateKeyDer::from_pem_slice(include_bytes!("tls/leaf.key")).unwrap();
+        let key = PrivateKeyDer::from_pem_file(tls_path(&format!("{name}.key"))).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -294,11 +304,15 @@ impl Drop for MockUpstream {
 /// The PEM file of the CA that signed [`MockUpstream::start_tls`]'s certificate (for
 /// 127.0.0.1; test use only).
 pub fn test_ca_path() -> String {
-    concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/proxy_support/tls/ca.pem"
+    tls_path("ca.pem")
+}
+
+/// A file of `tests/proxy_support/tls/` (see its README).
+pub fn tls_path(file: &str) -> String {
+    format!(
+        "{}/tests/proxy_support/tls/{file}",
+        env!("CARGO_MANIFEST_DIR")
     )
-    .to_owned()
 }
 
 /// The proxy's binary, built once if need be (see `example_binary`).
