@@ -198,6 +198,9 @@ struct Slot {
     limit: AtomicU32,
     /// Successes sent with the key at its learned `limit` since the limit last changed.
     gains: AtomicU32,
+    /// Leases refused for a limit whose slot is not given back yet: still `in_flight`, but
+    /// no longer at the provider, so a refusal does not count them as others there.
+    refused_open: AtomicU32,
     level: AtomicU32,
     generation: AtomicU32,
     probe: AtomicU8,
@@ -353,6 +356,7 @@ impl Slot {
             in_flight: AtomicU32::new(0),
             limit: AtomicU32::new(cap),
             gains: AtomicU32::new(0),
+            refused_open: AtomicU32::new(0),
             level: AtomicU32::new(0),
             generation: AtomicU32::new(0),
             probe: AtomicU8::new(PROBE_NONE),
@@ -1061,12 +1065,20 @@ impl Slot {
     /// A refusal on a lease: if other requests were in flight on the key when it came
     /// back, the provider limits concurrency, and its limit is at most what was in flight
     /// besides this request. Lowers `limit` to that (never below 1).
-    fn learn_refusal(&self) -> Option<u32> {
+    ///
+    /// `refused`: the other leases refused whose slots are not given back yet (the
+    /// caller counted this one in `refused_open`, and its drop takes it out again).
+    fn learn_refusal(&self, refused: u32) -> Option<u32> {
         if !self.signals.learn_concurrency {
             return None;
         }
-        // This lease still counts.
-        let others = self.in_flight.load(Ordering::Acquire).saturating_sub(1);
+        // This lease still counts, and so do others already refused whose slots are not
+        // given back yet; neither is at the provider.
+        let others = self
+            .in_flight
+            .load(Ordering::Acquire)
+            .saturating_sub(1)
+            .saturating_sub(refused);
         if others == 0 {
             // Alone on the key: a limit of rate, not of concurrency.
             return None;
@@ -1293,7 +1305,7 @@ pub struct Lease {
     /// Where the quota unit this lease took ends: a refund gives back only what of it is
     /// still unused (see `Gcra::refund`).
     tat_after: u64,
-    /// `SENT`, `PROBE`, `RESOLVED` bits. Only the lease's owner writes them, so a plain
+    /// `SENT`, `PROBE`, `RESOLVED`, `REFUSED` bits. Only the lease's owner writes them, so a plain
     /// load and store suffice (no locked read-modify-write on the hot path); atomic only
     /// so that a lease is `Sync`.
     flags: AtomicU8,
@@ -1302,6 +1314,8 @@ pub struct Lease {
 const SENT: u8 = 1;
 const PROBE: u8 = 2;
 const RESOLVED: u8 = 4;
+/// Refused for a limit: counted in the slot's `refused_open` until dropped.
+const REFUSED: u8 = 8;
 
 impl Lease {
     fn new(table: &Table, index: usize, taken: Taken) -> Self {
@@ -1440,8 +1454,12 @@ impl Lease {
                 }
             }
             Outcome::RateLimited { retry_after } => {
-                if let Some(before) = slot.learn_refusal() {
-                    self.log_learned(before);
+                if self.flags.load(Ordering::Relaxed) & REFUSED == 0 {
+                    self.set_flag(REFUSED);
+                    let refused = slot.refused_open.fetch_add(1, Ordering::AcqRel);
+                    if let Some(before) = slot.learn_refusal(refused) {
+                        self.log_learned(before);
+                    }
                 }
                 let (wait, level, rest) = slot.rate_limited(self.generation, retry_after);
                 let why = if retry_after.is_some() {
@@ -1596,6 +1614,9 @@ impl Drop for Lease {
         if flags & PROBE != 0 && flags & RESOLVED == 0 {
             // The probe never got an answer: the next caller may probe.
             self.slot.probe.store(PROBE_OWED, Ordering::Release);
+        }
+        if flags & REFUSED != 0 {
+            self.slot.refused_open.fetch_sub(1, Ordering::AcqRel);
         }
         self.slot.release();
     }

@@ -110,3 +110,21 @@ async fn a_reload_keeps_an_unchanged_keys_learned_limit() {
     assert_eq!(pool.snapshot()[0].concurrency_limit, Some(3));
     assert_eq!(pool.snapshot()[1].concurrency_limit, None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn requests_already_refused_do_not_count_as_at_the_provider() {
+    let pool = builder("k1").build();
+    let leases = reserve(&pool, 5);
+    leases[4].record(refused()); // 4 others in flight
+    assert_eq!(pool.snapshot()[0].concurrency_limit, Some(4));
+    // Still in flight here (its body not yet dropped), but no longer at the provider.
+    leases[3].record(refused()); // 4 others, one of them already refused
+    assert_eq!(pool.snapshot()[0].concurrency_limit, Some(3));
+    drop(leases);
+    // The key comes back through its probe.
+    reserve(&pool, 1)[0].record(Outcome::Success);
+    // The count of refused leases drained with them: a later refusal sees only the others.
+    let leases = reserve(&pool, 2);
+    leases[1].record(refused());
+    assert_eq!(pool.snapshot()[0].concurrency_limit, Some(1));
+}

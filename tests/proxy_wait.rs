@@ -137,13 +137,22 @@ async fn three_keys_twenty_callers_all_succeed_with_default_settings() {
         .await;
 
     let (answers, elapsed) = burst(&proxy.url("/chat/completions"), 20).await;
-    assert_eq!(statuses(&answers), [200; 20]);
     let ledger = ledger.lock().unwrap();
+    let first = ledger.arrivals[0].1;
+    let timeline: Vec<String> = ledger
+        .arrivals
+        .iter()
+        .map(|(key, at, refused)| {
+            let position = KEYS.iter().position(|k| k == key).unwrap() + 1;
+            let ms = at.duration_since(first).as_millis();
+            format!("{ms}ms:{position}{}", if *refused { "!" } else { "" })
+        })
+        .collect();
+    assert_eq!(statuses(&answers), [200; 20], "{timeline:?}");
     // 20 went at once and 6 were taken; a refused request's retry may go to another key
     // before that key's own refusals come back, and be refused there too: more refusals,
     // but all in the first burst, and each request tries each key at most once in it.
     assert!(ledger.refused() <= 14 * 3, "{} refusals", ledger.refused());
-    let first = ledger.arrivals[0].1;
     let late_refusals: Vec<_> = ledger
         .arrivals
         .iter()
@@ -153,8 +162,7 @@ async fn three_keys_twenty_callers_all_succeed_with_default_settings() {
         .collect();
     assert!(
         late_refusals.is_empty(),
-        "refused after the first burst: {}",
-        late_refusals.len()
+        "refused after the first burst: {timeline:?}"
     );
     assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
     let keys = keys(&proxy).await;

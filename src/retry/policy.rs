@@ -133,11 +133,18 @@ impl RetryPolicy {
         let Some(tried) = req.extensions().get::<TriedKeys>() else {
             return false; // not replayable
         };
+        // Whether the retry goes out at once (and so adds load now), if at all.
+        let mut at_once = true;
         let worth_it = match reason {
             Reason::NotConnected => self.pool.can_take_now(|i| !tried.contains(i)),
             _ => match self.pool.availability() {
-                PoolAvailability::Now | PoolAvailability::OnRelease { .. } => true,
+                PoolAvailability::Now => true,
+                PoolAvailability::OnRelease { .. } => {
+                    at_once = false;
+                    true
+                }
                 PoolAvailability::At(at) => {
+                    at_once = false;
                     let at = self.pool.instant(at);
                     let in_time = budget_end.is_none_or(|end| at <= end);
                     if !in_time {
@@ -159,7 +166,10 @@ impl RetryPolicy {
             );
             return false;
         }
-        if !self.budget.withdraw() {
+        // The retry budget is for retries that add load at once. One that waits goes
+        // when a key's rest is over or a request ends: the provider paces it, and the wait
+        // budget and `max_retries` bound it.
+        if at_once && !self.budget.withdraw() {
             tracing::warn!("retry budget exhausted; passing the {reason} on");
             return false;
         }
