@@ -65,8 +65,8 @@
 //!
 //! # Composition order
 //!
-//! - **Retry goes outside** `KeyRotation`, so each attempt runs `poll_ready` again and can
-//!   take another key.
+//! - **Retry goes outside** `KeyRotation` ([`retry::RetryLayer`]), so each attempt runs
+//!   `poll_ready` again and can take another key, or wait for one.
 //! - **Redirects are followed inside, or not at all**: a key must never ride a redirect to
 //!   another host. The provider's `Location` is best handed back to the caller.
 //! - **One pool per set of keys.** Every service built from the same layer (or the same
@@ -91,8 +91,22 @@
 //! A cool-down deadline only ever extends; only a 429 to a request sent after the key's
 //! last cool-down began raises the backoff level (requests already in flight do not
 //! escalate it). When a cool-down ends, the key takes one probe request before the rest
-//! (so waiters do not all rush a key whose limit still holds). A cooling or disabled key
-//! is simply not ready: `poll_ready` returns an error only when every key is disabled.
+//! (so waiters do not all rush a key whose limit still holds). A 429 that comes back while
+//! other requests are in flight on the key also teaches the pool the key's **concurrency
+//! limit** ([`KeyPoolBuilder::learn_concurrency`]): later callers wait for a slot instead
+//! of being refused.
+//!
+//! # Waiting instead of failing
+//!
+//! A caller waits for a key, within a **wait budget** ([`KeyPoolBuilder::max_wait`],
+//! 30 s by default) counted from its arrival across all its attempts. `poll_ready` never
+//! fails for want of a key (tower would then drop the service, and behind `Buffer` for
+//! good): when no key can come back within the budget (decided at once, from the earliest
+//! rest end or quota refill) the call fails with [`NoKeyAvailable`] and its
+//! `retry_after`, and when every key is disabled with [`AllKeysDisabled`]. The
+//! [`retry`] layer sends a refused request again on a key it has not tried, or waits for
+//! the earliest key back, within the same budget; so with default settings, callers see
+//! no 429 while capacity comes back within their budget.
 //!
 //! The [provider profiles](profile) ([`Classifier::bigmodel`], [`Classifier::openai`],
 //! [`Classifier::anthropic`]) also read the small JSON error body, because status codes
@@ -182,6 +196,6 @@ pub use tried::TriedKeys;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
-/// The boxed error type of [`KeyRotation`]: the inner service's error, or
-/// [`AllKeysDisabled`].
+/// The boxed error type of [`KeyRotation`]: the inner service's error, [`NoKeyAvailable`]
+/// or [`AllKeysDisabled`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
