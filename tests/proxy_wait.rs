@@ -20,7 +20,7 @@ const WORK: Duration = Duration::from_millis(300);
 
 /// What the stand-in saw: per request, its key and when it arrived, and whether it was
 /// refused.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Ledger {
     in_flight: HashMap<String, u32>,
     arrivals: Vec<(String, Instant, bool)>,
@@ -99,7 +99,7 @@ async fn one_key_ten_callers_all_succeed_with_default_settings() {
 
     let (answers, elapsed) = burst(&proxy.url("/chat/completions"), 10).await;
     assert_eq!(statuses(&answers), [200; 10]);
-    let ledger = ledger.lock().unwrap();
+    let ledger = ledger.lock().unwrap().clone();
     // Refusals only in the first burst: 10 went at once, 2 were taken.
     assert!(ledger.refused() <= 8, "{} refusals", ledger.refused());
     let first_refusal = ledger
@@ -137,7 +137,7 @@ async fn three_keys_twenty_callers_all_succeed_with_default_settings() {
         .await;
 
     let (answers, elapsed) = burst(&proxy.url("/chat/completions"), 20).await;
-    let ledger = ledger.lock().unwrap();
+    let ledger = ledger.lock().unwrap().clone();
     let first = ledger.arrivals[0].1;
     let timeline: Vec<String> = ledger
         .arrivals

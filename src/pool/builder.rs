@@ -1,0 +1,132 @@
+//! [`KeyPoolBuilder`]: the pool's settings.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::slot::Slot;
+use super::table::Table;
+use super::{KeyPool, Padded, PoolInner, Signals, Strategy};
+use crate::backoff::Backoff;
+use crate::key::KeySet;
+use crate::outcome::Classifier;
+use crate::quota::Quota;
+
+/// The wait budget of a request by default (see [`KeyPoolBuilder::max_wait`]).
+pub(super) const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Builds a [`KeyPool`]. Made by [`KeyPool::builder`].
+#[derive(Debug)]
+pub struct KeyPoolBuilder {
+    pub(super) keys: KeySet,
+    pub(super) strategy: Strategy,
+    pub(super) cap: u32,
+    pub(super) quota: Option<Quota>,
+    pub(super) backoff: Backoff,
+    pub(super) classifier: Classifier,
+    pub(super) learn_concurrency: bool,
+    pub(super) max_wait: Option<Duration>,
+}
+
+impl KeyPoolBuilder {
+    /// The selection strategy (default [`Strategy::RoundRobin`]).
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// At most `max` requests in flight per key (default: no cap), for keys without a cap
+    /// of their own ([`KeySpec::max_in_flight`](crate::KeySpec::max_in_flight)). Callers beyond every key's cap wait for a
+    /// slot.
+    ///
+    /// # Panics
+    ///
+    /// If `max` is zero: no request could ever be sent.
+    pub fn max_in_flight_per_key(mut self, max: u32) -> Self {
+        assert!(max > 0, "max_in_flight_per_key must be at least 1");
+        self.cap = max;
+        self
+    }
+
+    /// A request quota per key (default: none), for keys without a quota of their own
+    /// ([`KeySpec::quota`](crate::KeySpec::quota)). Callers wait for the earliest key with quota, so requests the
+    /// provider would refuse are never sent.
+    pub fn quota_per_key(mut self, quota: Quota) -> Self {
+        self.quota = Some(quota);
+        self
+    }
+
+    /// How rate-limited keys rest (see [`Backoff`]).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Replaces the response classifier (default [`classify`](crate::classify)).
+    pub fn classifier(mut self, classifier: Classifier) -> Self {
+        self.classifier = classifier;
+        self
+    }
+
+    /// Whether to learn each key's concurrency limit from refusals (default `true`).
+    ///
+    /// A `429` that comes back while other requests are in flight on the same key says the
+    /// provider limits how many run at once: the key's limit drops to the number of other
+    /// requests then in flight (never below 1), so that later callers wait for a slot
+    /// instead of being refused. Successes sent with the key at that limit raise it again
+    /// slowly (by one after 16 × the limit of them), never above
+    /// [`max_in_flight_per_key`](Self::max_in_flight_per_key). The limit in force shows in
+    /// [`KeyStats::concurrency_limit`](crate::KeyStats::concurrency_limit).
+    pub fn learn_concurrency(mut self, learn: bool) -> Self {
+        self.learn_concurrency = learn;
+        self
+    }
+
+    /// How long a request may wait for a key, counted from its arrival and across all its
+    /// attempts (default 30 s; `None`: for ever).
+    ///
+    /// [`KeyRotation::poll_ready`](crate::KeyRotation) waits at most this long for a key,
+    /// and the [retry](crate::retry) waits for a key to take a refused request again only
+    /// within what is left. When the earliest key comes back (a rest ends, quota refills)
+    /// after the budget ends, the request fails at once with [`NoKeyAvailable`](crate::NoKeyAvailable) and its
+    /// [`retry_after`](crate::NoKeyAvailable::retry_after), rather than at the end of the budget.
+    pub fn max_wait(mut self, max_wait: Option<Duration>) -> Self {
+        self.max_wait = max_wait;
+        self
+    }
+
+    /// Builds the pool.
+    pub fn build(self) -> KeyPool {
+        let inner = Arc::new_cyclic(|pool: &Weak<PoolInner>| {
+            let signals = Arc::new(Signals {
+                backoff: self.backoff,
+                classifier: self.classifier,
+                learn_concurrency: self.learn_concurrency,
+                max_wait: self.max_wait,
+                epoch: Instant::now(),
+                waiters: Padded::default(),
+                notify: Arc::new(Notify::new()),
+                pool: pool.clone(),
+            });
+            let slots = self
+                .keys
+                .specs()
+                .iter()
+                .map(|spec| Slot::new(spec.clone(), self.cap, self.quota, &signals))
+                .collect();
+            PoolInner {
+                table: ArcSwap::from_pointee(Table::new(slots)),
+                signals,
+                strategy: self.strategy,
+                default_cap: self.cap,
+                default_quota: self.quota,
+                cursor: Padded::default(),
+                reload: Mutex::new(()),
+            }
+        });
+        KeyPool { inner }
+    }
+}

@@ -1,0 +1,130 @@
+//! Log events for what an outcome did to a key ([`Transition`]): the pool's state changes
+//! in `slot`, what people read about them here. Keys are named by position and name,
+//! never by value.
+
+use std::fmt;
+use std::time::Duration;
+
+use super::record::{Rest, RestCause, Transition};
+
+/// `key 2/3` or `key 2/3 (name)`, for logs.
+pub(super) struct Label<'a> {
+    pub(super) position: usize,
+    pub(super) keys: usize,
+    pub(super) name: Option<&'a str>,
+}
+
+impl fmt::Display for Label<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key {}/{}", self.position, self.keys)?;
+        match self.name {
+            Some(name) => write!(f, " ({name})"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A duration as people write it: `850 ms`, `2.5 s`, `3 min 20 s`, `1 h 5 min`.
+struct HumanDuration(Duration);
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        let s = self.0.as_secs();
+        match s {
+            0 => write!(f, "{ms} ms"),
+            1..60 => write!(f, "{:.1} s", self.0.as_secs_f64()),
+            60..3600 => write!(f, "{} min {} s", s / 60, s % 60),
+            _ => write!(f, "{} h {} min", s / 3600, s / 60 % 60),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Logs what an outcome did to the key `label` names.
+pub(super) fn log(label: &Label<'_>, transition: &Transition) {
+    let (key, keys) = (label.position, label.keys);
+    if let Some((before, limit)) = transition.learned {
+        let before = if before == u32::MAX {
+            "none".to_string()
+        } else {
+            before.to_string()
+        };
+        tracing::info!(
+            key,
+            keys,
+            limit,
+            "{label} refused with {limit} other request(s) in flight; at most {limit} at once from now on (was {before})"
+        );
+    }
+    if let Some(change) = &transition.rest {
+        let wait = HumanDuration(change.wait);
+        let wait_ms = millis(change.wait);
+        match (change.cause, change.rest) {
+            (RestCause::Window, Rest::Started) => tracing::info!(
+                key,
+                keys,
+                wait_ms,
+                "{label} used up its window; resting for {wait} (rate-limit headers), then one probe request"
+            ),
+            (RestCause::RateLimited { explicit }, rest) => {
+                let why = if explicit { "Retry-After" } else { "backoff" };
+                match rest {
+                    Rest::Started => tracing::warn!(
+                        key,
+                        keys,
+                        wait_ms,
+                        level = change.level,
+                        "{label} rate limited; cooling down for {wait} ({why})"
+                    ),
+                    Rest::Extended => tracing::debug!(
+                        key,
+                        keys,
+                        wait_ms,
+                        "{label} rate limited again; cooling down until {wait} from now ({why})"
+                    ),
+                    Rest::Unchanged => {}
+                }
+            }
+            (RestCause::Account, rest) if rest == Rest::Started || change.mates > 0 => {
+                let mates = change.mates;
+                tracing::warn!(
+                    key,
+                    keys,
+                    wait_ms,
+                    "{label} hit its account's limit; it and {mates} other key(s) of the account cool down for {wait}"
+                );
+            }
+            (RestCause::Quota, rest) if rest != Rest::Unchanged => tracing::warn!(
+                key,
+                keys,
+                wait_ms,
+                "{label} quota exhausted; suspended for {wait}, then one probe request"
+            ),
+            _ => {}
+        }
+    }
+    if transition.disabled {
+        tracing::warn!(key, keys, "{label} rejected by the provider; disabled");
+    }
+    if transition.back {
+        tracing::debug!(key, keys, "{label} answered its probe; back in rotation");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        let read = |d: Duration| HumanDuration(d).to_string();
+        assert_eq!(read(Duration::from_millis(850)), "850 ms");
+        assert_eq!(read(Duration::from_millis(2500)), "2.5 s");
+        assert_eq!(read(Duration::from_secs(200)), "3 min 20 s");
+        assert_eq!(read(Duration::from_secs(3900)), "1 h 5 min");
+    }
+}

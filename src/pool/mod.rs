@@ -1,0 +1,355 @@
+//! The shared state of all keys, key selection, and waiting for a key.
+//!
+//! # Key states
+//!
+//! Each key is in one of these states ([`KeyState`]), read from a few atomics of its
+//! [`Slot`] by one function, `Slot::status`, which also says when the key can next take a
+//! request: selection, waiting, the retry policy and [`KeyPool::snapshot`] all ask it.
+//!
+//! ```text
+//!   Healthy ──(in_flight reaches the limit, or the quota is used up)──► Busy
+//!   Busy ──(a lease is released / the quota refills)──► Healthy
+//!   Healthy | Busy ──(429, account limit, or headers say the window is used up)──► Resting
+//!   any but Disabled ──(quota exhausted: billing, daily quota)──► Resting (a long rest)
+//!   Resting ──(another limit)──► Resting, deadline = max(deadline, now + wait)
+//!   Resting ──(the deadline passes)──► Probing: exactly one request may go
+//!   Probing ──(success)──► Healthy
+//!   Probing ──(refused again, or its window used up again)──► Resting
+//!   Probing ──(the probe is dropped unanswered)──► Probing: the next caller probes
+//!   any ──(401/403)──► Disabled (for good)
+//! ```
+//!
+//! The limit is the configured cap, or lower once a `429` that came back while other
+//! requests were in flight on the key taught the pool the provider's concurrency limit
+//! (`Slot::learn_refusal`); successes at that limit raise it again slowly.
+//!
+//! Every rest is for a limit, and a limit may still hold when the rest ends (a `Retry-After`
+//! or a window's reset is the provider's guess, and capped): so a rest that starts owes a
+//! probe, and the key comes back with one request rather than to every waiter at once.
+//!
+//! A key's rest is one word (`slot::Deadline`: not resting, resting until a time in
+//! nanoseconds since the pool was built on tokio's monotonic clock, or disabled); rests only
+//! extend, and an expired one is cleared by whoever notices, so the common path never reads
+//! the clock. `slot::Probe` says whether a key owes its single probe, or has it running.
+//!
+//! The backoff `level` counts consecutive 429s and `generation` counts the cool-downs that
+//! raised it. A lease remembers the generation it was reserved in; a 429 raises the level
+//! only when no cool-down has started since that lease was reserved (so requests already in
+//! flight when the first 429 came back cannot escalate it), and a success resets the level
+//! under the same condition.
+//!
+//! # Where things are
+//!
+//! | module | job |
+//! | --- | --- |
+//! | `slot` | one key's atomics: take and release (with `record`, the state boundary) |
+//! | `rest` | the encodings of a key's rest and probe, one atomic word each |
+//! | `record` | applying an answer's outcome: rests, backoff, learned limits, probes |
+//! | `state` | when a key, and the pool, can next take a request |
+//! | `select` | round-robin and least-in-flight selection |
+//! | `table` | the keys in force, and reload |
+//! | `wait` | waiting for a key, and why no wake-up is lost |
+//! | `lease` | a reserved key, and recording its outcome |
+//! | `events` | log lines for what an outcome did |
+//! | `builder` | the settings |
+
+mod builder;
+mod events;
+mod lease;
+mod record;
+mod rest;
+mod select;
+mod slot;
+mod state;
+mod table;
+mod wait;
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::backoff::Backoff;
+use crate::key::KeySet;
+use crate::outcome::Classifier;
+use crate::quota::Quota;
+use crate::stats::KeyStats;
+
+pub use builder::KeyPoolBuilder;
+pub use lease::Lease;
+pub(crate) use state::PoolAvailability;
+pub use table::ReloadSummary;
+pub use wait::{Reserve, Waiter};
+
+use rest::{Deadline, RestWord};
+use table::Table;
+
+/// How the pool chooses among available keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Exact rotation 1, 2, 3, 1, 2, 3 over available keys (smooth weighted rotation when
+    /// keys have weights); unavailable keys are skipped and the rotation moves past them.
+    #[default]
+    RoundRobin,
+    /// The key with the fewest requests in flight per unit of weight; ties go to the next
+    /// key in rotation. Pools of more than 16 keys compare a window of 16 keys starting at
+    /// the rotation.
+    LeastInFlight,
+}
+
+/// The shared pool of keys: selection, cool-downs, quotas, counters.
+///
+/// Cheap to clone (an `Arc`); every clone is the same pool. Give the same pool to every
+/// [`KeyRotationLayer`](crate::KeyRotationLayer) that must share the keys' limits.
+///
+/// # Examples
+///
+/// ```
+/// use tower_key_rotation::{KeyPool, KeySet, Strategy};
+///
+/// let pool = KeyPool::builder(KeySet::parse("k1,k2,k3").unwrap())
+///     .strategy(Strategy::LeastInFlight)
+///     .max_in_flight_per_key(2)
+///     .build();
+///
+/// let lease = pool.try_reserve().expect("a fresh pool has free keys");
+/// assert_eq!(lease.position(), 1);
+/// assert_eq!(pool.snapshot()[0].in_flight, 1);
+/// drop(lease);
+/// assert_eq!(pool.snapshot()[0].in_flight, 0);
+/// ```
+#[derive(Clone)]
+pub struct KeyPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    signals: Arc<Signals>,
+    table: ArcSwap<Table>,
+    strategy: Strategy,
+    default_cap: u32,
+    default_quota: Option<Quota>,
+    cursor: Padded<AtomicUsize>,
+    /// Serialises reloads (readers never take it).
+    reload: Mutex<()>,
+}
+
+/// What every slot needs to reach on its own: settings applied to outcomes, the clock, and
+/// the waiters. Slots hold it, so a lease needs only its slot.
+struct Signals {
+    backoff: Backoff,
+    classifier: Classifier,
+    /// Learn each key's concurrency limit from refusals (see `Slot::learn_refusal`).
+    learn_concurrency: bool,
+    /// How long a request may wait for a key, from its arrival; `None`: for ever.
+    max_wait: Option<Duration>,
+    /// Time zero of every `deadline` and quota state.
+    epoch: Instant,
+    waiters: Padded<AtomicUsize>,
+    notify: Arc<Notify>,
+    /// For the rare paths that need every key (an account-wide limit).
+    pool: Weak<PoolInner>,
+}
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl KeyPool {
+    /// A pool with default settings: round-robin, no cap, no quota, default [`Backoff`] and
+    /// [`classify`](crate::classify).
+    pub fn new(keys: KeySet) -> Self {
+        Self::builder(keys).build()
+    }
+
+    /// Starts building a pool over `keys`.
+    pub fn builder(keys: KeySet) -> KeyPoolBuilder {
+        KeyPoolBuilder {
+            keys,
+            strategy: Strategy::default(),
+            cap: u32::MAX,
+            quota: None,
+            backoff: Backoff::default(),
+            classifier: Classifier::default(),
+            learn_concurrency: true,
+            max_wait: Some(builder::DEFAULT_MAX_WAIT),
+        }
+    }
+
+    /// Number of keys now.
+    pub fn len(&self) -> usize {
+        self.inner.table.load().slots.len()
+    }
+
+    /// Always `false`: a pool holds at least one key.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The selection strategy.
+    pub fn strategy(&self) -> Strategy {
+        self.inner.strategy
+    }
+
+    /// The classifier responses go through.
+    pub fn classifier(&self) -> &Classifier {
+        &self.inner.signals.classifier
+    }
+
+    /// `true` once every key has been disabled (401/403): waiting cannot help.
+    pub fn all_disabled(&self) -> bool {
+        let table = self.inner.table.load();
+        table.slots.iter().all(|slot| slot.deadline.is_disabled())
+    }
+
+    /// How long until some key can take a request: `Some(ZERO)` if one can now, the time
+    /// until the earliest rest ends or quota refills if every key is resting, `None` if no
+    /// time is known (every usable key is busy until a request ends, or all are disabled).
+    pub fn earliest_return_in(&self) -> Option<Duration> {
+        match self.inner.availability() {
+            PoolAvailability::Now => Some(Duration::ZERO),
+            PoolAvailability::At(at) => Some(
+                self.inner
+                    .signals
+                    .instant(at)
+                    .saturating_duration_since(Instant::now()),
+            ),
+            PoolAvailability::OnRelease { .. } | PoolAvailability::Never => None,
+        }
+    }
+
+    /// When some key can next take a request.
+    pub(crate) fn availability(&self) -> PoolAvailability {
+        self.inner.availability()
+    }
+
+    /// The instant of a time in pool nanoseconds (as [`PoolAvailability::At`] gives it).
+    pub(crate) fn instant(&self, nanos: u64) -> Instant {
+        self.inner.signals.instant(nanos)
+    }
+
+    /// Could some key among those `allowed` (by 0-based index) take a request now?
+    pub(crate) fn can_take_now(&self, allowed: impl Fn(usize) -> bool) -> bool {
+        let table = self.inner.table.load();
+        let mut now = LazyNow::new(&self.inner.signals);
+        table
+            .slots
+            .iter()
+            .enumerate()
+            .any(|(i, slot)| allowed(i) && slot.is_available(&mut now))
+    }
+
+    /// The wait budget of each request ([`KeyPoolBuilder::max_wait`]).
+    pub fn max_wait(&self) -> Option<Duration> {
+        self.inner.signals.max_wait
+    }
+
+    /// Requests waiting for a key right now (in [`poll_reserve`](Self::poll_reserve)).
+    pub fn waiting(&self) -> usize {
+        self.inner.signals.waiters.load(Ordering::Relaxed)
+    }
+
+    /// Per-key statistics, in position order. Never contains a key value.
+    pub fn snapshot(&self) -> Vec<KeyStats> {
+        let table = self.inner.table.load();
+        let mut now = LazyNow::new(&self.inner.signals);
+        let now_nanos = now.get();
+        table
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                let rest = slot.deadline.read();
+                let quota_at = slot.quota.map_or(0, |q| q.available_at(&slot.tat));
+                let limit = slot.limit();
+                KeyStats {
+                    position: i + 1,
+                    name: slot.spec.name.clone(),
+                    account: slot.spec.account.clone(),
+                    weight: slot.weight,
+                    requests: slot.requests.load(Ordering::Relaxed),
+                    successes: slot.successes.load(Ordering::Relaxed),
+                    rate_limited: slot.rate_limited.load(Ordering::Relaxed),
+                    failures: slot.failures.load(Ordering::Relaxed),
+                    in_flight: slot.in_flight.load(Ordering::Relaxed),
+                    concurrency_limit: (limit != u32::MAX).then_some(limit),
+                    state: slot.status(&mut now).0,
+                    cooling_down_for: match rest {
+                        RestWord::Until(until) if until > now_nanos => {
+                            Some(Duration::from_nanos(until - now_nanos))
+                        }
+                        _ => None,
+                    },
+                    quota_wait: (quota_at > now_nanos)
+                        .then(|| Duration::from_nanos(quota_at - now_nanos)),
+                    probing: slot.probe.is_pending(),
+                    disabled: rest == RestWord::Disabled,
+                }
+            })
+            .collect()
+    }
+}
+
+impl fmt::Debug for KeyPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &*self.inner;
+        f.debug_struct("KeyPool")
+            .field("keys", &self.len())
+            .field("strategy", &inner.strategy)
+            .field(
+                "max_in_flight_per_key",
+                &(inner.default_cap != u32::MAX).then_some(inner.default_cap),
+            )
+            .field("quota_per_key", &inner.default_quota)
+            .field("backoff", &inner.signals.backoff)
+            .finish()
+    }
+}
+
+/// The clock, read at most once per selection and only if some key needs it.
+struct LazyNow<'a> {
+    signals: &'a Signals,
+    nanos: Option<u64>,
+}
+
+impl<'a> LazyNow<'a> {
+    fn new(signals: &'a Signals) -> Self {
+        Self {
+            signals,
+            nanos: None,
+        }
+    }
+
+    fn get(&mut self) -> u64 {
+        *self.nanos.get_or_insert_with(|| self.signals.now_nanos())
+    }
+}
+
+impl Signals {
+    fn now_nanos(&self) -> u64 {
+        let since = Instant::now().saturating_duration_since(self.epoch);
+        u64::try_from(since.as_nanos()).unwrap_or(Deadline::LATEST)
+    }
+
+    /// The instant of a time in pool nanoseconds.
+    fn instant(&self, nanos: u64) -> Instant {
+        self.epoch + Duration::from_nanos(nanos)
+    }
+
+    fn wake_one(&self) {
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            self.notify.notify_one();
+        }
+    }
+}

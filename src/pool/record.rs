@@ -1,0 +1,318 @@
+//! Applying an answer's outcome to a key: rests, backoff levels, learned concurrency
+//! limits, probes and disables. Returns a [`Transition`] saying what changed; `events`
+//! turns it into log lines.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::rest::{Deadline, RestWord};
+use super::slot::Slot;
+use crate::outcome::Outcome;
+
+/// A learned concurrency limit rises by one after this many successes per unit of the
+/// limit, each sent with the key at its limit (additive increase: a limit of 2 rises to 3
+/// after 32 such successes). Slow on purpose: every step up past the provider's real limit
+/// costs a refusal and a rest.
+const GROWTH: u32 = 16;
+
+/// What a rest did to a key's deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rest {
+    /// The key was usable and now rests: worth a warning.
+    Started,
+    /// The key was resting and now rests longer.
+    Extended,
+    /// The key already rested at least as long (or is disabled).
+    Unchanged,
+}
+
+/// What a lease knows that recording its outcome needs.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Answered {
+    pub(super) generation: u32,
+    pub(super) at_limit: bool,
+    pub(super) probe: bool,
+    /// The first refusal recorded on this lease (the caller counts it in `refused_open`).
+    pub(super) first_refusal: bool,
+}
+
+/// What an outcome did to a key: the facts the log reports (see `events`).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Transition {
+    /// The key's concurrency limit was lowered: (before, after).
+    pub(super) learned: Option<(u32, u32)>,
+    /// A rest the outcome started, extended or left alone.
+    pub(super) rest: Option<RestChange>,
+    /// The key was disabled by this outcome.
+    pub(super) disabled: bool,
+    /// The key answered its probe and is back in rotation.
+    pub(super) back: bool,
+}
+
+/// A rest for a limit, and why.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RestChange {
+    pub(super) cause: RestCause,
+    pub(super) wait: Duration,
+    pub(super) rest: Rest,
+    /// The backoff level after a 429.
+    pub(super) level: u32,
+    /// Other keys of the account rested with it.
+    pub(super) mates: usize,
+}
+
+/// Why a key rests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RestCause {
+    /// Rate-limit headers say the window is used up.
+    Window,
+    /// A 429 (or 503 with `Retry-After`); `explicit` if it said how long.
+    RateLimited { explicit: bool },
+    /// A 429 about the key's account.
+    Account,
+    /// A spent quota.
+    Quota,
+}
+
+impl Slot {
+    /// Applies an answer's outcome to the key and says what changed.
+    pub(super) fn record(&self, outcome: Outcome, answered: Answered) -> Transition {
+        let mut transition = Transition::default();
+        if matches!(outcome, Outcome::Success | Outcome::LimitReached { .. }) && answered.at_limit {
+            self.learn_success();
+        }
+        match outcome {
+            Outcome::Success => self.succeeded(answered.generation),
+            Outcome::LimitReached { reset_after } => {
+                self.succeeded(answered.generation);
+                // A rest for a limit, as after a 429: capped the same way, and ended by a
+                // probe (the window may not have reset when the headers said).
+                let wait = self.signals.backoff.cap(reset_after);
+                transition.rest = Some(RestChange {
+                    cause: RestCause::Window,
+                    wait,
+                    rest: self.rest_for_limit(wait),
+                    level: 0,
+                    mates: 0,
+                });
+            }
+            Outcome::RateLimited { retry_after } => {
+                if answered.first_refusal {
+                    let refused = self.refused_open.fetch_add(1, Ordering::AcqRel);
+                    transition.learned = self.learn_refusal(refused);
+                }
+                let (wait, level, rest) = self.rate_limited(answered.generation, retry_after);
+                transition.rest = Some(RestChange {
+                    cause: RestCause::RateLimited {
+                        explicit: retry_after.is_some(),
+                    },
+                    wait,
+                    rest,
+                    level,
+                    mates: 0,
+                });
+            }
+            Outcome::AccountLimited { retry_after } => {
+                let (wait, level, rest) = self.rate_limited(answered.generation, retry_after);
+                transition.rest = Some(RestChange {
+                    cause: RestCause::Account,
+                    wait,
+                    rest,
+                    level,
+                    mates: self.rest_account(wait),
+                });
+            }
+            Outcome::QuotaExhausted { reset_after } => {
+                self.rate_limited.fetch_add(1, Ordering::Relaxed);
+                let backoff = &self.signals.backoff;
+                let wait =
+                    reset_after.map_or(backoff.quota_wait, |w| w.min(backoff.max_quota_wait));
+                let rest = self.extend(wait);
+                // Healthy => Resting, with a probe owed (a probe in flight settles below).
+                self.probe.owe();
+                transition.rest = Some(RestChange {
+                    cause: RestCause::Quota,
+                    wait,
+                    rest,
+                    level: 0,
+                    mates: 0,
+                });
+            }
+            Outcome::KeyRejected => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                transition.disabled = self.disable();
+            }
+            Outcome::Failure => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if answered.probe {
+            // A used-up window rests the key again, and a rest ends with a probe.
+            let back = match outcome {
+                Outcome::Success => true,
+                Outcome::LimitReached { reset_after } => {
+                    self.signals.backoff.cap(reset_after).is_zero()
+                }
+                _ => false,
+            };
+            // Probing => Healthy on success; else Probing => Resting: another probe once
+            // the rest (if any) is over.
+            self.probe.settle(back);
+            if back {
+                // Everyone waiting for this key may go now.
+                self.signals.notify.notify_waiters();
+            }
+            transition.back = back;
+        }
+        transition
+    }
+
+    /// Disables the key for good; `true` if it was not disabled yet.
+    fn disable(&self) -> bool {
+        let newly = self.deadline.disable();
+        if newly {
+            // Waiters must learn if this was the last key.
+            self.signals.notify.notify_waiters();
+        }
+        newly
+    }
+
+    /// A refusal on a lease: if other requests were in flight on the key when it came
+    /// back, the provider limits concurrency, and its limit is at most what was in flight
+    /// besides this request. Lowers `limit` to that (never below 1); returns (before,
+    /// after).
+    ///
+    /// `refused`: the other leases refused whose slots are not given back yet (the caller
+    /// counted this one in `refused_open`, and its release takes it out again).
+    fn learn_refusal(&self, refused: u32) -> Option<(u32, u32)> {
+        if !self.signals.learn_concurrency {
+            return None;
+        }
+        // This lease still counts, and so do others already refused whose slots are not
+        // given back yet; neither is at the provider.
+        let others = self
+            .in_flight
+            .load(Ordering::Acquire)
+            .saturating_sub(1)
+            .saturating_sub(refused);
+        if others == 0 {
+            // Alone on the key: a limit of rate, not of concurrency.
+            return None;
+        }
+        self.gains.store(0, Ordering::Relaxed);
+        let before = self
+            .limit
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |limit| {
+                (others < limit).then_some(others)
+            })
+            .ok()?;
+        Some((before, others))
+    }
+
+    /// A success on a lease taken with the key at its learned limit: after `GROWTH` ×
+    /// limit of them, the limit rises by one (additive increase), up to `cap`.
+    fn learn_success(&self) {
+        let limit = self.limit();
+        if limit >= self.cap {
+            return;
+        }
+        let gains = self.gains.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if gains >= limit.saturating_mul(GROWTH) {
+            self.gains.store(0, Ordering::Relaxed);
+            let _ = self.limit.compare_exchange(
+                limit,
+                limit.saturating_add(1).min(self.cap),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+            // One more slot: a waiter may take it.
+            self.signals.wake_one();
+        }
+    }
+
+    /// Rests the key until at least `wait` from now.
+    fn extend(&self, wait: Duration) -> Rest {
+        let wait_nanos = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+        let now = self.signals.now_nanos();
+        let until = now.saturating_add(wait_nanos).min(Deadline::LATEST);
+        // A rest only ever extends.
+        match self.deadline.extend(until) {
+            RestWord::Disabled => Rest::Unchanged,
+            RestWord::Until(previous) if until <= previous => Rest::Unchanged,
+            RestWord::Until(previous) if previous > now => Rest::Extended,
+            RestWord::Until(_) | RestWord::Clear => {
+                // A new moment at which this key comes back. A waiter that armed no timer
+                // (every key was busy for reasons other than time) would not hear of it if
+                // the one caller woken by a release gave up: let every waiter recompute
+                // its timer.
+                if self.signals.waiters.load(Ordering::SeqCst) != 0 {
+                    self.signals.notify.notify_waiters();
+                }
+                Rest::Started
+            }
+        }
+    }
+
+    /// A rest for a limit (a 429, a used-up window, an account's limit): the limit may still
+    /// hold when the rest ends, so a rest that starts owes a probe.
+    fn rest_for_limit(&self, wait: Duration) -> Rest {
+        let rest = self.extend(wait);
+        if rest == Rest::Started {
+            self.probe.owe();
+        }
+        rest
+    }
+
+    /// A 429 on a lease of `generation`: raise the level if fresh, rest the key.
+    fn rate_limited(
+        &self,
+        generation: u32,
+        retry_after: Option<Duration>,
+    ) -> (Duration, u32, Rest) {
+        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+        let fresh = self
+            .generation
+            .compare_exchange(
+                generation,
+                generation.wrapping_add(1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        let level = if fresh {
+            self.level.fetch_add(1, Ordering::AcqRel).saturating_add(1)
+        } else {
+            self.level.load(Ordering::Acquire).max(1)
+        };
+        let wait = self.signals.backoff.wait(level, retry_after);
+        (wait, level, self.rest_for_limit(wait))
+    }
+
+    /// Rests every other key of this key's account for `wait`; returns how many.
+    fn rest_account(&self, wait: Duration) -> usize {
+        let Some(account) = self.spec.account.as_deref() else {
+            return 0;
+        };
+        let Some(pool) = self.signals.pool.upgrade() else {
+            return 0;
+        };
+        let table = pool.table.load();
+        table
+            .slots
+            .iter()
+            .filter(|s| !std::ptr::eq(&***s, self) && s.spec.account.as_deref() == Some(account))
+            .filter(|s| s.rest_for_limit(wait) != Rest::Unchanged)
+            .count()
+    }
+
+    fn succeeded(&self, generation: u32) {
+        self.successes.fetch_add(1, Ordering::Relaxed);
+        // Only a request reserved after the last cool-down began proves the key has
+        // recovered; a straggler's success does not.
+        if self.level.load(Ordering::Relaxed) != 0
+            && self.generation.load(Ordering::Acquire) == generation
+        {
+            self.level.store(0, Ordering::Relaxed);
+        }
+    }
+}

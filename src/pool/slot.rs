@@ -1,0 +1,248 @@
+//! One key's state: the atomics of a [`Slot`], taking and giving back its in-flight slots,
+//! and when it can next take a request. With `record` (applying an answer's outcome: rest,
+//! disable, learn), this is the pool's state boundary: only these two modules write a
+//! slot's atomics, so a backend that shares keys' state between processes has one
+//! interface to stand behind (take, release, record, and the status query); the rest of
+//! the pool only reads.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use http::HeaderValue;
+
+use super::rest::{Claim, Deadline, Probe, RestWord};
+use super::state::Availability;
+use super::{LazyNow, Signals};
+use crate::key::KeySpec;
+use crate::quota::{Gcra, Quota};
+use crate::stats::KeyState;
+
+/// One key's state, hot fields first and on their own cache lines so that keys do not
+/// contend with each other.
+#[repr(align(128))]
+pub(super) struct Slot {
+    /// Leases alive on this key: reserved, in flight, or streaming their answer.
+    pub(super) in_flight: AtomicU32,
+    /// The concurrency limit in force: `cap`, or lower once refusals taught the pool the
+    /// provider's (`learn_refusal`); never above `cap`, never below 1. `u32::MAX`: none.
+    pub(super) limit: AtomicU32,
+    /// Successes sent with the key at its learned `limit` since the limit last changed.
+    pub(super) gains: AtomicU32,
+    /// Leases refused for a limit whose slot is not given back yet: still `in_flight`, but
+    /// no longer at the provider, so a refusal does not count them as others there.
+    pub(super) refused_open: AtomicU32,
+    /// Consecutive fresh 429s (the backoff's exponent); 0 after a fresh success.
+    pub(super) level: AtomicU32,
+    /// Cool-downs that raised `level`. A lease remembers the generation it was taken in; a
+    /// 429 raises the level only if no cool-down started since (see `rate_limited`).
+    pub(super) generation: AtomicU32,
+    pub(super) probe: Probe,
+    pub(super) deadline: Deadline,
+    /// GCRA theoretical arrival time (see `quota`), in pool nanoseconds.
+    pub(super) tat: AtomicU64,
+    pub(super) requests: AtomicU64,
+    pub(super) successes: AtomicU64,
+    pub(super) rate_limited: AtomicU64,
+    pub(super) failures: AtomicU64,
+    /// Set by a reload that removed or replaced the key: it finishes its requests in
+    /// flight and sends no reservation made earlier.
+    pub(super) retired: AtomicBool,
+    /// The configured concurrency cap (`u32::MAX`: none).
+    pub(super) cap: u32,
+    pub(super) weight: u32,
+    pub(super) quota: Option<Gcra>,
+    pub(super) spec: KeySpec,
+    /// Header values, built on first use and reused: `Bearer <key>` and the bare key.
+    pub(super) bearer: OnceLock<HeaderValue>,
+    pub(super) bare: OnceLock<HeaderValue>,
+    pub(super) signals: Arc<Signals>,
+}
+
+/// What [`Slot::try_take`] hands to the lease it makes.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Taken {
+    /// The lease is the key's single probe after a rest.
+    pub(super) probe: bool,
+    /// The key's cool-down generation, read before the take.
+    pub(super) generation: u32,
+    /// The take filled the key up to its concurrency limit (a success then counts
+    /// towards raising a learned limit).
+    pub(super) at_limit: bool,
+    /// The quota state the take left: its unit ends there (0 without a quota).
+    pub(super) tat_after: u64,
+}
+
+impl Slot {
+    pub(super) fn new(
+        spec: KeySpec,
+        cap: u32,
+        quota: Option<Quota>,
+        signals: &Arc<Signals>,
+    ) -> Arc<Self> {
+        let cap = spec.max_in_flight.unwrap_or(cap);
+        Arc::new(Self {
+            in_flight: AtomicU32::new(0),
+            limit: AtomicU32::new(cap),
+            gains: AtomicU32::new(0),
+            refused_open: AtomicU32::new(0),
+            level: AtomicU32::new(0),
+            generation: AtomicU32::new(0),
+            probe: Probe::new(),
+            deadline: Deadline::new(),
+            tat: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            successes: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
+            cap,
+            weight: spec.weight,
+            quota: spec.quota.or(quota).map(|q| q.gcra()),
+            spec,
+            bearer: OnceLock::new(),
+            bare: OnceLock::new(),
+            signals: signals.clone(),
+        })
+    }
+
+    /// The concurrency limit in force (`u32::MAX`: none).
+    pub(super) fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Removed or replaced by a reload.
+    pub(super) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    pub(super) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Resting or disabled now? Clears an expired rest.
+    #[inline]
+    pub(super) fn is_resting(&self, now: &mut LazyNow<'_>) -> bool {
+        self.deadline.is_resting(now)
+    }
+
+    /// The key's state and when it can next take a request: the one answer that
+    /// selection, waiting, the retry policy and `KeyPool::snapshot` all use. The states
+    /// are those of the module docs' diagram; a key owing its probe reads `Healthy` (the
+    /// next taker probes).
+    pub(super) fn status(&self, now: &mut LazyNow<'_>) -> (KeyState, Availability) {
+        let quota_at = || self.quota.map_or(0, |q| q.available_at(&self.tat));
+        match self.deadline.read() {
+            RestWord::Disabled => return (KeyState::Disabled, Availability::Never),
+            // Resting: back (to its probe) at the deadline, or when the quota refills if
+            // later.
+            RestWord::Until(until) if until > now.get() => {
+                return (KeyState::Resting, Availability::At(until.max(quota_at())));
+            }
+            RestWord::Until(_) | RestWord::Clear => {}
+        }
+        if self.probe.is_running() {
+            // Probing: the probe's answer wakes every waiter.
+            return (KeyState::Probing, Availability::OnRelease);
+        }
+        if self.in_flight.load(Ordering::Relaxed) >= self.limit() {
+            return (KeyState::Busy, Availability::OnRelease);
+        }
+        let quota_at = quota_at();
+        if quota_at != 0 && quota_at > now.get() {
+            return (KeyState::Busy, Availability::At(quota_at));
+        }
+        (KeyState::Healthy, Availability::Now)
+    }
+
+    /// Could a request take this key now? (A hint: `try_take` decides, and agrees unless
+    /// another caller changes the key in between.)
+    #[inline]
+    pub(super) fn is_available(&self, now: &mut LazyNow<'_>) -> bool {
+        // Clears an expired rest, so that the next look need not read the clock.
+        !self.is_resting(now) && self.status(now).1 == Availability::Now
+    }
+
+    /// Takes an in-flight slot (and a unit of quota) if the key is usable now.
+    #[inline]
+    pub(super) fn try_take(&self, now: &mut LazyNow<'_>) -> Option<Taken> {
+        // Read before anything else, so that a lease never carries a generation newer
+        // than its take: a cool-down starts by raising the generation (`rate_limited`),
+        // and a lease reserved before that is a straggler whose 429 must not escalate.
+        // The AcqRel increment below keeps this load before the take (loom model:
+        // `a_lease_taken_before_a_cool_down_starts_can_never_escalate_it`).
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.is_resting(now) {
+            return None;
+        }
+        let probe = match self.probe.claim() {
+            Claim::Ordinary => false,
+            Claim::Probe => true,
+            Claim::Running => return None,
+        };
+        // Quota first: giving a unit back needs no wake-up, while giving back an in-flight
+        // slot would (and would wake this very caller if it is waiting).
+        let now_nanos = if self.quota.is_some() { now.get() } else { 0 };
+        let mut tat_after = 0;
+        if let Some(quota) = self.quota {
+            let Some(after) = quota.try_take(&self.tat, now_nanos) else {
+                self.unprobe(probe);
+                return None;
+            };
+            tat_after = after;
+        }
+        let limit = self.limit();
+        let in_flight = if limit == u32::MAX {
+            Some(self.in_flight.fetch_add(1, Ordering::AcqRel))
+        } else {
+            self.in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                    (n < limit).then_some(n + 1)
+                })
+                .ok()
+        };
+        if let Some(before) = in_flight {
+            return Some(Taken {
+                probe,
+                generation,
+                at_limit: before.saturating_add(1) >= limit,
+                tat_after,
+            });
+        }
+        if let Some(quota) = self.quota {
+            quota.refund(&self.tat, tat_after, now_nanos);
+        }
+        self.unprobe(probe);
+        None
+    }
+
+    /// Gives back a probe won by a caller that could not take the key after all.
+    fn unprobe(&self, probe: bool) {
+        if probe {
+            self.probe.give_back();
+        }
+    }
+
+    /// Gives back an in-flight slot, and what is left of an unsent request's quota unit.
+    pub(super) fn release(&self, unsent_tat_after: Option<u64>, refused: bool) {
+        if let (Some(tat_after), Some(quota)) = (unsent_tat_after, self.quota) {
+            // Only a quota reads the clock.
+            quota.refund(&self.tat, tat_after, self.signals.now_nanos());
+        }
+        if refused {
+            self.refused_open.fetch_sub(1, Ordering::AcqRel);
+        }
+        // SeqCst pairs with the waiter's registration (see `wait`).
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.signals.wake_one();
+    }
+
+    /// `Bearer <key>` or the bare key, built once and marked sensitive.
+    pub(super) fn header(&self, bearer: bool) -> &HeaderValue {
+        if bearer {
+            self.bearer
+                .get_or_init(|| self.spec.key.header_value("Bearer "))
+        } else {
+            self.bare.get_or_init(|| self.spec.key.header_value(""))
+        }
+    }
+}

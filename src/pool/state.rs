@@ -1,0 +1,58 @@
+//! When a key, and the pool, can next take a request: the one answer that selection,
+//! waiting ([`KeyPool::poll_reserve`](super::KeyPool::poll_reserve)), the retry policy and
+//! [`KeyPool::snapshot`](super::KeyPool::snapshot) share. Each key's comes from
+//! `Slot::status`, which reads the states of the module docs' diagram.
+
+use super::{LazyNow, PoolInner};
+
+/// When a key can next take a request (see `Slot::status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Availability {
+    /// Now.
+    Now,
+    /// When one of its requests ends (at its concurrency limit, or its probe running): no
+    /// time is known, but the release or the probe's answer wakes waiters.
+    OnRelease,
+    /// At this time (pool nanoseconds): its rest ends or its quota refills.
+    At(u64),
+    /// Never: disabled.
+    Never,
+}
+
+/// When some key of the pool can next take a request: the keys' [`Availability`] combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PoolAvailability {
+    /// A key can take one now.
+    Now,
+    /// A key frees when one of its requests ends; `earliest` is the earliest timed return
+    /// of the others, if any (pool nanoseconds).
+    OnRelease { earliest: Option<u64> },
+    /// Every usable key rests or waits for quota; the earliest is back at this time (pool
+    /// nanoseconds).
+    At(u64),
+    /// Every key is disabled.
+    Never,
+}
+
+impl PoolInner {
+    /// Every key's [`Availability`], combined.
+    pub(super) fn availability(&self) -> PoolAvailability {
+        let table = self.table.load();
+        let mut now = LazyNow::new(&self.signals);
+        let mut on_release = false;
+        let mut earliest: Option<u64> = None;
+        for slot in table.slots.iter() {
+            match slot.status(&mut now).1 {
+                Availability::Now => return PoolAvailability::Now,
+                Availability::OnRelease => on_release = true,
+                Availability::At(at) => earliest = Some(earliest.map_or(at, |e| e.min(at))),
+                Availability::Never => {}
+            }
+        }
+        match (on_release, earliest) {
+            (true, earliest) => PoolAvailability::OnRelease { earliest },
+            (false, Some(at)) => PoolAvailability::At(at),
+            (false, None) => PoolAvailability::Never,
+        }
+    }
+}

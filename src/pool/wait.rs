@@ -1,0 +1,200 @@
+//! Waiting for a key: a caller that finds none registers a [`Waiter`] and sleeps until a
+//! slot is released, keys are reloaded, a rest ends or quota refills, or its wait budget
+//! runs out.
+//!
+//! # No lost wake-up
+//!
+//! A release and a waiter race: the releaser decrements `in_flight` and then looks whether
+//! anyone waits (`Slot::release`, `Signals::wake_one`); the waiter registers with the
+//! pool's `Notify` and counts itself in `waiters`, and only *then* looks at the keys again
+//! (`Waiter::arm`, then the loop in [`KeyPool::poll_reserve`]).
+//!
+//! ```text
+//!   releaser                              waiter
+//!   in_flight.fetch_sub(1, SeqCst)        notified.enable(); waiters.fetch_add(1, SeqCst)
+//!   if waiters.load(SeqCst) != 0 {        fence(SeqCst)
+//!       notify.notify_one()               look at the keys again (in_flight loads)
+//!   }                                     if still nothing: sleep on `notified`
+//! ```
+//!
+//! All four operations are sequentially consistent, so they have one total order. Either
+//! the releaser's `fetch_sub` comes before the waiter's look (which then sees the freed
+//! slot), or the waiter's `fetch_add` comes before the releaser's `load` (which then sees
+//! the waiter and notifies it; the registration came first, so the notification is kept
+//! even if it arrives before the waiter sleeps). There is no third order: no lost wake-up,
+//! and no notification cost when nobody waits. A notification that lands on a waiter
+//! that gives up is passed on by `Notify` (tokio's `drop_notified`), and events that
+//! concern every waiter (a reload, a key disabled, a new rest end, a probe answered) use
+//! `notify_waiters`. The loom model in `loom/` checks this protocol.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{Ordering, fence};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::futures::OwnedNotified;
+use tokio::time::{Instant, Sleep};
+
+use super::lease::Lease;
+use super::state::PoolAvailability;
+use super::{KeyPool, Signals};
+use crate::error::{AllKeysDisabled, NoKeyAvailable};
+
+impl KeyPool {
+    /// Reserves a key, or registers `waiter` to be woken when one may be free.
+    ///
+    /// Returns `Pending` with a wake-up arranged (a slot released, keys reloaded, the
+    /// earliest cool-down ending or quota refilling, or `deadline`). Gives up with
+    /// [`Reserve::NoKey`] when `deadline` has passed, or at once when the earliest key comes
+    /// back only after it (a deadline of `None` waits for ever), and with
+    /// [`Reserve::AllDisabled`] when every key is disabled.
+    pub fn poll_reserve(
+        &self,
+        waiter: &mut Waiter,
+        deadline: Option<Instant>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Reserve> {
+        loop {
+            if let Some(lease) = self.try_reserve() {
+                waiter.disarm();
+                return Poll::Ready(Reserve::Lease(lease));
+            }
+            let now = Instant::now();
+            let started = *waiter.since.get_or_insert(now);
+            let availability = self.inner.availability();
+            let give_up = |retry_after: Duration| {
+                Poll::Ready(Reserve::NoKey(NoKeyAvailable::new(
+                    retry_after,
+                    now.saturating_duration_since(started),
+                )))
+            };
+            let earliest = match availability {
+                // Free since `try_reserve` looked: look again.
+                PoolAvailability::Now => continue,
+                PoolAvailability::Never => {
+                    waiter.disarm();
+                    return Poll::Ready(Reserve::AllDisabled(AllKeysDisabled::new(self.len())));
+                }
+                PoolAvailability::OnRelease { earliest } => {
+                    earliest.map(|at| self.inner.signals.instant(at))
+                }
+                PoolAvailability::At(at) => {
+                    let at = self.inner.signals.instant(at);
+                    if deadline.is_some_and(|deadline| at > deadline) {
+                        // Waiting cannot help: say so now, not at the deadline.
+                        waiter.disarm();
+                        return give_up(at.saturating_duration_since(now));
+                    }
+                    Some(at)
+                }
+            };
+            if let Some(deadline) = deadline.filter(|&deadline| deadline <= now) {
+                waiter.disarm();
+                let retry_after = earliest.map_or(Duration::from_secs(1), |at| {
+                    at.saturating_duration_since(deadline.max(now))
+                });
+                return give_up(retry_after.max(Duration::from_millis(1)));
+            }
+            let Some(armed) = waiter.armed.as_mut() else {
+                // Register interest, then look again before sleeping.
+                waiter.arm(self);
+                continue;
+            };
+            if armed.notified.as_mut().poll(cx).is_ready() {
+                // A slot was released: look again (and re-register if still nothing).
+                waiter.rearm();
+                continue;
+            }
+            let wake_at = match (earliest, deadline) {
+                (Some(at), Some(deadline)) => Some(at.min(deadline)),
+                (at, deadline) => at.or(deadline),
+            };
+            if let Some(at) = wake_at {
+                let sleep = waiter
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                if sleep.deadline() != at || sleep.is_elapsed() {
+                    sleep.as_mut().reset(at);
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    continue;
+                }
+            }
+            return Poll::Pending;
+        }
+    }
+}
+
+/// What [`KeyPool::poll_reserve`] ends with.
+#[derive(Debug)]
+pub enum Reserve {
+    /// A key, reserved.
+    Lease(Lease),
+    /// No key within the deadline.
+    NoKey(NoKeyAvailable),
+    /// Every key is disabled.
+    AllDisabled(AllKeysDisabled),
+}
+
+/// A caller's registration for a wake-up while no key is free. Keep one per caller (a
+/// service holds one) and pass it to [`KeyPool::poll_reserve`].
+#[derive(Default)]
+pub struct Waiter {
+    armed: Option<Armed>,
+    /// When this caller started waiting (the first time no key was free), until it gets a
+    /// key or gives up.
+    pub(crate) since: Option<Instant>,
+    /// Kept across waits so that waiting again does not allocate a new timer.
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+struct Armed {
+    signals: Arc<Signals>,
+    notified: Pin<Box<OwnedNotified>>,
+}
+
+impl Waiter {
+    /// A waiter not yet registered anywhere.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers interest *before* the caller's last look at the keys (see the module docs).
+    fn arm(&mut self, pool: &KeyPool) {
+        let signals = pool.inner.signals.clone();
+        let mut notified = Box::pin(signals.notify.clone().notified_owned());
+        notified.as_mut().enable();
+        signals.waiters.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.armed = Some(Armed { signals, notified });
+    }
+
+    /// Done waiting (a key, or given up).
+    fn disarm(&mut self) {
+        self.armed = None;
+        self.since = None;
+    }
+
+    /// Woken: the registration is used up; the next look registers again.
+    fn rearm(&mut self) {
+        self.armed = None;
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        self.signals.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl fmt::Debug for Waiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Waiter")
+            .field("armed", &self.armed.is_some())
+            .field("since", &self.since)
+            .finish()
+    }
+}
