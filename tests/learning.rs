@@ -128,3 +128,15 @@ async fn requests_already_refused_do_not_count_as_at_the_provider() {
     leases[1].record(refused());
     assert_eq!(pool.snapshot()[0].concurrency_limit, Some(1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_account_limit_refusal_teaches_the_key_too() {
+    // Profiles read BigModel's 1302 ("concurrency") and OpenAI/Anthropic 429s as account
+    // limits: with other requests in flight, the key learns from them as from a 429.
+    let pool = builder("k1").build();
+    let leases = reserve(&pool, 3);
+    leases[2].record(Outcome::AccountLimited {
+        retry_after: Some(Duration::ZERO),
+    });
+    assert_eq!(pool.snapshot()[0].concurrency_limit, Some(2));
+}

@@ -145,7 +145,7 @@ impl Lease {
     /// Applies a response's [`Outcome`] to the key: cool down, suspend, disable, or count.
     pub fn record(&self, outcome: Outcome) {
         let flags = self.flags.load(Ordering::Relaxed);
-        let first_refusal = matches!(outcome, Outcome::RateLimited { .. }) && flags & REFUSED == 0;
+        let first_refusal = outcome.is_rate_limited() && flags & REFUSED == 0;
         if first_refusal {
             self.set_flag(REFUSED);
         }

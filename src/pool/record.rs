@@ -113,6 +113,12 @@ impl Slot {
                 });
             }
             Outcome::AccountLimited { retry_after } => {
+                // The account's limit may be one of concurrency too (BigModel 1302): the key
+                // learns from it as from its own 429.
+                if answered.first_refusal {
+                    let refused = self.refused_open.fetch_add(1, Ordering::AcqRel);
+                    transition.learned = self.learn_refusal(refused);
+                }
                 let (wait, level, rest) = self.rate_limited(answered.generation, retry_after);
                 transition.rest = Some(RestChange {
                     cause: RestCause::Account,
