@@ -99,7 +99,7 @@ async fn one_key_ten_callers_all_succeed_with_default_settings() {
 
     let (answers, elapsed) = burst(&proxy.url("/chat/completions"), 10).await;
     assert_eq!(statuses(&answers), [200; 10]);
-    let ledger = ledger.lock().unwrap();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
     // Refusals only in the first burst: 10 went at once, 2 were taken.
     assert!(ledger.refused() <= 8, "{} refusals", ledger.refused());
     let first_refusal = ledger
@@ -137,7 +137,7 @@ async fn three_keys_twenty_callers_all_succeed_with_default_settings() {
         .await;
 
     let (answers, elapsed) = burst(&proxy.url("/chat/completions"), 20).await;
-    let ledger = ledger.lock().unwrap();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
     let first = ledger.arrivals[0].1;
     let timeline: Vec<String> = ledger
         .arrivals
@@ -256,6 +256,9 @@ async fn a_rest_past_the_budget_hands_back_the_refusal_and_then_503s_at_once() {
     let got = post(&proxy.url("/chat/completions"), "{}").await;
     assert_eq!(got.status, 429);
     assert_eq!(got.headers["retry-after"], "5");
+    // No key is back within the budget: the SDKs must not retry it either.
+    assert_eq!(got.headers["x-should-retry"], "false");
+    assert_eq!(got.headers["retry-after-ms"], "5000");
     // The next request is not sent at all, and is told at once when to come back.
     let got = post(&proxy.url("/chat/completions"), "{}").await;
     assert!(
