@@ -80,9 +80,11 @@ pub use layer::RetryLayer;
 pub use policy::{RetryPolicy, is_connection_refused};
 pub use service::Retry;
 
-/// A response extension saying the request took more than one attempt, or waited for a
-/// key: what a proxy needs to tell its clients not to retry again themselves (the openai
-/// and anthropic SDKs obey `x-should-retry: false`).
+/// A response extension saying the request took more than one attempt, waited for a key,
+/// or was refused and handed back because no key could take it again within its wait
+/// budget: what a proxy needs to tell its clients not to retry again themselves (the
+/// openai, anthropic and zhipuai SDKs obey `x-should-retry: false`). A client retrying
+/// such an answer would stack its retries on the proxy's, or wait past the budget.
 ///
 /// # Examples
 ///
@@ -98,6 +100,7 @@ pub use service::Retry;
 pub struct Attempts {
     pub(crate) count: u32,
     pub(crate) waited: Duration,
+    pub(crate) no_key_in_time: bool,
 }
 
 impl Attempts {
@@ -109,5 +112,11 @@ impl Attempts {
     /// Time spent waiting for a key, before the first attempt and between attempts.
     pub fn waited(&self) -> Duration {
         self.waited
+    }
+
+    /// Whether this refusal was handed back because no key could take the request again
+    /// within its wait budget (the earliest key's rest ends later), or ever (all disabled).
+    pub fn no_key_in_time(&self) -> bool {
+        self.no_key_in_time
     }
 }

@@ -1,6 +1,11 @@
 //! The clients users really use: the official Python SDKs (openai, anthropic, zhipuai)
 //! against the forward proxy, each in front of a local stand-in for its provider that
-//! answers in the provider's own format, plain and streamed (`tests/sdk/clients.py`).
+//! answers in the provider's own format, plain and streamed (`tests/sdk/clients.py`); and
+//! the openai and anthropic SDKs making 20 calls at once, with their default `max_retries`,
+//! through the proxy (default flags) in front of a provider that allows 2 requests in flight
+//! per key: the proxy waits for capacity and says `x-should-retry: false`, so the SDKs never
+//! retry and each call reaches the proxy once, also when the proxy gives up
+//! (`tests/sdk/many_calls.py`).
 //!
 //! Ignored by `cargo test`: it needs Python 3 and installs the SDKs from PyPI into a venv
 //! cached at `target/sdk-venv`. `.ci/run` runs it:
@@ -8,7 +13,12 @@
 
 mod proxy_support;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use proxy_support::*;
 
@@ -221,4 +231,253 @@ async fn the_official_python_sdks_work_through_the_proxy_plain_and_streamed() {
     for proxy in [&openai, &anthropic, &bigmodel] {
         proxy.assert_log_has_no_secret(&all_keys);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Many calls at once against a provider that enforces a per-key limit (issue 11)
+// ---------------------------------------------------------------------------------------
+
+const LIMITED_KEYS: [&str; 3] = ["sk-limited-1", "sk-limited-2", "sk-limited-3"];
+
+/// How long the stand-in works on a request it accepts.
+const WORK: Duration = Duration::from_millis(300);
+
+/// What the limited stand-in saw: per request, its key's position (1-based), when it
+/// arrived, and whether it was refused.
+#[derive(Default, Clone)]
+struct Ledger {
+    in_flight: HashMap<String, u32>,
+    arrivals: Vec<(usize, Instant, bool)>,
+}
+
+impl Ledger {
+    fn refused(&self) -> usize {
+        self.arrivals
+            .iter()
+            .filter(|(_, _, refused)| *refused)
+            .count()
+    }
+
+    /// `ms:key` per arrival from the first, `!` for a refusal: for failure messages.
+    fn timeline(&self) -> Vec<String> {
+        let Some(first) = self.arrivals.first().map(|(_, at, _)| *at) else {
+            return Vec::new();
+        };
+        self.arrivals
+            .iter()
+            .map(|(key, at, refused)| {
+                let ms = at.duration_since(first).as_millis();
+                format!("{ms}ms:{key}{}", if *refused { "!" } else { "" })
+            })
+            .collect()
+    }
+}
+
+/// A provider speaking the openai and anthropic formats (plain and streamed) that allows
+/// `limit` requests in flight per key and refuses more with `429` + `Retry-After: secs`
+/// (`limit` 0: refuses everything).
+async fn limited_provider(limit: u32, secs: &'static str) -> (MockUpstream, Arc<Mutex<Ledger>>) {
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let shared = ledger.clone();
+    let upstream = MockUpstream::start(move |seen: Seen| {
+        let ledger = shared.clone();
+        async move {
+            // The proxy's key, in whichever place the proxy put it.
+            let key = seen
+                .headers
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| LIMITED_KEYS.contains(v))
+                .map(str::to_owned)
+                .or_else(|| seen.bearer())
+                .unwrap_or_default();
+            let position = LIMITED_KEYS
+                .iter()
+                .position(|k| *k == key)
+                .map_or(0, |i| i + 1);
+            let accepted = {
+                let mut ledger = ledger.lock().unwrap();
+                let count = ledger.in_flight.entry(key.clone()).or_default();
+                let accepted = *count < limit;
+                if accepted {
+                    *count += 1;
+                }
+                ledger.arrivals.push((position, Instant::now(), !accepted));
+                accepted
+            };
+            if !accepted {
+                let mut response = reply(
+                    429,
+                    "{\"error\":{\"message\":\"too many requests\",\"type\":\"rate_limit_error\"}}",
+                );
+                response
+                    .headers_mut()
+                    .insert("retry-after", secs.parse().unwrap());
+                return response;
+            }
+            tokio::time::sleep(WORK).await;
+            *ledger.lock().unwrap().in_flight.get_mut(&key).unwrap() -= 1;
+            let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap_or_default();
+            let stream = body["stream"] == true;
+            if seen.target.ends_with("/chat/completions") {
+                chat_completion(stream)
+            } else if seen.target == "/v1/messages" {
+                anthropic_message(stream)
+            } else {
+                reply(404, "no such route in the stand-in")
+            }
+        }
+    })
+    .await;
+    (upstream, ledger)
+}
+
+/// Runs `tests/sdk/many_calls.py <sdk> <calls> <expect>` against `proxy`; its output, and
+/// whether it succeeded.
+async fn concurrent_sdk_calls(
+    proxy: &Proxy,
+    sdk: &str,
+    calls: usize,
+    expect: &str,
+) -> (bool, String) {
+    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(&python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/sdk/many_calls.py"
+            ))
+            .args([sdk, &calls.to_string(), expect])
+            .env("PROXY", proxy.url(""))
+            .output(),
+    )
+    .await
+    .expect("the SDK calls took over a minute")
+    .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), said)
+}
+
+/// Requests that reached the proxy from clients: the sum of `keyrotation_responses_total`.
+async fn client_requests(proxy: &Proxy) -> u64 {
+    let metrics = get(&proxy.url("/_keyrotation/metrics")).await;
+    metrics
+        .body
+        .lines()
+        .filter(|line| line.starts_with("keyrotation_responses_total{"))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// The README's proxy command: upstream, listen address and keys, nothing else.
+fn default_proxy(upstream: &MockUpstream) -> ProxyConfig {
+    ProxyConfig::new(&upstream.url(""), &LIMITED_KEYS.join(","))
+}
+
+/// 20 concurrent calls with the SDK's default `max_retries`, half streamed, through the
+/// proxy with default flags in front of a provider allowing 2 in flight per key (3 keys).
+/// Before the proxy waited for capacity this gave 20 × 200 but 56 upstream calls (36
+/// refused): the proxy and the SDK both retried.
+async fn twenty_calls_through_a_limited_provider(
+    sdk: &str,
+    proxy: ProxyConfig,
+    ledger: &Mutex<Ledger>,
+) {
+    let proxy = proxy.start().await;
+    let (ok, said) = concurrent_sdk_calls(&proxy, sdk, 20, "ok").await;
+    let ledger = ledger.lock().unwrap().clone();
+    let timeline = ledger.timeline();
+    println!(
+        "{sdk}: {} upstream calls, {} refused, {} requests at the proxy\n{said}{timeline:?}",
+        ledger.arrivals.len(),
+        ledger.refused(),
+        client_requests(&proxy).await,
+    );
+    // Every call succeeded, none retried by the SDK (`retries_taken` 0, checked by the
+    // script) ...
+    assert!(ok, "{said}\n{timeline:?}");
+    assert_eq!(said.matches("ok ").count(), 20, "{said}");
+    // ... and the proxy saw each call exactly once.
+    assert_eq!(client_requests(&proxy).await, 20, "{said}\n{timeline:?}");
+    // 20 accepted upstream calls; refusals only in the first burst (6 taken at once, the
+    // rest refused at most once per key), none after the first rest of 1 s.
+    let accepted = ledger.arrivals.len() - ledger.refused();
+    assert_eq!(accepted, 20, "{timeline:?}");
+    assert!(ledger.refused() <= 14 * 3, "{timeline:?}");
+    let first = ledger.arrivals[0].1;
+    assert!(
+        ledger
+            .arrivals
+            .iter()
+            .filter(|(_, _, refused)| *refused)
+            .all(|(_, at, _)| at.duration_since(first) < Duration::from_millis(900)),
+        "refused after the first burst: {timeline:?}"
+    );
+    for key in keys(&proxy).await {
+        assert_eq!(key["in_flight"], 0, "{key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "installs the SDKs from PyPI into target/sdk-venv: run by .ci/run"]
+async fn openai_sdk_twenty_at_once_all_succeed_and_the_sdk_never_retries() {
+    let (upstream, ledger) = limited_provider(2, "1").await;
+    twenty_calls_through_a_limited_provider("openai", default_proxy(&upstream), &ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "installs the SDKs from PyPI into target/sdk-venv: run by .ci/run"]
+async fn anthropic_sdk_twenty_at_once_all_succeed_and_the_sdk_never_retries() {
+    let (upstream, ledger) = limited_provider(2, "1").await;
+    // Anthropic wants the key in `x-api-key`; otherwise the README's flags. (With
+    // `--profile anthropic` a 429 is an account's limit, which teaches no per-key
+    // concurrency limit: refusals come again after the first rest.)
+    let proxy = default_proxy(&upstream).arg("--auth", "header:x-api-key");
+    twenty_calls_through_a_limited_provider("anthropic", proxy, &ledger).await;
+}
+
+/// The proxy gives up: every key refuses everything for 5 s and the wait budget is 1 s.
+/// The SDK, default `max_retries`, must not retry the proxy's answer: exactly one request
+/// per SDK call reaches the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "installs the SDKs from PyPI into target/sdk-venv: run by .ci/run"]
+async fn when_the_proxy_gives_up_the_sdk_does_not_retry_its_answer() {
+    let (upstream, ledger) = limited_provider(0, "5").await;
+    let proxy = default_proxy(&upstream)
+        .arg("--max-wait", "1")
+        .start()
+        .await;
+    let calls = 6;
+    let (ok, said) = concurrent_sdk_calls(&proxy, "openai", calls, "refused").await;
+    let ledger = ledger.lock().unwrap().clone();
+    let at_proxy = client_requests(&proxy).await;
+    println!(
+        "gives up: {} upstream calls, {} refused, {at_proxy} requests at the proxy\n{said}{:?}",
+        ledger.arrivals.len(),
+        ledger.refused(),
+        ledger.timeline()
+    );
+    assert!(ok, "{said}");
+    assert_eq!(at_proxy, calls as u64, "{said}\n{:?}", ledger.timeline());
+    // Nothing went upstream after the first burst: no key was sent on while it rested
+    // (5 s), and neither the proxy nor the SDK came back when the rests ended.
+    let first = ledger.arrivals[0].1;
+    assert!(
+        ledger
+            .arrivals
+            .iter()
+            .all(|(_, at, _)| at.duration_since(first) < Duration::from_secs(1)),
+        "{:?}",
+        ledger.timeline()
+    );
+    assert_eq!(
+        said.matches("x-should-retry=false").count(),
+        calls,
+        "{said}"
+    );
 }

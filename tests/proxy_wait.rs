@@ -256,6 +256,9 @@ async fn a_rest_past_the_budget_hands_back_the_refusal_and_then_503s_at_once() {
     let got = post(&proxy.url("/chat/completions"), "{}").await;
     assert_eq!(got.status, 429);
     assert_eq!(got.headers["retry-after"], "5");
+    // No key is back within the budget: the SDKs must not retry it either.
+    assert_eq!(got.headers["x-should-retry"], "false");
+    assert_eq!(got.headers["retry-after-ms"], "5000");
     // The next request is not sent at all, and is told at once when to come back.
     let got = post(&proxy.url("/chat/completions"), "{}").await;
     assert!(

@@ -411,8 +411,9 @@ async fn proxy(state: &Arc<State>, req: Request<Incoming>, request: &RequestLabe
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
             if parts.extensions.get::<Retried>().is_some() {
-                // We already retried or waited for this answer: an SDK retrying it again
-                // would only stack its retries on ours.
+                // We already retried or waited for this answer, or no key can take it
+                // again within its wait budget: an SDK retrying it would only stack its
+                // retries on ours, or wait past the budget.
                 no_more_retries(&mut parts.headers);
             }
             let body = body.map_err(BoxError::from).boxed_unsync();

@@ -104,10 +104,12 @@ where
                     };
                     if !again {
                         if let Ok(response) = &mut result {
-                            if *this.attempts > 1 || !this.waited.is_zero() {
+                            let no_key_in_time = this.policy.no_key_in_time;
+                            if *this.attempts > 1 || !this.waited.is_zero() || no_key_in_time {
                                 response.extensions_mut().insert(Attempts {
                                     count: *this.attempts,
                                     waited: *this.waited,
+                                    no_key_in_time,
                                 });
                             }
                         }

@@ -52,6 +52,7 @@ impl RetryLayer {
                 budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
                 retry_error: Arc::new(is_connection_refused),
                 retries: 0,
+                no_key_in_time: false,
             },
         }
     }

@@ -34,6 +34,9 @@ pub struct RetryPolicy {
     pub(crate) retry_error: Arc<ErrorPredicate>,
     /// Retries this request has made (0 in the template the layer holds).
     pub(crate) retries: usize,
+    /// Whether the last refusal was passed on because no key could take the request again
+    /// within its wait budget (or ever): the caller should not retry it either.
+    pub(crate) no_key_in_time: bool,
 }
 
 /// Why an attempt is worth repeating.
@@ -160,6 +163,7 @@ impl RetryPolicy {
             },
         };
         if !worth_it {
+            self.no_key_in_time = true;
             tracing::debug!(
                 tried = ?tried.positions(),
                 "no key can take it again in time; passing the {reason} on"
