@@ -24,8 +24,9 @@ use crate::tried::TriedKeys;
 ///   its own wake-up, for at most the pool's wait budget
 ///   ([`KeyPoolBuilder::max_wait`](crate::KeyPoolBuilder::max_wait), 30 s by default).
 /// - `poll_ready` never fails for want of a key: tower says a service whose `poll_ready`
-///   failed must be dropped, and behind [`Buffer`](tower::buffer::Buffer) that would end
-///   the service for good, though a reload could bring a key back. When no key can come
+///   failed must be dropped, and behind tower's
+///   [`Buffer`](https://docs.rs/tower/0.5/tower/buffer/struct.Buffer.html) (a feature this
+///   crate does not enable) that would end the service for good, though a reload could bring a key back. When no key can come
 ///   within the budget ([`NoKeyAvailable`], decided at once when the earliest return is
 ///   past it) or every key is disabled ([`AllKeysDisabled`]), it is ready and that one call
 ///   fails with the error.
