@@ -11,10 +11,14 @@
 //!
 //! In the input, `UPSTREAM` is replaced by the mock upstream's `host:port` and `OTHER` by
 //! the address of a second listener standing in for another host, so that the fuzzer can
-//! aim absolute-form targets and `Host` headers at both. After each input:
+//! aim absolute-form targets and `Host` headers at both. The proxy runs with its body limits
+//! low (bodies up to 1 KiB buffered for a retry, larger ones streamed, past 32 KiB a 413)
+//! and `--abandoned-grace 1`. After each input:
 //! - the other host has accepted no connection;
 //! - every request the upstream saw lies under the configured prefix, has no dot segment,
-//!   carries exactly one credential, a configured key;
+//!   carries exactly one credential, a configured key (an HTTP/2 input's connection ends
+//!   with the input, so its requests reach the upstream as abandoned ones, sometimes after
+//!   the checks: such a request is checked with the next input);
 //! - nothing the client got back contains a key;
 //! - every key's in-flight count is back to 0.
 #![no_main]
@@ -22,8 +26,12 @@
 
 #[path = "../../examples/forward_proxy/admin.rs"]
 mod admin;
+#[path = "../../examples/forward_proxy/attempts.rs"]
+mod attempts;
 #[path = "../../examples/forward_proxy/config.rs"]
 mod config;
+#[path = "../../examples/forward_proxy/dotenv.rs"]
+mod dotenv;
 #[path = "../../examples/forward_proxy/handler.rs"]
 mod handler;
 #[path = "../../examples/forward_proxy/keys.rs"]
@@ -32,10 +40,10 @@ mod keys;
 mod metrics;
 #[path = "../../examples/forward_proxy/reload.rs"]
 mod reload;
+#[path = "../../examples/forward_proxy/tls.rs"]
+mod tls;
 #[path = "../../examples/forward_proxy/upstream.rs"]
 mod upstream;
-#[path = "../../examples/forward_proxy/wait.rs"]
-mod wait;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -53,7 +61,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tower_key_rotation::KeyPool;
+use tower_key_rotation::{KeyPool, Quota};
 
 const KEYS: [&str; 2] = ["fuzz-key-Alpha-7f3a", "fuzz-key-Bravo-91c2"];
 const TOKEN: &str = "fuzz-token";
@@ -114,8 +122,15 @@ fn world() -> &'static World {
                 "1",
                 "--request-timeout",
                 "2",
+                // Bodies up to 1 KiB are buffered for a retry, larger ones stream, and past
+                // 32 KiB (declared or counted) they are refused with a 413.
                 "--retry-body-limit",
-                "65536",
+                "1024",
+                "--max-body-size",
+                "32768",
+                // Below the 5 s the in-flight check waits (the mock upstream answers at once).
+                "--abandoned-grace",
+                "1",
             ];
             if token {
                 argv.extend(["--access-token-env", "FUZZ_TOKEN"]);
@@ -125,9 +140,14 @@ fn world() -> &'static World {
             // As main.rs builds it.
             let mut pool = KeyPool::builder(secrets.keys)
                 .strategy(args.strategy.into())
-                .classifier(args.profile.into());
+                .classifier(args.profile.into())
+                .max_wait(Some(args.max_wait))
+                .learn_concurrency(!args.no_learn_concurrency);
             if let Some(max) = args.max_in_flight_per_key {
                 pool = pool.max_in_flight_per_key(max);
+            }
+            if let Some(rpm) = args.rpm_per_key {
+                pool = pool.quota_per_key(Quota::per_minute(rpm));
             }
             let pool = pool.build();
             let upstream = runtime.block_on(async {
@@ -136,7 +156,6 @@ fn world() -> &'static World {
                     upstream::Options {
                         placement: args.auth.placement(),
                         retries: args.retries,
-                        max_wait: args.max_wait,
                         connect_timeout: args.connect_timeout,
                         request_timeout: args.request_timeout,
                         extra_roots: Vec::new(),
@@ -144,6 +163,9 @@ fn world() -> &'static World {
                 )
                 .unwrap()
             });
+            // main.rs binds `--listen`; nothing listens here (inputs come over a duplex),
+            // but absolute-form targets naming this address count as the proxy's own.
+            let listen: SocketAddr = args.listen.to_string().parse().unwrap();
             let state = Arc::new(handler::State {
                 metrics: metrics::Metrics::new(pool.clone()),
                 pool: pool.clone(),
@@ -151,7 +173,11 @@ fn world() -> &'static World {
                 upstream,
                 access_token: secrets.access_token,
                 retry_body_limit: args.retry_body_limit,
-                listen: args.listen,
+                listen,
+                max_body_size: args.max_body_size,
+                abandoned_grace: args.abandoned_grace,
+                log_format: args.log_format,
+                key_names: Arc::new(handler::KeyNames::new(handler::key_names(&pool))),
             });
             (state, pool)
         };
@@ -246,7 +272,6 @@ fuzz_target!(|data: &[u8]| {
     let state = world.states[which].clone();
     let input = replace(data, b"UPSTREAM", world.upstream.to_string().as_bytes());
     let input = replace(&input, b"OTHER", world.other.to_string().as_bytes());
-    world.seen.lock().unwrap().clear();
 
     let answer = world.runtime.block_on(async move {
         let (mut client, server) = tokio::io::duplex(1 << 16);
@@ -272,12 +297,33 @@ fuzz_target!(|data: &[u8]| {
             .expect("the proxy neither answered nor closed within 20 s")
     });
 
+    // Bodies were read to the end or dropped with the connection: nothing stays in flight.
+    // (HTTP/2 streams run in tasks of their own, which end just after the connection, and a
+    // request whose client went away stays at the upstream until it answers, within
+    // --abandoned-grace: a bounded wait for them. Done first, so that the upstream has
+    // recorded every request of this input before the checks below.)
+    let pool = &world.pools[which];
+    world.runtime.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while pool.snapshot().iter().any(|s| s.in_flight != 0) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "in flight after the connection closed: {:?}",
+                pool.snapshot()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
     assert_eq!(
         world.other_connections.load(Ordering::SeqCst),
         0,
         "another host was contacted"
     );
-    for (target, credentials) in world.seen.lock().unwrap().iter() {
+    // Every request the upstream recorded since the last input's checks: this input's, and
+    // now and then one an earlier input's client left before it was sent (its task ran on
+    // after the in-flight check above), checked here rather than never.
+    let seen = std::mem::take(&mut *world.seen.lock().unwrap());
+    for (target, credentials) in &seen {
         let path = target.split('?').next().unwrap_or_default();
         assert!(
             path == PREFIX || path.starts_with("/v4/"),
@@ -304,19 +350,4 @@ fuzz_target!(|data: &[u8]| {
             "a key reached the client"
         );
     }
-    // Bodies were read to the end or dropped with the connection: nothing stays in flight.
-    // (HTTP/2 streams run in tasks of their own, which end just after the connection: a
-    // bounded wait for them.)
-    let pool = &world.pools[which];
-    world.runtime.block_on(async {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while pool.snapshot().iter().any(|s| s.in_flight != 0) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "in flight after the connection closed: {:?}",
-                pool.snapshot()
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    });
 });
