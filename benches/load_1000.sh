@@ -36,8 +36,8 @@ install_missing
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 log "building examples/forward_proxy (release)"
-cargo build --release --quiet --example forward_proxy
-PROXY_BIN=target/release/examples/forward_proxy
+cargo build --release --quiet -p forward_proxy
+PROXY_BIN=target/release/forward_proxy
 
 # 1,000 client sockets, 1,000 proxy sockets and the proxy's upstream connections.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

@@ -39,13 +39,13 @@ source benches/proxy_bench_lib.sh
 install_missing
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-if [ ! -e examples/forward_proxy.rs ] && [ ! -e examples/forward_proxy/main.rs ]; then
+if [ ! -e examples/forward_proxy/Cargo.toml ]; then
     echo "examples/forward_proxy has not landed yet: nothing to measure for (b)." >&2
     exit 2
 fi
 log "building examples/forward_proxy (release)"
-cargo build --release --quiet --example forward_proxy
-PROXY_BIN=target/release/examples/forward_proxy
+cargo build --release --quiet -p forward_proxy
+PROXY_BIN=target/release/forward_proxy
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 mkdir -p "$OUT"

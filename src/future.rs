@@ -14,6 +14,7 @@ use pin_project_lite::pin_project;
 
 use crate::BoxError;
 use crate::body::TrackedBody;
+use crate::limits::learned_reset_at;
 use crate::outcome::Outcome;
 use crate::pool::Lease;
 
@@ -173,7 +174,11 @@ where
     B: Body,
     T: Into<TrackedBody<B>>,
 {
-    lease.record(outcome);
+    // A refusal whose rate-limit headers say a window is used up is about rate, not
+    // concurrency: the key must not learn a concurrency limit from it.
+    let window_spent = outcome.is_rate_limited()
+        && learned_reset_at(response.headers(), std::time::SystemTime::now).is_some();
+    lease.record_answer(outcome, window_spent);
     let mut response = response.map(|body| body.into().track(lease));
     if outcome != Outcome::Success {
         response.extensions_mut().insert(outcome);

@@ -140,3 +140,41 @@ async fn an_account_limit_refusal_teaches_the_key_too() {
     });
     assert_eq!(pool.snapshot()[0].concurrency_limit, Some(2));
 }
+
+/// Through the layer: a 429 whose rate-limit headers say the requests window is used up is
+/// about rate, and teaches no concurrency limit even with others in flight; one without
+/// such headers does.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_for_a_spent_rate_window_teaches_no_concurrency_limit() {
+    use tower::{Service, ServiceExt};
+    use tower_key_rotation::KeyRotation;
+
+    async fn refuse(pool: &KeyPool, window_spent: bool) {
+        let inner = tower::service_fn(move |_req: http::Request<()>| async move {
+            let mut response = http::Response::builder().status(429);
+            if window_spent {
+                response = response
+                    .header("x-ratelimit-remaining-requests", "0")
+                    .header("x-ratelimit-reset-requests", "20s");
+            }
+            Ok::<_, std::convert::Infallible>(response.body(String::new()).unwrap())
+        });
+        let mut services: Vec<_> = (0..3)
+            .map(|_| KeyRotation::new(inner, pool.clone()))
+            .collect();
+        for service in &mut services {
+            service.ready().await.unwrap();
+        }
+        // Two others hold the key while the third is refused.
+        let refused = services[2].call(http::Request::new(())).await.unwrap();
+        assert_eq!(refused.status(), 429);
+    }
+
+    let pool = builder("k1").build();
+    refuse(&pool, true).await;
+    assert_eq!(pool.snapshot()[0].concurrency_limit, None);
+
+    let pool = builder("k1").build();
+    refuse(&pool, false).await;
+    assert_eq!(pool.snapshot()[0].concurrency_limit, Some(2));
+}

@@ -24,25 +24,25 @@
 #![no_main]
 #![allow(dead_code, unreachable_pub, clippy::all)]
 
-#[path = "../../examples/forward_proxy/admin.rs"]
+#[path = "../../examples/forward_proxy/src/admin.rs"]
 mod admin;
-#[path = "../../examples/forward_proxy/attempts.rs"]
+#[path = "../../examples/forward_proxy/src/attempts.rs"]
 mod attempts;
-#[path = "../../examples/forward_proxy/config.rs"]
+#[path = "../../examples/forward_proxy/src/config.rs"]
 mod config;
-#[path = "../../examples/forward_proxy/dotenv.rs"]
+#[path = "../../examples/forward_proxy/src/dotenv.rs"]
 mod dotenv;
-#[path = "../../examples/forward_proxy/handler.rs"]
+#[path = "../../examples/forward_proxy/src/handler.rs"]
 mod handler;
-#[path = "../../examples/forward_proxy/keys.rs"]
+#[path = "../../examples/forward_proxy/src/keys.rs"]
 mod keys;
-#[path = "../../examples/forward_proxy/metrics.rs"]
+#[path = "../../examples/forward_proxy/src/metrics.rs"]
 mod metrics;
-#[path = "../../examples/forward_proxy/reload.rs"]
+#[path = "../../examples/forward_proxy/src/reload.rs"]
 mod reload;
-#[path = "../../examples/forward_proxy/tls.rs"]
+#[path = "../../examples/forward_proxy/src/tls.rs"]
 mod tls;
-#[path = "../../examples/forward_proxy/upstream.rs"]
+#[path = "../../examples/forward_proxy/src/upstream.rs"]
 mod upstream;
 
 use std::convert::Infallible;

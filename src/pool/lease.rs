@@ -144,6 +144,12 @@ impl Lease {
 
     /// Applies a response's [`Outcome`] to the key: cool down, suspend, disable, or count.
     pub fn record(&self, outcome: Outcome) {
+        self.record_answer(outcome, false);
+    }
+
+    /// [`record`](Self::record), told whether the answer's rate-limit headers say a window
+    /// is used up: such a refusal is about rate, and teaches no concurrency limit.
+    pub(crate) fn record_answer(&self, outcome: Outcome, window_spent: bool) {
         let flags = self.flags.load(Ordering::Relaxed);
         let first_refusal = outcome.is_rate_limited() && flags & REFUSED == 0;
         if first_refusal {
@@ -159,6 +165,7 @@ impl Lease {
                 at_limit: self.at_limit,
                 probe: flags & PROBE != 0,
                 first_refusal,
+                learn: !window_spent,
             },
         );
         events::log(&self.label(), &transition);

@@ -34,6 +34,9 @@ pub(super) struct Answered {
     pub(super) probe: bool,
     /// The first refusal recorded on this lease (the caller counts it in `refused_open`).
     pub(super) first_refusal: bool,
+    /// May a refusal teach a concurrency limit? Not when the answer says a rate window is
+    /// used up.
+    pub(super) learn: bool,
 }
 
 /// What an outcome did to a key: the facts the log reports (see `events`).
@@ -99,7 +102,9 @@ impl Slot {
             Outcome::RateLimited { retry_after } => {
                 if answered.first_refusal {
                     let refused = self.refused_open.fetch_add(1, Ordering::AcqRel);
-                    transition.learned = self.learn_refusal(refused);
+                    if answered.learn {
+                        transition.learned = self.learn_refusal(refused);
+                    }
                 }
                 let (wait, level, rest) = self.rate_limited(answered.generation, retry_after);
                 transition.rest = Some(RestChange {
@@ -117,7 +122,9 @@ impl Slot {
                 // learns from it as from its own 429.
                 if answered.first_refusal {
                     let refused = self.refused_open.fetch_add(1, Ordering::AcqRel);
-                    transition.learned = self.learn_refusal(refused);
+                    if answered.learn {
+                        transition.learned = self.learn_refusal(refused);
+                    }
                 }
                 let (wait, level, rest) = self.rate_limited(answered.generation, retry_after);
                 transition.rest = Some(RestChange {

@@ -17,7 +17,7 @@ use crate::keys::{self, KeySource};
 
 const EXAMPLES: &str = "\
 Example:
-  BIGMODEL_API_KEY=k1,k2,k3 cargo run --release --example forward_proxy -- \\
+  BIGMODEL_API_KEY=k1,k2,k3 cargo run --release -p forward_proxy -- \\
       --listen 127.0.0.1:8080 --upstream https://open.bigmodel.cn/api/paas/v4
 
   curl http://127.0.0.1:8080/chat/completions -H 'content-type: application/json' \\

@@ -8,10 +8,10 @@
 //! (`tests/sdk/many_calls.py`).
 //!
 //! Ignored by `cargo test`: it needs Python 3 and installs the SDKs from PyPI into a venv
-//! cached at `target/sdk-venv`. `.ci/run` runs it:
-//! `cargo test --test proxy_sdks -- --ignored`.
+//! cached at `target/tmp/sdk-venv`. `.ci/run` runs it:
+//! `cargo test -p forward_proxy --test sdks -- --ignored`.
 
-mod proxy_support;
+mod support;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use proxy_support::*;
+use support::*;
 
 const OPENAI_KEYS: &str = "sk-sdk-openai-1,sk-sdk-openai-2";
 const ANTHROPIC_KEYS: &str = "sk-ant-sdk-1,sk-ant-sdk-2";
@@ -29,7 +29,7 @@ const TEXT: [&str; 3] = ["Hello ", "from the ", "stand-in"];
 
 /// The venv with the SDKs, made (once) under `target/`.
 fn venv_python() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/sdk-venv");
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sdk-venv");
     let python = venv.join("bin/python");
     let ready = || {
         std::process::Command::new(&python)
@@ -162,7 +162,7 @@ fn anthropic_message(stream: bool) -> http::Response<MockBody> {
 }
 
 #[tokio::test]
-#[ignore = "installs the SDKs from PyPI into target/sdk-venv: run by .ci/run"]
+#[ignore = "installs the SDKs from PyPI into target/tmp/sdk-venv: run by .ci/run"]
 async fn the_official_python_sdks_work_through_the_proxy_plain_and_streamed() {
     let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
     let upstream = MockUpstream::start(|seen| async move {
@@ -424,14 +424,14 @@ async fn twenty_calls_through_a_limited_provider(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "installs the SDKs from PyPI into target/sdk-venv: run by .ci/run"]
+#[ignore = "installs the SDKs from PyPI into target/tmp/sdk-venv: run by .ci/run"]
 async fn openai_sdk_twenty_at_once_all_succeed_and_the_sdk_never_retries() {
     let (upstream, ledger) = limited_provider(2, "1").await;
     twenty_calls_through_a_limited_provider("openai", default_proxy(&upstream), &ledger).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "installs the SDKs from PyPI into target/sdk-venv: run by .ci/run"]
+#[ignore = "installs the SDKs from PyPI into target/tmp/sdk-venv: run by .ci/run"]
 async fn anthropic_sdk_twenty_at_once_all_succeed_and_the_sdk_never_retries() {
     let (upstream, ledger) = limited_provider(2, "1").await;
     // Anthropic wants the key in `x-api-key`; otherwise the README's flags. (With
@@ -445,7 +445,7 @@ async fn anthropic_sdk_twenty_at_once_all_succeed_and_the_sdk_never_retries() {
 /// The SDK, default `max_retries`, must not retry the proxy's answer: exactly one request
 /// per SDK call reaches the proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "installs the SDKs from PyPI into target/sdk-venv: run by .ci/run"]
+#[ignore = "installs the SDKs from PyPI into target/tmp/sdk-venv: run by .ci/run"]
 async fn when_the_proxy_gives_up_the_sdk_does_not_retry_its_answer() {
     let (upstream, ledger) = limited_provider(0, "5").await;
     let proxy = default_proxy(&upstream)

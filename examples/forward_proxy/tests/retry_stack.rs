@@ -1,7 +1,7 @@
 //! The `retry` module through real sockets: tower's retry loop, the key layer and a
 //! hyper-util client against a mock upstream on 127.0.0.1.
 
-mod proxy_support;
+mod support;
 
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use proxy_support::{MockUpstream, Seen, reply, within};
+use support::{MockUpstream, Seen, reply, within};
 use tower::retry::budget::TpsBudget;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_key_rotation::retry::{ReplayBody, RetryLayer};
@@ -56,7 +56,7 @@ where
     (tried, result)
 }
 
-fn limited(retry_after: &'static str) -> Response<proxy_support::MockBody> {
+fn limited(retry_after: &'static str) -> Response<support::MockBody> {
     let mut response = reply(429, "slow down");
     response
         .headers_mut()

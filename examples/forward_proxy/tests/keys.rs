@@ -5,14 +5,14 @@
 //! never by sleeping: each wait is bounded by [`WAIT`]. Every test ends by checking that no
 //! key value reached the log, the admin routes or the client.
 
-mod proxy_support;
+mod support;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proxy_support::*;
+use support::*;
 use tokio::time::Instant;
 
 const ALPHA: &str = "sk-alpha-key-0a1b";

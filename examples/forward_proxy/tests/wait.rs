@@ -4,13 +4,13 @@
 //! `Retry-After: 1`. Callers must all get their answer, with refusals only in the first
 //! burst, while the proxy learns the limit and waits for capacity.
 
-mod proxy_support;
+mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proxy_support::{Got, MockUpstream, ProxyConfig, Seen, keys, post, reply};
+use support::{Got, MockUpstream, ProxyConfig, Seen, keys, post, reply};
 use tokio::time::Instant;
 
 const KEYS: [&str; 3] = ["wk-one", "wk-two", "wk-three"];

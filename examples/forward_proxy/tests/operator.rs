@@ -3,7 +3,7 @@
 //! to listen on, the profile's keys variable, metrics checked by `promtool`, and a client
 //! that goes away. Real processes on 127.0.0.1, as in `tests/proxy.rs`.
 
-mod proxy_support;
+mod support;
 
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use proxy_support::*;
+use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 

@@ -11,7 +11,7 @@
 //! going away mid-stream, absolute-form and `CONNECT` to an unresolvable host, dot
 //! segments) are not repeated here; see TESTING.md.
 
-mod proxy_support;
+mod support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use proxy_support::*;
+use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -780,7 +780,7 @@ async fn a_client_going_away_while_the_upstream_thinks_releases_the_key_after_th
     })
     .await;
     // The provider goes on working on an abandoned request: the proxy keeps it (and its
-    // key) for the grace, then cancels it (see `tests/proxy_operator.rs` for an answer
+    // key) for the grace, then cancels it (see `tests/operator.rs` for an answer
     // within the grace).
     let mut proxy = config(&upstream.url(""))
         .arg("--abandoned-grace", "0.5")

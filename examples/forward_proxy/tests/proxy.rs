@@ -4,7 +4,7 @@
 //! address it bound). Every test ends by checking that no key value reached the proxy's log
 //! or the client.
 
-mod proxy_support;
+mod support;
 
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use proxy_support::*;
+use support::*;
 use tokio::net::TcpStream;
 
 const KEYS: [&str; 3] = ["sk-alpha-7f3a", "sk-bravo-91c2", "sk-charlie-5d0e"];
@@ -676,7 +676,7 @@ async fn bad_configuration_exits_non_zero_with_a_clear_message() {
     for (config, expected) in cases {
         let (status, stdout, stderr) = config.run_to_exit().await;
         assert!(!status.success(), "{:?} should fail", config.args);
-        // clap's own errors keep its whole message (see tests/proxy_operator.rs).
+        // clap's own errors keep its whole message (see tests/operator.rs).
         let is_clap = status.code() == Some(2);
         assert!(is_clap || stderr.lines().count() == 1, "one line: {stderr}");
         assert!(stderr.starts_with("forward_proxy: error: "), "{stderr}");
@@ -711,7 +711,7 @@ async fn help_documents_every_flag_with_an_example() {
         "--max-body-size",
         "--abandoned-grace",
         "--log-format",
-        "cargo run --release --example forward_proxy",
+        "cargo run --release -p forward_proxy",
     ] {
         assert!(stdout.contains(flag), "{flag} missing from --help");
     }
@@ -795,7 +795,7 @@ async fn an_https_upstream_is_verified_and_reached_over_http2() {
 }
 
 /// Not a test: what the proxy costs per request. Run with
-/// `cargo test --release --test proxy -- --ignored --nocapture measure`.
+/// `cargo test --release -p forward_proxy --test proxy -- --ignored --nocapture measure`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check"]
 async fn measure_proxy_overhead() {

@@ -1,11 +1,8 @@
 //! Helpers for the forward proxy's tests: a scriptable mock upstream (a hyper server on
-//! 127.0.0.1:0), the real `forward_proxy` example binary run as a child process, and a
+//! 127.0.0.1:0), the real `forward_proxy` binary run as a child process, and a
 //! small HTTP client. Every wait is bounded by [`WAIT`].
 
 #![allow(dead_code, unreachable_pub)]
-
-#[path = "../example_binary/mod.rs"]
-mod example_binary;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -307,20 +304,14 @@ pub fn test_ca_path() -> String {
     tls_path("ca.pem")
 }
 
-/// A file of `tests/proxy_support/tls/` (see its README).
+/// A file of `tests/support/tls/` (see its README).
 pub fn tls_path(file: &str) -> String {
-    format!(
-        "{}/tests/proxy_support/tls/{file}",
-        env!("CARGO_MANIFEST_DIR")
-    )
+    format!("{}/tests/support/tls/{file}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The proxy's binary, built once if need be (see `example_binary`).
+/// The proxy's binary (cargo builds it before the tests).
 pub fn binary() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| example_binary::example_binary("forward_proxy"))
-        .clone()
+    PathBuf::from(env!("CARGO_BIN_EXE_forward_proxy"))
 }
 
 /// A running proxy. Its stderr (the log) is collected; it is killed when dropped.

@@ -6,13 +6,13 @@
 //! Try it:
 //!
 //! ```sh
-//! BIGMODEL_API_KEY=k1,k2,k3 cargo run --release --example forward_proxy -- \
+//! BIGMODEL_API_KEY=k1,k2,k3 cargo run --release -p forward_proxy -- \
 //!     --listen 127.0.0.1:8080 --upstream https://open.bigmodel.cn/api/paas/v4
 //! curl http://127.0.0.1:8080/_keyrotation/keys
 //!
 //! # Or keys by name, with weights and quotas, from a TOML file (see `keys`); edit the file,
 //! # or `kill -HUP <pid>`, to reload them without a restart:
-//! PAID_KEY=k1 cargo run --release --example forward_proxy -- --keys-file keys.toml \
+//! PAID_KEY=k1 cargo run --release -p forward_proxy -- --keys-file keys.toml \
 //!     --profile bigmodel --upstream https://open.bigmodel.cn/api/paas/v4
 //! ```
 //!
