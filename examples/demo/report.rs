@@ -349,9 +349,12 @@ pub(crate) fn verdict(runs: &[CaseRun], workload: &Workload, style: Style) -> St
             workload.max_wait.as_secs_f64()
         );
     }
-    let learned: Vec<String> = runs
+    let uncapped: Vec<&CaseRun> = runs
         .iter()
         .filter(|r| matches!(r.case, Case::OneKey | Case::RoundRobin))
+        .collect();
+    let learned: Vec<String> = uncapped
+        .iter()
         .filter_map(|r| {
             let limits = limits_per_key(r, if s.unicode { " · " } else { "/" }, "none")?;
             Some(format!("{limits} in case {}", r.case.number()))
@@ -360,9 +363,32 @@ pub(crate) fn verdict(runs: &[CaseRun], workload: &Workload, style: Style) -> St
     if !learned.is_empty() {
         let _ = writeln!(
             out,
-            "  Uncapped, the pool learned each key's limit from the refusals: {} (the provider allows {}).",
+            "  Uncapped keys learned their limit from the refusals: {} (provider: {}).",
             learned.join(", "),
             workload.limits.concurrency
+        );
+    }
+    // A key learned below the provider's concurrency: a refusal for the rate window that
+    // came back while another request ran looks like one for concurrency.
+    let below: Vec<String> = uncapped
+        .iter()
+        .filter(|r| {
+            let lower = r.pool.iter().flatten().any(|k| {
+                k.concurrency_limit
+                    .is_some_and(|l| l < workload.limits.concurrency)
+            });
+            lower && Upstream::of(r, &workload.limits).refused_rate > 0
+        })
+        .map(|r| r.case.number().to_string())
+        .collect();
+    if !below.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {}(Lower in case {}: a refusal for the rate window, with another request running,\n  \
+             reads as one for concurrency.){}",
+            s.dim(),
+            below.join(", "),
+            s.reset()
         );
     }
     let best = runs
