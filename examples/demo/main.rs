@@ -5,8 +5,10 @@
 //! and requests-per-window limits, 429 + Retry-After for the excess, a fixed latency per
 //! completion) and sends the same workload five ways: one key without the layer, one key
 //! through `KeyRotation`, several keys round-robin, several keys least-in-flight with a
-//! per-key cap, and the same with a per-key quota at the provider's rate. It prints the
-//! layer's log live, then a table and a timeline.
+//! per-key cap, and the same with a per-key quota at the provider's rate. Cases 2 to 5 use
+//! the library's stack as it comes: `RetryLayer` outside `KeyRotationLayer`, one pool with
+//! its wait budget and learned concurrency. It prints the layer's log live, then a table
+//! and a timeline.
 //!
 //! Try it:
 //!
@@ -29,7 +31,7 @@ use tracing_subscriber::layer::SubscriberExt as _;
 
 use crate::live::LiveLog;
 use crate::mock::Limits;
-use crate::report::{Style, Upstream};
+use crate::report::{Callers, Style, Upstream};
 use crate::workload::{Case, CaseRun, Workload};
 
 /// No case may take longer than this, whatever the flags: the demo always ends.
@@ -43,8 +45,9 @@ const CASE_TIMEOUT: Duration = Duration::from_secs(300);
 /// 429 + Retry-After, like a real one. The same workload is sent five ways:
 ///
 ///   1. one key, naive client (no layer): how many 429s reach the caller;
-///   2. one key through KeyRotation (with a retry outside it): waits instead of failing;
-///   3. several keys through KeyRotation, round-robin;
+///   2. one key through KeyRotation (with the library's retry outside it): waits instead
+///      of failing, and learns how many completions the key may run at once;
+///   3. several keys through KeyRotation, round-robin, learning each key's limit;
 ///   4. several keys, least-in-flight, each capped at the provider's concurrency;
 ///   5. the same, each key also given the provider's rate as its quota: zero 429s.
 ///
@@ -90,9 +93,15 @@ struct Args {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     window_ms: u64,
 
-    /// Attempts per section through the layer before a 429 is handed to the caller.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    max_attempts: u32,
+    /// Retries per section through the layer (the library's default), each after waiting
+    /// for a key that can take it.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(0..=1000))]
+    max_retries: u16,
+
+    /// How long a section may wait for a key, across its attempts (the library's default
+    /// budget); a section no key can take in time fails at once.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    max_wait_ms: u64,
 
     /// Which cases to run, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5",
@@ -140,7 +149,8 @@ async fn main() -> ExitCode {
             window: Duration::from_millis(args.window_ms),
             latency: Duration::from_millis(args.latency_ms),
         },
-        max_attempts: args.max_attempts,
+        max_retries: usize::from(args.max_retries),
+        max_wait: Duration::from_millis(args.max_wait_ms),
     };
     let mut cases: Vec<Case> = Case::ALL
         .into_iter()
@@ -322,9 +332,19 @@ fn case_result(run: &CaseRun, workload: &Workload, style: Style) -> String {
         s.red()
     };
     let arrow = if s.unicode { "→" } else { "->" };
+    let callers = Callers::of(run);
+    let waits = if callers.retried == 0 && callers.longest_wait.is_zero() {
+        String::new()
+    } else {
+        format!(
+            ";\n    {} went again, the longest waited {:.2} s",
+            plural(callers.retried, "section"),
+            callers.longest_wait.as_secs_f64()
+        )
+    };
     format!(
         "  {arrow} {written}{}/{total} sections{} in {}{:.2} s{}; the provider refused {}, \
-         callers saw {seen}{} 429s{}\n",
+         callers saw {seen}{} 429s{}{waits}\n",
         run.sections_ok,
         s.reset(),
         s.bold(),

@@ -102,6 +102,43 @@ impl Upstream {
     }
 }
 
+/// What the callers of one case went through: the library's [`Attempts`] on each answer.
+///
+/// [`Attempts`]: tower_key_rotation::retry::Attempts
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Callers {
+    /// Sections that took more than one attempt.
+    pub(crate) retried: usize,
+    /// The most attempts one section took.
+    pub(crate) most_attempts: u32,
+    /// The longest one section waited for a key, across its attempts.
+    pub(crate) longest_wait: Duration,
+}
+
+impl Callers {
+    pub(crate) fn of(run: &CaseRun) -> Self {
+        Self {
+            retried: run.tries.iter().filter(|(n, _)| *n > 1).count(),
+            most_attempts: run.tries.iter().map(|(n, _)| *n).max().unwrap_or(0),
+            longest_wait: run.tries.iter().map(|(_, w)| *w).max().unwrap_or_default(),
+        }
+    }
+}
+
+/// The concurrency limit the pool holds for each key at the end of a case (the cap, or
+/// lower where refusals taught it), as `2 · 2 · 2`; `None` without the layer.
+fn limits_per_key(run: &CaseRun, sep: &str, none: &str) -> Option<String> {
+    let pool = run.pool.as_ref()?;
+    let limits: Vec<String> = pool
+        .iter()
+        .map(|k| {
+            k.concurrency_limit
+                .map_or_else(|| none.to_owned(), |l| l.to_string())
+        })
+        .collect();
+    Some(limits.join(sep))
+}
+
 /// The most intervals in progress at once (an interval ending when another starts does
 /// not overlap it).
 fn max_overlap(intervals: &[(Duration, Duration)]) -> u32 {
@@ -165,6 +202,7 @@ pub(crate) fn table(runs: &[CaseRun], workload: &Workload, style: Style) -> Stri
     let s = style;
     let total = workload.requests();
     let sep = if s.unicode { " · " } else { "/" };
+    let dash = if s.unicode { "—" } else { "-" };
     let headers = [
         "#",
         "setup",
@@ -174,13 +212,14 @@ pub(crate) fn table(runs: &[CaseRun], workload: &Workload, style: Style) -> Stri
         "provider 429s",
         "caller 429s",
         "sent per key",
+        "limit per key",
     ];
-    let mut rows: Vec<[String; 8]> = Vec::new();
+    let mut rows: Vec<[String; 9]> = Vec::new();
     for run in runs {
         let up = Upstream::of(run, &workload.limits);
         let speed = speed_up(run, runs, total)
             .map(|x| format!("{x:.1}x"))
-            .unwrap_or_else(|| if s.unicode { "—" } else { "-" }.to_owned());
+            .unwrap_or_else(|| dash.to_owned());
         let refused = format!("{} + {}", up.refused_concurrency, up.refused_rate);
         let per_key: Vec<String> = up.attempts.iter().map(u64::to_string).collect();
         rows.push([
@@ -192,6 +231,7 @@ pub(crate) fn table(runs: &[CaseRun], workload: &Workload, style: Style) -> Stri
             refused,
             run.caller_429.to_string(),
             per_key.join(sep),
+            limits_per_key(run, sep, "none").unwrap_or_else(|| dash.to_owned()),
         ]);
     }
     let width = |i: usize| {
@@ -210,7 +250,7 @@ pub(crate) fn table(runs: &[CaseRun], workload: &Workload, style: Style) -> Stri
             let colour = colours.get(i).copied().unwrap_or("");
             let reset = if colour.is_empty() { "" } else { s.reset() };
             // Text left, numbers right.
-            if i == 1 || i == cells.len() - 1 {
+            if i == 1 || i >= cells.len() - 2 {
                 let _ = write!(out, "{colour}{cell}{reset}{}", " ".repeat(pad));
             } else {
                 let _ = write!(out, "{}{colour}{cell}{reset}", " ".repeat(pad));
@@ -250,12 +290,14 @@ pub(crate) fn table(runs: &[CaseRun], workload: &Workload, style: Style) -> Stri
                 s.red()
             },
             "",
+            "",
         ];
         line(&mut out, row, &colours);
     }
     let _ = writeln!(
         out,
-        "  {}speed-up: over case 2;  provider 429s: refused for concurrency + for the rate window{}",
+        "  {}speed-up: over case 2;  provider 429s: refused for concurrency + for the rate window;\n  \
+         limit per key: the most in flight the pool allows it at the end (the cap, or learned lower){}",
         s.dim(),
         s.reset()
     );
@@ -283,14 +325,69 @@ pub(crate) fn verdict(runs: &[CaseRun], workload: &Workload, style: Style) -> St
     let layered: Vec<&CaseRun> = runs.iter().filter(|r| r.case != Case::Naive).collect();
     if !layered.is_empty() {
         let seen: usize = layered.iter().map(|r| r.caller_429).sum();
+        let errors: usize = layered.iter().map(|r| r.caller_errors).sum();
         let absorbed: usize = layered
             .iter()
             .map(|r| Upstream::of(r, &workload.limits).refused())
             .sum();
+        let longest = layered
+            .iter()
+            .map(|r| Callers::of(r).longest_wait)
+            .max()
+            .unwrap_or_default();
+        let errors = match errors {
+            0 => String::new(),
+            n => format!(" and {}{n} another error{}", s.red(), s.reset()),
+        };
         let _ = writeln!(
             out,
-            "  Through KeyRotation {}{seen} callers saw a 429{}: {absorbed} refusals became waits.",
+            "  Through KeyRotation {}{seen} callers saw a 429{}{errors}: {absorbed} refusals became waits \
+             (the longest {:.2} s; budget {:.0} s).",
             if seen == 0 { s.green() } else { s.red() },
+            s.reset(),
+            longest.as_secs_f64(),
+            workload.max_wait.as_secs_f64()
+        );
+    }
+    let uncapped: Vec<&CaseRun> = runs
+        .iter()
+        .filter(|r| matches!(r.case, Case::OneKey | Case::RoundRobin))
+        .collect();
+    let learned: Vec<String> = uncapped
+        .iter()
+        .filter_map(|r| {
+            let limits = limits_per_key(r, if s.unicode { " · " } else { "/" }, "none")?;
+            Some(format!("{limits} in case {}", r.case.number()))
+        })
+        .collect();
+    if !learned.is_empty() {
+        let _ = writeln!(
+            out,
+            "  Uncapped keys learned their limit from the refusals: {} (provider: {}).",
+            learned.join(", "),
+            workload.limits.concurrency
+        );
+    }
+    // A key learned below the provider's concurrency: a refusal for the rate window that
+    // came back while another request ran looks like one for concurrency.
+    let below: Vec<String> = uncapped
+        .iter()
+        .filter(|r| {
+            let lower = r.pool.iter().flatten().any(|k| {
+                k.concurrency_limit
+                    .is_some_and(|l| l < workload.limits.concurrency)
+            });
+            lower && Upstream::of(r, &workload.limits).refused_rate > 0
+        })
+        .map(|r| r.case.number().to_string())
+        .collect();
+    if !below.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {}(Lower in case {}: a refusal for the rate window, with another request running,\n  \
+             reads as one for concurrency.){}",
+            s.dim(),
+            below.join(", "),
             s.reset()
         );
     }
@@ -510,6 +607,7 @@ pub(crate) fn json(runs: &[CaseRun], workload: &Workload) -> serde_json::Value {
         .iter()
         .map(|run| {
             let up = Upstream::of(run, limits);
+            let callers = Callers::of(run);
             let pool = run.pool.as_ref();
             serde_json::json!({
                 "case": run.case.number(),
@@ -521,6 +619,9 @@ pub(crate) fn json(runs: &[CaseRun], workload: &Workload) -> serde_json::Value {
                 "sections_ok": run.sections_ok,
                 "caller_429": run.caller_429,
                 "caller_errors": run.caller_errors,
+                "caller_retried": callers.retried,
+                "caller_attempts_max": callers.most_attempts,
+                "caller_waited_max_ms": callers.longest_wait.as_secs_f64() * 1000.0,
                 "upstream_requests_per_key": up.attempts,
                 "upstream_429": up.refused(),
                 "upstream_429_concurrency": up.refused_concurrency,
@@ -531,6 +632,7 @@ pub(crate) fn json(runs: &[CaseRun], workload: &Workload) -> serde_json::Value {
                 "pool_requests_per_key": pool.map(|p| p.iter().map(|k| k.requests).collect::<Vec<_>>()),
                 "pool_rate_limited_per_key": pool.map(|p| p.iter().map(|k| k.rate_limited).collect::<Vec<_>>()),
                 "pool_in_flight_after": pool.map(|p| p.iter().map(|k| k.in_flight).collect::<Vec<_>>()),
+                "pool_concurrency_limit_per_key": pool.map(|p| p.iter().map(|k| k.concurrency_limit).collect::<Vec<_>>()),
             })
         })
         .collect();
@@ -544,6 +646,8 @@ pub(crate) fn json(runs: &[CaseRun], workload: &Workload) -> serde_json::Value {
             "window_ms": limits.window.as_millis() as u64,
             "latency_ms": limits.latency.as_millis() as u64,
         },
+        "max_retries": workload.max_retries,
+        "max_wait_ms": workload.max_wait.as_millis() as u64,
         "cases": cases,
     })
 }

@@ -2,12 +2,11 @@
 //!
 //! `articles` readers each ask for an article at the same moment; each article's
 //! `sections` are expanded in parallel, one chat completion per section. The same requests
-//! go through a plain hyper-util client (case 1) or through `Retry → KeyRotation → client`
-//! (cases 2 to 5), where the retry policy outside the layer resends a 429-answered request
-//! and the layer's `poll_ready` makes the resend wait for a key that is not cooling down.
+//! go through a plain hyper-util client (case 1) or through the library's own stack,
+//! `RetryLayer → KeyRotationLayer → client` over one pool with its default wait budget
+//! (cases 2 to 5): a refused request goes again on a key that can take it, after waiting
+//! for one within the budget, and the pool learns each key's concurrency from the refusals.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,16 +17,15 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tower::retry::{Policy, RetryLayer};
 use tower::{ServiceBuilder, ServiceExt};
-use tower_key_rotation::{
-    BoxError, KeyPool, KeyRotationLayer, KeySet, KeyStats, Quota, Strategy, TriedKeys,
-};
+use tower_key_rotation::retry::{Attempts, ReplayBody, RetryLayer};
+use tower_key_rotation::{BoxError, KeyPool, KeyRotationLayer, KeySet, KeyStats, Quota, Strategy};
 
 use crate::mock::{self, Attempt, Limits, MockProvider};
 
-/// The request body type: buffered, so a refused request can be sent again.
-type Body = Full<Bytes>;
+/// The request body through the layer: held in memory, so a refused request can be sent
+/// again.
+type Body = ReplayBody<Full<Bytes>>;
 
 /// What to run.
 #[derive(Debug, Clone, Copy)]
@@ -40,8 +38,11 @@ pub(crate) struct Workload {
     pub(crate) keys: usize,
     /// The provider's limits per key.
     pub(crate) limits: Limits,
-    /// Attempts per section through the layer before a 429 reaches the caller.
-    pub(crate) max_attempts: u32,
+    /// Retries per section through the layer ([`RetryLayer::max_retries`]).
+    pub(crate) max_retries: usize,
+    /// How long a section may wait for a key, across its attempts
+    /// ([`KeyPoolBuilder::max_wait`](tower_key_rotation::KeyPoolBuilder::max_wait)).
+    pub(crate) max_wait: Duration,
 }
 
 impl Workload {
@@ -56,7 +57,8 @@ impl Workload {
 pub(crate) enum Case {
     /// One key, a plain client: parallel requests, 429s reach the caller.
     Naive,
-    /// One key through `KeyRotation`: refused requests wait for the key and go again.
+    /// One key through `KeyRotation`: refused requests wait for the key and go again, and
+    /// the pool learns how many the key takes at once.
     OneKey,
     /// All keys through `KeyRotation`, round-robin, no cap.
     RoundRobin,
@@ -144,10 +146,10 @@ impl Case {
                 "every request fires at once on one key; the provider's 429s reach the caller"
             }
             Case::OneKey => {
-                "a refused request is resent, and the layer holds it until the key has cooled down"
+                "a refused request waits for the key and goes again; the pool learns its limit"
             }
             Case::RoundRobin => {
-                "requests rotate over the keys, uncapped: the provider still refuses some, unseen"
+                "requests rotate over the keys, uncapped: the first burst is refused, unseen"
             }
             Case::LeastInFlight => {
                 "each key takes at most the provider's concurrency; the rest wait for a free slot"
@@ -182,8 +184,12 @@ pub(crate) struct CaseRun {
     pub(crate) sections_ok: usize,
     /// Sections whose caller got a 429.
     pub(crate) caller_429: usize,
-    /// Sections that failed otherwise (transport errors, other statuses).
+    /// Sections that failed otherwise (no key within the wait budget, transport errors,
+    /// other statuses).
     pub(crate) caller_errors: usize,
+    /// Per section that got an answer: attempts it took and time it waited for a key (the
+    /// library's [`Attempts`]; one attempt and no wait when it carries none).
+    pub(crate) tries: Vec<(u32, Duration)>,
     /// Every request the provider saw.
     pub(crate) upstream: Vec<Attempt>,
     /// The most completions in progress at once per key, counted by the provider.
@@ -195,8 +201,10 @@ pub(crate) struct CaseRun {
 /// How one section ended, seen by its caller.
 #[derive(Debug)]
 enum Section {
-    Written,
-    Refused,
+    /// 200, after these attempts and this wait.
+    Written(u32, Duration),
+    /// 429, after these attempts and this wait.
+    Refused(u32, Duration),
     Failed,
 }
 
@@ -216,29 +224,31 @@ pub(crate) async fn run(case: Case, workload: &Workload) -> Result<CaseRun, BoxE
 
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new()).build::<_, Body>(connector);
 
     let start = Instant::now();
     let mut sections = JoinSet::new();
     let pool = match case {
         Case::Naive => {
+            let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(connector);
             let credential = header::HeaderValue::try_from(format!("Bearer {}", keys[0]))?;
             for (article, section) in section_ids(workload) {
                 let client = client.clone();
-                let mut request = completion_request(&url, article, section);
+                let mut request = completion_request(&url, Full::new(prompt(article, section)));
                 request
                     .headers_mut()
                     .insert(header::AUTHORIZATION, credential.clone());
                 sections.spawn(async move {
                     let result = client.request(request).await.map_err(BoxError::from);
-                    finish(article, section, result.map(|r| (r, 1))).await
+                    finish(article, section, result).await
                 });
             }
             None
         }
         Case::OneKey | Case::RoundRobin | Case::LeastInFlight | Case::Quota => {
             let keys = KeySet::parse(&keys.join(","))?;
-            let builder = KeyPool::builder(keys);
+            // The library's defaults otherwise: the concurrency of each key is learned
+            // from the provider's refusals, below any cap set here.
+            let builder = KeyPool::builder(keys).max_wait(Some(workload.max_wait));
             let builder = match case {
                 Case::LeastInFlight => builder
                     .strategy(Strategy::LeastInFlight)
@@ -250,22 +260,21 @@ pub(crate) async fn run(case: Case, workload: &Workload) -> Result<CaseRun, BoxE
                 _ => builder.strategy(Strategy::RoundRobin),
             };
             let pool = builder.build();
+            let client = Client::builder(TokioExecutor::new()).build::<_, Body>(connector);
+            // The retry goes outside the rotation, so each attempt reserves a key of its
+            // own; both share the pool (and so its wait budget).
             let service = ServiceBuilder::new()
-                .layer(RetryLayer::new(RetryOn429 {
-                    max_attempts: workload.max_attempts,
-                }))
+                .layer(RetryLayer::new(pool.clone()).max_retries(workload.max_retries))
                 .layer(KeyRotationLayer::new(pool.clone()))
-                .service(client.clone());
+                .service(client);
             for (article, section) in section_ids(workload) {
                 let service = service.clone();
-                let attempts = Attempts::default();
-                let mut request = completion_request(&url, article, section);
-                request.extensions_mut().insert(attempts.clone());
-                request.extensions_mut().insert(TriedKeys::new());
+                // The prompt is in memory already: a buffered body can be replayed.
+                let body = ReplayBody::buffered(prompt(article, section));
+                let request = completion_request(&url, body);
                 sections.spawn(async move {
                     let result = service.oneshot(request).await;
-                    let attempts = attempts.get();
-                    finish(article, section, result.map(|r| (r, attempts))).await
+                    finish(article, section, result).await
                 });
             }
             Some(pool)
@@ -279,14 +288,21 @@ pub(crate) async fn run(case: Case, workload: &Workload) -> Result<CaseRun, BoxE
         sections_ok: 0,
         caller_429: 0,
         caller_errors: 0,
+        tries: Vec::new(),
         upstream: Vec::new(),
         upstream_max_in_flight: Vec::new(),
         pool: None,
     };
     while let Some(section) = sections.join_next().await {
         match section? {
-            Section::Written => run.sections_ok += 1,
-            Section::Refused => run.caller_429 += 1,
+            Section::Written(attempts, waited) => {
+                run.sections_ok += 1;
+                run.tries.push((attempts, waited));
+            }
+            Section::Refused(attempts, waited) => {
+                run.caller_429 += 1;
+                run.tries.push((attempts, waited));
+            }
             Section::Failed => run.caller_errors += 1,
         }
     }
@@ -315,34 +331,40 @@ fn section_ids(workload: &Workload) -> impl Iterator<Item = (usize, usize)> + us
     (1..=workload.articles).flat_map(move |a| (1..=sections).map(move |s| (a, s)))
 }
 
-fn completion_request(url: &http::Uri, article: usize, section: usize) -> Request<Body> {
-    let body = format!(
+/// The chat completion request body for one section.
+fn prompt(article: usize, section: usize) -> Bytes {
+    Bytes::from(format!(
         r#"{{"model":"glm-4-flash","messages":[{{"role":"user","content":"Write section {section} of article {article}."}}]}}"#
-    );
+    ))
+}
+
+fn completion_request<B>(url: &http::Uri, body: B) -> Request<B> {
     Request::post(url.clone())
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
+        .body(body)
         .expect("a fixed, valid request")
 }
 
 /// Reads the answer to its end (which frees the key in the layer) and logs the outcome.
-async fn finish<B>(
-    article: usize,
-    section: usize,
-    result: Result<(Response<B>, u32), BoxError>,
-) -> Section
+async fn finish<B>(article: usize, section: usize, result: Result<Response<B>, BoxError>) -> Section
 where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
-    let (response, attempts) = match result {
-        Ok(answer) => answer,
+    let response = match result {
+        Ok(response) => response,
         Err(error) => {
             tracing::error!(target: "demo", "article {article} section {section}: {error}");
             return Section::Failed;
         }
     };
     let status = response.status();
+    // Put there by the library's retry when a section took more than one attempt or
+    // waited for a key.
+    let (attempts, waited) = response
+        .extensions()
+        .get::<Attempts>()
+        .map_or((1, Duration::ZERO), |a| (a.count(), a.waited()));
     let key = response
         .headers()
         .get(mock::KEY_POSITION_HEADER)
@@ -350,86 +372,23 @@ where
         .unwrap_or("?")
         .to_owned();
     let body = response.into_body().collect().await;
-    let tries = match attempts {
-        1 => String::new(),
-        n => format!(" (attempt {n})"),
+    let tries = match (attempts, waited.is_zero()) {
+        (1, true) => String::new(),
+        (1, false) => format!(" (waited {:.2} s)", waited.as_secs_f64()),
+        (n, _) => format!(" (attempt {n}, waited {:.2} s)", waited.as_secs_f64()),
     };
     match (status, body) {
         (StatusCode::OK, Ok(_)) => {
             tracing::info!(target: "demo", "article {article} section {section} written by key {key}{tries}");
-            Section::Written
+            Section::Written(attempts, waited)
         }
         (StatusCode::TOO_MANY_REQUESTS, _) => {
-            tracing::warn!(target: "demo", "article {article} section {section}: 429 Too Many Requests reached the caller");
-            Section::Refused
+            tracing::warn!(target: "demo", "article {article} section {section}: 429 Too Many Requests reached the caller{tries}");
+            Section::Refused(attempts, waited)
         }
         (status, _) => {
             tracing::error!(target: "demo", "article {article} section {section}: {status}");
             Section::Failed
         }
-    }
-}
-
-/// Attempts made for one section, shared by every copy of its request.
-#[derive(Debug, Clone)]
-struct Attempts(Arc<AtomicU32>);
-
-impl Default for Attempts {
-    fn default() -> Self {
-        // The first attempt.
-        Self(Arc::new(AtomicU32::new(1)))
-    }
-}
-
-impl Attempts {
-    fn get(&self) -> u32 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// Resends a request that came back 429, up to `max_attempts` in all.
-///
-/// No sleep here: the resend goes back through `KeyRotation::poll_ready`, which waits
-/// until a key is available (the refusing key cools down for the provider's Retry-After).
-///
-/// The library's own `retry::RetryLayer` is built for proxies: it resends only on an
-/// untried key that is usable right now and otherwise hands the 429 (with its
-/// Retry-After) back at once, so with one key it would never resend. An article generator
-/// would rather wait, so the demo resends on whatever key the layer gives it next.
-#[derive(Debug, Clone)]
-struct RetryOn429 {
-    max_attempts: u32,
-}
-
-impl<B, E> Policy<Request<Body>, Response<B>, E> for RetryOn429 {
-    type Future = std::future::Ready<()>;
-
-    fn retry(
-        &mut self,
-        req: &mut Request<Body>,
-        result: &mut Result<Response<B>, E>,
-    ) -> Option<Self::Future> {
-        let Ok(response) = result else {
-            return None;
-        };
-        if response.status() != StatusCode::TOO_MANY_REQUESTS {
-            return None;
-        }
-        let attempts = req.extensions().get::<Attempts>()?;
-        if attempts.get() >= self.max_attempts {
-            return None; // spent: the caller gets this 429
-        }
-        attempts.0.fetch_add(1, Ordering::Relaxed);
-        Some(std::future::ready(()))
-    }
-
-    fn clone_request(&mut self, req: &Request<Body>) -> Option<Request<Body>> {
-        let mut clone = Request::new(req.body().clone());
-        *clone.method_mut() = req.method().clone();
-        *clone.uri_mut() = req.uri().clone();
-        *clone.version_mut() = req.version();
-        *clone.headers_mut() = req.headers().clone();
-        *clone.extensions_mut() = req.extensions().clone();
-        Some(clone)
     }
 }
