@@ -26,8 +26,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-mod example_binary;
-
 const ARTICLES: u64 = 3;
 const SECTIONS: u64 = 4;
 const REQUESTS: u64 = ARTICLES * SECTIONS;
@@ -38,12 +36,9 @@ const LATENCY_MS: u64 = 200;
 /// The demo with these flags takes about 3 s; this bounds it on any machine.
 const DEMO_DEADLINE: Duration = Duration::from_secs(180);
 
-/// The demo's binary, built once if need be (see `example_binary`).
+/// The demo's binary (cargo builds it before the tests).
 fn demo_binary() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| example_binary::example_binary("demo"))
-        .clone()
+    PathBuf::from(env!("CARGO_BIN_EXE_demo"))
 }
 
 /// Runs the demo with `args` and returns its stdout, or panics with its stderr. Never

@@ -13,8 +13,8 @@
 //! Try it:
 //!
 //! ```sh
-//! cargo run --release --example demo
-//! cargo run --release --example demo -- --help
+//! cargo run --release -p demo
+//! cargo run --release -p demo -- --help
 //! ```
 
 mod live;
@@ -57,10 +57,10 @@ const CASE_TIMEOUT: Duration = Duration::from_secs(300);
     name = "demo",
     verbatim_doc_comment,
     after_help = "Examples:\n  \
-        cargo run --release --example demo\n  \
-        cargo run --release --example demo -- --sections 8 --keys 4\n  \
-        cargo run --release --example demo -- --concurrency 1 --rate 3 --cases 2,4\n  \
-        cargo run --release --example demo -- --json --quiet"
+        cargo run --release -p demo\n  \
+        cargo run --release -p demo -- --sections 8 --keys 4\n  \
+        cargo run --release -p demo -- --concurrency 1 --rate 3 --cases 2,4\n  \
+        cargo run --release -p demo -- --json --quiet"
 )]
 struct Args {
     /// Articles requested at the same moment.
