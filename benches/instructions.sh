@@ -20,8 +20,9 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 
 PATHS=${1:-"bare_inner/0 set_request_header/1 key_rotation_round_robin/3 key_rotation_least_in_flight/3
+    key_rotation_learned_limit/3
     tower_p2c/3 tower_p2c_buffered/3 key_rotation_round_robin/256 key_rotation_least_in_flight/256
-    tower_p2c/256 tower_p2c_buffered/256"}
+    key_rotation_learned_limit/256 tower_p2c/256 tower_p2c_buffered/256"}
 
 printf '| path | instructions/request |\n| --- | ---: |\n'
 for path in $PATHS; do

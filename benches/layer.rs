@@ -6,6 +6,9 @@
 //! - `set_request_header`: tower-http's `SetRequestHeader` with one static key, no rotation;
 //! - `key_rotation_round_robin`, `key_rotation_least_in_flight`: our `KeyRotation` over 3 and
 //!   256 keys;
+//! - `key_rotation_learned_limit`: round-robin with every key's concurrency limit learned
+//!   down to 2 by a refusal (learning is on by default), so that each take goes through the
+//!   capped compare-and-swap path rather than the uncapped increment;
 //! - `tower_p2c`: the ecosystem's build of the same rotation, tower's `balance::p2c` over one
 //!   `SetRequestHeader` per key with `PendingRequests` load (one owner: `Balance` is not
 //!   `Clone`);
@@ -43,7 +46,7 @@ use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
 use tower::{Layer, Service, ServiceExt};
 use tower_http::set_header::SetRequestHeader;
-use tower_key_rotation::{KeyPool, KeyRotation, KeyRotationLayer, KeySet, Strategy};
+use tower_key_rotation::{KeyPool, KeyRotation, KeyRotationLayer, KeySet, Outcome, Strategy};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -99,6 +102,38 @@ fn key_rotation(n: usize, strategy: Strategy) -> KeyRotation<Inner> {
         .strategy(strategy)
         .build();
     KeyRotationLayer::new(pool).layer(inner())
+}
+
+/// Round-robin over `n` keys whose concurrency limit a refusal lowered to 2: three
+/// requests in flight on every key, one of each refused with a 1 ms `Retry-After` (the
+/// provider limits concurrency, and two others were there). After the rest, the first
+/// request on each key is its probe (answered by the warm-up); from then on each take
+/// reads the learned limit and goes through the capped path. Sequential requests keep one
+/// in flight, below the limit, so the limit stays at 2 (it only grows from successes
+/// taken at the limit).
+fn key_rotation_learned_limit(n: usize) -> KeyRotation<Inner> {
+    let list = (0..n).map(key).collect::<Vec<_>>().join(",");
+    let pool = KeyPool::builder(KeySet::parse(&list).expect("valid keys")).build();
+    let leases: Vec<_> = (0..3 * n)
+        .map(|_| pool.try_reserve().expect("a key"))
+        .collect();
+    for lease in leases.iter().take(n) {
+        lease.mark_sent();
+        lease.record(Outcome::RateLimited {
+            retry_after: Some(Duration::from_millis(1)),
+        });
+    }
+    drop(leases);
+    std::thread::sleep(Duration::from_millis(5));
+    assert_learned(&pool);
+    KeyRotationLayer::new(pool).layer(inner())
+}
+
+/// Every key's learned concurrency limit is 2 (checked before and after the timings).
+fn assert_learned(pool: &KeyPool) {
+    for stats in pool.snapshot() {
+        assert_eq!(stats.concurrency_limit, Some(2), "learned limit in force");
+    }
 }
 
 type PerKey = SetRequestHeader<Inner, HeaderValue>;
@@ -234,6 +269,10 @@ fn layer(c: &mut Criterion) {
         ] {
             bench_path(c, &runtime, name, n, key_rotation(n, strategy));
         }
+        let learned = key_rotation_learned_limit(n);
+        let pool = learned.pool().clone();
+        bench_path(c, &runtime, "key_rotation_learned_limit", n, learned);
+        assert_learned(&pool);
         bench_path(c, &runtime, "tower_p2c", n, p2c(n));
         bench_path(
             c,

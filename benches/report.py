@@ -32,10 +32,12 @@ LAYER_ROWS = [
     ("set_request_header", 1),
     ("key_rotation_round_robin", 3),
     ("key_rotation_least_in_flight", 3),
+    ("key_rotation_learned_limit", 3),
     ("tower_p2c", 3),
     ("tower_p2c_buffered", 3),
     ("key_rotation_round_robin", 256),
     ("key_rotation_least_in_flight", 256),
+    ("key_rotation_learned_limit", 256),
     ("tower_p2c", 256),
     ("tower_p2c_buffered", 256),
 ]

@@ -112,7 +112,19 @@ impl Lease {
     ///
     /// A key owing its probe makes this reservation the probe, if no other request has
     /// claimed it yet: a ready request may as well be the one.
+    #[inline]
     pub fn is_usable(&self) -> bool {
+        let slot = &*self.slot;
+        // The common answer, in three loads: nothing happened to the key since.
+        if !slot.is_retired() && slot.deadline.is_clear() && !slot.probe.is_pending() {
+            return true;
+        }
+        self.is_usable_slow()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn is_usable_slow(&self) -> bool {
         let slot = &*self.slot;
         if slot.is_retired() || slot.is_resting(&mut LazyNow::new(&slot.signals)) {
             return false;

@@ -47,6 +47,12 @@ impl Deadline {
         }
     }
 
+    /// Not resting, and no expired rest left to clear: the common case, one load.
+    #[inline]
+    pub(super) fn is_clear(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Self::CLEAR
+    }
+
     pub(super) fn read(&self) -> RestWord {
         Self::decode(self.0.load(Ordering::Acquire))
     }
@@ -112,8 +118,9 @@ impl Probe {
     }
 
     /// Owed or running: the key is coming back from a rest.
+    #[inline]
     pub(super) fn is_pending(&self) -> bool {
-        self.0.load(Ordering::Relaxed) != Self::NONE
+        self.0.load(Ordering::Acquire) != Self::NONE
     }
 
     pub(super) fn is_running(&self) -> bool {

@@ -115,6 +115,7 @@ impl Slot {
         self.retired.store(true, Ordering::Release);
     }
 
+    #[inline]
     pub(super) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
     }
