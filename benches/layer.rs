@@ -46,7 +46,9 @@ use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
 use tower::{Layer, Service, ServiceExt};
 use tower_http::set_header::SetRequestHeader;
-use tower_key_rotation::{KeyPool, KeyRotation, KeyRotationLayer, KeySet, Outcome, Strategy};
+use tower_key_rotation::{
+    KeyPool, KeyRotation, KeyRotationLayer, KeySet, Selection, classify::Outcome,
+};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -96,10 +98,10 @@ fn bearer(i: usize) -> HeaderValue {
     value
 }
 
-fn key_rotation(n: usize, strategy: Strategy) -> KeyRotation<Inner> {
+fn key_rotation(n: usize, strategy: Selection) -> KeyRotation<Inner> {
     let list = (0..n).map(key).collect::<Vec<_>>().join(",");
     let pool = KeyPool::builder(KeySet::parse(&list).expect("valid keys"))
-        .strategy(strategy)
+        .selection(strategy)
         .build();
     KeyRotationLayer::new(pool).layer(inner())
 }
@@ -264,8 +266,8 @@ fn layer(c: &mut Criterion) {
     );
     for n in [3, 256] {
         for (strategy, name) in [
-            (Strategy::RoundRobin, "key_rotation_round_robin"),
-            (Strategy::LeastInFlight, "key_rotation_least_in_flight"),
+            (Selection::RoundRobin, "key_rotation_round_robin"),
+            (Selection::LeastInFlight, "key_rotation_least_in_flight"),
         ] {
             bench_path(c, &runtime, name, n, key_rotation(n, strategy));
         }

@@ -35,7 +35,7 @@ use tower::Service;
 use tower::balance::p2c::Balance;
 use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
-use tower_key_rotation::{Backoff, KeyPool, KeySet, Outcome, Strategy};
+use tower_key_rotation::{Backoff, KeyPool, KeySet, Selection, classify::Outcome};
 
 const KEY_COUNTS: [usize; 5] = [1, 3, 16, 256, 4096];
 const COOLING_PERCENT: [usize; 3] = [0, 50, 90];
@@ -44,19 +44,19 @@ const LONG_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// A pool of `n` keys, `cooling_percent` of which (rounded down, evenly spread) are cooling
 /// down after a 429 with a day-long `Retry-After`.
-fn pool(n: usize, strategy: Strategy, cooling_percent: usize) -> KeyPool {
+fn pool(n: usize, strategy: Selection, cooling_percent: usize) -> KeyPool {
     let list = (0..n)
         .map(|i| format!("bench-key-{i}"))
         .collect::<Vec<_>>()
         .join(",");
     let pool = KeyPool::builder(KeySet::parse(&list).expect("valid keys"))
-        .strategy(strategy)
+        .selection(strategy)
         .backoff(Backoff::default().max_retry_after(LONG_RETRY_AFTER))
         .build();
     let cooling = n * cooling_percent / 100;
     for index in (0..n).filter(|&i| (i + 1) * cooling / n != i * cooling / n) {
         let lease = pool
-            .try_reserve_where(|i| i == index)
+            .try_reserve_where(|p| p == index + 1)
             .expect("a fresh key is available");
         lease.record(Outcome::RateLimited {
             retry_after: Some(LONG_RETRY_AFTER),
@@ -187,8 +187,8 @@ fn selection(c: &mut Criterion) {
             });
 
             for (strategy, name) in [
-                (Strategy::RoundRobin, "round_robin"),
-                (Strategy::LeastInFlight, "least_in_flight"),
+                (Selection::RoundRobin, "round_robin"),
+                (Selection::LeastInFlight, "least_in_flight"),
             ] {
                 for cooling in COOLING_PERCENT {
                     if n * cooling / 100 == 0 && cooling != 0 {

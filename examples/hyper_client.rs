@@ -22,7 +22,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::{ServiceBuilder, ServiceExt};
-use tower_key_rotation::{BoxError, KeyPool, KeyRotationLayer, KeySet, Strategy};
+use tower_key_rotation::{BoxError, KeyPool, KeyRotationLayer, KeySet, Selection};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -41,7 +41,7 @@ async fn main() -> Result<(), BoxError> {
     let upstream = start_upstream().await?;
 
     let pool = KeyPool::builder(KeySet::parse(KEYS)?)
-        .strategy(Strategy::LeastInFlight)
+        .selection(Selection::LeastInFlight)
         .max_in_flight_per_key(1)
         .build();
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();

@@ -73,8 +73,12 @@ impl Placement {
     pub(crate) fn apply<B>(&self, lease: &Lease, req: &mut Request<B>) {
         match &self.0 {
             Kind::Header { name, bearer } => {
-                req.headers_mut()
-                    .insert(name.clone(), lease.header_value(*bearer).clone());
+                let value = if *bearer {
+                    lease.bearer_header()
+                } else {
+                    lease.bare_header()
+                };
+                req.headers_mut().insert(name.clone(), value.clone());
             }
             Kind::Custom(f) => {
                 // The function takes the head as `Parts`: lend it the request's fields.

@@ -1,68 +1,10 @@
 //! How long a refused key rests.
 //!
-//! Everything here is pure: [`retry_after`] parses `Retry-After` / `retry-after-ms` against
-//! a wall clock passed in, and [`Backoff`] turns a consecutive-429 level into a wait. The
-//! pool applies the result (see `pool`).
+//! Everything here is pure: [`Backoff`] turns a consecutive-429 level (and the provider's
+//! `Retry-After`, read by [`classify::retry_after`](crate::classify::retry_after)) into a
+//! wait. The pool applies the result (see `pool`).
 
-use std::time::{Duration, SystemTime};
-
-use http::HeaderMap;
-
-/// Reads the wait a response asks for: `retry-after-ms` (milliseconds, as OpenAI sends it)
-/// first, then `Retry-After` as delta-seconds or an HTTP-date.
-///
-/// A date in the past counts as zero; huge values saturate. Unparseable values are ignored
-/// (as if absent), so the caller falls back to its own backoff. `now` is the wall clock the
-/// date is measured against.
-///
-/// # Examples
-///
-/// ```
-/// use http::HeaderMap;
-/// use std::time::{Duration, SystemTime};
-/// use tower_key_rotation::retry_after;
-///
-/// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
-/// let mut headers = HeaderMap::new();
-/// headers.insert("retry-after", "Wed, 21 Oct 2015 07:28:10 GMT".parse().unwrap());
-/// assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(10)));
-///
-/// headers.insert("retry-after-ms", "1500".parse().unwrap());
-/// assert_eq!(retry_after(&headers, now), Some(Duration::from_millis(1500)));
-/// ```
-pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(ms) = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_millis)
-    {
-        return Some(ms);
-    }
-    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
-    parse_retry_after(value, now)
-}
-
-/// Parses one `Retry-After` value: delta-seconds or an HTTP-date (past dates give zero).
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        // Saturate rather than reject: a huge value still means "a long time".
-        let secs = value.parse::<u64>().unwrap_or(u64::MAX);
-        return Some(Duration::from_secs(secs));
-    }
-    let date = httpdate::parse_http_date(value).ok()?;
-    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
-}
-
-fn parse_millis(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    let ms: f64 = value.parse().ok()?;
-    if !ms.is_finite() || ms < 0.0 {
-        return None;
-    }
-    // Durations past ~584 million years saturate.
-    Some(Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::MAX))
-}
+use std::time::Duration;
 
 /// How a rate-limited key rests: exponential backoff with full jitter when the provider
 /// gives no `Retry-After`, and a cap on any wait.
@@ -128,13 +70,13 @@ impl Backoff {
     }
 
     /// The longest wait a `Retry-After` may impose; also caps a rest until a window's reset
-    /// read from rate-limit headers ([`Outcome::LimitReached`](crate::Outcome)).
+    /// read from rate-limit headers ([`Outcome::SuccessAtLimit`](crate::classify::Outcome)).
     pub fn max_retry_after(mut self, max: Duration) -> Self {
         self.max_retry_after = max;
         self
     }
 
-    /// How long a key whose quota is spent ([`Outcome::QuotaExhausted`](crate::Outcome))
+    /// How long a key whose quota is spent ([`Outcome::QuotaExhausted`](crate::classify::Outcome))
     /// rests when the provider did not say when the quota resets (default 1 hour). Then
     /// one probe request decides whether it is back.
     pub fn quota_wait(mut self, wait: Duration) -> Self {
@@ -188,58 +130,6 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
-    }
-
-    #[test]
-    fn delta_seconds_parse_and_saturate() {
-        assert_eq!(parse_retry_after("2", at(0)), Some(Duration::from_secs(2)));
-        assert_eq!(parse_retry_after(" 0 ", at(0)), Some(Duration::ZERO));
-        assert_eq!(
-            parse_retry_after("99999999999999999999999", at(0)),
-            Some(Duration::from_secs(u64::MAX))
-        );
-    }
-
-    #[test]
-    fn garbage_and_negative_are_ignored() {
-        for bad in [
-            "",
-            "-1",
-            "soon",
-            "1.5",
-            "2 s",
-            "Wed, 99 Oct 2015 07:28:00 GMT",
-        ] {
-            assert_eq!(parse_retry_after(bad, at(0)), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn dates_in_the_past_count_as_zero() {
-        let date = "Wed, 21 Oct 2015 07:28:00 GMT";
-        assert_eq!(
-            parse_retry_after(date, at(2_000_000_000)),
-            Some(Duration::ZERO)
-        );
-    }
-
-    #[test]
-    fn retry_after_ms_wins_and_rejects_nonsense() {
-        let mut headers = HeaderMap::new();
-        headers.insert("retry-after", "9".parse().unwrap());
-        headers.insert("retry-after-ms", "250".parse().unwrap());
-        assert_eq!(
-            retry_after(&headers, at(0)),
-            Some(Duration::from_millis(250))
-        );
-        headers.insert("retry-after-ms", "-5".parse().unwrap());
-        assert_eq!(retry_after(&headers, at(0)), Some(Duration::from_secs(9)));
-        headers.insert("retry-after-ms", "NaN".parse().unwrap());
-        assert_eq!(retry_after(&headers, at(0)), Some(Duration::from_secs(9)));
-    }
 
     #[test]
     fn ceiling_doubles_then_caps_without_overflow() {

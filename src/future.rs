@@ -14,8 +14,8 @@ use pin_project_lite::pin_project;
 
 use crate::BoxError;
 use crate::body::TrackedBody;
-use crate::limits::learned_reset_at;
-use crate::outcome::Outcome;
+use crate::classify::Outcome;
+use crate::classify::learned_reset_at;
 use crate::pool::Lease;
 
 pin_project! {

@@ -18,14 +18,14 @@
 //! use hyper_util::client::legacy::Client;
 //! use hyper_util::rt::TokioExecutor;
 //! use tower::{Service, ServiceBuilder, ServiceExt};
-//! use tower_key_rotation::{KeyPool, KeyRotationLayer, KeySet, Strategy};
+//! use tower_key_rotation::{KeyPool, KeyRotationLayer, KeySet, Selection};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower::BoxError> {
 //! # let upstream = start_upstream().await;
 //! let keys = KeySet::parse("key-one, key-two, key-three")?; // or KeySet::from_env("BIGMODEL_API_KEY")
 //! let pool = KeyPool::builder(keys)
-//!     .strategy(Strategy::RoundRobin)
+//!     .selection(Selection::RoundRobin)
 //!     .max_in_flight_per_key(4)
 //!     .build();
 //!
@@ -75,14 +75,15 @@
 //!
 //! # What happens on each response
 //!
-//! The pool's [`Classifier`] (default [`classify`]) turns the response into an
-//! [`Outcome`]:
+//! The pool's [`Classifier`](classify::Classifier) (default [`classify::generic`]) turns the
+//! response into an
+//! [`Outcome`](classify::Outcome):
 //!
 //! | response | outcome | effect on the key |
 //! | --- | --- | --- |
 //! | 429 with `Retry-After` / `retry-after-ms` | rate limited | cools down for that long (capped) |
 //! | 429 without | rate limited | cools down for an exponential, jittered backoff |
-//! | 2xx whose rate-limit headers say `remaining: 0` | limit reached | rests until the window resets ([`learned_reset`], capped as `Retry-After`) |
+//! | 2xx whose rate-limit headers say `remaining: 0` | limit reached | rests until the window resets ([`learned_reset`](classify::learned_reset), capped as `Retry-After`) |
 //! | 503 with `Retry-After` | rate limited | cools down for that long |
 //! | 401, 403 | rejected | disabled |
 //! | other 5xx, transport error | failure | counted only |
@@ -108,11 +109,11 @@
 //! the earliest key back, within the same budget; so with default settings, callers see
 //! no 429 while capacity comes back within their budget.
 //!
-//! The [provider profiles](profile) ([`Classifier::bigmodel`], [`Classifier::openai`],
-//! [`Classifier::anthropic`]) also read the small JSON error body, because status codes
+//! The [provider profiles](classify) ([`Classifier::bigmodel`](classify::Classifier::bigmodel), [`Classifier::openai`](classify::Classifier::openai),
+//! [`Classifier::anthropic`](classify::Classifier::anthropic)) also read the small JSON error body, because status codes
 //! alone misclassify: Zhipu's `1305` "overloaded" 429 is not the key's fault, OpenAI's
-//! `insufficient_quota` 429 is a spent quota ([`Outcome::QuotaExhausted`]: a long rest,
-//! then one probe), and a 429 about the *account* ([`Outcome::AccountLimited`]) rests every
+//! `insufficient_quota` 429 is a spent quota ([`Outcome::QuotaExhausted`](classify::Outcome::QuotaExhausted): a long rest,
+//! then one probe), and a 429 about the *account* ([`Outcome::AccountLimited`](classify::Outcome::AccountLimited)) rests every
 //! key of that account.
 //!
 //! # Staying under the limits
@@ -132,7 +133,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use tower_key_rotation::{ApiKey, KeyPool, KeySet, KeySpec, Quota, Strategy};
+//! use tower_key_rotation::{ApiKey, KeyPool, KeySet, KeySpec, Quota, Selection};
 //!
 //! # fn main() -> Result<(), tower_key_rotation::KeyError> {
 //! let keys = KeySet::from_specs([
@@ -140,7 +141,7 @@
 //!     KeySpec::new(ApiKey::new("sk-team-b")?).name("team-b").account("org-b"),
 //! ])?;
 //! let pool = KeyPool::builder(keys)
-//!     .strategy(Strategy::LeastInFlight)
+//!     .selection(Selection::LeastInFlight)
 //!     .max_in_flight_per_key(4)                 // the provider's concurrency per key
 //!     .quota_per_key(Quota::per_minute(60))     // and its requests per minute
 //!     .build();
@@ -163,33 +164,25 @@
 mod auth;
 mod backoff;
 pub mod body;
+pub mod classify;
 mod error;
 pub mod future;
 mod key;
 mod layer;
-mod limits;
-mod outcome;
-mod pool;
-pub mod profile;
+pub mod pool;
 mod quota;
 pub mod retry;
 mod service;
-mod stats;
-mod tried;
 mod weights;
 
 pub use auth::Placement;
-pub use backoff::{Backoff, parse_retry_after, retry_after};
+pub use backoff::Backoff;
 pub use error::{AllKeysDisabled, NoKeyAvailable};
 pub use key::{ApiKey, ByteKind, KeyError, KeySet, KeySpec};
 pub use layer::KeyRotationLayer;
-pub use limits::{learned_reset, parse_go_duration, parse_rfc3339};
-pub use outcome::{Classifier, Outcome, classify};
-pub use pool::{KeyPool, KeyPoolBuilder, Lease, ReloadSummary, Reserve, Strategy, Waiter};
+pub use pool::{KeyPool, KeyPoolBuilder, Selection};
 pub use quota::Quota;
 pub use service::KeyRotation;
-pub use stats::{KeyState, KeyStats};
-pub use tried::TriedKeys;
 
 /// Compiles the README's examples as doctests, so the quick start cannot rot.
 #[cfg(doctest)]

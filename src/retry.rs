@@ -9,12 +9,12 @@
 //!
 //! - retries a `429` (or a `503` with `Retry-After`, which the pool reads as a rate limit),
 //!   a `401`/`403` (the key is disabled; another may serve), or a connection that failed
-//!   before any byte was sent; never a response whose [`Outcome`](crate::Outcome) says the
-//!   key's quota is spent ([`QuotaExhausted`](crate::Outcome::QuotaExhausted): billing, a
+//!   before any byte was sent; never a response whose [`Outcome`](crate::classify::Outcome) says the
+//!   key's quota is spent ([`QuotaExhausted`](crate::classify::Outcome::QuotaExhausted): billing, a
 //!   daily quota; another key of the same account would not help) or that the platform as
 //!   a whole is overloaded,
 //! - sends the next attempt to a key the request has not tried, if one can take it now
-//!   (the [`TriedKeys`](crate::TriedKeys) extension it puts on the request makes
+//!   (the [`TriedKeys`] extension it puts on the request makes
 //!   [`KeyRotation`](crate::KeyRotation) prefer such a key); else it **waits** for the
 //!   earliest key that can: one freeing a slot, or a tried key whose own rest is over. It
 //!   never sends on a key that is still resting,
@@ -72,6 +72,7 @@ pub mod future;
 mod layer;
 mod policy;
 mod service;
+mod tried;
 
 use std::time::Duration;
 
@@ -79,6 +80,7 @@ pub use body::ReplayBody;
 pub use layer::RetryLayer;
 pub use policy::{RetryPolicy, is_connection_refused};
 pub use service::Retry;
+pub use tried::TriedKeys;
 
 /// A response extension saying the request took more than one attempt, waited for a key,
 /// or was refused and handed back because no key could take it again within its wait

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::error::{AllKeysDisabled, NoKeyAvailable};
 use crate::pool::{KeyPool, Lease, Reserve, Waiter};
-use crate::tried::TriedKeys;
+use crate::retry::TriedKeys;
 
 /// Middleware that puts a key from a shared [`KeyPool`] on every request.
 ///
@@ -171,11 +171,11 @@ where
         };
         let tried = req.extensions().get::<TriedKeys>();
         let usable = lease.is_usable();
-        if !usable || tried.is_some_and(|tried| tried.contains(lease.index())) {
+        if !usable || tried.is_some_and(|tried| tried.contains(lease.position())) {
             // A retry prefers a key this request has not been refused on yet; a
             // reservation that went stale since `poll_ready` is traded for any free key.
             let other = tried
-                .and_then(|tried| self.pool.try_reserve_where(|i| !tried.contains(i)))
+                .and_then(|tried| self.pool.try_reserve_where(|p| !tried.contains(p)))
                 .or_else(|| (!usable).then(|| self.pool.try_reserve()).flatten());
             match other {
                 Some(other) => lease = other,
@@ -194,7 +194,7 @@ where
             }
         }
         if let Some(tried) = tried {
-            tried.insert(lease.index());
+            tried.insert(lease.position());
         }
         let mut req = req;
         self.placement.apply(&lease, &mut req);

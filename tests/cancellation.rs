@@ -15,7 +15,7 @@ use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tower::{Service, ServiceExt};
-use tower_key_rotation::{BoxError, KeyPool, KeyRotation, KeySet, Strategy};
+use tower_key_rotation::{BoxError, KeyPool, KeyRotation, KeySet, Selection};
 
 /// A body of `frames` one-byte frames, each preceded by one `Pending`.
 struct SlowBody {
@@ -108,9 +108,9 @@ const STEP: Duration = Duration::from_micros(100);
 
 #[tokio::test(start_paused = true)]
 async fn requests_dropped_at_random_points_leak_no_in_flight_count() {
-    for strategy in [Strategy::RoundRobin, Strategy::LeastInFlight] {
+    for strategy in [Selection::RoundRobin, Selection::LeastInFlight] {
         let pool = KeyPool::builder(KeySet::parse("k1,k2,k3").unwrap())
-            .strategy(strategy)
+            .selection(strategy)
             .max_in_flight_per_key(2)
             .build();
         let service = KeyRotation::new(inner(), pool.clone());

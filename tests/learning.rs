@@ -4,7 +4,11 @@
 
 use std::time::Duration;
 
-use tower_key_rotation::{KeyPool, KeyPoolBuilder, KeySet, KeyState, Lease, Outcome};
+use tower_key_rotation::{
+    KeyPool, KeyPoolBuilder, KeySet,
+    classify::Outcome,
+    pool::{KeyState, Lease},
+};
 
 fn builder(keys: &str) -> KeyPoolBuilder {
     KeyPool::builder(KeySet::parse(keys).unwrap())
@@ -102,7 +106,7 @@ async fn learning_can_be_turned_off() {
 async fn a_reload_keeps_an_unchanged_keys_learned_limit() {
     let pool = builder("k1,k2").build();
     let leases: Vec<Lease> = (0..4)
-        .map(|_| pool.try_reserve_where(|i| i == 0).unwrap())
+        .map(|_| pool.try_reserve_where(|p| p == 1).unwrap())
         .collect();
     leases[3].record(refused());
     drop(leases);

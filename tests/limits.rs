@@ -13,7 +13,8 @@ use tokio::time::advance;
 use tokio_test::{assert_pending, assert_ready_ok};
 use tower::ServiceExt;
 use tower_key_rotation::{
-    ApiKey, Backoff, Classifier, KeyPool, KeyRotation, KeySet, KeySpec, Outcome, Quota, Strategy,
+    ApiKey, Backoff, KeyPool, KeyRotation, KeySet, KeySpec, Quota, Selection,
+    classify::{Classifier, Outcome},
 };
 use tower_test::mock::Spawn;
 
@@ -208,7 +209,7 @@ async fn least_in_flight_weighs_load_by_weight_and_keys_have_their_own_caps() {
     ])
     .unwrap();
     let pool = KeyPool::builder(keys)
-        .strategy(Strategy::LeastInFlight)
+        .selection(Selection::LeastInFlight)
         .build();
     let leases: Vec<_> = (0..3).map(|_| pool.try_reserve().unwrap()).collect();
     // big (weight 2) takes two before small looks less loaded; then the caps are full.
@@ -348,15 +349,15 @@ async fn a_spent_quota_suspends_the_key_then_one_probe_brings_it_back() {
 
     advance(Duration::from_secs(600)).await;
     // Exactly one probe may go to k1; everything else waits for it or goes to k2.
-    let probe = pool.try_reserve_where(|i| i == 0).expect("the probe");
+    let probe = pool.try_reserve_where(|p| p == 1).expect("the probe");
     assert!(probe.is_probe());
     assert!(
-        pool.try_reserve_where(|i| i == 0).is_none(),
+        pool.try_reserve_where(|p| p == 1).is_none(),
         "a second probe"
     );
     // A cancelled probe lets the next caller probe.
     drop(probe);
-    let probe = pool.try_reserve_where(|i| i == 0).expect("the probe again");
+    let probe = pool.try_reserve_where(|p| p == 1).expect("the probe again");
     probe.mark_sent();
     probe.record(Outcome::Success);
     drop(probe);
@@ -415,9 +416,9 @@ async fn outcomes_other_than_success_ride_on_the_response() {
 #[tokio::test(start_paused = true)]
 async fn a_key_owed_a_probe_but_at_its_cap_is_passed_over_not_spun_on() {
     // A straggler still holds the key's only slot when its cool-down ends.
-    for strategy in [Strategy::LeastInFlight, Strategy::RoundRobin] {
+    for strategy in [Selection::LeastInFlight, Selection::RoundRobin] {
         let pool = KeyPool::builder(keys("k1"))
-            .strategy(strategy)
+            .selection(strategy)
             .max_in_flight_per_key(1)
             .build();
         let straggler = pool.try_reserve().unwrap();
@@ -525,7 +526,7 @@ async fn a_rest_learned_from_headers_is_capped_and_ends_with_a_probe() {
         .build();
     let lease = pool.try_reserve().unwrap();
     lease.mark_sent();
-    lease.record(Outcome::LimitReached {
+    lease.record(Outcome::SuccessAtLimit {
         reset_after: Duration::from_secs(3600),
     });
     drop(lease);
@@ -542,7 +543,7 @@ async fn a_rest_learned_from_headers_is_capped_and_ends_with_a_probe() {
     );
     // The probe's answer says the window is used up again: rest again, then probe again.
     probe.mark_sent();
-    probe.record(Outcome::LimitReached {
+    probe.record(Outcome::SuccessAtLimit {
         reset_after: Duration::from_secs(5),
     });
     drop(probe);

@@ -5,7 +5,8 @@ use std::time::{Duration, SystemTime};
 
 use proptest::prelude::*;
 use tower_key_rotation::{
-    ApiKey, Backoff, KeyPool, KeySet, Outcome, Strategy as Selection, parse_retry_after,
+    ApiKey, Backoff, KeyPool, KeySet, Selection,
+    classify::{Outcome, parse_retry_after},
 };
 
 /// The spec of `KeySet::parse`, written plainly.
@@ -166,7 +167,7 @@ fn paused_runtime() -> tokio::runtime::Runtime {
 fn pool_of(keys: usize) -> KeyPool {
     let list: Vec<String> = (0..keys).map(|i| format!("key-{i}")).collect();
     KeyPool::builder(KeySet::parse(&list.join(",")).unwrap())
-        .strategy(Selection::RoundRobin)
+        .selection(Selection::RoundRobin)
         .backoff(Backoff::default().jitter(false))
         .build()
 }
@@ -192,7 +193,7 @@ proptest! {
                             .collect();
                         let lease = pool.try_reserve();
                         prop_assert_eq!(lease.is_some(), healthy.contains(&true));
-                        let chosen = lease.as_ref().map(|lease| lease.index());
+                        let chosen = lease.as_ref().map(|lease| lease.position() - 1);
                         if let Some(index) = chosen {
                             prop_assert!(healthy[index]);
                         }
@@ -207,13 +208,13 @@ proptest! {
                     }
                     Op::Cool { key, secs } => {
                         if key < keys {
-                            if let Some(lease) = pool.try_reserve_where(|i| i == key) {
+                            if let Some(lease) = pool.try_reserve_where(|p| p == key + 1) {
                                 lease.record(Outcome::RateLimited { retry_after: Some(Duration::from_secs(secs)) });
                             }
                         }
                     }
                     Op::Succeed { key } => {
-                        if let Some(lease) = pool.try_reserve_where(|i| i == key) {
+                        if let Some(lease) = pool.try_reserve_where(|p| p == key + 1) {
                             lease.record(Outcome::Success);
                         }
                     }

@@ -12,7 +12,8 @@ use tokio::time::advance;
 use tokio_test::{assert_pending, assert_ready_ok};
 use tower::{BoxError, Service, ServiceExt};
 use tower_key_rotation::{
-    AllKeysDisabled, KeyPool, KeyPoolBuilder, KeyRotation, KeySet, NoKeyAvailable, Outcome,
+    AllKeysDisabled, KeyPool, KeyPoolBuilder, KeyRotation, KeySet, NoKeyAvailable,
+    classify::Outcome,
 };
 use tower_test::mock::Spawn;
 
@@ -299,7 +300,7 @@ async fn a_reservation_on_a_key_that_starts_cooling_is_traded() {
     let mut ready = service(&pool);
     assert_ready_ok!(ready.poll_ready()); // holds key 1
     // Meanwhile another request on key 1 is refused.
-    let other = pool.try_reserve_where(|i| i == 0).unwrap();
+    let other = pool.try_reserve_where(|p| p == 1).unwrap();
     other.record(Outcome::RateLimited {
         retry_after: Some(Duration::from_secs(10)),
     });

@@ -10,7 +10,7 @@ use http::{Request, StatusCode};
 use http_body_util::Empty;
 use support::{Upstream, get, rotated, send, status};
 use tokio::sync::{Barrier, Notify, Semaphore};
-use tower_key_rotation::{KeyPool, KeyRotationLayer, KeySet, Placement, Strategy};
+use tower_key_rotation::{KeyPool, KeyRotationLayer, KeySet, Placement, Selection};
 
 const KEYS: [&str; 3] = ["key-aaa", "key-bbb", "key-ccc"];
 
@@ -106,7 +106,7 @@ async fn least_in_flight_avoids_the_key_with_a_slow_request() {
     })
     .await;
     let pool = KeyPool::builder(key_set())
-        .strategy(Strategy::LeastInFlight)
+        .selection(Selection::LeastInFlight)
         .build();
     let mut slow_client = rotated(&pool);
     let slow_url = upstream.url("/slow");
@@ -138,9 +138,9 @@ async fn per_key_cap_holds_under_200_concurrent_callers() {
         status(StatusCode::OK)
     })
     .await;
-    for strategy in [Strategy::RoundRobin, Strategy::LeastInFlight] {
+    for strategy in [Selection::RoundRobin, Selection::LeastInFlight] {
         let pool = KeyPool::builder(key_set())
-            .strategy(strategy)
+            .selection(strategy)
             .max_in_flight_per_key(2)
             .build();
         let client = rotated(&pool);

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use http::StatusCode;
 use support::{Upstream, get, rotated, status, too_many};
 use tower_key_rotation::{
-    ApiKey, KeyPool, KeyRotationLayer, KeySet, Placement, Strategy, TriedKeys,
+    ApiKey, KeyPool, KeyRotationLayer, KeySet, Placement, Selection, retry::TriedKeys,
 };
 
 const KEYS: [&str; 3] = [
@@ -53,7 +53,7 @@ async fn no_key_value_appears_in_logs_or_debug_output() {
     .await;
     let keys = KeySet::parse(&KEYS.join(", ")).unwrap();
     let pool = KeyPool::builder(keys.clone())
-        .strategy(Strategy::RoundRobin)
+        .selection(Selection::RoundRobin)
         .max_in_flight_per_key(4)
         .build();
     let mut client = rotated(&pool);
@@ -65,7 +65,7 @@ async fn no_key_value_appears_in_logs_or_debug_output() {
 
     let lease = pool.try_reserve().unwrap();
     let tried = TriedKeys::new();
-    tried.insert(lease.index());
+    tried.insert(lease.position());
     let layer = KeyRotationLayer::new(pool.clone()).placement(Placement::header(
         http::HeaderName::from_static("x-api-key"),
     ));

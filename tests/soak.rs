@@ -21,7 +21,7 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 use tower::ServiceExt;
-use tower_key_rotation::{AllKeysDisabled, KeyPool, KeyRotation, KeySet, Strategy};
+use tower_key_rotation::{AllKeysDisabled, KeyPool, KeyRotation, KeySet, Selection};
 
 /// Counts heap use, to show memory does not grow in steady state.
 #[global_allocator]
@@ -183,9 +183,9 @@ fn soak_holds_caps_leaks_nothing_and_answers_every_request() {
     let tally = Arc::new(Tally::default());
     let next = Arc::new(AtomicU64::new(0));
 
-    for strategy in [Strategy::LeastInFlight, Strategy::RoundRobin] {
+    for strategy in [Selection::LeastInFlight, Selection::RoundRobin] {
         let pool = KeyPool::builder(KeySet::parse(&keys.join(",")).unwrap())
-            .strategy(strategy)
+            .selection(strategy)
             .max_in_flight_per_key(CAP)
             .build();
         let inner_provider = provider.clone();

@@ -5,7 +5,7 @@
 
 use http::{HeaderMap, HeaderValue, StatusCode};
 use libfuzzer_sys::fuzz_target;
-use tower_key_rotation::{Classifier, Outcome, classify};
+use tower_key_rotation::classify::{Classifier, Outcome, generic};
 
 fuzz_target!(|data: &[u8]| {
     // Bytes 0-1: the status; byte 2: a header value's length; then the value; the rest: body.
@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
             HeaderValue::from_static("0"),
         );
     }
-    let head = classify(status, &headers);
+    let head = generic(status, &headers);
     for classifier in [
         Classifier::bigmodel(),
         Classifier::openai(),
@@ -52,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
         if status.is_success() {
             // Bodies are read for error statuses only: a 2xx is classified by its head.
             assert!(
-                matches!(outcome, Outcome::Success | Outcome::LimitReached { .. }),
+                matches!(outcome, Outcome::Success | Outcome::SuccessAtLimit { .. }),
                 "{status} classified as {outcome:?}"
             );
         }
@@ -60,7 +60,7 @@ fuzz_target!(|data: &[u8]| {
     if status.is_success() {
         assert!(matches!(
             head,
-            Outcome::Success | Outcome::LimitReached { .. }
+            Outcome::Success | Outcome::SuccessAtLimit { .. }
         ));
     }
 });

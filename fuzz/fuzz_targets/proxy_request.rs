@@ -139,7 +139,7 @@ fn world() -> &'static World {
             let secrets = config::load_secrets(&args).unwrap();
             // As main.rs builds it.
             let mut pool = KeyPool::builder(secrets.keys)
-                .strategy(args.strategy.into())
+                .selection(args.strategy.into())
                 .classifier(args.profile.into())
                 .max_wait(Some(args.max_wait))
                 .learn_concurrency(!args.no_learn_concurrency);

@@ -7,9 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use tower_key_rotation::{
-    learned_reset, parse_go_duration, parse_retry_after, parse_rfc3339, retry_after,
-};
+use tower_key_rotation::classify::{learned_reset, parse_go_duration, parse_retry_after, parse_rfc3339, retry_after};
 
 fuzz_target!(|data: &[u8]| {
     // First 5 bytes: the clock (seconds since 1970, up to ~35,000 years); the rest: the value.

@@ -59,7 +59,7 @@ pub enum KeyError {
     /// No key at all: empty list, or the environment variable is unset or empty.
     NotConfigured {
         /// The environment variable read, if any.
-        source: Option<String>,
+        variable: Option<String>,
     },
     /// An entry is empty, as in `k1,,k2` or a trailing comma.
     Empty {
@@ -68,7 +68,7 @@ pub enum KeyError {
         /// Number of entries in the list.
         count: usize,
         /// The environment variable read, if any.
-        source: Option<String>,
+        variable: Option<String>,
     },
     /// An entry holds a byte an HTTP header value cannot carry.
     InvalidByte {
@@ -81,7 +81,7 @@ pub enum KeyError {
         /// Number of entries in the list.
         count: usize,
         /// The environment variable read, if any.
-        source: Option<String>,
+        variable: Option<String>,
     },
     /// A key's setting is out of range (a zero weight or cap).
     InvalidSetting {
@@ -103,19 +103,25 @@ pub enum KeyError {
         /// Number of entries in the list.
         count: usize,
         /// The environment variable read, if any.
-        source: Option<String>,
+        variable: Option<String>,
     },
 }
 
 impl KeyError {
     pub(super) fn with_context(mut self, list_len: usize, from: Option<String>) -> Self {
         match &mut self {
-            Self::NotConfigured { source } => *source = from,
-            Self::Empty { count, source, .. }
-            | Self::InvalidByte { count, source, .. }
-            | Self::Duplicate { count, source, .. } => {
+            Self::NotConfigured { variable } => *variable = from,
+            Self::Empty {
+                count, variable, ..
+            }
+            | Self::InvalidByte {
+                count, variable, ..
+            }
+            | Self::Duplicate {
+                count, variable, ..
+            } => {
                 *count = list_len;
-                *source = from;
+                *variable = from;
             }
             Self::InvalidSetting { count, .. } => *count = list_len,
         }
@@ -126,10 +132,12 @@ impl KeyError {
 impl fmt::Display for KeyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NotConfigured { source: Some(var) } => {
+            Self::NotConfigured {
+                variable: Some(var),
+            } => {
                 write!(f, "no API key configured in {var}")
             }
-            Self::NotConfigured { source: None } => f.write_str("no API key configured"),
+            Self::NotConfigured { variable: None } => f.write_str("no API key configured"),
             Self::Empty {
                 position, count, ..
             } => write!(
@@ -165,9 +173,9 @@ impl fmt::Display for KeyError {
         }?;
         match self {
             Self::NotConfigured { .. } | Self::InvalidSetting { .. } => Ok(()),
-            Self::Empty { source, .. }
-            | Self::InvalidByte { source, .. }
-            | Self::Duplicate { source, .. } => match source {
+            Self::Empty { variable, .. }
+            | Self::InvalidByte { variable, .. }
+            | Self::Duplicate { variable, .. } => match variable {
                 Some(var) => write!(f, " (in {var})"),
                 None => Ok(()),
             },

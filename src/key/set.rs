@@ -50,29 +50,31 @@ impl KeySet {
     /// as [`KeySet::parse`], with the variable's name in the message.
     pub fn from_env(var: &str) -> Result<Self, KeyError> {
         let not_configured = || KeyError::NotConfigured {
-            source: Some(var.to_owned()),
+            variable: Some(var.to_owned()),
         };
         let raw = Zeroizing::new(std::env::var(var).map_err(|_| not_configured())?);
         Self::parse_from(&raw, Some(var))
     }
 
-    fn parse_from(list: &str, source: Option<&str>) -> Result<Self, KeyError> {
-        let source = || source.map(str::to_owned);
+    fn parse_from(list: &str, variable: Option<&str>) -> Result<Self, KeyError> {
+        let variable = || variable.map(str::to_owned);
         if list.trim().is_empty() {
-            return Err(KeyError::NotConfigured { source: source() });
+            return Err(KeyError::NotConfigured {
+                variable: variable(),
+            });
         }
         let entries: Vec<&str> = list.split(',').map(str::trim).collect();
         let count = entries.len();
         let mut seen = FirstSeen::with_capacity(count);
         for (i, entry) in entries.iter().enumerate() {
             let position = i + 1;
-            validate(entry, position).map_err(|e| e.with_context(count, source()))?;
+            validate(entry, position).map_err(|e| e.with_context(count, variable()))?;
             if let Some(first) = seen.first(entry, position) {
                 return Err(KeyError::Duplicate {
                     position,
                     first,
                     count,
-                    source: source(),
+                    variable: variable(),
                 });
             }
         }
@@ -116,7 +118,7 @@ impl KeySet {
     pub fn from_specs(specs: impl IntoIterator<Item = KeySpec>) -> Result<Self, KeyError> {
         let specs: Vec<KeySpec> = specs.into_iter().collect();
         if specs.is_empty() {
-            return Err(KeyError::NotConfigured { source: None });
+            return Err(KeyError::NotConfigured { variable: None });
         }
         let count = specs.len();
         let mut values = FirstSeen::with_capacity(count);
@@ -145,7 +147,7 @@ impl KeySet {
                     position,
                     first,
                     count,
-                    source: None,
+                    variable: None,
                 });
             }
         }
@@ -209,7 +211,7 @@ pub(super) fn validate(key: &str, position: usize) -> Result<(), KeyError> {
         return Err(KeyError::Empty {
             position,
             count: 1,
-            source: None,
+            variable: None,
         });
     }
     // Visible ASCII only: what every provider issues, and what a header value carries
@@ -224,7 +226,7 @@ pub(super) fn validate(key: &str, position: usize) -> Result<(), KeyError> {
             offset: offset + 1,
             kind: ByteKind::of(byte),
             count: 1,
-            source: None,
+            variable: None,
         });
     }
     Ok(())

@@ -62,7 +62,7 @@ impl KeySpec {
     }
 
     /// The account (or organisation) the key belongs to. Providers limit per account: an
-    /// [`Outcome::AccountLimited`](crate::Outcome::AccountLimited) on one key rests every
+    /// [`Outcome::AccountLimited`](crate::classify::Outcome::AccountLimited) on one key rests every
     /// key of the same account.
     pub fn account(mut self, account: impl Into<String>) -> Self {
         self.account = Some(account.into());

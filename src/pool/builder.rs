@@ -9,10 +9,10 @@ use tokio::time::Instant;
 
 use super::slot::Slot;
 use super::table::Table;
-use super::{KeyPool, Padded, PoolInner, Signals, Strategy};
+use super::{KeyPool, Padded, PoolInner, Selection, Signals};
 use crate::backoff::Backoff;
+use crate::classify::Classifier;
 use crate::key::KeySet;
-use crate::outcome::Classifier;
 use crate::quota::Quota;
 
 /// The wait budget of a request by default (see [`KeyPoolBuilder::max_wait`]).
@@ -22,7 +22,7 @@ pub(super) const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct KeyPoolBuilder {
     pub(super) keys: KeySet,
-    pub(super) strategy: Strategy,
+    pub(super) selection: Selection,
     pub(super) cap: u32,
     pub(super) quota: Option<Quota>,
     pub(super) backoff: Backoff,
@@ -32,9 +32,9 @@ pub struct KeyPoolBuilder {
 }
 
 impl KeyPoolBuilder {
-    /// The selection strategy (default [`Strategy::RoundRobin`]).
-    pub fn strategy(mut self, strategy: Strategy) -> Self {
-        self.strategy = strategy;
+    /// How a key is chosen among the available ones (default [`Selection::RoundRobin`]).
+    pub fn selection(mut self, selection: Selection) -> Self {
+        self.selection = selection;
         self
     }
 
@@ -65,7 +65,7 @@ impl KeyPoolBuilder {
         self
     }
 
-    /// Replaces the response classifier (default [`classify`](crate::classify)).
+    /// Replaces the response classifier (default [`classify::generic`](crate::classify::generic)).
     pub fn classifier(mut self, classifier: Classifier) -> Self {
         self.classifier = classifier;
         self
@@ -79,7 +79,7 @@ impl KeyPoolBuilder {
     /// instead of being refused. Successes sent with the key at that limit raise it again
     /// slowly (by one after 16 × the limit of them), never above
     /// [`max_in_flight_per_key`](Self::max_in_flight_per_key). The limit in force shows in
-    /// [`KeyStats::concurrency_limit`](crate::KeyStats::concurrency_limit).
+    /// [`KeyStats::concurrency_limit`](crate::pool::KeyStats::concurrency_limit).
     pub fn learn_concurrency(mut self, learn: bool) -> Self {
         self.learn_concurrency = learn;
         self
@@ -120,7 +120,7 @@ impl KeyPoolBuilder {
             PoolInner {
                 table: ArcSwap::from_pointee(Table::new(slots)),
                 signals,
-                strategy: self.strategy,
+                selection: self.selection,
                 default_cap: self.cap,
                 default_quota: self.quota,
                 cursor: Padded::default(),

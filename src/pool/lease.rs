@@ -12,13 +12,13 @@ use super::record::Answered;
 use super::rest::Claim;
 use super::slot::{Slot, Taken};
 use super::table::Table;
+use crate::classify::{Classifier, Outcome};
 use crate::key::ApiKey;
-use crate::outcome::{Classifier, Outcome};
 
 /// A reserved key: counts as in flight until dropped.
 ///
-/// Made by [`KeyPool::try_reserve`](super::KeyPool::try_reserve) or
-/// [`KeyPool::poll_reserve`](super::KeyPool::poll_reserve). The service moves it
+/// Made by [`KeyPool::try_reserve`](super::KeyPool::try_reserve), or by
+/// [`KeyRotation`](crate::KeyRotation) while it waits for a key. The service moves it
 /// into the response future and then into the response body, so the slot is given back
 /// when the body ends, errors or is dropped, or as soon as anything on the way is dropped.
 pub struct Lease {
@@ -69,11 +69,6 @@ impl Lease {
         }
     }
 
-    /// 0-based index of the reserved key (in the pool's order when it was reserved).
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
     /// 1-based position of the reserved key, as logs show it (`key 2/3`).
     pub fn position(&self) -> usize {
         self.index + 1
@@ -89,10 +84,14 @@ impl Lease {
         &self.slot.spec.key
     }
 
-    /// The reserved key's header value, `Bearer <key>` (if `bearer`) or the bare key,
-    /// built once per key and marked sensitive.
-    pub fn header_value(&self, bearer: bool) -> &HeaderValue {
-        self.slot.header(bearer)
+    /// `Authorization: Bearer <key>`'s value, built once per key and marked sensitive.
+    pub(crate) fn bearer_header(&self) -> &HeaderValue {
+        self.slot.header(true)
+    }
+
+    /// The bare key as a header value, built once per key and marked sensitive.
+    pub(crate) fn bare_header(&self) -> &HeaderValue {
+        self.slot.header(false)
     }
 
     /// Is this lease the single probe request of a key coming back from a suspension?

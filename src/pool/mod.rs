@@ -3,7 +3,7 @@
 //! # Key states
 //!
 //! Each key is in one of these states ([`KeyState`]), read from a few atomics of its
-//! [`Slot`] by one function, `Slot::status`, which also says when the key can next take a
+//! slot by one function, `Slot::status`, which also says when the key can next take a
 //! request: selection, waiting, the retry policy and [`KeyPool::snapshot`] all ask it.
 //!
 //! ```text
@@ -61,6 +61,7 @@ mod rest;
 mod select;
 mod slot;
 mod state;
+mod stats;
 mod table;
 mod wait;
 
@@ -74,23 +75,23 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
+use crate::classify::Classifier;
 use crate::key::KeySet;
-use crate::outcome::Classifier;
 use crate::quota::Quota;
-use crate::stats::KeyStats;
 
 pub use builder::KeyPoolBuilder;
 pub use lease::Lease;
 pub(crate) use state::PoolAvailability;
+pub use stats::{KeyState, KeyStats};
 pub use table::ReloadSummary;
-pub use wait::{Reserve, Waiter};
+pub(crate) use wait::{Reserve, Waiter};
 
 use rest::{Deadline, RestWord};
 use table::Table;
 
 /// How the pool chooses among available keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Strategy {
+pub enum Selection {
     /// Exact rotation 1, 2, 3, 1, 2, 3 over available keys (smooth weighted rotation when
     /// keys have weights); unavailable keys are skipped and the rotation moves past them.
     #[default]
@@ -109,10 +110,10 @@ pub enum Strategy {
 /// # Examples
 ///
 /// ```
-/// use tower_key_rotation::{KeyPool, KeySet, Strategy};
+/// use tower_key_rotation::{KeyPool, KeySet, Selection};
 ///
 /// let pool = KeyPool::builder(KeySet::parse("k1,k2,k3").unwrap())
-///     .strategy(Strategy::LeastInFlight)
+///     .selection(Selection::LeastInFlight)
 ///     .max_in_flight_per_key(2)
 ///     .build();
 ///
@@ -130,7 +131,7 @@ pub struct KeyPool {
 struct PoolInner {
     signals: Arc<Signals>,
     table: ArcSwap<Table>,
-    strategy: Strategy,
+    selection: Selection,
     default_cap: u32,
     default_quota: Option<Quota>,
     cursor: Padded<AtomicUsize>,
@@ -177,7 +178,7 @@ impl KeyPool {
     pub fn builder(keys: KeySet) -> KeyPoolBuilder {
         KeyPoolBuilder {
             keys,
-            strategy: Strategy::default(),
+            selection: Selection::default(),
             cap: u32::MAX,
             quota: None,
             backoff: Backoff::default(),
@@ -197,9 +198,9 @@ impl KeyPool {
         self.len() == 0
     }
 
-    /// The selection strategy.
-    pub fn strategy(&self) -> Strategy {
-        self.inner.strategy
+    /// How keys are chosen.
+    pub fn selection(&self) -> Selection {
+        self.inner.selection
     }
 
     /// The classifier responses go through.
@@ -239,7 +240,7 @@ impl KeyPool {
         self.inner.signals.instant(nanos)
     }
 
-    /// Could some key among those `allowed` (by 0-based index) take a request now?
+    /// Could some key among those `allowed` (by 1-based position) take a request now?
     pub(crate) fn can_take_now(&self, allowed: impl Fn(usize) -> bool) -> bool {
         let table = self.inner.table.load();
         let mut now = LazyNow::new(&self.inner.signals);
@@ -247,7 +248,7 @@ impl KeyPool {
             .slots
             .iter()
             .enumerate()
-            .any(|(i, slot)| allowed(i) && slot.is_available(&mut now))
+            .any(|(i, slot)| allowed(i + 1) && slot.is_available(&mut now))
     }
 
     /// The wait budget of each request ([`KeyPoolBuilder::max_wait`]).
@@ -255,7 +256,7 @@ impl KeyPool {
         self.inner.signals.max_wait
     }
 
-    /// Requests waiting for a key right now (in [`poll_reserve`](Self::poll_reserve)).
+    /// Requests waiting for a key right now (in `KeyRotation::poll_ready`).
     pub fn waiting(&self) -> usize {
         self.inner.signals.waiters.load(Ordering::Relaxed)
     }
@@ -306,7 +307,7 @@ impl fmt::Debug for KeyPool {
         let inner = &*self.inner;
         f.debug_struct("KeyPool")
             .field("keys", &self.len())
-            .field("strategy", &inner.strategy)
+            .field("selection", &inner.selection)
             .field(
                 "max_in_flight_per_key",
                 &(inner.default_cap != u32::MAX).then_some(inner.default_cap),

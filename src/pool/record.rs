@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::rest::{Deadline, RestWord};
 use super::slot::Slot;
-use crate::outcome::Outcome;
+use crate::classify::Outcome;
 
 /// A learned concurrency limit rises by one after this many successes per unit of the
 /// limit, each sent with the key at its limit (additive increase: a limit of 2 rises to 3
@@ -81,12 +81,13 @@ impl Slot {
     /// Applies an answer's outcome to the key and says what changed.
     pub(super) fn record(&self, outcome: Outcome, answered: Answered) -> Transition {
         let mut transition = Transition::default();
-        if matches!(outcome, Outcome::Success | Outcome::LimitReached { .. }) && answered.at_limit {
+        if matches!(outcome, Outcome::Success | Outcome::SuccessAtLimit { .. }) && answered.at_limit
+        {
             self.learn_success();
         }
         match outcome {
             Outcome::Success => self.succeeded(answered.generation),
-            Outcome::LimitReached { reset_after } => {
+            Outcome::SuccessAtLimit { reset_after } => {
                 self.succeeded(answered.generation);
                 // A rest for a limit, as after a 429: capped the same way, and ended by a
                 // probe (the window may not have reset when the headers said).
@@ -163,7 +164,7 @@ impl Slot {
             // A used-up window rests the key again, and a rest ends with a probe.
             let back = match outcome {
                 Outcome::Success => true,
-                Outcome::LimitReached { reset_after } => {
+                Outcome::SuccessAtLimit { reset_after } => {
                     self.signals.backoff.cap(reset_after).is_zero()
                 }
                 _ => false,

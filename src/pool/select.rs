@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use super::lease::Lease;
 use super::slot::{Slot, Taken};
 use super::table::Table;
-use super::{KeyPool, LazyNow, PoolInner, Strategy};
+use super::{KeyPool, LazyNow, PoolInner, Selection};
 
 /// Keys scanned together by least-in-flight. Pools up to this size get an exact scan;
 /// larger pools take the least loaded key of the first window (from the rotating cursor)
@@ -21,14 +21,14 @@ impl KeyPool {
     pub fn try_reserve(&self) -> Option<Lease> {
         let table = self.inner.table.load();
         let mut now = LazyNow::new(&self.inner.signals);
-        let (index, taken) = match self.inner.strategy {
-            Strategy::RoundRobin => self.inner.select_round_robin(&table, &mut now),
-            Strategy::LeastInFlight => self.inner.select_least_in_flight(&table, &mut now),
+        let (index, taken) = match self.inner.selection {
+            Selection::RoundRobin => self.inner.select_round_robin(&table, &mut now),
+            Selection::LeastInFlight => self.inner.select_least_in_flight(&table, &mut now),
         }?;
         Some(Lease::new(&table, index, taken))
     }
 
-    /// Reserves an available key among those `allowed` (by 0-based index), scanning in
+    /// Reserves an available key among those `allowed` (by 1-based position), scanning in
     /// rotation order and taking the least loaded. A slow path for retries that must avoid
     /// keys already tried; `None` if no allowed key is available.
     pub fn try_reserve_where(&self, allowed: impl Fn(usize) -> bool) -> Option<Lease> {
@@ -41,7 +41,7 @@ impl KeyPool {
         for _ in 0..4 {
             let best = (0..n)
                 .map(|step| (start + step) % n)
-                .filter(|&i| allowed(i))
+                .filter(|&i| allowed(i + 1))
                 .filter(|&i| table.slots[i].is_available(&mut now))
                 .min_by(|&a, &b| compare_load(&table.slots[a], &table.slots[b]))?;
             if let Some(taken) = table.slots[best].try_take(&mut now) {

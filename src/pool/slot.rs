@@ -10,12 +10,12 @@ use std::sync::{Arc, OnceLock};
 
 use http::HeaderValue;
 
+use super::KeyState;
 use super::rest::{Claim, Deadline, Probe, RestWord};
 use super::state::Availability;
 use super::{LazyNow, Signals};
 use crate::key::KeySpec;
 use crate::quota::{Gcra, Quota};
-use crate::stats::KeyState;
 
 /// One key's state, hot fields first and on their own cache lines so that keys do not
 /// contend with each other.

@@ -51,7 +51,7 @@ impl KeyPool {
     /// [`Reserve::NoKey`] when `deadline` has passed, or at once when the earliest key comes
     /// back only after it (a deadline of `None` waits for ever), and with
     /// [`Reserve::AllDisabled`] when every key is disabled.
-    pub fn poll_reserve(
+    pub(crate) fn poll_reserve(
         &self,
         waiter: &mut Waiter,
         deadline: Option<Instant>,
@@ -130,7 +130,7 @@ impl KeyPool {
 
 /// What [`KeyPool::poll_reserve`] ends with.
 #[derive(Debug)]
-pub enum Reserve {
+pub(crate) enum Reserve {
     /// A key, reserved.
     Lease(Lease),
     /// No key within the deadline.
@@ -142,7 +142,7 @@ pub enum Reserve {
 /// A caller's registration for a wake-up while no key is free. Keep one per caller (a
 /// service holds one) and pass it to [`KeyPool::poll_reserve`].
 #[derive(Default)]
-pub struct Waiter {
+pub(crate) struct Waiter {
     armed: Option<Armed>,
     /// When this caller started waiting (the first time no key was free), until it gets a
     /// key or gives up.
@@ -158,7 +158,7 @@ struct Armed {
 
 impl Waiter {
     /// A waiter not yet registered anywhere.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 

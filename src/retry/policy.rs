@@ -10,10 +10,10 @@ use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::BoxError;
-use crate::outcome::Outcome;
+use crate::classify::Outcome;
 use crate::pool::{KeyPool, PoolAvailability};
 use crate::retry::ReplayBody;
-use crate::tried::TriedKeys;
+use crate::retry::TriedKeys;
 
 type ErrorPredicate = dyn Fn(&BoxError) -> bool + Send + Sync;
 
@@ -139,7 +139,7 @@ impl RetryPolicy {
         // Whether the retry goes out at once (and so adds load now), if at all.
         let mut at_once = true;
         let worth_it = match reason {
-            Reason::NotConnected => self.pool.can_take_now(|i| !tried.contains(i)),
+            Reason::NotConnected => self.pool.can_take_now(|p| !tried.contains(p)),
             _ => match self.pool.availability() {
                 PoolAvailability::Now => true,
                 PoolAvailability::OnRelease { .. } => {
@@ -300,8 +300,8 @@ mod tests {
         assert_eq!(clone.method(), original.method());
         assert_eq!(clone.uri(), original.uri());
         assert_eq!(clone.headers(), original.headers());
-        tried.insert(1);
-        assert!(clone.extensions().get::<TriedKeys>().unwrap().contains(1));
+        tried.insert(2);
+        assert!(clone.extensions().get::<TriedKeys>().unwrap().contains(2));
     }
 
     #[test]
@@ -319,7 +319,7 @@ mod tests {
     async fn only_refusals_are_retried() {
         let (_, mut policy) = policy("k1,k2");
         let tried = TriedKeys::new();
-        tried.insert(0);
+        tried.insert(1);
         let req = request(ReplayBody::buffered(Bytes::new()), &tried);
         for status in [StatusCode::OK, StatusCode::INTERNAL_SERVER_ERROR] {
             assert!(
@@ -337,7 +337,7 @@ mod tests {
         let req = request(ReplayBody::buffered(Bytes::new()), &tried);
         // The one key is refused with Retry-After: 5 and rests.
         let lease = pool.try_reserve().unwrap();
-        tried.insert(lease.index());
+        tried.insert(lease.position());
         lease.mark_sent();
         let refusal = Outcome::RateLimited {
             retry_after: Some(Duration::from_secs(5)),
@@ -361,7 +361,7 @@ mod tests {
         let (_, mut policy) = policy("k1,k2,k3,k4,k5,k6,k7,k8");
         policy.max_retries = 100;
         let tried = TriedKeys::new();
-        tried.insert(0);
+        tried.insert(1);
         let req = request(ReplayBody::buffered(Bytes::new()), &tried);
         let wait = Some(Duration::from_secs(1));
         let too_many = StatusCode::TOO_MANY_REQUESTS;
@@ -416,7 +416,7 @@ mod tests {
         let mut policy = template.clone();
         policy.max_retries = 1;
         let tried = TriedKeys::new();
-        tried.insert(0);
+        tried.insert(1);
         let req = request(ReplayBody::buffered(Bytes::new()), &tried);
         let too_many = answer(StatusCode::TOO_MANY_REQUESTS);
         assert!(policy.should_retry(&req, &too_many, in_secs(30)));
@@ -432,7 +432,7 @@ mod tests {
     async fn a_refused_connection_is_retried_on_an_untried_key_but_other_errors_are_not() {
         let (_, mut policy) = policy("k1,k2");
         let tried = TriedKeys::new();
-        tried.insert(0);
+        tried.insert(1);
         let req = request(ReplayBody::buffered(Bytes::new()), &tried);
         let refused = || -> Result<Response<()>, BoxError> {
             Err(Box::new(std::io::Error::from(
@@ -443,7 +443,7 @@ mod tests {
         let result: Result<Response<()>, BoxError> = Err(Box::new(reset));
         assert!(!policy.should_retry(&req, &result, in_secs(30)));
         assert!(policy.should_retry(&req, &refused(), in_secs(30)));
-        tried.insert(1);
+        tried.insert(2);
         assert!(
             !policy.should_retry(&req, &refused(), in_secs(30)),
             "every key tried: the same host would refuse again"

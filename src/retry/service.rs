@@ -9,9 +9,9 @@ use tower_service::Service;
 
 use crate::BoxError;
 use crate::retry::ReplayBody;
+use crate::retry::TriedKeys;
 use crate::retry::future::ResponseFuture;
 use crate::retry::policy::RetryPolicy;
-use crate::tried::TriedKeys;
 
 /// Middleware that sends a refused request again, on a key it has not tried if one is
 /// free, else on the earliest key that comes back within the request's wait budget. Made

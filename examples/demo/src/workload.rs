@@ -19,7 +19,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_key_rotation::retry::{Attempts, ReplayBody, RetryLayer};
-use tower_key_rotation::{BoxError, KeyPool, KeyRotationLayer, KeySet, KeyStats, Quota, Strategy};
+use tower_key_rotation::{
+    BoxError, KeyPool, KeyRotationLayer, KeySet, Quota, Selection, pool::KeyStats,
+};
 
 use crate::mock::{self, Attempt, Limits, MockProvider};
 
@@ -251,13 +253,13 @@ pub(crate) async fn run(case: Case, workload: &Workload) -> Result<CaseRun, BoxE
             let builder = KeyPool::builder(keys).max_wait(Some(workload.max_wait));
             let builder = match case {
                 Case::LeastInFlight => builder
-                    .strategy(Strategy::LeastInFlight)
+                    .selection(Selection::LeastInFlight)
                     .max_in_flight_per_key(workload.limits.concurrency),
                 Case::Quota => builder
-                    .strategy(Strategy::LeastInFlight)
+                    .selection(Selection::LeastInFlight)
                     .max_in_flight_per_key(workload.limits.concurrency)
                     .quota_per_key(provider_quota(&workload.limits)),
-                _ => builder.strategy(Strategy::RoundRobin),
+                _ => builder.selection(Selection::RoundRobin),
             };
             let pool = builder.build();
             let client = Client::builder(TokioExecutor::new()).build::<_, Body>(connector);

@@ -9,7 +9,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, Uri};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use subtle::ConstantTimeEq;
-use tower_key_rotation::{Classifier, KeySet, Placement, Strategy};
+use tower_key_rotation::{KeySet, Placement, Selection, classify::Classifier};
 use zeroize::Zeroizing;
 
 use crate::dotenv::DotEnv;
@@ -244,11 +244,11 @@ pub(crate) enum StrategyArg {
     LeastInFlight,
 }
 
-impl From<StrategyArg> for Strategy {
+impl From<StrategyArg> for Selection {
     fn from(arg: StrategyArg) -> Self {
         match arg {
-            StrategyArg::RoundRobin => Strategy::RoundRobin,
-            StrategyArg::LeastInFlight => Strategy::LeastInFlight,
+            StrategyArg::RoundRobin => Selection::RoundRobin,
+            StrategyArg::LeastInFlight => Selection::LeastInFlight,
         }
     }
 }

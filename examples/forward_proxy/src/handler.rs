@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::{BoxError, ServiceExt};
 use tower_key_rotation::retry::{Attempts as Retried, ReplayBody};
-use tower_key_rotation::{AllKeysDisabled, KeyPool, NoKeyAvailable, TriedKeys};
+use tower_key_rotation::{AllKeysDisabled, KeyPool, NoKeyAvailable, retry::TriedKeys};
 
 use crate::admin;
 use crate::attempts::Attempts;
@@ -613,7 +613,7 @@ fn no_more_retries(headers: &mut HeaderMap) {
         .get(header::RETRY_AFTER)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| {
-            tower_key_rotation::parse_retry_after(value, std::time::SystemTime::now())
+            tower_key_rotation::classify::parse_retry_after(value, std::time::SystemTime::now())
         });
     if let Some(wait) = wait {
         let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);

@@ -86,7 +86,7 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Result<(), String> {
     let secrets = config::load_secrets(&args)?;
     let mut pool = KeyPool::builder(secrets.keys)
-        .strategy(args.strategy.into())
+        .selection(args.strategy.into())
         .classifier(args.profile.into())
         .max_wait(Some(args.max_wait))
         .learn_concurrency(!args.no_learn_concurrency);

@@ -128,7 +128,7 @@ impl Collector for KeyCollector {
         let keys = self.pool.snapshot();
         // Position, and the name and account from the key file (never a value). Every
         // series of a metric has the same labels: empty for a key without name or account.
-        let label = |key: &tower_key_rotation::KeyStats| {
+        let label = |key: &tower_key_rotation::pool::KeyStats| {
             [
                 ("key", key.position.to_string()),
                 ("name", key.name.clone().unwrap_or_default()),
@@ -154,7 +154,7 @@ impl Collector for KeyCollector {
         )?;
         waiting.encode(family)?;
 
-        type Read = fn(&tower_key_rotation::KeyStats) -> u64;
+        type Read = fn(&tower_key_rotation::pool::KeyStats) -> u64;
         let counters: [(&str, &str, Read); 4] = [
             ("key_requests", "Requests sent with each key.", |k| {
                 k.requests
@@ -180,7 +180,7 @@ impl Collector for KeyCollector {
             }
         }
 
-        type Gauge = fn(&tower_key_rotation::KeyStats) -> f64;
+        type Gauge = fn(&tower_key_rotation::pool::KeyStats) -> f64;
         let gauges: [(&str, &str, Gauge); 6] = [
             ("key_in_flight", "Requests in flight per key.", |k| {
                 f64::from(k.in_flight)

@@ -15,7 +15,7 @@ use support::{MockUpstream, Seen, reply, within};
 use tower::retry::budget::TpsBudget;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_key_rotation::retry::{ReplayBody, RetryLayer};
-use tower_key_rotation::{BoxError, KeyPool, KeyRotationLayer, KeySet, TriedKeys};
+use tower_key_rotation::{BoxError, KeyPool, KeyRotationLayer, KeySet, retry::TriedKeys};
 
 const KEYS: [&str; 3] = ["rk-one", "rk-two", "rk-three"];
 

@@ -55,7 +55,7 @@ const ANTHROPIC: [(HeaderName, HeaderName); 4] = [
 /// ```
 /// use http::{HeaderMap, HeaderName};
 /// use std::time::{Duration, SystemTime};
-/// use tower_key_rotation::learned_reset;
+/// use tower_key_rotation::classify::learned_reset;
 ///
 /// let mut headers = HeaderMap::new();
 /// headers.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
@@ -100,7 +100,7 @@ pub(crate) fn learned_reset_at(
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_key_rotation::parse_go_duration;
+/// use tower_key_rotation::classify::parse_go_duration;
 ///
 /// assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
 /// assert_eq!(parse_go_duration("1.5s"), Some(Duration::from_millis(1500)));
@@ -146,7 +146,7 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
 ///
 /// ```
 /// use std::time::{Duration, UNIX_EPOCH};
-/// use tower_key_rotation::parse_rfc3339;
+/// use tower_key_rotation::classify::parse_rfc3339;
 ///
 /// let at = parse_rfc3339("1970-01-02T00:00:01Z").unwrap();
 /// assert_eq!(at, UNIX_EPOCH + Duration::from_secs(86_401));

@@ -1,29 +1,11 @@
-//! Provider profiles: classifiers that read the provider's small JSON error body as well as
-//! the status and headers, because status codes alone misclassify.
-//!
-//! | provider | signal | outcome |
-//! | --- | --- | --- |
-//! | Zhipu BigModel | `error.code` `1302` (concurrency), `1303` (frequency) | [`Outcome::AccountLimited`]: short cool-down |
-//! | | `1113` (arrears), `1304` (daily quota) | [`Outcome::QuotaExhausted`]: until reset (`1304`: next midnight, Beijing time) |
-//! | | `1308`, `1310` (quota, reset time in the message) | [`Outcome::QuotaExhausted`] until the time in the message (Beijing time) |
-//! | | `1305`, `1312` (platform overloaded) | [`Outcome::Failure`]: no penalty for the key |
-//! | | `1000`–`1004` (authentication) | [`Outcome::KeyRejected`] |
-//! | OpenAI | 429 with `error.code` or `error.type` `insufficient_quota` (billing) | [`Outcome::QuotaExhausted`]: not retried, long cool-down |
-//! | | other 429 (limits are per organisation) | [`Outcome::AccountLimited`] |
-//! | Anthropic | 529 (overloaded, platform-wide) | [`Outcome::Failure`]: no penalty |
-//! | | 429 (limits are per organisation) | [`Outcome::AccountLimited`] |
-//!
-//! Anything else falls back to [`classify`] (which also reads the rate-limit headers,
-//! OpenAI's durations and Anthropic's RFC 3339 resets). Bodies are read only for error
-//! statuses, and at most [`BODY_LIMIT`] bytes of them.
+//! The provider profiles: classifiers that read the provider's small JSON error body as
+//! well as the status and headers (the table is in the module docs of `classify`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, StatusCode};
 
-use crate::backoff::retry_after;
-use crate::limits::days_from_civil;
-use crate::outcome::{Classifier, Outcome, classify};
+use super::{Classifier, Outcome, days_from_civil, generic, retry_after};
 
 /// The most body bytes a profile reads before classifying.
 pub const BODY_LIMIT: usize = 8 * 1024;
@@ -56,13 +38,13 @@ fn error_fields(body: &[u8]) -> (Option<String>, Option<String>, Option<String>)
 
 impl Classifier {
     /// Zhipu BigModel (GLM): reads `error.code` from the error body. See the [module
-    /// table](crate::profile).
+    /// table](crate::classify).
     ///
     /// # Examples
     ///
     /// ```
     /// use http::{HeaderMap, StatusCode};
-    /// use tower_key_rotation::{Classifier, Outcome};
+    /// use tower_key_rotation::classify::{Classifier, Outcome};
     ///
     /// let bigmodel = Classifier::bigmodel();
     /// let body = br#"{"error":{"code":"1305","message":"overloaded"}}"#;
@@ -109,13 +91,13 @@ fn bigmodel(status: StatusCode, headers: &HeaderMap, body: &[u8], now: SystemTim
         },
         Some("1305" | "1312") => Outcome::Failure,
         Some("1000" | "1001" | "1002" | "1003" | "1004") => Outcome::KeyRejected,
-        _ => classify(status, headers),
+        _ => generic(status, headers),
     }
 }
 
 fn openai(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome {
     if status != StatusCode::TOO_MANY_REQUESTS {
-        return classify(status, headers);
+        return generic(status, headers);
     }
     let (code, kind, _) = error_fields(body);
     if code.as_deref() == Some("insufficient_quota")
@@ -123,7 +105,7 @@ fn openai(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome {
     {
         return Outcome::QuotaExhausted { reset_after: None };
     }
-    match classify(status, headers) {
+    match generic(status, headers) {
         Outcome::RateLimited { retry_after } => Outcome::AccountLimited { retry_after },
         other => other,
     }
@@ -132,7 +114,7 @@ fn openai(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome {
 fn anthropic(status: StatusCode, headers: &HeaderMap) -> Outcome {
     match status.as_u16() {
         529 => Outcome::Failure,
-        _ => match classify(status, headers) {
+        _ => match generic(status, headers) {
             Outcome::RateLimited { retry_after } => Outcome::AccountLimited { retry_after },
             other => other,
         },
@@ -173,7 +155,7 @@ mod tests {
     use super::*;
 
     fn at(rfc3339: &str) -> SystemTime {
-        crate::limits::parse_rfc3339(rfc3339).unwrap()
+        super::super::parse_rfc3339(rfc3339).unwrap()
     }
 
     fn bigmodel_code(code: &str, message: &str, now: SystemTime) -> Outcome {

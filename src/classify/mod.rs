@@ -1,16 +1,44 @@
 //! From a response to what it means for the key that carried it.
 //!
 //! A [`Classifier`] turns a response's status and headers (and, for the provider profiles,
-//! a small error body) into an [`Outcome`]; the pool applies it (see `pool`).
+//! a small error body) into an [`Outcome`]; the pool applies it. [`generic`] reads the
+//! status and headers only; the provider profiles ([`Classifier::bigmodel`],
+//! [`Classifier::openai`], [`Classifier::anthropic`]) also read the provider's small JSON
+//! error body, because status codes alone misclassify:
+//!
+//! | provider | signal | outcome |
+//! | --- | --- | --- |
+//! | Zhipu BigModel | `error.code` `1302` (concurrency), `1303` (frequency) | [`Outcome::AccountLimited`]: short cool-down |
+//! | | `1113` (arrears), `1304` (daily quota) | [`Outcome::QuotaExhausted`]: until reset (`1304`: next midnight, Beijing time) |
+//! | | `1308`, `1310` (quota, reset time in the message) | [`Outcome::QuotaExhausted`] until the time in the message (Beijing time) |
+//! | | `1305`, `1312` (platform overloaded) | [`Outcome::Failure`]: no penalty for the key |
+//! | | `1000`–`1004` (authentication) | [`Outcome::KeyRejected`] |
+//! | OpenAI | 429 with `error.code` or `error.type` `insufficient_quota` (billing) | [`Outcome::QuotaExhausted`]: not retried, long cool-down |
+//! | | other 429 (limits are per organisation) | [`Outcome::AccountLimited`] |
+//! | Anthropic | 529 (overloaded, platform-wide) | [`Outcome::Failure`]: no penalty |
+//! | | 429 (limits are per organisation) | [`Outcome::AccountLimited`] |
+//!
+//! Anything else falls back to [`generic`] (which also reads the rate-limit headers,
+//! OpenAI's durations and Anthropic's RFC 3339 resets). Bodies are read only for error
+//! statuses, and at most [`BODY_LIMIT`] bytes of them.
+//!
+//! The header parsers are public for classifiers of your own: [`retry_after`],
+//! [`parse_retry_after`], [`learned_reset`], [`parse_go_duration`], [`parse_rfc3339`].
+
+mod limits;
+mod profile;
+mod retry_after;
+
+pub(crate) use limits::{days_from_civil, learned_reset_at};
+pub use limits::{learned_reset, parse_go_duration, parse_rfc3339};
+pub use profile::BODY_LIMIT;
+pub use retry_after::{parse_retry_after, retry_after};
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode};
-
-use crate::backoff::retry_after;
-use crate::limits::{learned_reset, learned_reset_at};
 
 /// What a response says about the key that carried it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +50,7 @@ pub enum Outcome {
     /// used up: it rests until the window resets (capped at
     /// [`Backoff::max_retry_after`](crate::Backoff::max_retry_after)), before it can be
     /// refused; then one probe request decides whether it is back, as after a 429.
-    LimitReached {
+    SuccessAtLimit {
         /// When the provider's window resets.
         reset_after: Duration,
     },
@@ -67,7 +95,7 @@ impl Outcome {
 /// - `401`, `403` → [`Outcome::KeyRejected`];
 /// - `503` with `Retry-After` → [`Outcome::RateLimited`] for that long;
 /// - other `5xx` → [`Outcome::Failure`];
-/// - anything else → [`Outcome::Success`], or [`Outcome::LimitReached`] when the
+/// - anything else → [`Outcome::Success`], or [`Outcome::SuccessAtLimit`] when the
 ///   provider's rate-limit headers say a limit is used up.
 ///
 /// # Examples
@@ -75,17 +103,17 @@ impl Outcome {
 /// ```
 /// use http::{HeaderMap, StatusCode};
 /// use std::time::Duration;
-/// use tower_key_rotation::{classify, Outcome};
+/// use tower_key_rotation::classify::{Outcome, generic};
 ///
 /// let mut headers = HeaderMap::new();
 /// headers.insert("retry-after", "2".parse().unwrap());
 /// assert_eq!(
-///     classify(StatusCode::TOO_MANY_REQUESTS, &headers),
+///     generic(StatusCode::TOO_MANY_REQUESTS, &headers),
 ///     Outcome::RateLimited { retry_after: Some(Duration::from_secs(2)) },
 /// );
-/// assert_eq!(classify(StatusCode::UNAUTHORIZED, &headers), Outcome::KeyRejected);
+/// assert_eq!(generic(StatusCode::UNAUTHORIZED, &headers), Outcome::KeyRejected);
 /// ```
-pub fn classify(status: StatusCode, headers: &HeaderMap) -> Outcome {
+pub fn generic(status: StatusCode, headers: &HeaderMap) -> Outcome {
     match status {
         StatusCode::TOO_MANY_REQUESTS => {
             let now = SystemTime::now();
@@ -103,7 +131,7 @@ pub fn classify(status: StatusCode, headers: &HeaderMap) -> Outcome {
         s if s.is_server_error() => Outcome::Failure,
         _ if headers.is_empty() => Outcome::Success,
         _ => match learned_reset_at(headers, SystemTime::now) {
-            Some(reset_after) => Outcome::LimitReached { reset_after },
+            Some(reset_after) => Outcome::SuccessAtLimit { reset_after },
             None => Outcome::Success,
         },
     }
@@ -125,14 +153,14 @@ type WantsBodyFn = dyn Fn(StatusCode) -> bool + Send + Sync;
 ///
 /// ```
 /// use http::StatusCode;
-/// use tower_key_rotation::{Classifier, Outcome, classify};
+/// use tower_key_rotation::classify::{Classifier, Outcome, generic};
 ///
 /// // A provider that says "rate limited" with 403 and a header.
 /// let classifier = Classifier::new(|status, headers| {
 ///     if status == StatusCode::FORBIDDEN && headers.contains_key("x-throttled") {
 ///         Outcome::RateLimited { retry_after: None }
 ///     } else {
-///         classify(status, headers)
+///         generic(status, headers)
 ///     }
 /// });
 /// # let _ = classifier;
@@ -207,7 +235,7 @@ impl Classifier {
 
 impl Default for Classifier {
     fn default() -> Self {
-        Self::new(classify)
+        Self::new(generic)
     }
 }
 

@@ -19,7 +19,7 @@ pub struct KeyStats {
     pub weight: u32,
     /// Requests sent with this key.
     pub requests: u64,
-    /// Responses classified [`Outcome::Success`](crate::Outcome::Success).
+    /// Responses classified [`Outcome::Success`](crate::classify::Outcome::Success).
     pub successes: u64,
     /// Responses classified as rate limited (429).
     pub rate_limited: u64,

@@ -13,14 +13,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 /// # Examples
 ///
 /// ```
-/// use tower_key_rotation::TriedKeys;
+/// use tower_key_rotation::retry::TriedKeys;
 ///
 /// let tried = TriedKeys::new();
 /// let mut request = http::Request::new(());
 /// request.extensions_mut().insert(tried.clone());
 /// // ... after an attempt through KeyRotation:
-/// # tried.insert(1);
+/// # tried.insert(2);
 /// assert_eq!(tried.positions(), vec![2]); // key 2 was used
+/// assert!(tried.contains(2));
 /// ```
 #[derive(Clone, Default)]
 pub struct TriedKeys(Arc<Mutex<Vec<usize>>>);
@@ -31,16 +32,16 @@ impl TriedKeys {
         Self::default()
     }
 
-    /// Has the key at 0-based `index` been tried?
-    pub fn contains(&self, index: usize) -> bool {
-        self.lock().contains(&index)
+    /// Has the key at 1-based `position` (`key 2/3` is 2) been tried?
+    pub fn contains(&self, position: usize) -> bool {
+        self.lock().contains(&position)
     }
 
-    /// Records the key at 0-based `index` as tried.
-    pub fn insert(&self, index: usize) {
+    /// Records the key at 1-based `position` as tried.
+    pub fn insert(&self, position: usize) {
         let mut tried = self.lock();
-        if !tried.contains(&index) {
-            tried.push(index);
+        if !tried.contains(&position) {
+            tried.push(position);
         }
     }
 
@@ -56,7 +57,7 @@ impl TriedKeys {
 
     /// 1-based positions of the keys tried, in the order they were first used.
     pub fn positions(&self) -> Vec<usize> {
-        self.lock().iter().map(|i| i + 1).collect()
+        self.lock().clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
