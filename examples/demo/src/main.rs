@@ -42,7 +42,9 @@ const CASE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Several readers ask for an article at the same moment; each article's sections are
 /// expanded in parallel, one chat completion per section. The mock provider limits each
 /// key (completions at a time, requests per window) and answers the excess with
-/// 429 + Retry-After, like a real one. The same workload is sent five ways:
+/// 429 + Retry-After, like a real one; like OpenAI, its answers report the rate window in
+/// x-ratelimit-*-requests headers (a concurrency refusal is a plain 429). The same
+/// workload is sent five ways:
 ///
 ///   1. one key, naive client (no layer): how many 429s reach the caller;
 ///   2. one key through KeyRotation (with the library's retry outside it): waits instead
@@ -277,7 +279,8 @@ fn intro(workload: &Workload, cases: &[Case], style: Style) -> String {
     );
     out += &format!(
         "  provider   a mock on 127.0.0.1; per key {} at a time, {} per {:.1} s,\n             \
-         {} ms per completion; anything more gets 429 + Retry-After\n",
+         {} ms per completion; anything more gets 429 + Retry-After, and the\n             \
+         answers report the rate window in OpenAI's x-ratelimit-*-requests headers\n",
         plural(l.concurrency as usize, "completion"),
         plural(l.rate as usize, "request"),
         l.window.as_secs_f64(),

@@ -5,6 +5,13 @@
 //! `Retry-After` (whole seconds, rounded up) and `retry-after-ms` (exact, as OpenAI sends
 //! it). An accepted request takes exactly `latency`. Every request is logged with its key's
 //! position and its times, so the report can draw a timeline and check the limits held.
+//!
+//! Like OpenAI, the provider reports the rate window on its answers: every completion
+//! carries `x-ratelimit-limit-requests`, `x-ratelimit-remaining-requests` (what the window
+//! has left as the answer leaves) and `x-ratelimit-reset-requests` (a Go duration such as
+//! `1.2s` or `480ms`), and so does a refusal for the window, with `remaining` at 0. A
+//! refusal for concurrency is a plain 429 with `Retry-After` only: OpenAI and Anthropic
+//! report no concurrency limit in headers, and the window is not what refused it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,6 +30,11 @@ use tokio::time::Instant;
 /// Extra wait added to every `Retry-After`, so a caller that comes back exactly on time
 /// finds the slot already free (timers on both sides fire within a millisecond or so).
 const RETRY_AFTER_SLACK: Duration = Duration::from_millis(10);
+
+/// OpenAI's request-window headers.
+const LIMIT_REQUESTS: &str = "x-ratelimit-limit-requests";
+const REMAINING_REQUESTS: &str = "x-ratelimit-remaining-requests";
+const RESET_REQUESTS: &str = "x-ratelimit-reset-requests";
 
 /// Response header naming the 1-based position of the key the provider recognised, so the
 /// demo can say which key served a section without ever seeing a key value.
@@ -48,6 +60,16 @@ pub(crate) enum Refusal {
     Concurrency,
     /// The key had used its `rate` requests of the current window.
     Rate,
+}
+
+/// A key's rate window at one moment, as the rate-limit headers report it.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    /// Requests the window would still accept now.
+    remaining: u32,
+    /// How long until the window accepts again: until its oldest request leaves it (when
+    /// none remain), else until its newest does (every request available again).
+    reset: Duration,
 }
 
 /// One request as the provider saw it; times are from the provider's start.
@@ -93,6 +115,29 @@ struct KeyState {
     accepted: std::collections::VecDeque<Instant>,
     /// The most completions in progress at once, as counted here.
     max_in_flight: u32,
+}
+
+impl KeyState {
+    /// Drops the accepted requests that left the window by `now`, and reports what is left.
+    fn window(&mut self, now: Instant, limits: &Limits) -> Window {
+        while self
+            .accepted
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) >= limits.window)
+        {
+            self.accepted.pop_front();
+        }
+        let remaining = limits.rate.saturating_sub(self.accepted.len() as u32);
+        let until = if remaining == 0 {
+            self.accepted.front()
+        } else {
+            self.accepted.back()
+        };
+        let reset = until.map_or(Duration::ZERO, |&t| {
+            (t + limits.window).saturating_duration_since(now)
+        });
+        Window { remaining, reset }
+    }
 }
 
 impl MockProvider {
@@ -169,32 +214,23 @@ impl State {
     }
 
     /// Admits a request on `key` now (returning its log entry and when it ends), or says
-    /// why not and how long to wait.
-    fn admit(&self, key: usize) -> Result<(usize, Instant), (Refusal, Duration)> {
+    /// why not, how long to wait, and the key's rate window.
+    fn admit(&self, key: usize) -> Result<(usize, Instant), (Refusal, Duration, Window)> {
         let limits = self.limits;
         let mut inner = self.lock();
         // Read the clock under the lock, so that the log's times are in admission order.
         let now = Instant::now();
         let slot = &mut inner.keys[key];
-        while slot
-            .accepted
-            .front()
-            .is_some_and(|&t| now.saturating_duration_since(t) >= limits.window)
-        {
-            slot.accepted.pop_front();
-        }
+        let window = slot.window(now, &limits);
         let verdict = if slot.ends.len() >= limits.concurrency as usize {
             let first_free = slot.ends.iter().min().copied().unwrap_or(now);
             Err((
                 Refusal::Concurrency,
                 first_free.saturating_duration_since(now),
+                window,
             ))
-        } else if slot.accepted.len() >= limits.rate as usize {
-            let oldest = slot.accepted.front().copied().unwrap_or(now);
-            Err((
-                Refusal::Rate,
-                (oldest + limits.window).saturating_duration_since(now),
-            ))
+        } else if window.remaining == 0 {
+            Err((Refusal::Rate, window.reset, window))
         } else {
             let end = now + limits.latency;
             slot.ends.push(end);
@@ -207,11 +243,19 @@ impl State {
             key,
             arrived: now.saturating_duration_since(self.epoch),
             // An accepted request's end is filled in by `finish`.
-            outcome: verdict.map(|_| Duration::ZERO).map_err(|(r, _)| r),
+            outcome: verdict.map(|_| Duration::ZERO).map_err(|(r, _, _)| r),
         });
         verdict
             .map(|end| (entry, end))
-            .map_err(|(refusal, wait)| (refusal, wait + RETRY_AFTER_SLACK))
+            .map_err(|(refusal, wait, window)| (refusal, wait + RETRY_AFTER_SLACK, window))
+    }
+
+    /// The key's rate window now, as an answer leaving now reports it.
+    fn window(&self, key: usize) -> Window {
+        let limits = self.limits;
+        let mut inner = self.lock();
+        let now = Instant::now();
+        inner.keys[key].window(now, &limits)
     }
 
     /// Ends the completion of log entry `entry` on `key`, due at `end`.
@@ -255,6 +299,7 @@ async fn handle(
             tokio::time::sleep_until(end).await;
             // The slot is free before the answer leaves, as at a real provider.
             drop(completion);
+            let window = state.window(key);
             let mut response = json(
                 StatusCode::OK,
                 format!(
@@ -262,12 +307,12 @@ async fn handle(
                     key + 1
                 ),
             );
-            response
-                .headers_mut()
-                .insert(KEY_POSITION_HEADER, (key + 1).into());
+            let headers = response.headers_mut();
+            insert_window(headers, state.limits.rate, window);
+            headers.insert(KEY_POSITION_HEADER, (key + 1).into());
             Ok(response)
         }
-        Err((refusal, wait)) => {
+        Err((refusal, wait, window)) => {
             let message = match refusal {
                 Refusal::Concurrency => "too many concurrent requests for this API key",
                 Refusal::Rate => "rate limit reached for requests on this API key",
@@ -284,9 +329,42 @@ async fn handle(
                 "retry-after-ms",
                 u64::try_from(ms).unwrap_or(u64::MAX).into(),
             );
+            if refusal == Refusal::Rate {
+                insert_window(headers, state.limits.rate, window);
+            }
             headers.insert(KEY_POSITION_HEADER, (key + 1).into());
             Ok(response)
         }
+    }
+}
+
+/// Adds OpenAI's request-window headers for `window`, of `rate` requests.
+fn insert_window(headers: &mut header::HeaderMap, rate: u32, window: Window) {
+    headers.insert(LIMIT_REQUESTS, rate.into());
+    headers.insert(REMAINING_REQUESTS, window.remaining.into());
+    let reset = go_duration(window.reset);
+    headers.insert(
+        RESET_REQUESTS,
+        header::HeaderValue::try_from(reset).expect("a duration is a valid header value"),
+    );
+}
+
+/// Formats a duration as Go (and so OpenAI) prints one, to the millisecond rounded up so a
+/// caller that waits for it is never early: `0s`, `480ms`, `1.2s`, `6m0s`.
+fn go_duration(d: Duration) -> String {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    if ms == 0 {
+        return "0s".to_owned();
+    }
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (minutes, ms) = (ms / 60_000, ms % 60_000);
+    let seconds = format!("{}.{:03}", ms / 1000, ms % 1000);
+    let seconds = seconds.trim_end_matches('0').trim_end_matches('.');
+    match minutes {
+        0 => format!("{seconds}s"),
+        m => format!("{m}m{seconds}s"),
     }
 }
 
@@ -312,4 +390,70 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("application/json"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use tower_key_rotation::learned_reset;
+
+    use super::*;
+
+    #[test]
+    fn durations_print_as_go_prints_them() {
+        let cases = [
+            (Duration::ZERO, "0s"),
+            (Duration::from_micros(1), "1ms"),
+            (Duration::from_millis(480), "480ms"),
+            (Duration::from_millis(1000), "1s"),
+            (Duration::from_millis(1200), "1.2s"),
+            (Duration::from_millis(1234), "1.234s"),
+            (Duration::from_secs(360), "6m0s"),
+            (Duration::from_millis(61_500), "1m1.5s"),
+        ];
+        for (d, text) in cases {
+            assert_eq!(go_duration(d), text, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn a_spent_window_reads_as_one_to_the_library_and_a_window_with_room_does_not() {
+        let mut headers = header::HeaderMap::new();
+        let spent = Window {
+            remaining: 0,
+            reset: Duration::from_millis(480),
+        };
+        insert_window(&mut headers, 3, spent);
+        assert_eq!(
+            learned_reset(&headers, SystemTime::now()),
+            Some(Duration::from_millis(480))
+        );
+        let room = Window {
+            remaining: 1,
+            reset: Duration::from_millis(900),
+        };
+        insert_window(&mut headers, 3, room);
+        assert_eq!(learned_reset(&headers, SystemTime::now()), None);
+    }
+
+    #[test]
+    fn the_window_frees_its_oldest_request_first() {
+        let limits = Limits {
+            concurrency: 2,
+            rate: 3,
+            window: Duration::from_secs(1),
+            latency: Duration::from_millis(500),
+        };
+        let start = Instant::now();
+        let mut key = KeyState::default();
+        let at = |ms| start + Duration::from_millis(ms);
+        key.accepted.extend([at(0), at(300), at(600)]);
+        // Spent: it accepts again when the request of 0 ms leaves.
+        let w = key.window(at(800), &limits);
+        assert_eq!((w.remaining, w.reset), (0, Duration::from_millis(200)));
+        // One left: it is whole again when the request of 600 ms leaves.
+        let w = key.window(at(1000), &limits);
+        assert_eq!((w.remaining, w.reset), (1, Duration::from_millis(600)));
+    }
 }

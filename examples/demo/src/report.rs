@@ -368,29 +368,6 @@ pub(crate) fn verdict(runs: &[CaseRun], workload: &Workload, style: Style) -> St
             workload.limits.concurrency
         );
     }
-    // A key learned below the provider's concurrency: a refusal for the rate window that
-    // came back while another request ran looks like one for concurrency.
-    let below: Vec<String> = uncapped
-        .iter()
-        .filter(|r| {
-            let lower = r.pool.iter().flatten().any(|k| {
-                k.concurrency_limit
-                    .is_some_and(|l| l < workload.limits.concurrency)
-            });
-            lower && Upstream::of(r, &workload.limits).refused_rate > 0
-        })
-        .map(|r| r.case.number().to_string())
-        .collect();
-    if !below.is_empty() {
-        let _ = writeln!(
-            out,
-            "  {}(Lower in case {}: a refusal for the rate window, with another request running,\n  \
-             reads as one for concurrency.){}",
-            s.dim(),
-            below.join(", "),
-            s.reset()
-        );
-    }
     let best = runs
         .iter()
         .filter(|r| r.keys > 1)
