@@ -396,7 +396,7 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 mod tests {
     use std::time::SystemTime;
 
-    use tower_key_rotation::learned_reset;
+    use tower_key_rotation::classify::learned_reset;
 
     use super::*;
 
