@@ -173,6 +173,7 @@ pub mod pool;
 mod quota;
 pub mod retry;
 mod service;
+mod sync;
 mod weights;
 
 pub use auth::Placement;

@@ -13,7 +13,7 @@
 //! *refunding* it when a reservation is dropped unsent, and knowing when the next unit
 //! frees, on tokio's pausable clock, to arm the waiters' timer.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// A request quota: at most `requests` per `period`, spaced evenly, with an optional burst.

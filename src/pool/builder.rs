@@ -3,8 +3,8 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use crate::sync::Notify;
 use arc_swap::ArcSwap;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::slot::Slot;

@@ -25,7 +25,7 @@ pub struct Lease {
     slot: Arc<Slot>,
     index: usize,
     keys: usize,
-    generation: u32,
+    pub(super) generation: u32,
     /// Taken with the key at its concurrency limit.
     at_limit: bool,
     /// Where the quota unit this lease took ends: a refund gives back only what of it is

@@ -56,6 +56,8 @@
 mod builder;
 mod events;
 mod lease;
+#[cfg(all(test, tkr_loom))]
+mod loom_tests;
 mod record;
 mod rest;
 mod select;
@@ -65,13 +67,12 @@ mod stats;
 mod table;
 mod wait;
 
+use crate::sync::{AtomicUsize, Notify, Ordering};
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;

@@ -2,7 +2,7 @@
 //! limits, probes and disables. Returns a [`Transition`] saying what changed; `events`
 //! turns it into log lines.
 
-use std::sync::atomic::Ordering;
+use crate::sync::Ordering;
 use std::time::Duration;
 
 use super::rest::{Deadline, RestWord};
@@ -278,7 +278,7 @@ impl Slot {
     }
 
     /// A 429 on a lease of `generation`: raise the level if fresh, rest the key.
-    fn rate_limited(
+    pub(super) fn rate_limited(
         &self,
         generation: u32,
         retry_after: Option<Duration>,

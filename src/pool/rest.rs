@@ -1,7 +1,7 @@
 //! The encodings of a key's rest and probe: each one atomic word, and the newtype that
 //! owns what its values mean.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use crate::sync::{AtomicU8, AtomicU64, Ordering};
 
 use super::LazyNow;
 

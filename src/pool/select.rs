@@ -2,7 +2,7 @@
 //! least-in-flight over a window of keys, both skipping keys that cannot take a request
 //! now. Selection reads the clock at most once, and only if some key needs it.
 
-use std::sync::atomic::Ordering;
+use crate::sync::Ordering;
 
 use super::lease::Lease;
 use super::slot::{Slot, Taken};

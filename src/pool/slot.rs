@@ -5,7 +5,7 @@
 //! interface to stand behind (take, release, record, and the status query); the rest of
 //! the pool only reads.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use http::HeaderValue;
@@ -234,6 +234,7 @@ impl Slot {
         }
         // SeqCst pairs with the waiter's registration (see `wait`).
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        crate::sync::seq_cst_order();
         self.signals.wake_one();
     }
 

@@ -27,15 +27,14 @@
 //! concern every waiter (a reload, a key disabled, a new rest end, a probe answered) use
 //! `notify_waiters`. The loom model in `loom/` checks this protocol.
 
+use crate::sync::{Ordering, OwnedNotified, fence};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{Ordering, fence};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
 use super::lease::Lease;

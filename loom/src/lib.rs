@@ -1,1 +1,0 @@
-//! Nothing here: the model lives in `tests/pool_model.rs`.
