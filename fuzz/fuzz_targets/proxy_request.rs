@@ -61,7 +61,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tower_key_rotation::{KeyPool, Quota};
+use tower_key_rotation::KeyPool;
 
 const KEYS: [&str; 2] = ["fuzz-key-Alpha-7f3a", "fuzz-key-Bravo-91c2"];
 const TOKEN: &str = "fuzz-token";
@@ -138,18 +138,7 @@ fn world() -> &'static World {
             let args = config::Args::try_parse_from(argv).unwrap();
             let secrets = config::load_secrets(&args).unwrap();
             // As main.rs builds it.
-            let mut pool = KeyPool::builder(secrets.keys)
-                .selection(args.strategy.into())
-                .classifier(args.profile.into())
-                .max_wait(Some(args.max_wait))
-                .learn_concurrency(!args.no_learn_concurrency);
-            if let Some(max) = args.max_in_flight_per_key {
-                pool = pool.max_in_flight_per_key(max);
-            }
-            if let Some(rpm) = args.rpm_per_key {
-                pool = pool.quota_per_key(Quota::per_minute(rpm));
-            }
-            let pool = pool.build();
+            let pool = args.pool(secrets.keys);
             let upstream = runtime.block_on(async {
                 upstream::build(
                     &pool,

@@ -100,7 +100,9 @@ impl Slot {
                     mates: 0,
                 });
             }
-            Outcome::RateLimited { retry_after } => {
+            Outcome::RateLimited { retry_after } | Outcome::AccountLimited { retry_after } => {
+                // A refusal for a limit: the key's own, or its account's (which may be one
+                // of concurrency too, as BigModel's 1302): either teaches the key.
                 if answered.first_refusal {
                     let refused = self.refused_open.fetch_add(1, Ordering::AcqRel);
                     if answered.learn {
@@ -108,32 +110,19 @@ impl Slot {
                     }
                 }
                 let (wait, level, rest) = self.rate_limited(answered.generation, retry_after);
+                let account = matches!(outcome, Outcome::AccountLimited { .. });
                 transition.rest = Some(RestChange {
-                    cause: RestCause::RateLimited {
-                        explicit: retry_after.is_some(),
+                    cause: if account {
+                        RestCause::Account
+                    } else {
+                        RestCause::RateLimited {
+                            explicit: retry_after.is_some(),
+                        }
                     },
                     wait,
                     rest,
                     level,
-                    mates: 0,
-                });
-            }
-            Outcome::AccountLimited { retry_after } => {
-                // The account's limit may be one of concurrency too (BigModel 1302): the key
-                // learns from it as from its own 429.
-                if answered.first_refusal {
-                    let refused = self.refused_open.fetch_add(1, Ordering::AcqRel);
-                    if answered.learn {
-                        transition.learned = self.learn_refusal(refused);
-                    }
-                }
-                let (wait, level, rest) = self.rate_limited(answered.generation, retry_after);
-                transition.rest = Some(RestChange {
-                    cause: RestCause::Account,
-                    wait,
-                    rest,
-                    level,
-                    mates: self.rest_account(wait),
+                    mates: if account { self.rest_account(wait) } else { 0 },
                 });
             }
             Outcome::QuotaExhausted { reset_after } => {

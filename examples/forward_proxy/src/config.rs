@@ -9,7 +9,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, Uri};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use subtle::ConstantTimeEq;
-use tower_key_rotation::{KeySet, Placement, Selection, classify::Classifier};
+use tower_key_rotation::{KeyPool, KeySet, Placement, Quota, Selection, classify::Classifier};
 use zeroize::Zeroizing;
 
 use crate::dotenv::DotEnv;
@@ -232,6 +232,24 @@ impl std::fmt::Display for Listen {
         } else {
             write!(f, "{}:{}", self.host, self.port)
         }
+    }
+}
+
+impl Args {
+    /// The key pool these flags describe, over `keys`.
+    pub(crate) fn pool(&self, keys: KeySet) -> KeyPool {
+        let mut pool = KeyPool::builder(keys)
+            .selection(self.strategy.into())
+            .classifier(self.profile.into())
+            .max_wait(Some(self.max_wait))
+            .learn_concurrency(!self.no_learn_concurrency);
+        if let Some(max) = self.max_in_flight_per_key {
+            pool = pool.max_in_flight_per_key(max);
+        }
+        if let Some(rpm) = self.rpm_per_key {
+            pool = pool.quota_per_key(Quota::per_minute(rpm));
+        }
+        pool.build()
     }
 }
 

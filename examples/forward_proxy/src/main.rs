@@ -44,7 +44,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tower_key_rotation::{KeyPool, Quota};
+use tower_key_rotation::KeyPool;
 
 use crate::config::{Args, LogFormat};
 
@@ -85,18 +85,7 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let secrets = config::load_secrets(&args)?;
-    let mut pool = KeyPool::builder(secrets.keys)
-        .selection(args.strategy.into())
-        .classifier(args.profile.into())
-        .max_wait(Some(args.max_wait))
-        .learn_concurrency(!args.no_learn_concurrency);
-    if let Some(max) = args.max_in_flight_per_key {
-        pool = pool.max_in_flight_per_key(max);
-    }
-    if let Some(rpm) = args.rpm_per_key {
-        pool = pool.quota_per_key(Quota::per_minute(rpm));
-    }
-    let pool = pool.build();
+    let pool = args.pool(secrets.keys);
     tracing::info!(
         "Loaded {} API key(s) from {}{}",
         pool.len(),
