@@ -145,14 +145,23 @@ impl Gcra {
     /// to another request. Giving back the whole unit would hand out quota already spent:
     /// a reservation held unsent through its unit, then dropped after others were sent,
     /// would let one request more into their window.
+    ///
+    /// And only while it is the last unit taken (the state is still `tat_after`): once
+    /// others were taken after it, their requests were admitted against a schedule that
+    /// counted it, and pulling the schedule in under them would let a later request
+    /// crowd them (found by `refunds_never_let_sent_requests_break_the_bound`). The unit
+    /// then stays spent: a quota may go unused, never over.
     pub(crate) fn refund(&self, tat: &AtomicU64, tat_after: u64, now: u64) {
         let unused = tat_after.saturating_sub(now).min(self.interval);
         if unused == 0 {
             return;
         }
-        let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-            Some(t.saturating_sub(unused))
-        });
+        let _ = tat.compare_exchange(
+            tat_after,
+            tat_after - unused,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 }
 
@@ -312,18 +321,30 @@ mod tests {
 
     #[test]
     fn a_refund_gives_back_only_the_unused_part_of_its_unit() {
-        // 100 ms apart, a burst of 3: three at 0 fill [0, 300 ms).
+        // 100 ms apart: one unit taken at 0 fills [0, 100 ms).
+        let gcra = Quota::per_second(10).gcra();
+        let tat = AtomicU64::new(0);
+        let unit = gcra.try_take(&tat, 0).unwrap();
+        // Dropped unsent at 40 ms: 60 ms come back, not 100.
+        gcra.refund(&tat, unit, 40 * MS);
+        assert_eq!(gcra.available_at(&tat), 40 * MS);
+        gcra.try_take(&tat, 40 * MS).unwrap();
+        assert_eq!(gcra.available_at(&tat), 140 * MS);
+    }
+
+    #[test]
+    fn a_refund_under_later_units_gives_nothing_back() {
+        // A burst of 3: three at 0 fill [0, 300 ms). The first is dropped unsent at 40 ms,
+        // but two more were taken after it: they were admitted against a schedule that
+        // counted it, so it stays spent.
         let gcra = Quota::per_second(10).burst(3).gcra();
         let tat = AtomicU64::new(0);
         let first = gcra.try_take(&tat, 0).unwrap();
         for _ in 0..2 {
             gcra.try_take(&tat, 0).unwrap();
         }
-        // The first unit, [0, 100 ms), dropped at 40 ms: 60 ms come back, not 100.
         gcra.refund(&tat, first, 40 * MS);
-        assert_eq!(gcra.available_at(&tat), 40 * MS);
-        gcra.try_take(&tat, 40 * MS).unwrap();
-        assert_eq!(gcra.available_at(&tat), 140 * MS);
+        assert_eq!(gcra.available_at(&tat), 100 * MS);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::future::ResponseFuture;
 use tokio::time::Instant;
 
 use crate::error::{AllKeysDisabled, NoKeyAvailable};
-use crate::pool::{KeyPool, Lease, Reserve, Waiter};
+use crate::pool::{Check, KeyPool, Lease, Reserve, Waiter};
 use crate::retry::TriedKeys;
 
 /// Middleware that puts a key from a shared [`KeyPool`] on every request.
@@ -142,6 +142,9 @@ where
             self.reserved = self.pool.try_reserve().map(Reserved::Lease);
         }
         if self.reserved.is_some() {
+            // Done waiting, if it had waited: give up the registration, and let the next
+            // wait count afresh.
+            self.waiter.reset();
             return Poll::Ready(Ok(()));
         }
         // The slow path: wait for a key, within the budget counted from the first look.
@@ -170,19 +173,30 @@ where
             Reserved::Refused(refused) => return ResponseFuture::refused(refused.into()),
         };
         let tried = req.extensions().get::<TriedKeys>();
-        let usable = lease.is_usable();
-        if !usable || tried.is_some_and(|tried| tried.contains(lease.position())) {
+        let check = lease.check();
+        let retried_on_it = tried.is_some_and(|tried| tried.contains(lease.position()));
+        if check != Check::Usable || retried_on_it {
             // A retry prefers a key this request has not been refused on yet; a
             // reservation that went stale since `poll_ready` is traded for any free key.
             let other = tried
                 .and_then(|tried| self.pool.try_reserve_where(|p| !tried.contains(p)))
-                .or_else(|| (!usable).then(|| self.pool.try_reserve()).flatten());
-            match other {
-                Some(other) => lease = other,
-                None if usable => {}
-                None => {
-                    // Never sent on a key that may not take it; the caller hears when the
-                    // earliest key is back.
+                .or_else(|| {
+                    (check != Check::Usable)
+                        .then(|| self.pool.try_reserve())
+                        .flatten()
+                });
+            match (other, check) {
+                (Some(other), _) => lease = other,
+                // A retry on a tried key that can take it: that is the earliest chance.
+                (None, Check::Usable) => {}
+                // A refusal came back on this key in the instant since `poll_ready`, and
+                // no other key is free: it goes out on this one, which answers for itself
+                // (failing the call would turn a probable 429 into a certain error).
+                (None, Check::Resting) => {}
+                // A removed or disabled key, or one whose single probe is out, must not
+                // take it: the caller hears when the earliest key is back (a retry layer
+                // outside waits for it within the budget).
+                (None, Check::ProbeRunning | Check::Gone) => {
                     let retry_after = self
                         .pool
                         .earliest_return_in()

@@ -461,21 +461,35 @@ async fn a_stale_reservation_dropped_unsent_gives_back_no_quota_spent_since() {
 
 #[tokio::test(start_paused = true)]
 async fn a_reservation_dropped_part_way_through_its_unit_gives_back_only_the_rest() {
-    // A burst of 3, one unit every 10 s: three reservations at 0 s fill [0 s, 30 s).
-    // The first, dropped unsent at 4 s, gives back the 6 s of its unit still unused, not
-    // the whole unit. A request then fills the burst again; the next may go at 14 s (it
-    // would at 10 s had the whole unit come back).
+    // One unit every 10 s: a reservation at 0 s takes [0 s, 10 s). Dropped unsent at 4 s,
+    // it gives back the 6 s of its unit still unused, not the whole unit: a request may
+    // go at once, and the next at 14 s (it would at 10 s had the whole unit come back).
+    let pool = KeyPool::builder(keys("only"))
+        .quota_per_key(Quota::per_minute(6))
+        .build();
+    let first = pool.try_reserve().unwrap();
+    assert!(pool.try_reserve().is_none());
+    advance(Duration::from_secs(4)).await;
+    drop(first);
+    pool.try_reserve().expect("the unit given back").mark_sent();
+    assert_eq!(pool.snapshot()[0].quota_wait, Some(Duration::from_secs(10)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reservation_dropped_under_later_ones_gives_nothing_back() {
+    // A burst of 3, one unit every 10 s: three reservations at 0 s. The first, dropped
+    // unsent at 4 s, was counted by the two taken after it: it stays spent (a quota may go
+    // unused, never over).
     let pool = KeyPool::builder(keys("only"))
         .quota_per_key(Quota::per_minute(6).burst(3))
         .build();
     let first = pool.try_reserve().unwrap();
     let others: Vec<_> = (0..2).map(|_| pool.try_reserve().unwrap()).collect();
     others.iter().for_each(|lease| lease.mark_sent());
-    assert!(pool.try_reserve().is_none());
     advance(Duration::from_secs(4)).await;
     drop(first);
-    pool.try_reserve().expect("the unit given back").mark_sent();
-    assert_eq!(pool.snapshot()[0].quota_wait, Some(Duration::from_secs(10)));
+    assert!(pool.try_reserve().is_none());
+    assert_eq!(pool.snapshot()[0].quota_wait, Some(Duration::from_secs(6)));
 }
 
 #[tokio::test(start_paused = true)]

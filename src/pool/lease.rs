@@ -37,6 +37,19 @@ pub struct Lease {
     flags: AtomicU8,
 }
 
+/// What became of a reservation's key since it was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Check {
+    /// Nothing that stops it: send.
+    Usable,
+    /// It started resting (a refusal came back meanwhile).
+    Resting,
+    /// Another request is its single probe after a rest: it takes nothing else.
+    ProbeRunning,
+    /// Removed or replaced by a reload, or disabled.
+    Gone,
+}
+
 const SENT: u8 = 1;
 const PROBE: u8 = 2;
 const RESOLVED: u8 = 4;
@@ -118,26 +131,41 @@ impl Lease {
         if !slot.is_retired() && slot.deadline.is_clear() && !slot.probe.is_pending() {
             return true;
         }
-        self.is_usable_slow()
+        self.check_slow() == Check::Usable
+    }
+
+    /// What became of this reservation's key since it was made (see [`is_usable`]).
+    ///
+    /// [`is_usable`]: Self::is_usable
+    #[inline]
+    pub(crate) fn check(&self) -> Check {
+        if self.is_usable() {
+            Check::Usable
+        } else {
+            self.check_slow()
+        }
     }
 
     #[cold]
     #[inline(never)]
-    fn is_usable_slow(&self) -> bool {
+    fn check_slow(&self) -> Check {
         let slot = &*self.slot;
-        if slot.is_retired() || slot.is_resting(&mut LazyNow::new(&slot.signals)) {
-            return false;
+        if slot.is_retired() || slot.deadline.is_disabled() {
+            return Check::Gone;
+        }
+        if slot.is_resting(&mut LazyNow::new(&slot.signals)) {
+            return Check::Resting;
         }
         if self.is_probe() {
-            return true;
+            return Check::Usable;
         }
         match slot.probe.claim() {
-            Claim::Ordinary => true,
+            Claim::Ordinary => Check::Usable,
             Claim::Probe => {
                 self.set_flag(PROBE);
-                true
+                Check::Usable
             }
-            Claim::Running => false,
+            Claim::Running => Check::ProbeRunning,
         }
     }
 

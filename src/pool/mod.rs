@@ -81,6 +81,7 @@ use crate::key::KeySet;
 use crate::quota::Quota;
 
 pub use builder::KeyPoolBuilder;
+pub(crate) use lease::Check;
 pub use lease::Lease;
 pub(crate) use state::PoolAvailability;
 pub use stats::{KeyState, KeyStats};

@@ -171,6 +171,14 @@ impl Waiter {
         self.armed = Some(Armed { signals, notified });
     }
 
+    /// Done waiting, from outside `poll_reserve` (the caller found a key itself).
+    #[inline]
+    pub(crate) fn reset(&mut self) {
+        if self.armed.is_some() || self.since.is_some() {
+            self.disarm();
+        }
+    }
+
     /// Done waiting (a key, or given up).
     fn disarm(&mut self) {
         self.armed = None;

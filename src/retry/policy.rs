@@ -11,6 +11,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::BoxError;
 use crate::classify::Outcome;
+use crate::error::NoKeyAvailable;
 use crate::pool::{KeyPool, PoolAvailability};
 use crate::retry::ReplayBody;
 use crate::retry::TriedKeys;
@@ -47,6 +48,9 @@ enum Reason {
     Unavailable,
     /// 401/403: the key is disabled, another may serve.
     KeyRejected,
+    /// The call was refused before anything was sent: its key went away, or its probe
+    /// went out, between `poll_ready` and `call`.
+    NotSent,
     NotConnected,
 }
 
@@ -56,6 +60,7 @@ impl fmt::Display for Reason {
             Self::RateLimited => "429",
             Self::Unavailable => "503 with Retry-After",
             Self::KeyRejected => "rejected key",
+            Self::NotSent => "reservation gone stale",
             Self::NotConnected => "connection failure",
         })
     }
@@ -123,6 +128,13 @@ impl RetryPolicy {
                 Some(reason) => reason,
                 None => return false,
             },
+            Err(error)
+                if error
+                    .downcast_ref::<NoKeyAvailable>()
+                    .is_some_and(|no_key| no_key.waited().is_zero()) =>
+            {
+                Reason::NotSent
+            }
             Err(error) if (self.retry_error)(error) => Reason::NotConnected,
             Err(_) => return false,
         };
@@ -408,6 +420,21 @@ mod tests {
         // No outcome on the response (no `KeyRotation` inside): the status decides.
         assert!(policy.should_retry(&req, &answer(too_many), in_secs(30)));
         assert!(!policy.should_retry(&req, &answer(unavailable), in_secs(30)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_refused_before_sending_is_tried_again_within_the_budget() {
+        let (pool, mut policy) = policy("k1");
+        let req = request(ReplayBody::buffered(Bytes::new()), &TriedKeys::new());
+        let stale = || -> Result<Response<()>, BoxError> {
+            Err(NoKeyAvailable::new(Duration::from_secs(1), Duration::ZERO).into())
+        };
+        assert!(policy.should_retry(&req, &stale(), in_secs(30)));
+        // Waited to the end of its budget: that is the answer.
+        let waited: Result<Response<()>, BoxError> =
+            Err(NoKeyAvailable::new(Duration::from_secs(1), Duration::from_secs(30)).into());
+        assert!(!policy.should_retry(&req, &waited, in_secs(30)));
+        drop(pool);
     }
 
     #[tokio::test(start_paused = true)]
