@@ -174,6 +174,7 @@ pub mod profile;
 mod quota;
 pub mod retry;
 mod service;
+pub mod shared;
 mod stats;
 mod tried;
 mod weights;

@@ -127,37 +127,18 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         ready!(self.inner.poll_ready(cx)).map_err(Into::into)?;
-        match &self.reserved {
-            Some(Reserved::Lease(lease)) if lease.is_usable() => return Poll::Ready(Ok(())),
-            // The reserved key was removed, started resting or was disabled since: trade it
-            // for a usable one, or give it back and wait like everyone else.
-            Some(Reserved::Lease(_)) => {
-                self.reserved = self.pool.try_reserve().map(Reserved::Lease)
+        loop {
+            ready!(self.poll_reserve(cx));
+            // With a shared state backend, a lease on a capped key waits for the store.
+            match &mut self.reserved {
+                Some(Reserved::Lease(lease)) => match ready!(lease.poll_admitted(cx)) {
+                    true => return Poll::Ready(Ok(())),
+                    // Full across the replicas: that key reads busy now; look again.
+                    false => self.reserved = None,
+                },
+                _ => return Poll::Ready(Ok(())),
             }
-            // A refusal is decided afresh: a key may have come back since.
-            Some(Reserved::Refused(_)) => self.reserved = None,
-            None => {}
         }
-        if self.reserved.is_none() {
-            self.reserved = self.pool.try_reserve().map(Reserved::Lease);
-        }
-        if self.reserved.is_some() {
-            return Poll::Ready(Ok(()));
-        }
-        // The slow path: wait for a key, within the budget counted from the first look.
-        let since = *self.waiter.since.get_or_insert_with(Instant::now);
-        let deadline = self
-            .pool
-            .max_wait()
-            .and_then(|wait| since.checked_add(wait));
-        self.reserved = Some(
-            match ready!(self.pool.poll_reserve(&mut self.waiter, deadline, cx)) {
-                Reserve::Lease(lease) => Reserved::Lease(lease),
-                Reserve::NoKey(e) => Reserved::Refused(Refused::NoKey(e)),
-                Reserve::AllDisabled(e) => Reserved::Refused(Refused::AllDisabled(e)),
-            },
-        );
-        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
@@ -178,7 +159,11 @@ where
                 .and_then(|tried| self.pool.try_reserve_where(|i| !tried.contains(i)))
                 .or_else(|| (!usable).then(|| self.pool.try_reserve()).flatten());
             match other {
-                Some(other) => lease = other,
+                Some(mut other) => {
+                    // Nothing can wait here: it is counted by the store, not checked.
+                    other.skip_admission();
+                    lease = other;
+                }
                 None if usable => {}
                 None => {
                     // Never sent on a key that may not take it; the caller hears when the
@@ -200,6 +185,44 @@ where
         self.placement.apply(&lease, &mut req);
         lease.mark_sent();
         ResponseFuture::new(self.inner.call(req), lease)
+    }
+}
+
+impl<S> KeyRotation<S> {
+    /// Reserves a key for the next call (or decides that it fails), waiting within the
+    /// pool's budget.
+    fn poll_reserve(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &self.reserved {
+            Some(Reserved::Lease(lease)) if lease.is_usable() => return Poll::Ready(()),
+            // The reserved key was removed, started resting or was disabled since: trade it
+            // for a usable one, or give it back and wait like everyone else.
+            Some(Reserved::Lease(_)) => {
+                self.reserved = self.pool.try_reserve().map(Reserved::Lease)
+            }
+            // A refusal is decided afresh: a key may have come back since.
+            Some(Reserved::Refused(_)) => self.reserved = None,
+            None => {}
+        }
+        if self.reserved.is_none() {
+            self.reserved = self.pool.try_reserve().map(Reserved::Lease);
+        }
+        if self.reserved.is_some() {
+            return Poll::Ready(());
+        }
+        // The slow path: wait for a key, within the budget counted from the first look.
+        let since = *self.waiter.since.get_or_insert_with(Instant::now);
+        let deadline = self
+            .pool
+            .max_wait()
+            .and_then(|wait| since.checked_add(wait));
+        self.reserved = Some(
+            match ready!(self.pool.poll_reserve(&mut self.waiter, deadline, cx)) {
+                Reserve::Lease(lease) => Reserved::Lease(lease),
+                Reserve::NoKey(e) => Reserved::Refused(Refused::NoKey(e)),
+                Reserve::AllDisabled(e) => Reserved::Refused(Refused::AllDisabled(e)),
+            },
+        );
+        Poll::Ready(())
     }
 }
 

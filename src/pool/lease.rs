@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll, ready};
 
 use http::HeaderValue;
 
@@ -14,6 +15,7 @@ use super::slot::{Slot, Taken};
 use super::table::Table;
 use crate::key::ApiKey;
 use crate::outcome::{Classifier, Outcome};
+use crate::shared::{Admission, Admit};
 
 /// A reserved key: counts as in flight until dropped.
 ///
@@ -35,6 +37,9 @@ pub struct Lease {
     /// a plain load and store suffice (no locked read-modify-write on the hot path); atomic only
     /// so that a lease is `Sync`.
     flags: AtomicU8,
+    /// With a shared state backend, on a key with a cap: the store's answer, until it
+    /// comes (see [`Lease::poll_admitted`]).
+    admission: Option<Admission>,
 }
 
 const SENT: u8 = 1;
@@ -45,8 +50,17 @@ const REFUSED: u8 = 8;
 
 impl Lease {
     pub(super) fn new(table: &Table, index: usize, taken: Taken) -> Self {
+        let slot = &table.slots[index];
+        let admission = match &slot.shared {
+            None => None,
+            Some(shared) => match shared.taken(slot.limit()) {
+                Admit::Now => None,
+                Admit::Wait(admission) => Some(admission),
+            },
+        };
         Self {
-            slot: table.slots[index].clone(),
+            admission,
+            slot: slot.clone(),
             index,
             keys: table.slots.len(),
             generation: taken.generation,
@@ -128,6 +142,35 @@ impl Lease {
             }
             Claim::Running => false,
         }
+    }
+
+    /// Has the store shared with other replicas admitted this lease? Always `Ready(true)`
+    /// without a [state backend](crate::shared), for a key without a cap, and while the
+    /// backend is degraded.
+    ///
+    /// With one, a lease on a key with a cap must be admitted before its request goes (one
+    /// round trip to the store, which counts every replica's leases on the key): poll this
+    /// until it is ready. `Ready(false)`: the key is full across the replicas; drop the
+    /// lease and reserve again (the key reads busy until a release is announced).
+    /// [`KeyRotation`](crate::KeyRotation) does this in `poll_ready`.
+    pub fn poll_admitted(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        let Some(admission) = &mut self.admission else {
+            return Poll::Ready(true);
+        };
+        let shared = self
+            .slot
+            .shared
+            .as_ref()
+            .expect("an admission has a shared key");
+        let admitted = ready!(admission.poll(shared, cx));
+        self.admission = None;
+        Poll::Ready(admitted)
+    }
+
+    /// Sends this lease without waiting for the store's answer (it is still counted): for
+    /// a reservation traded in `call`, where nothing can wait.
+    pub(crate) fn skip_admission(&mut self) {
+        self.admission = None;
     }
 
     /// Counts the request as sent with this key and logs `Using key i/n`.

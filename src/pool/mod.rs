@@ -51,6 +51,7 @@
 //! | `wait` | waiting for a key, and why no wake-up is lost |
 //! | `lease` | a reserved key, and recording its outcome |
 //! | `events` | log lines for what an outcome did |
+//! | `shared` | what a state backend reads from the pool and applies to it |
 //! | `builder` | the settings |
 
 mod builder;
@@ -59,6 +60,7 @@ mod lease;
 mod record;
 mod rest;
 mod select;
+mod shared;
 mod slot;
 mod state;
 mod table;
@@ -77,6 +79,7 @@ use crate::backoff::Backoff;
 use crate::key::KeySet;
 use crate::outcome::Classifier;
 use crate::quota::Quota;
+use crate::shared::{BackendHealth, Shared};
 use crate::stats::KeyStats;
 
 pub use builder::KeyPoolBuilder;
@@ -127,7 +130,8 @@ pub struct KeyPool {
     inner: Arc<PoolInner>,
 }
 
-struct PoolInner {
+/// The pool's state (a [`BackendLink`](crate::shared::BackendLink) holds a weak reference).
+pub(crate) struct PoolInner {
     signals: Arc<Signals>,
     table: ArcSwap<Table>,
     strategy: Strategy,
@@ -153,6 +157,8 @@ struct Signals {
     notify: Arc<Notify>,
     /// For the rare paths that need every key (an account-wide limit).
     pool: Weak<PoolInner>,
+    /// The state shared with other replicas, if a backend is set.
+    shared: Option<Arc<Shared>>,
 }
 
 #[repr(align(128))]
@@ -184,6 +190,8 @@ impl KeyPool {
             classifier: Classifier::default(),
             learn_concurrency: true,
             max_wait: Some(builder::DEFAULT_MAX_WAIT),
+            backend: None,
+            degraded: Default::default(),
         }
     }
 
@@ -253,6 +261,16 @@ impl KeyPool {
     /// The wait budget of each request ([`KeyPoolBuilder::max_wait`]).
     pub fn max_wait(&self) -> Option<Duration> {
         self.inner.signals.max_wait
+    }
+
+    /// The state backend's health, if the pool shares its state with other replicas
+    /// ([`KeyPoolBuilder::state_backend`]).
+    pub fn backend_health(&self) -> Option<BackendHealth> {
+        self.inner
+            .signals
+            .shared
+            .as_ref()
+            .map(|shared| shared.health())
     }
 
     /// Requests waiting for a key right now (in [`poll_reserve`](Self::poll_reserve)).

@@ -15,6 +15,7 @@ use super::state::Availability;
 use super::{LazyNow, Signals};
 use crate::key::KeySpec;
 use crate::quota::{Gcra, Quota};
+use crate::shared::SharedKey;
 use crate::stats::KeyState;
 
 /// One key's state, hot fields first and on their own cache lines so that keys do not
@@ -52,6 +53,8 @@ pub(super) struct Slot {
     pub(super) weight: u32,
     pub(super) quota: Option<Gcra>,
     pub(super) spec: KeySpec,
+    /// The key's part in the state shared with other replicas (`None`: no backend).
+    pub(super) shared: Option<SharedKey>,
     /// Header values, built on first use and reused: `Bearer <key>` and the bare key.
     pub(super) bearer: OnceLock<HeaderValue>,
     pub(super) bare: OnceLock<HeaderValue>,
@@ -80,6 +83,10 @@ impl Slot {
         signals: &Arc<Signals>,
     ) -> Arc<Self> {
         let cap = spec.max_in_flight.unwrap_or(cap);
+        let shared = signals
+            .shared
+            .as_ref()
+            .map(|shared| shared.key(shared.backend.key_id(&spec), cap != u32::MAX));
         Arc::new(Self {
             in_flight: AtomicU32::new(0),
             limit: AtomicU32::new(cap),
@@ -99,6 +106,7 @@ impl Slot {
             weight: spec.weight,
             quota: spec.quota.or(quota).map(|q| q.gcra()),
             spec,
+            shared,
             bearer: OnceLock::new(),
             bare: OnceLock::new(),
             signals: signals.clone(),
@@ -108,6 +116,17 @@ impl Slot {
     /// The concurrency limit in force (`u32::MAX`: none).
     pub(super) fn limit(&self) -> u32 {
         self.limit.load(Ordering::Relaxed)
+    }
+
+    /// The most leases this replica may hold on the key now: `limit`, or less while the
+    /// store shared with other replicas says the key is full, or its degraded policy applies.
+    #[inline]
+    pub(super) fn take_limit(&self) -> u32 {
+        let limit = self.limit();
+        match &self.shared {
+            None => limit,
+            Some(shared) => shared.limit(limit),
+        }
     }
 
     /// Removed or replaced by a reload.
@@ -144,7 +163,7 @@ impl Slot {
             // Probing: the probe's answer wakes every waiter.
             return (KeyState::Probing, Availability::OnRelease);
         }
-        if self.in_flight.load(Ordering::Relaxed) >= self.limit() {
+        if self.in_flight.load(Ordering::Relaxed) >= self.take_limit() {
             return (KeyState::Busy, Availability::OnRelease);
         }
         let quota_at = quota_at();
@@ -190,7 +209,7 @@ impl Slot {
             };
             tat_after = after;
         }
-        let limit = self.limit();
+        let limit = self.take_limit();
         let in_flight = if limit == u32::MAX {
             Some(self.in_flight.fetch_add(1, Ordering::AcqRel))
         } else {
@@ -230,6 +249,9 @@ impl Slot {
         }
         if refused {
             self.refused_open.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(shared) = &self.shared {
+            shared.released();
         }
         // SeqCst pairs with the waiter's registration (see `wait`).
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
