@@ -138,3 +138,306 @@ fn neither_the_url_nor_its_password_shows_in_errors_or_debug() {
         "{debug}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// In-flight caps shared by three replicas
+// ---------------------------------------------------------------------------------------
+
+#[allow(unreachable_pub)]
+mod caps {
+    use std::collections::HashMap;
+    use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Empty, Full};
+    use tower::{Service, ServiceExt};
+    use tower_key_rotation::{KeyPool, KeyRotation};
+
+    /// A provider stand-in allowing `limit` requests in flight per key, refusing more with
+    /// 429; it records the most it saw at once per key.
+    #[derive(Clone, Default)]
+    pub struct Provider {
+        limit: u32,
+        state: Arc<Mutex<Ledger>>,
+    }
+
+    #[derive(Default)]
+    struct Ledger {
+        in_flight: HashMap<String, u32>,
+        most: HashMap<String, u32>,
+        refused: u32,
+        served: u32,
+    }
+
+    impl Provider {
+        pub fn new(limit: u32) -> Self {
+            Self {
+                limit,
+                state: Arc::default(),
+            }
+        }
+
+        /// (served, refused with 429, the most in flight on any key at once).
+        pub fn tally(&self) -> (u32, u32, u32) {
+            let ledger = self.state.lock().unwrap();
+            let most = ledger.most.values().copied().max().unwrap_or(0);
+            (ledger.served, ledger.refused, most)
+        }
+
+        /// The inner service: works `work` on an accepted request.
+        pub fn service(
+            &self,
+            work: Duration,
+        ) -> impl Service<
+            Request<Empty<Bytes>>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + 'static {
+            let provider = self.clone();
+            tower::service_fn(move |request: Request<Empty<Bytes>>| {
+                let provider = provider.clone();
+                async move {
+                    let key = request.headers()["authorization"]
+                        .to_str()
+                        .unwrap()
+                        .to_owned();
+                    let accepted = {
+                        let mut ledger = provider.state.lock().unwrap();
+                        let count = ledger.in_flight.entry(key.clone()).or_default();
+                        let accepted = *count < provider.limit;
+                        if accepted {
+                            *count += 1;
+                            let now = *count;
+                            let most = ledger.most.entry(key.clone()).or_default();
+                            *most = (*most).max(now);
+                            ledger.served += 1;
+                        } else {
+                            ledger.refused += 1;
+                        }
+                        accepted
+                    };
+                    if !accepted {
+                        let mut response = Response::new(Full::new(Bytes::from_static(b"busy")));
+                        *response.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+                        return Ok(response);
+                    }
+                    tokio::time::sleep(work).await;
+                    *provider
+                        .state
+                        .lock()
+                        .unwrap()
+                        .in_flight
+                        .get_mut(&key)
+                        .unwrap() -= 1;
+                    Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                }
+            })
+        }
+    }
+
+    /// `requests` requests spread round the `pools`, all at once; each answer read to its
+    /// end (which gives its key back). Returns the statuses.
+    pub async fn load(
+        pools: &[KeyPool],
+        provider: &Provider,
+        requests: usize,
+        work: Duration,
+    ) -> Vec<u16> {
+        let tasks: Vec<_> = (0..requests)
+            .map(|i| {
+                let service =
+                    KeyRotation::new(provider.service(work), pools[i % pools.len()].clone());
+                tokio::spawn(async move {
+                    let request = Request::get("http://provider.test/v1/chat")
+                        .body(Empty::<Bytes>::new())
+                        .unwrap();
+                    let response = service.oneshot(request).await.expect("an answer");
+                    let status = response.status().as_u16();
+                    response.into_body().collect().await.unwrap();
+                    status
+                })
+            })
+            .collect();
+        let mut statuses = Vec::with_capacity(requests);
+        for task in tasks {
+            statuses.push(task.await.unwrap());
+        }
+        statuses
+    }
+}
+
+use caps::{Provider, load};
+
+/// Three replicas with a cap of `cap` per key, sharing through `server` (or not).
+async fn three_replicas(
+    server: Option<&RedisServer>,
+    namespace: &str,
+    keys: &str,
+    cap: u32,
+    options: RedisOptions,
+) -> (Vec<KeyPool>, Vec<RedisBackend>) {
+    let mut pools = Vec::new();
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        let mut pool = KeyPool::builder(KeySet::parse(keys).unwrap()).max_in_flight_per_key(cap);
+        if let Some(server) = server {
+            let mut options = options.clone();
+            options.namespace = namespace.to_owned();
+            let backend = RedisBackend::new(&server.url(), SECRET, options).unwrap();
+            assert!(backend.connect().await);
+            pool = pool.state_backend(backend.clone());
+            backends.push(backend);
+        }
+        pools.push(pool.build());
+    }
+    for backend in &backends {
+        timeout(Duration::from_secs(5), backend.subscribed())
+            .await
+            .unwrap();
+    }
+    (pools, backends)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_keep_each_keys_cap_between_them_and_without_redis_they_do_not() {
+    let server = RedisServer::start().await;
+    let work = Duration::from_millis(20);
+
+    let provider = Provider::new(2);
+    let (pools, _backends) =
+        three_replicas(Some(&server), "caps", KEYS, 2, RedisOptions::default()).await;
+    let statuses = load(&pools, &provider, 300, work).await;
+    let (served, refused, most) = provider.tally();
+    eprintln!("shared: {served} served, {refused} refused (429), at most {most} in flight per key");
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!((served, refused), (300, 0));
+    assert!(most <= 2, "{most} in flight on one key");
+    for pool in &pools {
+        assert!(pool.snapshot().iter().all(|key| key.in_flight == 0));
+    }
+
+    // The control: the same replicas, each on its own.
+    let provider = Provider::new(2);
+    let (pools, _) = three_replicas(None, "", KEYS, 2, RedisOptions::default()).await;
+    load(&pools, &provider, 300, work).await;
+    let (_, refused, _) = provider.tally();
+    eprintln!("control without Redis: {refused} refused (429)");
+    assert!(
+        refused > 0,
+        "the replicas alone exceed the provider's limit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_leases_come_back_within_the_ttl() {
+    let server = RedisServer::start().await;
+    let mut options = RedisOptions::default();
+    options.namespace = "dead".to_owned();
+    options.heartbeat = Duration::from_millis(200);
+    options.ttl = Duration::from_secs(1);
+
+    // The replica that dies: its own runtime, holding both slots of the one key, then
+    // gone without a word (its runtime dropped, its leases never released).
+    let url = server.url();
+    let dying = options.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let backend = RedisBackend::new(&url, SECRET, dying).unwrap();
+            assert!(backend.connect().await);
+            let pool = KeyPool::builder(KeySet::parse("sk-one").unwrap())
+                .max_in_flight_per_key(2)
+                .state_backend(backend)
+                .build();
+            for _ in 0..2 {
+                let mut lease = pool.try_reserve().unwrap();
+                assert!(std::future::poll_fn(|cx| lease.poll_admitted(cx)).await);
+                std::mem::forget(lease);
+            }
+        });
+        drop(runtime);
+    })
+    .join()
+    .unwrap();
+
+    let backend = RedisBackend::new(&server.url(), SECRET, options).unwrap();
+    assert!(backend.connect().await);
+    let pool = KeyPool::builder(KeySet::parse("sk-one").unwrap())
+        .max_in_flight_per_key(2)
+        .state_backend(backend)
+        .build();
+    let started = Instant::now();
+    let mut lease = pool.try_reserve().unwrap();
+    assert!(
+        !std::future::poll_fn(|cx| lease.poll_admitted(cx)).await,
+        "the dead replica's leases still count"
+    );
+    drop(lease);
+    // A caller waits (no polling: woken when the replica count drops) and gets the key.
+    let provider = Provider::new(2);
+    let statuses = load(&[pool], &provider, 2, Duration::from_millis(1)).await;
+    let took = started.elapsed();
+    eprintln!("a dead replica's slots came back after {took:?} (ttl 1 s, heartbeat 200 ms)");
+    assert_eq!(statuses, [200, 200]);
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_run_degrades_without_failing_a_request_and_its_return_resumes_sharing() {
+    let mut server = RedisServer::start().await;
+    let mut options = RedisOptions::default();
+    options.heartbeat = Duration::from_millis(200);
+    // A cap of 3 over 3 replicas: the split policy gives each 1, so even degraded the
+    // provider's limit holds.
+    let provider = Provider::new(3);
+    let (pools, backends) = three_replicas(Some(&server), "outage", "sk-one", 3, options).await;
+    let work = Duration::from_millis(20);
+    let before = load(&pools, &provider, 60, work).await;
+
+    // Killed while requests are in flight.
+    let during = {
+        let pools = pools.clone();
+        let provider = provider.clone();
+        tokio::spawn(async move { load(&pools, &provider, 120, work).await })
+    };
+    server.kill().await;
+    for backend in &backends {
+        timeout(Duration::from_secs(5), backend.sharing().wait_for(|s| !s))
+            .await
+            .expect("degraded within 5 s")
+            .unwrap();
+    }
+    let degraded = load(&pools, &provider, 60, work).await;
+    for pool in &pools {
+        let health = pool.backend_health().unwrap();
+        assert!(health.degraded && !health.connected, "{health:?}");
+        assert_eq!(health.replicas, 3);
+    }
+    let during = during.await.unwrap();
+
+    // Back, empty (no persistence): scripts reloaded (NOSCRIPT), state merged, sharing on.
+    server.restart().await;
+    for backend in &backends {
+        timeout(Duration::from_secs(5), backend.sharing().wait_for(|s| *s))
+            .await
+            .expect("sharing again within 5 s")
+            .unwrap();
+    }
+    let after = load(&pools, &provider, 60, work).await;
+    for pool in &pools {
+        assert!(!pool.backend_health().unwrap().degraded);
+    }
+    let (served, refused, most) = provider.tally();
+    eprintln!("outage: {served} served, {refused} refused (429), at most {most} at once");
+    for statuses in [before, during, degraded, after] {
+        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    }
+    assert_eq!((served, refused), (300, 0));
+    assert!(most <= 3);
+}

@@ -367,15 +367,16 @@ impl SharedKey {
         if !self.capped {
             return limit;
         }
-        if self.cell.full.load(Ordering::Acquire) {
-            return 0;
-        }
         let shared = &*self.shared;
         if shared.degraded.load(Ordering::Relaxed) {
+            // The store's "full" is stale while it is away: the policy's share decides.
             return shared
                 .policy
                 .share(limit, shared.replicas.load(Ordering::Relaxed))
                 .min(limit);
+        }
+        if self.cell.full.load(Ordering::Acquire) {
+            return 0;
         }
         limit
     }

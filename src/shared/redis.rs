@@ -150,6 +150,8 @@ struct Inner {
     subscribed: watch::Sender<bool>,
     /// Syncs done so far.
     syncs: watch::Sender<u64>,
+    /// The breaker is closed: the replicas share their state.
+    sharing: watch::Sender<bool>,
 }
 
 struct Scripts {
@@ -310,6 +312,7 @@ impl RedisBackend {
                 applied: watch::Sender::new(0),
                 subscribed: watch::Sender::new(false),
                 syncs: watch::Sender::new(0),
+                sharing: watch::Sender::new(false),
             }),
         })
     }
@@ -325,11 +328,18 @@ impl RedisBackend {
         match inner.write_counts(&[]).await {
             Some(replicas) => {
                 inner.open.store(false, Ordering::Release);
+                inner.sharing.send_replace(true);
                 inner.replicas.store(replicas, Ordering::Relaxed);
                 true
             }
             None => false,
         }
+    }
+
+    /// Whether the replicas share their state now (`false` while the store is away and the
+    /// degraded policy applies): a test or a dashboard can wait for a change.
+    pub fn sharing(&self) -> watch::Receiver<bool> {
+        self.inner.sharing.subscribe()
     }
 
     /// This replica's name in the store (random per process).
@@ -587,6 +597,7 @@ impl Inner {
                 link.policy().as_str()
             );
             link.set_health(false, true, None);
+            self.sharing.send_replace(false);
             return true;
         }
         false
@@ -680,6 +691,7 @@ async fn tick(inner: &Inner, link: &BackendLink, ticks: u64) {
             let replicas = inner.replicas.load(Ordering::Relaxed);
             tracing::info!(replicas, "Redis reachable: state merged, sharing resumed");
             link.set_health(true, false, Some(replicas));
+            inner.sharing.send_replace(true);
         }
         return;
     }
