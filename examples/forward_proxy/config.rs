@@ -37,7 +37,10 @@ each key and takes its value from an environment variable or a file:
 SIGHUP, or a change to the key file, reloads the keys (unchanged keys keep their state).
 Keys of one account share its limit: tag them with the same account.
 
-Admin routes: /_keyrotation/health, /_keyrotation/keys, /_keyrotation/metrics.
+Admin routes: /_keyrotation/health, /_keyrotation/keys, /_keyrotation/backend,
+/_keyrotation/metrics.
+
+Replicas share their keys' state through Redis with --redis-url (or REDIS_URL).
 
 Anyone who can reach the proxy uses your keys: keep it on loopback, or set --access-token-env.";
 
@@ -160,6 +163,10 @@ pub(crate) struct Args {
     /// Log format: `text` (for people) or `json` (one object a line, for log shippers).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub(crate) log_format: LogFormat,
+
+    /// Replicas sharing state through Redis (see `shared`).
+    #[command(flatten)]
+    pub(crate) shared: crate::shared::SharedArgs,
 }
 
 impl Args {
@@ -405,6 +412,7 @@ pub(crate) fn load_secrets(args: &Args) -> Result<Secrets, String> {
             None => vec![keys_env.to_owned()],
         };
         needed.extend(args.access_token_env.clone());
+        needed.extend(args.shared.env_names());
         let needed: Vec<&str> = needed.iter().map(String::as_str).collect();
         dotenv.apply(&needed)?;
     }

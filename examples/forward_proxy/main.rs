@@ -19,8 +19,8 @@
 //! One module per job: `config` (flags, secrets), `dotenv` (`.env`), `keys` (the key
 //! file), `reload` (SIGHUP and key file changes), `handler` (one request, and a client that
 //! goes away), `upstream` (client stack), `tls` (certificate checks, failures in words),
-//! `attempts` (each attempt's time, for the log), `admin`
-//! and `metrics`.
+//! `attempts` (each attempt's time, for the log), `shared` (replicas sharing keys' state
+//! through Redis: `--redis-url`), `admin` and `metrics`.
 
 mod admin;
 mod attempts;
@@ -30,6 +30,7 @@ mod handler;
 mod keys;
 mod metrics;
 mod reload;
+mod shared;
 mod tls;
 mod upstream;
 
@@ -96,7 +97,7 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(rpm) = args.rpm_per_key {
         pool = pool.quota_per_key(Quota::per_minute(rpm));
     }
-    let pool = pool.build();
+    let pool = shared::apply(&args.shared, pool).await?.build();
     tracing::info!(
         "Loaded {} API key(s) from {}{}",
         pool.len(),

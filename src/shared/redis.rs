@@ -291,7 +291,7 @@ impl RedisBackend {
     pub fn new(url: &str, secret: &[u8], options: RedisOptions) -> Result<Self, RedisBackendError> {
         let client = Client::open(url).map_err(|_| {
             RedisBackendError(
-                "not a Redis URL (expected redis://[user:password@]host:port[/db], rediss://... or unix:///path)",
+                "not a Redis URL (expected redis://[user:password@]host:port[/db] or unix:///path; TLS is not built in)",
             )
         })?;
         let prefix = format!("tkr:{{{}}}:", options.namespace);
