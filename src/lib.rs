@@ -186,7 +186,7 @@ pub use key::{ApiKey, ByteKind, KeyError, KeySet, KeySpec};
 pub use layer::KeyRotationLayer;
 pub use limits::{learned_reset, parse_go_duration, parse_rfc3339};
 pub use outcome::{Classifier, Outcome, classify};
-pub use pool::{KeyPool, KeyPoolBuilder, Lease, ReloadSummary, Reserve, Strategy, Waiter};
+pub use pool::{Admit, KeyPool, KeyPoolBuilder, Lease, ReloadSummary, Reserve, Strategy, Waiter};
 pub use quota::Quota;
 pub use service::KeyRotation;
 pub use stats::{KeyState, KeyStats};

@@ -1,6 +1,8 @@
 //! [`KeyRotation`]: the service that reserves a key in `poll_ready` and uses it in `call`.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use crate::future::ResponseFuture;
 use tokio::time::Instant;
 
 use crate::error::{AllKeysDisabled, NoKeyAvailable};
-use crate::pool::{KeyPool, Lease, Reserve, Waiter};
+use crate::pool::{Admit, KeyPool, Lease, Reserve, Waiter};
 use crate::tried::TriedKeys;
 
 /// Middleware that puts a key from a shared [`KeyPool`] on every request.
@@ -59,6 +61,8 @@ pub struct KeyRotation<S> {
 #[derive(Debug)]
 enum Reserved {
     Lease(Lease),
+    /// A lease waiting for the store shared with other replicas to admit it.
+    Admitting(Admit),
     /// No key: the call fails with this.
     Refused(Refused),
 }
@@ -130,13 +134,25 @@ where
         loop {
             ready!(self.poll_reserve(cx));
             // With a shared state backend, a lease on a capped key waits for the store.
-            match &mut self.reserved {
-                Some(Reserved::Lease(lease)) => match ready!(lease.poll_admitted(cx)) {
-                    true => return Poll::Ready(Ok(())),
-                    // Full across the replicas: that key reads busy now; look again.
-                    false => self.reserved = None,
-                },
-                _ => return Poll::Ready(Ok(())),
+            let admit = match self.reserved.take() {
+                Some(Reserved::Lease(lease)) if lease.needs_admission() => lease.admit(),
+                Some(Reserved::Admitting(admit)) => admit,
+                reserved => {
+                    self.reserved = reserved;
+                    return Poll::Ready(Ok(()));
+                }
+            };
+            let admit = self.reserved.insert(Reserved::Admitting(admit));
+            let Reserved::Admitting(admit) = admit else {
+                unreachable!("just inserted");
+            };
+            match ready!(Pin::new(admit).poll(cx)) {
+                Some(lease) => {
+                    self.reserved = Some(Reserved::Lease(lease));
+                    return Poll::Ready(Ok(()));
+                }
+                // Full across the replicas: that key reads busy here now; look again.
+                None => self.reserved = None,
             }
         }
     }
@@ -148,6 +164,9 @@ where
             .expect("KeyRotation::call without a key: poll_ready must return Ready first");
         let mut lease = match reserved {
             Reserved::Lease(lease) => lease,
+            Reserved::Admitting(_) => {
+                panic!("KeyRotation::call without a key: poll_ready must return Ready first")
+            }
             Reserved::Refused(refused) => return ResponseFuture::refused(refused.into()),
         };
         let tried = req.extensions().get::<TriedKeys>();
@@ -159,7 +178,7 @@ where
                 .and_then(|tried| self.pool.try_reserve_where(|i| !tried.contains(i)))
                 .or_else(|| (!usable).then(|| self.pool.try_reserve()).flatten());
             match other {
-                Some(mut other) => {
+                Some(other) => {
                     // Nothing can wait here: it is counted by the store, not checked.
                     other.skip_admission();
                     lease = other;
@@ -191,9 +210,11 @@ where
 impl<S> KeyRotation<S> {
     /// Reserves a key for the next call (or decides that it fails), waiting within the
     /// pool's budget.
+    #[inline]
     fn poll_reserve(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match &self.reserved {
             Some(Reserved::Lease(lease)) if lease.is_usable() => return Poll::Ready(()),
+            Some(Reserved::Admitting(_)) => return Poll::Ready(()),
             // The reserved key was removed, started resting or was disabled since: trade it
             // for a usable one, or give it back and wait like everyone else.
             Some(Reserved::Lease(_)) => {

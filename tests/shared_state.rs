@@ -356,9 +356,9 @@ async fn a_dead_replicas_leases_come_back_within_the_ttl() {
                 .state_backend(backend)
                 .build();
             for _ in 0..2 {
-                let mut lease = pool.try_reserve().unwrap();
-                assert!(std::future::poll_fn(|cx| lease.poll_admitted(cx)).await);
-                std::mem::forget(lease);
+                let lease = pool.try_reserve().unwrap();
+                assert!(lease.needs_admission());
+                std::mem::forget(lease.admit().await.expect("admitted"));
             }
         });
         drop(runtime);
@@ -373,12 +373,11 @@ async fn a_dead_replicas_leases_come_back_within_the_ttl() {
         .state_backend(backend)
         .build();
     let started = Instant::now();
-    let mut lease = pool.try_reserve().unwrap();
+    let lease = pool.try_reserve().unwrap();
     assert!(
-        !std::future::poll_fn(|cx| lease.poll_admitted(cx)).await,
+        lease.admit().await.is_none(),
         "the dead replica's leases still count"
     );
-    drop(lease);
     // A caller waits (no polling: woken when the replica count drops) and gets the key.
     let provider = Provider::new(2);
     let statuses = load(&[pool], &provider, 2, Duration::from_millis(1)).await;

@@ -83,7 +83,7 @@ use crate::shared::{BackendHealth, Shared};
 use crate::stats::KeyStats;
 
 pub use builder::KeyPoolBuilder;
-pub use lease::Lease;
+pub use lease::{Admit, Lease};
 pub(crate) use state::PoolAvailability;
 pub use table::ReloadSummary;
 pub use wait::{Reserve, Waiter};

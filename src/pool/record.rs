@@ -174,6 +174,7 @@ impl Slot {
 
     /// Tells the other replicas what an outcome changed here (off the request path: the
     /// backend's task carries it).
+    #[inline(never)]
     fn share(&self, shared: &SharedKey, transition: &Transition, recovered: bool) {
         if transition.disabled {
             shared.report(Op::Disable {

@@ -242,6 +242,7 @@ impl Slot {
     }
 
     /// Gives back an in-flight slot, and what is left of an unsent request's quota unit.
+    #[inline]
     pub(super) fn release(&self, unsent_tat_after: Option<u64>, refused: bool) {
         if let (Some(tat_after), Some(quota)) = (unsent_tat_after, self.quota) {
             // Only a quota reads the clock.

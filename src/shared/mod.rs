@@ -350,19 +350,12 @@ pub(crate) struct Admission {
     frees: u32,
 }
 
-/// What happens to a lease just taken on a key, in shared mode.
-pub(crate) enum Admit {
-    /// It may go now (no cap, or the degraded policy decided).
-    Now,
-    /// It waits for the store's answer.
-    Wait(Admission),
-}
-
 impl SharedKey {
     /// The most requests this replica may have in flight on the key now: `limit` (the
     /// configured or learned one), or none while the store says the key is full, or the
     /// degraded policy's share.
-    #[inline]
+    // Out of line: the pool without a backend never calls it, and keeps its fast path small.
+    #[inline(never)]
     pub(crate) fn limit(&self, limit: u32) -> u32 {
         if !self.capped {
             return limit;
@@ -381,22 +374,27 @@ impl SharedKey {
         limit
     }
 
-    /// A lease was taken on the key: count it, and ask the store unless degraded.
-    pub(crate) fn taken(&self, cap: u32) -> Admit {
+    /// A lease was taken on the key: count it. `true` if the store must admit it before
+    /// its request goes (a capped key, the store not away): see [`SharedKey::ask`].
+    // Out of line: the pool without a backend never calls it, and keeps its fast path small.
+    #[inline(never)]
+    pub(crate) fn taken(&self) -> bool {
         if !self.capped {
-            return Admit::Now;
+            return false;
         }
+        self.cell.word.fetch_add(ONE, Ordering::AcqRel);
+        // While degraded, within the policy's share already (`limit`); the store hears
+        // of it at the merge.
+        !self.shared.degraded.load(Ordering::Relaxed)
+    }
+
+    /// Asks the store to admit a lease taken on the key under `cap`. The count sent is this
+    /// replica's now, which includes the lease (a later version than its take, which the
+    /// store accepts as well).
+    #[inline(never)]
+    pub(crate) fn ask(&self, cap: u32) -> Admission {
         let frees = self.cell.frees.load(Ordering::Acquire);
-        let count = decode(
-            self.cell
-                .word
-                .fetch_add(ONE, Ordering::AcqRel)
-                .wrapping_add(ONE),
-        );
-        if self.shared.degraded.load(Ordering::Relaxed) {
-            // Within the policy's share already (`limit`); the store hears of it later.
-            return Admit::Now;
-        }
+        let count = decode(self.cell.word.load(Ordering::Acquire));
         let (reply, answer) = oneshot::channel();
         self.shared.send(Op::Acquire(Acquire {
             key: self.id.clone(),
@@ -404,10 +402,12 @@ impl SharedKey {
             cap,
             reply,
         }));
-        Admit::Wait(Admission { answer, frees })
+        Admission { answer, frees }
     }
 
     /// A lease on the key ended: count it, and have the backend write the counts.
+    // Out of line: the pool without a backend never calls it, and keeps its fast path small.
+    #[inline(never)]
     pub(crate) fn released(&self) {
         if !self.capped {
             return;
@@ -438,6 +438,8 @@ impl SharedKey {
         self.cell.full.store(false, Ordering::Release);
     }
 
+    // Out of line: the pool without a backend never calls it, and keeps its fast path small.
+    #[inline(never)]
     pub(crate) fn report(&self, op: Op) {
         self.shared.send(op);
     }
