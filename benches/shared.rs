@@ -9,7 +9,8 @@
 //!   written in the background.
 //!
 //! Prints p50, p99 and the mean per request, and requests per second, as a Markdown table
-//! (BENCHMARKS.md). Needs `redis-server` (Debian: `apt-get install redis-server`).
+//! (BENCHMARKS.md); then the requests per second of 48 callers through one replica and
+//! through three (pools in this process, each with its own Redis connection). Needs `redis-server` (Debian: `apt-get install redis-server`).
 //!
 //! ```sh
 //! cargo bench --bench shared
@@ -60,6 +61,33 @@ async fn measure(pool: KeyPool) -> Vec<Duration> {
         }
     }
     times
+}
+
+/// Requests per second of `CONCURRENT` callers spread over `pools`, `TOTAL` requests.
+async fn throughput(pools: Vec<KeyPool>) -> f64 {
+    const CONCURRENT: usize = 48;
+    const TOTAL: usize = 24_000;
+    let started = Instant::now();
+    let callers: Vec<_> = (0..CONCURRENT)
+        .map(|i| {
+            let pool = pools[i % pools.len()].clone();
+            tokio::spawn(async move {
+                let inner = tower::service_fn(answer as fn(Request<Empty<Bytes>>) -> Answer);
+                let mut service = KeyRotation::new(inner, pool);
+                for _ in 0..TOTAL / CONCURRENT {
+                    let request = Request::get("http://provider.test/v1/models")
+                        .body(Empty::new())
+                        .unwrap();
+                    let response = service.ready().await.unwrap().call(request).await.unwrap();
+                    response.into_body().collect().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    TOTAL as f64 / started.elapsed().as_secs_f64()
 }
 
 fn row(name: &str, mut times: Vec<Duration>) {
@@ -118,6 +146,22 @@ fn main() {
             )
             .await,
         );
+        println!();
+        println!("| replicas (pools, each with its own connection), cap 1000 per key | requests/s, 48 callers |");
+        println!("| --- | --- |");
+        for replicas in [1, 3] {
+            let mut pools = Vec::new();
+            for _ in 0..replicas {
+                let backend = shared(&server, &format!("bench-throughput-{replicas}")).await;
+                pools.push(
+                    builder()
+                        .max_in_flight_per_key(1000)
+                        .state_backend(backend)
+                        .build(),
+                );
+            }
+            println!("| {replicas} | {:.0} |", throughput(pools).await);
+        }
         // Redis is stopped by pid when `server` drops (kill_on_drop).
         drop(server);
         tokio::time::sleep(Duration::from_millis(10)).await;
