@@ -440,3 +440,75 @@ async fn redis_killed_mid_run_degrades_without_failing_a_request_and_its_return_
     assert_eq!((served, refused), (300, 0));
     assert!(most <= 3);
 }
+
+/// Requests sent by `pools`' callers (one each, back to back) for `run`.
+async fn callers_for(pools: &[KeyPool], provider: &Provider, run: Duration) -> u32 {
+    let end = Instant::now() + run;
+    let callers: Vec<_> = pools
+        .iter()
+        .map(|pool| {
+            let pool = pool.clone();
+            let provider = provider.clone();
+            tokio::spawn(async move {
+                use http_body_util::BodyExt;
+                use tower::ServiceExt;
+                let mut sent = 0;
+                loop {
+                    let service = tower_key_rotation::KeyRotation::new(
+                        provider.service(Duration::ZERO),
+                        pool.clone(),
+                    );
+                    let request = http::Request::get("http://provider.test/v1/chat")
+                        .body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap();
+                    // Waits for the quota (a timer), so stop at the end, not after.
+                    let Ok(response) = tokio::time::timeout_at(end, service.oneshot(request)).await
+                    else {
+                        return sent;
+                    };
+                    response.unwrap().into_body().collect().await.unwrap();
+                    sent += 1;
+                }
+            })
+        })
+        .collect();
+    let mut sent = 0;
+    for caller in callers {
+        sent += caller.await.unwrap();
+    }
+    sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_is_shared_by_the_replicas() {
+    let server = RedisServer::start().await;
+    let quota = tower_key_rotation::Quota::per_second(10);
+    let run = Duration::from_millis(1500);
+    let mut pools = Vec::new();
+    for _ in 0..3 {
+        let backend = RedisBackend::new(&server.url(), SECRET, options("quota")).unwrap();
+        assert!(backend.connect().await);
+        pools.push(
+            KeyPool::builder(KeySet::parse("sk-one").unwrap())
+                .quota_per_key(quota)
+                .state_backend(backend)
+                .build(),
+        );
+    }
+    let shared = callers_for(&pools, &Provider::new(100), run).await;
+
+    let alone: Vec<KeyPool> = (0..3)
+        .map(|_| {
+            KeyPool::builder(KeySet::parse("sk-one").unwrap())
+                .quota_per_key(quota)
+                .build()
+        })
+        .collect();
+    let control = callers_for(&alone, &Provider::new(100), run).await;
+    eprintln!(
+        "10 requests/s over 1.5 s: {shared} sent by 3 replicas sharing the quota, {control} without Redis"
+    );
+    // 10/s from the first at 0 ms: 15 or 16 in 1.5 s, whoever sends them.
+    assert!((14..=16).contains(&shared), "{shared}");
+    assert!(control >= 42, "{control}");
+}

@@ -17,7 +17,7 @@ use super::slot::{Slot, Taken};
 use super::table::Table;
 use crate::key::ApiKey;
 use crate::outcome::{Classifier, Outcome};
-use crate::shared::Admission;
+use crate::shared::{Admission, Answer};
 
 /// A reserved key: counts as in flight until dropped.
 ///
@@ -250,12 +250,22 @@ impl Future for Admit {
                 .shared
                 .as_ref()
                 .expect("an admission has a shared key");
-            if !ready!(admission.poll(shared, cx)) {
-                this.admission = None;
-                this.lease = None;
-                return Poll::Ready(None);
-            }
+            let answer = ready!(admission.poll(shared, cx));
             this.admission = None;
+            match answer {
+                Answer::Admitted => {}
+                Answer::Full => {
+                    this.lease = None;
+                    return Poll::Ready(None);
+                }
+                Answer::QuotaIn(wait) => {
+                    lease.slot.hold_quota(wait);
+                    // Its local unit stays spent: a refund would undo part of the hold.
+                    lease.set_flag(SENT);
+                    this.lease = None;
+                    return Poll::Ready(None);
+                }
+            }
         }
         Poll::Ready(Some(
             this.lease.take().expect("Admit polled after completion"),

@@ -208,6 +208,16 @@ impl Slot {
         }
     }
 
+    /// The store shared with other replicas says the key's quota has no unit for `wait`:
+    /// hold it back here as long, so that waiters sleep until then.
+    pub(super) fn hold_quota(&self, wait: Duration) {
+        if let Some(quota) = self.quota {
+            let now = self.signals.now_nanos();
+            let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+            quota.hold_until(&self.tat, now.saturating_add(wait));
+        }
+    }
+
     /// Applies another replica's rest, disable or level (from the store): a rest only
     /// extends, a disable is for good, a level only rises. Not shared again. Returns
     /// whether anything changed.

@@ -83,10 +83,10 @@ impl Slot {
         signals: &Arc<Signals>,
     ) -> Arc<Self> {
         let cap = spec.max_in_flight.unwrap_or(cap);
-        let shared = signals
-            .shared
-            .as_ref()
-            .map(|shared| shared.key(shared.backend.key_id(&spec), cap != u32::MAX));
+        let shared = signals.shared.as_ref().map(|shared| {
+            let quota = spec.quota.or(quota).map(|q| q.gcra());
+            shared.key(shared.backend.key_id(&spec), cap, quota)
+        });
         Arc::new(Self {
             in_flight: AtomicU32::new(0),
             limit: AtomicU32::new(cap),
@@ -203,7 +203,12 @@ impl Slot {
         let now_nanos = if self.quota.is_some() { now.get() } else { 0 };
         let mut tat_after = 0;
         if let Some(quota) = self.quota {
-            let Some(after) = quota.try_take(&self.tat, now_nanos) else {
+            // Units of quota per request: more while a quota shared by replicas is split.
+            let units = self
+                .shared
+                .as_ref()
+                .map_or(1, |shared| shared.quota_units());
+            let Some(after) = quota.try_take_units(&self.tat, now_nanos, units) else {
                 self.unprobe(probe);
                 return None;
             };

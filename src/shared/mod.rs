@@ -23,6 +23,9 @@
 //!   rest that one replica starts reaches the others by pub/sub and is applied to their
 //!   atomics ([`BackendLink::apply`]); a periodic sync covers lost messages. Replicas
 //!   exchange *remaining durations*, never instants, so their clocks need not agree.
+//! - **Quotas** are one GCRA state in the store, on its clock: a lease on a key with a
+//!   quota is admitted only if the shared quota has a unit (in the same round trip as the
+//!   in-flight count); else the key reads busy here until the store says it has one.
 //! - **In-flight counts** of keys with a cap: each replica counts its own leases per key in
 //!   one word (a version and the count, [`KeyCount`]) and the store keeps the latest
 //!   version per replica, with a time to live renewed by a heartbeat. A lease on a capped
@@ -113,9 +116,29 @@ pub struct Acquire {
     /// This replica's leases on the key, this one included: the version and count to
     /// store if admitted.
     pub count: KeyCount,
-    /// The key's cap (configured or learned).
+    /// The key's cap (configured or learned; `u32::MAX`: none).
     pub cap: u32,
-    reply: oneshot::Sender<bool>,
+    /// The key's request quota, if it has one: shared by every replica.
+    pub quota: Option<SharedQuota>,
+    reply: oneshot::Sender<Verdict>,
+}
+
+/// A request quota as the store applies it (GCRA): one request per `interval`, a burst of
+/// `tolerance / interval + 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedQuota {
+    /// The spacing between requests.
+    pub interval: Duration,
+    /// How far ahead of the spacing a burst may go.
+    pub tolerance: Duration,
+}
+
+/// The store's answer to an [`Acquire`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Admitted,
+    Full,
+    QuotaIn(Duration),
 }
 
 impl Acquire {
@@ -123,7 +146,17 @@ impl Acquire {
     /// release (announced by [`BackendLink::freed`]).
     pub fn admit(self, admitted: bool) {
         // The lease may be gone (its caller gave up): nobody to tell.
-        let _ = self.reply.send(admitted);
+        let _ = self.reply.send(if admitted {
+            Verdict::Admitted
+        } else {
+            Verdict::Full
+        });
+    }
+
+    /// Answers the lease: not now, the key's shared quota has no unit for `wait`. The key
+    /// reads busy here until then.
+    pub fn quota_in(self, wait: Duration) {
+        let _ = self.reply.send(Verdict::QuotaIn(wait));
     }
 }
 
@@ -133,6 +166,7 @@ impl fmt::Debug for Acquire {
             .field("key", &self.key)
             .field("count", &self.count)
             .field("cap", &self.cap)
+            .field("quota", &self.quota)
             .finish()
     }
 }
@@ -175,17 +209,18 @@ pub struct LocalRest {
 /// What each replica does alone while the store is unreachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DegradedPolicy {
-    /// Each key's cap is split across the replicas last seen alive: a replica takes at most
-    /// `max(1, cap / replicas)` requests per key (so a cap below the number of replicas may
-    /// be exceeded by up to `replicas - cap`). Rests and disables stay local until the
+    /// Each key's cap and quota are split across the replicas last seen alive: a replica
+    /// takes at most `max(1, cap / replicas)` requests per key at once (so a cap below the
+    /// number of replicas may be exceeded by up to `replicas - cap`), and spaces its
+    /// requests `replicas` quota intervals apart. Rests and disables stay local until the
     /// store is back. The default.
     #[default]
     Split,
-    /// Each replica uses each key's whole cap: nothing stops for the store, at the risk of
-    /// `replicas ×` the cap (and 429s, which rest keys as usual).
+    /// Each replica uses each key's whole cap and quota: nothing stops for the store, at
+    /// the risk of `replicas ×` the cap (and 429s, which rest keys as usual).
     Open,
-    /// Keys with a cap take no request until the store is back (requests wait within their
-    /// budget); keys without one go on.
+    /// Keys with a cap or a quota take no request until the store is back (requests wait
+    /// within their budget); keys with neither go on.
     Closed,
 }
 
@@ -289,7 +324,12 @@ impl Shared {
     }
 
     /// The count cell of the key named `id`, new or kept from an earlier incarnation.
-    pub(crate) fn key(self: &Arc<Self>, id: String, capped: bool) -> SharedKey {
+    pub(crate) fn key(
+        self: &Arc<Self>,
+        id: String,
+        cap: u32,
+        quota: Option<crate::quota::Gcra>,
+    ) -> SharedKey {
         let id: Arc<str> = id.into();
         let cell = self
             .cells
@@ -301,7 +341,11 @@ impl Shared {
         SharedKey {
             id,
             cell,
-            capped,
+            capped: cap != u32::MAX || quota.is_some(),
+            quota: quota.map(|quota| SharedQuota {
+                interval: Duration::from_nanos(quota.interval()),
+                tolerance: Duration::from_nanos(quota.tolerance()),
+            }),
             shared: self.clone(),
         }
     }
@@ -337,15 +381,16 @@ fn decode(word: u64) -> KeyCount {
 pub(crate) struct SharedKey {
     pub(crate) id: Arc<str>,
     cell: Arc<Cell>,
-    /// The key has a concurrency cap: its leases are admitted by the store.
+    /// The key has a concurrency cap or a quota: its leases are admitted by the store.
     capped: bool,
+    quota: Option<SharedQuota>,
     shared: Arc<Shared>,
 }
 
 /// A lease's pending admission by the store.
 #[derive(Debug)]
 pub(crate) struct Admission {
-    answer: oneshot::Receiver<bool>,
+    answer: oneshot::Receiver<Verdict>,
     /// `Cell::frees` when the lease asked.
     frees: u32,
 }
@@ -400,9 +445,22 @@ impl SharedKey {
             key: self.id.clone(),
             count,
             cap,
+            quota: self.quota,
             reply,
         }));
         Admission { answer, frees }
+    }
+
+    /// Units of quota a request takes here: 1, or the number of replicas while the store
+    /// is away and the split policy shares the quota out.
+    #[inline(never)]
+    pub(crate) fn quota_units(&self) -> u64 {
+        let shared = &*self.shared;
+        if shared.degraded.load(Ordering::Relaxed) && shared.policy == DegradedPolicy::Split {
+            u64::from(shared.replicas.load(Ordering::Relaxed).max(1))
+        } else {
+            1
+        }
     }
 
     /// A lease on the key ended: count it, and have the backend write the counts.
@@ -445,18 +503,33 @@ impl SharedKey {
     }
 }
 
+/// What the store said to a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// Its request may go.
+    Admitted,
+    /// The key is full across the replicas (it reads busy here until a release).
+    Full,
+    /// The key's shared quota has no unit for this long.
+    QuotaIn(Duration),
+}
+
 impl Admission {
-    /// The store's answer: `true` admitted. A backend gone without answering admits (the
-    /// degraded policy's share was applied to the take).
-    pub(crate) fn poll(&mut self, key: &SharedKey, cx: &mut Context<'_>) -> Poll<bool> {
-        let admitted = match std::pin::Pin::new(&mut self.answer).poll(cx) {
+    /// The store's answer. A backend gone without answering admits (the degraded
+    /// policy's share was applied to the take).
+    pub(crate) fn poll(&mut self, key: &SharedKey, cx: &mut Context<'_>) -> Poll<Answer> {
+        let verdict = match std::pin::Pin::new(&mut self.answer).poll(cx) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(answer) => answer.unwrap_or(true),
+            Poll::Ready(verdict) => verdict.unwrap_or(Verdict::Admitted),
         };
-        if !admitted {
-            key.refused(self.frees);
-        }
-        Poll::Ready(admitted)
+        Poll::Ready(match verdict {
+            Verdict::Admitted => Answer::Admitted,
+            Verdict::Full => {
+                key.refused(self.frees);
+                Answer::Full
+            }
+            Verdict::QuotaIn(wait) => Answer::QuotaIn(wait),
+        })
     }
 }
 
@@ -529,6 +602,7 @@ impl BackendLink {
     }
 
     /// Would the degraded policy admit a lease that makes `count` on a key with `cap`?
+    /// (A quota is split by the pool itself: see [`DegradedPolicy::Split`].)
     /// (For an [`Acquire`] whose call to the store failed.)
     pub fn admits_degraded(&self, count: u32, cap: u32) -> bool {
         let replicas = self.shared.replicas.load(Ordering::Relaxed);

@@ -11,6 +11,7 @@
 //! | --- | --- | --- |
 //! | `k:<id>` | hash | `until` (the rest's end, on the server's clock, ms), `level`, `disabled` |
 //! | `c:<id>` | hash | per replica: `version:count` of its leases on the key |
+//! | `q:<id>` | string | the key's quota state (GCRA's theoretical arrival time, server µs) |
 //! | `replicas` | sorted set | replica → when it is considered dead (server ms) |
 //! | `events` | channel | `rest <id> <ms left> <level> <disabled> <replica>`, `freed <id>` |
 //!
@@ -21,7 +22,9 @@
 //! They are sent by hash and loaded again when the server answers `NOSCRIPT` (after a
 //! restart or `SCRIPT FLUSH`).
 //!
-//! - `acquire`: admits a lease if the live replicas' counts leave room under the cap.
+//! - `acquire`: admits a lease if the live replicas' counts leave room under the cap and
+//!   the key's quota (GCRA, shared by every replica) has a unit; else says how long until
+//!   it has one.
 //! - `counts`: this replica's absolute counts (newer versions only) and its heartbeat;
 //!   announces `freed` when a count went down; answers how many replicas are alive.
 //! - `rest`: a rest that only extends, a level that only rises (or a reset after a
@@ -165,10 +168,21 @@ struct Scripts {
 const NOW: &str = "local t = redis.call('TIME')\n\
                    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
-/// KEYS: counts hash, replicas. ARGV: replica, version, count, cap, ttl (ms).
+/// KEYS: counts hash, replicas, quota state. ARGV: replica, version, count, cap, ttl
+/// (ms), quota interval and tolerance (µs; interval 0: no quota). Returns {1, 0}
+/// admitted, {0, 0} full, {0, ms} no quota unit for that long.
 const ACQUIRE: &str = r#"
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[1])
 local me, v, c, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local interval, tolerance = tonumber(ARGV[6]), tonumber(ARGV[7])
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = 0
+if interval > 0 then
+  tat = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), now_us)
+  if tat - now_us > tolerance then
+    return {0, math.max(1, math.ceil((tat - tolerance - now_us) / 1000))}
+  end
+end
 local mine, store = c, true
 local stored = redis.call('HGET', KEYS[1], me)
 if stored then
@@ -190,13 +204,17 @@ for i = 1, #fields, 2 do
     end
   end
 end
-if others + mine <= cap then
-  if store then
-    redis.call('HSET', KEYS[1], me, string.format('%d:%d', v, c))
-  end
-  return 1
+if others + mine > cap then
+  return {0, 0}
 end
-return 0
+if store then
+  redis.call('HSET', KEYS[1], me, string.format('%d:%d', v, c))
+end
+if interval > 0 then
+  local next = tat + interval
+  redis.call('SET', KEYS[3], string.format('%d', next), 'PX', math.ceil((next - now_us) / 1000) + 1000)
+end
+return {1, 0}
 "#;
 
 /// KEYS: replicas, then one counts hash per key. ARGV: replica, ttl (ms), channel, then
@@ -500,19 +518,37 @@ impl Inner {
         self.call::<u32>(invocation).await
     }
 
-    async fn acquire(&self, acquire: &Acquire) -> Option<bool> {
+    /// `Some(Ok(()))` admitted, `Some(Err(None))` full, `Some(Err(Some(wait)))` no quota
+    /// unit for `wait`; `None` if the store failed.
+    async fn acquire(&self, acquire: &Acquire) -> Option<Result<(), Option<Duration>>> {
+        // The interval rounded up and the tolerance down: the quota's promise holds (see
+        // `Quota::interval`).
+        let micros_up = |d: Duration| u64::try_from(d.as_nanos().div_ceil(1000));
+        let micros_down = |d: Duration| u64::try_from(d.as_micros());
+        let (interval, tolerance) = acquire.quota.map_or((0, 0), |quota| {
+            (
+                micros_up(quota.interval).unwrap_or(u64::MAX).max(1),
+                micros_down(quota.tolerance).unwrap_or(u64::MAX),
+            )
+        });
         let mut invocation = self.scripts.acquire.prepare_invoke();
         invocation
             .key(self.key("c", &acquire.key))
             .key(self.replicas_key())
+            .key(self.key("q", &acquire.key))
             .arg(&self.replica)
             .arg(acquire.count.version)
             .arg(acquire.count.count)
             .arg(acquire.cap)
-            .arg(millis(self.options.ttl));
-        self.call::<u8>(invocation)
-            .await
-            .map(|admitted| admitted == 1)
+            .arg(millis(self.options.ttl))
+            .arg(interval)
+            .arg(tolerance);
+        let (admitted, wait) = self.call::<(u8, u64)>(invocation).await?;
+        Some(match (admitted, wait) {
+            (1, _) => Ok(()),
+            (_, 0) => Err(None),
+            (_, ms) => Err(Some(Duration::from_millis(ms))),
+        })
     }
 
     async fn rest(
@@ -650,13 +686,15 @@ fn dispatch(inner: &Arc<Inner>, link: &Arc<BackendLink>, op: Op) {
     let link = link.clone();
     tokio::spawn(async move {
         match op {
-            Op::Acquire(acquire) => {
-                let admitted = match inner.acquire(&acquire).await {
-                    Some(admitted) => admitted,
-                    None => link.admits_degraded(acquire.count.count, acquire.cap),
-                };
-                acquire.admit(admitted);
-            }
+            Op::Acquire(acquire) => match inner.acquire(&acquire).await {
+                Some(Ok(())) => acquire.admit(true),
+                Some(Err(None)) => acquire.admit(false),
+                Some(Err(Some(wait))) => acquire.quota_in(wait),
+                None => {
+                    let admitted = link.admits_degraded(acquire.count.count, acquire.cap);
+                    acquire.admit(admitted);
+                }
+            },
             Op::Counts => {
                 let counts = link.counts();
                 if let Some(replicas) = inner.write_counts(&counts).await {
