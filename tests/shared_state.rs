@@ -512,3 +512,85 @@ async fn a_quota_is_shared_by_the_replicas() {
     assert!((14..=16).contains(&shared), "{shared}");
     assert!(control >= 42, "{control}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rest_one_probe_goes_for_all_the_replicas() {
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+    use tower::ServiceExt;
+
+    let server = RedisServer::start().await;
+    let mut pools = Vec::new();
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        let backend = RedisBackend::new(&server.url(), SECRET, options("probe")).unwrap();
+        assert!(backend.connect().await);
+        pools.push(
+            KeyPool::builder(KeySet::parse("sk-one").unwrap())
+                .state_backend(backend.clone())
+                .build(),
+        );
+        backends.push(backend);
+    }
+    for backend in &backends {
+        timeout(Duration::from_secs(5), backend.subscribed())
+            .await
+            .unwrap();
+    }
+    let mut heard: Vec<_> = backends[1..].iter().map(RedisBackend::applied).collect();
+    let lease = pools[0].try_reserve().unwrap();
+    lease.mark_sent();
+    lease.record(Outcome::RateLimited {
+        retry_after: Some(Duration::from_millis(300)),
+    });
+    drop(lease);
+    for applied in &mut heard {
+        timeout(Duration::from_secs(2), applied.changed())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    // Three callers per replica wait for the key; the provider works 200 ms per request.
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    let work = Duration::from_millis(200);
+    let callers: Vec<_> = (0..9)
+        .map(|i| {
+            let pool = pools[i % 3].clone();
+            let arrivals = arrivals.clone();
+            tokio::spawn(async move {
+                let inner = tower::service_fn(
+                    move |_request: http::Request<http_body_util::Empty<bytes::Bytes>>| {
+                        let arrivals = arrivals.clone();
+                        async move {
+                            arrivals.lock().unwrap().push(Instant::now());
+                            tokio::time::sleep(work).await;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                            ))
+                        }
+                    },
+                );
+                let request = http::Request::get("http://provider.test/v1/chat")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let response = tower_key_rotation::KeyRotation::new(inner, pool)
+                    .oneshot(request)
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                response.into_body().collect().await.unwrap();
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let mut arrivals = arrivals.lock().unwrap().clone();
+    arrivals.sort();
+    let alone = arrivals[1] - arrivals[0];
+    eprintln!("the probe went alone for {alone:?} (its answer took {work:?})");
+    assert_eq!(arrivals.len(), 9);
+    // The others waited for the probe's answer, whichever replica sent it.
+    assert!(alone >= work - Duration::from_millis(20), "{alone:?}");
+}

@@ -55,7 +55,7 @@ impl Lease {
         let slot = &table.slots[index];
         let mut flags = if taken.probe { PROBE } else { 0 };
         if let Some(shared) = &slot.shared {
-            if shared.taken() {
+            if shared.taken(taken.probe) {
                 flags |= ASK;
             }
         }
@@ -161,7 +161,9 @@ impl Lease {
     /// `poll_ready`.
     pub fn admit(self) -> Admit {
         let admission = match &self.slot.shared {
-            Some(shared) if self.needs_admission() => Some(shared.ask(self.slot.limit())),
+            Some(shared) if self.needs_admission() => {
+                Some(shared.ask(self.slot.limit(), self.is_probe()))
+            }
             _ => None,
         };
         self.set_flag_off(ASK);
@@ -223,6 +225,13 @@ impl Drop for Lease {
         if flags & PROBE != 0 && flags & RESOLVED == 0 {
             // The probe never got an answer: the next caller may probe.
             self.slot.probe.give_back();
+            if let Some(shared) = &self.slot.shared {
+                shared.report(crate::shared::Op::ProbeDone {
+                    key: shared.id.clone(),
+                    back: false,
+                    rest: None,
+                });
+            }
         }
         // Reserved but never sent: what is left of its quota unit goes back.
         let unsent = (flags & SENT == 0).then_some(self.tat_after);

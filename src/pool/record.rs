@@ -167,7 +167,7 @@ impl Slot {
             transition.back = back;
         }
         if let Some(shared) = &self.shared {
-            self.share(shared, &transition, recovered);
+            self.share(shared, &transition, recovered, answered.probe);
         }
         transition
     }
@@ -175,17 +175,26 @@ impl Slot {
     /// Tells the other replicas what an outcome changed here (off the request path: the
     /// backend's task carries it).
     #[inline(never)]
-    fn share(&self, shared: &SharedKey, transition: &Transition, recovered: bool) {
+    fn share(&self, shared: &SharedKey, transition: &Transition, recovered: bool, probe: bool) {
         if transition.disabled {
             shared.report(Op::Disable {
                 key: shared.id.clone(),
             });
-            return;
+            if !probe {
+                return;
+            }
         }
-        if transition
+        let rested = transition
             .rest
-            .is_some_and(|change| change.rest != Rest::Unchanged)
-        {
+            .is_some_and(|change| change.rest != Rest::Unchanged);
+        if probe {
+            // The rest (if any) and the answer in one message, in that order.
+            shared.report(Op::ProbeDone {
+                key: shared.id.clone(),
+                back: transition.back,
+                rest: if rested { self.rest_left() } else { None },
+            });
+        } else if rested {
             self.share_rest(shared);
         } else if recovered {
             shared.report(Op::Recovered {
@@ -196,16 +205,27 @@ impl Slot {
 
     /// Sends the key's rest as it stands here: what is left of it, and the level.
     fn share_rest(&self, shared: &SharedKey) {
-        if let RestWord::Until(until) = self.deadline.read() {
-            let remaining = until.saturating_sub(self.signals.now_nanos());
-            if remaining > 0 {
-                shared.report(Op::Rest {
-                    key: shared.id.clone(),
-                    remaining: Duration::from_nanos(remaining),
-                    level: self.level.load(Ordering::Acquire),
-                });
-            }
+        if let Some((remaining, level)) = self.rest_left() {
+            shared.report(Op::Rest {
+                key: shared.id.clone(),
+                remaining,
+                level,
+            });
         }
+    }
+
+    /// What is left of the key's rest here, and its level; `None` if not resting.
+    fn rest_left(&self) -> Option<(Duration, u32)> {
+        let RestWord::Until(until) = self.deadline.read() else {
+            return None;
+        };
+        let remaining = until.saturating_sub(self.signals.now_nanos());
+        (remaining > 0).then(|| {
+            (
+                Duration::from_nanos(remaining),
+                self.level.load(Ordering::Acquire),
+            )
+        })
     }
 
     /// The store shared with other replicas says the key's quota has no unit for `wait`:

@@ -70,6 +70,20 @@ impl PoolInner {
         }
     }
 
+    /// Another replica's probe of the key `id` was answered.
+    pub(crate) fn probe_done(&self, id: &str, back: bool) {
+        let table = self.table.load();
+        for slot in table.slots.iter() {
+            if let Some(shared) = slot.shared.as_ref().filter(|shared| &*shared.id == id) {
+                if back {
+                    slot.probe.forgive();
+                }
+                shared.freed();
+            }
+        }
+        self.signals.notify.notify_waiters();
+    }
+
     /// Forgets every "full", and lets every waiter look again.
     pub(crate) fn refresh(&self) {
         let table = self.table.load();

@@ -23,6 +23,9 @@
 //!   rest that one replica starts reaches the others by pub/sub and is applied to their
 //!   atomics ([`BackendLink::apply`]); a periodic sync covers lost messages. Replicas
 //!   exchange *remaining durations*, never instants, so their clocks need not agree.
+//! - **The single probe** after a rest: a lease that is a key's probe is admitted only if
+//!   no other replica's probe of the key runs; its answer ([`Op::ProbeDone`]) is announced,
+//!   and the other replicas then owe none ([`BackendLink::probe_done`]).
 //! - **Quotas** are one GCRA state in the store, on its clock: a lease on a key with a
 //!   quota is admitted only if the shared quota has a unit (in the same round trip as the
 //!   in-flight count); else the key reads busy here until the store says it has one.
@@ -96,6 +99,17 @@ pub enum Op {
         /// The key's backoff level (consecutive 429s).
         level: u32,
     },
+    /// This replica's probe of a key (its single request after a rest) was answered, or
+    /// given up: `back` if the key took it (the other replicas may use the key again at
+    /// once); with the rest it started, if any (to be announced before the answer).
+    ProbeDone {
+        /// The key's [`StateBackend::key_id`].
+        key: Arc<str>,
+        /// The key answered its probe and is back.
+        back: bool,
+        /// A rest the answer started or extended: how long from now, and the level.
+        rest: Option<(Duration, u32)>,
+    },
     /// A key was disabled (401/403).
     Disable {
         /// The key's [`StateBackend::key_id`].
@@ -120,6 +134,9 @@ pub struct Acquire {
     pub cap: u32,
     /// The key's request quota, if it has one: shared by every replica.
     pub quota: Option<SharedQuota>,
+    /// The lease is the key's single probe after a rest: admit it only if no other
+    /// replica's probe of the key is running.
+    pub probe: bool,
     reply: oneshot::Sender<Verdict>,
 }
 
@@ -167,6 +184,7 @@ impl fmt::Debug for Acquire {
             .field("count", &self.count)
             .field("cap", &self.cap)
             .field("quota", &self.quota)
+            .field("probe", &self.probe)
             .finish()
     }
 }
@@ -402,17 +420,18 @@ impl SharedKey {
     // Out of line: the pool without a backend never calls it, and keeps its fast path small.
     #[inline(never)]
     pub(crate) fn limit(&self, limit: u32) -> u32 {
-        if !self.capped {
-            return limit;
-        }
         let shared = &*self.shared;
         if shared.degraded.load(Ordering::Relaxed) {
+            if !self.capped {
+                return limit;
+            }
             // The store's "full" is stale while it is away: the policy's share decides.
             return shared
                 .policy
                 .share(limit, shared.replicas.load(Ordering::Relaxed))
                 .min(limit);
         }
+        // Full across the replicas, or another replica's probe of the key is running.
         if self.cell.full.load(Ordering::Acquire) {
             return 0;
         }
@@ -420,14 +439,16 @@ impl SharedKey {
     }
 
     /// A lease was taken on the key: count it. `true` if the store must admit it before
-    /// its request goes (a capped key, the store not away): see [`SharedKey::ask`].
+    /// its request goes (a key with a cap or a quota, or the key's probe after a rest;
+    /// the store not away): see [`SharedKey::ask`].
     // Out of line: the pool without a backend never calls it, and keeps its fast path small.
     #[inline(never)]
-    pub(crate) fn taken(&self) -> bool {
-        if !self.capped {
+    pub(crate) fn taken(&self, probe: bool) -> bool {
+        if self.capped {
+            self.cell.word.fetch_add(ONE, Ordering::AcqRel);
+        } else if !probe {
             return false;
         }
-        self.cell.word.fetch_add(ONE, Ordering::AcqRel);
         // While degraded, within the policy's share already (`limit`); the store hears
         // of it at the merge.
         !self.shared.degraded.load(Ordering::Relaxed)
@@ -437,7 +458,7 @@ impl SharedKey {
     /// replica's now, which includes the lease (a later version than its take, which the
     /// store accepts as well).
     #[inline(never)]
-    pub(crate) fn ask(&self, cap: u32) -> Admission {
+    pub(crate) fn ask(&self, cap: u32, probe: bool) -> Admission {
         let frees = self.cell.frees.load(Ordering::Acquire);
         let count = decode(self.cell.word.load(Ordering::Acquire));
         let (reply, answer) = oneshot::channel();
@@ -446,6 +467,7 @@ impl SharedKey {
             count,
             cap,
             quota: self.quota,
+            probe,
             reply,
         }));
         Admission { answer, frees }
@@ -585,6 +607,14 @@ impl BackendLink {
     pub fn freed(&self, id: &str) {
         if let Some(pool) = self.pool.upgrade() {
             pool.freed(id);
+        }
+    }
+
+    /// Another replica's probe of the key `id` was answered (`back`: the key took it):
+    /// this replica owes no probe of its own then, and its waiters may look again.
+    pub fn probe_done(&self, id: &str, back: bool) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.probe_done(id, back);
         }
     }
 

@@ -12,8 +12,9 @@
 //! | `k:<id>` | hash | `until` (the rest's end, on the server's clock, ms), `level`, `disabled` |
 //! | `c:<id>` | hash | per replica: `version:count` of its leases on the key |
 //! | `q:<id>` | string | the key's quota state (GCRA's theoretical arrival time, server µs) |
+//! | `p:<id>` | string | the replica whose probe of the key (its single request after a rest) is running |
 //! | `replicas` | sorted set | replica → when it is considered dead (server ms) |
-//! | `events` | channel | `rest <id> <ms left> <level> <disabled> <replica>`, `freed <id>` |
+//! | `events` | channel | `rest <id> <ms left> <level> <disabled> <replica>`, `freed <id>`, `back <id> <0/1> <replica>` |
 //!
 //! # Scripts
 //!
@@ -23,12 +24,13 @@
 //! restart or `SCRIPT FLUSH`).
 //!
 //! - `acquire`: admits a lease if the live replicas' counts leave room under the cap and
-//!   the key's quota (GCRA, shared by every replica) has a unit; else says how long until
-//!   it has one.
+//!   the key's quota (GCRA, shared by every replica) has a unit (else says how long until
+//!   it has one), and a probe only if no other replica's probe of the key is running.
 //! - `counts`: this replica's absolute counts (newer versions only) and its heartbeat;
 //!   announces `freed` when a count went down; answers how many replicas are alive.
 //! - `rest`: a rest that only extends, a level that only rises (or a reset after a
-//!   recovery), a disable for good; announced to the other replicas.
+//!   recovery), a disable for good; announced to the other replicas, and with it a
+//!   probe's answer (`back`: the other replicas owe no probe of their own).
 //! - `sync`: every key's rest, for the periodic backstop and the merge after an outage.
 //!
 //! # When the store is away
@@ -168,12 +170,20 @@ struct Scripts {
 const NOW: &str = "local t = redis.call('TIME')\n\
                    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
-/// KEYS: counts hash, replicas, quota state. ARGV: replica, version, count, cap, ttl
-/// (ms), quota interval and tolerance (µs; interval 0: no quota). Returns {1, 0}
-/// admitted, {0, 0} full, {0, ms} no quota unit for that long.
+/// KEYS: counts hash, replicas, quota state, probe holder. ARGV: replica, version,
+/// count, cap, ttl (ms), quota interval and tolerance (µs; interval 0: no quota), probe
+/// (0/1), probe's time to live (ms). Returns {1, 0} admitted, {0, 0} full (or another
+/// replica's probe running), {0, ms} no quota unit for that long.
 const ACQUIRE: &str = r#"
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[1])
 local me, v, c, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local probe = ARGV[8] == '1'
+if probe then
+  local holder = redis.call('GET', KEYS[4])
+  if holder and holder ~= me then
+    return {0, 0}
+  end
+end
 local interval, tolerance = tonumber(ARGV[6]), tonumber(ARGV[7])
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tat = 0
@@ -214,6 +224,9 @@ if interval > 0 then
   local next = tat + interval
   redis.call('SET', KEYS[3], string.format('%d', next), 'PX', math.ceil((next - now_us) / 1000) + 1000)
 end
+if probe then
+  redis.call('SET', KEYS[4], me, 'PX', tonumber(ARGV[9]))
+end
 return {1, 0}
 "#;
 
@@ -242,8 +255,9 @@ end
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 "#;
 
-/// KEYS: state hash. ARGV: ms left, level, disabled (0/1), recovered (0/1), channel, id,
-/// replica. Returns {ms left, level, disabled}.
+/// KEYS: state hash, probe holder. ARGV: ms left, level, disabled (0/1), recovered
+/// (0/1), channel, id, replica, probe done (0/1), back (0/1). Returns {ms left, level,
+/// disabled}. A probe's answer is announced after the rest it started.
 const REST: &str = r#"
 local u = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
 local left = tonumber(ARGV[1])
@@ -267,6 +281,12 @@ if redis.call('HGET', KEYS[1], 'disabled') == '1' then
 end
 left = math.max(u - now, 0)
 redis.call('PUBLISH', ARGV[5], string.format('rest %s %d %d %d %s', ARGV[6], left, level, disabled, ARGV[7]))
+if ARGV[8] == '1' then
+  if redis.call('GET', KEYS[2]) == ARGV[7] then
+    redis.call('DEL', KEYS[2])
+  end
+  redis.call('PUBLISH', ARGV[5], string.format('back %s %s %s', ARGV[6], ARGV[9], ARGV[7]))
+end
 return {left, level, disabled}
 "#;
 
@@ -536,13 +556,16 @@ impl Inner {
             .key(self.key("c", &acquire.key))
             .key(self.replicas_key())
             .key(self.key("q", &acquire.key))
+            .key(self.key("p", &acquire.key))
             .arg(&self.replica)
             .arg(acquire.count.version)
             .arg(acquire.count.count)
             .arg(acquire.cap)
             .arg(millis(self.options.ttl))
             .arg(interval)
-            .arg(tolerance);
+            .arg(tolerance)
+            .arg(u8::from(acquire.probe))
+            .arg(millis(PROBE_TTL));
         let (admitted, wait) = self.call::<(u8, u64)>(invocation).await?;
         Some(match (admitted, wait) {
             (1, _) => Ok(()),
@@ -551,6 +574,8 @@ impl Inner {
         })
     }
 
+    /// Writes a rest, disable or level (and a probe's answer: `probe` is `Some(back)`).
+    #[allow(clippy::too_many_arguments)]
     async fn rest(
         &self,
         id: &str,
@@ -558,17 +583,21 @@ impl Inner {
         level: u32,
         disabled: bool,
         recovered: bool,
+        probe: Option<bool>,
     ) -> bool {
         let mut invocation = self.scripts.rest.prepare_invoke();
         invocation
             .key(self.key("k", id))
+            .key(self.key("p", id))
             .arg(millis(left))
             .arg(level)
             .arg(u8::from(disabled))
             .arg(u8::from(recovered))
             .arg(&self.channel)
             .arg(id)
-            .arg(&self.replica);
+            .arg(&self.replica)
+            .arg(u8::from(probe.is_some()))
+            .arg(u8::from(probe == Some(true)));
         self.call::<(u64, u32, u8)>(invocation).await.is_some()
     }
 
@@ -607,7 +636,7 @@ impl Inner {
             let left = rest.remaining.unwrap_or_default();
             if (left.is_zero() && rest.level == 0 && !rest.disabled)
                 || self
-                    .rest(&rest.key, left, rest.level, rest.disabled, false)
+                    .rest(&rest.key, left, rest.level, rest.disabled, false, None)
                     .await
             {
                 continue;
@@ -639,6 +668,10 @@ impl Inner {
         false
     }
 }
+
+/// How long a replica's probe holds a key's single probe in the store: a probe whose
+/// replica died lets another replica probe after this.
+const PROBE_TTL: Duration = Duration::from_secs(10);
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -706,13 +739,18 @@ fn dispatch(inner: &Arc<Inner>, link: &Arc<BackendLink>, op: Op) {
                 remaining,
                 level,
             } => {
-                inner.rest(&key, remaining, level, false, false).await;
+                inner.rest(&key, remaining, level, false, false, None).await;
+            }
+            Op::ProbeDone { key, back, rest } => {
+                let (left, level) = rest.unwrap_or_default();
+                // A probe that went through proves the key recovered.
+                inner.rest(&key, left, level, false, back, Some(back)).await;
             }
             Op::Disable { key } => {
-                inner.rest(&key, Duration::ZERO, 0, true, false).await;
+                inner.rest(&key, Duration::ZERO, 0, true, false, None).await;
             }
             Op::Recovered { key } => {
-                inner.rest(&key, Duration::ZERO, 0, false, true).await;
+                inner.rest(&key, Duration::ZERO, 0, false, true, None).await;
             }
         }
         inner.breaker_open(&link);
@@ -785,6 +823,12 @@ fn event(inner: &Inner, link: &BackendLink, text: &str) {
     let mut words = text.split(' ');
     match (words.next(), words.next()) {
         (Some("freed"), Some(id)) => link.freed(id),
+        (Some("back"), Some(id)) => {
+            let back = words.next() == Some("1");
+            if words.next() != Some(inner.replica.as_str()) {
+                link.probe_done(id, back);
+            }
+        }
         (Some("rest"), Some(id)) => {
             let mut number = || words.next().and_then(|w| w.parse::<u64>().ok());
             let (Some(left), Some(level), Some(disabled)) = (number(), number(), number()) else {
