@@ -133,27 +133,16 @@ where
         ready!(self.inner.poll_ready(cx)).map_err(Into::into)?;
         loop {
             ready!(self.poll_reserve(cx));
-            // With a shared state backend, a lease on a capped key waits for the store.
-            let admit = match self.reserved.take() {
-                Some(Reserved::Lease(lease)) if lease.needs_admission() => lease.admit(),
-                Some(Reserved::Admitting(admit)) => admit,
-                reserved => {
-                    self.reserved = reserved;
-                    return Poll::Ready(Ok(()));
-                }
-            };
-            let admit = self.reserved.insert(Reserved::Admitting(admit));
-            let Reserved::Admitting(admit) = admit else {
-                unreachable!("just inserted");
-            };
-            match ready!(Pin::new(admit).poll(cx)) {
-                Some(lease) => {
-                    self.reserved = Some(Reserved::Lease(lease));
-                    return Poll::Ready(Ok(()));
-                }
-                // Full across the replicas: that key reads busy here now; look again.
-                None => self.reserved = None,
+            match &self.reserved {
+                // With a shared state backend, a lease on a capped key waits for the store.
+                Some(Reserved::Lease(lease)) if lease.needs_admission() => {}
+                Some(Reserved::Admitting(_)) => {}
+                _ => return Poll::Ready(Ok(())),
             }
+            if ready!(self.poll_admission(cx)) {
+                return Poll::Ready(Ok(()));
+            }
+            // Full across the replicas: that key reads busy here now; look again.
         }
     }
 
@@ -208,6 +197,33 @@ where
 }
 
 impl<S> KeyRotation<S> {
+    /// Waits for the store shared with other replicas to admit the reserved lease; `false`
+    /// (and no reservation) if it refused. Out of line: only a shared pool gets here.
+    #[inline(never)]
+    fn poll_admission(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        let admit = match self.reserved.take() {
+            Some(Reserved::Lease(lease)) => lease.admit(),
+            Some(Reserved::Admitting(admit)) => admit,
+            reserved => {
+                self.reserved = reserved;
+                return Poll::Ready(true);
+            }
+        };
+        let Reserved::Admitting(admit) = self.reserved.insert(Reserved::Admitting(admit)) else {
+            unreachable!("just inserted");
+        };
+        match ready!(Pin::new(admit).poll(cx)) {
+            Some(lease) => {
+                self.reserved = Some(Reserved::Lease(lease));
+                Poll::Ready(true)
+            }
+            None => {
+                self.reserved = None;
+                Poll::Ready(false)
+            }
+        }
+    }
+
     /// Reserves a key for the next call (or decides that it fails), waiting within the
     /// pool's budget.
     #[inline]

@@ -224,14 +224,7 @@ impl Drop for Lease {
         let flags = *self.flags.get_mut();
         if flags & PROBE != 0 && flags & RESOLVED == 0 {
             // The probe never got an answer: the next caller may probe.
-            self.slot.probe.give_back();
-            if let Some(shared) = &self.slot.shared {
-                shared.report(crate::shared::Op::ProbeDone {
-                    key: shared.id.clone(),
-                    back: false,
-                    rest: None,
-                });
-            }
+            self.slot.probe_abandoned();
         }
         // Reserved but never sent: what is left of its quota unit goes back.
         let unsent = (flags & SENT == 0).then_some(self.tat_after);

@@ -228,6 +228,23 @@ impl Slot {
         })
     }
 
+    /// A probe dropped unanswered: the next caller may probe (here, or in another replica).
+    pub(super) fn probe_abandoned(&self) {
+        self.probe.give_back();
+        if let Some(shared) = &self.shared {
+            self.probe_given_up(shared);
+        }
+    }
+
+    #[inline(never)]
+    fn probe_given_up(&self, shared: &SharedKey) {
+        shared.report(Op::ProbeDone {
+            key: shared.id.clone(),
+            back: false,
+            rest: None,
+        });
+    }
+
     /// The store shared with other replicas says the key's quota has no unit for `wait`:
     /// hold it back here as long, so that waiters sleep until then.
     pub(super) fn hold_quota(&self, wait: Duration) {
