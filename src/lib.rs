@@ -150,6 +150,15 @@
 //! # }
 //! ```
 //!
+//! # Several replicas
+//!
+//! A pool is one process's. Replicas that must respect the same limits share their keys'
+//! state through a [`shared::StateBackend`] ([`KeyPoolBuilder::state_backend`]): the Redis
+//! one, `shared::redis::RedisBackend`, comes with the cargo feature `redis` (off by
+//! default). Rests and disables then reach every replica by pub/sub and are read locally;
+//! a request on a key with a cap is admitted by the store (one round trip) so that the
+//! replicas together keep the cap. See [`shared`].
+//!
 //! # Secrets
 //!
 //! Key values never appear in `Debug`, `Display`, errors or logs: keys are named by
@@ -173,6 +182,7 @@ pub mod pool;
 mod quota;
 pub mod retry;
 mod service;
+pub mod shared;
 mod sync;
 mod weights;
 

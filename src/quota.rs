@@ -122,6 +122,22 @@ pub(crate) struct Gcra {
 }
 
 impl Gcra {
+    /// The spacing between requests, in nanoseconds.
+    pub(crate) fn interval(&self) -> u64 {
+        self.interval
+    }
+
+    /// How far ahead of the spacing a burst may go, in nanoseconds.
+    pub(crate) fn tolerance(&self) -> u64 {
+        self.tolerance
+    }
+
+    /// Holds the quota back: no unit before `at` (pool nanoseconds), as another replica's
+    /// use of a shared quota requires.
+    pub(crate) fn hold_until(&self, tat: &AtomicU64, at: u64) {
+        tat.fetch_max(at.saturating_add(self.tolerance), Ordering::AcqRel);
+    }
+
     /// When (pool nanoseconds) the next request may go, given the state `tat`.
     pub(crate) fn available_at(&self, tat: &AtomicU64) -> u64 {
         tat.load(Ordering::Acquire).saturating_sub(self.tolerance)
@@ -129,8 +145,17 @@ impl Gcra {
 
     /// Takes one unit if allowed at `now`; returns the state the take left (the end of
     /// the unit taken), which [`Gcra::refund`] needs.
+    #[cfg(test)]
     pub(crate) fn try_take(&self, tat: &AtomicU64, now: u64) -> Option<u64> {
-        let next = |t: u64| t.max(now).saturating_add(self.interval);
+        self.try_take_units(tat, now, 1)
+    }
+
+    /// [`Gcra::try_take`] of `units` intervals at once (a replica's share of a quota split
+    /// between replicas: it spaces its requests `units` intervals apart).
+    #[inline]
+    pub(crate) fn try_take_units(&self, tat: &AtomicU64, now: u64, units: u64) -> Option<u64> {
+        let step = self.interval.saturating_mul(units).min(MAX_SPAN);
+        let next = |t: u64| t.max(now).saturating_add(step);
         tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
             (t <= now.saturating_add(self.tolerance)).then(|| next(t))
         })

@@ -1,6 +1,8 @@
 //! [`KeyRotation`]: the service that reserves a key in `poll_ready` and uses it in `call`.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use crate::future::ResponseFuture;
 use tokio::time::Instant;
 
 use crate::error::{AllKeysDisabled, NoKeyAvailable};
-use crate::pool::{Check, KeyPool, Lease, Reserve, Waiter};
+use crate::pool::{Admit, Check, KeyPool, Lease, Reserve, Waiter};
 use crate::retry::TriedKeys;
 
 /// Middleware that puts a key from a shared [`KeyPool`] on every request.
@@ -59,6 +61,8 @@ pub struct KeyRotation<S> {
 #[derive(Debug)]
 enum Reserved {
     Lease(Lease),
+    /// A lease waiting for the store shared with other replicas to admit it.
+    Admitting(Admit),
     /// No key: the call fails with this.
     Refused(Refused),
 }
@@ -127,40 +131,19 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         ready!(self.inner.poll_ready(cx)).map_err(Into::into)?;
-        match &self.reserved {
-            Some(Reserved::Lease(lease)) if lease.is_usable() => return Poll::Ready(Ok(())),
-            // The reserved key was removed, started resting or was disabled since: trade it
-            // for a usable one, or give it back and wait like everyone else.
-            Some(Reserved::Lease(_)) => {
-                self.reserved = self.pool.try_reserve().map(Reserved::Lease)
+        loop {
+            ready!(self.poll_reserve(cx));
+            match &self.reserved {
+                // With a shared state backend, a lease on a capped key waits for the store.
+                Some(Reserved::Lease(lease)) if lease.needs_admission() => {}
+                Some(Reserved::Admitting(_)) => {}
+                _ => return Poll::Ready(Ok(())),
             }
-            // A refusal is decided afresh: a key may have come back since.
-            Some(Reserved::Refused(_)) => self.reserved = None,
-            None => {}
+            if ready!(self.poll_admission(cx)) {
+                return Poll::Ready(Ok(()));
+            }
+            // Full across the replicas: that key reads busy here now; look again.
         }
-        if self.reserved.is_none() {
-            self.reserved = self.pool.try_reserve().map(Reserved::Lease);
-        }
-        if self.reserved.is_some() {
-            // Done waiting, if it had waited: give up the registration, and let the next
-            // wait count afresh.
-            self.waiter.reset();
-            return Poll::Ready(Ok(()));
-        }
-        // The slow path: wait for a key, within the budget counted from the first look.
-        let since = *self.waiter.since.get_or_insert_with(Instant::now);
-        let deadline = self
-            .pool
-            .max_wait()
-            .and_then(|wait| since.checked_add(wait));
-        self.reserved = Some(
-            match ready!(self.pool.poll_reserve(&mut self.waiter, deadline, cx)) {
-                Reserve::Lease(lease) => Reserved::Lease(lease),
-                Reserve::NoKey(e) => Reserved::Refused(Refused::NoKey(e)),
-                Reserve::AllDisabled(e) => Reserved::Refused(Refused::AllDisabled(e)),
-            },
-        );
-        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
@@ -170,6 +153,9 @@ where
             .expect("KeyRotation::call without a key: poll_ready must return Ready first");
         let mut lease = match reserved {
             Reserved::Lease(lease) => lease,
+            Reserved::Admitting(_) => {
+                panic!("KeyRotation::call without a key: poll_ready must return Ready first")
+            }
             Reserved::Refused(refused) => return ResponseFuture::refused(refused.into()),
         };
         let tried = req.extensions().get::<TriedKeys>();
@@ -186,7 +172,11 @@ where
                         .flatten()
                 });
             match (other, check) {
-                (Some(other), _) => lease = other,
+                (Some(other), _) => {
+                    // Nothing can wait here: it is counted by the store, not checked.
+                    other.skip_admission();
+                    lease = other;
+                }
                 // A retry on a tried key that can take it: that is the earliest chance.
                 (None, Check::Usable) => {}
                 // A refusal came back on this key in the instant since `poll_ready`, and
@@ -214,6 +204,76 @@ where
         self.placement.apply(&lease, &mut req);
         lease.mark_sent();
         ResponseFuture::new(self.inner.call(req), lease)
+    }
+}
+
+impl<S> KeyRotation<S> {
+    /// Waits for the store shared with other replicas to admit the reserved lease; `false`
+    /// (and no reservation) if it refused. Out of line: only a shared pool gets here.
+    #[inline(never)]
+    fn poll_admission(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        let admit = match self.reserved.take() {
+            Some(Reserved::Lease(lease)) => lease.admit(),
+            Some(Reserved::Admitting(admit)) => admit,
+            reserved => {
+                self.reserved = reserved;
+                return Poll::Ready(true);
+            }
+        };
+        let Reserved::Admitting(admit) = self.reserved.insert(Reserved::Admitting(admit)) else {
+            unreachable!("just inserted");
+        };
+        match ready!(Pin::new(admit).poll(cx)) {
+            Some(lease) => {
+                self.reserved = Some(Reserved::Lease(lease));
+                Poll::Ready(true)
+            }
+            None => {
+                self.reserved = None;
+                Poll::Ready(false)
+            }
+        }
+    }
+
+    /// Reserves a key for the next call (or decides that it fails), waiting within the
+    /// pool's budget.
+    #[inline]
+    fn poll_reserve(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &self.reserved {
+            Some(Reserved::Lease(lease)) if lease.is_usable() => return Poll::Ready(()),
+            Some(Reserved::Admitting(_)) => return Poll::Ready(()),
+            // The reserved key was removed, started resting or was disabled since: trade it
+            // for a usable one, or give it back and wait like everyone else.
+            Some(Reserved::Lease(_)) => {
+                self.reserved = self.pool.try_reserve().map(Reserved::Lease)
+            }
+            // A refusal is decided afresh: a key may have come back since.
+            Some(Reserved::Refused(_)) => self.reserved = None,
+            None => {}
+        }
+        if self.reserved.is_none() {
+            self.reserved = self.pool.try_reserve().map(Reserved::Lease);
+        }
+        if self.reserved.is_some() {
+            // Done waiting, if it had waited: give up the registration, and let the next
+            // wait count afresh.
+            self.waiter.reset();
+            return Poll::Ready(());
+        }
+        // The slow path: wait for a key, within the budget counted from the first look.
+        let since = *self.waiter.since.get_or_insert_with(Instant::now);
+        let deadline = self
+            .pool
+            .max_wait()
+            .and_then(|wait| since.checked_add(wait));
+        self.reserved = Some(
+            match ready!(self.pool.poll_reserve(&mut self.waiter, deadline, cx)) {
+                Reserve::Lease(lease) => Reserved::Lease(lease),
+                Reserve::NoKey(e) => Reserved::Refused(Refused::NoKey(e)),
+                Reserve::AllDisabled(e) => Reserved::Refused(Refused::AllDisabled(e)),
+            },
+        );
+        Poll::Ready(())
     }
 }
 

@@ -138,7 +138,7 @@ fn world() -> &'static World {
             let args = config::Args::try_parse_from(argv).unwrap();
             let secrets = config::load_secrets(&args).unwrap();
             // As main.rs builds it.
-            let pool = args.pool(secrets.keys);
+            let pool = args.pool_builder(secrets.keys).build();
             let upstream = runtime.block_on(async {
                 upstream::build(
                     &pool,

@@ -14,6 +14,7 @@ use crate::backoff::Backoff;
 use crate::classify::Classifier;
 use crate::key::KeySet;
 use crate::quota::Quota;
+use crate::shared::{BackendLink, DegradedPolicy, Shared, StateBackend};
 
 /// The wait budget of a request by default (see [`KeyPoolBuilder::max_wait`]).
 pub(super) const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
@@ -29,6 +30,8 @@ pub struct KeyPoolBuilder {
     pub(super) classifier: Classifier,
     pub(super) learn_concurrency: bool,
     pub(super) max_wait: Option<Duration>,
+    pub(super) backend: Option<Arc<dyn StateBackend>>,
+    pub(super) degraded: DegradedPolicy,
 }
 
 impl KeyPoolBuilder {
@@ -98,8 +101,40 @@ impl KeyPoolBuilder {
         self
     }
 
+    /// Shares the keys' state with other processes through `backend` (default: none, the
+    /// state lives in this pool alone). See [`shared`](crate::shared) for what is shared
+    /// and how.
+    ///
+    /// # Panics
+    ///
+    /// [`build`](Self::build) panics if the backend needs a runtime (the Redis one spawns
+    /// its tasks on Tokio's) and is called outside one.
+    pub fn state_backend(mut self, backend: impl StateBackend) -> Self {
+        self.backend = Some(Arc::new(backend));
+        self
+    }
+
+    /// What each replica does alone while the state backend is unreachable (default
+    /// [`DegradedPolicy::Split`]).
+    pub fn degraded_policy(mut self, policy: DegradedPolicy) -> Self {
+        self.degraded = policy;
+        self
+    }
+
     /// Builds the pool.
+    ///
+    /// # Panics
+    ///
+    /// With a [state backend](Self::state_backend) that spawns tasks, outside a Tokio
+    /// runtime.
     pub fn build(self) -> KeyPool {
+        let shared = self
+            .backend
+            .map(|backend| Shared::new(backend, self.degraded));
+        let (shared, ops) = match shared {
+            Some((shared, ops)) => (Some(shared), Some(ops)),
+            None => (None, None),
+        };
         let inner = Arc::new_cyclic(|pool: &Weak<PoolInner>| {
             let signals = Arc::new(Signals {
                 backoff: self.backoff,
@@ -110,6 +145,7 @@ impl KeyPoolBuilder {
                 waiters: Padded::default(),
                 notify: Arc::new(Notify::new()),
                 pool: pool.clone(),
+                shared: shared.clone(),
             });
             let slots = self
                 .keys
@@ -127,6 +163,13 @@ impl KeyPoolBuilder {
                 reload: Mutex::new(()),
             }
         });
+        if let (Some(shared), Some(ops)) = (shared, ops) {
+            let link = BackendLink {
+                shared: shared.clone(),
+                pool: Arc::downgrade(&inner),
+            };
+            shared.backend.attach(link, ops);
+        }
         KeyPool { inner }
     }
 }

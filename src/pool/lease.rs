@@ -1,8 +1,11 @@
 //! [`Lease`]: a reserved key, counted in flight until dropped.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll, ready};
 
 use http::HeaderValue;
 
@@ -14,6 +17,7 @@ use super::slot::{Slot, Taken};
 use super::table::Table;
 use crate::classify::{Classifier, Outcome};
 use crate::key::ApiKey;
+use crate::shared::{Admission, Answer};
 
 /// A reserved key: counts as in flight until dropped.
 ///
@@ -55,17 +59,27 @@ const PROBE: u8 = 2;
 const RESOLVED: u8 = 4;
 /// Refused for a limit: counted in the slot's `refused_open` until dropped.
 const REFUSED: u8 = 8;
+/// With a shared state backend, on a key with a cap: the store must admit the lease
+/// before its request goes (see [`Lease::admit`]).
+const ASK: u8 = 16;
 
 impl Lease {
     pub(super) fn new(table: &Table, index: usize, taken: Taken) -> Self {
+        let slot = &table.slots[index];
+        let mut flags = if taken.probe { PROBE } else { 0 };
+        if let Some(shared) = &slot.shared {
+            if shared.taken(taken.probe) {
+                flags |= ASK;
+            }
+        }
         Self {
-            slot: table.slots[index].clone(),
+            slot: slot.clone(),
             index,
             keys: table.slots.len(),
             generation: taken.generation,
             at_limit: taken.at_limit,
             tat_after: taken.tat_after,
-            flags: AtomicU8::new(if taken.probe { PROBE } else { 0 }),
+            flags: AtomicU8::new(flags),
         }
     }
 
@@ -169,6 +183,46 @@ impl Lease {
         }
     }
 
+    /// Must the store shared with other replicas admit this lease before its request
+    /// goes? Only with a [state backend](crate::shared), on a key with a cap, while the
+    /// store is reachable: then [`admit`](Self::admit) it.
+    #[inline]
+    pub fn needs_admission(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & ASK != 0
+    }
+
+    /// Asks the store to admit this lease (one round trip, in which it counts every
+    /// replica's leases on the key against its cap). The future gives the lease back if
+    /// admitted, and `None` if the key is full across the replicas: the lease is then
+    /// dropped, the key reads busy here until a release is announced, and the caller
+    /// reserves again. Ready at once for a lease that does not [need
+    /// admission](Self::needs_admission). [`KeyRotation`](crate::KeyRotation) does this in
+    /// `poll_ready`.
+    pub fn admit(self) -> Admit {
+        let admission = match &self.slot.shared {
+            Some(shared) if self.needs_admission() => {
+                Some(shared.ask(self.slot.limit(), self.is_probe()))
+            }
+            _ => None,
+        };
+        self.set_flag_off(ASK);
+        Admit {
+            lease: Some(self),
+            admission,
+        }
+    }
+
+    /// Sends this lease without the store's answer (it is still counted): for a
+    /// reservation traded in `call`, where nothing can wait.
+    pub(crate) fn skip_admission(&self) {
+        self.set_flag_off(ASK);
+    }
+
+    fn set_flag_off(&self, flag: u8) {
+        let flags = self.flags.load(Ordering::Relaxed);
+        self.flags.store(flags & !flag, Ordering::Relaxed);
+    }
+
     /// Counts the request as sent with this key and logs `Using key i/n`.
     pub fn mark_sent(&self) {
         self.set_flag(SENT);
@@ -216,11 +270,54 @@ impl Drop for Lease {
         let flags = *self.flags.get_mut();
         if flags & PROBE != 0 && flags & RESOLVED == 0 {
             // The probe never got an answer: the next caller may probe.
-            self.slot.probe.give_back();
+            self.slot.probe_abandoned();
         }
         // Reserved but never sent: what is left of its quota unit goes back.
         let unsent = (flags & SENT == 0).then_some(self.tat_after);
         self.slot.release(unsent, flags & REFUSED != 0);
+    }
+}
+
+/// The store's answer to a lease's request to be admitted: made by [`Lease::admit`].
+#[derive(Debug)]
+#[must_use = "a future does nothing unless polled"]
+pub struct Admit {
+    lease: Option<Lease>,
+    admission: Option<Admission>,
+}
+
+impl Future for Admit {
+    type Output = Option<Lease>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Lease>> {
+        let this = &mut *self;
+        if let Some(admission) = &mut this.admission {
+            let lease = this.lease.as_ref().expect("Admit polled after completion");
+            let shared = lease
+                .slot
+                .shared
+                .as_ref()
+                .expect("an admission has a shared key");
+            let answer = ready!(admission.poll(shared, cx));
+            this.admission = None;
+            match answer {
+                Answer::Admitted => {}
+                Answer::Full => {
+                    this.lease = None;
+                    return Poll::Ready(None);
+                }
+                Answer::QuotaIn(wait) => {
+                    lease.slot.hold_quota(wait);
+                    // Its local unit stays spent: a refund would undo part of the hold.
+                    lease.set_flag(SENT);
+                    this.lease = None;
+                    return Poll::Ready(None);
+                }
+            }
+        }
+        Poll::Ready(Some(
+            this.lease.take().expect("Admit polled after completion"),
+        ))
     }
 }
 

@@ -51,6 +51,7 @@
 //! | `wait` | waiting for a key, and why no wake-up is lost |
 //! | `lease` | a reserved key, and recording its outcome |
 //! | `events` | log lines for what an outcome did |
+//! | `shared` | what a state backend reads from the pool and applies to it |
 //! | `builder` | the settings |
 
 mod builder;
@@ -61,6 +62,7 @@ mod loom_tests;
 mod record;
 mod rest;
 mod select;
+mod shared;
 mod slot;
 mod state;
 mod stats;
@@ -80,9 +82,11 @@ use crate::classify::Classifier;
 use crate::key::KeySet;
 use crate::quota::Quota;
 
+use crate::shared::{BackendHealth, Shared};
+
 pub use builder::KeyPoolBuilder;
 pub(crate) use lease::Check;
-pub use lease::Lease;
+pub use lease::{Admit, Lease};
 pub(crate) use state::PoolAvailability;
 pub use stats::{KeyState, KeyStats};
 pub use table::ReloadSummary;
@@ -130,7 +134,8 @@ pub struct KeyPool {
     inner: Arc<PoolInner>,
 }
 
-struct PoolInner {
+/// The pool's state (a [`BackendLink`](crate::shared::BackendLink) holds a weak reference).
+pub(crate) struct PoolInner {
     signals: Arc<Signals>,
     table: ArcSwap<Table>,
     selection: Selection,
@@ -156,6 +161,8 @@ struct Signals {
     notify: Arc<Notify>,
     /// For the rare paths that need every key (an account-wide limit).
     pool: Weak<PoolInner>,
+    /// The state shared with other replicas, if a backend is set.
+    shared: Option<Arc<Shared>>,
 }
 
 #[repr(align(128))]
@@ -187,6 +194,8 @@ impl KeyPool {
             classifier: Classifier::default(),
             learn_concurrency: true,
             max_wait: Some(builder::DEFAULT_MAX_WAIT),
+            backend: None,
+            degraded: Default::default(),
         }
     }
 
@@ -256,6 +265,16 @@ impl KeyPool {
     /// The wait budget of each request ([`KeyPoolBuilder::max_wait`]).
     pub fn max_wait(&self) -> Option<Duration> {
         self.inner.signals.max_wait
+    }
+
+    /// The state backend's health, if the pool shares its state with other replicas
+    /// ([`KeyPoolBuilder::state_backend`]).
+    pub fn backend_health(&self) -> Option<BackendHealth> {
+        self.inner
+            .signals
+            .shared
+            .as_ref()
+            .map(|shared| shared.health())
     }
 
     /// Requests waiting for a key right now (in `KeyRotation::poll_ready`).

@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::rest::{Deadline, RestWord};
 use super::slot::Slot;
 use crate::classify::Outcome;
+use crate::shared::{Op, RemoteRest, SharedKey};
 
 /// A learned concurrency limit rises by one after this many successes per unit of the
 /// limit, each sent with the key at its limit (additive increase: a limit of 2 rises to 3
@@ -85,10 +86,11 @@ impl Slot {
         {
             self.learn_success();
         }
+        let mut recovered = false;
         match outcome {
-            Outcome::Success => self.succeeded(answered.generation),
+            Outcome::Success => recovered = self.succeeded(answered.generation),
             Outcome::SuccessAtLimit { reset_after } => {
-                self.succeeded(answered.generation);
+                recovered = self.succeeded(answered.generation);
                 // A rest for a limit, as after a 429: capped the same way, and ended by a
                 // probe (the window may not have reset when the headers said).
                 let wait = self.signals.backoff.cap(reset_after);
@@ -167,7 +169,117 @@ impl Slot {
             }
             transition.back = back;
         }
+        if let Some(shared) = &self.shared {
+            self.share(shared, &transition, recovered, answered.probe);
+        }
         transition
+    }
+
+    /// Tells the other replicas what an outcome changed here (off the request path: the
+    /// backend's task carries it).
+    #[inline(never)]
+    fn share(&self, shared: &SharedKey, transition: &Transition, recovered: bool, probe: bool) {
+        if transition.disabled {
+            shared.report(Op::Disable {
+                key: shared.id.clone(),
+            });
+            if !probe {
+                return;
+            }
+        }
+        let rested = transition
+            .rest
+            .is_some_and(|change| change.rest != Rest::Unchanged);
+        if probe {
+            // The rest (if any) and the answer in one message, in that order.
+            shared.report(Op::ProbeDone {
+                key: shared.id.clone(),
+                back: transition.back,
+                rest: if rested { self.rest_left() } else { None },
+            });
+        } else if rested {
+            self.share_rest(shared);
+        } else if recovered {
+            shared.report(Op::Recovered {
+                key: shared.id.clone(),
+            });
+        }
+    }
+
+    /// Sends the key's rest as it stands here: what is left of it, and the level.
+    fn share_rest(&self, shared: &SharedKey) {
+        if let Some((remaining, level)) = self.rest_left() {
+            shared.report(Op::Rest {
+                key: shared.id.clone(),
+                remaining,
+                level,
+            });
+        }
+    }
+
+    /// What is left of the key's rest here, and its level; `None` if not resting.
+    fn rest_left(&self) -> Option<(Duration, u32)> {
+        let RestWord::Until(until) = self.deadline.read() else {
+            return None;
+        };
+        let remaining = until.saturating_sub(self.signals.now_nanos());
+        (remaining > 0).then(|| {
+            (
+                Duration::from_nanos(remaining),
+                self.level.load(Ordering::Acquire),
+            )
+        })
+    }
+
+    /// A probe dropped unanswered: the next caller may probe (here, or in another replica).
+    pub(super) fn probe_abandoned(&self) {
+        self.probe.give_back();
+        if let Some(shared) = &self.shared {
+            self.probe_given_up(shared);
+        }
+    }
+
+    #[inline(never)]
+    fn probe_given_up(&self, shared: &SharedKey) {
+        shared.report(Op::ProbeDone {
+            key: shared.id.clone(),
+            back: false,
+            rest: None,
+        });
+    }
+
+    /// The store shared with other replicas says the key's quota has no unit for `wait`:
+    /// hold it back here as long, so that waiters sleep until then.
+    pub(super) fn hold_quota(&self, wait: Duration) {
+        if let Some(quota) = self.quota {
+            let now = self.signals.now_nanos();
+            let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+            quota.hold_until(&self.tat, now.saturating_add(wait));
+        }
+    }
+
+    /// Applies another replica's rest, disable or level (from the store): a rest only
+    /// extends, a disable is for good, a level only rises. Not shared again. Returns
+    /// whether anything changed.
+    pub(super) fn apply_remote(&self, remote: RemoteRest) -> bool {
+        if remote.disabled {
+            return self.disable();
+        }
+        let raised = self.level.fetch_max(remote.level, Ordering::AcqRel) < remote.level;
+        let Some(wait) = remote.remaining.filter(|wait| !wait.is_zero()) else {
+            return raised;
+        };
+        match self.extend(wait) {
+            Rest::Unchanged => raised,
+            Rest::Extended => true,
+            Rest::Started => {
+                // A cool-down began elsewhere: leases taken here before it are stragglers
+                // whose 429 must not raise the level again, and the key owes its probe.
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                self.probe.owe();
+                true
+            }
+        }
     }
 
     /// Disables the key for good; `true` if it was not disabled yet.
@@ -305,10 +417,16 @@ impl Slot {
             .iter()
             .filter(|s| !std::ptr::eq(&***s, self) && s.spec.account.as_deref() == Some(account))
             .filter(|s| s.rest_for_limit(wait) != Rest::Unchanged)
+            .inspect(|s| {
+                if let Some(shared) = &s.shared {
+                    s.share_rest(shared);
+                }
+            })
             .count()
     }
 
-    fn succeeded(&self, generation: u32) {
+    /// A success; `true` if it reset the backoff level.
+    fn succeeded(&self, generation: u32) -> bool {
         self.successes.fetch_add(1, Ordering::Relaxed);
         // Only a request reserved after the last cool-down began proves the key has
         // recovered; a straggler's success does not.
@@ -316,6 +434,8 @@ impl Slot {
             && self.generation.load(Ordering::Acquire) == generation
         {
             self.level.store(0, Ordering::Relaxed);
+            return true;
         }
+        false
     }
 }

@@ -159,6 +159,14 @@ impl Probe {
         self.0.store(Self::OWED, Ordering::Release);
     }
 
+    /// Another replica's probe answered: this replica owes none (Owed => None; a probe
+    /// running here settles by its own answer).
+    pub(super) fn forgive(&self) {
+        let _ =
+            self.0
+                .compare_exchange(Self::OWED, Self::NONE, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
     /// The probe's answer: back (Running => None) or not (Running => Owed).
     pub(super) fn settle(&self, back: bool) {
         self.0.store(

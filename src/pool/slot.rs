@@ -16,6 +16,7 @@ use super::state::Availability;
 use super::{LazyNow, Signals};
 use crate::key::KeySpec;
 use crate::quota::{Gcra, Quota};
+use crate::shared::SharedKey;
 
 /// One key's state, hot fields first and on their own cache lines so that keys do not
 /// contend with each other.
@@ -52,6 +53,8 @@ pub(super) struct Slot {
     pub(super) weight: u32,
     pub(super) quota: Option<Gcra>,
     pub(super) spec: KeySpec,
+    /// The key's part in the state shared with other replicas (`None`: no backend).
+    pub(super) shared: Option<SharedKey>,
     /// Header values, built on first use and reused: `Bearer <key>` and the bare key.
     pub(super) bearer: OnceLock<HeaderValue>,
     pub(super) bare: OnceLock<HeaderValue>,
@@ -80,6 +83,10 @@ impl Slot {
         signals: &Arc<Signals>,
     ) -> Arc<Self> {
         let cap = spec.max_in_flight.unwrap_or(cap);
+        let shared = signals.shared.as_ref().map(|shared| {
+            let quota = spec.quota.or(quota).map(|q| q.gcra());
+            shared.key(shared.backend.key_id(&spec), cap, quota)
+        });
         Arc::new(Self {
             in_flight: AtomicU32::new(0),
             limit: AtomicU32::new(cap),
@@ -99,6 +106,7 @@ impl Slot {
             weight: spec.weight,
             quota: spec.quota.or(quota).map(|q| q.gcra()),
             spec,
+            shared,
             bearer: OnceLock::new(),
             bare: OnceLock::new(),
             signals: signals.clone(),
@@ -108,6 +116,17 @@ impl Slot {
     /// The concurrency limit in force (`u32::MAX`: none).
     pub(super) fn limit(&self) -> u32 {
         self.limit.load(Ordering::Relaxed)
+    }
+
+    /// The most leases this replica may hold on the key now: `limit`, or less while the
+    /// store shared with other replicas says the key is full, or its degraded policy applies.
+    #[inline]
+    pub(super) fn take_limit(&self) -> u32 {
+        let limit = self.limit();
+        match &self.shared {
+            None => limit,
+            Some(shared) => shared.limit(limit),
+        }
     }
 
     /// Removed or replaced by a reload.
@@ -145,7 +164,7 @@ impl Slot {
             // Probing: the probe's answer wakes every waiter.
             return (KeyState::Probing, Availability::OnRelease);
         }
-        if self.in_flight.load(Ordering::Relaxed) >= self.limit() {
+        if self.in_flight.load(Ordering::Relaxed) >= self.take_limit() {
             return (KeyState::Busy, Availability::OnRelease);
         }
         let quota_at = quota_at();
@@ -185,13 +204,18 @@ impl Slot {
         let now_nanos = if self.quota.is_some() { now.get() } else { 0 };
         let mut tat_after = 0;
         if let Some(quota) = self.quota {
-            let Some(after) = quota.try_take(&self.tat, now_nanos) else {
+            // Units of quota per request: more while a quota shared by replicas is split.
+            let units = self
+                .shared
+                .as_ref()
+                .map_or(1, |shared| shared.quota_units());
+            let Some(after) = quota.try_take_units(&self.tat, now_nanos, units) else {
                 self.unprobe(probe);
                 return None;
             };
             tat_after = after;
         }
-        let limit = self.limit();
+        let limit = self.take_limit();
         let in_flight = if limit == u32::MAX {
             Some(self.in_flight.fetch_add(1, Ordering::AcqRel))
         } else {
@@ -224,6 +248,7 @@ impl Slot {
     }
 
     /// Gives back an in-flight slot, and what is left of an unsent request's quota unit.
+    #[inline]
     pub(super) fn release(&self, unsent_tat_after: Option<u64>, refused: bool) {
         if let (Some(tat_after), Some(quota)) = (unsent_tat_after, self.quota) {
             // Only a quota reads the clock.
@@ -231,6 +256,9 @@ impl Slot {
         }
         if refused {
             self.refused_open.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(shared) = &self.shared {
+            shared.released();
         }
         // SeqCst pairs with the waiter's registration (see `wait`).
         self.in_flight.fetch_sub(1, Ordering::SeqCst);

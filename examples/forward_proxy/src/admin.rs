@@ -64,6 +64,10 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
                 .body(full(serde_json::Value::Array(keys).to_string()))
                 .expect("static response")
         }
+        "/_keyrotation/backend" => Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(full(crate::shared::admin(&state.pool).to_string()))
+            .expect("static response"),
         "/_keyrotation/metrics" => Response::builder()
             .header(
                 header::CONTENT_TYPE,

@@ -9,7 +9,9 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, Uri};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use subtle::ConstantTimeEq;
-use tower_key_rotation::{KeyPool, KeySet, Placement, Quota, Selection, classify::Classifier};
+use tower_key_rotation::{
+    KeyPool, KeyPoolBuilder, KeySet, Placement, Quota, Selection, classify::Classifier,
+};
 use zeroize::Zeroizing;
 
 use crate::dotenv::DotEnv;
@@ -37,7 +39,10 @@ each key and takes its value from an environment variable or a file:
 SIGHUP, or a change to the key file, reloads the keys (unchanged keys keep their state).
 Keys of one account share its limit: tag them with the same account.
 
-Admin routes: /_keyrotation/health, /_keyrotation/keys, /_keyrotation/metrics.
+Admin routes: /_keyrotation/health, /_keyrotation/keys, /_keyrotation/backend,
+/_keyrotation/metrics.
+
+Replicas share their keys' state through Redis with --redis-url (or REDIS_URL).
 
 Anyone who can reach the proxy uses your keys: keep it on loopback, or set --access-token-env.";
 
@@ -160,6 +165,10 @@ pub(crate) struct Args {
     /// Log format: `text` (for people) or `json` (one object a line, for log shippers).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub(crate) log_format: LogFormat,
+
+    /// Replicas sharing state through Redis (see `shared`).
+    #[command(flatten)]
+    pub(crate) shared: crate::shared::SharedArgs,
 }
 
 impl Args {
@@ -236,8 +245,9 @@ impl std::fmt::Display for Listen {
 }
 
 impl Args {
-    /// The key pool these flags describe, over `keys`.
-    pub(crate) fn pool(&self, keys: KeySet) -> KeyPool {
+    /// The key pool these flags describe, over `keys` (before the shared state backend,
+    /// which `shared::apply` adds).
+    pub(crate) fn pool_builder(&self, keys: KeySet) -> KeyPoolBuilder {
         let mut pool = KeyPool::builder(keys)
             .selection(self.strategy.into())
             .classifier(self.profile.into())
@@ -249,7 +259,7 @@ impl Args {
         if let Some(rpm) = self.rpm_per_key {
             pool = pool.quota_per_key(Quota::per_minute(rpm));
         }
-        pool.build()
+        pool
     }
 }
 
@@ -423,6 +433,7 @@ pub(crate) fn load_secrets(args: &Args) -> Result<Secrets, String> {
             None => vec![keys_env.to_owned()],
         };
         needed.extend(args.access_token_env.clone());
+        needed.extend(args.shared.env_names());
         let needed: Vec<&str> = needed.iter().map(String::as_str).collect();
         dotenv.apply(&needed)?;
     }

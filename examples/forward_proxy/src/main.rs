@@ -19,8 +19,8 @@
 //! One module per job: `config` (flags, secrets), `dotenv` (`.env`), `keys` (the key
 //! file), `reload` (SIGHUP and key file changes), `handler` (one request, and a client that
 //! goes away), `upstream` (client stack), `tls` (certificate checks, failures in words),
-//! `attempts` (each attempt's time, for the log), `admin`
-//! and `metrics`.
+//! `attempts` (each attempt's time, for the log), `shared` (replicas sharing keys' state
+//! through Redis: `--redis-url`), `admin` and `metrics`.
 
 mod admin;
 mod attempts;
@@ -30,6 +30,7 @@ mod handler;
 mod keys;
 mod metrics;
 mod reload;
+mod shared;
 mod tls;
 mod upstream;
 
@@ -85,7 +86,9 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let secrets = config::load_secrets(&args)?;
-    let pool = args.pool(secrets.keys);
+    let pool = shared::apply(&args.shared, args.pool_builder(secrets.keys))
+        .await?
+        .build();
     tracing::info!(
         "Loaded {} API key(s) from {}{}",
         pool.len(),

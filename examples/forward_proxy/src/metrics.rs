@@ -153,6 +153,7 @@ impl Collector for KeyCollector {
             waiting.metric_type(),
         )?;
         waiting.encode(family)?;
+        crate::shared::encode_metrics(&self.pool, &mut encoder)?;
 
         type Read = fn(&tower_key_rotation::pool::KeyStats) -> u64;
         let counters: [(&str, &str, Read); 4] = [

@@ -1,0 +1,97 @@
+//! What a state backend ([`BackendLink`](crate::shared::BackendLink)) reads from the pool
+//! and applies to it: the keys' ids and rests, other replicas' changes, releases announced
+//! by the store. Slow paths (a linear scan of the keys): they run on the backend's task,
+//! not on the request path.
+
+use std::sync::Arc;
+
+use super::rest::RestWord;
+use super::{LazyNow, PoolInner};
+use crate::shared::{LocalRest, RemoteRest};
+
+impl PoolInner {
+    /// The store ids of the keys in force.
+    pub(crate) fn key_ids(&self) -> Vec<Arc<str>> {
+        let table = self.table.load();
+        table
+            .slots
+            .iter()
+            .filter_map(|slot| Some(slot.shared.as_ref()?.id.clone()))
+            .collect()
+    }
+
+    /// Every key's rest as this replica knows it.
+    pub(crate) fn local_rests(&self) -> Vec<LocalRest> {
+        let table = self.table.load();
+        let mut now = LazyNow::new(&self.signals);
+        let now = now.get();
+        table
+            .slots
+            .iter()
+            .filter_map(|slot| {
+                let id = slot.shared.as_ref()?.id.clone();
+                let rest = slot.deadline.read();
+                Some(LocalRest {
+                    key: id,
+                    remaining: match rest {
+                        RestWord::Until(until) if until > now => {
+                            Some(std::time::Duration::from_nanos(until - now))
+                        }
+                        _ => None,
+                    },
+                    level: slot.level.load(std::sync::atomic::Ordering::Acquire),
+                    disabled: rest == RestWord::Disabled,
+                })
+            })
+            .collect()
+    }
+
+    /// Applies another replica's change to the key `id`; `false` if no key here has it.
+    pub(crate) fn apply_remote(&self, id: &str, rest: RemoteRest) -> bool {
+        let table = self.table.load();
+        let mut found = false;
+        for slot in table.slots.iter() {
+            if slot.shared.as_ref().is_some_and(|shared| &*shared.id == id) {
+                found = true;
+                slot.apply_remote(rest);
+            }
+        }
+        found
+    }
+
+    /// A lease on the key `id` was released somewhere: it may have room again.
+    pub(crate) fn freed(&self, id: &str) {
+        let table = self.table.load();
+        for slot in table.slots.iter() {
+            if let Some(shared) = slot.shared.as_ref().filter(|shared| &*shared.id == id) {
+                shared.freed();
+                self.signals.wake_one();
+            }
+        }
+    }
+
+    /// Another replica's probe of the key `id` was answered.
+    pub(crate) fn probe_done(&self, id: &str, back: bool) {
+        let table = self.table.load();
+        for slot in table.slots.iter() {
+            if let Some(shared) = slot.shared.as_ref().filter(|shared| &*shared.id == id) {
+                if back {
+                    slot.probe.forgive();
+                }
+                shared.freed();
+            }
+        }
+        self.signals.notify.notify_waiters();
+    }
+
+    /// Forgets every "full", and lets every waiter look again.
+    pub(crate) fn refresh(&self) {
+        let table = self.table.load();
+        for slot in table.slots.iter() {
+            if let Some(shared) = &slot.shared {
+                shared.freed();
+            }
+        }
+        self.signals.notify.notify_waiters();
+    }
+}

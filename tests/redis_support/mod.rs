@@ -1,0 +1,72 @@
+//! A real `redis-server` for the tests: started on a free loopback port with persistence
+//! off, ready when it says so on its log, stopped by pid (SIGKILL, as a crash would).
+//! Debian's `redis-server` package provides it (`.ci/run` installs it when missing).
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A running `redis-server`.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port of 127.0.0.1.
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self { port, child: None };
+        server.restart().await;
+        server
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) on the same port, with no data: as after a crash with
+    /// persistence off.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "the server is running");
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server not found: apt-get install redis-server");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.contains("Ready to accept connections") {
+                    return;
+                }
+            }
+            panic!("redis-server ended before it was ready");
+        };
+        tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .expect("redis-server ready within 10 s");
+        // Keep reading its log, or it blocks once the pipe is full.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
+    }
+
+    /// Kills the server by pid (SIGKILL) and waits for it to be gone.
+    pub async fn kill(&mut self) {
+        let mut child = self.child.take().expect("the server is running");
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+    }
+}

@@ -1,0 +1,596 @@
+//! Several pools (replicas) sharing their keys' state through a real `redis-server`
+//! (`shared::redis`): rests, disables and in-flight caps seen by one replica hold in the
+//! others; the store going away degrades, and its return resumes sharing.
+
+mod redis_support;
+
+use std::time::Duration;
+
+use redis_support::RedisServer;
+use tokio::time::{Instant, timeout};
+use tower_key_rotation::shared::redis::{RedisBackend, RedisOptions};
+use tower_key_rotation::{KeyPool, KeySet, classify::Outcome, pool::KeyState};
+
+const KEYS: &str = "sk-one,sk-two,sk-three";
+const SECRET: &[u8] = b"test deployment secret";
+
+fn options(namespace: &str) -> RedisOptions {
+    let mut options = RedisOptions::default();
+    options.namespace = namespace.to_owned();
+    options
+}
+
+/// A replica: a backend connected to `server`, and a pool over [`KEYS`] sharing through it.
+async fn replica(
+    server: &RedisServer,
+    namespace: &str,
+    cap: Option<u32>,
+) -> (KeyPool, RedisBackend) {
+    let backend = RedisBackend::new(&server.url(), SECRET, options(namespace)).unwrap();
+    assert!(backend.connect().await, "the test server answers");
+    let mut pool = KeyPool::builder(KeySet::parse(KEYS).unwrap()).state_backend(backend.clone());
+    if let Some(cap) = cap {
+        pool = pool.max_in_flight_per_key(cap);
+    }
+    let pool = pool.build();
+    timeout(Duration::from_secs(5), backend.subscribed())
+        .await
+        .expect("subscribed within 5 s");
+    (pool, backend)
+}
+
+#[tokio::test]
+async fn a_429_seen_by_one_replica_rests_the_key_in_another_within_50_ms() {
+    let server = RedisServer::start().await;
+    let (a, _) = replica(&server, "rest", None).await;
+    let (b, b_backend) = replica(&server, "rest", None).await;
+    let mut applied = b_backend.applied();
+    applied.borrow_and_update();
+
+    let lease = a.try_reserve().unwrap();
+    assert_eq!(lease.position(), 1);
+    lease.mark_sent();
+    let refused = Instant::now();
+    lease.record(Outcome::RateLimited {
+        retry_after: Some(Duration::from_secs(20)),
+    });
+    drop(lease);
+    timeout(Duration::from_secs(2), applied.changed())
+        .await
+        .expect("replica B hears of the rest")
+        .unwrap();
+    let took = refused.elapsed();
+    eprintln!("replica B rested key 1 {took:?} after replica A's 429");
+    assert!(took < Duration::from_millis(50), "took {took:?}");
+
+    // B rests key 1 from its own atomics: no round trip on its request path.
+    let key = &b.snapshot()[0];
+    assert_eq!(key.state, KeyState::Resting);
+    let left = key.cooling_down_for.unwrap();
+    assert!(
+        left > Duration::from_secs(19) && left <= Duration::from_secs(20),
+        "{left:?}"
+    );
+    for _ in 0..6 {
+        let lease = b.try_reserve().unwrap();
+        assert_ne!(lease.position(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_disable_reaches_every_replica_and_a_new_one_syncs_it() {
+    let server = RedisServer::start().await;
+    let (a, _) = replica(&server, "disable", None).await;
+    let (b, b_backend) = replica(&server, "disable", None).await;
+    let mut applied = b_backend.applied();
+    applied.borrow_and_update();
+
+    let lease = a.try_reserve().unwrap();
+    lease.mark_sent();
+    lease.record(Outcome::KeyRejected);
+    drop(lease);
+    timeout(Duration::from_secs(2), applied.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(b.snapshot()[0].disabled);
+
+    // A replica started later reads it at its first sync.
+    let (c, c_backend) = replica(&server, "disable", None).await;
+    timeout(
+        Duration::from_secs(5),
+        c_backend.syncs().wait_for(|&syncs| syncs > 0),
+    )
+    .await
+    .expect("synced within 5 s")
+    .unwrap();
+    assert!(c.snapshot()[0].disabled);
+    // Another namespace shares nothing.
+    let (other, _) = replica(&server, "elsewhere", None).await;
+    assert!(!other.snapshot()[0].disabled);
+}
+
+#[test]
+fn neither_the_url_nor_its_password_shows_in_errors_or_debug() {
+    let error = RedisBackend::new("redis://:hunter2-pass@", SECRET, RedisOptions::default())
+        .err()
+        .map(|e| e.to_string());
+    if let Some(error) = error {
+        assert!(!error.contains("hunter2"), "{error}");
+    }
+    let error = RedisBackend::new(
+        "http://user:hunter2-pass@host",
+        SECRET,
+        RedisOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!error.contains("hunter2"), "{error}");
+    let backend = RedisBackend::new(
+        "redis://user:hunter2-pass@127.0.0.1:1/0",
+        SECRET,
+        RedisOptions::default(),
+    )
+    .unwrap();
+    let debug = format!("{backend:?}");
+    assert!(
+        !debug.contains("hunter2") && !debug.contains("127.0.0.1"),
+        "{debug}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// In-flight caps shared by three replicas
+// ---------------------------------------------------------------------------------------
+
+#[allow(unreachable_pub)]
+mod caps {
+    use std::collections::HashMap;
+    use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Empty, Full};
+    use tower::{Service, ServiceExt};
+    use tower_key_rotation::{KeyPool, KeyRotation};
+
+    /// A provider stand-in allowing `limit` requests in flight per key, refusing more with
+    /// 429; it records the most it saw at once per key.
+    #[derive(Clone, Default)]
+    pub struct Provider {
+        limit: u32,
+        state: Arc<Mutex<Ledger>>,
+    }
+
+    #[derive(Default)]
+    struct Ledger {
+        in_flight: HashMap<String, u32>,
+        most: HashMap<String, u32>,
+        refused: u32,
+        served: u32,
+    }
+
+    impl Provider {
+        pub fn new(limit: u32) -> Self {
+            Self {
+                limit,
+                state: Arc::default(),
+            }
+        }
+
+        /// (served, refused with 429, the most in flight on any key at once).
+        pub fn tally(&self) -> (u32, u32, u32) {
+            let ledger = self.state.lock().unwrap();
+            let most = ledger.most.values().copied().max().unwrap_or(0);
+            (ledger.served, ledger.refused, most)
+        }
+
+        /// The inner service: works `work` on an accepted request.
+        pub fn service(
+            &self,
+            work: Duration,
+        ) -> impl Service<
+            Request<Empty<Bytes>>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + 'static {
+            let provider = self.clone();
+            tower::service_fn(move |request: Request<Empty<Bytes>>| {
+                let provider = provider.clone();
+                async move {
+                    let key = request.headers()["authorization"]
+                        .to_str()
+                        .unwrap()
+                        .to_owned();
+                    let accepted = {
+                        let mut ledger = provider.state.lock().unwrap();
+                        let count = ledger.in_flight.entry(key.clone()).or_default();
+                        let accepted = *count < provider.limit;
+                        if accepted {
+                            *count += 1;
+                            let now = *count;
+                            let most = ledger.most.entry(key.clone()).or_default();
+                            *most = (*most).max(now);
+                            ledger.served += 1;
+                        } else {
+                            ledger.refused += 1;
+                        }
+                        accepted
+                    };
+                    if !accepted {
+                        let mut response = Response::new(Full::new(Bytes::from_static(b"busy")));
+                        *response.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+                        return Ok(response);
+                    }
+                    tokio::time::sleep(work).await;
+                    *provider
+                        .state
+                        .lock()
+                        .unwrap()
+                        .in_flight
+                        .get_mut(&key)
+                        .unwrap() -= 1;
+                    Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                }
+            })
+        }
+    }
+
+    /// `requests` requests spread round the `pools`, all at once; each answer read to its
+    /// end (which gives its key back). Returns the statuses.
+    pub async fn load(
+        pools: &[KeyPool],
+        provider: &Provider,
+        requests: usize,
+        work: Duration,
+    ) -> Vec<u16> {
+        let tasks: Vec<_> = (0..requests)
+            .map(|i| {
+                let service =
+                    KeyRotation::new(provider.service(work), pools[i % pools.len()].clone());
+                tokio::spawn(async move {
+                    let request = Request::get("http://provider.test/v1/chat")
+                        .body(Empty::<Bytes>::new())
+                        .unwrap();
+                    let response = service.oneshot(request).await.expect("an answer");
+                    let status = response.status().as_u16();
+                    response.into_body().collect().await.unwrap();
+                    status
+                })
+            })
+            .collect();
+        let mut statuses = Vec::with_capacity(requests);
+        for task in tasks {
+            statuses.push(task.await.unwrap());
+        }
+        statuses
+    }
+}
+
+use caps::{Provider, load};
+
+/// Three replicas with a cap of `cap` per key, sharing through `server` (or not).
+async fn three_replicas(
+    server: Option<&RedisServer>,
+    namespace: &str,
+    keys: &str,
+    cap: u32,
+    options: RedisOptions,
+) -> (Vec<KeyPool>, Vec<RedisBackend>) {
+    let mut pools = Vec::new();
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        let mut pool = KeyPool::builder(KeySet::parse(keys).unwrap()).max_in_flight_per_key(cap);
+        if let Some(server) = server {
+            let mut options = options.clone();
+            options.namespace = namespace.to_owned();
+            let backend = RedisBackend::new(&server.url(), SECRET, options).unwrap();
+            assert!(backend.connect().await);
+            pool = pool.state_backend(backend.clone());
+            backends.push(backend);
+        }
+        pools.push(pool.build());
+    }
+    for backend in &backends {
+        timeout(Duration::from_secs(5), backend.subscribed())
+            .await
+            .unwrap();
+    }
+    (pools, backends)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_keep_each_keys_cap_between_them_and_without_redis_they_do_not() {
+    let server = RedisServer::start().await;
+    let work = Duration::from_millis(20);
+
+    let provider = Provider::new(2);
+    let (pools, _backends) =
+        three_replicas(Some(&server), "caps", KEYS, 2, RedisOptions::default()).await;
+    let statuses = load(&pools, &provider, 300, work).await;
+    let (served, refused, most) = provider.tally();
+    eprintln!("shared: {served} served, {refused} refused (429), at most {most} in flight per key");
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!((served, refused), (300, 0));
+    assert!(most <= 2, "{most} in flight on one key");
+    for pool in &pools {
+        assert!(pool.snapshot().iter().all(|key| key.in_flight == 0));
+    }
+
+    // The control: the same replicas, each on its own.
+    let provider = Provider::new(2);
+    let (pools, _) = three_replicas(None, "", KEYS, 2, RedisOptions::default()).await;
+    load(&pools, &provider, 300, work).await;
+    let (_, refused, _) = provider.tally();
+    eprintln!("control without Redis: {refused} refused (429)");
+    assert!(
+        refused > 0,
+        "the replicas alone exceed the provider's limit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_leases_come_back_within_the_ttl() {
+    let server = RedisServer::start().await;
+    let mut options = RedisOptions::default();
+    options.namespace = "dead".to_owned();
+    options.heartbeat = Duration::from_millis(200);
+    options.ttl = Duration::from_secs(1);
+
+    // The replica that dies: its own runtime, holding both slots of the one key, then
+    // gone without a word (its runtime dropped, its leases never released).
+    let url = server.url();
+    let dying = options.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let backend = RedisBackend::new(&url, SECRET, dying).unwrap();
+            assert!(backend.connect().await);
+            let pool = KeyPool::builder(KeySet::parse("sk-one").unwrap())
+                .max_in_flight_per_key(2)
+                .state_backend(backend)
+                .build();
+            for _ in 0..2 {
+                let lease = pool.try_reserve().unwrap();
+                assert!(lease.needs_admission());
+                std::mem::forget(lease.admit().await.expect("admitted"));
+            }
+        });
+        drop(runtime);
+    })
+    .join()
+    .unwrap();
+
+    let backend = RedisBackend::new(&server.url(), SECRET, options).unwrap();
+    assert!(backend.connect().await);
+    let pool = KeyPool::builder(KeySet::parse("sk-one").unwrap())
+        .max_in_flight_per_key(2)
+        .state_backend(backend)
+        .build();
+    let started = Instant::now();
+    let lease = pool.try_reserve().unwrap();
+    assert!(
+        lease.admit().await.is_none(),
+        "the dead replica's leases still count"
+    );
+    // A caller waits (no polling: woken when the replica count drops) and gets the key.
+    let provider = Provider::new(2);
+    let statuses = load(&[pool], &provider, 2, Duration::from_millis(1)).await;
+    let took = started.elapsed();
+    eprintln!("a dead replica's slots came back after {took:?} (ttl 1 s, heartbeat 200 ms)");
+    assert_eq!(statuses, [200, 200]);
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_run_degrades_without_failing_a_request_and_its_return_resumes_sharing() {
+    let mut server = RedisServer::start().await;
+    let mut options = RedisOptions::default();
+    options.heartbeat = Duration::from_millis(200);
+    // A cap of 3 over 3 replicas: the split policy gives each 1, so even degraded the
+    // provider's limit holds.
+    let provider = Provider::new(3);
+    let (pools, backends) = three_replicas(Some(&server), "outage", "sk-one", 3, options).await;
+    let work = Duration::from_millis(20);
+    let before = load(&pools, &provider, 60, work).await;
+
+    // Killed while requests are in flight.
+    let during = {
+        let pools = pools.clone();
+        let provider = provider.clone();
+        tokio::spawn(async move { load(&pools, &provider, 120, work).await })
+    };
+    server.kill().await;
+    for backend in &backends {
+        timeout(Duration::from_secs(5), backend.sharing().wait_for(|s| !s))
+            .await
+            .expect("degraded within 5 s")
+            .unwrap();
+    }
+    let degraded = load(&pools, &provider, 60, work).await;
+    for pool in &pools {
+        let health = pool.backend_health().unwrap();
+        assert!(health.degraded && !health.connected, "{health:?}");
+        assert_eq!(health.replicas, 3);
+    }
+    let during = during.await.unwrap();
+
+    // Back, empty (no persistence): scripts reloaded (NOSCRIPT), state merged, sharing on.
+    server.restart().await;
+    for backend in &backends {
+        timeout(Duration::from_secs(5), backend.sharing().wait_for(|s| *s))
+            .await
+            .expect("sharing again within 5 s")
+            .unwrap();
+    }
+    let after = load(&pools, &provider, 60, work).await;
+    for pool in &pools {
+        assert!(!pool.backend_health().unwrap().degraded);
+    }
+    let (served, refused, most) = provider.tally();
+    eprintln!("outage: {served} served, {refused} refused (429), at most {most} at once");
+    for statuses in [before, during, degraded, after] {
+        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    }
+    assert_eq!((served, refused), (300, 0));
+    assert!(most <= 3);
+}
+
+/// Requests sent by `pools`' callers (one each, back to back) for `run`.
+async fn callers_for(pools: &[KeyPool], provider: &Provider, run: Duration) -> u32 {
+    let end = Instant::now() + run;
+    let callers: Vec<_> = pools
+        .iter()
+        .map(|pool| {
+            let pool = pool.clone();
+            let provider = provider.clone();
+            tokio::spawn(async move {
+                use http_body_util::BodyExt;
+                use tower::ServiceExt;
+                let mut sent = 0;
+                loop {
+                    let service = tower_key_rotation::KeyRotation::new(
+                        provider.service(Duration::ZERO),
+                        pool.clone(),
+                    );
+                    let request = http::Request::get("http://provider.test/v1/chat")
+                        .body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap();
+                    // Waits for the quota (a timer), so stop at the end, not after.
+                    let Ok(response) = tokio::time::timeout_at(end, service.oneshot(request)).await
+                    else {
+                        return sent;
+                    };
+                    response.unwrap().into_body().collect().await.unwrap();
+                    sent += 1;
+                }
+            })
+        })
+        .collect();
+    let mut sent = 0;
+    for caller in callers {
+        sent += caller.await.unwrap();
+    }
+    sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_is_shared_by_the_replicas() {
+    let server = RedisServer::start().await;
+    let quota = tower_key_rotation::Quota::per_second(10);
+    let run = Duration::from_millis(1500);
+    let mut pools = Vec::new();
+    for _ in 0..3 {
+        let backend = RedisBackend::new(&server.url(), SECRET, options("quota")).unwrap();
+        assert!(backend.connect().await);
+        pools.push(
+            KeyPool::builder(KeySet::parse("sk-one").unwrap())
+                .quota_per_key(quota)
+                .state_backend(backend)
+                .build(),
+        );
+    }
+    let shared = callers_for(&pools, &Provider::new(100), run).await;
+
+    let alone: Vec<KeyPool> = (0..3)
+        .map(|_| {
+            KeyPool::builder(KeySet::parse("sk-one").unwrap())
+                .quota_per_key(quota)
+                .build()
+        })
+        .collect();
+    let control = callers_for(&alone, &Provider::new(100), run).await;
+    eprintln!(
+        "10 requests/s over 1.5 s: {shared} sent by 3 replicas sharing the quota, {control} without Redis"
+    );
+    // 10/s from the first at 0 ms: 15 or 16 in 1.5 s, whoever sends them.
+    assert!((14..=16).contains(&shared), "{shared}");
+    assert!(control >= 42, "{control}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rest_one_probe_goes_for_all_the_replicas() {
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+    use tower::ServiceExt;
+
+    let server = RedisServer::start().await;
+    let mut pools = Vec::new();
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        let backend = RedisBackend::new(&server.url(), SECRET, options("probe")).unwrap();
+        assert!(backend.connect().await);
+        pools.push(
+            KeyPool::builder(KeySet::parse("sk-one").unwrap())
+                .state_backend(backend.clone())
+                .build(),
+        );
+        backends.push(backend);
+    }
+    for backend in &backends {
+        timeout(Duration::from_secs(5), backend.subscribed())
+            .await
+            .unwrap();
+    }
+    let mut heard: Vec<_> = backends[1..].iter().map(RedisBackend::applied).collect();
+    let lease = pools[0].try_reserve().unwrap();
+    lease.mark_sent();
+    lease.record(Outcome::RateLimited {
+        retry_after: Some(Duration::from_millis(300)),
+    });
+    drop(lease);
+    for applied in &mut heard {
+        timeout(Duration::from_secs(2), applied.changed())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    // Three callers per replica wait for the key; the provider works 200 ms per request.
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    let work = Duration::from_millis(200);
+    let callers: Vec<_> = (0..9)
+        .map(|i| {
+            let pool = pools[i % 3].clone();
+            let arrivals = arrivals.clone();
+            tokio::spawn(async move {
+                let inner = tower::service_fn(
+                    move |_request: http::Request<http_body_util::Empty<bytes::Bytes>>| {
+                        let arrivals = arrivals.clone();
+                        async move {
+                            arrivals.lock().unwrap().push(Instant::now());
+                            tokio::time::sleep(work).await;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                            ))
+                        }
+                    },
+                );
+                let request = http::Request::get("http://provider.test/v1/chat")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let response = tower_key_rotation::KeyRotation::new(inner, pool)
+                    .oneshot(request)
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                response.into_body().collect().await.unwrap();
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let mut arrivals = arrivals.lock().unwrap().clone();
+    arrivals.sort();
+    let alone = arrivals[1] - arrivals[0];
+    eprintln!("the probe went alone for {alone:?} (its answer took {work:?})");
+    assert_eq!(arrivals.len(), 9);
+    // The others waited for the probe's answer, whichever replica sent it.
+    assert!(alone >= work - Duration::from_millis(20), "{alone:?}");
+}
