@@ -167,11 +167,11 @@ fn world() -> &'static World {
             // but absolute-form targets naming this address count as the proxy's own.
             let listen: SocketAddr = args.listen.to_string().parse().unwrap();
             let state = Arc::new(handler::State {
-                metrics: metrics::Metrics::new(pool.clone()),
+                metrics: Arc::new(metrics::Metrics::new(pool.clone())),
                 pool: pool.clone(),
                 upstream_url: args.upstream.clone(),
                 upstream,
-                access_token: secrets.access_token,
+                access_token: secrets.access_token.map(Arc::new),
                 retry_body_limit: args.retry_body_limit,
                 listen,
                 max_body_size: args.max_body_size,

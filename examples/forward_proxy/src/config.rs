@@ -137,6 +137,11 @@ pub(crate) struct Args {
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
     pub(crate) header_read_timeout: Duration,
 
+    /// Worker threads, each with its own listener on the address (`SO_REUSEPORT`) and its
+    /// own upstream connections, sharing the keys [default: the available cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) workers: Option<u16>,
+
     /// Request bodies up to this many bytes are buffered so a 429 can be retried on another
     /// key; larger ones stream through and are not retried.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]

@@ -30,13 +30,15 @@ use crate::upstream::Upstream;
 /// Every response body the proxy sends: the upstream's, streamed, or its own.
 pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Shared by every connection.
+/// Shared by every connection of a worker; its clones (one per worker) share all but the
+/// upstream client.
+#[derive(Clone)]
 pub(crate) struct State {
     pub(crate) pool: KeyPool,
     pub(crate) upstream_url: UpstreamUrl,
     pub(crate) upstream: Upstream,
-    pub(crate) access_token: Option<AccessToken>,
-    pub(crate) metrics: Metrics,
+    pub(crate) access_token: Option<Arc<AccessToken>>,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) retry_body_limit: usize,
     pub(crate) listen: SocketAddr,
     pub(crate) max_body_size: u64,

@@ -26,6 +26,7 @@ type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 /// The whole client stack, one clone per request.
 pub(crate) type Upstream = Retry<KeyRotation<AttemptTimer<Timeout<HttpClient>>>>;
 
+#[derive(Clone)]
 pub(crate) struct Options {
     pub(crate) placement: Placement,
     pub(crate) retries: usize,
