@@ -5,6 +5,7 @@
 #   DURATION=5 ROUNDS=1 bash benches/proxy_load.sh   # a quick look
 #   PREV_BIN=/tmp/forward_proxy.prev bash benches/proxy_load.sh   # also (b0): another build
 #   PROXY_EXTRA_ARGS="--workers 1" bash benches/proxy_load.sh     # flags for (b)
+#   PROXY_BIN=/tmp/forward_proxy bash benches/proxy_load.sh       # (b): that build, no cargo
 #
 # Starts nginx (Debian's, installed when missing, as is wrk) as a fast upstream that answers
 # every request with a fixed chat-completion JSON, then measures with wrk (POST, 2 threads):
@@ -55,9 +56,12 @@ if [ ! -e examples/forward_proxy/Cargo.toml ]; then
     echo "examples/forward_proxy has not landed yet: nothing to measure for (b)." >&2
     exit 2
 fi
-log "building examples/forward_proxy (release)"
-cargo build --release --quiet -p forward_proxy
-PROXY_BIN=target/release/forward_proxy
+PROXY_BIN=${PROXY_BIN:-}
+if [ -z "$PROXY_BIN" ]; then
+    log "building examples/forward_proxy (release)"
+    cargo build --release --quiet -p forward_proxy
+    PROXY_BIN=target/release/forward_proxy
+fi
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 mkdir -p "$OUT"
@@ -194,7 +198,7 @@ field() { # target, connections, column (4 rps, 5 p50, 6 p99, 7 errors, 8 cpu µ
 }
 spread() { # target, connections, column: "min-max" over the rounds
     awk -v t="$1" -v c="$2" -v col="$3" '$1 == t && $2 == c { print $col }' "$OUT/runs.txt" | sort -g |
-        awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR > 1) printf "%s-%s", lo, hi; else print lo }'
+        awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR > 1) printf "%.0f-%.0f", lo, hi; else printf "%.0f", lo }'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0 && a > 0) printf "%.2f", a / b; else print "-" }'; }
 # Ratio per round (the same round's runs were seconds apart), then "median (min-max)".

@@ -169,6 +169,7 @@ fn world() -> &'static World {
             let state = Arc::new(handler::State {
                 metrics: Arc::new(metrics::Metrics::new(pool.clone())),
                 pool: pool.clone(),
+                upstream_host: handler::host_header(&args.upstream),
                 upstream_url: args.upstream.clone(),
                 upstream,
                 access_token: secrets.access_token.map(Arc::new),

@@ -357,10 +357,14 @@ impl Upstream {
 
     /// The upstream URI for a request's path and query.
     pub(crate) fn join(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        // Not `format!`: this runs on every request.
+        let mut joined = String::with_capacity(self.prefix.len() + path_and_query.len());
+        joined.push_str(&self.prefix);
+        joined.push_str(path_and_query);
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
-            .path_and_query(format!("{}{path_and_query}", self.prefix))
+            .path_and_query(joined)
             .build()
     }
 }

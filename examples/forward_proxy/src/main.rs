@@ -150,6 +150,7 @@ async fn run(args: Args) -> Result<(), String> {
         metrics,
         upstream,
         pool: pool.clone(),
+        upstream_host: handler::host_header(&upstream_url),
         upstream_url,
         access_token: secrets.access_token.map(Arc::new),
         retry_body_limit: args.retry_body_limit,
