@@ -30,6 +30,8 @@ mod admin;
 mod attempts;
 #[path = "../../examples/forward_proxy/src/config.rs"]
 mod config;
+#[path = "../../examples/forward_proxy/src/connections.rs"]
+mod connections;
 #[path = "../../examples/forward_proxy/src/dotenv.rs"]
 mod dotenv;
 #[path = "../../examples/forward_proxy/src/handler.rs"]
@@ -154,6 +156,7 @@ fn world() -> &'static World {
                 upstream::build(
                     &pool,
                     upstream::Options {
+                        upstream: args.upstream.join("/").unwrap(),
                         placement: args.auth.placement(),
                         retries: args.retries,
                         connect_timeout: args.connect_timeout,

@@ -25,6 +25,7 @@
 mod admin;
 mod attempts;
 mod config;
+mod connections;
 mod dotenv;
 mod handler;
 mod keys;
@@ -102,6 +103,10 @@ async fn run(args: Args) -> Result<(), String> {
     let hangup = reload::Hangup::install()?;
 
     let upstream_options = upstream::Options {
+        upstream: args
+            .upstream
+            .join("/")
+            .map_err(|e| format!("--upstream: {e}"))?,
         placement: args.auth.placement(),
         retries: args.retries,
         connect_timeout: args.connect_timeout,
