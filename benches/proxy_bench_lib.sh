@@ -43,11 +43,11 @@ wait_ready() { # url, what
     exit 1
 }
 
-nginx_conf() { # prefix, port, server block body
+nginx_conf() { # prefix, port, server block body[, worker processes (default auto)]
     cat <<EOF
 daemon off;
 master_process on;
-worker_processes auto;
+worker_processes ${4:-auto};
 worker_rlimit_nofile 65536;
 user root;
 pid $1/nginx.pid;
@@ -92,6 +92,16 @@ parse_wrk() {
         /Socket errors:/ { gsub(",", ""); errors += $4 + $6 + $8 + $10 }
         END { printf "%s %s %s %d\n", rps, p50, p99, errors }
     ' "$1"
+}
+
+cpu_ticks() { # pid and its children: user + system time so far, in clock ticks
+    local total=0 pid ticks
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        # Fields 14 and 15 of stat, counted after the command name's closing parenthesis.
+        ticks=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0)
+        total=$((total + ${ticks:-0}))
+    done
+    echo "$total"
 }
 
 rss_kib() { # pid and its children: sum of VmHWM

@@ -30,6 +30,8 @@ mod admin;
 mod attempts;
 #[path = "../../examples/forward_proxy/src/config.rs"]
 mod config;
+#[path = "../../examples/forward_proxy/src/connections.rs"]
+mod connections;
 #[path = "../../examples/forward_proxy/src/dotenv.rs"]
 mod dotenv;
 #[path = "../../examples/forward_proxy/src/handler.rs"]
@@ -40,6 +42,8 @@ mod keys;
 mod metrics;
 #[path = "../../examples/forward_proxy/src/reload.rs"]
 mod reload;
+#[path = "../../examples/forward_proxy/src/shared.rs"]
+mod shared;
 #[path = "../../examples/forward_proxy/src/tls.rs"]
 mod tls;
 #[path = "../../examples/forward_proxy/src/upstream.rs"]
@@ -143,6 +147,7 @@ fn world() -> &'static World {
                 upstream::build(
                     &pool,
                     upstream::Options {
+                        upstream: args.upstream.join("/").unwrap(),
                         placement: args.auth.placement(),
                         retries: args.retries,
                         connect_timeout: args.connect_timeout,
@@ -156,11 +161,12 @@ fn world() -> &'static World {
             // but absolute-form targets naming this address count as the proxy's own.
             let listen: SocketAddr = args.listen.to_string().parse().unwrap();
             let state = Arc::new(handler::State {
-                metrics: metrics::Metrics::new(pool.clone()),
+                metrics: Arc::new(metrics::Metrics::new(pool.clone())),
                 pool: pool.clone(),
+                upstream_host: handler::host_header(&args.upstream),
                 upstream_url: args.upstream.clone(),
                 upstream,
-                access_token: secrets.access_token,
+                access_token: secrets.access_token.map(Arc::new),
                 retry_body_limit: args.retry_body_limit,
                 listen,
                 max_body_size: args.max_body_size,

@@ -7,75 +7,72 @@
 //! request made for a retry carries the same record.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-/// The attempts of one request, shared by its clones.
+/// The attempts of one request, shared by its clones: one allocation, plain atomics (an
+/// attempt costs two increments, a decrement and a `Notify` permit, no lock).
 #[derive(Clone)]
 pub(crate) struct Attempts(Arc<Shared>);
 
-struct Shared {
-    totals: Mutex<Totals>,
-    /// Attempts at the upstream right now (0 or 1: attempts follow one another).
-    at_upstream: watch::Sender<u32>,
-}
-
 #[derive(Default)]
-struct Totals {
-    started: u32,
-    /// Time spent at the upstream by the attempts that ended.
-    upstream: Duration,
+struct Shared {
+    started: AtomicU32,
+    /// Attempts at the upstream right now (0 or 1: attempts follow one another).
+    at_upstream: AtomicU32,
+    /// Time spent at the upstream by the attempts that ended, in nanoseconds.
+    upstream_nanos: AtomicU64,
+    /// A permit each time an attempt ends, for [`Attempts::none_at_upstream`].
+    ended: Notify,
 }
 
 impl Attempts {
     pub(crate) fn new() -> Self {
-        Self(Arc::new(Shared {
-            totals: Mutex::default(),
-            at_upstream: watch::Sender::new(0),
-        }))
+        Self(Arc::default())
     }
 
     /// Attempts started so far.
     pub(crate) fn count(&self) -> u32 {
-        self.totals().started
+        self.0.started.load(Ordering::Relaxed)
     }
 
     /// Time spent at the upstream by the attempts that ended.
     pub(crate) fn upstream_time(&self) -> Duration {
-        self.totals().upstream
+        Duration::from_nanos(self.0.upstream_nanos.load(Ordering::Relaxed))
     }
 
     /// Is an attempt at the upstream now (a key on it, its response head not yet back)?
     pub(crate) fn at_upstream(&self) -> bool {
-        *self.0.at_upstream.borrow() > 0
+        self.0.at_upstream.load(Ordering::Acquire) > 0
     }
 
     /// Resolves when no attempt is at the upstream.
     pub(crate) async fn none_at_upstream(&self) {
-        let mut at_upstream = self.0.at_upstream.subscribe();
-        // The sender lives in `self`: the channel cannot close while we wait.
-        let _ = at_upstream.wait_for(|n| *n == 0).await;
+        // `end` stores a permit even when no one waits yet, so an attempt that ends between
+        // the check and the wait is not missed; a stale permit only costs one more check.
+        while self.at_upstream() {
+            self.0.ended.notified().await;
+        }
     }
 
     fn start(&self) -> Instant {
-        self.totals().started += 1;
-        self.0.at_upstream.send_modify(|n| *n += 1);
+        self.0.started.fetch_add(1, Ordering::Relaxed);
+        self.0.at_upstream.fetch_add(1, Ordering::Release);
         Instant::now()
     }
 
     fn end(&self, started: Instant) {
-        self.totals().upstream += started.elapsed();
-        self.0.at_upstream.send_modify(|n| *n = n.saturating_sub(1));
-    }
-
-    fn totals(&self) -> std::sync::MutexGuard<'_, Totals> {
-        // Nothing panics while holding the lock; a poisoned one still holds valid counts.
-        self.0.totals.lock().unwrap_or_else(PoisonError::into_inner)
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0.upstream_nanos.fetch_add(nanos, Ordering::Relaxed);
+        // Attempts at the upstream are counted up before they are counted down.
+        self.0.at_upstream.fetch_sub(1, Ordering::Release);
+        self.0.ended.notify_one();
     }
 }
 

@@ -142,6 +142,11 @@ pub(crate) struct Args {
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
     pub(crate) header_read_timeout: Duration,
 
+    /// Worker threads, each with its own listener on the address (`SO_REUSEPORT`) and its
+    /// own upstream connections, sharing the keys [default: the available cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) workers: Option<u16>,
+
     /// Request bodies up to this many bytes are buffered so a 429 can be retried on another
     /// key; larger ones stream through and are not retried.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
@@ -380,10 +385,14 @@ impl Upstream {
 
     /// The upstream URI for a request's path and query.
     pub(crate) fn join(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        // Not `format!`: this runs on every request.
+        let mut joined = String::with_capacity(self.prefix.len() + path_and_query.len());
+        joined.push_str(&self.prefix);
+        joined.push_str(path_and_query);
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
-            .path_and_query(format!("{}{path_and_query}", self.prefix))
+            .path_and_query(joined)
             .build()
     }
 }

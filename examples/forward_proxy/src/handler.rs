@@ -15,7 +15,6 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::{BoxError, ServiceExt};
 use tower_key_rotation::retry::{Attempts as Retried, ReplayBody};
@@ -30,13 +29,17 @@ use crate::upstream::Upstream;
 /// Every response body the proxy sends: the upstream's, streamed, or its own.
 pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Shared by every connection.
+/// Shared by every connection of a worker; its clones (one per worker) share all but the
+/// upstream client.
+#[derive(Clone)]
 pub(crate) struct State {
     pub(crate) pool: KeyPool,
     pub(crate) upstream_url: UpstreamUrl,
+    /// The `Host` of a plain-HTTP upstream, built once (see [`host_header`]).
+    pub(crate) upstream_host: Option<HeaderValue>,
     pub(crate) upstream: Upstream,
-    pub(crate) access_token: Option<AccessToken>,
-    pub(crate) metrics: Metrics,
+    pub(crate) access_token: Option<Arc<AccessToken>>,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) retry_body_limit: usize,
     pub(crate) listen: SocketAddr,
     pub(crate) max_body_size: u64,
@@ -52,6 +55,22 @@ pub(crate) type KeyNames = arc_swap::ArcSwap<Vec<Option<String>>>;
 /// The names of `pool`'s keys, for [`KeyNames`].
 pub(crate) fn key_names(pool: &KeyPool) -> Arc<Vec<Option<String>>> {
     Arc::new(pool.snapshot().into_iter().map(|key| key.name).collect())
+}
+
+/// The `Host` header hyper-util's client would put on each request to a plain-HTTP
+/// upstream (`host`, or `host:port` for a port other than 80), built once instead of once
+/// per request. `None` for https: ALPN may choose HTTP/2 there, which carries the
+/// authority in its own pseudo-header and no `Host`, and the client decides.
+pub(crate) fn host_header(upstream: &UpstreamUrl) -> Option<HeaderValue> {
+    if upstream.scheme != http::uri::Scheme::HTTP {
+        return None;
+    }
+    let host = upstream.authority.host();
+    let value = match upstream.authority.port_u16() {
+        Some(port) if port != 80 => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::from_str(&value).ok()
 }
 
 pub(crate) fn full(body: impl Into<Bytes>) -> Body {
@@ -118,6 +137,7 @@ pub(crate) async fn handle(
 }
 
 /// A request as the log names it.
+#[derive(Clone)]
 struct RequestLabel {
     method: Method,
     path: String,
@@ -352,7 +372,14 @@ async fn proxy(state: &Arc<State>, req: Request<Incoming>, request: &RequestLabe
     // The client's credentials are for this proxy; the key layer adds the provider's.
     parts.headers.remove(header::AUTHORIZATION);
     parts.headers.remove(header::PROXY_AUTHORIZATION);
-    parts.headers.remove(header::HOST);
+    match &state.upstream_host {
+        Some(host) => {
+            parts.headers.insert(header::HOST, host.clone());
+        }
+        None => {
+            parts.headers.remove(header::HOST);
+        }
+    }
     parts.extensions = http::Extensions::new();
     let tried = TriedKeys::new();
     parts.extensions.insert(tried.clone());
@@ -382,29 +409,18 @@ async fn proxy(state: &Arc<State>, req: Request<Incoming>, request: &RequestLabe
         .upstream
         .clone()
         .oneshot(Request::from_parts(parts, body));
-    // The call runs in its own task, so that a client going away (which drops this
-    // future) does not cancel an attempt the provider is working on: see `until_answered`.
-    let (_client_here, client_gone) = oneshot::channel::<Infallible>();
-    let task = tokio::spawn(until_answered(
-        call,
-        client_gone,
-        Abandoned {
-            state: state.clone(),
-            request: RequestLabel {
-                method: request.method.clone(),
-                path: request.path.clone(),
-                started: request.started,
-            },
-            attempts: attempts.clone(),
-            tried: tried.clone(),
-        },
-    ));
-    let result = match task.await {
-        Ok(Some(result)) => result,
-        // The task answers `None` only once this future is gone.
-        Ok(None) => Err("the client went away".into()),
-        Err(panicked) => Err(panicked.into()),
+    // The call is driven here, in the client connection's task. A client going away drops
+    // this future: `InFlight` then hands an attempt the provider is working on to a task
+    // of its own (see `abandon`) instead of cancelling it.
+    let mut in_flight = InFlight {
+        call: Some(Box::pin(call)),
+        state,
+        request,
+        attempts: &attempts,
+        tried: &tried,
     };
+    let result = in_flight.call.as_mut().expect("set above").await;
+    in_flight.call = None;
     let waited = sent.elapsed().saturating_sub(attempts.upstream_time());
     let response = match result {
         Ok(response) => {
@@ -429,7 +445,35 @@ async fn proxy(state: &Arc<State>, req: Request<Incoming>, request: &RequestLabe
     }
 }
 
-/// What `until_answered` needs to log a client that went away.
+/// The upstream call of a request, as `proxy` drives it.
+type Call = tower::util::Oneshot<Upstream, Request<crate::upstream::RequestBody>>;
+
+/// A call in progress: dropped before its answer (the client went away), it is abandoned.
+struct InFlight<'a> {
+    call: Option<std::pin::Pin<Box<Call>>>,
+    state: &'a Arc<State>,
+    request: &'a RequestLabel,
+    attempts: &'a Attempts,
+    tried: &'a TriedKeys,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(call) = self.call.take() {
+            abandon(
+                call,
+                Abandoned {
+                    state: self.state.clone(),
+                    request: self.request.clone(),
+                    attempts: self.attempts.clone(),
+                    tried: self.tried.clone(),
+                },
+            );
+        }
+    }
+}
+
+/// What `abandon` needs to log a client that went away.
 struct Abandoned {
     state: Arc<State>,
     request: RequestLabel,
@@ -437,8 +481,8 @@ struct Abandoned {
     tried: TriedKeys,
 }
 
-/// Drives the upstream call to its answer, even after the client went away (`client_gone`
-/// resolves), as long as an attempt is at the provider, for at most `--abandoned-grace`.
+/// A client went away before the response head: lets the call run on in a task of its
+/// own while an attempt is at the provider, for at most `--abandoned-grace`.
 ///
 /// Why: a provider does not stop working on a request because the connection it came on
 /// closed, and counts it against the key's concurrency until it is done. Cancelling at
@@ -448,20 +492,7 @@ struct Abandoned {
 /// response is dropped, which closes a stream the provider would go on generating) or the
 /// grace ends. A request still waiting for a key, or between attempts, is cancelled at
 /// once: nothing is at the provider, and no key should be spent on it.
-async fn until_answered<F, B>(
-    call: F,
-    client_gone: oneshot::Receiver<Infallible>,
-    abandoned: Abandoned,
-) -> Option<Result<Response<B>, BoxError>>
-where
-    F: Future<Output = Result<Response<B>, BoxError>>,
-{
-    let mut call = std::pin::pin!(call);
-    tokio::select! {
-        biased;
-        result = &mut call => return Some(result),
-        _ = client_gone => {}
-    }
+fn abandon(call: std::pin::Pin<Box<Call>>, abandoned: Abandoned) {
     let Abandoned {
         state,
         request,
@@ -478,7 +509,7 @@ where
             "while waiting for a key; nothing was at the upstream"
         };
         log_client_gone(&state, &request, key, what);
-        return None;
+        return;
     }
     log_client_gone(
         &state,
@@ -489,6 +520,21 @@ where
              (at most {grace:?})"
         ),
     );
+    // The runtime is shutting down when there is none: the call goes with it.
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(within_grace(call, state, request, attempts, tried));
+    }
+}
+
+/// Drives an abandoned call until its answer, the end of its attempt, or the grace.
+async fn within_grace(
+    mut call: std::pin::Pin<Box<Call>>,
+    state: Arc<State>,
+    request: RequestLabel,
+    attempts: Attempts,
+    tried: TriedKeys,
+) {
+    let grace = state.abandoned_grace;
     let answered = tokio::time::timeout(grace, async {
         tokio::select! {
             biased;
@@ -520,7 +566,6 @@ where
              {path}; request cancelled, key {key}/{keys} released"
         ),
     }
-    None
 }
 
 fn too_large(max: u64) -> Response<Body> {
@@ -536,10 +581,23 @@ fn too_large(max: u64) -> Response<Body> {
 /// `.` and `..` segments (also percent-encoded) would let a request climb out of the
 /// upstream's path prefix once the upstream normalises the path.
 fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
+    path.split('/').any(is_dot_segment)
+}
+
+/// `.` or `..`, each dot possibly written `%2e` or `%2E` (no allocation: this runs on
+/// every request).
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => tail,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 fn unauthorized() -> Response<Body> {
@@ -574,29 +632,52 @@ fn is_own_authority(state: &State, authority: &Authority) -> bool {
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection, not the message.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
+    // One pass over the names, no hashing: most messages carry none, and an upstream's
+    // answer usually only `Connection: keep-alive`.
+    let mut present = [false; 8];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    // Names listed in `Connection` (present[0]) beyond those removed below: rarely any.
+    let listed: Vec<HeaderName> = if present[0] {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+            .filter(|name| !HOP_BY_HOP.contains(name))
+            .collect()
+    } else {
+        Vec::new()
+    };
     for name in listed {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        headers.remove(name);
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
 }
+
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
 
 const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
 /// Obeyed by the openai and anthropic SDKs: `false` and they do not retry.
@@ -718,4 +799,80 @@ fn chain(error: &(dyn StdError + 'static)) -> String {
         source = error.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition `is_dot_segment` replaced (allocating), as the oracle.
+    fn decoded_is_dot(segment: &str) -> bool {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    }
+
+    #[test]
+    fn dot_segments_are_found_in_every_spelling_and_nothing_else() {
+        for segment in [
+            "",
+            ".",
+            "..",
+            "...",
+            "%2e",
+            "%2E",
+            "%2e%2E",
+            ".%2e",
+            "%2e.",
+            "%2e%2e%2e",
+            "%2",
+            "%2f",
+            "%%2e",
+            "%2%2ee",
+            ".a",
+            "a.",
+            "a",
+            "%2ex",
+            "x%2e",
+            "%2E.",
+            "..%2e",
+        ] {
+            assert_eq!(
+                is_dot_segment(segment),
+                decoded_is_dot(segment),
+                "{segment:?}"
+            );
+        }
+        assert!(has_dot_segment("/v4/%2E%2e/admin"));
+        assert!(!has_dot_segment("/v4/chat/completions"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_lists_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-hop"),
+        );
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        remove_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["content-type"]);
+
+        let mut plain = HeaderMap::new();
+        plain.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        remove_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 1);
+    }
 }

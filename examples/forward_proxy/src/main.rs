@@ -20,36 +20,33 @@
 //! file), `reload` (SIGHUP and key file changes), `handler` (one request, and a client that
 //! goes away), `upstream` (client stack), `tls` (certificate checks, failures in words),
 //! `attempts` (each attempt's time, for the log), `shared` (replicas sharing keys' state
-//! through Redis: `--redis-url`), `admin` and `metrics`.
+//! through Redis: `--redis-url`), `admin` and `metrics`; `serve` runs the workers (one
+//! runtime per core) and their shutdown.
 
 mod admin;
 mod attempts;
 mod config;
+mod connections;
 mod dotenv;
 mod handler;
 mod keys;
 mod metrics;
 mod reload;
+mod serve;
 mod shared;
 mod tls;
 mod upstream;
 
-use std::pin::pin;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
 use tower_key_rotation::KeyPool;
 
 use crate::config::{Args, LogFormat};
 
-#[tokio::main]
+// Signals and key reloads; the requests are served by `serve`'s workers.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(args) => args,
@@ -98,24 +95,30 @@ async fn run(args: Args) -> Result<(), String> {
     // Before "Listening": from then on a SIGHUP reloads instead of ending the process.
     let hangup = reload::Hangup::install()?;
 
-    let upstream = upstream::build(
-        &pool,
-        upstream::Options {
-            placement: args.auth.placement(),
-            retries: args.retries,
-            connect_timeout: args.connect_timeout,
-            request_timeout: args.request_timeout,
-            extra_roots: match &args.upstream_ca {
-                Some(path) => config::load_ca(path)?,
-                None => Vec::new(),
-            },
+    let upstream_options = upstream::Options {
+        upstream: args
+            .upstream
+            .join("/")
+            .map_err(|e| format!("--upstream: {e}"))?,
+        placement: args.auth.placement(),
+        retries: args.retries,
+        connect_timeout: args.connect_timeout,
+        request_timeout: args.request_timeout,
+        extra_roots: match &args.upstream_ca {
+            Some(path) => config::load_ca(path)?,
+            None => Vec::new(),
         },
-    )?;
+    };
+    let upstream = upstream::build(&pool, upstream_options.clone())?;
 
     let listener = args.listen.bind().await?;
     let listen = listener
         .local_addr()
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let workers = args
+        .workers
+        .map_or_else(serve::available_cores, usize::from);
+    let listeners = serve::listeners(listener, workers)?;
     if secrets.access_token.is_none() && !listen.ip().is_loopback() {
         tracing::warn!(
             "listening on {listen} without --access-token-env: anyone who can reach this \
@@ -130,7 +133,7 @@ async fn run(args: Args) -> Result<(), String> {
         upstream_url.prefix
     );
 
-    let metrics = metrics::Metrics::new(pool.clone());
+    let metrics = Arc::new(metrics::Metrics::new(pool.clone()));
     let key_names = Arc::new(handler::KeyNames::new(handler::key_names(&pool)));
     tokio::spawn(reload::run(
         pool.clone(),
@@ -141,27 +144,34 @@ async fn run(args: Args) -> Result<(), String> {
         metrics.reloads(),
         key_names.clone(),
     ));
-    let state = Arc::new(handler::State {
+    let state = handler::State {
         metrics,
-        pool,
-        upstream_url,
         upstream,
-        access_token: secrets.access_token,
+        pool: pool.clone(),
+        upstream_host: handler::host_header(&upstream_url),
+        upstream_url,
+        access_token: secrets.access_token.map(Arc::new),
         retry_body_limit: args.retry_body_limit,
         listen,
         max_body_size: args.max_body_size,
         abandoned_grace: args.abandoned_grace,
         log_format: args.log_format,
         key_names,
-    });
-
-    serve(
-        listener,
-        state,
-        args.shutdown_timeout,
-        args.header_read_timeout,
-    )
-    .await;
+    };
+    // Each worker its own upstream client, so that its connections stay on its thread.
+    let mut states = vec![state];
+    while states.len() < listeners.len() {
+        let upstream = upstream::build(&pool, upstream_options.clone())?;
+        states.push(handler::State {
+            upstream,
+            ..states[0].clone()
+        });
+    }
+    let limits = serve::Limits {
+        shutdown_timeout: args.shutdown_timeout,
+        header_read_timeout: args.header_read_timeout,
+    };
+    serve::run(listeners.into_iter().zip(states).collect(), limits).await;
     Ok(())
 }
 
@@ -177,70 +187,4 @@ fn key_names(pool: &KeyPool) -> String {
     } else {
         format!(": {}", named.join(", "))
     }
-}
-
-/// Accepts connections (HTTP/1.1 and HTTP/2) until SIGINT or SIGTERM, then lets the
-/// requests in flight finish, for at most `shutdown_timeout`. An HTTP/1 client that takes
-/// longer than `header_read_timeout` to send its request headers is disconnected.
-async fn serve(
-    listener: TcpListener,
-    state: Arc<handler::State>,
-    shutdown_timeout: Duration,
-    header_read_timeout: Duration,
-) {
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper enforces the header timeout only with a timer.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
-    let mut signal = pin!(shutdown_signal());
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: pause instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut signal => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let service = service_fn(move |req| handler::handle(state.clone(), req));
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("connection ended with an error: {e}");
-            }
-        });
-    }
-    drop(listener);
-    tracing::info!("Shutting down: finishing requests in flight");
-    match tokio::time::timeout(shutdown_timeout, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("Shut down cleanly"),
-        Err(_) => tracing::warn!("Shutdown timed out; dropping requests still in flight"),
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -1,6 +1,7 @@
 //! Prometheus exposition: per-key counters and gauges read from the pool at scrape time,
 //! plus the proxy's own latency histogram and response counts.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -20,6 +21,9 @@ pub(crate) struct Metrics {
     registry: Registry,
     latency: Histogram,
     responses: Family<Vec<(&'static str, String)>, Counter>,
+    /// `responses`' counter of each status (100 to 599) once it has been seen: the
+    /// family's lookup (a lock, a hash, an allocated label) only once per status.
+    by_status: Box<[OnceLock<Counter>]>,
     retries: Counter,
     waited: Histogram,
     gone_waiting: Counter,
@@ -71,6 +75,7 @@ impl Metrics {
             registry,
             latency,
             responses,
+            by_status: (100..600).map(|_| OnceLock::new()).collect(),
             retries,
             waited,
             gone_waiting,
@@ -97,9 +102,15 @@ impl Metrics {
             self.waited.observe(waited.as_secs_f64());
         }
         self.latency.observe(latency.as_secs_f64());
-        self.responses
-            .get_or_create(&vec![("status", status.as_str().to_owned())])
-            .inc();
+        let counter = || {
+            self.responses
+                .get_or_create(&vec![("status", status.as_str().to_owned())])
+                .clone()
+        };
+        match self.by_status.get(usize::from(status.as_u16()) - 100) {
+            Some(cached) => cached.get_or_init(counter).inc(),
+            None => counter().inc(),
+        };
     }
 
     /// A client went away while its request waited for a key.

@@ -1,4 +1,5 @@
-//! The client side: hyper-util's pooled client over rustls, wrapped in the key layers.
+//! The client side: each worker's upstream connections (`connections`) over rustls,
+//! wrapped in the key layers.
 //!
 //! Order matters (see the crate docs): retry outside, so each attempt reserves its own key
 //! (and waits for one within the pool's wait budget, `--max-wait`); the response-head
@@ -8,10 +9,7 @@ use std::time::Duration;
 
 use http_body_util::Limited;
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::CertificateDer;
 use tower::timeout::{Timeout, TimeoutLayer};
 use tower::{BoxError, ServiceBuilder};
@@ -19,14 +17,16 @@ use tower_key_rotation::retry::{ReplayBody, Retry, RetryLayer};
 use tower_key_rotation::{KeyPool, KeyRotation, KeyRotationLayer, Placement};
 
 use crate::attempts::{AttemptTimer, AttemptTimerLayer};
+use crate::connections::{ConnectError, Connections};
 
 pub(crate) type RequestBody = ReplayBody<Limited<Incoming>>;
-type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
-
 /// The whole client stack, one clone per request.
-pub(crate) type Upstream = Retry<KeyRotation<AttemptTimer<Timeout<HttpClient>>>>;
+pub(crate) type Upstream = Retry<KeyRotation<AttemptTimer<Timeout<Connections>>>>;
 
+#[derive(Clone)]
 pub(crate) struct Options {
+    /// The upstream's base URL (its scheme, host and port).
+    pub(crate) upstream: http::Uri,
     pub(crate) placement: Placement,
     pub(crate) retries: usize,
     pub(crate) connect_timeout: Duration,
@@ -48,9 +48,7 @@ pub(crate) fn build(pool: &KeyPool, options: Options) -> Result<Upstream, String
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    let client: HttpClient = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(https);
+    let client = Connections::new(https, &options.upstream);
 
     Ok(ServiceBuilder::new()
         .layer(
@@ -68,8 +66,5 @@ pub(crate) fn build(pool: &KeyPool, options: Options) -> Result<Upstream, String
 /// handshake): safe to send again. A connect timeout is not retried: it already took
 /// `--connect-timeout`, and another key would not reach the host any faster.
 fn is_connect_error(error: &BoxError) -> bool {
-    error
-        .downcast_ref::<hyper_util::client::legacy::Error>()
-        .is_some_and(|e| e.is_connect())
-        && !crate::handler::is_timeout(error.as_ref())
+    error.is::<ConnectError>() && !crate::handler::is_timeout(error.as_ref())
 }
