@@ -47,13 +47,15 @@ fn millis(d: Duration) -> u64 {
 /// Logs what an outcome did to the key `label` names.
 pub(super) fn log(label: &Label<'_>, transition: &Transition) {
     let (key, keys) = (label.position, label.keys);
+    // At debug: a burst of refusals lowers the limit step by step, one line each; what
+    // it settled at shows in the key's stats (`concurrency_limit`) and the proxy's metrics.
     if let Some((before, limit)) = transition.learned {
         let before = if before == u32::MAX {
             "none".to_string()
         } else {
             before.to_string()
         };
-        tracing::info!(
+        tracing::debug!(
             key,
             keys,
             limit,
