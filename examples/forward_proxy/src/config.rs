@@ -115,7 +115,7 @@ pub(crate) struct Args {
     #[arg(long, value_name = "FILE")]
     pub(crate) upstream_ca: Option<PathBuf>,
 
-    /// Where the key goes: `bearer` (Authorization: Bearer <key>) or `header:NAME`.
+    /// Where the key goes: `bearer` (`Authorization: Bearer <key>`) or `header:NAME`.
     #[arg(long, value_name = "bearer|header:NAME", default_value = "bearer", value_parser = parse_auth)]
     pub(crate) auth: AuthArg,
 
