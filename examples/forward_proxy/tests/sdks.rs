@@ -27,8 +27,14 @@ const ANTHROPIC_KEYS: &str = "sk-ant-sdk-1,sk-ant-sdk-2";
 const BIGMODEL_KEYS: &str = "sdk-id-1.secret1,sdk-id-2.secret2";
 const TEXT: [&str; 3] = ["Hello ", "from the ", "stand-in"];
 
-/// The venv with the SDKs, made (once) under `target/`.
+/// The venv with the SDKs, made once under `target/` (the tests of this file run at the
+/// same time: one of them makes it, the others wait for it).
 fn venv_python() -> PathBuf {
+    static VENV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    VENV.get_or_init(make_venv).clone()
+}
+
+fn make_venv() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sdk-venv");
     let python = venv.join("bin/python");
     let ready = || {
