@@ -143,37 +143,19 @@ fn world() -> &'static World {
             let secrets = config::load_secrets(&args).unwrap();
             // As main.rs builds it.
             let pool = args.pool_builder(secrets.keys).build();
-            let upstream = runtime.block_on(async {
-                upstream::build(
-                    &pool,
-                    upstream::Options {
-                        upstream: args.upstream.join("/").unwrap(),
-                        placement: args.auth.placement(),
-                        retries: args.retries,
-                        connect_timeout: args.connect_timeout,
-                        request_timeout: args.request_timeout,
-                        extra_roots: Vec::new(),
-                    },
-                )
-                .unwrap()
-            });
+            let options = upstream::Options::from_args(&args, Vec::new()).unwrap();
+            let upstream = runtime.block_on(async { upstream::build(&pool, options).unwrap() });
             // main.rs binds `--listen`; nothing listens here (inputs come over a duplex),
             // but absolute-form targets naming this address count as the proxy's own.
             let listen: SocketAddr = args.listen.to_string().parse().unwrap();
-            let state = Arc::new(handler::State {
-                metrics: Arc::new(metrics::Metrics::new(pool.clone())),
-                pool: pool.clone(),
-                upstream_host: handler::host_header(&args.upstream),
-                upstream_url: args.upstream.clone(),
+            // As main.rs builds it.
+            let state = Arc::new(handler::State::new(
+                &args,
+                pool.clone(),
                 upstream,
-                access_token: secrets.access_token.map(Arc::new),
-                retry_body_limit: args.retry_body_limit,
+                secrets.access_token,
                 listen,
-                max_body_size: args.max_body_size,
-                abandoned_grace: args.abandoned_grace,
-                log_format: args.log_format,
-                key_names: Arc::new(handler::KeyNames::new(handler::key_names(&pool))),
-            });
+            ));
             (state, pool)
         };
         let (open, open_pool) = build(false);

@@ -49,6 +49,34 @@ pub(crate) struct State {
     pub(crate) key_names: Arc<KeyNames>,
 }
 
+impl State {
+    /// The state the command line describes, for one worker: `main` and the fuzz target
+    /// build it the same way. `listen` is the address the proxy answers on (absolute-form
+    /// targets naming it count as the proxy's own).
+    pub(crate) fn new(
+        args: &crate::config::Args,
+        pool: KeyPool,
+        upstream: Upstream,
+        access_token: Option<AccessToken>,
+        listen: SocketAddr,
+    ) -> Self {
+        Self {
+            metrics: Arc::new(Metrics::new(pool.clone())),
+            key_names: Arc::new(KeyNames::new(key_names(&pool))),
+            pool,
+            upstream_host: host_header(&args.upstream),
+            upstream_url: args.upstream.clone(),
+            upstream,
+            access_token: access_token.map(Arc::new),
+            retry_body_limit: args.retry_body_limit,
+            listen,
+            max_body_size: args.max_body_size,
+            abandoned_grace: args.abandoned_grace,
+            log_format: args.log_format,
+        }
+    }
+}
+
 /// The keys' names by 0-based index (`None` for a key without one).
 pub(crate) type KeyNames = arc_swap::ArcSwap<Vec<Option<String>>>;
 

@@ -38,7 +38,6 @@ mod tls;
 mod upstream;
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use tower_key_rotation::KeyPool;
@@ -95,20 +94,11 @@ async fn run(args: Args) -> Result<(), String> {
     // Before "Listening": from then on a SIGHUP reloads instead of ending the process.
     let hangup = reload::Hangup::install()?;
 
-    let upstream_options = upstream::Options {
-        upstream: args
-            .upstream
-            .join("/")
-            .map_err(|e| format!("--upstream: {e}"))?,
-        placement: args.auth.placement(),
-        retries: args.retries,
-        connect_timeout: args.connect_timeout,
-        request_timeout: args.request_timeout,
-        extra_roots: match &args.upstream_ca {
-            Some(path) => config::load_ca(path)?,
-            None => Vec::new(),
-        },
+    let extra_roots = match &args.upstream_ca {
+        Some(path) => config::load_ca(path)?,
+        None => Vec::new(),
     };
+    let upstream_options = upstream::Options::from_args(&args, extra_roots)?;
     let upstream = upstream::build(&pool, upstream_options.clone())?;
 
     let listener = args.listen.bind().await?;
@@ -133,31 +123,16 @@ async fn run(args: Args) -> Result<(), String> {
         upstream_url.prefix
     );
 
-    let metrics = Arc::new(metrics::Metrics::new(pool.clone()));
-    let key_names = Arc::new(handler::KeyNames::new(handler::key_names(&pool)));
+    let state = handler::State::new(&args, pool.clone(), upstream, secrets.access_token, listen);
     tokio::spawn(reload::run(
         pool.clone(),
         secrets.source,
         secrets.fingerprint,
         args.keys_file_poll,
         hangup,
-        metrics.reloads(),
-        key_names.clone(),
+        state.metrics.reloads(),
+        state.key_names.clone(),
     ));
-    let state = handler::State {
-        metrics,
-        upstream,
-        pool: pool.clone(),
-        upstream_host: handler::host_header(&upstream_url),
-        upstream_url,
-        access_token: secrets.access_token.map(Arc::new),
-        retry_body_limit: args.retry_body_limit,
-        listen,
-        max_body_size: args.max_body_size,
-        abandoned_grace: args.abandoned_grace,
-        log_format: args.log_format,
-        key_names,
-    };
     // Each worker its own upstream client, so that its connections stay on its thread.
     let mut states = vec![state];
     while states.len() < listeners.len() {

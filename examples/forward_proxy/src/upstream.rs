@@ -35,6 +35,27 @@ pub(crate) struct Options {
     pub(crate) extra_roots: Vec<CertificateDer<'static>>,
 }
 
+impl Options {
+    /// The options the command line gives, with `extra_roots` read from `--upstream-ca`
+    /// by the caller.
+    pub(crate) fn from_args(
+        args: &crate::config::Args,
+        extra_roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            upstream: args
+                .upstream
+                .join("/")
+                .map_err(|e| format!("--upstream: {e}"))?,
+            placement: args.auth.placement(),
+            retries: args.retries,
+            connect_timeout: args.connect_timeout,
+            request_timeout: args.request_timeout,
+            extra_roots,
+        })
+    }
+}
+
 pub(crate) fn build(pool: &KeyPool, options: Options) -> Result<Upstream, String> {
     let tls = crate::tls::client_config(options.extra_roots)?;
     let mut http = HttpConnector::new();
