@@ -140,24 +140,20 @@ impl Lease {
     /// claimed it yet: a ready request may as well be the one.
     #[inline]
     pub fn is_usable(&self) -> bool {
-        let slot = &*self.slot;
-        // The common answer, in three loads: nothing happened to the key since.
-        if !slot.is_retired() && slot.deadline.is_clear() && !slot.probe.is_pending() {
-            return true;
-        }
-        self.check_slow() == Check::Usable
+        self.check() == Check::Usable
     }
 
-    /// What became of this reservation's key since it was made (see [`is_usable`]).
+    /// What became of this reservation's key since it was made (see [`is_usable`]): the
+    /// common answer in three loads (nothing happened to the key since), else the slow look.
     ///
     /// [`is_usable`]: Self::is_usable
     #[inline]
     pub(crate) fn check(&self) -> Check {
-        if self.is_usable() {
-            Check::Usable
-        } else {
-            self.check_slow()
+        let slot = &*self.slot;
+        if !slot.is_retired() && slot.deadline.is_clear() && !slot.probe.is_pending() {
+            return Check::Usable;
         }
+        self.check_slow()
     }
 
     #[cold]

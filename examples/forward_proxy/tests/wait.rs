@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{Got, MockUpstream, ProxyConfig, Seen, keys, post, reply};
+use support::{Got, MockUpstream, ProxyConfig, Seen, get, keys, post, reply};
 use tokio::time::Instant;
 
 const KEYS: [&str; 3] = ["wk-one", "wk-two", "wk-three"];
@@ -118,9 +118,36 @@ async fn one_key_ten_callers_all_succeed_with_default_settings() {
     );
     // Ideal: 1 s rest, the probe, then 2 at a time (~2.5 s); a loaded machine adds some.
     assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
-    // The proxy learned the limit and shows it.
+    // The proxy learned the limit and shows it, in the admin JSON and the metrics, with
+    // the time the requests waited.
     let keys = keys(&proxy).await;
     assert_eq!(keys[0]["concurrency_limit"], 2);
+    let metrics = get(&proxy.url("/_keyrotation/metrics")).await.body;
+    let line = |name: &str| {
+        metrics
+            .lines()
+            .find(|line| line.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+            .to_owned()
+    };
+    assert!(
+        line("keyrotation_key_concurrency_limit{").ends_with(" 2.0"),
+        "{metrics}"
+    );
+    let waited: u64 = line("keyrotation_wait_seconds_count")
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        waited >= 8,
+        "{waited} requests waited; the 8 refused had to"
+    );
+    assert_eq!(
+        line("keyrotation_requests_waiting "),
+        "keyrotation_requests_waiting 0.0"
+    );
     // Every answer we retried or waited for tells SDKs not to retry it again.
     assert!(
         answers
@@ -277,4 +304,25 @@ async fn a_rest_past_the_budget_hands_back_the_refusal_and_then_503s_at_once() {
     assert_eq!(got.headers["x-should-retry"], "false");
     assert_eq!(got.json()["error"]["code"], "no_key_available");
     assert_eq!(ledger.lock().unwrap().arrivals.len(), 1);
+}
+
+#[tokio::test]
+async fn health_answers_503_once_every_key_is_disabled() {
+    let upstream =
+        MockUpstream::start(|_| async { reply(401, "{\"error\":\"invalid key\"}") }).await;
+    let proxy = ProxyConfig::new(&upstream.url(""), &KEYS[..2].join(","))
+        .start()
+        .await;
+    assert_eq!(get(&proxy.url("/_keyrotation/health")).await.status, 200);
+    // Key 1 rejects it and is disabled; the request goes to key 2, which rejects it too.
+    let got = post(&proxy.url("/chat/completions"), "{}").await;
+    assert_eq!(got.status, 401);
+    assert_eq!(got.headers["x-should-retry"], "false");
+    let health = get(&proxy.url("/_keyrotation/health")).await;
+    assert_eq!(health.status, 503, "{}", health.body);
+    // Nothing can serve: the next request is refused without reaching the provider.
+    let got = post(&proxy.url("/chat/completions"), "{}").await;
+    assert_eq!(got.status, 503);
+    assert_eq!(got.json()["error"]["code"], "all_keys_disabled");
+    assert_eq!(upstream.seen().len(), 2);
 }
