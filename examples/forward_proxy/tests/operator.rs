@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
@@ -570,7 +568,7 @@ async fn a_client_leaving_before_the_head_keeps_the_key_until_the_upstream_answe
     // The key is at its cap: the next request waits instead of going to the provider.
     let url = proxy.url("/second");
     let second = tokio::spawn(async move { get(&url).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_waiting(&proxy, 1).await;
     assert_eq!(upstream.seen().len(), 1, "sent past the key's cap");
 
     answer.send_replace(true);
@@ -604,7 +602,7 @@ async fn a_client_leaving_while_waiting_for_a_key_gives_it_up_at_once_and_is_log
     let first = tokio::spawn(async move { get(&url).await });
     upstream.wait_for_requests(1).await;
     let waiting = send_and_keep(&proxy, "/waiting").await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_for_waiting(&proxy, 1).await;
     drop(waiting);
     let line = proxy.wait_for_log("Client went away").await;
     assert!(line.contains("while waiting for a key"), "{line}");

@@ -579,6 +579,25 @@ pub async fn keys(proxy: &Proxy) -> Vec<serde_json::Value> {
     got.json().as_array().unwrap().clone()
 }
 
+/// Polls `/_keyrotation/metrics` until `n` requests wait for a key
+/// (`keyrotation_requests_waiting`), at most [`WAIT`]: the signal that a request reached
+/// the proxy's wait, set in another process.
+pub async fn wait_for_waiting(proxy: &Proxy, n: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let wanted = format!("keyrotation_requests_waiting {n}.0");
+    loop {
+        let metrics = get(&proxy.url("/_keyrotation/metrics")).await.body;
+        if metrics.lines().any(|line| line == wanted) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {n} request(s) waiting: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Polls `/_keyrotation/keys` until `done` holds, at most [`WAIT`]. The state it waits for
 /// is set by another process, which offers no signal to await; each poll is a request,
 /// never a sleep standing in for one.
