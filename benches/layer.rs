@@ -13,7 +13,14 @@
 //!   `SetRequestHeader` per key with `PendingRequests` load (one owner: `Balance` is not
 //!   `Clone`);
 //! - `tower_p2c_buffered`: the same behind a `Buffer`, which is what sharing it between tasks
-//!   takes (our `KeyRotation` is `Clone` and shares its pool without one).
+//!   takes (our `KeyRotation` is `Clone` and shares its pool without one);
+//! - `key_rotation_limit_headers`: round-robin `KeyRotation` over an inner service whose
+//!   answers carry the head of an OpenAI answer (ten headers, the rate-limit ones with
+//!   requests and tokens left), so that classifying reads them as every real answer's are
+//!   (the other paths' answers have no header, which the classifier skips at once);
+//! - `key_rotation_retry`: round-robin `KeyRotation` behind our `RetryLayer`, the request's
+//!   body a buffered `ReplayBody` (so it could be sent again), never refused: what the retry
+//!   layer costs a request that is not retried (as nearly none is).
 //!
 //! Before the timings it prints the heap allocations per request of each path in steady
 //! state, counted by a counting global allocator (`stats_alloc`: the crate forbids `unsafe`,
@@ -29,12 +36,13 @@ use std::convert::Infallible;
 use std::fmt::Debug;
 use std::hint::black_box;
 use std::pin::pin;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderValue, Method, Request, Response, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
@@ -46,8 +54,9 @@ use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
 use tower::{Layer, Service, ServiceExt};
 use tower_http::set_header::SetRequestHeader;
+use tower_key_rotation::retry::{ReplayBody, Retry, RetryLayer};
 use tower_key_rotation::{
-    KeyPool, KeyRotation, KeyRotationLayer, KeySet, Selection, classify::Outcome,
+    BoxError, KeyPool, KeyRotation, KeyRotationLayer, KeySet, Selection, classify::Outcome,
 };
 
 #[global_allocator]
@@ -76,6 +85,40 @@ fn inner() -> Inner {
     tower::service_fn(answer as fn(Request<ReqBody>) -> Answer)
 }
 
+/// The head of an OpenAI chat completion: limits reported, none used up.
+static LIMIT_HEADERS: LazyLock<HeaderMap> = LazyLock::new(|| {
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+        ("content-type", "application/json"),
+        ("date", "Tue, 01 Dec 2026 18:00:00 GMT"),
+        ("x-request-id", "req_0123456789abcdef0123456789abcdef"),
+        ("openai-processing-ms", "412"),
+        ("x-ratelimit-limit-requests", "500"),
+        ("x-ratelimit-limit-tokens", "150000"),
+        ("x-ratelimit-remaining-requests", "499"),
+        ("x-ratelimit-remaining-tokens", "149984"),
+        ("x-ratelimit-reset-requests", "120ms"),
+        ("x-ratelimit-reset-tokens", "6ms"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    headers
+});
+
+fn answer_with_limits(_request: Request<ReqBody>) -> Answer {
+    let mut response = Response::new(Full::new(Bytes::from_static(CHAT_RESPONSE)));
+    *response.headers_mut() = LIMIT_HEADERS.clone();
+    std::future::ready(Ok(response))
+}
+
+/// Round-robin over `n` keys, the answers carrying [`LIMIT_HEADERS`].
+fn key_rotation_limit_headers(n: usize) -> KeyRotation<Inner> {
+    let list = (0..n).map(key).collect::<Vec<_>>().join(",");
+    let pool = KeyPool::new(KeySet::parse(&list).expect("valid keys"));
+    let inner = tower::service_fn(answer_with_limits as fn(Request<ReqBody>) -> Answer);
+    KeyRotationLayer::new(pool).layer(inner)
+}
+
 /// A chat-completion request as a client sends it (one header already set).
 fn request() -> Request<ReqBody> {
     let mut request = Request::new(Full::new(Bytes::from_static(CHAT_REQUEST)));
@@ -85,6 +128,30 @@ fn request() -> Request<ReqBody> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     request
+}
+
+type ReplayReqBody = ReplayBody<Full<Bytes>>;
+type ReplayAnswer = std::future::Ready<Result<Response<Full<Bytes>>, BoxError>>;
+type ReplayInner = tower::util::ServiceFn<fn(Request<ReplayReqBody>) -> ReplayAnswer>;
+
+fn replay_answer(_request: Request<ReplayReqBody>) -> ReplayAnswer {
+    std::future::ready(Ok(Response::new(Full::new(Bytes::from_static(
+        CHAT_RESPONSE,
+    )))))
+}
+
+/// The same request with its body buffered, as a retrying caller sends it.
+fn replayable_request() -> Request<ReplayReqBody> {
+    // On the heap, as a body read from a socket is (a static one would clone for free).
+    request().map(|_| ReplayBody::buffered(Bytes::copy_from_slice(CHAT_REQUEST)))
+}
+
+/// Our retry layer over round-robin `KeyRotation` over `n` keys.
+fn key_rotation_retry(n: usize) -> Retry<KeyRotation<ReplayInner>> {
+    let list = (0..n).map(key).collect::<Vec<_>>().join(",");
+    let pool = KeyPool::new(KeySet::parse(&list).expect("valid keys"));
+    let inner = tower::service_fn(replay_answer as fn(Request<ReplayReqBody>) -> ReplayAnswer);
+    RetryLayer::new(pool.clone()).layer(KeyRotationLayer::new(pool).layer(inner))
 }
 
 fn key(i: usize) -> String {
@@ -152,9 +219,9 @@ fn p2c(n: usize) -> P2c {
 }
 
 /// One request: ready, call, response, body to its end.
-async fn one_request<S, B>(service: &mut S, request: Request<ReqBody>)
+async fn one_request<S, Q, B>(service: &mut S, request: Request<Q>)
 where
-    S: Service<Request<ReqBody>, Response = Response<B>>,
+    S: Service<Request<Q>, Response = Response<B>>,
     S::Error: Debug,
     B: Body,
     B::Error: Debug,
@@ -173,9 +240,14 @@ where
 }
 
 /// Times `iters` requests, building them in batches outside the timed stretches.
-fn run<S, B>(runtime: &Runtime, service: &mut S, iters: u64) -> Duration
+fn run<S, Q, B>(
+    runtime: &Runtime,
+    service: &mut S,
+    make: fn() -> Request<Q>,
+    iters: u64,
+) -> Duration
 where
-    S: Service<Request<ReqBody>, Response = Response<B>>,
+    S: Service<Request<Q>, Response = Response<B>>,
     S::Error: Debug,
     B: Body,
     B::Error: Debug,
@@ -186,7 +258,7 @@ where
         let mut left = iters;
         while left > 0 {
             let count = left.min(BATCH);
-            batch.extend((0..count).map(|_| request()));
+            batch.extend((0..count).map(|_| make()));
             let start = Instant::now();
             for request in batch.drain(..) {
                 one_request(service, request).await;
@@ -199,18 +271,22 @@ where
 }
 
 /// Heap allocations (and reallocations) per request in steady state.
-fn allocations_per_request<S, B>(runtime: &Runtime, service: &mut S) -> f64
+fn allocations_per_request<S, Q, B>(
+    runtime: &Runtime,
+    service: &mut S,
+    make: fn() -> Request<Q>,
+) -> f64
 where
-    S: Service<Request<ReqBody>, Response = Response<B>>,
+    S: Service<Request<Q>, Response = Response<B>>,
     S::Error: Debug,
     B: Body,
     B::Error: Debug,
 {
     runtime.block_on(async {
         for _ in 0..COUNTED {
-            one_request(service, request()).await;
+            one_request(service, make()).await;
         }
-        let batch: Vec<_> = (0..COUNTED).map(|_| request()).collect();
+        let batch: Vec<_> = (0..COUNTED).map(|_| make()).collect();
         let mut batch = batch.into_iter();
         let region = Region::new(GLOBAL);
         for request in batch.by_ref() {
@@ -222,9 +298,26 @@ where
     })
 }
 
-fn bench_path<S, B>(c: &mut Criterion, runtime: &Runtime, name: &str, keys: usize, mut service: S)
+fn bench_path<S, B>(c: &mut Criterion, runtime: &Runtime, name: &str, keys: usize, service: S)
 where
     S: Service<Request<ReqBody>, Response = Response<B>>,
+    S::Error: Debug,
+    B: Body,
+    B::Error: Debug,
+{
+    bench_path_with(c, runtime, name, keys, service, request);
+}
+
+/// [`bench_path`] with requests made by `make`.
+fn bench_path_with<S, Q, B>(
+    c: &mut Criterion,
+    runtime: &Runtime,
+    name: &str,
+    keys: usize,
+    mut service: S,
+    make: fn() -> Request<Q>,
+) where
+    S: Service<Request<Q>, Response = Response<B>>,
     S::Error: Debug,
     B: Body,
     B::Error: Debug,
@@ -239,11 +332,11 @@ where
     group.bench_function(BenchmarkId::new(name, keys), |b| {
         // Here rather than before: only for benchmarks the command line selects.
         if !counted {
-            let allocations = allocations_per_request(runtime, &mut service);
+            let allocations = allocations_per_request(runtime, &mut service, make);
             println!("layer/{name}/{keys}: allocations per request: {allocations:.2}");
             counted = true;
         }
-        b.iter_custom(|iters| run(runtime, &mut service, iters));
+        b.iter_custom(|iters| run(runtime, &mut service, make, iters));
     });
     group.finish();
 }
@@ -271,6 +364,21 @@ fn layer(c: &mut Criterion) {
         ] {
             bench_path(c, &runtime, name, n, key_rotation(n, strategy));
         }
+        bench_path(
+            c,
+            &runtime,
+            "key_rotation_limit_headers",
+            n,
+            key_rotation_limit_headers(n),
+        );
+        bench_path_with(
+            c,
+            &runtime,
+            "key_rotation_retry",
+            n,
+            key_rotation_retry(n),
+            replayable_request,
+        );
         let learned = key_rotation_learned_limit(n);
         let pool = learned.pool().clone();
         bench_path(c, &runtime, "key_rotation_learned_limit", n, learned);

@@ -51,11 +51,7 @@ mkdir -p "$OUT/nginx-upstream"
 OUT=$(cd "$OUT" && pwd)
 trap cleanup EXIT INT TERM
 
-nginx_conf "$OUT/nginx-upstream" "$PORT_UPSTREAM" "
-    server {
-        listen 127.0.0.1:$PORT_UPSTREAM backlog=4096;
-        location / { default_type application/json; return 200 '$CHAT'; }
-    }" >"$OUT/nginx-upstream/nginx.conf"
+upstream_nginx_conf "$OUT/nginx-upstream" "$PORT_UPSTREAM" "backlog=4096" >"$OUT/nginx-upstream/nginx.conf"
 log "starting upstream nginx on 127.0.0.1:$PORT_UPSTREAM"
 "$NGINX" -p "$OUT/nginx-upstream" -c "$OUT/nginx-upstream/nginx.conf" &
 PIDS+=($!)

@@ -68,6 +68,38 @@ EOF
 
 CHAT='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"glm-4-flash","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":8,"completion_tokens":9,"total_tokens":17}}'
 
+# The upstream stand-in: nginx answering every request with $CHAT. Args: prefix, port[,
+# extra listen parameters].
+upstream_nginx_conf() {
+    nginx_conf "$1" "$2" "
+    server {
+        listen 127.0.0.1:$2${3:+ $3};
+        location / { default_type application/json; return 200 '$CHAT'; }
+    }"
+}
+
+# nginx as a key-injecting reverse proxy (the yardstick): one of the keys k1,k2,k3 on
+# Authorization per request, upstream keep-alive 256. Args: prefix, port, upstream port,
+# worker processes.
+proxy_nginx_conf() {
+    nginx_conf "$1" "$2" "
+    upstream provider { server 127.0.0.1:$3; keepalive 256; }
+    split_clients \"\${connection}\${connection_requests}\" \$api_key {
+        33.3% \"Bearer k1\";
+        33.3% \"Bearer k2\";
+        *     \"Bearer k3\";
+    }
+    server {
+        listen 127.0.0.1:$2;
+        location / {
+            proxy_pass http://provider/api/paas/v4/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Authorization \$api_key;
+        }
+    }" "$4"
+}
+
 write_post_lua() { # file: a wrk script that POSTs a small chat completion
     cat >"$1" <<'EOF'
 wrk.method = "POST"

@@ -73,28 +73,9 @@ OUT=$(cd "$OUT" && pwd)
 # --- processes -------------------------------------------------------------------------
 trap cleanup EXIT INT TERM
 
-nginx_conf "$OUT/nginx-upstream" "$PORT_UPSTREAM" "
-    server {
-        listen 127.0.0.1:$PORT_UPSTREAM;
-        location / { default_type application/json; return 200 '$CHAT'; }
-    }" >"$OUT/nginx-upstream/nginx.conf"
+upstream_nginx_conf "$OUT/nginx-upstream" "$PORT_UPSTREAM" >"$OUT/nginx-upstream/nginx.conf"
 
-nginx_conf "$OUT/nginx-proxy" "$PORT_NGINX" "
-    upstream provider { server 127.0.0.1:$PORT_UPSTREAM; keepalive 256; }
-    split_clients \"\${connection}\${connection_requests}\" \$api_key {
-        33.3% \"Bearer k1\";
-        33.3% \"Bearer k2\";
-        *     \"Bearer k3\";
-    }
-    server {
-        listen 127.0.0.1:$PORT_NGINX;
-        location / {
-            proxy_pass http://provider/api/paas/v4/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
-            proxy_set_header Authorization \$api_key;
-        }
-    }" "$NGINX_WORKERS" >"$OUT/nginx-proxy/nginx.conf"
+proxy_nginx_conf "$OUT/nginx-proxy" "$PORT_NGINX" "$PORT_UPSTREAM" "$NGINX_WORKERS" >"$OUT/nginx-proxy/nginx.conf"
 
 log "starting upstream nginx on 127.0.0.1:$PORT_UPSTREAM"
 "$NGINX" -p "$OUT/nginx-upstream" -c "$OUT/nginx-upstream/nginx.conf" &

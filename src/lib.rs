@@ -92,7 +92,8 @@
 //! A cool-down deadline only ever extends; only a 429 to a request sent after the key's
 //! last cool-down began raises the backoff level (requests already in flight do not
 //! escalate it). When a cool-down ends, the key takes one probe request before the rest
-//! (so waiters do not all rush a key whose limit still holds). A 429 that comes back while
+//! (so waiters do not all rush a key whose limit still holds); a rest until a used-up
+//! window resets, as its headers said, ends with the key whole, with no probe. A 429 that comes back while
 //! other requests are in flight on the key also teaches the pool the key's **concurrency
 //! limit** ([`KeyPoolBuilder::learn_concurrency`]): later callers wait for a slot instead
 //! of being refused.

@@ -171,12 +171,13 @@ where
                         .then(|| self.pool.try_reserve())
                         .flatten()
                 });
+            // A lease the store shared with other replicas must admit first (a capped key,
+            // or a shared probe) cannot be traded for here: `call` cannot wait for the
+            // store, and sending it unasked could exceed the key's cap across the
+            // replicas. It is given back, and the call goes on as if no key were free.
+            let other = other.filter(|other| !other.needs_admission());
             match (other, check) {
-                (Some(other), _) => {
-                    // Nothing can wait here: it is counted by the store, not checked.
-                    other.skip_admission();
-                    lease = other;
-                }
+                (Some(other), _) => lease = other,
                 // A retry on a tried key that can take it: that is the earliest chance.
                 (None, Check::Usable) => {}
                 // A refusal came back on this key in the instant since `poll_ready`, and

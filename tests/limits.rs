@@ -555,7 +555,8 @@ async fn a_rest_learned_from_headers_is_capped_and_ends_with_a_probe() {
         pool.try_reserve().is_none(),
         "a second request beside the probe"
     );
-    // The probe's answer says the window is used up again: rest again, then probe again.
+    // The probe's answer says the window is used up again, and when it resets (within
+    // the cap): rest until then, and back whole, with no probe.
     probe.mark_sent();
     probe.record(Outcome::SuccessAtLimit {
         reset_after: Duration::from_secs(5),
@@ -563,7 +564,45 @@ async fn a_rest_learned_from_headers_is_capped_and_ends_with_a_probe() {
     drop(probe);
     let stats = &pool.snapshot()[0];
     assert_eq!(stats.cooling_down_for, Some(Duration::from_secs(5)));
-    assert!(stats.probing);
+    assert!(!stats.probing, "no probe owed for an uncapped window rest");
     advance(Duration::from_secs(5)).await;
-    assert!(pool.try_reserve().unwrap().is_probe());
+    let first = pool.try_reserve().unwrap();
+    let second = pool
+        .try_reserve()
+        .expect("a second request beside the first");
+    assert!(!first.is_probe() && !second.is_probe());
+}
+
+/// A 2xx whose rate-limit headers say the window is used up, and when it resets: the key
+/// rests until then and comes back with its capacity, every slot at once (the provider
+/// said the limit is whole again then). Before, one probe went alone and the other slots
+/// idled until it answered.
+#[tokio::test(start_paused = true)]
+async fn a_rest_until_the_window_resets_ends_without_a_probe() {
+    let pool = KeyPool::builder(keys("k1"))
+        .backoff(Backoff::default().max_retry_after(Duration::from_secs(10)))
+        .max_in_flight_per_key(3)
+        .build();
+    let lease = pool.try_reserve().unwrap();
+    lease.mark_sent();
+    lease.record(Outcome::SuccessAtLimit {
+        reset_after: Duration::from_secs(3),
+    });
+    drop(lease);
+    let stats = &pool.snapshot()[0];
+    assert_eq!(stats.cooling_down_for, Some(Duration::from_secs(3)));
+    assert!(!stats.probing, "the rest owes no probe");
+    advance(Duration::from_millis(2_999)).await;
+    assert!(
+        pool.try_reserve().is_none(),
+        "taken before the window reset"
+    );
+    advance(Duration::from_millis(1)).await;
+    let taken: Vec<_> = (0..3).map(|_| pool.try_reserve()).collect();
+    assert!(
+        taken
+            .iter()
+            .all(|lease| lease.as_ref().is_some_and(|l| !l.is_probe())),
+        "every slot back at the reset, none of them a probe"
+    );
 }

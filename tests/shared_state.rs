@@ -594,3 +594,236 @@ async fn after_a_rest_one_probe_goes_for_all_the_replicas() {
     // The others waited for the probe's answer, whichever replica sent it.
     assert!(alone >= work - Duration::from_millis(20), "{alone:?}");
 }
+
+#[tokio::test]
+async fn a_reservation_traded_in_call_never_takes_a_key_full_across_the_replicas() {
+    use std::sync::{Arc, Mutex};
+    use tower::{Service, ServiceExt};
+
+    let server = RedisServer::start().await;
+    let keys = "sk-one,sk-two";
+    let replica = |server: &RedisServer| {
+        let backend = RedisBackend::new(&server.url(), SECRET, options("trade")).unwrap();
+        async move {
+            assert!(backend.connect().await);
+            let pool = KeyPool::builder(KeySet::parse(keys).unwrap())
+                .max_in_flight_per_key(1)
+                .state_backend(backend.clone())
+                .build();
+            timeout(Duration::from_secs(5), backend.subscribed())
+                .await
+                .unwrap();
+            (pool, backend)
+        }
+    };
+    let (a, a_backend) = replica(&server).await;
+    let (b, _) = replica(&server).await;
+
+    // A's caller is ready: key 1 reserved and admitted by the store.
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let inner = {
+        let sent = sent.clone();
+        tower::service_fn(
+            move |request: http::Request<http_body_util::Empty<bytes::Bytes>>| {
+                sent.lock().unwrap().push(
+                    request.headers()["authorization"]
+                        .to_str()
+                        .unwrap()
+                        .to_owned(),
+                );
+                async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                    ))
+                }
+            },
+        )
+    };
+    let mut service = tower_key_rotation::KeyRotation::new(inner, a.clone());
+    timeout(Duration::from_secs(2), service.ready())
+        .await
+        .expect("ready")
+        .unwrap();
+    assert_eq!(a.snapshot()[0].in_flight, 1, "A reserved key 1");
+
+    // B fills key 2 (its cap of 1 across the replicas); A has not asked about key 2 since,
+    // so key 2 looks free from A's own atomics.
+    let b_lease = b.try_reserve_where(|p| p == 2).unwrap();
+    let b_lease = b_lease.admit().await.expect("key 2 is free in the store");
+    assert_eq!(a.snapshot()[1].in_flight, 0);
+
+    // Key 1 starts resting (a 429 seen by B) before A's caller sends: its reservation is
+    // stale, and `call` looks for another key.
+    let mut applied = a_backend.applied();
+    applied.borrow_and_update();
+    let refused = b.try_reserve_where(|p| p == 1).unwrap();
+    refused.mark_sent();
+    refused.record(Outcome::RateLimited {
+        retry_after: Some(Duration::from_secs(20)),
+    });
+    drop(refused);
+    timeout(Duration::from_secs(2), applied.changed())
+        .await
+        .expect("A hears of the rest")
+        .unwrap();
+    assert_eq!(a.snapshot()[0].state, KeyState::Resting);
+
+    let request = http::Request::get("http://provider.test/v1/chat")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let answer = service.call(request).await;
+    let sent = sent.lock().unwrap().clone();
+    eprintln!(
+        "A's call: {:?}, sent with {sent:?}",
+        answer.as_ref().map(|r| r.status())
+    );
+    // Key 2 holds B's request: the cap of 1 across the replicas forbids a second one. The
+    // call may go on its own (resting) key, or be refused before sending.
+    assert!(
+        !sent.iter().any(|key| key == "Bearer sk-two"),
+        "sent on key 2 while B holds its only slot: {sent:?}"
+    );
+    drop(b_lease);
+}
+
+/// The concurrency limit of key 1 in `pool` (`None`: none).
+fn limit_of(pool: &KeyPool) -> Option<u32> {
+    pool.snapshot()[0].concurrency_limit
+}
+
+/// Waits until `pool`'s key 1 has the concurrency limit `limit` (told by the store, in a
+/// message or at a sync).
+async fn wait_for_limit(pool: &KeyPool, backend: &RedisBackend, limit: u32) {
+    let (mut applied, mut syncs) = (backend.applied(), backend.syncs());
+    let reached = async {
+        while limit_of(pool) != Some(limit) {
+            tokio::select! {
+                changed = applied.changed() => changed.unwrap(),
+                changed = syncs.changed() => changed.unwrap(),
+            }
+        }
+    };
+    timeout(Duration::from_secs(2), reached)
+        .await
+        .unwrap_or_else(|_| panic!("limit {limit} within 2 s, not {:?}", limit_of(pool)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_limit_learned_by_one_replica_holds_in_every_replica() {
+    let server = RedisServer::start().await;
+    // No configured cap: the limit is learned.
+    let (a, a_backend) = replica(&server, "learn", None).await;
+    let (b, b_backend) = replica(&server, "learn", None).await;
+    assert_eq!((limit_of(&a), limit_of(&b)), (None, None));
+
+    // A: a 429 while 2 other requests are in flight on key 1 teaches it a limit of 2.
+    let leases: Vec<_> = (0..3)
+        .map(|_| a.try_reserve_where(|p| p == 1).unwrap())
+        .collect();
+    for lease in &leases {
+        lease.mark_sent();
+    }
+    leases[2].record(Outcome::RateLimited {
+        retry_after: Some(Duration::ZERO),
+    });
+    drop(leases);
+    assert_eq!(limit_of(&a), Some(2));
+    // B takes it from the store, without a refusal of its own.
+    wait_for_limit(&b, &b_backend, 2).await;
+
+    // The store admits under it, counting both replicas: B holds 2, A gets no third.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let lease = b.try_reserve_where(|p| p == 1).unwrap();
+        assert!(
+            lease.needs_admission(),
+            "a learned limit is shared like a cap"
+        );
+        held.push(lease.admit().await.expect("room for 2"));
+    }
+    let third = a.try_reserve_where(|p| p == 1).unwrap();
+    assert!(
+        third.admit().await.is_none(),
+        "a third lease on key 1 across the replicas"
+    );
+
+    // A lower limit learned by B (a 429 with one other in flight) wins in A.
+    drop(held.pop());
+    let refused = b.try_reserve_where(|p| p == 1).unwrap();
+    refused.mark_sent();
+    refused.record(Outcome::RateLimited {
+        retry_after: Some(Duration::ZERO),
+    });
+    drop(refused);
+    drop(held);
+    assert_eq!(limit_of(&b), Some(1));
+    wait_for_limit(&a, &a_backend, 1).await;
+
+    // Raises follow the usual rule (16 successes at a limit of 1 raise it to 2), made in A
+    // and taken by B.
+    let provider = Provider::new(5);
+    let successes = |pool: &KeyPool| pool.snapshot()[0].successes;
+    let before = successes(&a);
+    // One at a time (round-robin over the 3 keys): each on key 1 is at its limit.
+    while successes(&a) < before + 16 {
+        assert_eq!(limit_of(&a), Some(1));
+        assert_eq!(
+            load(std::slice::from_ref(&a), &provider, 1, Duration::ZERO).await,
+            [200]
+        );
+    }
+    assert_eq!(limit_of(&a), Some(2));
+    wait_for_limit(&b, &b_backend, 2).await;
+    // Nothing was left counted: both replicas' leases are all given back.
+    for pool in [&a, &b] {
+        assert_eq!(pool.snapshot()[0].in_flight, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_learned_while_redis_is_away_are_merged_on_its_return_and_the_lower_wins() {
+    let mut server = RedisServer::start().await;
+    let mut options = options("learn-outage");
+    options.heartbeat = Duration::from_millis(200);
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let backend = RedisBackend::new(&server.url(), SECRET, options.clone()).unwrap();
+        assert!(backend.connect().await);
+        let pool = KeyPool::builder(KeySet::parse(KEYS).unwrap())
+            .state_backend(backend.clone())
+            .build();
+        replicas.push((pool, backend));
+    }
+    server.kill().await;
+    for (_, backend) in &replicas {
+        timeout(Duration::from_secs(5), backend.sharing().wait_for(|s| !s))
+            .await
+            .expect("degraded within 5 s")
+            .unwrap();
+    }
+    // Each learns alone: A a limit of 3, B of 2 (a 429 with that many others in flight).
+    for ((pool, _), others) in replicas.iter().zip([3, 2]) {
+        let leases: Vec<_> = (0..=others)
+            .map(|_| pool.try_reserve_where(|p| p == 1).unwrap())
+            .collect();
+        for lease in &leases {
+            lease.mark_sent();
+        }
+        leases[others].record(Outcome::RateLimited {
+            retry_after: Some(Duration::ZERO),
+        });
+        assert_eq!(limit_of(pool), Some(others as u32));
+    }
+
+    // Back (empty): both limits merged, the lower kept, and every replica takes it.
+    server.restart().await;
+    for (_, backend) in &replicas {
+        timeout(Duration::from_secs(5), backend.sharing().wait_for(|s| *s))
+            .await
+            .expect("sharing again within 5 s")
+            .unwrap();
+    }
+    let (a, a_backend) = &replicas[0];
+    wait_for_limit(a, a_backend, 2).await;
+    assert_eq!(limit_of(&replicas[1].0), Some(2));
+}

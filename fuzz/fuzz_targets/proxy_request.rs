@@ -2,12 +2,14 @@
 //!
 //! The proxy is an example, not a library, so its own modules (all but `main.rs`) are
 //! compiled into this target with `#[path]` (the real files, not copies; a module added to
-//! the example must be added here too): `handler::handle` serves each input
-//! over an in-memory connection through hyper's server (HTTP/1.1, or HTTP/2 when the input
-//! starts with the preface), exactly as `main.rs` wires it, with its real upstream client
-//! talking to a mock upstream on 127.0.0.1. Coverage reaches hyper's parser and the
-//! handler's checks (CONNECT, absolute-form authorities, dot segments, hop-by-hop headers,
-//! admin routes, the access token).
+//! the example must be added here too): each input is served over an in-memory connection
+//! by `serve::connection`, the function each worker runs per client connection (the
+//! proxy's own HTTP/1 server, `h1::server`, or hyper's HTTP/2 server when the input starts
+//! with the preface), calling `handler::handle` exactly as `main.rs` wires it, with its
+//! real upstream client talking to a mock upstream on 127.0.0.1. Coverage reaches the
+//! HTTP/1 server's head parser and body framing (`h1`), and the handler's checks (CONNECT,
+//! absolute-form authorities, dot segments, hop-by-hop headers, admin routes, the access
+//! token).
 //!
 //! In the input, `UPSTREAM` is replaced by the mock upstream's `host:port` and `OTHER` by
 //! the address of a second listener standing in for another host, so that the fuzzer can
@@ -34,6 +36,8 @@ mod config;
 mod connections;
 #[path = "../../examples/forward_proxy/src/dotenv.rs"]
 mod dotenv;
+#[path = "../../examples/forward_proxy/src/h1/mod.rs"]
+mod h1;
 #[path = "../../examples/forward_proxy/src/handler.rs"]
 mod handler;
 #[path = "../../examples/forward_proxy/src/keys.rs"]
@@ -42,6 +46,8 @@ mod keys;
 mod metrics;
 #[path = "../../examples/forward_proxy/src/reload.rs"]
 mod reload;
+#[path = "../../examples/forward_proxy/src/serve.rs"]
+mod serve;
 #[path = "../../examples/forward_proxy/src/shared.rs"]
 mod shared;
 #[path = "../../examples/forward_proxy/src/tls.rs"]
@@ -252,15 +258,14 @@ fuzz_target!(|data: &[u8]| {
 
     let answer = world.runtime.block_on(async move {
         let (mut client, server) = tokio::io::duplex(1 << 16);
-        let connection = tokio::spawn(async move {
-            let service = service_fn(move |req| handler::handle(state.clone(), req));
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            // The input ends with the client's write side closed: let the answer out first.
-            builder.http1().half_close(true);
-            let _ = builder
-                .serve_connection(TokioIo::new(server), service)
-                .await;
-        });
+        let config = h1::server::Config {
+            header_read_timeout: Duration::from_secs(30),
+            // The input ends with the client's write side closed: let the answers out first.
+            half_close: true,
+        };
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let (open, _ended) = tokio::sync::mpsc::channel(1);
+        let connection = tokio::spawn(serve::connection(server, state, config, stopping, open));
         let exchange = async {
             let _ = client.write_all(&input).await;
             let _ = client.shutdown().await;

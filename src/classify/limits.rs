@@ -68,29 +68,75 @@ pub fn learned_reset(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 
 /// [`learned_reset`], reading the wall clock only if an Anthropic limit is exhausted (the
 /// common answer, with limits left, needs no clock).
+///
+/// This runs on every response, so it first finds, in one pass over the names and without
+/// hashing, which limits say `0` remaining ([`exhausted_limits`]); the reset headers are
+/// looked up and parsed only for those. An answer with limits left (or without the headers)
+/// costs that one pass.
 pub(crate) fn learned_reset_at(
     headers: &HeaderMap,
     now: impl FnOnce() -> SystemTime,
 ) -> Option<Duration> {
-    let exhausted = |name: &HeaderName| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim() == "0")
-    };
+    let exhausted = exhausted_limits(headers);
+    if exhausted == 0 {
+        return None;
+    }
     let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let is_exhausted = |i: usize| exhausted & (1 << i) != 0;
     let openai = OPENAI
         .iter()
-        .filter(|(remaining, _)| exhausted(remaining))
-        .filter_map(|(_, reset)| parse_go_duration(text(reset)?))
+        .enumerate()
+        .filter(|&(i, _)| is_exhausted(i))
+        .filter_map(|(_, (_, reset))| parse_go_duration(text(reset)?))
         .max();
     let anthropic = ANTHROPIC
         .iter()
-        .filter(|(remaining, _)| exhausted(remaining))
-        .filter_map(|(_, reset)| parse_rfc3339(text(reset)?))
+        .enumerate()
+        .filter(|&(i, _)| is_exhausted(OPENAI.len() + i))
+        .filter_map(|(_, (_, reset))| parse_rfc3339(text(reset)?))
         .max()
         .map(|at| at.duration_since(now()).unwrap_or(Duration::ZERO));
     openai.max(anthropic)
+}
+
+/// Which limits say `0` remaining, as a bit set: bit `i` for `OPENAI[i]`, bit
+/// `OPENAI.len() + i` for `ANTHROPIC[i]`. Reads each remaining header's first value, as
+/// [`HeaderMap::get`] would, but by walking the headers once and comparing names (most
+/// headers fail on length alone): six hashed lookups of long names cost ~1.6k instructions
+/// per response, the walk a few dozen per header.
+fn exhausted_limits(headers: &HeaderMap) -> u8 {
+    let (mut seen, mut exhausted) = (0u8, 0u8);
+    for (name, value) in headers {
+        let bit = match name.as_str() {
+            "x-ratelimit-remaining-requests" => 1 << 0,
+            "x-ratelimit-remaining-tokens" => 1 << 1,
+            "anthropic-ratelimit-requests-remaining" => 1 << 2,
+            "anthropic-ratelimit-tokens-remaining" => 1 << 3,
+            "anthropic-ratelimit-input-tokens-remaining" => 1 << 4,
+            "anthropic-ratelimit-output-tokens-remaining" => 1 << 5,
+            _ => continue,
+        };
+        // A name's values come one after another, its first value first: only that one
+        // counts (what `get` returns).
+        if seen & bit != 0 {
+            continue;
+        }
+        seen |= bit;
+        if is_zero(value.as_bytes()) {
+            exhausted |= bit;
+        }
+    }
+    exhausted
+}
+
+/// `value` reads `0` between spaces and tabs: what `to_str()` then `trim() == "0"` says,
+/// without the pass over every byte (`to_str` accepts visible ASCII, space and tab, of which
+/// `trim` removes the last two).
+fn is_zero(value: &[u8]) -> bool {
+    let blank = |b: &u8| matches!(b, b' ' | b'\t');
+    let start = value.iter().position(|b| !blank(b));
+    let end = value.iter().rposition(|b| !blank(b));
+    matches!((start, end), (Some(i), Some(j)) if i == j && value[i] == b'0')
 }
 
 /// Parses a Go-style duration as OpenAI sends it: `1s`, `6m0s`, `20ms`, `1h2m3.5s`,
@@ -227,6 +273,148 @@ pub(crate) fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    /// The definition `learned_reset_at` had before its fast path: six lookups by name,
+    /// then the resets of the exhausted limits. The fast path must agree with it.
+    fn learned_reset_by_lookups(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+        let exhausted = |name: &HeaderName| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim() == "0")
+        };
+        let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        let openai = OPENAI
+            .iter()
+            .filter(|(remaining, _)| exhausted(remaining))
+            .filter_map(|(_, reset)| parse_go_duration(text(reset)?))
+            .max();
+        let anthropic = ANTHROPIC
+            .iter()
+            .filter(|(remaining, _)| exhausted(remaining))
+            .filter_map(|(_, reset)| parse_rfc3339(text(reset)?))
+            .max()
+            .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO));
+        openai.max(anthropic)
+    }
+
+    /// Every rate-limit name, some neighbours that must not count, and common headers.
+    fn names() -> Vec<HeaderName> {
+        let mut names: Vec<HeaderName> = OPENAI
+            .iter()
+            .chain(&ANTHROPIC)
+            .flat_map(|(remaining, reset)| [remaining.clone(), reset.clone()])
+            .collect();
+        for other in [
+            "content-type",
+            "date",
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-request",
+            "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-tokens-remainin",
+            "x-other",
+        ] {
+            names.push(HeaderName::from_static(other));
+        }
+        names
+    }
+
+    /// Values that matter to the rules (zero in its spellings, counts, both reset formats)
+    /// or to reading them (empty, obs-text that `to_str` refuses).
+    fn value() -> impl Strategy<Value = HeaderValue> {
+        let fixed = prop::sample::select(vec![
+            "0",
+            " 0",
+            "0\t",
+            "00",
+            "-0",
+            "1",
+            "12",
+            "",
+            "1s",
+            "6m0s",
+            "20ms",
+            "1h2m3.5s",
+            "soon",
+            "2024-01-01T00:00:30Z",
+            "2023-12-31T23:59:59Z",
+            "2024-01-01T01:00:00.5+01:00",
+            "2024-01-01T00:10:00Z",
+        ])
+        .prop_map(HeaderValue::from_static);
+        let obs_text = Just(HeaderValue::from_bytes(b"0\x80").unwrap());
+        let any = "[0-9a-z:.+ TZ-]{0,24}".prop_map(|v| HeaderValue::from_str(&v).unwrap());
+        prop_oneof![6 => fixed, 1 => obs_text, 3 => any]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// On generated header sets (names repeated, so some carry several values, only
+        /// the first of which counts), the one-pass fast path gives the lookups' answer.
+        #[test]
+        fn the_fast_path_agrees_with_the_lookups(
+            entries in prop::collection::vec((0..names().len(), value()), 0..12)
+        ) {
+            let names = names();
+            let mut headers = HeaderMap::new();
+            for (name, value) in entries {
+                headers.append(names[name].clone(), value);
+            }
+            let now = parse_rfc3339("2024-01-01T00:00:00Z").unwrap();
+            prop_assert_eq!(
+                learned_reset_at(&headers, || now),
+                learned_reset_by_lookups(&headers, now)
+            );
+        }
+    }
+
+    proptest! {
+        /// Any bytes at all, valid in a header or not.
+        #[test]
+        fn is_zero_agrees_with_to_str_and_trim(bytes in prop::collection::vec(
+            prop::sample::select(vec![b'0', b'1', b' ', b'\t', b'\n', b'\r', 0x0b, 0x0c, 0x80, 0xa0, b'a']),
+            0..5,
+        )) {
+            let by_str = std::str::from_utf8(&bytes).is_ok_and(|v| {
+                v.bytes().all(|b| b == b'\t' || (32..127).contains(&b)) && v.trim() == "0"
+            });
+            prop_assert_eq!(is_zero(&bytes), by_str);
+        }
+    }
+
+    #[test]
+    fn each_remaining_header_has_its_own_bit() {
+        for (i, (remaining, _)) in OPENAI.iter().chain(&ANTHROPIC).enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                HeaderName::from_static("date"),
+                HeaderValue::from_static("0"),
+            );
+            headers.insert(remaining.clone(), HeaderValue::from_static(" 0 "));
+            assert_eq!(exhausted_limits(&headers), 1 << i, "{remaining}");
+            headers.insert(remaining.clone(), HeaderValue::from_static("3"));
+            assert_eq!(exhausted_limits(&headers), 0, "{remaining}");
+        }
+    }
+
+    #[test]
+    fn only_the_first_value_of_a_remaining_header_counts() {
+        let now = parse_rfc3339("2024-01-01T00:00:00Z").unwrap();
+        let (remaining, reset) = &OPENAI[0];
+        let mut headers = HeaderMap::new();
+        headers.append(remaining.clone(), HeaderValue::from_static("5"));
+        headers.append(remaining.clone(), HeaderValue::from_static("0"));
+        headers.insert(reset.clone(), HeaderValue::from_static("1s"));
+        assert_eq!(learned_reset(&headers, now), None);
+        let mut headers = HeaderMap::new();
+        headers.append(remaining.clone(), HeaderValue::from_static("0"));
+        headers.append(remaining.clone(), HeaderValue::from_static("5"));
+        headers.insert(reset.clone(), HeaderValue::from_static("1s"));
+        assert_eq!(learned_reset(&headers, now), Some(Duration::from_secs(1)));
+    }
 
     #[test]
     fn go_durations() {

@@ -47,9 +47,11 @@ pub enum Outcome {
     /// The key was accepted (any answer that is not about the key's limits or validity).
     Success,
     /// The key was accepted, and the response's rate-limit headers say its window is now
-    /// used up: it rests until the window resets (capped at
-    /// [`Backoff::max_retry_after`](crate::Backoff::max_retry_after)), before it can be
-    /// refused; then one probe request decides whether it is back, as after a 429.
+    /// used up: it rests until the window resets, before it can be refused, and comes back
+    /// with every slot. A reset later than
+    /// [`Backoff::max_retry_after`](crate::Backoff::max_retry_after) is capped at it; such
+    /// a rest ends before the window resets, and one probe request decides whether the
+    /// key is back, as after a 429.
     SuccessAtLimit {
         /// When the provider's window resets.
         reset_after: Duration,

@@ -66,11 +66,17 @@ pub(super) fn log(label: &Label<'_>, transition: &Transition) {
         let wait = HumanDuration(change.wait);
         let wait_ms = millis(change.wait);
         match (change.cause, change.rest) {
-            (RestCause::Window, Rest::Started) => tracing::info!(
+            (RestCause::Window { exact: true }, Rest::Started) => tracing::info!(
                 key,
                 keys,
                 wait_ms,
-                "{label} used up its window; resting for {wait} (rate-limit headers), then one probe request"
+                "{label} used up its window; resting for {wait}, until it resets (rate-limit headers)"
+            ),
+            (RestCause::Window { exact: false }, Rest::Started) => tracing::info!(
+                key,
+                keys,
+                wait_ms,
+                "{label} used up its window; resting for {wait} (rate-limit headers, capped), then one probe request"
             ),
             (RestCause::RateLimited { explicit }, rest) => {
                 let why = if explicit { "Retry-After" } else { "backoff" };
@@ -112,7 +118,13 @@ pub(super) fn log(label: &Label<'_>, transition: &Transition) {
     if transition.disabled {
         tracing::warn!(key, keys, "{label} rejected by the provider; disabled");
     }
-    if transition.back {
+    if transition.back && transition.rest.is_some() {
+        tracing::debug!(
+            key,
+            keys,
+            "{label} answered its probe; back in rotation when its window resets"
+        );
+    } else if transition.back {
         tracing::debug!(key, keys, "{label} answered its probe; back in rotation");
     }
 }

@@ -62,13 +62,20 @@ const REFUSED: u8 = 8;
 /// With a shared state backend, on a key with a cap: the store must admit the lease
 /// before its request goes (see [`Lease::admit`]).
 const ASK: u8 = 16;
+/// With a shared state backend: counted in this replica's count of the key, which its
+/// release must take back (see `SharedKey::taken`).
+const COUNTED: u8 = 32;
 
 impl Lease {
     pub(super) fn new(table: &Table, index: usize, taken: Taken) -> Self {
         let slot = &table.slots[index];
         let mut flags = if taken.probe { PROBE } else { 0 };
         if let Some(shared) = &slot.shared {
-            if shared.taken(taken.probe) {
+            let (counted, ask) = shared.taken(taken.probe, slot.limit());
+            if counted {
+                flags |= COUNTED;
+            }
+            if ask {
                 flags |= ASK;
             }
         }
@@ -208,12 +215,6 @@ impl Lease {
         }
     }
 
-    /// Sends this lease without the store's answer (it is still counted): for a
-    /// reservation traded in `call`, where nothing can wait.
-    pub(crate) fn skip_admission(&self) {
-        self.set_flag_off(ASK);
-    }
-
     fn set_flag_off(&self, flag: u8) {
         let flags = self.flags.load(Ordering::Relaxed);
         self.flags.store(flags & !flag, Ordering::Relaxed);
@@ -270,7 +271,8 @@ impl Drop for Lease {
         }
         // Reserved but never sent: what is left of its quota unit goes back.
         let unsent = (flags & SENT == 0).then_some(self.tat_after);
-        self.slot.release(unsent, flags & REFUSED != 0);
+        self.slot
+            .release(unsent, flags & REFUSED != 0, flags & COUNTED != 0);
     }
 }
 

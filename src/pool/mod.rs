@@ -13,8 +13,10 @@
 //!   any but Disabled ──(quota exhausted: billing, daily quota)──► Resting (a long rest)
 //!   Resting ──(another limit)──► Resting, deadline = max(deadline, now + wait)
 //!   Resting ──(the deadline passes)──► Probing: exactly one request may go
+//!   Resting, until a window's reset ──(the deadline passes)──► Healthy: every slot
 //!   Probing ──(success)──► Healthy
-//!   Probing ──(refused again, or its window used up again)──► Resting
+//!   Probing ──(its window used up again, until its reset)──► Resting, until a window's reset
+//!   Probing ──(refused again, or its window used up past the cap)──► Resting
 //!   Probing ──(the probe is dropped unanswered)──► Probing: the next caller probes
 //!   any ──(401/403)──► Disabled (for good)
 //! ```
@@ -24,8 +26,12 @@
 //! (`Slot::learn_refusal`); successes at that limit raise it again slowly.
 //!
 //! Every rest is for a limit, and a limit may still hold when the rest ends (a `Retry-After`
-//! or a window's reset is the provider's guess, and capped): so a rest that starts owes a
-//! probe, and the key comes back with one request rather than to every waiter at once.
+//! is the provider's guess, and capped): so a rest that starts owes a probe, and the key
+//! comes back with one request rather than to every waiter at once. One rest is not a
+//! guess: a success whose rate-limit headers say the window is used up also say when it
+//! resets, the moment the limit is whole again (as OpenAI and Anthropic document it). A rest
+//! that lasts until then owes no probe, and the key comes back with every slot; capped
+//! short of the reset, it owes one like the others.
 //!
 //! A key's rest is one word (`slot::Deadline`: not resting, resting until a time in
 //! nanoseconds since the pool was built on tokio's monotonic clock, or disabled); rests only

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::rest::{Deadline, RestWord};
 use super::slot::Slot;
 use crate::classify::Outcome;
-use crate::shared::{Op, RemoteRest, SharedKey};
+use crate::shared::{Op, RemoteLimit, RemoteRest, SharedKey};
 
 /// A learned concurrency limit rises by one after this many successes per unit of the
 /// limit, each sent with the key at its limit (additive increase: a limit of 2 rises to 3
@@ -68,8 +68,9 @@ pub(super) struct RestChange {
 /// Why a key rests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum RestCause {
-    /// Rate-limit headers say the window is used up.
-    Window,
+    /// Rate-limit headers say the window is used up; `exact` if the rest lasts until the
+    /// window resets (no probe after it), not capped before.
+    Window { exact: bool },
     /// A 429 (or 503 with `Retry-After`); `explicit` if it said how long.
     RateLimited { explicit: bool },
     /// A 429 about the key's account.
@@ -91,13 +92,23 @@ impl Slot {
             Outcome::Success => recovered = self.succeeded(answered.generation),
             Outcome::SuccessAtLimit { reset_after } => {
                 recovered = self.succeeded(answered.generation);
-                // A rest for a limit, as after a 429: capped the same way, and ended by a
-                // probe (the window may not have reset when the headers said).
+                // A rest for a limit, as after a 429, capped the same way. Healthy =>
+                // Resting, and back at the window's reset with its capacity: the provider
+                // said when the window resets (OpenAI and Anthropic document the reset as
+                // the moment the limit is whole again), so a rest that lasts until then
+                // needs no probe to find out, and the key's other slots need not idle
+                // while one request probes. A capped rest ends before the window resets:
+                // it owes a probe, as a 429's does.
                 let wait = self.signals.backoff.cap(reset_after);
+                let exact = wait == reset_after;
                 transition.rest = Some(RestChange {
-                    cause: RestCause::Window,
+                    cause: RestCause::Window { exact },
                     wait,
-                    rest: self.rest_for_limit(wait),
+                    rest: if exact {
+                        self.extend(wait)
+                    } else {
+                        self.rest_for_limit(wait)
+                    },
                     level: 0,
                     mates: 0,
                 });
@@ -152,16 +163,17 @@ impl Slot {
             }
         }
         if answered.probe {
-            // A used-up window rests the key again, and a rest ends with a probe.
+            // A used-up window rests the key again (above): until its reset, with no probe
+            // after it (back, as far as probing goes), unless the rest is capped.
             let back = match outcome {
                 Outcome::Success => true,
                 Outcome::SuccessAtLimit { reset_after } => {
-                    self.signals.backoff.cap(reset_after).is_zero()
+                    self.signals.backoff.cap(reset_after) == reset_after
                 }
                 _ => false,
             };
-            // Probing => Healthy on success; else Probing => Resting: another probe once
-            // the rest (if any) is over.
+            // Probing => Healthy on success (or Resting until the window resets); else
+            // Probing => Resting: another probe once the rest (if any) is over.
             self.probe.settle(back);
             if back {
                 // Everyone waiting for this key may go now.
@@ -179,6 +191,9 @@ impl Slot {
     /// backend's task carries it).
     #[inline(never)]
     fn share(&self, shared: &SharedKey, transition: &Transition, recovered: bool, probe: bool) {
+        if let Some((_, after)) = transition.learned {
+            self.share_limit(shared, after, false);
+        }
         if transition.disabled {
             shared.report(Op::Disable {
                 key: shared.id.clone(),
@@ -204,6 +219,51 @@ impl Slot {
                 key: shared.id.clone(),
             });
         }
+    }
+
+    /// Sends a limit learned here (lowered, or raised after successes at it) to the store,
+    /// which keeps one for every replica.
+    #[inline(never)]
+    fn share_limit(&self, shared: &SharedKey, limit: u32, raise: bool) {
+        shared.report(Op::Limit {
+            key: shared.id.clone(),
+            limit,
+            generation: shared.limit_generation().load(Ordering::Acquire),
+            raise,
+        });
+    }
+
+    /// Applies the key's limit as the store keeps it for every replica (see
+    /// [`RemoteLimit`]): a newer generation replaces the limit here (never above the cap),
+    /// the same generation keeps the lower one, an older one is ignored. Not shared again.
+    /// Returns whether the limit here changed.
+    pub(super) fn apply_limit(&self, remote: RemoteLimit) -> bool {
+        let Some(shared) = &self.shared else {
+            return false;
+        };
+        if !self.signals.learn_concurrency {
+            return false;
+        }
+        let limit = remote.limit.clamp(1, self.cap);
+        let applied = shared
+            .limit_generation()
+            .fetch_max(remote.generation, Ordering::AcqRel);
+        let before = if applied < remote.generation {
+            // Another replica's change (or this one's, as the store kept it): take it.
+            self.gains.store(0, Ordering::Relaxed);
+            self.limit.swap(limit, Ordering::AcqRel)
+        } else if applied == remote.generation {
+            // Same generation: a lowering made here meanwhile stands.
+            self.limit.fetch_min(limit, Ordering::AcqRel)
+        } else {
+            return false;
+        };
+        let after = self.limit();
+        if after > before {
+            // Room for more: a waiter may take it.
+            self.signals.notify.notify_waiters();
+        }
+        after != before
     }
 
     /// Sends the key's rest as it stands here: what is left of it, and the level.
@@ -334,12 +394,14 @@ impl Slot {
         let gains = self.gains.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         if gains >= limit.saturating_mul(GROWTH) {
             self.gains.store(0, Ordering::Relaxed);
-            let _ = self.limit.compare_exchange(
-                limit,
-                limit.saturating_add(1).min(self.cap),
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
+            let raised = limit.saturating_add(1).min(self.cap);
+            let swapped = self
+                .limit
+                .compare_exchange(limit, raised, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok();
+            if let Some(shared) = self.shared.as_ref().filter(|_| swapped) {
+                self.share_limit(shared, raised, true);
+            }
             // One more slot: a waiter may take it.
             self.signals.wake_one();
         }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::rest::RestWord;
 use super::{LazyNow, PoolInner};
-use crate::shared::{LocalRest, RemoteRest};
+use crate::shared::{LocalRest, RemoteLimit, RemoteRest};
 
 impl PoolInner {
     /// The store ids of the keys in force.
@@ -29,8 +29,10 @@ impl PoolInner {
             .slots
             .iter()
             .filter_map(|slot| {
-                let id = slot.shared.as_ref()?.id.clone();
+                let shared = slot.shared.as_ref()?;
+                let id = shared.id.clone();
                 let rest = slot.deadline.read();
+                let limit = slot.limit();
                 Some(LocalRest {
                     key: id,
                     remaining: match rest {
@@ -41,6 +43,13 @@ impl PoolInner {
                     },
                     level: slot.level.load(std::sync::atomic::Ordering::Acquire),
                     disabled: rest == RestWord::Disabled,
+                    // Learned: below the cap.
+                    limit: (limit < slot.cap).then(|| RemoteLimit {
+                        limit,
+                        generation: shared
+                            .limit_generation()
+                            .load(std::sync::atomic::Ordering::Acquire),
+                    }),
                 })
             })
             .collect()
@@ -57,6 +66,27 @@ impl PoolInner {
             }
         }
         found
+    }
+
+    /// Applies the key `id`'s shared learned limit; `true` if the limit here changed.
+    pub(crate) fn apply_limit(&self, id: &str, limit: RemoteLimit) -> bool {
+        let table = self.table.load();
+        let mut changed = false;
+        for (index, slot) in table.slots.iter().enumerate() {
+            if slot.shared.as_ref().is_some_and(|shared| &*shared.id == id)
+                && slot.apply_limit(limit)
+            {
+                changed = true;
+                tracing::debug!(
+                    key = index + 1,
+                    "Key {}/{}: concurrency limit now {} (shared by the replicas)",
+                    index + 1,
+                    table.slots.len(),
+                    slot.limit()
+                );
+            }
+        }
+        changed
     }
 
     /// A lease on the key `id` was released somewhere: it may have room again.

@@ -248,8 +248,9 @@ impl Slot {
     }
 
     /// Gives back an in-flight slot, and what is left of an unsent request's quota unit.
+    /// `counted`: the lease was counted in the state shared with other replicas.
     #[inline]
-    pub(super) fn release(&self, unsent_tat_after: Option<u64>, refused: bool) {
+    pub(super) fn release(&self, unsent_tat_after: Option<u64>, refused: bool, counted: bool) {
         if let (Some(tat_after), Some(quota)) = (unsent_tat_after, self.quota) {
             // Only a quota reads the clock.
             quota.refund(&self.tat, tat_after, self.signals.now_nanos());
@@ -258,7 +259,7 @@ impl Slot {
             self.refused_open.fetch_sub(1, Ordering::AcqRel);
         }
         if let Some(shared) = &self.shared {
-            shared.released();
+            shared.released(counted);
         }
         // SeqCst pairs with the waiter's registration (see `wait`).
         self.in_flight.fetch_sub(1, Ordering::SeqCst);

@@ -123,14 +123,30 @@ where
         if body.size_hint().lower() > limit_u64 {
             return Ok(Self::streaming(body));
         }
+        // A body that comes in one frame (the common small JSON body) is kept as it came:
+        // no copy, and a retry's copy of it shares the bytes (for a body read from a socket,
+        // hyper's buffer, which the request's header values share already). Only a second
+        // frame starts a buffer of our own.
+        let mut first: Option<Bytes> = None;
         let mut buf = BytesMut::new();
+        let whole = |first: Option<Bytes>, buf: BytesMut| first.unwrap_or_else(|| buf.freeze());
         loop {
             let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
             let Some(frame) = frame.transpose()? else {
-                return Ok(Self::from_parts(buf.freeze(), None));
+                return Ok(Self::from_parts(whole(first, buf), None));
             };
             match frame.into_data() {
                 Ok(data) => {
+                    if first.is_none() && buf.is_empty() {
+                        if data.len() > limit {
+                            return Ok(Self::streaming_after(data, body));
+                        }
+                        first = Some(data);
+                        continue;
+                    }
+                    if let Some(first) = first.take() {
+                        buf.extend_from_slice(&first);
+                    }
                     buf.extend_from_slice(&data);
                     if buf.len() > limit {
                         return Ok(Self::streaming_after(buf.freeze(), body));
@@ -138,7 +154,8 @@ where
                 }
                 // Trailers are the last frame.
                 Err(frame) => {
-                    return Ok(Self::from_parts(buf.freeze(), frame.into_trailers().ok()));
+                    let trailers = frame.into_trailers().ok();
+                    return Ok(Self::from_parts(whole(first, buf), trailers));
                 }
             }
         }
@@ -215,10 +232,11 @@ impl<B> fmt::Debug for ReplayBody<B> {
 mod tests {
     use super::*;
 
-    /// A body sent in chunks of unknown total size, as a chunked upload is.
-    struct Chunks(Vec<Bytes>);
+    /// A body of the given frames (trailers included), of unknown total size, as a chunked
+    /// upload is.
+    struct Frames(Vec<Frame<Bytes>>);
 
-    impl Body for Chunks {
+    impl Body for Frames {
         type Data = Bytes;
         type Error = std::convert::Infallible;
         fn poll_frame(
@@ -228,7 +246,7 @@ mod tests {
             if self.0.is_empty() {
                 Poll::Ready(None)
             } else {
-                Poll::Ready(Some(Ok(Frame::data(self.0.remove(0)))))
+                Poll::Ready(Some(Ok(self.0.remove(0))))
             }
         }
     }
@@ -246,11 +264,11 @@ mod tests {
         out
     }
 
-    fn chunks(parts: &[&'static str]) -> Chunks {
-        Chunks(
+    fn chunks(parts: &[&'static str]) -> Frames {
+        Frames(
             parts
                 .iter()
-                .map(|p| Bytes::from_static(p.as_bytes()))
+                .map(|p| Frame::data(Bytes::from_static(p.as_bytes())))
                 .collect(),
         )
     }
@@ -276,6 +294,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_in_one_frame_is_kept_as_it_came_not_copied() {
+        let data = Bytes::from(b"{\"model\":\"m\"}".to_vec());
+        let body = ReplayBody::buffer(Frames(vec![Frame::data(data.clone())]), 64)
+            .await
+            .unwrap();
+        let copy = body.try_clone().unwrap();
+        for mut body in [body, copy] {
+            let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+            let sent = frame.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(sent.as_ptr(), data.as_ptr(), "the same bytes, shared");
+            assert_eq!(sent, data);
+        }
+        // Past the limit, the one frame streams through whole.
+        let body = ReplayBody::buffer(Frames(vec![Frame::data(data.clone())]), 4)
+            .await
+            .unwrap();
+        assert!(!body.is_replayable());
+        assert_eq!(collect(body).await, data.to_vec());
+    }
+
+    #[tokio::test]
+    async fn trailers_after_one_frame_are_kept() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("1"));
+        let body = Frames(vec![
+            Frame::data(Bytes::from_static(b"ab")),
+            Frame::trailers(trailers.clone()),
+        ]);
+        let body = ReplayBody::buffer(body, 4).await.unwrap();
+        let mut copy = body.try_clone().unwrap();
+        assert_eq!(collect(body).await, b"ab");
+        let mut frames = Vec::new();
+        while let Some(frame) = poll_fn(|cx| Pin::new(&mut copy).poll_frame(cx)).await {
+            frames.push(frame.unwrap());
+        }
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[1].trailers_ref(), Some(&trailers));
+    }
+
+    #[tokio::test]
     async fn empty_body_is_replayable_and_ends_at_once() {
         let body = ReplayBody::buffer(chunks(&[]), 0).await.unwrap();
         assert!(body.is_replayable());
@@ -284,7 +342,7 @@ mod tests {
 
     #[test]
     fn debug_shows_the_size_not_the_content() {
-        let body = ReplayBody::<Chunks>::buffered(Bytes::from_static(b"secret"));
+        let body = ReplayBody::<Frames>::buffered(Bytes::from_static(b"secret"));
         assert_eq!(format!("{body:?}"), "ReplayBody::Buffered { len: 6 }");
     }
 }

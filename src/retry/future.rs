@@ -13,6 +13,7 @@ use tower_service::Service;
 
 use crate::BoxError;
 use crate::error::NoKeyAvailable;
+use crate::retry::policy::Replay;
 use crate::retry::{Attempts, ReplayBody, RetryPolicy};
 
 pin_project! {
@@ -34,8 +35,8 @@ pin_project! {
         state: State<S::Future>,
         service: S,
         policy: RetryPolicy,
-        // A copy of the request for the next attempt (`None`: no more attempts).
-        request: Option<Request<ReplayBody<B>>>,
+        // What the next attempt is rebuilt from (`None`: no more attempts).
+        replay: Option<Replay<B>>,
         arrival: Instant,
         attempts: u32,
         // Time spent waiting for a key so far.
@@ -64,7 +65,7 @@ where
         future: S::Future,
         service: S,
         policy: RetryPolicy,
-        request: Option<Request<ReplayBody<B>>>,
+        replay: Option<Replay<B>>,
         arrival: Instant,
         waited: Duration,
     ) -> Self {
@@ -72,7 +73,7 @@ where
             state: State::Called { future },
             service,
             policy,
-            request,
+            replay,
             arrival,
             attempts: 1,
             waited,
@@ -98,8 +99,11 @@ where
             match this.state.as_mut().project() {
                 StateProj::Called { future } => {
                     let mut result = ready!(future.poll(cx));
-                    let again = match this.request.as_ref() {
-                        Some(request) => this.policy.should_retry(request, &result, budget_end),
+                    let again = match this.replay.as_ref() {
+                        Some(replay) => {
+                            this.policy
+                                .should_retry(replay.tried(), &result, budget_end)
+                        }
                         None => false,
                     };
                     if !again {
@@ -148,10 +152,11 @@ where
                     }
                     *this.waited += since.elapsed();
                     let request = this
-                        .request
+                        .replay
                         .take()
-                        .expect("a retry is decided only with a copy of the request");
-                    *this.request = this.policy.clone_request(&request);
+                        .expect("a retry is decided only with a copy of the request")
+                        .into_request();
+                    *this.replay = this.policy.replay(&request);
                     *this.attempts += 1;
                     let future = this.service.call(request);
                     this.state.set(State::Called { future });

@@ -5,7 +5,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
 
-use http::{Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
@@ -117,9 +117,9 @@ impl RetryPolicy {
     ///
     /// A connection failure is sent again only to a key not tried yet that is free now:
     /// the same host through the same key would fail the same way.
-    pub(crate) fn should_retry<B, R>(
+    pub(crate) fn should_retry<R>(
         &mut self,
-        req: &Request<ReplayBody<B>>,
+        tried: Option<&TriedKeys>,
         result: &Result<Response<R>, BoxError>,
         budget_end: Option<Instant>,
     ) -> bool {
@@ -145,7 +145,7 @@ impl RetryPolicy {
             );
             return false;
         }
-        let Some(tried) = req.extensions().get::<TriedKeys>() else {
+        let Some(tried) = tried else {
             return false; // not replayable
         };
         // Whether the retry goes out at once (and so adds load now), if at all.
@@ -200,23 +200,88 @@ impl RetryPolicy {
         true
     }
 
-    /// A copy of the request for the next attempt, if it may have one: its body is
-    /// buffered and retries remain.
-    pub(crate) fn clone_request<B>(
-        &self,
-        req: &Request<ReplayBody<B>>,
-    ) -> Option<Request<ReplayBody<B>>> {
+    /// What the next attempt is rebuilt from, if it may have one: the body is buffered and
+    /// retries remain.
+    pub(crate) fn replay<B>(&self, req: &Request<ReplayBody<B>>) -> Option<Replay<B>> {
         if self.retries >= self.max_retries {
             return None;
         }
-        let mut clone = Request::new(req.body().try_clone()?);
-        *clone.method_mut() = req.method().clone();
-        *clone.uri_mut() = req.uri().clone();
-        *clone.version_mut() = req.version();
-        *clone.headers_mut() = req.headers().clone();
-        // Shares the request's `TriedKeys`: the record is behind an `Arc`.
-        *clone.extensions_mut() = req.extensions().clone();
-        Some(clone)
+        Replay::of(req)
+    }
+}
+
+/// A copy of a request as it was before an attempt, kept for the next one (and dropped,
+/// unused, by nearly every request).
+///
+/// The copy is needed (the inner service consumes the request, and a client may change
+/// its headers), but it keeps only what rebuilding the request takes, in the cheapest form:
+///
+/// - the headers as a list of (name, value) pairs, one allocation (a `HeaderMap` clone makes
+///   two: its index and its entries); a retry rebuilds the map from them, in the same order;
+/// - when the only extension is the request's [`TriedKeys`], which this layer put there (or
+///   a caller did alone), that record by itself: cloning `http::Extensions` builds a new map
+///   with a boxed copy of each value, three allocations for one extension. A retry puts it
+///   back. Other extensions (a caller's, read by layers inside) are copied with it.
+///
+/// Rebuilding costs what the copy saved, once, and only for a retry.
+pub(crate) struct Replay<B> {
+    /// The request with its headers left empty (and its extensions, when `tried` stands
+    /// for them).
+    request: Request<ReplayBody<B>>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// The record to put back on the extensions, when they were left empty.
+    tried: Option<TriedKeys>,
+}
+
+impl<B> Replay<B> {
+    /// A copy of `req`, or `None` if its body cannot be sent again.
+    fn of(req: &Request<ReplayBody<B>>) -> Option<Self> {
+        let mut copy = Request::new(req.body().try_clone()?);
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.version_mut() = req.version();
+        let headers = req
+            .headers()
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        let extensions = req.extensions();
+        let tried = match extensions.get::<TriedKeys>() {
+            Some(tried) if extensions.len() == 1 => Some(tried.clone()),
+            // Shares the request's `TriedKeys`: the record is behind an `Arc`.
+            _ => {
+                *copy.extensions_mut() = extensions.clone();
+                None
+            }
+        };
+        Some(Self {
+            request: copy,
+            headers,
+            tried,
+        })
+    }
+
+    /// The keys the request has been sent with, shared with every attempt.
+    pub(crate) fn tried(&self) -> Option<&TriedKeys> {
+        self.tried
+            .as_ref()
+            .or_else(|| self.request.extensions().get::<TriedKeys>())
+    }
+
+    /// The request for the next attempt, as the first one was.
+    pub(crate) fn into_request(self) -> Request<ReplayBody<B>> {
+        let mut request = self.request;
+        let headers = request.headers_mut();
+        headers.reserve(self.headers.len());
+        // A name's values come one after another in the list, first value first: appended
+        // in that order they make the same map.
+        for (name, value) in self.headers {
+            headers.append(name, value);
+        }
+        if let Some(tried) = self.tried {
+            request.extensions_mut().insert(tried);
+        }
+        request
     }
 }
 
@@ -267,6 +332,7 @@ mod tests {
 
     use bytes::Bytes;
     use http::{Request, Response, StatusCode};
+    use http_body_util::BodyExt;
 
     use super::*;
     use crate::KeySet;
@@ -303,28 +369,61 @@ mod tests {
         Some(Instant::now() + Duration::from_secs(secs))
     }
 
-    #[test]
-    fn a_clone_has_the_same_head_and_shares_the_tried_keys() {
+    /// A caller's extension, read by layers inside: every attempt must carry it.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Label(&'static str);
+
+    #[tokio::test]
+    async fn a_copy_has_the_same_head_and_body_and_shares_the_tried_keys() {
         let (_, policy) = policy("k1,k2");
-        let tried = TriedKeys::new();
-        let original = request(ReplayBody::buffered(Bytes::from_static(b"{}")), &tried);
-        let clone = policy.clone_request(&original).unwrap();
-        assert_eq!(clone.method(), original.method());
-        assert_eq!(clone.uri(), original.uri());
-        assert_eq!(clone.headers(), original.headers());
-        tried.insert(2);
-        assert!(clone.extensions().get::<TriedKeys>().unwrap().contains(2));
+        for with_label in [false, true] {
+            let tried = TriedKeys::new();
+            let mut original = request(ReplayBody::buffered(Bytes::from_static(b"{}")), &tried);
+            *original.version_mut() = http::Version::HTTP_2;
+            original
+                .headers_mut()
+                .append("x-many", http::HeaderValue::from_static("1"));
+            original
+                .headers_mut()
+                .append("x-many", http::HeaderValue::from_static("2"));
+            original
+                .headers_mut()
+                .append("accept", http::HeaderValue::from_static("*/*"));
+            if with_label {
+                original.extensions_mut().insert(Label("caller's"));
+            }
+            let replay = policy.replay(&original).unwrap();
+            tried.insert(2);
+            assert!(
+                replay.tried().unwrap().contains(2),
+                "shared before rebuilding"
+            );
+            let copy = replay.into_request();
+            assert_eq!(copy.method(), original.method());
+            assert_eq!(copy.uri(), original.uri());
+            assert_eq!(copy.version(), original.version());
+            assert_eq!(copy.headers(), original.headers());
+            assert!(
+                copy.headers().iter().eq(original.headers().iter()),
+                "the same order, as a client would send them"
+            );
+            let tried_copy = copy.extensions().get::<TriedKeys>().unwrap();
+            assert!(tried_copy.contains(2), "the copy's record is the request's");
+            tried_copy.insert(1);
+            assert!(tried.contains(1));
+            let label = with_label.then_some(Label("caller's"));
+            assert_eq!(copy.extensions().get::<Label>(), label.as_ref());
+            assert_eq!(copy.extensions().len(), original.extensions().len());
+            let body = copy.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, Bytes::from_static(b"{}"));
+        }
     }
 
     #[test]
     fn a_streaming_body_is_never_cloned() {
         let (_, policy) = policy("k1,k2");
         let body = ReplayBody::streaming(http_body_util::Full::new(Bytes::new()));
-        assert!(
-            policy
-                .clone_request(&request(body, &TriedKeys::new()))
-                .is_none()
-        );
+        assert!(policy.replay(&request(body, &TriedKeys::new())).is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -335,11 +434,15 @@ mod tests {
         let req = request(ReplayBody::buffered(Bytes::new()), &tried);
         for status in [StatusCode::OK, StatusCode::INTERNAL_SERVER_ERROR] {
             assert!(
-                !policy.should_retry(&req, &answer(status), in_secs(30)),
+                !policy.should_retry(req.extensions().get(), &answer(status), in_secs(30)),
                 "{status}"
             );
         }
-        assert!(policy.should_retry(&req, &answer(StatusCode::TOO_MANY_REQUESTS), in_secs(30)));
+        assert!(policy.should_retry(
+            req.extensions().get(),
+            &answer(StatusCode::TOO_MANY_REQUESTS),
+            in_secs(30)
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -358,14 +461,26 @@ mod tests {
         drop(lease);
         let too_many = StatusCode::TOO_MANY_REQUESTS;
         assert!(
-            !policy.should_retry(&req, &answer_with(too_many, refusal), in_secs(1)),
+            !policy.should_retry(
+                req.extensions().get(),
+                &answer_with(too_many, refusal),
+                in_secs(1)
+            ),
             "back after the budget: handed back at once"
         );
         assert!(
-            policy.should_retry(&req, &answer_with(too_many, refusal), in_secs(10)),
+            policy.should_retry(
+                req.extensions().get(),
+                &answer_with(too_many, refusal),
+                in_secs(10)
+            ),
             "back within the budget: worth waiting for"
         );
-        assert!(policy.should_retry(&req, &answer_with(too_many, refusal), None));
+        assert!(policy.should_retry(
+            req.extensions().get(),
+            &answer_with(too_many, refusal),
+            None
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -412,14 +527,18 @@ mod tests {
         ];
         for (status, outcome, retried) in cases {
             assert_eq!(
-                policy.should_retry(&req, &answer_with(status, outcome), in_secs(30)),
+                policy.should_retry(
+                    req.extensions().get(),
+                    &answer_with(status, outcome),
+                    in_secs(30)
+                ),
                 retried,
                 "{status} {outcome:?}"
             );
         }
         // No outcome on the response (no `KeyRotation` inside): the status decides.
-        assert!(policy.should_retry(&req, &answer(too_many), in_secs(30)));
-        assert!(!policy.should_retry(&req, &answer(unavailable), in_secs(30)));
+        assert!(policy.should_retry(req.extensions().get(), &answer(too_many), in_secs(30)));
+        assert!(!policy.should_retry(req.extensions().get(), &answer(unavailable), in_secs(30)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -429,11 +548,11 @@ mod tests {
         let stale = || -> Result<Response<()>, BoxError> {
             Err(NoKeyAvailable::new(Duration::from_secs(1), Duration::ZERO).into())
         };
-        assert!(policy.should_retry(&req, &stale(), in_secs(30)));
+        assert!(policy.should_retry(req.extensions().get(), &stale(), in_secs(30)));
         // Waited to the end of its budget: that is the answer.
         let waited: Result<Response<()>, BoxError> =
             Err(NoKeyAvailable::new(Duration::from_secs(1), Duration::from_secs(30)).into());
-        assert!(!policy.should_retry(&req, &waited, in_secs(30)));
+        assert!(!policy.should_retry(req.extensions().get(), &waited, in_secs(30)));
         drop(pool);
     }
 
@@ -446,10 +565,10 @@ mod tests {
         tried.insert(1);
         let req = request(ReplayBody::buffered(Bytes::new()), &tried);
         let too_many = answer(StatusCode::TOO_MANY_REQUESTS);
-        assert!(policy.should_retry(&req, &too_many, in_secs(30)));
-        assert!(!policy.should_retry(&req, &too_many, in_secs(30)));
+        assert!(policy.should_retry(req.extensions().get(), &too_many, in_secs(30)));
+        assert!(!policy.should_retry(req.extensions().get(), &too_many, in_secs(30)));
         assert!(
-            policy.clone_request(&req).is_none(),
+            policy.replay(&req).is_none(),
             "no copy kept once retries are spent"
         );
         assert_eq!(template.retries, 0, "the layer's template is untouched");
@@ -468,11 +587,11 @@ mod tests {
         };
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         let result: Result<Response<()>, BoxError> = Err(Box::new(reset));
-        assert!(!policy.should_retry(&req, &result, in_secs(30)));
-        assert!(policy.should_retry(&req, &refused(), in_secs(30)));
+        assert!(!policy.should_retry(req.extensions().get(), &result, in_secs(30)));
+        assert!(policy.should_retry(req.extensions().get(), &refused(), in_secs(30)));
         tried.insert(2);
         assert!(
-            !policy.should_retry(&req, &refused(), in_secs(30)),
+            !policy.should_retry(req.extensions().get(), &refused(), in_secs(30)),
             "every key tried: the same host would refuse again"
         );
     }

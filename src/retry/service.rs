@@ -86,7 +86,7 @@ where
             req.extensions_mut().insert(TriedKeys::new());
         }
         let policy = self.policy.clone();
-        let next = policy.clone_request(&req);
+        let next = policy.replay(&req);
         // This (ready) service takes the first attempt; a clone the further ones.
         let service = self.inner.clone();
         let future = self.inner.call(req);

@@ -3,6 +3,12 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use smallvec::SmallVec;
+
+/// Positions held without an allocation: a request tries one key, a retried one a few
+/// (every request pays for the record, retried or not).
+type Positions = SmallVec<[usize; 4]>;
+
 /// A request extension recording the keys a request has been sent with, shared by every
 /// clone of the request.
 ///
@@ -24,7 +30,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 /// assert!(tried.contains(2));
 /// ```
 #[derive(Clone, Default)]
-pub struct TriedKeys(Arc<Mutex<Vec<usize>>>);
+pub struct TriedKeys(Arc<Mutex<Positions>>);
 
 impl TriedKeys {
     /// An empty record.
@@ -57,10 +63,10 @@ impl TriedKeys {
 
     /// 1-based positions of the keys tried, in the order they were first used.
     pub fn positions(&self) -> Vec<usize> {
-        self.lock().clone()
+        self.lock().to_vec()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Positions> {
         // The critical sections cannot panic; a poisoned lock still holds valid data.
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }

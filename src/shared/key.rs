@@ -101,6 +101,8 @@ pub(crate) struct Cell {
     /// The store refused a lease on this key and no release has been announced since:
     /// the key is busy for this replica.
     pub(super) full: AtomicBool,
+    /// The generation of the key's shared learned limit last applied here (0: none yet).
+    pub(super) limit_generation: AtomicU64,
 }
 
 pub(super) const COUNT_BITS: u32 = 24;
@@ -119,7 +121,8 @@ pub(super) fn decode(word: u64) -> KeyCount {
 pub(crate) struct SharedKey {
     pub(crate) id: Arc<str>,
     pub(super) cell: Arc<Cell>,
-    /// The key has a concurrency cap or a quota: its leases are admitted by the store.
+    /// The key has a configured concurrency cap or a quota: its leases are admitted by the
+    /// store. (So are those of a key with a learned limit: see [`SharedKey::taken`].)
     pub(super) capped: bool,
     pub(super) quota: Option<SharedQuota>,
     pub(super) shared: Arc<Shared>,
@@ -142,7 +145,7 @@ impl SharedKey {
     pub(crate) fn limit(&self, limit: u32) -> u32 {
         let shared = &*self.shared;
         if shared.degraded.load(Ordering::Relaxed) {
-            if !self.capped {
+            if !self.capped && limit == u32::MAX {
                 return limit;
             }
             // The store's "full" is stale while it is away: the policy's share decides.
@@ -158,20 +161,29 @@ impl SharedKey {
         limit
     }
 
-    /// A lease was taken on the key: count it. `true` if the store must admit it before
-    /// its request goes (a key with a cap or a quota, or the key's probe after a rest;
+    /// A lease was taken on the key, whose concurrency limit is `limit` (configured or
+    /// learned; `u32::MAX`: none). Returns (counted, ask): whether the lease is counted in
+    /// this replica's count of the key (a key with a cap, a learned limit or a quota; its
+    /// release must say so to [`released`](Self::released)), and whether the store must
+    /// admit it before its request goes (a counted lease or the key's probe after a rest;
     /// the store not away): see [`SharedKey::ask`].
     // Out of line: the pool without a backend never calls it, and keeps its fast path small.
     #[inline(never)]
-    pub(crate) fn taken(&self, probe: bool) -> bool {
-        if self.capped {
+    pub(crate) fn taken(&self, probe: bool, limit: u32) -> (bool, bool) {
+        let counted = self.capped || limit != u32::MAX;
+        if counted {
             self.cell.word.fetch_add(ONE, Ordering::AcqRel);
         } else if !probe {
-            return false;
+            return (false, false);
         }
         // While degraded, within the policy's share already (`limit`); the store hears
         // of it at the merge.
-        !self.shared.degraded.load(Ordering::Relaxed)
+        (counted, !self.shared.degraded.load(Ordering::Relaxed))
+    }
+
+    /// The generation of the key's shared learned limit last applied here.
+    pub(crate) fn limit_generation(&self) -> &AtomicU64 {
+        &self.cell.limit_generation
     }
 
     /// Asks the store to admit a lease taken on the key under `cap`. The count sent is this
@@ -205,11 +217,12 @@ impl SharedKey {
         }
     }
 
-    /// A lease on the key ended: count it, and have the backend write the counts.
+    /// A lease on the key ended: if it was `counted` (see [`taken`](Self::taken)), count
+    /// it, and have the backend write the counts.
     // Out of line: the pool without a backend never calls it, and keeps its fast path small.
     #[inline(never)]
-    pub(crate) fn released(&self) {
-        if !self.capped {
+    pub(crate) fn released(&self, counted: bool) {
+        if !counted {
             return;
         }
         self.cell.word.fetch_add(ONE_LESS, Ordering::AcqRel);

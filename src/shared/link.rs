@@ -56,6 +56,15 @@ impl BackendLink {
             .is_some_and(|pool| pool.apply_remote(id, rest))
     }
 
+    /// Applies the key `id`'s shared concurrency limit: a newer generation replaces this
+    /// replica's limit (never above its cap), the same generation keeps the lower of the
+    /// two, an older one is ignored. Returns whether the limit here changed.
+    pub fn apply_limit(&self, id: &str, limit: RemoteLimit) -> bool {
+        self.pool
+            .upgrade()
+            .is_some_and(|pool| pool.apply_limit(id, limit))
+    }
+
     /// A lease on the key `id` was released somewhere: waiters may find room on it.
     pub fn freed(&self, id: &str) {
         if let Some(pool) = self.pool.upgrade() {

@@ -14,6 +14,7 @@
 //!   a lease on a capped key ─ Op::Acquire ────► acquire script ─────────────► admitted if the sum of
 //!        waits in poll_ready for the answer ◄── Acquire::admit ◄───────────  live replicas' counts fits
 //!   a lease ends ────────── Op::Counts ───────► counts script (absolute) ───► publish "freed"
+//!   a limit is learned ──── Op::Limit ────────► limit script ──────────────► the lower wins, published
 //!   BackendLink::apply / freed / refresh ◄───── pub/sub, periodic sync ◄────
 //! ```
 //!
@@ -29,6 +30,11 @@
 //! - **Quotas** are one GCRA state in the store, on its clock: a lease on a key with a
 //!   quota is admitted only if the shared quota has a unit (in the same round trip as the
 //!   in-flight count); else the key reads busy here until the store says it has one.
+//! - **Learned concurrency limits** are one per key for every replica: a replica that
+//!   learns one ([`Op::Limit`]) has the store keep it (a lower limit always wins; a raise
+//!   only if made on the limit in force), and every replica applies the store's answer
+//!   ([`BackendLink::apply_limit`]); the store also admits leases under it. A key with a
+//!   learned limit is counted and admitted as a key with a cap is.
 //! - **In-flight counts** of keys with a cap: each replica counts its own leases per key in
 //!   one word (a version and the count, [`KeyCount`]) and the store keeps the latest
 //!   version per replica, with a time to live renewed by a heartbeat. A lease on a capped
@@ -123,6 +129,21 @@ pub enum Op {
         /// The key's [`StateBackend::key_id`].
         key: Arc<str>,
     },
+    /// This replica learned a key's concurrency limit: lowered it after a refusal, or
+    /// raised it after successes at it (`raise`). The store keeps one limit per key for
+    /// every replica: a lower one always wins; a raise wins only if it was made on the
+    /// limit in force there (`generation` is the store's, as this replica last heard it).
+    /// The store's answer goes to every replica ([`BackendLink::apply_limit`]).
+    Limit {
+        /// The key's [`StateBackend::key_id`].
+        key: Arc<str>,
+        /// The key's concurrency limit here now.
+        limit: u32,
+        /// The generation of the shared limit this replica last applied.
+        generation: u64,
+        /// A raise (successes at the limit), not a lowering.
+        raise: bool,
+    },
 }
 
 /// A lease's request to be admitted under its key's cap, shared by every replica.
@@ -213,6 +234,17 @@ pub struct RemoteRest {
     pub disabled: bool,
 }
 
+/// A key's learned concurrency limit as the store keeps it for every replica: each change
+/// there raises `generation`, so a replica applies a newer one over its own and keeps the
+/// lower of two of the same generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteLimit {
+    /// Requests the key may have in flight across the replicas (at least 1).
+    pub limit: u32,
+    /// Raised by the store at every change of the limit.
+    pub generation: u64,
+}
+
 /// A key's local rest state, for merging into the store when it comes back.
 #[derive(Debug, Clone)]
 pub struct LocalRest {
@@ -224,6 +256,9 @@ pub struct LocalRest {
     pub level: u32,
     /// The key is disabled here.
     pub disabled: bool,
+    /// The key's learned concurrency limit here, if one is in force below its cap, and the
+    /// generation of the shared limit this replica last applied.
+    pub limit: Option<RemoteLimit>,
 }
 
 /// What each replica does alone while the store is unreachable.

@@ -13,33 +13,61 @@ use tokio::process::{Child, Command};
 /// A running `redis-server`.
 pub struct RedisServer {
     pub port: u16,
+    /// TLS only: the certificate and key files the server presents.
+    tls: Option<(String, String)>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port of 127.0.0.1.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Starts a server speaking only TLS on a free port of 127.0.0.1, presenting the
+    /// certificate in the PEM file `cert` (its key in `key`); clients need no certificate.
+    pub async fn start_tls(cert: &str, key: &str) -> Self {
+        Self::start_with(Some((cert.to_owned(), key.to_owned()))).await
+    }
+
+    async fn start_with(tls: Option<(String, String)>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut server = Self { port, child: None };
+        let mut server = Self {
+            port,
+            tls,
+            child: None,
+        };
         server.restart().await;
         server
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>` (`rediss://` with TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Starts the server (again) on the same port, with no data: as after a crash with
     /// persistence off.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "the server is running");
-        let mut child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some((cert, key)) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .args(["--tls-cert-file", cert, "--tls-key-file", key])
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let mut child = command
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -138,7 +138,7 @@ pub(crate) struct Args {
     pub(crate) shutdown_timeout: Duration,
 
     /// Close an HTTP/1 connection whose request headers take longer than this to arrive
-    /// (slowloris protection).
+    /// (slowloris protection), or that stays idle this long between requests.
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
     pub(crate) header_read_timeout: Duration,
 

@@ -1,36 +1,47 @@
-//! The upstream connections of one worker: hyper's connection-level client
-//! (`hyper::client::conn`) over the rustls connector, with a small pool of its own in place
-//! of hyper-util's legacy `Client`.
+//! The upstream connections of one worker: the proxy's own HTTP/1.1 client (`h1::client`)
+//! over the rustls connector, hyper's connection-level client for HTTP/2, and a small pool
+//! of its own in place of hyper-util's legacy `Client`.
 //!
 //! Why: the proxy has one upstream, and each worker its own connections (see `serve`), so
 //! the pool needs no key, no hash map and no lock shared between threads. It never opens a
 //! connection "in case" (hyper-util's client races a new connection against a pooled one
 //! coming back, and pools the loser: at 1,000 client connections that made up to 2,000
-//! upstream ones), keeps at most [`MAX_IDLE`] idle HTTP/1 connections, and hands an HTTP/1
-//! connection back when its response body has ended. An HTTPS upstream that offers HTTP/2
-//! (ALPN) gets one shared multiplexed connection per worker.
+//! upstream ones), keeps at most [`MAX_IDLE`] idle HTTP/1 connections, and takes an HTTP/1
+//! connection back when its response body has ended. An HTTP/1 exchange runs in the task
+//! that sends the request (no connection task, no channel: issue 14). An HTTPS upstream
+//! that offers HTTP/2 (ALPN) gets one shared multiplexed connection per worker, on hyper.
 //!
-//! A request sent on a pooled connection that turns out to be closed (the upstream's
-//! keep-alive ended) is sent again on another one, as hyper-util's client does: hyper
-//! returns the request untouched when not a byte of it was written.
+//! A pooled HTTP/1 connection the upstream has closed must not fail a request. It is
+//! checked when taken from the pool (a non-blocking read: end of stream, or bytes no
+//! request asked for, and it is dropped). When the upstream's close is still on its way,
+//! the request is sent again, once, on a fresh connection only when the very first write
+//! system call on the pooled one failed, so that not a byte of it left
+//! (`h1::client::Error::is_unsent`; a plain socket only: a TLS write may have sent some
+//! records before it fails). A request the upstream may have seen, even in part, is never
+//! sent twice; a pooled connection that takes the request and then closes without an
+//! answer gives an error (as hyper-util's client does). A fresh connection that fails is
+//! not retried here (refusals are the retry layer's).
 
-use std::pin::Pin;
+use std::collections::VecDeque;
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::HeaderValue;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::{Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::http2;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::upstream::RequestBody;
+use crate::h1::client::{Connection, RequestWriter, ResponseBody};
 
 /// Idle HTTP/1 connections kept per worker (nginx's `keepalive`); more are closed when
 /// their response ends.
@@ -38,33 +49,45 @@ const MAX_IDLE: usize = 256;
 /// An idle connection older than this is not used again (closed when found).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// One worker's connections to the upstream: a `Service` from request to response head.
-#[derive(Clone)]
-pub(crate) struct Connections {
-    shared: Arc<Shared>,
+/// One worker's connections to the upstream: a `Service` from request to response head,
+/// for any request body `B`.
+pub(crate) struct Connections<B> {
+    shared: Arc<Shared<B>>,
 }
 
-struct Shared {
+impl<B> Clone for Connections<B> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+struct Shared<B> {
     connector: HttpsConnector<HttpConnector>,
     /// `Host` for HTTP/1 requests that carry none: the upstream's host, with its port
     /// unless it is the scheme's default (hyper-util's rule).
     host: Option<HeaderValue>,
-    idle: Mutex<Idle>,
+    http1: Arc<Idle>,
+    http2: Mutex<Option<http2::SendRequest<B>>>,
 }
 
+/// The idle HTTP/1 connections, most recently used last (taken first: its socket and
+/// buffers are warm), the oldest first (closed first when too old).
 #[derive(Default)]
-struct Idle {
-    /// Most recently used last (taken first: its socket and buffers are warm).
-    http1: Vec<(http1::SendRequest<RequestBody>, Instant)>,
-    http2: Option<http2::SendRequest<RequestBody>>,
+struct Idle(Mutex<VecDeque<(Connection<Io>, Instant)>>);
+
+/// A new connection, as ALPN settled it.
+enum Fresh<B> {
+    Http1(Connection<Io>),
+    Http2(http2::SendRequest<B>),
 }
 
-enum Sender {
-    Http1(http1::SendRequest<RequestBody>),
-    Http2(http2::SendRequest<RequestBody>),
-}
-
-impl Connections {
+impl<B> Connections<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     pub(crate) fn new(connector: HttpsConnector<HttpConnector>, upstream: &Uri) -> Self {
         let host = upstream.host().and_then(|host| {
             let default_port = if upstream.scheme_str() == Some("https") {
@@ -83,47 +106,90 @@ impl Connections {
             shared: Arc::new(Shared {
                 connector,
                 host,
-                idle: Mutex::default(),
+                http1: Arc::default(),
+                http2: Mutex::default(),
             }),
         }
     }
 
-    async fn send(self, mut req: Request<RequestBody>) -> Result<Response<Body>, BoxError> {
+    /// Sends `req` on an HTTP/1 connection (one from the pool, else a new one, which may
+    /// turn out to be HTTP/2).
+    async fn send_http1(self, req: Request<B>) -> Result<Response<Body>, BoxError> {
+        let (mut conn, mut reused) = match self.shared.http1.checkout() {
+            Some(conn) => (conn, true),
+            // Boxed: the rare connect would otherwise make every request's future larger
+            // (moved as a whole into its box).
+            None => match Box::pin(self.connect(req.uri())).await? {
+                Fresh::Http1(conn) => (conn, false),
+                Fresh::Http2(sender) => {
+                    return Box::pin(self.send_http2(sender, req, false)).await;
+                }
+            },
+        };
+        let (parts, body) = req.into_parts();
+        let mut body = pin!(body);
+        let mut writer = RequestWriter::new(&parts, self.shared.host.as_ref(), &*body);
         loop {
-            let (sender, pooled) = match self.shared.checkout() {
-                Some(sender) => (sender, true),
-                None => (self.connect(req.uri()).await?, false),
-            };
-            let failed = match sender {
-                Sender::Http2(mut sender) => match sender.try_send_request(req).await {
-                    Ok(response) => return Ok(response.map(|body| Body::new(body, None))),
-                    Err(failed) => failed,
-                },
-                Sender::Http1(mut sender) => {
-                    if sender.ready().await.is_err() && pooled {
-                        // Closed while idle: the request is still ours.
-                        continue;
-                    }
-                    to_origin_form(&mut req, self.shared.host.as_ref());
-                    match sender.try_send_request(req).await {
-                        Ok(response) => {
-                            let back = Some((sender, self.shared.clone()));
-                            return Ok(response.map(|body| Body::new(body, back)));
+            match writer.write(&mut conn, body.as_mut()).await {
+                Ok(()) => break,
+                // Closed while idle, and not a byte of the request left: another
+                // connection may take it.
+                Err(e) if reused && e.is_unsent() => {
+                    tracing::debug!("a pooled upstream connection was closed: {e}");
+                    match Box::pin(self.connect(&parts.uri)).await? {
+                        Fresh::Http1(fresh) => {
+                            conn = fresh;
+                            reused = false;
                         }
-                        Err(failed) => failed,
+                        // The upstream switched to HTTP/2 meanwhile; the body has been
+                        // taken as HTTP/1 bytes.
+                        Fresh::Http2(_) => return Err(e.into()),
                     }
                 }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let head = conn.read_head(&parts.method).await?;
+        let mut body = ResponseBody::new(conn, &head);
+        if let Some(conn) = body.take_reusable() {
+            // Empty, or whole already: the connection is free before the body is read.
+            self.shared.http1.checkin(conn);
+        }
+        let body = Body(Inner::Http1 {
+            body,
+            idle: self.shared.http1.clone(),
+        });
+        Ok(head.response.map(|()| body))
+    }
+
+    async fn send_http2(
+        self,
+        mut sender: http2::SendRequest<B>,
+        mut req: Request<B>,
+        mut pooled: bool,
+    ) -> Result<Response<Body>, BoxError> {
+        loop {
+            let failed = match sender.try_send_request(req).await {
+                Ok(response) => return Ok(response.map(|body| Body(Inner::Http2(body)))),
+                Err(failed) => failed,
             };
             let mut failed = failed;
             match failed.take_message() {
                 // Not a byte was written on a pooled connection: another one may do.
-                Some(unsent) if pooled => req = unsent,
+                Some(unsent) if pooled => {
+                    req = unsent;
+                    sender = match self.connect(req.uri()).await? {
+                        Fresh::Http2(sender) => sender,
+                        Fresh::Http1(_) => return Err(failed.into_error().into()),
+                    };
+                    pooled = false;
+                }
                 _ => return Err(failed.into_error().into()),
             }
         }
     }
 
-    async fn connect(&self, uri: &Uri) -> Result<Sender, BoxError> {
+    async fn connect(&self, uri: &Uri) -> Result<Fresh<B>, BoxError> {
         let io = self
             .shared
             .connector
@@ -142,74 +208,78 @@ impl Connections {
                     tracing::debug!("upstream connection ended with an error: {e}");
                 }
             });
-            self.shared.lock().http2 = Some(sender.clone());
-            Ok(Sender::Http2(sender))
-        } else {
-            let (sender, connection) = http1::handshake(io).await.map_err(ConnectError::new)?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!("upstream connection ended with an error: {e}");
-                }
-            });
-            Ok(Sender::Http1(sender))
+            *self.shared.lock_http2() = Some(sender.clone());
+            return Ok(Fresh::Http2(sender));
+        }
+        Ok(Fresh::Http1(match io {
+            MaybeHttpsStream::Http(tcp) => Connection::new(Io::Plain(tcp.into_inner()), true),
+            MaybeHttpsStream::Https(tls) => {
+                Connection::new(Io::Tls(Box::new(tls.into_inner())), false)
+            }
+        }))
+    }
+}
+
+impl<B> Shared<B> {
+    fn lock_http2(&self) -> std::sync::MutexGuard<'_, Option<http2::SendRequest<B>>> {
+        // Nothing panics while holding it; a poisoned lock still holds a valid sender.
+        self.http2.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The shared HTTP/2 connection, while it is open.
+    fn http2(&self) -> Option<http2::SendRequest<B>> {
+        let mut http2 = self.lock_http2();
+        match &*http2 {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                *http2 = None;
+                None
+            }
+            None => None,
         }
     }
 }
 
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
+impl Idle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Connection<Io>, Instant)>> {
         // Nothing panics while holding it; a poisoned pool still holds valid connections.
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A connection that may take a request now (an HTTP/1 one may still be finishing its
-    /// last response: `ready` waits for that).
-    fn checkout(&self) -> Option<Sender> {
-        let mut idle = self.lock();
-        if let Some(sender) = &idle.http2 {
-            if !sender.is_closed() {
-                return Some(Sender::Http2(sender.clone()));
-            }
-            idle.http2 = None;
-        }
+    /// The most recently used idle connection that is still open and quiet.
+    fn checkout(&self) -> Option<Connection<Io>> {
         let now = Instant::now();
-        while let Some((sender, since)) = idle.http1.pop() {
-            if !sender.is_closed() && now.duration_since(since) < IDLE_TIMEOUT {
-                return Some(Sender::Http1(sender));
+        loop {
+            let (mut conn, since) = self.lock().pop_back()?;
+            if now.duration_since(since) < IDLE_TIMEOUT && conn.is_usable() {
+                return Some(conn);
             }
+            // Closed by the upstream, or too old: dropped (closed) here.
         }
-        None
     }
 
-    fn checkin(&self, sender: http1::SendRequest<RequestBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn checkin(&self, conn: Connection<Io>) {
+        let now = Instant::now();
         let mut idle = self.lock();
-        if idle.http1.len() < MAX_IDLE {
-            idle.http1.push((sender, Instant::now()));
+        // Connections idle too long are closed here rather than when a quiet spell ends:
+        // nothing else watches an idle connection (it has no task).
+        while idle
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push_back((conn, now));
         }
     }
 }
 
-/// HTTP/1 wants the path in the request line and the authority in `Host`.
-fn to_origin_form(req: &mut Request<RequestBody>, host: Option<&HeaderValue>) {
-    if let Some(host) = host {
-        req.headers_mut()
-            .entry(header::HOST)
-            .or_insert_with(|| host.clone());
-    }
-    if req.uri().scheme().is_some() {
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(path);
-    }
-}
-
-impl Service<Request<RequestBody>> for Connections {
+impl<B> Service<Request<B>> for Connections<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     type Response = Response<Body>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
@@ -218,8 +288,12 @@ impl Service<Request<RequestBody>> for Connections {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
-        Box::pin(self.clone().send(req))
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // Two futures rather than one with both paths: each is only as large as its own.
+        match self.shared.http2() {
+            Some(sender) => Box::pin(self.clone().send_http2(sender, req, true)),
+            None => Box::pin(self.clone().send_http1(req)),
+        }
     }
 }
 
@@ -245,57 +319,105 @@ impl std::error::Error for ConnectError {
     }
 }
 
-/// An upstream response body; an HTTP/1 connection goes back to the pool at its end.
-pub(crate) struct Body {
-    inner: Incoming,
-    back: Option<(http1::SendRequest<RequestBody>, Arc<Shared>)>,
+/// An HTTP/1 connection's stream: plain TCP, or TLS over it (as the connector made it).
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TokioIo<TokioIo<TcpStream>>>>),
 }
 
-impl Body {
-    fn new(inner: Incoming, back: Option<(http1::SendRequest<RequestBody>, Arc<Shared>)>) -> Self {
-        Self { inner, back }
-    }
-
-    fn give_back(&mut self) {
-        if let Some((sender, shared)) = self.back.take() {
-            shared.checkin(sender);
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Tls(io) => Pin::new(io).poll_read(cx, buf),
         }
     }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Io::Tls(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_flush(cx),
+            Io::Tls(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Tls(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
+impl std::fmt::Debug for Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Io::Plain(_) => "Io::Plain",
+            Io::Tls(_) => "Io::Tls",
+        })
+    }
+}
+
+/// An upstream response body; an HTTP/1 connection goes back to the pool at its end.
+pub(crate) struct Body(Inner);
+
+enum Inner {
+    Http1 {
+        body: ResponseBody<Io>,
+        idle: Arc<Idle>,
+    },
+    Http2(Incoming),
 }
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        match &frame {
-            None => self.give_back(),
-            Some(Ok(_)) if self.inner.is_end_stream() => self.give_back(),
-            // An error leaves the connection unusable: hyper closes it.
-            Some(Err(_)) => self.back = None,
-            Some(Ok(_)) => {}
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().0 {
+            Inner::Http1 { body, idle } => {
+                let frame = std::task::ready!(Pin::new(&mut *body).poll_frame(cx));
+                if let Some(conn) = body.take_reusable() {
+                    idle.checkin(conn);
+                }
+                Poll::Ready(frame.map(|frame| frame.map_err(BoxError::from)))
+            }
+            Inner::Http2(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|frame| frame.map_err(BoxError::from))),
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.0 {
+            Inner::Http1 { body, .. } => body.is_end_stream(),
+            Inner::Http2(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Body {
-    fn drop(&mut self) {
-        // An empty body is often never polled; one dropped mid-way closes its connection.
-        if http_body::Body::is_end_stream(&self.inner) {
-            self.give_back();
+        match &self.0 {
+            Inner::Http1 { body, .. } => body.size_hint(),
+            Inner::Http2(body) => body.size_hint(),
         }
     }
 }

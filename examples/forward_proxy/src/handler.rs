@@ -12,7 +12,6 @@ use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -23,6 +22,7 @@ use tower_key_rotation::{AllKeysDisabled, KeyPool, NoKeyAvailable, retry::TriedK
 use crate::admin;
 use crate::attempts::Attempts;
 use crate::config::{AccessToken, LogFormat, Upstream as UpstreamUrl};
+use crate::h1::server::ReceivedBody;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -119,9 +119,10 @@ pub(crate) fn json_error(status: StatusCode, code: &str, message: &str) -> Respo
         .expect("static response")
 }
 
+/// Serves one request (from the HTTP/1 server or hyper's HTTP/2 one).
 pub(crate) async fn handle(
     state: Arc<State>,
-    req: Request<Incoming>,
+    req: Request<ReceivedBody>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let method = req.method().clone();
@@ -232,11 +233,7 @@ fn access_log(
         );
         return;
     }
-    let waited = if waited_ms > 0 {
-        format!(" (waited {waited_ms} ms for a key)")
-    } else {
-        String::new()
-    };
+    let waited = WaitedNote(waited_ms);
     match tried.last() {
         Some(key) if tried.len() > 1 => tracing::info!(
             "Using key {key}/{keys}: {method} {path} -> {} in {latency_ms} ms{waited} (keys tried: {tried:?})",
@@ -250,6 +247,19 @@ fn access_log(
             "No key used: {method} {path} -> {} in {latency_ms} ms{waited}",
             status.as_u16()
         ),
+    }
+}
+
+/// ` (waited N ms for a key)` in the access log, or nothing when N is 0: written into the
+/// line as it is formatted, not into a `String` of its own.
+struct WaitedNote(u64);
+
+impl std::fmt::Display for WaitedNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            ms => write!(f, " (waited {ms} ms for a key)"),
+        }
     }
 }
 
@@ -331,7 +341,7 @@ impl Drop for ClientBody {
 }
 
 /// What became of the request.
-async fn proxy(state: &Arc<State>, req: Request<Incoming>, request: &RequestLabel) -> Exchange {
+async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &RequestLabel) -> Exchange {
     if req.method() == Method::CONNECT {
         let response = json_error(
             StatusCode::BAD_REQUEST,
@@ -609,7 +619,8 @@ fn too_large(max: u64) -> Response<Body> {
 /// `.` and `..` segments (also percent-encoded) would let a request climb out of the
 /// upstream's path prefix once the upstream normalises the path.
 fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(is_dot_segment)
+    // Without a `.` or a `%` there is none: one vectorised scan for the usual path.
+    memchr::memchr2(b'.', b'%', path.as_bytes()).is_some() && path.split('/').any(is_dot_segment)
 }
 
 /// `.` or `..`, each dot possibly written `%2e` or `%2E` (no allocation: this runs on
@@ -661,11 +672,13 @@ fn is_own_authority(state: &State, authority: &Authority) -> bool {
 /// Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection, not the message.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names, no hashing: most messages carry none, and an upstream's
-    // answer usually only `Connection: keep-alive`.
+    // answer usually only `Connection: keep-alive`. Names are matched as text (one length
+    // test for most): comparing each with the eight `HeaderName`s cost ~100 instructions
+    // a field (BENCHMARKS.md §3, step 7).
     let mut present = [false; 8];
     let mut any = false;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+        if let Some(i) = hop_by_hop_index(name.as_str()) {
             present[i] = true;
             any = true;
         }
@@ -673,19 +686,24 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if !any {
         return;
     }
-    // Names listed in `Connection` (present[0]) beyond those removed below: rarely any.
-    let listed: Vec<HeaderName> = if present[0] {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-            .filter(|name| !HOP_BY_HOP.contains(name))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    // Names listed in `Connection` (present[0]) beyond those removed below: rarely any
+    // (the usual list is `keep-alive`, compared as text, not parsed into a name).
+    let mut listed: Vec<HeaderName> = Vec::new();
+    if present[0] {
+        for value in &headers.get_all(header::CONNECTION) {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                let known = HOP_BY_HOP
+                    .iter()
+                    .any(|hop| hop.as_str().as_bytes().eq_ignore_ascii_case(token));
+                if !known {
+                    if let Ok(name) = HeaderName::from_bytes(token) {
+                        listed.push(name);
+                    }
+                }
+            }
+        }
+    }
     for name in listed {
         headers.remove(name);
     }
@@ -693,6 +711,21 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
         if present {
             headers.remove(name);
         }
+    }
+}
+
+/// The position of `name` (lowercase, as `HeaderName`s are) in [`HOP_BY_HOP`].
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    match name {
+        "connection" => Some(0),
+        "te" => Some(1),
+        "trailer" => Some(2),
+        "transfer-encoding" => Some(3),
+        "upgrade" => Some(4),
+        "proxy-authenticate" => Some(5),
+        "keep-alive" => Some(6),
+        "proxy-connection" => Some(7),
+        _ => None,
     }
 }
 
@@ -902,5 +935,29 @@ mod tests {
         );
         remove_hop_by_hop(&mut plain);
         assert_eq!(plain.len(), 1);
+
+        // Listed names in any case and spacing; a listed hop-by-hop name is removed once.
+        let mut listed = HeaderMap::new();
+        listed.insert(
+            header::CONNECTION,
+            HeaderValue::from_static(" Keep-Alive ,X-Hop,, close"),
+        );
+        listed.insert("x-hop", HeaderValue::from_static("1"));
+        listed.insert("close", HeaderValue::from_static("1"));
+        listed.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        listed.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        remove_hop_by_hop(&mut listed);
+        let left: Vec<&str> = listed.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["accept"]);
+    }
+
+    #[test]
+    fn every_hop_by_hop_name_is_found_at_its_position_and_no_other_name_is() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name.as_str()), Some(i), "{name}");
+        }
+        for name in ["content-type", "host", "connectio", "tes", "x-keep-alive"] {
+            assert_eq!(hop_by_hop_index(name), None, "{name}");
+        }
     }
 }

@@ -8,23 +8,35 @@
 //! upstream connections they use stay on one thread; the kernel spreads new connections
 //! over the workers' listeners (`SO_REUSEPORT` on one address).
 //!
+//! HTTP/1.x connections are served by `h1::server`, HTTP/2 ones (prior knowledge: the
+//! connection opens with the preface) by hyper's server.
+//!
 //! Shutdown (SIGINT, SIGTERM): every worker closes its listener; once all are closed (no
-//! new connection can arrive), each lets its requests in flight finish, all within
-//! `--shutdown-timeout`.
+//! new connection can arrive), each closes its idle connections and lets its requests in
+//! flight finish (their answers say `connection: close`; HTTP/2 connections get a GOAWAY),
+//! all within `--shutdown-timeout`.
 
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::h1;
+use crate::h1::server::{Ended, ReceivedBody};
 use crate::handler::State;
 
 /// How long the kernel's queue of connections not yet accepted may grow, per listener.
@@ -131,7 +143,7 @@ pub(crate) async fn run(workers: Vec<(std::net::TcpListener, State)>, limits: Li
     }
 }
 
-/// Accepts connections (HTTP/1.1 and HTTP/2) on `listener` until `stopped`, then lets the
+/// Accepts connections (HTTP/1.x and HTTP/2) on `listener` until `stopped`, then lets the
 /// requests in flight finish, for at most the shutdown timeout: `true` if they did.
 async fn worker(
     listener: std::net::TcpListener,
@@ -141,14 +153,16 @@ async fn worker(
     limits: Limits,
 ) -> bool {
     let listener = TcpListener::from_std(listener).expect("registering a listener");
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper enforces the header timeout only with a timer.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
-    let mut stop = pin!(stopped.wait_for(|stop| *stop));
+    let config = h1::server::Config {
+        header_read_timeout: limits.header_read_timeout,
+        half_close: false,
+    };
+    // This worker's own stop signal: its connections wait on it without touching a lock
+    // other workers' connections use.
+    let (stop, stopping) = watch::channel(false);
+    // Each connection holds a sender: none left, every connection has ended.
+    let (open, mut all_ended) = mpsc::channel::<()>(1);
+    let mut stop_accepting = pin!(stopped.wait_for(|stop| *stop));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -160,26 +174,136 @@ async fn worker(
                     continue;
                 }
             },
-            _ = &mut stop => break,
+            _ = &mut stop_accepting => break,
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let service = service_fn(move |req| crate::handler::handle(state.clone(), req));
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("connection ended with an error: {e}");
-            }
-        });
+        tokio::spawn(connection(
+            stream,
+            state.clone(),
+            config,
+            stopping.clone(),
+            open.clone(),
+        ));
     }
     drop(listener);
     drop(listening);
-    tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
+    let _ = stop.send(true);
+    drop(open);
+    tokio::time::timeout(limits.shutdown_timeout, all_ended.recv())
         .await
         .is_ok()
+}
+
+/// Serves one client connection: HTTP/1.x with our server, HTTP/2 (prior knowledge: the
+/// connection starts with the preface) with hyper's. Holds `_open` until it ends.
+pub(crate) async fn connection<T>(
+    stream: T,
+    state: Arc<State>,
+    config: h1::server::Config,
+    stopping: watch::Receiver<bool>,
+    _open: mpsc::Sender<()>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let handler = |req| crate::handler::handle(state.clone(), req);
+    let (stream, read) = match h1::server::serve(stream, config, stopping.clone(), handler).await {
+        Ok(Ended::Closed) => return,
+        Ok(Ended::Http2(stream, read)) => (stream, read),
+        Err(e) => {
+            tracing::debug!("connection ended with an error: {e}");
+            return;
+        }
+    };
+    // Boxed: hyper's HTTP/2 connection would otherwise add its size (~1.6 KiB) to every
+    // connection's task, HTTP/1 ones included (BENCHMARKS.md §3, step 7).
+    Box::pin(http2(stream, read, state, stopping)).await;
+}
+
+/// Serves a connection that opened with the HTTP/2 preface (`read`: the bytes read so
+/// far) with hyper's HTTP/2 server, until it ends or the worker stops.
+async fn http2<T>(
+    stream: T,
+    read: bytes::BytesMut,
+    state: Arc<State>,
+    mut stopping: watch::Receiver<bool>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        crate::handler::handle(state.clone(), req.map(ReceivedBody::http2))
+    });
+    let io = TokioIo::new(Rewind::new(stream, read.freeze()));
+    let connection = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .serve_connection(io, service);
+    let mut connection = pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("connection ended with an error: {e}");
+    }
+}
+
+/// A connection whose first bytes, already read, are read again.
+struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    fn new(inner: T, prefix: Bytes) -> Self {
+        Self { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 async fn shutdown_signal() {

@@ -24,10 +24,15 @@ pub(crate) const REDIS_URL_ENV: &str = "REDIS_URL";
 pub(crate) struct SharedArgs {
     /// Share the keys' state (rests, disables, in-flight caps) with the other replicas
     /// through this Redis or Valkey: `redis://[user:password@]host:port[/db]`,
-    /// or `unix:///path` (TLS is not built in). Default: the REDIS_URL variable (better for a
+    /// `rediss://...` (TLS) or `unix:///path`. Default: the REDIS_URL variable (better for a
     /// password: a command line is visible to other users); neither: no sharing.
     #[arg(long, value_name = "URL", value_parser = RedisUrl::parse)]
     redis_url: Option<RedisUrl>,
+
+    /// For a `rediss://` URL: trust the CA certificates in this PEM file (a deployment's
+    /// own CA) instead of the public roots.
+    #[arg(long, value_name = "FILE")]
+    redis_ca: Option<std::path::PathBuf>,
 
     /// The replicas of one deployment use one namespace; other deployments on the same
     /// Redis use others.
@@ -121,10 +126,26 @@ pub(crate) async fn apply(
     };
     let mut options = RedisOptions::default();
     options.namespace = args.redis_namespace.clone();
+    if let Some(path) = &args.redis_ca {
+        // Checked here for a clear error; the Redis client parses it again.
+        crate::config::load_ca(path).map_err(|e| e.replacen("--upstream-ca", "--redis-ca", 1))?;
+        options.tls_ca =
+            Some(std::fs::read(path).map_err(|e| format!("--redis-ca {}: {e}", path.display()))?);
+    }
     let backend = RedisBackend::new(url.trim(), secret.as_bytes(), options)
         .map_err(|e| format!("--redis-url (or {REDIS_URL_ENV}): {e}"))?;
     let policy = DegradedPolicy::from(args.degraded_policy);
-    if backend.connect().await {
+    let connected = backend.connect().await;
+    match backend.last_failure() {
+        // A certificate refused is a configuration error that waiting will not mend.
+        Some(failure) if !connected && failure.is_certificate() => {
+            return Err(format!(
+                "--redis-url (or {REDIS_URL_ENV}): {failure} (a CA of your own: --redis-ca FILE)"
+            ));
+        }
+        _ => {}
+    }
+    if connected {
         tracing::info!(
             namespace = %args.redis_namespace,
             replica = backend.replica(),
@@ -134,9 +155,13 @@ pub(crate) async fn apply(
             policy.as_str()
         );
     } else {
+        let why = backend
+            .last_failure()
+            .map(|failure| format!(" ({failure})"))
+            .unwrap_or_default();
         tracing::warn!(
             namespace = %args.redis_namespace,
-            "Redis unreachable at start: each replica on its own ({} policy) until it answers",
+            "Redis unreachable at start{why}: each replica on its own ({} policy) until it answers",
             policy.as_str()
         );
     }

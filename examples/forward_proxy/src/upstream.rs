@@ -8,7 +8,6 @@
 use std::time::Duration;
 
 use http_body_util::Limited;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::pki_types::CertificateDer;
 use tower::timeout::{Timeout, TimeoutLayer};
@@ -18,10 +17,13 @@ use tower_key_rotation::{KeyPool, KeyRotation, KeyRotationLayer, Placement};
 
 use crate::attempts::{AttemptTimer, AttemptTimerLayer};
 use crate::connections::{ConnectError, Connections};
+use crate::h1::server::ReceivedBody;
 
-pub(crate) type RequestBody = ReplayBody<Limited<Incoming>>;
+/// A client's request body as sent upstream: cut at `--max-body-size`, buffered for a
+/// retry up to `--retry-body-limit`.
+pub(crate) type RequestBody = ReplayBody<Limited<ReceivedBody>>;
 /// The whole client stack, one clone per request.
-pub(crate) type Upstream = Retry<KeyRotation<AttemptTimer<Timeout<Connections>>>>;
+pub(crate) type Upstream = Retry<KeyRotation<AttemptTimer<Timeout<Connections<RequestBody>>>>>;
 
 #[derive(Clone)]
 pub(crate) struct Options {

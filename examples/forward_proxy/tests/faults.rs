@@ -202,6 +202,34 @@ async fn raw_answer(addr: SocketAddr, raw: &[u8]) -> (u16, String) {
     .await
 }
 
+/// A GET on a connection of its own (hyper's connection-level client), for tests that
+/// read the body frame by frame: the response head, or the error that came instead.
+async fn get_on_own_connection(
+    addr: SocketAddr,
+    path: &str,
+) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header("host", "proxy")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    within("the response head", sender.send_request(request)).await
+}
+
+/// Reads `body` to its end: did it end in an error (rather than as if complete)?
+async fn ends_in_error(mut body: hyper::body::Incoming) -> bool {
+    while let Some(frame) = within("the body's end", body.frame()).await {
+        if frame.is_err() {
+            return true;
+        }
+    }
+    false
+}
+
 /// After each fault: the proxy is up, nothing is left in flight, the other host saw
 /// nothing, and no key appears in the log or in what clients received.
 async fn assert_still_sound(proxy: &Proxy, sentinel: &Sentinel, received: &[String]) {
@@ -257,22 +285,7 @@ async fn an_upstream_stalling_mid_body_holds_its_key_until_it_closes_and_the_cli
     .await;
     let proxy = config(&upstream.url()).start().await;
 
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let response = within(
-        "the response head",
-        sender.send_request(
-            Request::get("/stall")
-                .header("host", "proxy")
-                .body(Empty::<Bytes>::new())
-                .unwrap(),
-        ),
-    )
-    .await
-    .unwrap();
+    let response = get_on_own_connection(proxy.addr, "/stall").await.unwrap();
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     let first = within("the first bytes", body.frame())
@@ -288,25 +301,24 @@ async fn an_upstream_stalling_mid_body_holds_its_key_until_it_closes_and_the_cli
     // The upstream gives up 90 bytes short: the client must see an error, not a short body
     // that looks complete.
     release.send_replace(true);
-    let mut ended_with_error = false;
-    while let Some(frame) = within("the body's end", body.frame()).await {
-        if frame.is_err() {
-            ended_with_error = true;
-            break;
-        }
-    }
-    assert!(ended_with_error, "a cut body ended as if complete");
+    assert!(ends_in_error(body).await, "a cut body ended as if complete");
     assert_still_sound(&proxy, &sentinel, &[]).await;
 }
 
 #[tokio::test]
 async fn malformed_upstream_answers_give_502() {
-    let answers: [&[u8]; 6] = [
+    let answers: [&[u8]; 9] = [
         b"this is not http\r\n\r\n",
         b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\ncontent-length: many\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nno colon in this header\r\n\r\n",
         b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\nhello",
+        // Both lengths: which one the upstream meant is a guess (smuggling), not an answer.
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\n\r\n",
+        // A protocol switch nobody asked for.
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
         b"", // closes without a byte
     ];
     let sentinel = Sentinel::start().await;
@@ -482,6 +494,302 @@ async fn a_slow_upstream_gets_504_past_the_timeout_and_a_slow_body_is_not_cut() 
     release.send_replace(true);
     let _ = within("the end", stream.read_to_end(&mut seen)).await;
     assert_still_sound(&proxy, &sentinel, &[got.text()]).await;
+}
+
+#[tokio::test]
+async fn a_chunked_answer_with_a_bad_size_line_cuts_the_body_and_releases_the_key() {
+    let sentinel = Sentinel::start().await;
+    let (release, held) = watch::channel(false);
+    let upstream = RawUpstream::start(move |_| {
+        Answer::WriteAndHold(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n".to_vec(),
+            held.clone(),
+        )
+    })
+    .await;
+    let proxy = config(&upstream.url()).start().await;
+
+    let response = get_on_own_connection(proxy.addr, "/bad-chunk").await;
+    // The upstream still holds its connection open: the error is the size line's, not a
+    // close's. It came with the head, so the proxy may cut the connection before its head
+    // is out; if the head is out, the body must end in an error, never as if complete.
+    if let Ok(response) = response {
+        assert_eq!(response.status(), 200);
+        let body = response.into_body();
+        assert!(ends_in_error(body).await, "a cut body ended as if complete");
+    }
+    assert_still_sound(&proxy, &sentinel, &[]).await;
+    assert_eq!(upstream.heads().len(), 1);
+    release.send_replace(true);
+}
+
+/// What a [`KeepAliveUpstream`] does after an answer.
+#[derive(Clone, Copy, PartialEq)]
+enum After {
+    KeepOpen,
+    Close,
+}
+
+/// An upstream speaking raw HTTP/1.1 on kept-alive connections: it records every request
+/// (with its connection's number), answers the n-th with `answer(n)`, and counts the
+/// connections it has closed.
+struct KeepAliveUpstream {
+    addr: SocketAddr,
+    /// (connection, request head), in arrival order.
+    requests: Arc<Mutex<Vec<(usize, String)>>>,
+    closed: watch::Receiver<usize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KeepAliveUpstream {
+    async fn start(answer: impl Fn(usize) -> (Vec<u8>, After) + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (closed_tx, closed) = watch::channel(0);
+        let closed_tx = Arc::new(closed_tx);
+        let answer = Arc::new(answer);
+        let task = tokio::spawn({
+            let requests = requests.clone();
+            async move {
+                let mut id = 0;
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    let (requests, answer, closed_tx) =
+                        (requests.clone(), answer.clone(), closed_tx.clone());
+                    let connection = id;
+                    id += 1;
+                    tokio::spawn(async move {
+                        let mut pending = Vec::new();
+                        while let Some(head) = read_request(&mut stream, &mut pending).await {
+                            let n = {
+                                let mut requests = requests.lock().unwrap();
+                                requests.push((connection, head));
+                                requests.len() - 1
+                            };
+                            let (bytes, after) = answer(n);
+                            if stream.write_all(&bytes).await.is_err() || after == After::Close {
+                                break;
+                            }
+                        }
+                        drop(stream);
+                        closed_tx.send_modify(|n| *n += 1);
+                    });
+                }
+            }
+        });
+        Self {
+            addr,
+            requests,
+            closed,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The connection each request came on.
+    fn connections(&self) -> Vec<usize> {
+        self.requests.lock().unwrap().iter().map(|r| r.0).collect()
+    }
+
+    async fn wait_for_closed(&mut self, n: usize) {
+        within("the upstream to close", self.closed.wait_for(|c| *c >= n))
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for KeepAliveUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one request (its head, and its body by `content-length`) from a kept-alive
+/// connection; `pending` holds what was read past it. `None` when the peer closed.
+async fn read_request(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Option<String> {
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        if let Some(at) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = stream.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        pending.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+    let length = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .map_or(0, |n| n.trim().parse::<usize>().unwrap());
+    while pending.len() < end + length {
+        let n = stream.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        pending.extend_from_slice(&buf[..n]);
+    }
+    pending.drain(..end + length);
+    Some(head)
+}
+
+#[tokio::test]
+async fn the_request_timeout_holds_on_pooled_connections_and_after_an_idle_spell() {
+    let sentinel = Sentinel::start().await;
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    // The second request gets no answer at all; the others are answered at once.
+    let upstream = KeepAliveUpstream::start(|n| match n {
+        1 => (Vec::new(), After::KeepOpen),
+        _ => (OK.to_vec(), After::KeepOpen),
+    })
+    .await;
+    // One worker: one pool, so that a request takes the connection the last one freed.
+    let proxy = config(&upstream.url())
+        .arg("--workers", "1")
+        .arg("--request-timeout", "0.3")
+        .start()
+        .await;
+
+    let mut received = Vec::new();
+    let got = post(&proxy.url("/chat/completions"), "{}").await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    received.push(got.text());
+    // On the pooled connection: this request's own deadline, counted from its call.
+    let sent = tokio::time::Instant::now();
+    let got = post(&proxy.url("/chat/completions"), "{}").await;
+    assert_eq!(got.status, 504, "{}", got.body);
+    assert_eq!(error_code(&got), "upstream_timeout");
+    assert!(
+        sent.elapsed() >= std::time::Duration::from_millis(300),
+        "not before the timeout: {:?}",
+        sent.elapsed()
+    );
+    received.push(got.text());
+    let got = post(&proxy.url("/chat/completions"), "{}").await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    received.push(got.text());
+    // Time itself is what is tested here: the connection idles past the last request's
+    // deadline, and the next request on it must not see that old deadline (a guard for a
+    // timer kept per connection and re-armed, issue 14's idea: BENCHMARKS.md §3, step 7).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let got = post(&proxy.url("/chat/completions"), "{}").await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    received.push(got.text());
+
+    assert_eq!(
+        upstream.connections(),
+        [0, 0, 1, 1],
+        "the timed-out request on the pooled connection, the last one after the idle spell"
+    );
+    assert_still_sound(&proxy, &sentinel, &received).await;
+}
+
+#[tokio::test]
+async fn pooled_connections_the_upstream_closed_are_not_used_and_no_request_is_sent_twice() {
+    let sentinel = Sentinel::start().await;
+    // Every answer keeps the connection alive by HTTP/1.1's default, and then the upstream
+    // closes it (its keep-alive timeout, as nginx's `keepalive_timeout`).
+    let mut upstream = KeepAliveUpstream::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            After::Close,
+        )
+    })
+    .await;
+    let proxy = config(&upstream.url()).start().await;
+
+    let mut received = Vec::new();
+    for n in 0..5 {
+        // The previous connection is closed (and pooled by the proxy) before the next
+        // request.
+        upstream.wait_for_closed(n).await;
+        let got = post(&proxy.url("/chat/completions"), "{\"n\":1}").await;
+        assert_eq!(got.status, 200, "request {n}: {}", got.body);
+        assert_eq!(got.body, "ok");
+        received.push(got.text());
+    }
+    assert_eq!(
+        upstream.connections(),
+        [0, 1, 2, 3, 4],
+        "each request once, each on a new connection"
+    );
+    assert_still_sound(&proxy, &sentinel, &received).await;
+}
+
+#[tokio::test]
+async fn answers_to_head_and_204_and_304_have_no_body_whatever_their_length_says() {
+    let sentinel = Sentinel::start().await;
+    let upstream = KeepAliveUpstream::start(|n| {
+        let answer: &[u8] = match n {
+            0 => b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
+            1 => b"HTTP/1.1 204 No Content\r\ncontent-length: 10\r\n\r\n",
+            2 => b"HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n",
+            _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        };
+        (answer.to_vec(), After::KeepOpen)
+    })
+    .await;
+    // One worker: one pool of upstream connections.
+    let proxy = config(&upstream.url()).arg("--workers", "1").start().await;
+
+    // Were a body read, these would wait for 10 bytes that never come (a 504).
+    let head = send(
+        Request::head(proxy.url("/head"))
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.body, "");
+    let no_content = get(&proxy.url("/no-content")).await;
+    assert_eq!(no_content.status, 204);
+    assert_eq!(no_content.body, "");
+    let not_modified = get(&proxy.url("/not-modified")).await;
+    assert_eq!(not_modified.status, 304);
+    assert_eq!(not_modified.body, "");
+    let ok = get(&proxy.url("/ok")).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.body, "ok");
+    // And nothing was taken from the connection as a body: all four went on one.
+    assert_eq!(upstream.connections(), [0, 0, 0, 0]);
+    let received = [
+        head.text(),
+        no_content.text(),
+        not_modified.text(),
+        ok.text(),
+    ];
+    assert_still_sound(&proxy, &sentinel, &received).await;
+}
+
+#[tokio::test]
+async fn a_connection_with_bytes_past_the_answer_is_not_used_again() {
+    let sentinel = Sentinel::start().await;
+    let upstream = KeepAliveUpstream::start(|n| {
+        let answer: &[u8] = match n {
+            // One byte more than the answer: the start of an answer to no request.
+            0 => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokX",
+            _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        };
+        (answer.to_vec(), After::KeepOpen)
+    })
+    .await;
+    // One worker: one pool of upstream connections.
+    let proxy = config(&upstream.url()).arg("--workers", "1").start().await;
+
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        let got = get(&proxy.url("/extra")).await;
+        assert_eq!(got.status, 200, "{}", got.body);
+        assert_eq!(got.body, "ok");
+        received.push(got.text());
+    }
+    // The first connection is dropped; the second, clean, is used again.
+    assert_eq!(upstream.connections(), [0, 1, 1]);
+    assert_still_sound(&proxy, &sentinel, &received).await;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -794,6 +794,33 @@ async fn an_https_upstream_is_verified_and_reached_over_http2() {
     untrusting.assert_log_has_no_secret(&KEYS);
 }
 
+#[tokio::test]
+async fn an_https_upstream_without_http2_is_reached_over_http1_on_kept_connections() {
+    let upstream = MockUpstream::start_tls_http1(|seen| async move {
+        reply(
+            200,
+            &format!("secure {}", String::from_utf8_lossy(&seen.body)),
+        )
+    })
+    .await;
+    let proxy = ProxyConfig::new(&upstream.https_url("/v4"), KEY_LIST)
+        .arg("--upstream-ca", &test_ca_path())
+        .arg("--workers", "1")
+        .start()
+        .await;
+    for n in 0..3 {
+        let got = post(&proxy.url("/chat/completions"), &format!("{{\"n\":{n}}}")).await;
+        assert_eq!(got.status, 200, "{}", got.body);
+        assert_eq!(got.body, format!("secure {{\"n\":{n}}}"));
+    }
+    let seen = upstream.seen();
+    assert!(seen.iter().all(|s| s.version == http::Version::HTTP_11));
+    assert_eq!(seen[0].target, "/v4/chat/completions");
+    assert_eq!(positions(&upstream), [1, 2, 3]);
+    assert_eq!(upstream.connections(), 1, "one TLS connection, kept alive");
+    proxy.assert_log_has_no_secret(&KEYS);
+}
+
 /// Not a test: what the proxy costs per request. Run with
 /// `cargo test --release -p forward_proxy --test proxy -- --ignored --nocapture measure`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

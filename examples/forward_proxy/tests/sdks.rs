@@ -13,13 +13,11 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
+use support::limited::{Ledger, limited_provider};
 use support::*;
 
 const OPENAI_KEYS: &str = "sk-sdk-openai-1,sk-sdk-openai-2";
@@ -167,22 +165,25 @@ fn anthropic_message(stream: bool) -> http::Response<MockBody> {
     sse(events, false)
 }
 
+/// The provider's answer to a request it serves: a chat completion (openai, zhipuai) or
+/// a message (anthropic), streamed if the request asks.
+fn answer(seen: &Seen) -> http::Response<MockBody> {
+    let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap_or_default();
+    let stream = body["stream"] == true;
+    if seen.target.ends_with("/chat/completions") {
+        chat_completion(stream)
+    } else if seen.target == "/v1/messages" {
+        anthropic_message(stream)
+    } else {
+        reply(404, "no such route in the stand-in")
+    }
+}
+
 #[tokio::test]
 #[ignore = "installs the SDKs from PyPI into target/tmp/sdk-venv: run by .ci/run"]
 async fn the_official_python_sdks_work_through_the_proxy_plain_and_streamed() {
     let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
-    let upstream = MockUpstream::start(|seen| async move {
-        let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap_or_default();
-        let stream = body["stream"] == true;
-        if seen.target.ends_with("/chat/completions") {
-            chat_completion(stream)
-        } else if seen.target == "/v1/messages" {
-            anthropic_message(stream)
-        } else {
-            reply(404, "no such route in the stand-in")
-        }
-    })
-    .await;
+    let upstream = MockUpstream::start(|seen| async move { answer(&seen) }).await;
     let proxy = |profile: &str, var: &str, keys: &str| {
         let mut config = ProxyConfig::new(&upstream.url(""), "").arg("--profile", profile);
         config.env = vec![(var.into(), keys.into())];
@@ -245,97 +246,11 @@ async fn the_official_python_sdks_work_through_the_proxy_plain_and_streamed() {
 
 const LIMITED_KEYS: [&str; 3] = ["sk-limited-1", "sk-limited-2", "sk-limited-3"];
 
-/// How long the stand-in works on a request it accepts.
-const WORK: Duration = Duration::from_millis(300);
-
-/// What the limited stand-in saw: per request, its key's position (1-based), when it
-/// arrived, and whether it was refused.
-#[derive(Default, Clone)]
-struct Ledger {
-    in_flight: HashMap<String, u32>,
-    arrivals: Vec<(usize, Instant, bool)>,
-}
-
-impl Ledger {
-    fn refused(&self) -> usize {
-        self.arrivals
-            .iter()
-            .filter(|(_, _, refused)| *refused)
-            .count()
-    }
-
-    /// `ms:key` per arrival from the first, `!` for a refusal: for failure messages.
-    fn timeline(&self) -> Vec<String> {
-        let Some(first) = self.arrivals.first().map(|(_, at, _)| *at) else {
-            return Vec::new();
-        };
-        self.arrivals
-            .iter()
-            .map(|(key, at, refused)| {
-                let ms = at.duration_since(first).as_millis();
-                format!("{ms}ms:{key}{}", if *refused { "!" } else { "" })
-            })
-            .collect()
-    }
-}
-
 /// A provider speaking the openai and anthropic formats (plain and streamed) that allows
 /// `limit` requests in flight per key and refuses more with `429` + `Retry-After: secs`
 /// (`limit` 0: refuses everything).
-async fn limited_provider(limit: u32, secs: &'static str) -> (MockUpstream, Arc<Mutex<Ledger>>) {
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let shared = ledger.clone();
-    let upstream = MockUpstream::start(move |seen: Seen| {
-        let ledger = shared.clone();
-        async move {
-            // The proxy's key, in whichever place the proxy put it.
-            let key = seen
-                .headers
-                .get("x-api-key")
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| LIMITED_KEYS.contains(v))
-                .map(str::to_owned)
-                .or_else(|| seen.bearer())
-                .unwrap_or_default();
-            let position = LIMITED_KEYS
-                .iter()
-                .position(|k| *k == key)
-                .map_or(0, |i| i + 1);
-            let accepted = {
-                let mut ledger = ledger.lock().unwrap();
-                let count = ledger.in_flight.entry(key.clone()).or_default();
-                let accepted = *count < limit;
-                if accepted {
-                    *count += 1;
-                }
-                ledger.arrivals.push((position, Instant::now(), !accepted));
-                accepted
-            };
-            if !accepted {
-                let mut response = reply(
-                    429,
-                    "{\"error\":{\"message\":\"too many requests\",\"type\":\"rate_limit_error\"}}",
-                );
-                response
-                    .headers_mut()
-                    .insert("retry-after", secs.parse().unwrap());
-                return response;
-            }
-            tokio::time::sleep(WORK).await;
-            *ledger.lock().unwrap().in_flight.get_mut(&key).unwrap() -= 1;
-            let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap_or_default();
-            let stream = body["stream"] == true;
-            if seen.target.ends_with("/chat/completions") {
-                chat_completion(stream)
-            } else if seen.target == "/v1/messages" {
-                anthropic_message(stream)
-            } else {
-                reply(404, "no such route in the stand-in")
-            }
-        }
-    })
-    .await;
-    (upstream, ledger)
+async fn limited(limit: u32, secs: &'static str) -> (MockUpstream, Arc<Mutex<Ledger>>) {
+    limited_provider(&LIMITED_KEYS, limit, secs, answer).await
 }
 
 /// Runs `tests/sdk/many_calls.py <sdk> <calls> <expect>` against `proxy`; its output, and
@@ -397,7 +312,7 @@ async fn twenty_calls_through_a_limited_provider(
     let proxy = proxy.start().await;
     let (ok, said) = concurrent_sdk_calls(&proxy, sdk, 20, "ok").await;
     let ledger = ledger.lock().unwrap().clone();
-    let timeline = ledger.timeline();
+    let timeline = ledger.timeline(&LIMITED_KEYS);
     println!(
         "{sdk}: {} upstream calls, {} refused, {} requests at the proxy\n{said}{timeline:?}",
         ledger.arrivals.len(),
@@ -432,14 +347,14 @@ async fn twenty_calls_through_a_limited_provider(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "installs the SDKs from PyPI into target/tmp/sdk-venv: run by .ci/run"]
 async fn openai_sdk_twenty_at_once_all_succeed_and_the_sdk_never_retries() {
-    let (upstream, ledger) = limited_provider(2, "1").await;
+    let (upstream, ledger) = limited(2, "1").await;
     twenty_calls_through_a_limited_provider("openai", default_proxy(&upstream), &ledger).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "installs the SDKs from PyPI into target/tmp/sdk-venv: run by .ci/run"]
 async fn anthropic_sdk_twenty_at_once_all_succeed_and_the_sdk_never_retries() {
-    let (upstream, ledger) = limited_provider(2, "1").await;
+    let (upstream, ledger) = limited(2, "1").await;
     // Anthropic wants the key in `x-api-key`; otherwise the README's flags. (With
     // `--profile anthropic` a 429 is an account's limit, which teaches no per-key
     // concurrency limit: refusals come again after the first rest.)
@@ -453,7 +368,7 @@ async fn anthropic_sdk_twenty_at_once_all_succeed_and_the_sdk_never_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "installs the SDKs from PyPI into target/tmp/sdk-venv: run by .ci/run"]
 async fn when_the_proxy_gives_up_the_sdk_does_not_retry_its_answer() {
-    let (upstream, ledger) = limited_provider(0, "5").await;
+    let (upstream, ledger) = limited(0, "5").await;
     let proxy = default_proxy(&upstream)
         .arg("--max-wait", "1")
         .start()
@@ -466,10 +381,15 @@ async fn when_the_proxy_gives_up_the_sdk_does_not_retry_its_answer() {
         "gives up: {} upstream calls, {} refused, {at_proxy} requests at the proxy\n{said}{:?}",
         ledger.arrivals.len(),
         ledger.refused(),
-        ledger.timeline()
+        ledger.timeline(&LIMITED_KEYS)
     );
     assert!(ok, "{said}");
-    assert_eq!(at_proxy, calls as u64, "{said}\n{:?}", ledger.timeline());
+    assert_eq!(
+        at_proxy,
+        calls as u64,
+        "{said}\n{:?}",
+        ledger.timeline(&LIMITED_KEYS)
+    );
     // Nothing went upstream after the first burst: no key was sent on while it rested
     // (5 s), and neither the proxy nor the SDK came back when the rests ended.
     let first = ledger.arrivals[0].1;
@@ -479,7 +399,7 @@ async fn when_the_proxy_gives_up_the_sdk_does_not_retry_its_answer() {
             .iter()
             .all(|(_, at, _)| at.duration_since(first) < Duration::from_secs(1)),
         "{:?}",
-        ledger.timeline()
+        ledger.timeline(&LIMITED_KEYS)
     );
     assert_eq!(
         said.matches("x-should-retry=false").count(),

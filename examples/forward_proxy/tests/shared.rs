@@ -270,3 +270,62 @@ async fn the_redis_password_never_shows_in_logs_admin_or_metrics() {
     assert!(stderr.contains("--redis-url"), "{stderr}");
     support::assert_no_secret("the error", &stderr, &["hunter2-redis-pass"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_share_through_redis_over_tls_and_a_refused_certificate_is_a_clear_error() {
+    let redis = RedisServer::start_tls(
+        &support::tls_path("leaf.pem"),
+        &support::tls_path("leaf.key"),
+    )
+    .await;
+    assert!(redis.url().starts_with("rediss://"));
+    let (upstream, ledger, _) = provider().await;
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        let config = ProxyConfig::new(&upstream.url(""), KEYS)
+            .arg("--max-in-flight-per-key", "2")
+            .env("REDIS_URL", &redis.url())
+            .arg("--redis-ca", &support::test_ca_path())
+            .arg("--redis-namespace", "tls");
+        proxies.push(config.start().await);
+    }
+    let backend = get(&proxies[0].url("/_keyrotation/backend")).await.json();
+    assert_eq!(backend["connected"], true, "{backend}");
+    for task in spread(&proxies, 150) {
+        assert_eq!(task.await.unwrap(), Some(200));
+    }
+    let (served, refused, most) = {
+        let ledger = ledger.lock().unwrap();
+        (ledger.served, ledger.refused, ledger.most)
+    };
+    eprintln!("3 proxies sharing over TLS: {served} served, {refused} refused, at most {most}");
+    assert_eq!((served, refused), (150, 0));
+    assert!(most <= 2);
+    let backend = get(&proxies[2].url("/_keyrotation/backend")).await.json();
+    assert_eq!(backend["replicas"], 3, "{backend}");
+
+    // A certificate the proxy cannot trust: the public roots alone (the test CA is not
+    // one), or the wrong CA. It exits with one line naming the server, never the password.
+    let url = format!(
+        "rediss://admin:hunter2-redis-pass@127.0.0.1:{}/0",
+        redis.port
+    );
+    for ca in [None, Some("self-signed.pem")] {
+        let mut config = ProxyConfig::new(&upstream.url(""), KEYS).env("REDIS_URL", &url);
+        if let Some(ca) = ca {
+            config = config.arg("--redis-ca", &support::tls_path(ca));
+        }
+        let (status, stdout, stderr) = config.run_to_exit().await;
+        assert_eq!(status.code(), Some(1), "{ca:?}: {stderr}");
+        let server = format!("Redis at 127.0.0.1:{}", redis.port);
+        assert!(
+            stderr.contains(&server) && stderr.contains("signed by an unknown issuer"),
+            "{ca:?}: {stderr}"
+        );
+        support::assert_no_secret(
+            "the error",
+            &format!("{stdout}{stderr}"),
+            &["hunter2-redis-pass", "admin:"],
+        );
+    }
+}

@@ -6,70 +6,19 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use support::limited::{Ledger, limited_provider};
 use support::{Got, MockUpstream, ProxyConfig, Seen, get, keys, post, reply};
 use tokio::time::Instant;
 
 const KEYS: [&str; 3] = ["wk-one", "wk-two", "wk-three"];
 
-/// How long the stand-in works on an accepted request.
-const WORK: Duration = Duration::from_millis(300);
-
-/// What the stand-in saw: per request, its key and when it arrived, and whether it was
-/// refused.
-#[derive(Default, Clone)]
-struct Ledger {
-    in_flight: HashMap<String, u32>,
-    arrivals: Vec<(String, Instant, bool)>,
-}
-
-impl Ledger {
-    fn refused(&self) -> usize {
-        self.arrivals
-            .iter()
-            .filter(|(_, _, refused)| *refused)
-            .count()
-    }
-}
-
 /// A provider allowing `limit` requests in flight per key; more get `429` with
 /// `Retry-After: 1`.
-async fn limited_provider(limit: u32) -> (MockUpstream, Arc<Mutex<Ledger>>) {
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let shared = ledger.clone();
-    let upstream = MockUpstream::start(move |seen: Seen| {
-        let ledger = shared.clone();
-        async move {
-            let key = seen.bearer().unwrap_or_default();
-            let accepted = {
-                let mut ledger = ledger.lock().unwrap();
-                let count = ledger.in_flight.entry(key.clone()).or_default();
-                let accepted = *count < limit;
-                if accepted {
-                    *count += 1;
-                }
-                ledger
-                    .arrivals
-                    .push((key.clone(), Instant::now(), !accepted));
-                accepted
-            };
-            if !accepted {
-                let mut response = reply(429, "{\"error\":{\"message\":\"too many requests\"}}");
-                response
-                    .headers_mut()
-                    .insert("retry-after", "1".parse().unwrap());
-                return response;
-            }
-            tokio::time::sleep(WORK).await;
-            *ledger.lock().unwrap().in_flight.get_mut(&key).unwrap() -= 1;
-            reply(200, "{\"choices\":[]}")
-        }
-    })
-    .await;
-    (upstream, ledger)
+async fn limited(limit: u32) -> (MockUpstream, Arc<Mutex<Ledger>>) {
+    limited_provider(&KEYS, limit, "1", |_| reply(200, "{\"choices\":[]}")).await
 }
 
 /// `n` concurrent chat requests; their answers and the wall time.
@@ -94,7 +43,7 @@ fn statuses(answers: &[Got]) -> Vec<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_key_ten_callers_all_succeed_with_default_settings() {
-    let (upstream, ledger) = limited_provider(2).await;
+    let (upstream, ledger) = limited(2).await;
     let proxy = ProxyConfig::new(&upstream.url(""), KEYS[0]).start().await;
 
     let (answers, elapsed) = burst(&proxy.url("/chat/completions"), 10).await;
@@ -158,7 +107,7 @@ async fn one_key_ten_callers_all_succeed_with_default_settings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_keys_twenty_callers_all_succeed_with_default_settings() {
-    let (upstream, ledger) = limited_provider(2).await;
+    let (upstream, ledger) = limited(2).await;
     let proxy = ProxyConfig::new(&upstream.url(""), &KEYS.join(","))
         .start()
         .await;
@@ -166,15 +115,7 @@ async fn three_keys_twenty_callers_all_succeed_with_default_settings() {
     let (answers, elapsed) = burst(&proxy.url("/chat/completions"), 20).await;
     let ledger = ledger.lock().unwrap().clone();
     let first = ledger.arrivals[0].1;
-    let timeline: Vec<String> = ledger
-        .arrivals
-        .iter()
-        .map(|(key, at, refused)| {
-            let position = KEYS.iter().position(|k| k == key).unwrap() + 1;
-            let ms = at.duration_since(first).as_millis();
-            format!("{ms}ms:{position}{}", if *refused { "!" } else { "" })
-        })
-        .collect();
+    let timeline = ledger.timeline(&KEYS);
     assert_eq!(statuses(&answers), [200; 20], "{timeline:?}");
     // 20 went at once and 6 were taken; a refused request's retry may go to another key
     // before that key's own refusals come back, and be refused there too: more refusals,

@@ -9,16 +9,16 @@
 //!
 //! | name | type | holds |
 //! | --- | --- | --- |
-//! | `k:<id>` | hash | `until` (the rest's end, on the server's clock, ms), `level`, `disabled` |
+//! | `k:<id>` | hash | `until` (the rest's end, on the server's clock, ms), `level`, `disabled`, `limit` (the learned concurrency limit) and `lgen` (its generation) |
 //! | `c:<id>` | hash | per replica: `version:count` of its leases on the key |
 //! | `q:<id>` | string | the key's quota state (GCRA's theoretical arrival time, server µs) |
 //! | `p:<id>` | string | the replica whose probe of the key (its single request after a rest) is running |
 //! | `replicas` | sorted set | replica → when it is considered dead (server ms) |
-//! | `events` | channel | `rest <id> <ms left> <level> <disabled> <replica>`, `freed <id>`, `back <id> <0/1> <replica>` |
+//! | `events` | channel | `rest <id> <ms left> <level> <disabled> <replica>`, `freed <id>`, `back <id> <0/1> <replica>`, `limit <id> <limit> <generation>` |
 //!
 //! # Scripts
 //!
-//! Four Lua scripts, each atomic and each reading only the server's clock (`TIME`);
+//! Five Lua scripts, each atomic and each reading only the server's clock (`TIME`);
 //! replicas send and receive *remaining* durations, so their clocks never need to agree.
 //! They are sent by hash and loaded again when the server answers `NOSCRIPT` (after a
 //! restart or `SCRIPT FLUSH`).
@@ -31,7 +31,11 @@
 //! - `rest`: a rest that only extends, a level that only rises (or a reset after a
 //!   recovery), a disable for good; announced to the other replicas, and with it a
 //!   probe's answer (`back`: the other replicas owe no probe of their own).
-//! - `sync`: every key's rest, for the periodic backstop and the merge after an outage.
+//! - `limit`: a key's learned concurrency limit, one for every replica (which `acquire`
+//!   admits under): a lower one always wins, a raise only if made on the limit kept (its
+//!   generation); every change raises the generation and is announced.
+//! - `sync`: every key's rest and learned limit, for the periodic backstop and the merge
+//!   after an outage.
 //!
 //! # When the store is away
 //!
@@ -40,7 +44,7 @@
 //! [`DegradedPolicy`](crate::shared::DegradedPolicy) and sends nothing to the store but a
 //! `PING` per heartbeat. When one answers, this replica's rests, disables and levels are
 //! merged into the store (the later deadline wins, a disable is kept, the higher level
-//! wins), its counts written, every key's state read back, and sharing resumes.
+//! wins, the lower learned limit wins), its counts written, every key's state read back, and sharing resumes.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -57,9 +61,12 @@ use zeroize::Zeroizing;
 use super::{BackendLink, Op, StateBackend};
 use crate::key::KeySpec;
 
+mod calls;
+mod failure;
 mod scripts;
 mod task;
 
+pub use failure::RedisFailure;
 use scripts::Scripts;
 use task::{run, subscribe};
 
@@ -79,6 +86,10 @@ pub struct RedisOptions {
     pub ttl: Duration,
     /// Failures in a row that open the breaker (default 3).
     pub failures: u32,
+    /// For a `rediss://` URL: the CA certificates (PEM) to trust instead of the public
+    /// roots (Mozilla's, built in), e.g. a deployment's own CA. Needs the `redis-tls`
+    /// feature.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 impl Default for RedisOptions {
@@ -89,6 +100,7 @@ impl Default for RedisOptions {
             heartbeat: Duration::from_secs(1),
             ttl: Duration::from_secs(5),
             failures: 3,
+            tls_ca: None,
         }
     }
 }
@@ -138,6 +150,10 @@ pub struct RedisBackend {
 
 struct Inner {
     client: Client,
+    /// The server's `host:port` (or socket path): what errors name, never the URL.
+    server: String,
+    /// Why the last failed call failed.
+    last_failure: Mutex<Option<RedisFailure>>,
     options: RedisOptions,
     /// The HMAC key of key ids.
     secret: Zeroizing<Vec<u8>>,
@@ -165,24 +181,25 @@ struct Inner {
 }
 
 impl RedisBackend {
-    /// A backend on the server at `url` (`redis://[user:password@]host:port[/db]`, or
-    /// `unix:///path/to/socket`), naming keys by an HMAC of their values under `secret`
-    /// (the same in every replica of a deployment; keep it as secret as the keys). Nothing
-    /// is contacted yet.
+    /// A backend on the server at `url` (`redis://[user:password@]host:port[/db]`,
+    /// `rediss://...` for TLS with the `redis-tls` feature, or `unix:///path/to/socket`),
+    /// naming keys by an HMAC of their values under `secret` (the same in every replica of
+    /// a deployment; keep it as secret as the keys). Nothing is contacted yet.
     ///
     /// # Errors
     ///
-    /// If `url` is not a Redis URL (the error never repeats it: it may hold a password).
+    /// If `url` is not a Redis URL, or [`RedisOptions::tls_ca`] is not PEM certificates or
+    /// is given for a URL without TLS (the error never repeats the URL: it may hold a
+    /// password).
     pub fn new(url: &str, secret: &[u8], options: RedisOptions) -> Result<Self, RedisBackendError> {
-        let client = Client::open(url).map_err(|_| {
-            RedisBackendError(
-                "not a Redis URL (expected redis://[user:password@]host:port[/db] or unix:///path; TLS is not built in)",
-            )
-        })?;
+        let client = client(url, options.tls_ca.as_deref())?;
+        let server = client.get_connection_info().addr().to_string();
         let prefix = format!("tkr:{{{}}}:", options.namespace);
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
+                server,
+                last_failure: Mutex::new(None),
                 secret: Zeroizing::new(secret.to_vec()),
                 replica: format!("{:016x}", fastrand::u64(..)),
                 channel: format!("{prefix}events"),
@@ -221,6 +238,16 @@ impl RedisBackend {
         }
     }
 
+    /// Why the last call to the store failed (`None` if none has), naming the server's
+    /// host and port, never the URL's password: say, why [`connect`](Self::connect) failed.
+    pub fn last_failure(&self) -> Option<RedisFailure> {
+        self.inner
+            .last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Whether the replicas share their state now (`false` while the store is away and the
     /// degraded policy applies): a test or a dashboard can wait for a change.
     pub fn sharing(&self) -> watch::Receiver<bool> {
@@ -248,6 +275,43 @@ impl RedisBackend {
     /// a test or a dashboard can wait for the next one.
     pub fn syncs(&self) -> watch::Receiver<u64> {
         self.inner.syncs.subscribe()
+    }
+}
+
+/// The client for `url`, trusting `ca` (PEM) for TLS if given.
+fn client(url: &str, ca: Option<&[u8]>) -> Result<Client, RedisBackendError> {
+    const NOT_A_URL: &str = if cfg!(feature = "redis-tls") {
+        "not a Redis URL (expected redis://[user:password@]host:port[/db], rediss://... or unix:///path)"
+    } else {
+        "not a Redis URL (expected redis://[user:password@]host:port[/db] or unix:///path; TLS (rediss://) is not built in)"
+    };
+    let Some(ca) = ca else {
+        return Client::open(url).map_err(|_| RedisBackendError(NOT_A_URL));
+    };
+    #[cfg(feature = "redis-tls")]
+    {
+        use redis::IntoConnectionInfo;
+        let info = url
+            .into_connection_info()
+            .map_err(|_| RedisBackendError(NOT_A_URL))?;
+        if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            return Err(RedisBackendError(
+                "a CA for Redis is given, but the URL is not rediss:// (TLS)",
+            ));
+        }
+        let certificates = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.to_vec()),
+        };
+        Client::build_with_tls(info, certificates)
+            .map_err(|_| RedisBackendError("the CA for Redis holds no usable PEM certificate"))
+    }
+    #[cfg(not(feature = "redis-tls"))]
+    {
+        let _ = (url, ca);
+        Err(RedisBackendError(
+            "a CA for Redis is given, but TLS is not built in (feature redis-tls)",
+        ))
     }
 }
 

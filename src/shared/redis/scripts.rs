@@ -6,6 +6,7 @@ pub(super) struct Scripts {
     pub(super) acquire: Script,
     pub(super) counts: Script,
     pub(super) rest: Script,
+    pub(super) limit: Script,
     pub(super) sync: Script,
 }
 
@@ -13,13 +14,19 @@ pub(super) struct Scripts {
 pub(super) const NOW: &str = "local t = redis.call('TIME')\n\
                    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
-/// KEYS: counts hash, replicas, quota state, probe holder. ARGV: replica, version,
-/// count, cap, ttl (ms), quota interval and tolerance (µs; interval 0: no quota), probe
-/// (0/1), probe's time to live (ms). Returns {1, 0} admitted, {0, 0} full (or another
-/// replica's probe running), {0, ms} no quota unit for that long.
+/// KEYS: counts hash, replicas, quota state, probe holder, state hash. ARGV: replica,
+/// version, count, cap, ttl (ms), quota interval and tolerance (µs; interval 0: no quota),
+/// probe (0/1), probe's time to live (ms). The cap is the lower of the replica's and the
+/// key's learned limit kept here (so a replica that has not heard of a lowering yet
+/// obeys it all the same). Returns {1, 0} admitted, {0, 0} full (or another replica's
+/// probe running), {0, ms} no quota unit for that long.
 pub(super) const ACQUIRE: &str = r#"
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[1])
 local me, v, c, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local learned = tonumber(redis.call('HGET', KEYS[5], 'limit') or '0')
+if learned > 0 and learned < cap then
+  cap = learned
+end
 local probe = ARGV[8] == '1'
 if probe then
   local holder = redis.call('GET', KEYS[4])
@@ -133,17 +140,45 @@ end
 return {left, level, disabled}
 "#;
 
-/// KEYS: state hashes. Returns per key {ms left, level, disabled}.
+/// KEYS: state hash. ARGV: limit, generation, raise (0/1), channel, id. The key's learned
+/// concurrency limit, one for every replica: a lower limit always wins; a raise wins only
+/// if made on the limit kept here (its generation is the one kept); with none kept (a new
+/// key, or the store restarted empty) the first one sent is taken. Every change raises the
+/// generation (past the sender's, after a restart) and is announced. Returns {limit,
+/// generation}.
+pub(super) const LIMIT: &str = r#"
+local s = redis.call('HMGET', KEYS[1], 'limit', 'lgen')
+local kept, gen = tonumber(s[1] or '0'), tonumber(s[2] or '0')
+local l, g = tonumber(ARGV[1]), tonumber(ARGV[2])
+local changed = false
+if kept == 0 then
+  kept, gen, changed = l, math.max(gen, g) + 1, true
+elseif ARGV[3] == '1' then
+  if g == gen and l > kept then
+    kept, gen, changed = l, gen + 1, true
+  end
+elseif l < kept then
+  kept, gen, changed = l, math.max(gen, g) + 1, true
+end
+if changed then
+  redis.call('HSET', KEYS[1], 'limit', kept, 'lgen', gen)
+  redis.call('PUBLISH', ARGV[4], string.format('limit %s %d %d', ARGV[5], kept, gen))
+end
+return {kept, gen}
+"#;
+
+/// KEYS: state hashes. Returns per key {ms left, level, disabled, learned limit (0:
+/// none), its generation}.
 pub(super) const SYNC: &str = r#"
 local out = {}
 for i = 1, #KEYS do
-  local s = redis.call('HMGET', KEYS[i], 'until', 'level', 'disabled')
+  local s = redis.call('HMGET', KEYS[i], 'until', 'level', 'disabled', 'limit', 'lgen')
   local u = tonumber(s[1] or '0')
   local disabled = 0
   if s[3] == '1' then
     disabled = 1
   end
-  out[i] = {math.max(u - now, 0), tonumber(s[2] or '0'), disabled}
+  out[i] = {math.max(u - now, 0), tonumber(s[2] or '0'), disabled, tonumber(s[4] or '0'), tonumber(s[5] or '0')}
 end
 return out
 "#;
@@ -155,6 +190,7 @@ impl Scripts {
             acquire: script(ACQUIRE),
             counts: script(COUNTS),
             rest: script(REST),
+            limit: script(LIMIT),
             sync: script(SYNC),
         }
     }

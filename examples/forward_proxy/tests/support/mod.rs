@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,6 +25,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
+
+/// The limited-provider stand-in (`wait.rs`, `sdks.rs`).
+pub mod limited;
 
 /// The bound on every wait in these tests: generous, so a loaded machine does not fail
 /// them, and never reached when the proxy behaves.
@@ -103,6 +107,7 @@ type Handler =
 pub struct MockUpstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<AtomicUsize>,
     arrived: watch::Sender<usize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -142,6 +147,23 @@ impl MockUpstream {
         F: Fn(Seen) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<MockBody>> + Send + 'static,
     {
+        Self::start_tls_offering(name, &[b"h2", b"http/1.1"], handler).await
+    }
+
+    /// Like [`MockUpstream::start_tls`], offering only HTTP/1.1 by ALPN.
+    pub async fn start_tls_http1<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(Seen) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<MockBody>> + Send + 'static,
+    {
+        Self::start_tls_offering("leaf", &[b"http/1.1"], handler).await
+    }
+
+    async fn start_tls_offering<F, Fut>(name: &str, alpn: &[&[u8]], handler: F) -> Self
+    where
+        F: Fn(Seen) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<MockBody>> + Send + 'static,
+    {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let certs = CertificateDer::pem_file_iter(tls_path(&format!("{name}.pem")))
@@ -156,7 +178,7 @@ impl MockUpstream {
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         Self::serve_with(
             listener,
@@ -177,15 +199,18 @@ impl MockUpstream {
         let addr = listener.local_addr().unwrap();
         let handler: Handler = Arc::new(move |seen| Box::pin(handler(seen)));
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
         let (arrived, _) = watch::channel(0);
         let task = {
             let seen = seen.clone();
             let arrived = arrived.clone();
+            let connections = connections.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
                         return;
                     };
+                    connections.fetch_add(1, Ordering::SeqCst);
                     let handler = handler.clone();
                     let seen = seen.clone();
                     let arrived = arrived.clone();
@@ -245,9 +270,15 @@ impl MockUpstream {
         Self {
             addr,
             seen,
+            connections,
             arrived,
             task,
         }
+    }
+
+    /// How many connections it has accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     pub fn url(&self, path: &str) -> String {

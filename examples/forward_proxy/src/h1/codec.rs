@@ -1,0 +1,886 @@
+//! HTTP/1.1 body framing (RFC 9112 §6, §7.1): how long a body is, and its bytes out of a
+//! connection's read buffer, for the client and the server sides alike.
+//!
+//! Strict where leniency lets two parties disagree about where a message ends (request
+//! smuggling): a message with both `Content-Length` and `Transfer-Encoding`, differing or
+//! invalid lengths, `chunked` that is not the last coding, a chunk size that is not plain
+//! hex or is too long, a bare LF, an oversized extension or trailer section: all are
+//! errors, never guesses. hyper and nginx refuse the same.
+//!
+//! The decoder takes the body's bytes out of the read buffer without copying
+//! (`split_to(..).freeze()`) and never reads past the body's end: bytes after it (a
+//! pipelined request, or an upstream's extra byte) stay in the buffer for the caller to
+//! judge.
+
+use std::fmt;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, Method};
+
+/// At most this many hex digits in a chunk size (a `u64`'s worth, as hyper allows).
+const MAX_CHUNK_SIZE_DIGITS: u32 = 16;
+/// At most this many bytes of extensions (and white space) on one chunk-size line.
+const MAX_CHUNK_EXTENSIONS: u32 = 4096;
+/// At most this many bytes of trailer fields after the last chunk (they are discarded).
+const MAX_TRAILERS: u32 = 16 * 1024;
+
+/// How a message body is delimited (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body at all (a request without length headers, a response to HEAD, 1xx, 204,
+    /// 304).
+    Empty,
+    /// Exactly this many bytes (`Content-Length`).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// A response without length: its body ends when the connection does.
+    UntilClose,
+}
+
+/// Why a message's framing headers cannot be trusted. Its `Display` names the problem,
+/// never a header's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FramingError {
+    /// Both `Content-Length` and `Transfer-Encoding`.
+    LengthAndChunked,
+    /// `Transfer-Encoding` whose last coding is not `chunked` (on a request), or with
+    /// `chunked` before another coding, or empty.
+    BadTransferEncoding,
+    /// A `Content-Length` that is not a plain decimal number.
+    InvalidContentLength,
+    /// Several `Content-Length` values that differ.
+    DifferingContentLengths,
+}
+
+impl fmt::Display for FramingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::LengthAndChunked => "both Content-Length and Transfer-Encoding",
+            Self::BadTransferEncoding => "a Transfer-Encoding whose last coding is not chunked",
+            Self::InvalidContentLength => "an invalid Content-Length",
+            Self::DifferingContentLengths => "several differing Content-Lengths",
+        })
+    }
+}
+
+impl std::error::Error for FramingError {}
+
+/// The framing of a request body: `chunked`, a length, or none (a request never reads
+/// until the connection closes).
+///
+/// # Errors
+///
+/// Both `Content-Length` and `Transfer-Encoding`, a `Transfer-Encoding` not ending in
+/// `chunked` (RFC 9112 §6.3: the server cannot tell the length), an invalid or several
+/// differing `Content-Length`s.
+pub(crate) fn request_framing(headers: &HeaderMap) -> Result<Framing, FramingError> {
+    match length_headers(headers)? {
+        Lengths::Chunked => Ok(Framing::Chunked),
+        Lengths::OtherCoding => Err(FramingError::BadTransferEncoding),
+        Lengths::Length(0) | Lengths::None => Ok(Framing::Empty),
+        Lengths::Length(n) => Ok(Framing::Length(n)),
+    }
+}
+
+/// The framing of the response to a `method` request with `status`: HEAD, 1xx, 204, 304
+/// and a successful CONNECT have no body whatever the headers say; a `Transfer-Encoding`
+/// that does not end in `chunked`, or no length header at all, means the body runs until
+/// the connection closes.
+///
+/// # Errors
+///
+/// Both `Content-Length` and `Transfer-Encoding` (allowed by RFC 9112 for a lenient
+/// recipient, refused here: no guessing), `chunked` before another coding, an invalid or
+/// several differing `Content-Length`s.
+pub(crate) fn response_framing(
+    method: &Method,
+    status: u16,
+    headers: &HeaderMap,
+) -> Result<Framing, FramingError> {
+    if *method == Method::HEAD
+        || (100..200).contains(&status)
+        || status == 204
+        || status == 304
+        || (*method == Method::CONNECT && (200..300).contains(&status))
+    {
+        return Ok(Framing::Empty);
+    }
+    match length_headers(headers)? {
+        Lengths::Chunked => Ok(Framing::Chunked),
+        Lengths::OtherCoding | Lengths::None => Ok(Framing::UntilClose),
+        Lengths::Length(0) => Ok(Framing::Empty),
+        Lengths::Length(n) => Ok(Framing::Length(n)),
+    }
+}
+
+/// What a message's length headers say, before the request/response rules.
+enum Lengths {
+    None,
+    Length(u64),
+    Chunked,
+    /// `Transfer-Encoding` whose last coding is another one.
+    OtherCoding,
+}
+
+fn length_headers(headers: &HeaderMap) -> Result<Lengths, FramingError> {
+    // One pass over the few names of a head instead of three hashed lookups (two of them
+    // for fields that are usually absent); then one lookup for the field that is there.
+    let (mut has_length, mut has_coding) = (false, false);
+    for name in headers.keys() {
+        has_length |= *name == CONTENT_LENGTH;
+        has_coding |= *name == TRANSFER_ENCODING;
+    }
+    if has_coding {
+        if has_length {
+            return Err(FramingError::LengthAndChunked);
+        }
+        // The codings of all the fields in order, empty list elements ignored (RFC 9110
+        // §5.6.1); `chunked` must come last and only once.
+        let mut last_chunked = None;
+        for value in &headers.get_all(TRANSFER_ENCODING) {
+            let value = value
+                .to_str()
+                .map_err(|_| FramingError::BadTransferEncoding)?;
+            for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                if last_chunked == Some(true) {
+                    return Err(FramingError::BadTransferEncoding);
+                }
+                last_chunked = Some(coding.eq_ignore_ascii_case("chunked"));
+            }
+        }
+        return match last_chunked {
+            Some(true) => Ok(Lengths::Chunked),
+            Some(false) => Ok(Lengths::OtherCoding),
+            None => Err(FramingError::BadTransferEncoding),
+        };
+    }
+    if !has_length {
+        return Ok(Lengths::None);
+    }
+    // Several fields, or a list in one, are fine when all agree (RFC 9110 §8.6).
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_decimal(part.trim_ascii()).ok_or(FramingError::InvalidContentLength)?;
+            match length {
+                Some(seen) if seen != n => return Err(FramingError::DifferingContentLengths),
+                _ => length = Some(n),
+            }
+        }
+    }
+    Ok(Lengths::Length(
+        length.ok_or(FramingError::InvalidContentLength)?,
+    ))
+}
+
+/// Digits only (no sign, no white space inside), not empty, no overflow.
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
+/// Why a body could not be decoded. Its `Display` names the problem, never the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DecodeError {
+    /// A chunk size with a non-hex character, none at all, or too many digits.
+    InvalidChunkSize,
+    /// Chunk extensions longer than the bound.
+    ChunkExtensionsTooLong,
+    /// A line end that is not CRLF (a bare LF, or bytes where the CRLF after a chunk's
+    /// data belongs).
+    InvalidLineEnd,
+    /// Trailer fields longer than the bound.
+    TrailersTooLong,
+    /// The connection closed before the body's end.
+    Incomplete,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::InvalidChunkSize => "an invalid chunk size",
+            Self::ChunkExtensionsTooLong => "chunk extensions too long",
+            Self::InvalidLineEnd => "a line in the chunked body not ended by CRLF",
+            Self::TrailersTooLong => "trailer fields too long",
+            Self::Incomplete => "the connection closed before the end of the body",
+        })
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// What [`BodyDecoder::decode`] found in the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decoded {
+    /// Some of the body (never empty).
+    Data(Bytes),
+    /// The buffer holds no more of the body: read more, then decode again.
+    NeedMore,
+    /// The body is complete; the buffer holds only what follows it.
+    End,
+}
+
+/// Takes one body's bytes out of a connection's read buffer as they arrive.
+#[derive(Debug)]
+pub(crate) struct BodyDecoder {
+    state: State,
+}
+
+// The chunked states follow the grammar (RFC 9112 §7.1):
+//   Size ─hex─► Size ─(SP|HTAB)─► SizeSpace ─;─► Extension ─CR─► SizeLf ─LF─►
+//     (size > 0) Data ─0 left─► DataCr ─CR─► DataLf ─LF─► Size
+//     (size 0)   TrailerStart ─CR─► EndLf ─LF─► Done
+//                TrailerStart ─other─► Trailer ─CR─► TrailerLf ─LF─► TrailerStart
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// A `Content-Length` body with this much left (0: done).
+    Length(u64),
+    /// Reading a chunk size: its value and its digits so far.
+    Size {
+        size: u64,
+        digits: u32,
+    },
+    /// White space after the size: only `;` or CR may follow.
+    SizeSpace {
+        size: u64,
+        bytes: u32,
+    },
+    /// Inside chunk extensions (skipped), this many bytes long so far.
+    Extension {
+        size: u64,
+        bytes: u32,
+    },
+    /// After the size line's CR.
+    SizeLf {
+        size: u64,
+    },
+    /// This much of the current chunk's data left.
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or of the final empty line), after this many
+    /// trailer bytes.
+    TrailerStart {
+        bytes: u32,
+    },
+    Trailer {
+        bytes: u32,
+    },
+    TrailerLf {
+        bytes: u32,
+    },
+    /// After the final empty line's CR.
+    EndLf,
+    UntilClose,
+    Done,
+}
+
+impl BodyDecoder {
+    pub(crate) fn new(framing: Framing) -> Self {
+        let state = match framing {
+            Framing::Empty => State::Done,
+            Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::Size { size: 0, digits: 0 },
+            Framing::UntilClose => State::UntilClose,
+        };
+        Self { state }
+    }
+
+    /// The body is complete (everything after it is the next message's).
+    pub(crate) fn is_end(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// The exact number of body bytes still to come, when the framing tells.
+    pub(crate) fn exact_remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Done => Some(0),
+            State::Length(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The next piece of the body out of `buf`, leaving every byte after the body's end
+    /// in it.
+    ///
+    /// # Errors
+    ///
+    /// A malformed chunked body ([`DecodeError`]); the connection must not be used again.
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, DecodeError> {
+        match self.state {
+            State::Done => return Ok(Decoded::End),
+            State::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = take(left, buf.len());
+                self.state = if left == n as u64 {
+                    State::Done
+                } else {
+                    State::Length(left - n as u64)
+                };
+                return Ok(Decoded::Data(buf.split_to(n).freeze()));
+            }
+            State::UntilClose => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                return Ok(Decoded::Data(buf.split().freeze()));
+            }
+            _ => {}
+        }
+        // Chunked: walk the framing bytes up to the next data (or the end), then take
+        // them out of the buffer at once.
+        let mut used = 0;
+        let decoded = loop {
+            if let State::Data(left) = self.state {
+                buf.advance(used);
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = take(left, buf.len());
+                self.state = if left == n as u64 {
+                    State::DataCr
+                } else {
+                    State::Data(left - n as u64)
+                };
+                return Ok(Decoded::Data(buf.split_to(n).freeze()));
+            }
+            if self.state == State::Done {
+                break Decoded::End;
+            }
+            let Some(&byte) = buf.get(used) else {
+                break Decoded::NeedMore;
+            };
+            used += 1;
+            self.state = match self.chunked_step(byte) {
+                Ok(state) => state,
+                Err(e) => {
+                    buf.advance(used);
+                    return Err(e);
+                }
+            };
+        };
+        buf.advance(used);
+        Ok(decoded)
+    }
+
+    /// The chunked state after `byte`.
+    fn chunked_step(&self, byte: u8) -> Result<State, DecodeError> {
+        Ok(match self.state {
+            State::Size { size, digits } => match (byte, hex_value(byte)) {
+                (_, Some(value)) => {
+                    if digits == MAX_CHUNK_SIZE_DIGITS {
+                        return Err(DecodeError::InvalidChunkSize);
+                    }
+                    State::Size {
+                        // 16 hex digits fit a u64: no overflow.
+                        size: size << 4 | u64::from(value),
+                        digits: digits + 1,
+                    }
+                }
+                _ if digits == 0 => return Err(DecodeError::InvalidChunkSize),
+                (b'\r', _) => State::SizeLf { size },
+                (b';', _) => State::Extension { size, bytes: 1 },
+                (b' ' | b'\t', _) => State::SizeSpace { size, bytes: 1 },
+                (b'\n', _) => return Err(DecodeError::InvalidLineEnd),
+                _ => return Err(DecodeError::InvalidChunkSize),
+            },
+            State::SizeSpace { size, bytes } => match byte {
+                _ if bytes == MAX_CHUNK_EXTENSIONS => {
+                    return Err(DecodeError::ChunkExtensionsTooLong);
+                }
+                b' ' | b'\t' => State::SizeSpace {
+                    size,
+                    bytes: bytes + 1,
+                },
+                b';' => State::Extension {
+                    size,
+                    bytes: bytes + 1,
+                },
+                b'\r' => State::SizeLf { size },
+                b'\n' => return Err(DecodeError::InvalidLineEnd),
+                _ => return Err(DecodeError::InvalidChunkSize),
+            },
+            State::Extension { size, bytes } => match byte {
+                b'\r' => State::SizeLf { size },
+                b'\n' => return Err(DecodeError::InvalidLineEnd),
+                _ if bytes == MAX_CHUNK_EXTENSIONS => {
+                    return Err(DecodeError::ChunkExtensionsTooLong);
+                }
+                _ => State::Extension {
+                    size,
+                    bytes: bytes + 1,
+                },
+            },
+            State::SizeLf { size } => match byte {
+                b'\n' if size == 0 => State::TrailerStart { bytes: 0 },
+                b'\n' => State::Data(size),
+                _ => return Err(DecodeError::InvalidLineEnd),
+            },
+            State::DataCr => match byte {
+                b'\r' => State::DataLf,
+                _ => return Err(DecodeError::InvalidLineEnd),
+            },
+            State::DataLf => match byte {
+                b'\n' => State::Size { size: 0, digits: 0 },
+                _ => return Err(DecodeError::InvalidLineEnd),
+            },
+            State::TrailerStart { bytes } => match byte {
+                b'\r' => State::EndLf,
+                b'\n' => return Err(DecodeError::InvalidLineEnd),
+                _ => trailer_byte(bytes)?,
+            },
+            State::Trailer { bytes } => match byte {
+                b'\r' => State::TrailerLf { bytes },
+                b'\n' => return Err(DecodeError::InvalidLineEnd),
+                _ => trailer_byte(bytes)?,
+            },
+            State::TrailerLf { bytes } => match byte {
+                b'\n' => State::TrailerStart { bytes },
+                _ => return Err(DecodeError::InvalidLineEnd),
+            },
+            State::EndLf => match byte {
+                b'\n' => State::Done,
+                _ => return Err(DecodeError::InvalidLineEnd),
+            },
+            State::Length(_) | State::Data(_) | State::UntilClose | State::Done => {
+                unreachable!("not a chunked framing state")
+            }
+        })
+    }
+
+    /// The peer closed the connection: the body's end for [`Framing::UntilClose`].
+    ///
+    /// # Errors
+    ///
+    /// [`DecodeError::Incomplete`] for a length or chunked body that has not ended.
+    pub(crate) fn eof(&mut self) -> Result<(), DecodeError> {
+        match self.state {
+            State::Done => Ok(()),
+            State::UntilClose => {
+                self.state = State::Done;
+                Ok(())
+            }
+            _ => Err(DecodeError::Incomplete),
+        }
+    }
+}
+
+fn trailer_byte(bytes: u32) -> Result<State, DecodeError> {
+    if bytes == MAX_TRAILERS {
+        return Err(DecodeError::TrailersTooLong);
+    }
+    Ok(State::Trailer { bytes: bytes + 1 })
+}
+
+/// As much of `left` as `available` holds.
+fn take(left: u64, available: usize) -> usize {
+    usize::try_from(left).map_or(available, |left| left.min(available))
+}
+
+fn hex_value(byte: u8) -> Option<u8> {
+    match byte {
+        b'0'..=b'9' => Some(byte - b'0'),
+        b'a'..=b'f' => Some(byte - b'a' + 10),
+        b'A'..=b'F' => Some(byte - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Ends a chunk's data.
+pub(crate) const CHUNK_END: &[u8] = b"\r\n";
+/// The last chunk and the end of a chunked body (no trailers).
+pub(crate) const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Appends the size line of a chunk of `len` bytes (`len` in hex, CRLF) to `out`; the
+/// chunk's data and [`CHUNK_END`] follow it. A chunk of 0 bytes would end the body: use
+/// [`LAST_CHUNK`] for that.
+pub(crate) fn encode_chunk_head(len: usize, out: &mut BytesMut) {
+    debug_assert!(len > 0, "an empty chunk ends the body");
+    let mut digits = [0u8; 16];
+    let mut start = digits.len();
+    let mut n = len;
+    loop {
+        start -= 1;
+        digits[start] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reserve(digits.len() - start + 2);
+    out.extend_from_slice(&digits[start..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    /// Everything `input` decodes to, fed in pieces of `step` bytes: the data, how it
+    /// ended, and what stayed in the buffer.
+    fn decode_all(
+        framing: Framing,
+        input: &[u8],
+        step: usize,
+    ) -> (Vec<u8>, Result<Decoded, DecodeError>, Vec<u8>) {
+        let mut decoder = BodyDecoder::new(framing);
+        let mut buf = BytesMut::new();
+        let mut rest = input;
+        let mut data = Vec::new();
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Decoded::Data(bytes)) => {
+                    assert!(!bytes.is_empty());
+                    data.extend_from_slice(&bytes);
+                }
+                Ok(Decoded::NeedMore) if !rest.is_empty() => {
+                    let n = step.min(rest.len());
+                    buf.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                }
+                other => return (data, other, buf.to_vec()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_without_length_headers_has_no_body() {
+        assert_eq!(request_framing(&HeaderMap::new()), Ok(Framing::Empty));
+        let map = headers(&[("content-length", "0")]);
+        assert_eq!(request_framing(&map), Ok(Framing::Empty));
+    }
+
+    #[test]
+    fn content_length_gives_the_length() {
+        let map = headers(&[("content-length", "42")]);
+        assert_eq!(request_framing(&map), Ok(Framing::Length(42)));
+        assert_eq!(
+            response_framing(&Method::POST, 200, &map),
+            Ok(Framing::Length(42))
+        );
+    }
+
+    #[test]
+    fn repeated_equal_content_lengths_are_one_length() {
+        let map = headers(&[("content-length", "7, 7"), ("content-length", "7")]);
+        assert_eq!(request_framing(&map), Ok(Framing::Length(7)));
+    }
+
+    #[test]
+    fn differing_content_lengths_are_refused() {
+        for map in [
+            headers(&[("content-length", "7"), ("content-length", "8")]),
+            headers(&[("content-length", "7,8")]),
+        ] {
+            assert_eq!(
+                request_framing(&map),
+                Err(FramingError::DifferingContentLengths)
+            );
+            assert_eq!(
+                response_framing(&Method::GET, 200, &map),
+                Err(FramingError::DifferingContentLengths)
+            );
+        }
+    }
+
+    #[test]
+    fn a_content_length_that_is_not_plain_digits_is_refused() {
+        for value in [
+            "",
+            "+5",
+            "-1",
+            "5 5",
+            "0x10",
+            "1e3",
+            "18446744073709551616",
+            "5,",
+        ] {
+            let map = headers(&[("content-length", value)]);
+            assert_eq!(
+                request_framing(&map),
+                Err(FramingError::InvalidContentLength),
+                "{value:?}"
+            );
+        }
+        let map = headers(&[("content-length", "18446744073709551615")]);
+        assert_eq!(request_framing(&map), Ok(Framing::Length(u64::MAX)));
+    }
+
+    #[test]
+    fn length_and_transfer_encoding_together_are_refused() {
+        let map = headers(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
+        assert_eq!(request_framing(&map), Err(FramingError::LengthAndChunked));
+        assert_eq!(
+            response_framing(&Method::GET, 200, &map),
+            Err(FramingError::LengthAndChunked)
+        );
+    }
+
+    #[test]
+    fn chunked_must_be_the_last_coding_once() {
+        for value in ["chunked", "gzip, chunked", "CHUNKED", " chunked ,"] {
+            let map = headers(&[("transfer-encoding", value)]);
+            assert_eq!(request_framing(&map), Ok(Framing::Chunked), "{value:?}");
+        }
+        let split = headers(&[
+            ("transfer-encoding", "gzip"),
+            ("transfer-encoding", "chunked"),
+        ]);
+        assert_eq!(request_framing(&split), Ok(Framing::Chunked));
+        for value in ["chunked, gzip", "chunked, chunked", "", " , "] {
+            let map = headers(&[("transfer-encoding", value)]);
+            assert_eq!(
+                request_framing(&map),
+                Err(FramingError::BadTransferEncoding),
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_with_another_last_coding_is_refused_a_response_reads_to_close() {
+        let map = headers(&[("transfer-encoding", "gzip")]);
+        assert_eq!(
+            request_framing(&map),
+            Err(FramingError::BadTransferEncoding)
+        );
+        assert_eq!(
+            response_framing(&Method::GET, 200, &map),
+            Ok(Framing::UntilClose)
+        );
+    }
+
+    #[test]
+    fn a_response_without_length_reads_to_close() {
+        assert_eq!(
+            response_framing(&Method::GET, 200, &HeaderMap::new()),
+            Ok(Framing::UntilClose)
+        );
+    }
+
+    #[test]
+    fn responses_that_have_no_body_ignore_their_length_headers() {
+        let map = headers(&[("content-length", "10")]);
+        for (method, status) in [
+            (Method::HEAD, 200),
+            (Method::GET, 100),
+            (Method::GET, 204),
+            (Method::GET, 304),
+            (Method::CONNECT, 200),
+        ] {
+            assert_eq!(
+                response_framing(&method, status, &map),
+                Ok(Framing::Empty),
+                "{method} {status}"
+            );
+        }
+        let chunked = headers(&[("transfer-encoding", "chunked")]);
+        assert_eq!(
+            response_framing(&Method::HEAD, 200, &chunked),
+            Ok(Framing::Empty)
+        );
+    }
+
+    #[test]
+    fn a_length_body_stops_at_its_end_and_leaves_the_rest() {
+        for step in [1, 3, 100] {
+            let (data, end, rest) = decode_all(Framing::Length(5), b"hello, next", step);
+            assert_eq!(data, b"hello");
+            assert_eq!(end, Ok(Decoded::End));
+            assert!(b", next".starts_with(&rest), "step {step}: {rest:?}");
+        }
+    }
+
+    #[test]
+    fn a_length_body_cut_short_is_incomplete() {
+        let mut decoder = BodyDecoder::new(Framing::Length(5));
+        let mut buf = BytesMut::from(&b"hel"[..]);
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Ok(Decoded::Data(Bytes::from_static(b"hel")))
+        );
+        assert_eq!(decoder.exact_remaining(), Some(2));
+        assert_eq!(decoder.decode(&mut buf), Ok(Decoded::NeedMore));
+        assert_eq!(decoder.eof(), Err(DecodeError::Incomplete));
+    }
+
+    #[test]
+    fn an_until_close_body_ends_at_eof() {
+        let mut decoder = BodyDecoder::new(Framing::UntilClose);
+        let mut buf = BytesMut::from(&b"abc"[..]);
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Ok(Decoded::Data(Bytes::from_static(b"abc")))
+        );
+        assert_eq!(decoder.decode(&mut buf), Ok(Decoded::NeedMore));
+        assert_eq!(decoder.eof(), Ok(()));
+        assert_eq!(decoder.decode(&mut buf), Ok(Decoded::End));
+    }
+
+    #[test]
+    fn an_empty_body_ends_at_once() {
+        for framing in [Framing::Empty, Framing::Length(0)] {
+            let mut decoder = BodyDecoder::new(framing);
+            let mut buf = BytesMut::from(&b"HTTP/1.1"[..]);
+            assert!(decoder.is_end());
+            assert_eq!(decoder.decode(&mut buf), Ok(Decoded::End));
+            assert_eq!(&buf[..], b"HTTP/1.1");
+        }
+    }
+
+    #[test]
+    fn a_chunked_body_decodes_however_it_is_split() {
+        let input = b"5\r\nhello\r\n1;name=value\r\n,\r\nA \t; x\r\n0123456789\r\n0\r\n\r\nNEXT";
+        for step in [1, 2, 5, 7, 1000] {
+            let (data, end, rest) = decode_all(Framing::Chunked, input, step);
+            assert_eq!(data, b"hello,0123456789", "step {step}");
+            assert_eq!(end, Ok(Decoded::End), "step {step}");
+            assert!(b"NEXT".starts_with(&rest), "step {step}: {rest:?}");
+        }
+    }
+
+    #[test]
+    fn trailers_are_read_and_discarded() {
+        let input = b"3\r\nabc\r\n0\r\nx-one: 1\r\nx-two: 2\r\n\r\nNEXT";
+        let (data, end, rest) = decode_all(Framing::Chunked, input, 1000);
+        assert_eq!(data, b"abc");
+        assert_eq!(end, Ok(Decoded::End));
+        assert_eq!(rest, b"NEXT");
+    }
+
+    #[test]
+    fn bad_chunk_sizes_are_errors() {
+        for input in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"-1\r\n",
+            b"+1\r\n",
+            b"0x5\r\n",
+            b"5 5\r\n",
+            b"10000000000000000\r\n",
+            b"5\rx",
+        ] {
+            let (_, end, _) = decode_all(Framing::Chunked, input, 1000);
+            assert!(
+                matches!(
+                    end,
+                    Err(DecodeError::InvalidChunkSize | DecodeError::InvalidLineEnd)
+                ),
+                "{input:?}: {end:?}"
+            );
+        }
+        // The largest size that fits is a size, not an error.
+        let (_, end, _) = decode_all(Framing::Chunked, b"ffffffffffffffff\r\n", 1000);
+        assert_eq!(end, Ok(Decoded::NeedMore));
+    }
+
+    #[test]
+    fn bare_line_feeds_are_errors() {
+        for input in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5;ext\nhello",
+            b"0\r\n\n",
+            b"0\r\nx: y\n\r\n",
+        ] {
+            let (_, end, _) = decode_all(Framing::Chunked, input, 1000);
+            assert_eq!(end, Err(DecodeError::InvalidLineEnd), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn data_longer_than_its_chunk_size_is_an_error() {
+        let (data, end, _) = decode_all(Framing::Chunked, b"3\r\nhello\r\n", 1000);
+        assert_eq!(data, b"hel");
+        assert_eq!(end, Err(DecodeError::InvalidLineEnd));
+    }
+
+    #[test]
+    fn extensions_and_trailers_are_bounded() {
+        let mut long_extension = b"1;".to_vec();
+        long_extension.extend(std::iter::repeat_n(b'a', 5000));
+        let (_, end, _) = decode_all(Framing::Chunked, &long_extension, 1000);
+        assert_eq!(end, Err(DecodeError::ChunkExtensionsTooLong));
+
+        let mut long_space = b"1".to_vec();
+        long_space.extend(std::iter::repeat_n(b' ', 5000));
+        let (_, end, _) = decode_all(Framing::Chunked, &long_space, 1000);
+        assert_eq!(end, Err(DecodeError::ChunkExtensionsTooLong));
+
+        let mut long_trailers = b"0\r\n".to_vec();
+        for _ in 0..2000 {
+            long_trailers.extend_from_slice(b"x-a: bbbbb\r\n");
+        }
+        let (_, end, _) = decode_all(Framing::Chunked, &long_trailers, 1000);
+        assert_eq!(end, Err(DecodeError::TrailersTooLong));
+    }
+
+    #[test]
+    fn an_unfinished_chunked_body_at_eof_is_incomplete() {
+        for input in [
+            &b""[..],
+            b"5\r\nhel",
+            b"5\r\nhello\r\n",
+            b"0\r\n",
+            b"0\r\n\r",
+        ] {
+            let mut decoder = BodyDecoder::new(Framing::Chunked);
+            let mut buf = BytesMut::from(input);
+            while let Ok(Decoded::Data(_)) = decoder.decode(&mut buf) {}
+            assert_eq!(decoder.eof(), Err(DecodeError::Incomplete), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn encoded_chunks_decode_to_the_same_data() {
+        let mut out = BytesMut::new();
+        let pieces: [&[u8]; 3] = [b"a", &[b'x'; 300], b"0123456789abcdef"];
+        for piece in pieces {
+            encode_chunk_head(piece.len(), &mut out);
+            out.extend_from_slice(piece);
+            out.extend_from_slice(CHUNK_END);
+        }
+        out.extend_from_slice(LAST_CHUNK);
+        assert!(out.starts_with(b"1\r\na\r\n12c\r\n"));
+        let (data, end, rest) = decode_all(Framing::Chunked, &out, 1000);
+        assert_eq!(data, pieces.concat());
+        assert_eq!(end, Ok(Decoded::End));
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_problem_not_the_value() {
+        let text = FramingError::DifferingContentLengths.to_string();
+        assert_eq!(text, "several differing Content-Lengths");
+        assert_eq!(
+            DecodeError::InvalidChunkSize.to_string(),
+            "an invalid chunk size"
+        );
+    }
+}
