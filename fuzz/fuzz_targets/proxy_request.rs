@@ -149,7 +149,7 @@ fn world() -> &'static World {
             let secrets = config::load_secrets(&args).unwrap();
             // As main.rs builds it.
             let pool = args.pool_builder(secrets.keys).build();
-            let options = upstream::Options::from_args(&args, Vec::new()).unwrap();
+            let options = upstream::Options::from_args(&args, Vec::new());
             let upstream = runtime.block_on(async { upstream::build(&pool, options).unwrap() });
             // main.rs binds `--listen`; nothing listens here (inputs come over a duplex),
             // but absolute-form targets naming this address count as the proxy's own.

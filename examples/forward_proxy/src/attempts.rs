@@ -1,10 +1,13 @@
-//! [`Attempts`]: a request extension that follows a request's attempts at the upstream, for
-//! the access log (attempts, time waited for a key) and for a client that goes away (is
-//! an attempt at the provider right now?).
+//! [`Attempts`]: follows a request's attempts at the upstream, for the access log (attempts,
+//! time waited for a key) and for a client that goes away (is an attempt at the provider
+//! right now?).
 //!
 //! [`AttemptTimerLayer`] sits just inside `KeyRotation`, so it sees each attempt from the
-//! moment a key is placed on it to its response head (or error); every clone of the
-//! request made for a retry carries the same record.
+//! moment a key is placed on it to its response head (or error). The record is handed to
+//! the clone of the client stack that serves the request ([`AttemptTimer::follow`]), not
+//! carried as a request extension: the retry layer copies a request's extensions for each
+//! possible retry, and with only its own `TriedKeys` there it shares instead of copying
+//! (BENCHMARKS.md §3, step 10). The retry layer's clones of the stack follow the same record.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -83,14 +86,26 @@ pub(crate) struct AttemptTimerLayer;
 impl<S> Layer<S> for AttemptTimerLayer {
     type Service = AttemptTimer<S>;
     fn layer(&self, inner: S) -> AttemptTimer<S> {
-        AttemptTimer { inner }
+        AttemptTimer {
+            inner,
+            attempts: None,
+        }
     }
 }
 
-/// Records each attempt in the request's [`Attempts`], if it carries one.
-#[derive(Debug, Clone)]
+/// Records each attempt in the [`Attempts`] it follows, if any.
+#[derive(Clone)]
 pub(crate) struct AttemptTimer<S> {
     inner: S,
+    attempts: Option<Attempts>,
+}
+
+impl<S> AttemptTimer<S> {
+    /// Records this service's (and its clones') attempts in `attempts`: for a clone of
+    /// the stack that serves one request.
+    pub(crate) fn follow(&mut self, attempts: Attempts) {
+        self.attempts = Some(attempts);
+    }
 }
 
 impl<S, B> Service<http::Request<B>> for AttemptTimer<S>
@@ -106,7 +121,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let attempt = req.extensions().get::<Attempts>().cloned().map(|attempts| {
+        let attempt = self.attempts.clone().map(|attempts| {
             let started = attempts.start();
             Attempt { attempts, started }
         });

@@ -41,6 +41,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceExt};
 
+use crate::config::Upstream;
 use crate::h1::client::{Connection, RequestWriter, ResponseBody};
 
 /// Idle HTTP/1 connections kept per worker (nginx's `keepalive`); more are closed when
@@ -51,6 +52,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// One worker's connections to the upstream: a `Service` from request to response head,
 /// for any request body `B`.
+///
+/// It reaches one upstream only, so a request's URI is its path and query *below the
+/// upstream URL's path* (origin-form, `/chat/completions`): the scheme, host and path
+/// prefix are the upstream's, put in front here (for HTTP/1 as the request line is
+/// written, without building a URI per request).
 pub(crate) struct Connections<B> {
     shared: Arc<Shared<B>>,
 }
@@ -65,6 +71,10 @@ impl<B> Clone for Connections<B> {
 
 struct Shared<B> {
     connector: HttpsConnector<HttpConnector>,
+    /// Where to connect, and the base of the HTTP/2 requests' URIs.
+    upstream: Upstream,
+    /// The upstream URL's scheme and authority, for the connector.
+    origin: Uri,
     /// `Host` for HTTP/1 requests that carry none: the upstream's host, with its port
     /// unless it is the scheme's default (hyper-util's rule).
     host: Option<HeaderValue>,
@@ -88,14 +98,15 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    pub(crate) fn new(connector: HttpsConnector<HttpConnector>, upstream: &Uri) -> Self {
-        let host = upstream.host().and_then(|host| {
-            let default_port = if upstream.scheme_str() == Some("https") {
+    pub(crate) fn new(connector: HttpsConnector<HttpConnector>, upstream: &Upstream) -> Self {
+        let origin = upstream.join("/").expect("a validated upstream URL");
+        let host = origin.host().and_then(|host| {
+            let default_port = if origin.scheme_str() == Some("https") {
                 443
             } else {
                 80
             };
-            match upstream.port_u16() {
+            match origin.port_u16() {
                 Some(port) if port != default_port => {
                     HeaderValue::from_str(&format!("{host}:{port}")).ok()
                 }
@@ -105,6 +116,8 @@ where
         Self {
             shared: Arc::new(Shared {
                 connector,
+                upstream: upstream.clone(),
+                origin,
                 host,
                 http1: Arc::default(),
                 http2: Mutex::default(),
@@ -119,7 +132,7 @@ where
             Some(conn) => (conn, true),
             // Boxed: the rare connect would otherwise make every request's future larger
             // (moved as a whole into its box).
-            None => match Box::pin(self.connect(req.uri())).await? {
+            None => match Box::pin(self.connect()).await? {
                 Fresh::Http1(conn) => (conn, false),
                 Fresh::Http2(sender) => {
                     return Box::pin(self.send_http2(sender, req, false)).await;
@@ -128,7 +141,12 @@ where
         };
         let (parts, body) = req.into_parts();
         let mut body = pin!(body);
-        let mut writer = RequestWriter::new(&parts, self.shared.host.as_ref(), &*body);
+        let mut writer = RequestWriter::new(
+            &parts,
+            &self.shared.upstream.prefix,
+            self.shared.host.as_ref(),
+            &*body,
+        );
         loop {
             match writer.write(&mut conn, body.as_mut()).await {
                 Ok(()) => break,
@@ -136,7 +154,7 @@ where
                 // connection may take it.
                 Err(e) if reused && e.is_unsent() => {
                     tracing::debug!("a pooled upstream connection was closed: {e}");
-                    match Box::pin(self.connect(&parts.uri)).await? {
+                    match Box::pin(self.connect()).await? {
                         Fresh::Http1(fresh) => {
                             conn = fresh;
                             reused = false;
@@ -168,6 +186,9 @@ where
         mut req: Request<B>,
         mut pooled: bool,
     ) -> Result<Response<Body>, BoxError> {
+        // hyper's HTTP/2 client takes `:scheme`, `:authority` and `:path` from the URI.
+        let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        *req.uri_mut() = self.shared.upstream.join(path_and_query)?;
         loop {
             let failed = match sender.try_send_request(req).await {
                 Ok(response) => return Ok(response.map(|body| Body(Inner::Http2(body)))),
@@ -178,7 +199,7 @@ where
                 // Not a byte was written on a pooled connection: another one may do.
                 Some(unsent) if pooled => {
                     req = unsent;
-                    sender = match self.connect(req.uri()).await? {
+                    sender = match self.connect().await? {
                         Fresh::Http2(sender) => sender,
                         Fresh::Http1(_) => return Err(failed.into_error().into()),
                     };
@@ -189,12 +210,12 @@ where
         }
     }
 
-    async fn connect(&self, uri: &Uri) -> Result<Fresh<B>, BoxError> {
+    async fn connect(&self) -> Result<Fresh<B>, BoxError> {
         let io = self
             .shared
             .connector
             .clone()
-            .oneshot(uri.clone())
+            .oneshot(self.shared.origin.clone())
             .await
             .map_err(ConnectError::new)?;
         if io.connected().is_negotiated_h2() {

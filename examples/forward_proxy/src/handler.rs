@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use std::time::Duration;
@@ -35,8 +35,6 @@ pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 pub(crate) struct State {
     pub(crate) pool: KeyPool,
     pub(crate) upstream_url: UpstreamUrl,
-    /// The `Host` of a plain-HTTP upstream, built once (see [`host_header`]).
-    pub(crate) upstream_host: Option<HeaderValue>,
     pub(crate) upstream: Upstream,
     pub(crate) access_token: Option<Arc<AccessToken>>,
     pub(crate) metrics: Arc<Metrics>,
@@ -64,7 +62,6 @@ impl State {
             metrics: Arc::new(Metrics::new(pool.clone())),
             key_names: Arc::new(KeyNames::new(key_names(&pool))),
             pool,
-            upstream_host: host_header(&args.upstream),
             upstream_url: args.upstream.clone(),
             upstream,
             access_token: access_token.map(Arc::new),
@@ -83,22 +80,6 @@ pub(crate) type KeyNames = arc_swap::ArcSwap<Vec<Option<String>>>;
 /// The names of `pool`'s keys, for [`KeyNames`].
 pub(crate) fn key_names(pool: &KeyPool) -> Arc<Vec<Option<String>>> {
     Arc::new(pool.snapshot().into_iter().map(|key| key.name).collect())
-}
-
-/// The `Host` header hyper-util's client would put on each request to a plain-HTTP
-/// upstream (`host`, or `host:port` for a port other than 80), built once instead of once
-/// per request. `None` for https: ALPN may choose HTTP/2 there, which carries the
-/// authority in its own pseudo-header and no `Host`, and the client decides.
-pub(crate) fn host_header(upstream: &UpstreamUrl) -> Option<HeaderValue> {
-    if upstream.scheme != http::uri::Scheme::HTTP {
-        return None;
-    }
-    let host = upstream.authority.host();
-    let value = match upstream.authority.port_u16() {
-        Some(port) if port != 80 => format!("{host}:{port}"),
-        _ => host.to_owned(),
-    };
-    HeaderValue::from_str(&value).ok()
 }
 
 pub(crate) fn full(body: impl Into<Bytes>) -> Body {
@@ -126,8 +107,9 @@ pub(crate) async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let method = req.method().clone();
-    // The path only: a query string is the client's business and stays out of logs.
-    let path = req.uri().path().to_owned();
+    // The path only (`LoggedPath`): a query string is the client's business and stays out
+    // of logs. A shared slice of the request's head, not a copy.
+    let path = LoggedPath(req.uri().path_and_query().cloned());
     let request = RequestLabel {
         method,
         path,
@@ -136,9 +118,9 @@ pub(crate) async fn handle(
     let exchange = proxy(&state, req, &request).await;
     let elapsed = started.elapsed();
     let status = exchange.response.status();
-    if request.path.starts_with(admin::PREFIX) {
+    if request.path.path().starts_with(admin::PREFIX) {
         tracing::debug!("{} {} -> {}", request.method, request.path, status.as_u16());
-        return Ok(exchange.response);
+        return Ok(exchange.response.map(ExchangeBody::boxed));
     }
     let tried = &exchange.tried;
     state.metrics.observe(
@@ -149,7 +131,7 @@ pub(crate) async fn handle(
     );
     access_log(&state, &request, &exchange, status, elapsed);
     if exchange.attempts == 0 {
-        return Ok(exchange.response);
+        return Ok(exchange.response.map(ExchangeBody::boxed));
     }
     // Proxied: note a client that goes away before the body's end.
     let key = exchange.tried.last().copied();
@@ -169,13 +151,29 @@ pub(crate) async fn handle(
 #[derive(Clone)]
 struct RequestLabel {
     method: Method,
-    path: String,
+    path: LoggedPath,
     started: Instant,
+}
+
+/// A request's path as logged: its target's path, without the query.
+#[derive(Clone)]
+struct LoggedPath(Option<http::uri::PathAndQuery>);
+
+impl LoggedPath {
+    fn path(&self) -> &str {
+        self.0.as_ref().map_or("/", http::uri::PathAndQuery::path)
+    }
+}
+
+impl std::fmt::Display for LoggedPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.path())
+    }
 }
 
 /// What became of a request.
 struct Exchange {
-    response: Response<Body>,
+    response: Response<ExchangeBody>,
     /// 1-based positions of the keys tried, in order (empty when the request never
     /// reached the key layer).
     tried: Vec<usize>,
@@ -188,7 +186,7 @@ struct Exchange {
 impl Exchange {
     fn local(response: Response<Body>) -> Self {
         Self {
-            response,
+            response: response.map(ExchangeBody::Own),
             tried: Vec::new(),
             attempts: 0,
             waited: Duration::ZERO,
@@ -288,9 +286,32 @@ fn log_client_gone(state: &State, request: &RequestLabel, key: Option<usize>, wh
     }
 }
 
+/// The upstream's response body, as the key layer hands it on.
+type UpstreamBody = tower_key_rotation::body::TrackedBody<crate::connections::Body>;
+
+/// A response body as [`proxy`] leaves it: the upstream's, or the proxy's own. Kept
+/// apart (not boxed) until [`handle`] has wrapped it, so that it is boxed once.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the upstream's body is the usual one; boxing it is the allocation this avoids"
+)]
+enum ExchangeBody {
+    Upstream(UpstreamBody),
+    Own(Body),
+}
+
+impl ExchangeBody {
+    fn boxed(self) -> Body {
+        match self {
+            Self::Upstream(body) => body.boxed_unsync(),
+            Self::Own(body) => body,
+        }
+    }
+}
+
 /// The response body as the client gets it: logs a client that leaves before its end.
 struct ClientBody {
-    inner: Body,
+    inner: ExchangeBody,
     gone: Option<GoneNote>,
 }
 
@@ -308,7 +329,10 @@ impl http_body::Body for ClientBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        let frame = std::task::ready!(match &mut self.inner {
+            ExchangeBody::Upstream(body) => std::pin::Pin::new(body).poll_frame(cx),
+            ExchangeBody::Own(body) => std::pin::Pin::new(body).poll_frame(cx),
+        });
         if !matches!(frame, Some(Ok(_))) {
             // The end, or the upstream's failure: not the client's doing.
             self.gone = None;
@@ -317,18 +341,24 @@ impl http_body::Body for ClientBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            ExchangeBody::Upstream(body) => body.is_end_stream(),
+            ExchangeBody::Own(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            ExchangeBody::Upstream(body) => body.size_hint(),
+            ExchangeBody::Own(body) => body.size_hint(),
+        }
     }
 }
 
 impl Drop for ClientBody {
     fn drop(&mut self) {
         if let Some(note) = self.gone.take() {
-            if !http_body::Body::is_end_stream(&self.inner) {
+            if !http_body::Body::is_end_stream(self) {
                 log_client_gone(
                     &note.state,
                     &note.request,
@@ -387,42 +417,39 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
     }
 
     let (mut parts, body) = req.into_parts();
-    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    // Only a path can go under the prefix: the asterisk-form `OPTIONS * HTTP/1.1` would be
-    // joined into `<prefix>*`, outside it (found by fuzz/proxy_request).
+    // Only a path can go under the upstream's path: the asterisk-form `OPTIONS *
+    // HTTP/1.1` would be joined into `<prefix>*`, outside it (found by fuzz/proxy_request).
     let within_prefix = parts.uri.path().starts_with('/') && !has_dot_segment(parts.uri.path());
-    let joined = within_prefix
-        .then(|| state.upstream_url.join(path_and_query).ok())
-        .flatten();
-    let Some(uri) = joined else {
+    if !within_prefix {
         let response = json_error(
             StatusCode::BAD_REQUEST,
             "bad_path",
             "the request path is not valid",
         );
         return Exchange::local(response);
-    };
-    parts.uri = uri;
+    }
+    // The upstream's connections take the path and query below the upstream URL's path
+    // and put the upstream's scheme, host and path in front (`Connections`): an
+    // origin-form target goes on as it came, an absolute-form one (HTTP/2, or naming this
+    // proxy) loses its scheme and authority.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .map_or_else(|| Uri::from_static("/"), Uri::from);
+    }
     // The client speaks to us in whatever version; the upstream connection picks its own
     // (HTTP/2 by ALPN where offered).
     parts.version = Version::HTTP_11;
-    remove_hop_by_hop(&mut parts.headers);
-    // The client's credentials are for this proxy; the key layer adds the provider's.
-    parts.headers.remove(header::AUTHORIZATION);
-    parts.headers.remove(header::PROXY_AUTHORIZATION);
-    match &state.upstream_host {
-        Some(host) => {
-            parts.headers.insert(header::HOST, host.clone());
-        }
-        None => {
-            parts.headers.remove(header::HOST);
-        }
-    }
+    remove_unforwarded(&mut parts.headers, Message::Request);
+    // Only `TriedKeys` (the retry layer then shares it between the copies it keeps for
+    // retries instead of copying the extensions); the attempts are followed by this
+    // request's clone of the client stack.
     parts.extensions = http::Extensions::new();
     let tried = TriedKeys::new();
     parts.extensions.insert(tried.clone());
     let attempts = Attempts::new();
-    parts.extensions.insert(attempts.clone());
 
     // A body without a declared length is cut at the limit (and answered 413).
     let limit = usize::try_from(state.max_body_size).unwrap_or(usize::MAX);
@@ -443,10 +470,9 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
         }
     };
     let sent = Instant::now();
-    let call = state
-        .upstream
-        .clone()
-        .oneshot(Request::from_parts(parts, body));
+    let mut upstream = state.upstream.clone();
+    upstream.get_mut().get_mut().follow(attempts.clone());
+    let call = upstream.oneshot(Request::from_parts(parts, body));
     // The call is driven here, in the client connection's task. A client going away drops
     // this future: `InFlight` then hands an attempt the provider is working on to a task
     // of its own (see `abandon`) instead of cancelling it.
@@ -463,17 +489,16 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
     let response = match result {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
-            remove_hop_by_hop(&mut parts.headers);
+            remove_unforwarded(&mut parts.headers, Message::Response);
             if parts.extensions.get::<Retried>().is_some() {
                 // We already retried or waited for this answer, or no key can take it
                 // again within its wait budget: an SDK retrying it would only stack its
                 // retries on ours, or wait past the budget.
                 no_more_retries(&mut parts.headers);
             }
-            let body = body.map_err(BoxError::from).boxed_unsync();
-            Response::from_parts(parts, body)
+            Response::from_parts(parts, ExchangeBody::Upstream(body))
         }
-        Err(error) => error_response(&error, state.max_body_size),
+        Err(error) => error_response(&error, state.max_body_size).map(ExchangeBody::Own),
     };
     Exchange {
         response,
@@ -669,18 +694,31 @@ fn is_own_authority(state: &State, authority: &Authority) -> bool {
                 .is_ok_and(|ip| ip == state.listen.ip()))
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection, not the message.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names, no hashing: most messages carry none, and an upstream's
-    // answer usually only `Connection: keep-alive`. Names are matched as text (one length
-    // test for most): comparing each with the eight `HeaderName`s cost ~100 instructions
-    // a field (BENCHMARKS.md §3, step 7).
-    let mut present = [false; 8];
+/// Which message a field list belongs to (see [`remove_unforwarded`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Message {
+    Request,
+    Response,
+}
+
+/// Removes what the proxy never forwards: the hop-by-hop fields (RFC 9110 §7.6.1), which
+/// describe one connection, not the message, and those `Connection` lists; and from a
+/// request also the client's credentials (for this proxy: the key layer adds the
+/// provider's) and its `Host` (the upstream connection writes the upstream's own).
+fn remove_unforwarded(headers: &mut HeaderMap, message: Message) {
+    // One pass over the names, no hashing: most messages carry none of them, a request
+    // usually only `Host`, an upstream's answer at most `Connection` (which our HTTP/1
+    // client already takes out). Names are matched as text (one length test for most):
+    // comparing each with the `HeaderName`s cost ~100 instructions a field, and a remove
+    // of an absent name ~150 (BENCHMARKS.md §3, steps 7 and 10).
+    let mut present = [false; UNFORWARDED.len()];
     let mut any = false;
     for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name.as_str()) {
-            present[i] = true;
-            any = true;
+        if let Some(i) = unforwarded_index(name.as_str()) {
+            if i < HOP_BY_HOP || message == Message::Request {
+                present[i] = true;
+                any = true;
+            }
         }
     }
     if !any {
@@ -693,7 +731,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
         for value in &headers.get_all(header::CONNECTION) {
             for token in value.as_bytes().split(|&b| b == b',') {
                 let token = token.trim_ascii();
-                let known = HOP_BY_HOP
+                let known = UNFORWARDED[..HOP_BY_HOP]
                     .iter()
                     .any(|hop| hop.as_str().as_bytes().eq_ignore_ascii_case(token));
                 if !known {
@@ -707,15 +745,15 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in listed {
         headers.remove(name);
     }
-    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+    for (name, present) in UNFORWARDED.iter().zip(present) {
         if present {
             headers.remove(name);
         }
     }
 }
 
-/// The position of `name` (lowercase, as `HeaderName`s are) in [`HOP_BY_HOP`].
-fn hop_by_hop_index(name: &str) -> Option<usize> {
+/// The position of `name` (lowercase, as `HeaderName`s are) in [`UNFORWARDED`].
+fn unforwarded_index(name: &str) -> Option<usize> {
     match name {
         "connection" => Some(0),
         "te" => Some(1),
@@ -725,11 +763,17 @@ fn hop_by_hop_index(name: &str) -> Option<usize> {
         "proxy-authenticate" => Some(5),
         "keep-alive" => Some(6),
         "proxy-connection" => Some(7),
+        "authorization" => Some(8),
+        "proxy-authorization" => Some(9),
+        "host" => Some(10),
         _ => None,
     }
 }
 
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// How many of [`UNFORWARDED`] are hop-by-hop (the first ones); the rest are a request's.
+const HOP_BY_HOP: usize = 8;
+
+static UNFORWARDED: [HeaderName; 11] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -738,6 +782,9 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHENTICATE,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
+    header::AUTHORIZATION,
+    header::PROXY_AUTHORIZATION,
+    header::HOST,
 ];
 
 const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
@@ -924,7 +971,7 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        remove_hop_by_hop(&mut headers);
+        remove_unforwarded(&mut headers, Message::Response);
         let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["content-type"]);
 
@@ -933,7 +980,7 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        remove_hop_by_hop(&mut plain);
+        remove_unforwarded(&mut plain, Message::Response);
         assert_eq!(plain.len(), 1);
 
         // Listed names in any case and spacing; a listed hop-by-hop name is removed once.
@@ -946,18 +993,41 @@ mod tests {
         listed.insert("close", HeaderValue::from_static("1"));
         listed.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         listed.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-        remove_hop_by_hop(&mut listed);
+        remove_unforwarded(&mut listed, Message::Response);
         let left: Vec<&str> = listed.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["accept"]);
     }
 
     #[test]
-    fn every_hop_by_hop_name_is_found_at_its_position_and_no_other_name_is() {
-        for (i, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(hop_by_hop_index(name.as_str()), Some(i), "{name}");
+    fn a_requests_credentials_and_host_are_removed_and_a_responses_are_not() {
+        let fields = |message| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::HOST, HeaderValue::from_static("proxy.test"));
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+            headers.insert(
+                header::PROXY_AUTHORIZATION,
+                HeaderValue::from_static("Basic x"),
+            );
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+            remove_unforwarded(&mut headers, message);
+            let left: Vec<String> = headers.keys().map(|n| n.as_str().to_owned()).collect();
+            left
+        };
+        assert_eq!(fields(Message::Request), ["accept"]);
+        assert_eq!(
+            fields(Message::Response),
+            ["host", "authorization", "proxy-authorization", "accept"]
+        );
+    }
+
+    #[test]
+    fn every_unforwarded_name_is_found_at_its_position_and_no_other_name_is() {
+        for (i, name) in UNFORWARDED.iter().enumerate() {
+            assert_eq!(unforwarded_index(name.as_str()), Some(i), "{name}");
         }
-        for name in ["content-type", "host", "connectio", "tes", "x-keep-alive"] {
-            assert_eq!(hop_by_hop_index(name), None, "{name}");
+        for name in ["content-type", "hos", "connectio", "tes", "x-keep-alive"] {
+            assert_eq!(unforwarded_index(name), None, "{name}");
         }
     }
 }

@@ -107,7 +107,7 @@ async fn run(args: Args) -> Result<(), String> {
         Some(path) => config::load_ca(path)?,
         None => Vec::new(),
     };
-    let upstream_options = upstream::Options::from_args(&args, extra_roots)?;
+    let upstream_options = upstream::Options::from_args(&args, extra_roots);
     let upstream = upstream::build(&pool, upstream_options.clone())?;
 
     let listener = args.listen.bind().await?;

@@ -27,8 +27,8 @@ pub(crate) type Upstream = Retry<KeyRotation<AttemptTimer<Timeout<Connections<Re
 
 #[derive(Clone)]
 pub(crate) struct Options {
-    /// The upstream's base URL (its scheme, host and port).
-    pub(crate) upstream: http::Uri,
+    /// The upstream's URL (its scheme, host, port and path).
+    pub(crate) upstream: crate::config::Upstream,
     pub(crate) placement: Placement,
     pub(crate) retries: usize,
     pub(crate) connect_timeout: Duration,
@@ -43,18 +43,15 @@ impl Options {
     pub(crate) fn from_args(
         args: &crate::config::Args,
         extra_roots: Vec<CertificateDer<'static>>,
-    ) -> Result<Self, String> {
-        Ok(Self {
-            upstream: args
-                .upstream
-                .join("/")
-                .map_err(|e| format!("--upstream: {e}"))?,
+    ) -> Self {
+        Self {
+            upstream: args.upstream.clone(),
             placement: args.auth.placement(),
             retries: args.retries,
             connect_timeout: args.connect_timeout,
             request_timeout: args.request_timeout,
             extra_roots,
-        })
+        }
     }
 }
 

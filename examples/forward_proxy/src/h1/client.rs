@@ -172,8 +172,30 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
         _ => Version::HTTP_10,
     };
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut close = false;
     for field in &*parsed.headers {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
+        // `Connection: keep-alive` or `close`, and `Keep-Alive`, describe this connection
+        // only (RFC 9110 §7.6.1): read here, and not handed on (the usual upstream answer
+        // carries `Connection: keep-alive`, which would otherwise be parsed into the map
+        // only to be removed from it). A `Connection` listing other fields is kept, for
+        // the proxy to remove what it names.
+        let name = field.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
+            let mut others = false;
+            for token in field.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                    others = true;
+                }
+            }
+            if !others {
+                continue;
+            }
+        } else if name.eq_ignore_ascii_case(b"keep-alive") {
+            continue;
+        }
+        let name = HeaderName::from_bytes(name)
             .map_err(|_| Error::new(Kind::Malformed("an invalid header name")))?;
         let value = HeaderValue::from_maybe_shared(data.slice_ref(field.value))
             .map_err(|_| Error::new(Kind::Malformed("an invalid header value")))?;
@@ -184,9 +206,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
     buf.extend_from_slice(&data[len..]);
     let framing = codec::response_framing(method, status.as_u16(), &headers)
         .map_err(|e| Error::with(Kind::Framing, e))?;
-    let keep_alive = version == Version::HTTP_11
-        && framing != Framing::UntilClose
-        && !super::has_token(headers.get_all(header::CONNECTION), b"close");
+    let keep_alive = version == Version::HTTP_11 && framing != Framing::UntilClose && !close;
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
@@ -217,9 +237,11 @@ pub(crate) struct RequestWriter {
 
 impl RequestWriter {
     /// Encodes the head of a request with `parts`, a `Host` (`host`) when it has none, and
-    /// the framing of `body`. The target is the URI's path and query.
+    /// the framing of `body`. The target is `prefix` (a path without a trailing `/`, or
+    /// empty) followed by the URI's path and query.
     pub(crate) fn new<B: Body>(
         parts: &http::request::Parts,
+        prefix: &str,
         host: Option<&HeaderValue>,
         body: &B,
     ) -> Self {
@@ -234,11 +256,13 @@ impl RequestWriter {
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum::<usize>()
+            + prefix.len()
             + target.len()
             + 128;
         let mut buf = BytesMut::with_capacity(size);
         buf.extend_from_slice(parts.method.as_str().as_bytes());
         buf.extend_from_slice(b" ");
+        buf.extend_from_slice(prefix.as_bytes());
         buf.extend_from_slice(target.as_bytes());
         buf.extend_from_slice(b" HTTP/1.1\r\n");
         if let Some(host) = host.filter(|_| !parts.headers.contains_key(header::HOST)) {
@@ -658,12 +682,13 @@ mod tests {
         parts
     }
 
-    /// Writes the request and returns the bytes the upstream side received.
+    /// Writes the request below the upstream path `/api` and returns the bytes the upstream
+    /// side received.
     async fn written(parts: &http::request::Parts, mut body: Pieces) -> String {
         let (near, mut far) = duplex(64 * 1024);
         let mut conn = Connection::new(near, true);
         let host = HeaderValue::from_static("upstream.test");
-        let mut writer = RequestWriter::new(parts, Some(&host), &body);
+        let mut writer = RequestWriter::new(parts, "/api", Some(&host), &body);
         writer.write(&mut conn, Pin::new(&mut body)).await.unwrap();
         drop(conn);
         let mut out = String::new();
@@ -677,7 +702,7 @@ mod tests {
         let out = written(&parts, Pieces::new(&[b"{\"a\"", b":1}"], true)).await;
         assert_eq!(
             out,
-            "POST /v4/chat?x=1 HTTP/1.1\r\nhost: upstream.test\r\nx-one: 1\r\nx-one: 2\r\n\
+            "POST /api/v4/chat?x=1 HTTP/1.1\r\nhost: upstream.test\r\nx-one: 1\r\nx-one: 2\r\n\
              content-length: 7\r\n\r\n{\"a\":1}"
         );
     }
@@ -721,7 +746,7 @@ mod tests {
         let (near, _far) = duplex(1024);
         let mut conn = Connection::new(near, true);
         let mut body = Lying(Pieces::new(&[b"four"], false));
-        let mut writer = RequestWriter::new(&parts(Method::POST, "/"), None, &body);
+        let mut writer = RequestWriter::new(&parts(Method::POST, "/"), "", None, &body);
         let error = writer
             .write(&mut conn, Pin::new(&mut body))
             .await
@@ -733,7 +758,7 @@ mod tests {
     async fn a_request_whose_first_write_failed_goes_out_whole_on_another_connection() {
         let parts = parts(Method::POST, "/again");
         let mut body = Pieces::new(&[b"payload"], true);
-        let mut writer = RequestWriter::new(&parts, None, &body);
+        let mut writer = RequestWriter::new(&parts, "", None, &body);
 
         let (near, far) = duplex(1024);
         drop(far); // closed by the upstream while idle
@@ -757,7 +782,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_first_write_is_not_unsent_where_it_may_have_sent_a_part() {
         let mut body = Pieces::new(&[b"payload"], true);
-        let mut writer = RequestWriter::new(&parts(Method::POST, "/"), None, &body);
+        let mut writer = RequestWriter::new(&parts(Method::POST, "/"), "", None, &body);
         let (near, far) = duplex(1024);
         drop(far);
         let mut tls_like = Connection::new(near, false);
@@ -774,7 +799,7 @@ mod tests {
         let (near, mut far) = duplex(8);
         let mut conn = Connection::new(near, true);
         let mut body = Pieces::new(&[b"payload"], true);
-        let mut writer = RequestWriter::new(&parts(Method::POST, "/"), None, &body);
+        let mut writer = RequestWriter::new(&parts(Method::POST, "/"), "", None, &body);
         let upstream = tokio::spawn(async move {
             let mut first = [0u8; 8];
             far.read_exact(&mut first).await.unwrap();
@@ -825,6 +850,29 @@ mod tests {
             let mut body = ResponseBody::new(conn, &head);
             assert!(body.take_reusable().is_none());
         }
+    }
+
+    #[tokio::test]
+    async fn the_fields_of_this_connection_are_read_here_and_not_handed_on() {
+        let (mut conn, _far) = connection_with(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+              x-a: 1\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+        let head = conn.read_head(&Method::GET).await.unwrap();
+        assert!(head.keep_alive);
+        let names: Vec<_> = head.response.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-a", "content-length"]);
+
+        // A `Connection` naming other fields stays, for the proxy to remove them.
+        let (mut conn, _far) = connection_with(
+            b"HTTP/1.1 200 OK\r\nConnection: close, x-trace\r\nx-trace: 1\r\n\
+              content-length: 0\r\n\r\n",
+        )
+        .await;
+        let head = conn.read_head(&Method::GET).await.unwrap();
+        assert!(!head.keep_alive);
+        assert_eq!(head.response.headers()["connection"], "close, x-trace");
     }
 
     #[tokio::test]

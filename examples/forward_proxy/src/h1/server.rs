@@ -118,6 +118,7 @@ where
         out: BytesMut::new(),
         config,
         deadline: Deadline::new(config.header_read_timeout),
+        stopping: Box::pin(stopped(stop.clone())),
         stop,
         read_closed: false,
         first: true,
@@ -297,7 +298,9 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> 
 
     let uri = Uri::from_maybe_shared(target.of(&head))
         .map_err(|_| HeadError::Malformed("invalid request target"))?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for a field or two more: the proxy adds the provider's credential, and a
+    // full map would be reallocated for it.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 2);
     for &(name, value) in spans {
         let name = HeaderName::from_bytes(name.in_(&head))
             .map_err(|_| HeadError::Malformed("invalid header name"))?;
@@ -386,6 +389,10 @@ struct Conn<T> {
     config: Config,
     deadline: Deadline,
     stop: watch::Receiver<bool>,
+    /// Resolves once `stop` turns true: made once for the connection and polled while
+    /// it waits for a request, so that a keep-alive wait does not register (and remove)
+    /// a waiter on the channel each time (~500 instructions a request).
+    stopping: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// The client's end of stream was read.
     read_closed: bool,
     /// No request read yet (the HTTP/2 preface may come).
@@ -428,12 +435,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                     .reserve(grow.min(MAX_HEAD + 1 - self.buf.len().min(MAX_HEAD)));
             }
             let idle = self.buf.is_empty();
-            let stop = &mut self.stop;
+            let stopping = &mut self.stopping;
             let read = tokio::select! {
                 biased;
                 read = poll_fn(|cx| poll_read(&mut self.io, cx, &mut self.buf)) => read?,
                 () = self.deadline.expired() => return Ok(Next::Close),
-                () = stopped(stop), if idle => return Ok(Next::Close),
+                // Ready once, and the connection then closes: never polled again.
+                () = stopping, if idle => return Ok(Next::Close),
             };
             if read == 0 {
                 self.read_closed = true;
@@ -721,7 +729,7 @@ fn poll_read<T: AsyncRead + Unpin>(
 }
 
 /// Resolves once `stop` turns true (never if its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+async fn stopped(mut stop: watch::Receiver<bool>) {
     if stop.wait_for(|stop| *stop).await.is_err() {
         std::future::pending::<()>().await;
     }
