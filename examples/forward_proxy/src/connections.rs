@@ -75,8 +75,8 @@ struct Shared<B> {
     upstream: Upstream,
     /// The upstream URL's scheme and authority, for the connector.
     origin: Uri,
-    /// `Host` for HTTP/1 requests that carry none: the upstream's host, with its port
-    /// unless it is the scheme's default (hyper-util's rule).
+    /// `Host` for HTTP/1 requests (in place of the client's): the upstream's host, with its
+    /// port unless it is the scheme's default (hyper-util's rule).
     host: Option<HeaderValue>,
     http1: Arc<Idle>,
     http2: Mutex<Option<http2::SendRequest<B>>>,
@@ -186,9 +186,11 @@ where
         mut req: Request<B>,
         mut pooled: bool,
     ) -> Result<Response<Body>, BoxError> {
-        // hyper's HTTP/2 client takes `:scheme`, `:authority` and `:path` from the URI.
+        // hyper's HTTP/2 client takes `:scheme`, `:authority` and `:path` from the URI; the
+        // client's `Host` names this proxy.
         let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         *req.uri_mut() = self.shared.upstream.join(path_and_query)?;
+        req.headers_mut().remove(http::header::HOST);
         loop {
             let failed = match sender.try_send_request(req).await {
                 Ok(response) => return Ok(response.map(|body| Body(Inner::Http2(body)))),

@@ -116,7 +116,7 @@ pub(crate) async fn handle(
         started,
     };
     let exchange = proxy(&state, req, &request).await;
-    let elapsed = started.elapsed();
+    let elapsed = exchange.finished.saturating_duration_since(started);
     let status = exchange.response.status();
     if request.path.path().starts_with(admin::PREFIX) {
         tracing::debug!("{} {} -> {}", request.method, request.path, status.as_u16());
@@ -181,6 +181,9 @@ struct Exchange {
     attempts: u32,
     /// Time spent waiting for a key (before the first attempt and between attempts).
     waited: Duration,
+    /// When the answer's head was ready (one reading of the clock for the latency and
+    /// the time waited).
+    finished: Instant,
 }
 
 impl Exchange {
@@ -190,6 +193,7 @@ impl Exchange {
             tried: Vec::new(),
             attempts: 0,
             waited: Duration::ZERO,
+            finished: Instant::now(),
         }
     }
 }
@@ -485,7 +489,10 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
     };
     let result = in_flight.call.as_mut().expect("set above").await;
     in_flight.call = None;
-    let waited = sent.elapsed().saturating_sub(attempts.upstream_time());
+    let finished = Instant::now();
+    let waited = finished
+        .saturating_duration_since(sent)
+        .saturating_sub(attempts.upstream_time());
     let response = match result {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
@@ -505,6 +512,7 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
         tried: tried.positions(),
         attempts: attempts.count(),
         waited,
+        finished,
     }
 }
 
@@ -704,11 +712,11 @@ enum Message {
 /// Removes what the proxy never forwards: the hop-by-hop fields (RFC 9110 §7.6.1), which
 /// describe one connection, not the message, and those `Connection` lists; and from a
 /// request also the client's credentials (for this proxy: the key layer adds the
-/// provider's) and its `Host` (the upstream connection writes the upstream's own).
+/// provider's). The client's `Host` stays: the upstream connections put the upstream's
+/// in its place as they write the request (`Connections`).
 fn remove_unforwarded(headers: &mut HeaderMap, message: Message) {
-    // One pass over the names, no hashing: most messages carry none of them, a request
-    // usually only `Host`, an upstream's answer at most `Connection` (which our HTTP/1
-    // client already takes out). Names are matched as text (one length test for most):
+    // One pass over the names, no hashing: most messages carry none of them (an upstream's
+    // answer at most `Connection`, which our HTTP/1 client already takes out). Names are matched as text (one length test for most):
     // comparing each with the `HeaderName`s cost ~100 instructions a field, and a remove
     // of an absent name ~150 (BENCHMARKS.md §3, steps 7 and 10).
     let mut present = [false; UNFORWARDED.len()];
@@ -765,7 +773,6 @@ fn unforwarded_index(name: &str) -> Option<usize> {
         "proxy-connection" => Some(7),
         "authorization" => Some(8),
         "proxy-authorization" => Some(9),
-        "host" => Some(10),
         _ => None,
     }
 }
@@ -773,7 +780,7 @@ fn unforwarded_index(name: &str) -> Option<usize> {
 /// How many of [`UNFORWARDED`] are hop-by-hop (the first ones); the rest are a request's.
 const HOP_BY_HOP: usize = 8;
 
-static UNFORWARDED: [HeaderName; 11] = [
+static UNFORWARDED: [HeaderName; 10] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -784,7 +791,6 @@ static UNFORWARDED: [HeaderName; 11] = [
     HeaderName::from_static("proxy-connection"),
     header::AUTHORIZATION,
     header::PROXY_AUTHORIZATION,
-    header::HOST,
 ];
 
 const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
@@ -999,7 +1005,7 @@ mod tests {
     }
 
     #[test]
-    fn a_requests_credentials_and_host_are_removed_and_a_responses_are_not() {
+    fn a_requests_credentials_are_removed_and_a_responses_are_not() {
         let fields = |message| {
             let mut headers = HeaderMap::new();
             headers.insert(header::HOST, HeaderValue::from_static("proxy.test"));
@@ -1014,7 +1020,7 @@ mod tests {
             let left: Vec<String> = headers.keys().map(|n| n.as_str().to_owned()).collect();
             left
         };
-        assert_eq!(fields(Message::Request), ["accept"]);
+        assert_eq!(fields(Message::Request), ["host", "accept"]);
         assert_eq!(
             fields(Message::Response),
             ["host", "authorization", "proxy-authorization", "accept"]
@@ -1026,7 +1032,7 @@ mod tests {
         for (i, name) in UNFORWARDED.iter().enumerate() {
             assert_eq!(unforwarded_index(name.as_str()), Some(i), "{name}");
         }
-        for name in ["content-type", "hos", "connectio", "tes", "x-keep-alive"] {
+        for name in ["content-type", "host", "connectio", "tes", "x-keep-alive"] {
             assert_eq!(unforwarded_index(name), None, "{name}");
         }
     }

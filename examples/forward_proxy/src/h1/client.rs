@@ -236,8 +236,8 @@ pub(crate) struct RequestWriter {
 }
 
 impl RequestWriter {
-    /// Encodes the head of a request with `parts`, a `Host` (`host`) when it has none, and
-    /// the framing of `body`. The target is `prefix` (a path without a trailing `/`, or
+    /// Encodes the head of a request with `parts`, `host` as its `Host` (when given: a
+    /// `Host` in `parts`, the client's, is not sent), and the framing of `body`. The target is `prefix` (a path without a trailing `/`, or
     /// empty) followed by the URI's path and query.
     pub(crate) fn new<B: Body>(
         parts: &http::request::Parts,
@@ -265,12 +265,15 @@ impl RequestWriter {
         buf.extend_from_slice(prefix.as_bytes());
         buf.extend_from_slice(target.as_bytes());
         buf.extend_from_slice(b" HTTP/1.1\r\n");
-        if let Some(host) = host.filter(|_| !parts.headers.contains_key(header::HOST)) {
+        if let Some(host) = host {
             put_field(&mut buf, b"host", host.as_bytes());
         }
         for (name, value) in &parts.headers {
             // The framing is ours, from the body we actually send.
-            if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
+            let ours = name == header::CONTENT_LENGTH
+                || name == header::TRANSFER_ENCODING
+                || (name == header::HOST && host.is_some());
+            if !ours {
                 put_field(&mut buf, name.as_str().as_bytes(), value.as_bytes());
             }
         }
@@ -698,7 +701,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_of_known_size_is_sent_with_its_length_behind_the_head() {
-        let parts = parts(Method::POST, "http://upstream.test/v4/chat?x=1");
+        let mut parts = parts(Method::POST, "http://upstream.test/v4/chat?x=1");
+        // The client's `Host` names the proxy: the upstream's goes in its place.
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_static("proxy.test"));
         let out = written(&parts, Pieces::new(&[b"{\"a\"", b":1}"], true)).await;
         assert_eq!(
             out,

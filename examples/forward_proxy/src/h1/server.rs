@@ -301,27 +301,28 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> 
     // Room for a field or two more: the proxy adds the provider's credential, and a
     // full map would be reallocated for it.
     let mut headers = HeaderMap::with_capacity(spans.len() + 2);
+    // `Connection` and `Expect` are read as the fields go by (a name compare), not looked
+    // up by hash afterwards.
+    let (mut close, mut keep_alive, mut expect) = (false, false, None);
     for &(name, value) in spans {
         let name = HeaderName::from_bytes(name.in_(&head))
             .map_err(|_| HeadError::Malformed("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(value.of(&head))
             .map_err(|_| HeadError::Malformed("invalid header value"))?;
+        if name == header::CONNECTION {
+            close |= super::has_token([&value], b"close");
+            keep_alive |= super::has_token([&value], b"keep-alive");
+        } else if name == header::EXPECT && expect.is_none() {
+            expect = Some(value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        }
         headers.append(name, value);
     }
-    let connection = headers.get_all(header::CONNECTION);
-    let (close, keep_alive) = (
-        super::has_token(&connection, b"close"),
-        super::has_token(&connection, b"keep-alive"),
-    );
     let keep_alive = if version == Version::HTTP_10 {
         keep_alive && !close
     } else {
         !close
     };
-    let expect_continue = version == Version::HTTP_11
-        && headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let expect_continue = version == Version::HTTP_11 && expect == Some(true);
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
     parts.uri = uri;
@@ -562,16 +563,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             || (100..200).contains(&status)
             || status == 204
             || status == 304;
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        // The body's own exact size first (known for the usual answer); the declared
+        // length is looked up only when it is not.
+        let declared = || {
+            parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
         let framing = if no_body {
             Framing::Empty
         } else if let Some(len) = body.size_hint().exact() {
             Framing::Length(len)
-        } else if let Some(len) = declared {
+        } else if let Some(len) = declared() {
             Framing::Length(len)
         } else if version == Version::HTTP_11 {
             Framing::Chunked
@@ -593,7 +598,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 .as_bytes(),
         );
         out.extend_from_slice(b"\r\n");
+        let mut has_date = false;
         for (name, value) in &parts.headers {
+            has_date |= *name == header::DATE;
             let ours = *name == header::CONNECTION
                 || *name == header::TRANSFER_ENCODING
                 || (*name == header::CONTENT_LENGTH
@@ -615,7 +622,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         } else if version == Version::HTTP_10 {
             put_field(out, b"connection", b"keep-alive");
         }
-        if !parts.headers.contains_key(header::DATE) {
+        if !has_date {
             date::with(|date| put_field(out, b"date", date));
         }
         out.extend_from_slice(b"\r\n");
