@@ -661,6 +661,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                                 }
                                 _ => self.out.extend_from_slice(&data),
                             }
+                            // A body that says it has ended is not polled again for its
+                            // `None` (one more trip through every layer of the body).
+                            if !body_done && body.is_end_stream() {
+                                body_done = true;
+                                intact &= end_of_body(framing, left, &mut self.out);
+                            }
                         }
                         Poll::Ready(Some(Err(e))) => {
                             tracing::debug!("response body failed: {}", e.into());
@@ -669,12 +675,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                         }
                         Poll::Ready(None) => {
                             body_done = true;
-                            match framing {
-                                Framing::Chunked => self.out.extend_from_slice(codec::LAST_CHUNK),
-                                // Shorter than declared: the client sees a cut body.
-                                Framing::Length(_) if left > 0 => intact = false,
-                                _ => {}
-                            }
+                            intact &= end_of_body(framing, left, &mut self.out);
                         }
                         Poll::Pending => {
                             body_pending = true;
@@ -733,6 +734,20 @@ fn poll_read<T: AsyncRead + Unpin>(
     buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// Closes a response body framed by `framing` with `left` bytes of its declared length not
+/// sent: the last chunk of a chunked one. `false` when the client sees a cut body (shorter
+/// than declared).
+fn end_of_body(framing: Framing, left: u64, out: &mut BytesMut) -> bool {
+    match framing {
+        Framing::Chunked => {
+            out.extend_from_slice(codec::LAST_CHUNK);
+            true
+        }
+        Framing::Length(_) => left == 0,
+        Framing::Empty | Framing::UntilClose => true,
+    }
 }
 
 /// Resolves once `stop` turns true (never if its sender is gone).
