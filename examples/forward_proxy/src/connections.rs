@@ -21,9 +21,15 @@
 //! sent twice; a pooled connection that takes the request and then closes without an
 //! answer gives an error (as hyper-util's client does). A fresh connection that fails is
 //! not retried here (refusals are the retry layer's).
+//!
+//! Idle connections are also looked over every few seconds by a small task per worker
+//! ([`SWEEP_EVERY`]): one the upstream closed is closed on our side too, rather than
+//! sitting in `CLOSE_WAIT` until a request takes it (or forever, once traffic stops), as
+//! is one idle past [`IDLE_TIMEOUT`].
 
 use std::collections::VecDeque;
 use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -49,6 +55,10 @@ use crate::h1::client::{Connection, RequestWriter, ResponseBody};
 const MAX_IDLE: usize = 256;
 /// An idle connection older than this is not used again (closed when found).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often a worker looks over its idle connections and closes those the upstream has
+/// closed (or that are too old): else a closed one would sit in `CLOSE_WAIT` until the
+/// next request took it, or forever once the traffic stops.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// One worker's connections to the upstream: a `Service` from request to response head,
 /// for any request body `B`.
@@ -85,7 +95,12 @@ struct Shared<B> {
 /// The idle HTTP/1 connections, most recently used last (taken first: its socket and
 /// buffers are warm), the oldest first (closed first when too old).
 #[derive(Default)]
-struct Idle(Mutex<VecDeque<(Connection<Io>, Instant)>>);
+struct Idle {
+    connections: Mutex<VecDeque<(Connection<Io>, Instant)>>,
+    /// The sweeping task (see [`SWEEP_EVERY`]) is running: started by the first checkin,
+    /// on the worker's runtime, whose I/O driver the connections are registered with.
+    sweeping: AtomicBool,
+}
 
 /// A new connection, as ALPN settled it.
 enum Fresh<B> {
@@ -266,7 +281,9 @@ impl<B> Shared<B> {
 impl Idle {
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Connection<Io>, Instant)>> {
         // Nothing panics while holding it; a poisoned pool still holds valid connections.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The most recently used idle connection that is still open and quiet.
@@ -281,7 +298,10 @@ impl Idle {
         }
     }
 
-    fn checkin(&self, conn: Connection<Io>) {
+    fn checkin(self: &Arc<Self>, conn: Connection<Io>) {
+        if !self.sweeping.load(Ordering::Relaxed) && !self.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(self)));
+        }
         let now = Instant::now();
         let mut idle = self.lock();
         // Connections idle too long are closed here rather than when a quiet spell ends:
@@ -295,6 +315,34 @@ impl Idle {
         if idle.len() < MAX_IDLE {
             idle.push_back((conn, now));
         }
+    }
+}
+
+impl Idle {
+    /// Closes the idle connections the upstream has closed (or that are too old).
+    fn sweep(&self) {
+        let now = Instant::now();
+        self.lock().retain_mut(|(conn, since)| {
+            now.duration_since(*since) < IDLE_TIMEOUT && conn.is_usable()
+        });
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Sweeps `idle` every [`SWEEP_EVERY`] while its worker's connections exist.
+async fn sweep(idle: std::sync::Weak<Idle>) {
+    let mut every = tokio::time::interval_at(Instant::now() + SWEEP_EVERY, SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(idle) = idle.upgrade() else {
+            return;
+        };
+        idle.sweep();
     }
 }
 
@@ -442,5 +490,58 @@ impl http_body::Body for Body {
             Inner::Http1 { body, .. } => body.size_hint(),
             Inner::Http2(body) => body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Pools a fresh connection in `idle` and returns the upstream's end of it.
+    async fn pooled(idle: &Arc<Idle>) -> TcpStream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (theirs, _) = listener.accept().await.unwrap();
+        idle.checkin(Connection::new(Io::Plain(ours), true));
+        theirs
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_the_upstream_closed_are_closed_within_a_sweep() {
+        let idle = Arc::new(Idle::default());
+        let closed = pooled(&idle).await;
+        let open = pooled(&idle).await;
+        drop(closed);
+        assert_eq!(idle.len(), 2);
+
+        // No request comes: the sweep alone finds the closed one (its end of stream was
+        // delivered with the close on loopback) and keeps the open one.
+        tokio::time::sleep(SWEEP_EVERY + Duration::from_millis(1)).await;
+        assert_eq!(idle.len(), 1);
+
+        // The open one's peer reads nothing yet; the pool going (its worker stopping)
+        // closes it.
+        let mut byte = [0u8; 1];
+        assert!(open.try_read(&mut byte).is_err(), "open and quiet");
+        drop(idle);
+        open.readable().await.unwrap();
+        assert_eq!(
+            open.try_read(&mut byte).unwrap(),
+            0,
+            "closed when the pool went"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_past_the_idle_timeout_are_closed_by_the_sweep() {
+        let idle = Arc::new(Idle::default());
+        let _open = pooled(&idle).await;
+        tokio::time::sleep(IDLE_TIMEOUT - SWEEP_EVERY).await;
+        assert_eq!(idle.len(), 1);
+        tokio::time::sleep(SWEEP_EVERY * 2).await;
+        assert_eq!(idle.len(), 0);
     }
 }
