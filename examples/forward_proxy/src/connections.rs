@@ -188,10 +188,10 @@ where
             // Empty, or whole already: the connection is free before the body is read.
             self.shared.http1.checkin(conn);
         }
-        let body = Body(Inner::Http1 {
-            body,
-            idle: self.shared.http1.clone(),
-        });
+        let body = match body.into_whole() {
+            Ok(whole) => Body(Inner::Whole(whole)),
+            Err(body) => Body(Inner::Http1(Box::new((body, self.shared.http1.clone())))),
+        };
         Ok(head.response.map(|()| body))
     }
 
@@ -448,11 +448,12 @@ impl std::fmt::Debug for Io {
 /// An upstream response body; an HTTP/1 connection goes back to the pool at its end.
 pub(crate) struct Body(Inner);
 
+/// Small, since every layer above moves the response: the usual answer's body came whole
+/// with its head (its connection is already back in the pool); one still to be read from
+/// its connection is boxed (one allocation for a streamed answer).
 enum Inner {
-    Http1 {
-        body: ResponseBody<Io>,
-        idle: Arc<Idle>,
-    },
+    Whole(Option<Bytes>),
+    Http1(Box<(ResponseBody<Io>, Arc<Idle>)>),
     Http2(Incoming),
 }
 
@@ -465,7 +466,11 @@ impl http_body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().0 {
-            Inner::Http1 { body, idle } => {
+            Inner::Whole(whole) => {
+                Poll::Ready(whole.take().map(|data| Ok(http_body::Frame::data(data))))
+            }
+            Inner::Http1(http1) => {
+                let (body, idle) = &mut **http1;
                 let frame = std::task::ready!(Pin::new(&mut *body).poll_frame(cx));
                 if let Some(conn) = body.take_reusable() {
                     idle.checkin(conn);
@@ -480,14 +485,18 @@ impl http_body::Body for Body {
 
     fn is_end_stream(&self) -> bool {
         match &self.0 {
-            Inner::Http1 { body, .. } => body.is_end_stream(),
+            Inner::Whole(whole) => whole.is_none(),
+            Inner::Http1(http1) => http1.0.is_end_stream(),
             Inner::Http2(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         match &self.0 {
-            Inner::Http1 { body, .. } => body.size_hint(),
+            Inner::Whole(whole) => {
+                http_body::SizeHint::with_exact(whole.as_ref().map_or(0, |data| data.len() as u64))
+            }
+            Inner::Http1(http1) => http1.0.size_hint(),
             Inner::Http2(body) => body.size_hint(),
         }
     }

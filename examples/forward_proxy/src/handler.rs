@@ -295,10 +295,6 @@ type UpstreamBody = tower_key_rotation::body::TrackedBody<crate::connections::Bo
 
 /// A response body as [`proxy`] leaves it: the upstream's, or the proxy's own. Kept
 /// apart (not boxed) until [`handle`] has wrapped it, so that it is boxed once.
-#[allow(
-    clippy::large_enum_variant,
-    reason = "the upstream's body is the usual one; boxing it is the allocation this avoids"
-)]
 enum ExchangeBody {
     Upstream(UpstreamBody),
     Own(Body),

@@ -480,6 +480,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ResponseBody<T> {
         self.reusable.take()
     }
 
+    /// The whole body, when it came with the head and the connection is done with (back in
+    /// the pool after [`Self::take_reusable`], or closed): `Err(self)` while the body still
+    /// has to be read from the connection.
+    pub(crate) fn into_whole(self) -> Result<Option<Bytes>, Self> {
+        if self.conn.is_none() && self.reusable.is_none() && self.decoder.is_end() {
+            Ok(self.whole)
+        } else {
+            Err(self)
+        }
+    }
+
     fn finish(&mut self) {
         let Some(mut conn) = self.conn.take() else {
             return;
