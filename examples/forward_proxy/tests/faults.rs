@@ -1033,6 +1033,61 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
 }
 
 #[tokio::test]
+async fn an_idle_http2_connection_is_closed_and_one_with_a_slow_answer_is_not() {
+    let sentinel = Sentinel::start().await;
+    // `/slow` is answered after 2 s: longer than the idle timeout below.
+    let upstream = MockUpstream::start(|seen| async move {
+        if seen.target == "/slow" {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+        reply(200, "ok")
+    })
+    .await;
+    let proxy = config(&upstream.url(""))
+        .arg("--header-read-timeout", "1")
+        .start()
+        .await;
+
+    // A client that opens HTTP/2 (preface and SETTINGS) and asks nothing is closed, as an
+    // idle HTTP/1 connection is (hyper's server alone would keep it forever).
+    let mut idle = TcpStream::connect(proxy.addr).await.unwrap();
+    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut said = Vec::new();
+    within(
+        "the idle HTTP/2 connection to close",
+        idle.read_to_end(&mut said),
+    )
+    .await
+    .unwrap();
+
+    // A request in progress keeps its connection open past the timeout: the answer comes,
+    // and the same connection (no GOAWAY sent) takes another request.
+    let io = TokioIo::new(TcpStream::connect(proxy.addr).await.unwrap());
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let mut received = vec![String::from_utf8_lossy(&said).into_owned()];
+    for target in ["/slow", "/again"] {
+        let request = Request::get(format!("http://{}{target}", proxy.addr))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = within("an HTTP/2 answer", sender.send_request(request))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{target}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        received.push(String::from_utf8_lossy(&body).into_owned());
+    }
+    let seen: Vec<String> = upstream.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(seen, ["/slow", "/again"]);
+    assert_still_sound(&proxy, &sentinel, &received).await;
+}
+
+#[tokio::test]
 async fn a_client_going_away_mid_upload_forwards_nothing_or_releases_the_key() {
     let sentinel = Sentinel::start().await;
     let upstream = MockUpstream::start(|_| async { reply(200, "ok") }).await;
