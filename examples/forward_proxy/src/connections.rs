@@ -162,9 +162,9 @@ where
             self.shared.host.as_ref(),
             &*body,
         );
-        loop {
+        let head = loop {
             match writer.write(&mut conn, body.as_mut()).await {
-                Ok(()) => break,
+                Ok(()) => break conn.read_head(&parts.method).await?,
                 // Closed while idle, and not a byte of the request left: another
                 // connection may take it.
                 Err(e) if reused && e.is_unsent() => {
@@ -179,10 +179,22 @@ where
                         Fresh::Http2(_) => return Err(e.into()),
                     }
                 }
+                // The upstream answered before taking the whole request (a refusal of its
+                // body, say) and closed: its answer is already here, and is the one to
+                // forward, not the failed write. (Read from what arrived before the
+                // close; bounded, as every read here, by the request timeout.)
+                Err(e) if e.is_write() => match conn.read_head(&parts.method).await {
+                    Ok(mut head) => {
+                        tracing::debug!("the upstream answered before the whole request: {e}");
+                        // The request was cut: nothing more can go on this connection.
+                        head.keep_alive = false;
+                        break head;
+                    }
+                    Err(_) => return Err(e.into()),
+                },
                 Err(e) => return Err(e.into()),
             }
-        }
-        let head = conn.read_head(&parts.method).await?;
+        };
         let mut body = ResponseBody::new(conn, &head);
         if let Some(conn) = body.take_reusable() {
             // Empty, or whole already: the connection is free before the body is read.

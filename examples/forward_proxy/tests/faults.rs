@@ -1088,6 +1088,59 @@ async fn an_idle_http2_connection_is_closed_and_one_with_a_slow_answer_is_not() 
 }
 
 #[tokio::test]
+async fn an_upstream_answering_before_the_whole_upload_and_resetting_is_heard() {
+    // The upstream reads the head, refuses at once (as a server does for a body too large)
+    // and closes with the upload unread, which resets the connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\
+                          connection: close\r\n\r\ntoo large",
+                    )
+                    .await;
+                // Let some of the upload arrive unread: closing then sends a reset.
+                let _ = stream.readable().await;
+            });
+        }
+    });
+    let proxy = config(&format!("http://{up}")).start().await;
+
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    const LEN: usize = 32 * 1024 * 1024;
+    let upload = tokio::spawn(async move {
+        let head = format!("POST /big HTTP/1.1\r\nhost: a\r\ncontent-length: {LEN}\r\n\r\n");
+        write.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..LEN / chunk.len() {
+            write.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut answer = Vec::new();
+    within("the answer", read.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.ends_with("too large"), "{text}");
+    // The upload was cut when the proxy closed the connection after the answer.
+    let _ = upload.await;
+}
+
+#[tokio::test]
 async fn a_client_going_away_mid_upload_forwards_nothing_or_releases_the_key() {
     let sentinel = Sentinel::start().await;
     let upstream = MockUpstream::start(|_| async { reply(200, "ok") }).await;

@@ -610,6 +610,12 @@ impl Error {
     pub(crate) fn is_unsent(&self) -> bool {
         matches!(self.kind, Kind::Unsent)
     }
+
+    /// Writing to the connection failed after some of the request left: the upstream may
+    /// have answered already (and closed without taking the rest).
+    pub(crate) fn is_write(&self) -> bool {
+        matches!(self.kind, Kind::Write)
+    }
 }
 
 impl fmt::Display for Error {
