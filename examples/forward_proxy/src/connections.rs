@@ -303,7 +303,7 @@ impl Idle {
         let now = Instant::now();
         loop {
             let (mut conn, since) = self.lock().pop_back()?;
-            if now.duration_since(since) < IDLE_TIMEOUT && conn.is_usable() {
+            if still_usable(&mut conn, since, now) {
                 return Some(conn);
             }
             // Closed by the upstream, or too old: dropped (closed) here.
@@ -334,15 +334,20 @@ impl Idle {
     /// Closes the idle connections the upstream has closed (or that are too old).
     fn sweep(&self) {
         let now = Instant::now();
-        self.lock().retain_mut(|(conn, since)| {
-            now.duration_since(*since) < IDLE_TIMEOUT && conn.is_usable()
-        });
+        self.lock()
+            .retain_mut(|(conn, since)| still_usable(conn, *since, now));
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().len()
     }
+}
+
+/// An idle connection (since `since`) that may take a request at `now`: not too old, and
+/// neither closed by the upstream nor holding bytes no request asked for.
+fn still_usable(conn: &mut Connection<Io>, since: Instant, now: Instant) -> bool {
+    now.duration_since(since) < IDLE_TIMEOUT && conn.is_usable()
 }
 
 /// Sweeps `idle` every [`SWEEP_EVERY`] while its worker's connections exist.

@@ -789,6 +789,12 @@ async fn an_https_upstream_is_verified_and_reached_over_http2() {
         "HTTP/2 chosen by ALPN"
     );
     assert_eq!(seen[0].target, "/v4/models");
+    // The client's `Host` named the proxy; over HTTP/2 `:authority` names the upstream.
+    assert!(
+        seen[0].headers.get("host").is_none(),
+        "{:?}",
+        seen[0].headers
+    );
     assert_eq!(positions(&upstream), [1, 2]);
     proxy.assert_log_has_no_secret(&KEYS);
     untrusting.assert_log_has_no_secret(&KEYS);

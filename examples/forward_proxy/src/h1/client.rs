@@ -237,8 +237,9 @@ pub(crate) struct RequestWriter {
 
 impl RequestWriter {
     /// Encodes the head of a request with `parts`, `host` as its `Host` (when given: a
-    /// `Host` in `parts`, the client's, is not sent), and the framing of `body`. The target is `prefix` (a path without a trailing `/`, or
-    /// empty) followed by the URI's path and query.
+    /// `Host` in `parts`, the client's, is not sent), and the framing of `body`. The
+    /// target is `prefix` (a path without a trailing `/`, or empty) followed by the URI's
+    /// path and query.
     pub(crate) fn new<B: Body>(
         parts: &http::request::Parts,
         prefix: &str,
