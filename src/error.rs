@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::human::HumanDuration;
+
 /// Every key of the pool has been disabled (the provider rejected each with 401/403, or
 /// as the classifier decided): waiting cannot produce a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,8 +76,9 @@ impl fmt::Display for NoKeyAvailable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "no API key is free within the wait budget (waited {:.1?}); the earliest is back in {:.1?}",
-            self.waited, self.retry_after
+            "no API key is free within the wait budget (waited {}); the earliest is back in {}",
+            HumanDuration(self.waited),
+            HumanDuration(self.retry_after)
         )
     }
 }

@@ -28,7 +28,8 @@ pin_project! {
     /// lease is given back.
     ///
     /// A response whose outcome is not [`Outcome::Success`] carries that [`Outcome`] in its
-    /// extensions, for layers outside (a retry policy) to read.
+    /// extensions, for layers outside (a retry policy) to read; one that refused the key
+    /// ([`Outcome::KeyRejected`]) also carries the [`RejectedKey`](crate::RejectedKey).
     pub struct ResponseFuture<F, B>
     where
         B: Body,
@@ -107,9 +108,14 @@ where
             let response = match result {
                 Ok(response) => response,
                 Err(error) => {
-                    lease.record(Outcome::Failure);
+                    let error: BoxError = error.into();
+                    // A request that never reached the provider (DNS, connect, TLS) says
+                    // nothing about the key: not counted against it.
+                    if !lease.classifier().is_unreached(&*error) {
+                        lease.record(Outcome::Failure);
+                    }
                     drop(this.lease.take());
-                    return Poll::Ready(Err(error.into()));
+                    return Poll::Ready(Err(error));
                 }
             };
             let classifier = lease.classifier();
@@ -179,9 +185,13 @@ where
     let window_spent = outcome.is_rate_limited()
         && learned_reset_at(response.headers(), std::time::SystemTime::now).is_some();
     lease.record_answer(outcome, window_spent);
+    let rejected = (outcome == Outcome::KeyRejected).then(|| lease.rejected_key());
     let mut response = response.map(|body| body.into().track(lease));
     if outcome != Outcome::Success {
         response.extensions_mut().insert(outcome);
+    }
+    if let Some(rejected) = rejected {
+        response.extensions_mut().insert(rejected);
     }
     response
 }

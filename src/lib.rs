@@ -85,8 +85,9 @@
 //! | 429 without | rate limited | cools down for an exponential, jittered backoff |
 //! | 2xx whose rate-limit headers say `remaining: 0` | limit reached | rests until the window resets ([`learned_reset`](classify::learned_reset), capped as `Retry-After`) |
 //! | 503 with `Retry-After` | rate limited | cools down for that long |
-//! | 401, 403 | rejected | disabled |
+//! | 401, 403 | rejected | counted; disabled only by contrast: when the same request then succeeds on another key ([`RejectedKey`], done by the [`retry`] layer) |
 //! | other 5xx, transport error | failure | counted only |
+//! | an error before the provider (DNS, connect, TLS) | none | not counted ([`Classifier::unreached_if`](classify::Classifier::unreached_if)) |
 //! | anything else | success | backoff level reset |
 //!
 //! A cool-down deadline only ever extends; only a 429 to a request sent after the key's
@@ -177,6 +178,7 @@ pub mod body;
 pub mod classify;
 mod error;
 pub mod future;
+mod human;
 mod key;
 mod layer;
 pub mod pool;
@@ -192,7 +194,7 @@ pub use backoff::Backoff;
 pub use error::{AllKeysDisabled, NoKeyAvailable};
 pub use key::{ApiKey, ByteKind, KeyError, KeySet, KeySpec};
 pub use layer::KeyRotationLayer;
-pub use pool::{KeyPool, KeyPoolBuilder, Selection};
+pub use pool::{KeyPool, KeyPoolBuilder, RejectedKey, Selection};
 pub use quota::Quota;
 pub use service::KeyRotation;
 

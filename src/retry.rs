@@ -8,8 +8,10 @@
 //! they give up. This module's policy
 //!
 //! - retries a `429` (or a `503` with `Retry-After`, which the pool reads as a rate limit),
-//!   a `401`/`403` (the key is disabled; another may serve), or a connection that failed
-//!   before any byte was sent; never a response whose [`Outcome`](crate::classify::Outcome) says the
+//!   a `401`/`403` once, on a key not tried (if it serves the request, the refusing key is
+//!   disabled; if it refuses it too, the request is to blame: its refusal is the answer and
+//!   no key is disabled), or, once, a connection that failed before any byte was sent;
+//!   never a response whose [`Outcome`](crate::classify::Outcome) says the
 //!   key's quota is spent ([`QuotaExhausted`](crate::classify::Outcome::QuotaExhausted): billing, a
 //!   daily quota; another key of the same account would not help) or that the platform as
 //!   a whole is overloaded,

@@ -33,7 +33,9 @@ use crate::retry::TriedKeys;
 ///   fails with the error.
 /// - `call` checks the reservation again (a reload may have removed its key since, or the
 ///   key may have started resting, or owe its single probe to another request) and trades
-///   it if needed; then the key's header goes on the request, and the lease travels with
+///   it for a free key if needed, or sends nothing and fails the call with
+///   [`NoKeyAvailable`] (nothing waited) when none is free: a request never goes out on a
+///   resting key; then the key's header goes on the request, and the lease travels with
 ///   the response future and then the response body. A retried request (carrying
 ///   [`TriedKeys`]) goes to a key it has not tried if one is free.
 /// - A service dropped between `poll_ready` and `call` gives its reservation back. `Clone`
@@ -180,14 +182,12 @@ where
                 (Some(other), _) => lease = other,
                 // A retry on a tried key that can take it: that is the earliest chance.
                 (None, Check::Usable) => {}
-                // A refusal came back on this key in the instant since `poll_ready`, and
-                // no other key is free: it goes out on this one, which answers for itself
-                // (failing the call would turn a probable 429 into a certain error).
-                (None, Check::Resting) => {}
-                // A removed or disabled key, or one whose single probe is out, must not
-                // take it: the caller hears when the earliest key is back (a retry layer
-                // outside waits for it within the budget).
-                (None, Check::ProbeRunning | Check::Gone) => {
+                // A key that started resting since `poll_ready` (a refusal came back on
+                // it), a removed or disabled key, or one whose single probe is out, must
+                // not take it: nothing is sent, and the caller hears when the earliest key
+                // is back (`NoKeyAvailable` with nothing waited: a retry layer outside
+                // waits for that key within the budget).
+                (None, Check::Resting | Check::ProbeRunning | Check::Gone) => {
                     let retry_after = self
                         .pool
                         .earliest_return_in()

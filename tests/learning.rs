@@ -106,7 +106,11 @@ async fn learning_can_be_turned_off() {
 async fn a_reload_keeps_an_unchanged_keys_learned_limit() {
     let pool = builder("k1,k2").build();
     let leases: Vec<Lease> = (0..4)
-        .map(|_| pool.try_reserve_where(|p| p == 1).unwrap())
+        .map(|_| {
+            let lease = pool.try_reserve_where(|p| p == 1).unwrap();
+            lease.mark_sent();
+            lease
+        })
         .collect();
     leases[3].record(refused());
     drop(leases);
@@ -154,23 +158,46 @@ async fn a_refusal_for_a_spent_rate_window_teaches_no_concurrency_limit() {
     use tower_key_rotation::KeyRotation;
 
     async fn refuse(pool: &KeyPool, window_spent: bool) {
-        let inner = tower::service_fn(move |_req: http::Request<()>| async move {
-            let mut response = http::Response::builder().status(429);
-            if window_spent {
-                response = response
-                    .header("x-ratelimit-remaining-requests", "0")
-                    .header("x-ratelimit-reset-requests", "20s");
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let inner = tower::service_fn(move |_req: http::Request<()>| {
+            let call = calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            async move {
+                if call < 2 {
+                    // The two others: served, their bodies still streaming.
+                    return Ok(http::Response::new(String::from("streaming")));
+                }
+                let mut response = http::Response::builder().status(429);
+                if window_spent {
+                    response = response
+                        .header("x-ratelimit-remaining-requests", "0")
+                        .header("x-ratelimit-reset-requests", "20s");
+                }
+                Ok::<_, std::convert::Infallible>(response.body(String::new()).unwrap())
             }
-            Ok::<_, std::convert::Infallible>(response.body(String::new()).unwrap())
         });
         let mut services: Vec<_> = (0..3)
-            .map(|_| KeyRotation::new(inner, pool.clone()))
+            .map(|_| KeyRotation::new(inner.clone(), pool.clone()))
             .collect();
-        for service in &mut services {
-            service.ready().await.unwrap();
+        let mut streaming = Vec::new();
+        for service in &mut services[..2] {
+            streaming.push(
+                service
+                    .ready()
+                    .await
+                    .unwrap()
+                    .call(http::Request::new(()))
+                    .await
+                    .unwrap(),
+            );
         }
-        // Two others hold the key while the third is refused.
-        let refused = services[2].call(http::Request::new(())).await.unwrap();
+        // Two others hold the key (sent, at the provider) while the third is refused.
+        let refused = services[2]
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+            .unwrap();
         assert_eq!(refused.status(), 429);
     }
 
@@ -181,4 +208,45 @@ async fn a_refusal_for_a_spent_rate_window_teaches_no_concurrency_limit() {
     let pool = builder("k1").build();
     refuse(&pool, false).await;
     assert_eq!(pool.snapshot()[0].concurrency_limit, Some(2));
+}
+
+/// Reservations that ready services hold without sending are not at the provider: a
+/// refusal beside them is a lone one (a rate limit) and teaches nothing, and they do not
+/// keep the key's probe from going once its rest is over.
+#[tokio::test(start_paused = true)]
+async fn reservations_not_sent_do_not_count_as_at_the_provider() {
+    use tower::{Service, ServiceExt};
+    use tower_key_rotation::KeyRotation;
+
+    let pool = builder("k1").build();
+    let inner = tower::service_fn(|_req: http::Request<()>| async {
+        let response = http::Response::builder()
+            .status(429)
+            .header("retry-after", "1")
+            .body(String::from("refused"))
+            .unwrap();
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    let mut services: Vec<_> = (0..4)
+        .map(|_| KeyRotation::new(inner, pool.clone()))
+        .collect();
+    for service in &mut services {
+        service.ready().await.unwrap();
+    }
+    let stats = &pool.snapshot()[0];
+    assert_eq!((stats.in_flight, stats.sent, stats.reserved), (4, 0, 4));
+    // One is sent and refused; three readied services sit idle.
+    let refused = services[3].call(http::Request::new(())).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let stats = &pool.snapshot()[0];
+    assert_eq!((stats.in_flight, stats.sent, stats.reserved), (4, 1, 3));
+    assert_eq!(
+        stats.concurrency_limit, None,
+        "a lone refusal is a rate limit"
+    );
+    drop(refused);
+    // After the rest, a caller gets the key's probe although three reservations idle.
+    tokio::time::advance(Duration::from_millis(1_100)).await;
+    let probe = pool.try_reserve().expect("the probe goes");
+    assert!(probe.is_probe());
 }

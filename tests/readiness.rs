@@ -12,7 +12,7 @@ use tokio::time::advance;
 use tokio_test::{assert_pending, assert_ready_ok};
 use tower::{BoxError, Service, ServiceExt};
 use tower_key_rotation::{
-    AllKeysDisabled, KeyPool, KeyPoolBuilder, KeyRotation, KeySet, NoKeyAvailable,
+    AllKeysDisabled, KeyPool, KeyPoolBuilder, KeyRotation, KeySet, NoKeyAvailable, RejectedKey,
     classify::Outcome,
 };
 use tower_test::mock::Spawn;
@@ -120,14 +120,28 @@ async fn every_key_disabled_readies_the_waiters_and_fails_their_calls() {
     assert_ready_ok!(b.poll_ready());
     assert_pending!(waiting.poll_ready());
 
+    // A refusal alone disables nothing; the caller's proof (the same request served by
+    // another key) disables the key its response names.
     let response = a.call(request(401, None)).await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let rejected = response.extensions().get::<RejectedKey>().unwrap().clone();
+    assert_eq!(rejected.position(), 1);
     drop(response);
+    assert!(!pool.snapshot()[0].disabled);
     assert!(waiting.is_woken());
+    assert!(rejected.disable());
     // Key 1 is disabled, key 2 is still busy: keep waiting, no error yet.
     assert_pending!(waiting.poll_ready());
 
-    b.call(request(403, None)).await.unwrap();
+    let response = b.call(request(403, None)).await.unwrap();
+    assert!(
+        response
+            .extensions()
+            .get::<RejectedKey>()
+            .unwrap()
+            .disable()
+    );
+    drop(response);
     assert!(waiting.is_woken());
     // Ready (a failed poll_ready would make tower callers drop the service for good); the
     // call fails instead.
@@ -154,8 +168,14 @@ async fn behind_a_buffer_a_reload_revives_a_service_whose_keys_were_all_disabled
         .await
         .unwrap()
         .call(request(401, None))
-        .await;
-    assert_eq!(response.unwrap().status(), StatusCode::UNAUTHORIZED);
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    response
+        .extensions()
+        .get::<RejectedKey>()
+        .unwrap()
+        .disable();
     assert!(pool.all_disabled());
     let error = buffered
         .ready()
@@ -365,4 +385,38 @@ async fn waiters_without_a_timer_hear_of_a_new_cool_down() {
     advance(Duration::from_secs(1)).await;
     assert!(second.is_woken());
     assert_ready_ok!(second.poll_ready());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reservation_whose_key_started_resting_is_never_sent_on_it() {
+    // One key: a service readies, then another request on the key is refused with
+    // Retry-After: 5. The readied call sends nothing and says when the key is back.
+    let pool = builder(1).build();
+    let mut ready = service(&pool);
+    assert_ready_ok!(ready.poll_ready());
+    assert_eq!(
+        send_response(&pool, 429, Some("5")).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let error = ready.call(request(200, None)).await.unwrap_err();
+    let error = error.downcast::<NoKeyAvailable>().unwrap();
+    assert_eq!(error.waited(), Duration::ZERO, "refused before sending");
+    assert_eq!(error.retry_after(), Duration::from_secs(5));
+    let stats = &pool.snapshot()[0];
+    assert_eq!(stats.requests, 1, "only the refused request was sent");
+    assert_eq!(stats.in_flight, 0);
+
+    // Two keys: the stale reservation is traded for the free one.
+    let pool = builder(2).build();
+    let mut ready = service(&pool);
+    assert_ready_ok!(ready.poll_ready());
+    // Another request on key 1 (the readied service's) is refused: key 1 rests.
+    let key_1 = pool.try_reserve_where(|p| p == 1).unwrap();
+    key_1.mark_sent();
+    key_1.record(Outcome::RateLimited {
+        retry_after: Some(Duration::from_secs(5)),
+    });
+    drop(key_1);
+    let response = ready.call(request(200, None)).await.unwrap();
+    assert_eq!(response.headers()["x-key"], "Bearer key-2");
 }

@@ -87,7 +87,9 @@ async fn a_disable_reaches_every_replica_and_a_new_one_syncs_it() {
 
     let lease = a.try_reserve().unwrap();
     lease.mark_sent();
+    // Refused, and proven the key's fault (another key served the same request).
     lease.record(Outcome::KeyRejected);
+    assert!(lease.disable());
     drop(lease);
     timeout(Duration::from_secs(2), applied.changed())
         .await
@@ -739,7 +741,9 @@ async fn a_concurrency_limit_learned_by_one_replica_holds_in_every_replica() {
             lease.needs_admission(),
             "a learned limit is shared like a cap"
         );
-        held.push(lease.admit().await.expect("room for 2"));
+        let lease = lease.admit().await.expect("room for 2");
+        lease.mark_sent();
+        held.push(lease);
     }
     let third = a.try_reserve_where(|p| p == 1).unwrap();
     assert!(

@@ -34,6 +34,7 @@ pub use limits::{learned_reset, parse_go_duration, parse_rfc3339};
 pub use profile::BODY_LIMIT;
 pub use retry_after::{parse_retry_after, retry_after};
 
+use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -76,7 +77,9 @@ pub enum Outcome {
         /// When the quota resets, if the provider said.
         reset_after: Option<Duration>,
     },
-    /// The key was refused (revoked, wrong, no permission): it is disabled.
+    /// The key's credentials were refused (401/403: revoked, wrong, no permission). Counted;
+    /// the key is disabled only when the request is proven not to blame (see
+    /// [`RejectedKey`](crate::RejectedKey)): a caller's request can draw a 401/403 too.
     KeyRejected,
     /// A failure that says nothing about the key (5xx, platform overload, transport
     /// error). Counted only.
@@ -140,6 +143,7 @@ pub fn generic(status: StatusCode, headers: &HeaderMap) -> Outcome {
 }
 
 type HeadFn = dyn Fn(StatusCode, &HeaderMap) -> Outcome + Send + Sync;
+type UnreachedFn = dyn Fn(&(dyn StdError + 'static)) -> bool + Send + Sync;
 type BodyFn = dyn Fn(StatusCode, &HeaderMap, &[u8]) -> Outcome + Send + Sync;
 type WantsBodyFn = dyn Fn(StatusCode) -> bool + Send + Sync;
 
@@ -171,6 +175,7 @@ type WantsBodyFn = dyn Fn(StatusCode) -> bool + Send + Sync;
 pub struct Classifier {
     head: Arc<HeadFn>,
     body: Option<BodyRule>,
+    unreached: Option<Arc<UnreachedFn>>,
 }
 
 #[derive(Clone)]
@@ -186,6 +191,7 @@ impl Classifier {
         Self {
             head: Arc::new(f),
             body: None,
+            unreached: None,
         }
     }
 
@@ -207,6 +213,48 @@ impl Classifier {
                 limit,
                 classify,
             }),
+            unreached: None,
+        }
+    }
+
+    /// Tells which of the inner service's errors never reached the provider: a failed DNS
+    /// lookup, a refused connection, a failed TLS handshake. Such an error says nothing
+    /// about the key and is not counted against it. By default, an error with a refused
+    /// connection ([`std::io::ErrorKind::ConnectionRefused`]) anywhere in its source chain.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_key_rotation::classify::Classifier;
+    ///
+    /// // A client whose connect errors are a type of its own.
+    /// #[derive(Debug)]
+    /// struct ConnectFailed;
+    /// impl std::fmt::Display for ConnectFailed {
+    ///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    ///         f.write_str("could not connect")
+    ///     }
+    /// }
+    /// impl std::error::Error for ConnectFailed {}
+    ///
+    /// let classifier = Classifier::default().unreached_if(|error| error.is::<ConnectFailed>());
+    /// assert!(classifier.is_unreached(&ConnectFailed));
+    /// ```
+    #[must_use]
+    pub fn unreached_if(
+        mut self,
+        f: impl Fn(&(dyn StdError + 'static)) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.unreached = Some(Arc::new(f));
+        self
+    }
+
+    /// Did `error` come before the request reached the provider (see
+    /// [`unreached_if`](Self::unreached_if))?
+    pub fn is_unreached(&self, error: &(dyn StdError + 'static)) -> bool {
+        match &self.unreached {
+            Some(f) => f(error),
+            None => connection_refused(error),
         }
     }
 
@@ -233,6 +281,21 @@ impl Classifier {
         let rule = self.body.as_ref()?;
         (rule.wants)(status).then_some(rule.limit)
     }
+}
+
+/// Is there a refused connection anywhere in `error`'s source chain?
+pub(crate) fn connection_refused(error: &(dyn StdError + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(error) = source {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 impl Default for Classifier {

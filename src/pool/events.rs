@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::record::{Rest, RestCause, Transition};
+use crate::human::HumanDuration;
 
 /// `key 2/3` or `key 2/3 (name)`, for logs.
 pub(super) struct Label<'a> {
@@ -20,22 +21,6 @@ impl fmt::Display for Label<'_> {
         match self.name {
             Some(name) => write!(f, " ({name})"),
             None => Ok(()),
-        }
-    }
-}
-
-/// A duration as people write it: `850 ms`, `2.5 s`, `3 min 20 s`, `1 h 5 min`.
-struct HumanDuration(Duration);
-
-impl fmt::Display for HumanDuration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0.as_millis();
-        let s = self.0.as_secs();
-        match s {
-            0 => write!(f, "{ms} ms"),
-            1..60 => write!(f, "{:.1} s", self.0.as_secs_f64()),
-            60..3600 => write!(f, "{} min {} s", s / 60, s % 60),
-            _ => write!(f, "{} h {} min", s / 3600, s / 60 % 60),
         }
     }
 }

@@ -65,6 +65,8 @@ const ASK: u8 = 16;
 /// With a shared state backend: counted in this replica's count of the key, which its
 /// release must take back (see `SharedKey::taken`).
 const COUNTED: u8 = 32;
+/// The request went out ([`Lease::mark_sent`]): counted in the slot's `sent` until dropped.
+const AT_PROVIDER: u8 = 64;
 
 impl Lease {
     pub(super) fn new(table: &Table, index: usize, taken: Taken) -> Self {
@@ -222,7 +224,11 @@ impl Lease {
 
     /// Counts the request as sent with this key and logs `Using key i/n`.
     pub fn mark_sent(&self) {
-        self.set_flag(SENT);
+        if self.flags.load(Ordering::Relaxed) & AT_PROVIDER != 0 {
+            return;
+        }
+        self.set_flag(SENT | AT_PROVIDER);
+        self.slot.sent.fetch_add(1, Ordering::AcqRel);
         self.slot.requests.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             key = self.position(),
@@ -232,7 +238,23 @@ impl Lease {
         );
     }
 
-    /// Applies a response's [`Outcome`] to the key: cool down, suspend, disable, or count.
+    /// Disables the reserved key for good (and in every replica sharing the pool's state),
+    /// because the provider refused it and the caller proved the key to blame: the same
+    /// request succeeded with another key (see [`RejectedKey`](super::RejectedKey)).
+    /// `true` if it was not disabled yet.
+    pub fn disable(&self) -> bool {
+        super::rejected::disable(&self.slot, self.index, self.keys)
+    }
+
+    /// The reserved key as a [`RejectedKey`](super::RejectedKey), for a response that
+    /// refused it.
+    pub(crate) fn rejected_key(&self) -> super::RejectedKey {
+        super::RejectedKey::new(self.slot.clone(), self.index, self.keys)
+    }
+
+    /// Applies a response's [`Outcome`] to the key: cool down, suspend, or count. A
+    /// [`Outcome::KeyRejected`] is counted, not acted on: see
+    /// [`RejectedKey`](super::RejectedKey).
     pub fn record(&self, outcome: Outcome) {
         self.record_answer(outcome, false);
     }
@@ -271,8 +293,12 @@ impl Drop for Lease {
         }
         // Reserved but never sent: what is left of its quota unit goes back.
         let unsent = (flags & SENT == 0).then_some(self.tat_after);
-        self.slot
-            .release(unsent, flags & REFUSED != 0, flags & COUNTED != 0);
+        self.slot.release(
+            unsent,
+            flags & AT_PROVIDER != 0,
+            flags & REFUSED != 0,
+            flags & COUNTED != 0,
+        );
     }
 }
 

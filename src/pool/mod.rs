@@ -18,7 +18,7 @@
 //!   Probing ──(its window used up again, until its reset)──► Resting, until a window's reset
 //!   Probing ──(refused again, or its window used up past the cap)──► Resting
 //!   Probing ──(the probe is dropped unanswered)──► Probing: the next caller probes
-//!   any ──(401/403)──► Disabled (for good)
+//!   any ──(401/403, and the same request served by another key)──► Disabled (for good)
 //! ```
 //!
 //! The limit is the configured cap, or lower once a `429` that came back while other
@@ -66,6 +66,7 @@ mod lease;
 #[cfg(all(test, tkr_loom))]
 mod loom_tests;
 mod record;
+mod rejected;
 mod rest;
 mod select;
 mod shared;
@@ -93,6 +94,7 @@ use crate::shared::{BackendHealth, Shared};
 pub use builder::KeyPoolBuilder;
 pub(crate) use lease::Check;
 pub use lease::{Admit, Lease};
+pub use rejected::RejectedKey;
 pub(crate) use state::PoolAvailability;
 pub use stats::{KeyState, KeyStats};
 pub use table::ReloadSummary;
@@ -301,6 +303,10 @@ impl KeyPool {
                 let rest = slot.deadline.read();
                 let quota_at = slot.quota.map_or(0, |q| q.available_at(&slot.tat));
                 let limit = slot.limit();
+                // Two loads, not one moment: a lease moving between them could show more
+                // sent than in flight.
+                let in_flight = slot.in_flight.load(Ordering::Acquire);
+                let sent = slot.sent.load(Ordering::Acquire).min(in_flight);
                 KeyStats {
                     position: i + 1,
                     name: slot.spec.name.clone(),
@@ -310,7 +316,10 @@ impl KeyPool {
                     successes: slot.successes.load(Ordering::Relaxed),
                     rate_limited: slot.rate_limited.load(Ordering::Relaxed),
                     failures: slot.failures.load(Ordering::Relaxed),
-                    in_flight: slot.in_flight.load(Ordering::Relaxed),
+                    rejected: slot.rejected.load(Ordering::Relaxed),
+                    in_flight,
+                    sent,
+                    reserved: in_flight.saturating_sub(sent),
                     concurrency_limit: (limit != u32::MAX).then_some(limit),
                     state: slot.status(&mut now).0,
                     cooling_down_for: match rest {

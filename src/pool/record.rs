@@ -155,8 +155,13 @@ impl Slot {
                 });
             }
             Outcome::KeyRejected => {
+                // Not disabled here: the request may be to blame (a caller's own
+                // credentials, a model the account may not use). Only a contrast proves it
+                // the key's fault: the same request served by another key (the retry
+                // layer's `RejectedKey::disable`).
                 self.failures.fetch_add(1, Ordering::Relaxed);
-                transition.disabled = self.disable();
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+                self.rejected_streak.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Failure => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
@@ -342,6 +347,19 @@ impl Slot {
         }
     }
 
+    /// Disables the key for good, because the provider rejected it and the caller proved
+    /// the key to blame (see `RejectedKey`); shares the disable with other replicas.
+    pub(super) fn disable_rejected(&self) -> Transition {
+        let transition = Transition {
+            disabled: self.disable(),
+            ..Transition::default()
+        };
+        if let Some(shared) = &self.shared {
+            self.share(shared, &transition, false, false);
+        }
+        transition
+    }
+
     /// Disables the key for good; `true` if it was not disabled yet.
     fn disable(&self) -> bool {
         let newly = self.deadline.disable();
@@ -363,10 +381,11 @@ impl Slot {
         if !self.signals.learn_concurrency {
             return None;
         }
-        // This lease still counts, and so do others already refused whose slots are not
-        // given back yet; neither is at the provider.
+        // Only requests sent are at the provider (a reservation held by a ready service is
+        // not). This lease still counts among them, and so do others already refused whose
+        // slots are not given back yet; neither is at the provider now.
         let others = self
-            .in_flight
+            .sent
             .load(Ordering::Acquire)
             .saturating_sub(1)
             .saturating_sub(refused);
@@ -490,6 +509,10 @@ impl Slot {
     /// A success; `true` if it reset the backoff level.
     fn succeeded(&self, generation: u32) -> bool {
         self.successes.fetch_add(1, Ordering::Relaxed);
+        // Read first: the usual key has no streak, and a load keeps its line shared.
+        if self.rejected_streak.load(Ordering::Relaxed) != 0 {
+            self.rejected_streak.store(0, Ordering::Relaxed);
+        }
         // Only a request reserved after the last cool-down began proves the key has
         // recovered; a straggler's success does not.
         if self.level.load(Ordering::Relaxed) != 0

@@ -29,8 +29,10 @@ impl KeyPool {
     }
 
     /// Reserves an available key among those `allowed` (by 1-based position), scanning in
-    /// rotation order and taking the least loaded. A slow path for retries that must avoid
-    /// keys already tried; `None` if no allowed key is available.
+    /// rotation order and taking the least loaded, a key whose last answer accepted its
+    /// credentials before one the provider refused since (so that a retry after a 401 asks
+    /// a key known to be good). A slow path for retries that must avoid keys already
+    /// tried; `None` if no allowed key is available.
     pub fn try_reserve_where(&self, allowed: impl Fn(usize) -> bool) -> Option<Lease> {
         let inner = &*self.inner;
         let table = inner.table.load();
@@ -43,7 +45,11 @@ impl KeyPool {
                 .map(|step| (start + step) % n)
                 .filter(|&i| allowed(i + 1))
                 .filter(|&i| table.slots[i].is_available(&mut now))
-                .min_by(|&a, &b| compare_load(&table.slots[a], &table.slots[b]))?;
+                .min_by(|&a, &b| {
+                    let (a, b) = (&table.slots[a], &table.slots[b]);
+                    let refused = |s: &Slot| s.rejected_streak.load(Ordering::Relaxed) != 0;
+                    refused(a).cmp(&refused(b)).then_with(|| compare_load(a, b))
+                })?;
             if let Some(taken) = table.slots[best].try_take(&mut now) {
                 return Some(Lease::new(&table, best, taken));
             }

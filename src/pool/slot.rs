@@ -24,6 +24,10 @@ use crate::shared::SharedKey;
 pub(super) struct Slot {
     /// Leases alive on this key: reserved, in flight, or streaming their answer.
     pub(super) in_flight: AtomicU32,
+    /// Of `in_flight`, the leases whose request was sent: only these are at the provider,
+    /// and only these count when a refusal teaches a concurrency limit (a reservation a
+    /// ready service holds idle is not at the provider).
+    pub(super) sent: AtomicU32,
     /// The concurrency limit in force: `cap`, or lower once refusals taught the pool the
     /// provider's (`learn_refusal`); never above `cap`, never below 1. `u32::MAX`: none.
     pub(super) limit: AtomicU32,
@@ -45,6 +49,11 @@ pub(super) struct Slot {
     pub(super) successes: AtomicU64,
     pub(super) rate_limited: AtomicU64,
     pub(super) failures: AtomicU64,
+    /// Answers that refused the key's credentials (401/403, as the classifier reads them).
+    pub(super) rejected: AtomicU64,
+    /// Such answers in a row, since the key's last accepted answer: a retry that must tell
+    /// a bad key from a bad request asks a key whose last answer was accepted first.
+    pub(super) rejected_streak: AtomicU32,
     /// Set by a reload that removed or replaced the key: it finishes its requests in
     /// flight and sends no reservation made earlier.
     pub(super) retired: AtomicBool,
@@ -89,6 +98,7 @@ impl Slot {
         });
         Arc::new(Self {
             in_flight: AtomicU32::new(0),
+            sent: AtomicU32::new(0),
             limit: AtomicU32::new(cap),
             gains: AtomicU32::new(0),
             refused_open: AtomicU32::new(0),
@@ -101,6 +111,8 @@ impl Slot {
             successes: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            rejected_streak: AtomicU32::new(0),
             retired: AtomicBool::new(false),
             cap,
             weight: spec.weight,
@@ -250,7 +262,16 @@ impl Slot {
     /// Gives back an in-flight slot, and what is left of an unsent request's quota unit.
     /// `counted`: the lease was counted in the state shared with other replicas.
     #[inline]
-    pub(super) fn release(&self, unsent_tat_after: Option<u64>, refused: bool, counted: bool) {
+    pub(super) fn release(
+        &self,
+        unsent_tat_after: Option<u64>,
+        sent: bool,
+        refused: bool,
+        counted: bool,
+    ) {
+        if sent {
+            self.sent.fetch_sub(1, Ordering::AcqRel);
+        }
         if let (Some(tat_after), Some(quota)) = (unsent_tat_after, self.quota) {
             // Only a quota reads the clock.
             quota.refund(&self.tat, tat_after, self.signals.now_nanos());

@@ -23,10 +23,20 @@ pub struct KeyStats {
     pub successes: u64,
     /// Responses classified as rate limited (429).
     pub rate_limited: u64,
-    /// Failures: rejected keys, server errors and transport errors.
+    /// Failures: refused credentials, server errors, and transport errors of requests that
+    /// reached the provider (an error before it, such as a failed DNS lookup or connect,
+    /// is not the key's: see [`Classifier::unreached_if`](crate::classify::Classifier::unreached_if)).
     pub failures: u64,
-    /// Requests reserved or in flight on this key right now.
+    /// Answers that refused the key's credentials (401/403). The key is disabled only when
+    /// the same request then succeeded with another key (see
+    /// [`RejectedKey`](crate::RejectedKey)).
+    pub rejected: u64,
+    /// Requests reserved or in flight on this key right now: `sent` plus `reserved`.
     pub in_flight: u32,
+    /// Of `in_flight`, the requests sent: at the provider, or streaming their answer.
+    pub sent: u32,
+    /// Of `in_flight`, the reservations not sent yet (held by a ready service).
+    pub reserved: u32,
     /// At most this many requests in flight at once: the configured cap, or a lower limit
     /// learned from the provider's refusals
     /// ([`KeyPoolBuilder::learn_concurrency`](crate::KeyPoolBuilder::learn_concurrency)).
@@ -89,8 +99,14 @@ impl fmt::Display for KeyStats {
         }
         write!(
             f,
-            ": {} requests, {} ok, {} rate limited, {} failed, {} in flight",
-            self.requests, self.successes, self.rate_limited, self.failures, self.in_flight
+            ": {} requests, {} ok, {} rate limited, {} failed ({} rejected), {} in flight ({} sent)",
+            self.requests,
+            self.successes,
+            self.rate_limited,
+            self.failures,
+            self.rejected,
+            self.in_flight,
+            self.sent
         )?;
         if self.disabled {
             f.write_str(", disabled")

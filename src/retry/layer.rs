@@ -53,6 +53,8 @@ impl RetryLayer {
                 retry_error: Arc::new(is_connection_refused),
                 retries: 0,
                 no_key_in_time: false,
+                suspect: None,
+                reconnected: false,
             },
         }
     }

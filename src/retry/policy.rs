@@ -1,7 +1,6 @@
 //! [`RetryPolicy`]: when a response or error earns another attempt, and whether waiting
 //! for a key can still fit in the request's budget.
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
 
@@ -10,6 +9,7 @@ use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::BoxError;
+use crate::RejectedKey;
 use crate::classify::Outcome;
 use crate::error::NoKeyAvailable;
 use crate::pool::{KeyPool, PoolAvailability};
@@ -38,6 +38,30 @@ pub struct RetryPolicy {
     /// Whether the last refusal was passed on because no key could take the request again
     /// within its wait budget (or ever): the caller should not retry it either.
     pub(crate) no_key_in_time: bool,
+    /// A key that refused this request's credentials, until another key's answer to the
+    /// same request says who is to blame.
+    pub(crate) suspect: Option<Suspect>,
+    /// Whether this request was already sent again after a connection failure.
+    pub(crate) reconnected: bool,
+}
+
+/// A key that refused a request (401/403), awaiting the contrast.
+#[derive(Debug, Clone)]
+pub(crate) struct Suspect {
+    key: RejectedKey,
+    status: StatusCode,
+}
+
+/// What another key's answer to a request says about the key that refused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// No other key has answered yet, or its answer decides nothing (a 429, a 5xx).
+    Open,
+    /// Another key served the request: the refusing key is bad, and is disabled.
+    KeyToBlame,
+    /// Another key refused it too: the request is bad (a caller's credentials, a model or
+    /// resource the accounts may not use). Passed on; no key is disabled.
+    RequestToBlame,
 }
 
 /// Why an attempt is worth repeating.
@@ -46,7 +70,7 @@ enum Reason {
     RateLimited,
     /// A 503 whose `Retry-After` the classifier read as a rate limit of the key.
     Unavailable,
-    /// 401/403: the key is disabled, another may serve.
+    /// 401/403: another key may serve, which would prove this one bad.
     KeyRejected,
     /// The call was refused before anything was sent: its key went away, or its probe
     /// went out, between `poll_ready` and `call`.
@@ -75,7 +99,7 @@ impl fmt::Display for Reason {
 /// | --- | --- | --- |
 /// | [`Outcome::RateLimited`], [`Outcome::AccountLimited`] | 429 | yes: another key (of another account) may take it, or the same once its rest is over |
 /// | [`Outcome::RateLimited`] | 503 (with `Retry-After`) | yes |
-/// | [`Outcome::KeyRejected`] | any | yes, on another key (this one is now disabled) |
+/// | [`Outcome::KeyRejected`] | any | yes, once, on a key not tried that can take it now: if that key serves it, the first is disabled; if it refuses it too, the request is to blame and the refusal is the answer |
 /// | [`Outcome::QuotaExhausted`] | any | no: billing or a spent quota, not a rate limit; the client must hear it |
 /// | [`Outcome::Failure`] | 429 | no: the provider says it is overloaded as a whole (BigModel 1305), another key would only add load |
 /// | none (no `KeyRotation` inside, or a classifier that calls it a success) | 429 | yes, by status |
@@ -115,8 +139,15 @@ impl RetryPolicy {
     /// - else the earliest key whose rest ends (or quota refills) before the budget ends: a
     ///   tried key counts once its own rest (`Retry-After`) is over.
     ///
-    /// A connection failure is sent again only to a key not tried yet that is free now:
-    /// the same host through the same key would fail the same way.
+    /// A refused key (401/403) is blamed by contrast: the request goes once to a key not
+    /// tried yet that can take it now (one whose last answer was accepted first); if that
+    /// key serves it, the refusing key is disabled; if it refuses it too, the request is
+    /// to blame, its refusal is the answer and no key is disabled. So one request disables
+    /// at most one key, and with a single key nothing is ever disabled.
+    ///
+    /// A connection failure (DNS, connect, TLS: nothing reached the provider) is not the
+    /// key's fault: the request is sent again once, on a fresh connection, with any key
+    /// free now.
     pub(crate) fn should_retry<R>(
         &mut self,
         tried: Option<&TriedKeys>,
@@ -124,10 +155,34 @@ impl RetryPolicy {
         budget_end: Option<Instant>,
     ) -> bool {
         let reason = match result {
-            Ok(response) => match response_reason(response) {
-                Some(reason) => reason,
-                None => return false,
-            },
+            Ok(response) => {
+                if self.suspect.is_some() && self.judge(tried, response) == Verdict::RequestToBlame
+                {
+                    return false;
+                }
+                match response_reason(response) {
+                    Some(Reason::KeyRejected) if self.suspect.is_some() => {
+                        // The suspect itself refused again (no other key was free): the
+                        // contrast is still owed, and only an untried key can give it.
+                        Reason::KeyRejected
+                    }
+                    Some(Reason::KeyRejected) => {
+                        match response.extensions().get::<RejectedKey>() {
+                            Some(key) => {
+                                self.suspect = Some(Suspect {
+                                    key: key.clone(),
+                                    status: response.status(),
+                                });
+                            }
+                            // Refused, but no key to blame (no `KeyRotation` inside).
+                            None => return false,
+                        }
+                        Reason::KeyRejected
+                    }
+                    Some(reason) => reason,
+                    None => return false,
+                }
+            }
             Err(error)
                 if error
                     .downcast_ref::<NoKeyAvailable>()
@@ -151,7 +206,24 @@ impl RetryPolicy {
         // Whether the retry goes out at once (and so adds load now), if at all.
         let mut at_once = true;
         let worth_it = match reason {
-            Reason::NotConnected => self.pool.can_take_now(|p| !tried.contains(p)),
+            Reason::NotConnected if self.reconnected => {
+                tracing::debug!("sent again once already; passing the {reason} on");
+                return false;
+            }
+            Reason::NotConnected => {
+                self.reconnected = true;
+                self.pool.can_take_now(|_| true)
+            }
+            Reason::KeyRejected => {
+                let untried = self.pool.can_take_now(|p| !tried.contains(p));
+                if !untried {
+                    tracing::debug!(
+                        "no other key free to tell a bad key from a bad request; passing the {reason} on"
+                    );
+                    return false;
+                }
+                true
+            }
             _ => match self.pool.availability() {
                 PoolAvailability::Now => true,
                 PoolAvailability::OnRelease { .. } => {
@@ -198,6 +270,46 @@ impl RetryPolicy {
             self.pool.len(),
         );
         true
+    }
+
+    /// Reads another key's answer to a request that a key (the suspect) refused: a
+    /// success disables the suspect, a refusal blames the request.
+    fn judge<R>(&mut self, tried: Option<&TriedKeys>, response: &Response<R>) -> Verdict {
+        let Some(suspect) = &self.suspect else {
+            return Verdict::Open;
+        };
+        let bad = suspect.key.position();
+        let Some(by) = tried.and_then(TriedKeys::last).filter(|&by| by != bad) else {
+            return Verdict::Open; // the suspect answered again
+        };
+        let keys = self.pool.len();
+        let outcome = response.extensions().get::<Outcome>();
+        let verdict = match outcome {
+            None | Some(Outcome::Success | Outcome::SuccessAtLimit { .. })
+                if response.status().is_success() =>
+            {
+                Verdict::KeyToBlame
+            }
+            Some(Outcome::KeyRejected) => Verdict::RequestToBlame,
+            _ => Verdict::Open,
+        };
+        match verdict {
+            Verdict::Open => return Verdict::Open,
+            Verdict::KeyToBlame => {
+                tracing::info!(
+                    "key {bad}/{keys} refused a request ({}) that key {by}/{keys} served: the key is to blame",
+                    suspect.status.as_u16()
+                );
+                suspect.key.disable();
+            }
+            Verdict::RequestToBlame => tracing::info!(
+                "key {bad}/{keys} and key {by}/{keys} both refused the request ({}, {}): the request is to blame, not the keys; passing it on, no key disabled",
+                suspect.status.as_u16(),
+                response.status().as_u16()
+            ),
+        }
+        self.suspect = None;
+        verdict
     }
 
     /// What the next attempt is rebuilt from, if it may have one: the body is buffered and
@@ -314,16 +426,7 @@ impl fmt::Debug for RetryPolicy {
 /// assert!(!is_connection_refused(&reset));
 /// ```
 pub fn is_connection_refused(error: &BoxError) -> bool {
-    let mut source: Option<&(dyn StdError + 'static)> = Some(&**error);
-    while let Some(error) = source {
-        if let Some(io) = error.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return true;
-            }
-        }
-        source = error.source();
-    }
-    false
+    crate::classify::connection_refused(&**error)
 }
 
 #[cfg(test)]
@@ -521,9 +624,10 @@ mod tests {
             ),
             // BigModel 1305: the platform is overloaded, not the key.
             (too_many, Outcome::Failure, false),
-            // A rejected key is disabled; another may serve.
-            (StatusCode::FORBIDDEN, Outcome::KeyRejected, true),
-            (StatusCode::UNAUTHORIZED, Outcome::KeyRejected, true),
+            // A refusal of credentials without the key that drew it (no `KeyRotation`
+            // inside): nothing to blame by contrast, so nothing to retry for.
+            (StatusCode::FORBIDDEN, Outcome::KeyRejected, false),
+            (StatusCode::UNAUTHORIZED, Outcome::KeyRejected, false),
         ];
         for (status, outcome, retried) in cases {
             assert_eq!(
@@ -539,6 +643,77 @@ mod tests {
         // No outcome on the response (no `KeyRotation` inside): the status decides.
         assert!(policy.should_retry(req.extensions().get(), &answer(too_many), in_secs(30)));
         assert!(!policy.should_retry(req.extensions().get(), &answer(unavailable), in_secs(30)));
+    }
+
+    /// An answer from the key at `lease`'s position, as `KeyRotation` hands it on.
+    fn answered_by(
+        lease: &crate::pool::Lease,
+        tried: &TriedKeys,
+        status: StatusCode,
+    ) -> Result<Response<()>, BoxError> {
+        tried.insert(lease.position());
+        lease.mark_sent();
+        let mut response = Response::builder().status(status).body(()).unwrap();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            lease.record(Outcome::KeyRejected);
+            response.extensions_mut().insert(Outcome::KeyRejected);
+            response.extensions_mut().insert(lease.rejected_key());
+        } else {
+            lease.record(Outcome::Success);
+        }
+        Ok(response)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_key_is_disabled_only_when_another_key_serves_the_same_request() {
+        let (pool, template) = policy("k1,k2,k3");
+        let mut policy = template.clone();
+        let tried = TriedKeys::new();
+        let req = request(ReplayBody::buffered(Bytes::new()), &tried);
+        let first = pool.try_reserve_where(|p| p == 1).unwrap();
+        let refused = answered_by(&first, &tried, StatusCode::UNAUTHORIZED);
+        assert!(policy.should_retry(req.extensions().get(), &refused, in_secs(30)));
+        assert!(!pool.snapshot()[0].disabled, "one refusal proves nothing");
+        let second = pool.try_reserve_where(|p| !tried.contains(p)).unwrap();
+        let served = answered_by(&second, &tried, StatusCode::OK);
+        assert!(!policy.should_retry(req.extensions().get(), &served, in_secs(30)));
+        let stats = pool.snapshot();
+        assert!(stats[0].disabled, "served by key {}", second.position());
+        assert_eq!(stats[0].rejected, 1);
+        assert!(!stats[1].disabled && !stats[2].disabled);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_refused_by_two_keys_is_answered_and_disables_none() {
+        let (pool, template) = policy("k1,k2,k3");
+        let mut policy = template.clone();
+        let tried = TriedKeys::new();
+        let req = request(ReplayBody::buffered(Bytes::new()), &tried);
+        let first = pool.try_reserve_where(|p| p == 1).unwrap();
+        let refused = answered_by(&first, &tried, StatusCode::FORBIDDEN);
+        assert!(policy.should_retry(req.extensions().get(), &refused, in_secs(30)));
+        let second = pool.try_reserve_where(|p| !tried.contains(p)).unwrap();
+        let refused_again = answered_by(&second, &tried, StatusCode::FORBIDDEN);
+        assert!(
+            !policy.should_retry(req.extensions().get(), &refused_again, in_secs(30)),
+            "the request is to blame: no third key is tried"
+        );
+        assert!(pool.snapshot().iter().all(|key| !key.disabled));
+        assert_eq!(tried.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_one_key_a_refusal_is_the_answer_and_the_key_stays() {
+        let (pool, template) = policy("k1");
+        let mut policy = template.clone();
+        let tried = TriedKeys::new();
+        let req = request(ReplayBody::buffered(Bytes::new()), &tried);
+        let only = pool.try_reserve().unwrap();
+        let refused = answered_by(&only, &tried, StatusCode::UNAUTHORIZED);
+        assert!(!policy.should_retry(req.extensions().get(), &refused, in_secs(30)));
+        drop(only);
+        assert!(!pool.snapshot()[0].disabled);
+        assert!(pool.try_reserve().is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -575,8 +750,9 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_refused_connection_is_retried_on_an_untried_key_but_other_errors_are_not() {
-        let (_, mut policy) = policy("k1,k2");
+    async fn a_refused_connection_is_sent_again_once_but_other_errors_are_not() {
+        let (_, template) = policy("k1");
+        let mut policy = template.clone();
         let tried = TriedKeys::new();
         tried.insert(1);
         let req = request(ReplayBody::buffered(Bytes::new()), &tried);
@@ -588,11 +764,12 @@ mod tests {
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         let result: Result<Response<()>, BoxError> = Err(Box::new(reset));
         assert!(!policy.should_retry(req.extensions().get(), &result, in_secs(30)));
+        // Not the key's fault: once more, on a fresh connection, even on the key tried.
         assert!(policy.should_retry(req.extensions().get(), &refused(), in_secs(30)));
-        tried.insert(2);
         assert!(
             !policy.should_retry(req.extensions().get(), &refused(), in_secs(30)),
-            "every key tried: the same host would refuse again"
+            "once: the host refuses, and no key changes that"
         );
+        assert_eq!(policy.retries, 1);
     }
 }

@@ -61,6 +61,11 @@ impl TriedKeys {
         self.lock().is_empty()
     }
 
+    /// 1-based position of the key tried last (first used last), if any.
+    pub fn last(&self) -> Option<usize> {
+        self.lock().last().copied()
+    }
+
     /// 1-based positions of the keys tried, in the order they were first used.
     pub fn positions(&self) -> Vec<usize> {
         self.lock().to_vec()
