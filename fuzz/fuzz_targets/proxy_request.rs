@@ -28,6 +28,8 @@
 
 #[path = "../../examples/forward_proxy/src/admin.rs"]
 mod admin;
+#[path = "../../examples/forward_proxy/src/answer.rs"]
+mod answer;
 #[path = "../../examples/forward_proxy/src/attempts.rs"]
 mod attempts;
 #[path = "../../examples/forward_proxy/src/config.rs"]

@@ -3,7 +3,7 @@
 use http::{Method, Response, StatusCode, header};
 use serde_json::json;
 
-use crate::handler::{Body, State, full, json_error};
+use crate::handler::{Body, State, full};
 
 pub(crate) const PREFIX: &str = "/_keyrotation/";
 
@@ -15,7 +15,7 @@ pub(crate) fn is_public(path: &str) -> bool {
 
 pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Body> {
     if method != Method::GET {
-        return json_error(
+        return state.error_format.answer(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "admin routes answer GET only",
@@ -47,11 +47,14 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
                         "weight": key.weight,
                         "state": key.state.as_str(),
                         "in_flight": key.in_flight,
+                        "sent": key.sent,
+                        "reserved": key.reserved,
                         "concurrency_limit": key.concurrency_limit,
                         "requests": key.requests,
                         "successes": key.successes,
                         "rate_limited": key.rate_limited,
                         "failures": key.failures,
+                        "rejected": key.rejected,
                         "disabled": key.disabled,
                         "cooling_down_ms": key.cooling_down_for.map_or(0, |d| d.as_millis() as u64),
                         "quota_wait_ms": key.quota_wait.map_or(0, |d| d.as_millis() as u64),
@@ -75,6 +78,6 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
             )
             .body(full(state.metrics.render()))
             .expect("static response"),
-        _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such admin route"),
+        _ => state.error_format.answer(StatusCode::NOT_FOUND, "not_found", "no such admin route"),
     }
 }

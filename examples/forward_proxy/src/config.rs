@@ -255,7 +255,10 @@ impl Args {
     pub(crate) fn pool_builder(&self, keys: KeySet) -> KeyPoolBuilder {
         let mut pool = KeyPool::builder(keys)
             .selection(self.strategy.into())
-            .classifier(self.profile.into())
+            .classifier(
+                Classifier::from(self.profile)
+                    .unreached_if(crate::connections::is_connect_failure),
+            )
             .max_wait(Some(self.max_wait))
             .learn_concurrency(!self.no_learn_concurrency);
         if let Some(max) = self.max_in_flight_per_key {
@@ -401,11 +404,8 @@ impl Upstream {
 pub(crate) struct AccessToken(Zeroizing<Vec<u8>>);
 
 impl AccessToken {
-    /// Does an `Authorization` header value present this token as `Bearer <token>`?
-    pub(crate) fn admits(&self, authorization: Option<&[u8]>) -> bool {
-        let Some(given) = authorization.and_then(|v| v.strip_prefix(b"Bearer ")) else {
-            return false;
-        };
+    /// Is `given` (a credential as a client sent it) this token?
+    pub(crate) fn matches(&self, given: &[u8]) -> bool {
         // Lengths may differ (and that much leaks); the bytes are compared in constant time.
         given.ct_eq(&self.0).into()
     }

@@ -385,6 +385,12 @@ where
     }
 }
 
+/// Did `error` come from making the connection (DNS, connect, TLS handshake), before
+/// anything reached the upstream? Then it says nothing about the key.
+pub(crate) fn is_connect_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    crate::answer::has_source::<ConnectError>(error)
+}
+
 /// The connection could not be made (refused, DNS, TLS handshake): nothing was sent.
 #[derive(Debug)]
 pub(crate) struct ConnectError(BoxError);

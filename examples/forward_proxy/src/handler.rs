@@ -2,7 +2,6 @@
 //! layers, and stream the answer back.
 
 use std::convert::Infallible;
-use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -17,9 +16,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::{BoxError, ServiceExt};
 use tower_key_rotation::retry::{Attempts as Retried, ReplayBody};
-use tower_key_rotation::{AllKeysDisabled, KeyPool, NoKeyAvailable, retry::TriedKeys};
+use tower_key_rotation::{KeyPool, retry::TriedKeys};
 
 use crate::admin;
+use crate::answer::{self, ErrorFormat};
 use crate::attempts::Attempts;
 use crate::config::{AccessToken, LogFormat, Upstream as UpstreamUrl};
 use crate::h1::server::ReceivedBody;
@@ -45,6 +45,8 @@ pub(crate) struct State {
     pub(crate) log_format: LogFormat,
     /// The keys' names by position, for the JSON log (updated on reload).
     pub(crate) key_names: Arc<KeyNames>,
+    /// The shape of the proxy's own error answers: the profile's provider's.
+    pub(crate) error_format: ErrorFormat,
 }
 
 impl State {
@@ -70,6 +72,7 @@ impl State {
             max_body_size: args.max_body_size,
             abandoned_grace: args.abandoned_grace,
             log_format: args.log_format,
+            error_format: args.profile.into(),
         }
     }
 }
@@ -86,18 +89,6 @@ pub(crate) fn full(body: impl Into<Bytes>) -> Body {
     Full::new(body.into())
         .map_err(|never| match never {})
         .boxed_unsync()
-}
-
-/// An OpenAI-style JSON error, so clients' SDKs show the message.
-pub(crate) fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({
-        "error": { "message": message, "type": "key_rotation_proxy", "code": code }
-    });
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(full(body.to_string()))
-        .expect("static response")
 }
 
 /// Serves one request (from the HTTP/1 server or hyper's HTTP/2 one).
@@ -373,7 +364,7 @@ impl Drop for ClientBody {
 /// What became of the request.
 async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &RequestLabel) -> Exchange {
     if req.method() == Method::CONNECT {
-        let response = json_error(
+        let response = state.error_format.answer(
             StatusCode::BAD_REQUEST,
             "connect_not_supported",
             "CONNECT is not supported: this proxy only reaches its configured upstream",
@@ -382,7 +373,7 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
     }
     if let Some(authority) = req.uri().authority() {
         if !is_own_authority(state, authority) {
-            let response = json_error(
+            let response = state.error_format.answer(
                 StatusCode::BAD_REQUEST,
                 "foreign_host",
                 "this proxy only reaches its configured upstream; send origin-form requests",
@@ -391,21 +382,18 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
         }
     }
     let path = req.uri().path();
-    let admitted = state.access_token.as_ref().is_none_or(|token| {
-        token.admits(
-            req.headers()
-                .get(header::AUTHORIZATION)
-                .map(HeaderValue::as_bytes),
-        )
-    });
+    let admitted = state
+        .access_token
+        .as_ref()
+        .is_none_or(|token| presents(token, &req));
     if path.starts_with(admin::PREFIX) {
         if !admitted && !admin::is_public(path) {
-            return Exchange::local(unauthorized());
+            return Exchange::local(answer::unauthorized(state.error_format));
         }
         return Exchange::local(admin::respond(state, req.method(), path));
     }
     if !admitted {
-        return Exchange::local(unauthorized());
+        return Exchange::local(answer::unauthorized(state.error_format));
     }
     let declared = req
         .headers()
@@ -413,7 +401,7 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > state.max_body_size) {
-        return Exchange::local(too_large(state.max_body_size));
+        return Exchange::local(answer::too_large(state.error_format, state.max_body_size));
     }
 
     let (mut parts, body) = req.into_parts();
@@ -421,7 +409,7 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
     // HTTP/1.1` would be joined into `<prefix>*`, outside it (found by fuzz/proxy_request).
     let within_prefix = parts.uri.path().starts_with('/') && !has_dot_segment(parts.uri.path());
     if !within_prefix {
-        let response = json_error(
+        let response = state.error_format.answer(
             StatusCode::BAD_REQUEST,
             "bad_path",
             "the request path is not valid",
@@ -438,6 +426,10 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
             .path_and_query()
             .cloned()
             .map_or_else(|| Uri::from_static("/"), Uri::from);
+    }
+    // A client's key in the query (Google's `key=`) goes no further than its headers do.
+    if let Some(target) = parts.uri.path_and_query().and_then(without_key_parameter) {
+        parts.uri = Uri::from(target);
     }
     // The client speaks to us in whatever version; the upstream connection picks its own
     // (HTTP/2 by ALPN where offered).
@@ -457,11 +449,11 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
     let body = match ReplayBody::buffer(body, state.retry_body_limit).await {
         Ok(body) => body,
         Err(error) if error.is::<LengthLimitError>() => {
-            return Exchange::local(too_large(state.max_body_size));
+            return Exchange::local(answer::too_large(state.error_format, state.max_body_size));
         }
         Err(error) => {
             tracing::debug!("reading the request body failed: {error}");
-            let response = json_error(
+            let response = state.error_format.answer(
                 StatusCode::BAD_REQUEST,
                 "bad_request_body",
                 "the request body could not be read",
@@ -497,11 +489,17 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
                 // We already retried or waited for this answer, or no key can take it
                 // again within its wait budget: an SDK retrying it would only stack its
                 // retries on ours, or wait past the budget.
-                no_more_retries(&mut parts.headers);
+                answer::no_more_retries(&mut parts.headers);
             }
             Response::from_parts(parts, ExchangeBody::Upstream(body))
         }
-        Err(error) => error_response(&error, state.max_body_size).map(ExchangeBody::Own),
+        Err(error) => answer::Failure {
+            format: state.error_format,
+            upstream: state.upstream_url.authority.as_str(),
+            max_body_size: state.max_body_size,
+        }
+        .answer(&error)
+        .map(ExchangeBody::Own),
     };
     Exchange {
         response,
@@ -635,16 +633,6 @@ async fn within_grace(
     }
 }
 
-fn too_large(max: u64) -> Response<Body> {
-    json_error(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "request_too_large",
-        &format!(
-            "the request body is larger than this proxy accepts ({max} bytes, --max-body-size)"
-        ),
-    )
-}
-
 /// `.` and `..` segments (also percent-encoded) would let a request climb out of the
 /// upstream's path prefix once the upstream normalises the path.
 fn has_dot_segment(path: &str) -> bool {
@@ -666,18 +654,6 @@ fn is_dot_segment(segment: &str) -> bool {
         dots += 1;
     }
     dots == 1 || dots == 2
-}
-
-fn unauthorized() -> Response<Body> {
-    let mut response = json_error(
-        StatusCode::UNAUTHORIZED,
-        "invalid_access_token",
-        "this proxy requires `Authorization: Bearer <access token>`",
-    );
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    response
 }
 
 /// Absolute-form targets may name the upstream or this proxy, nothing else: a key must
@@ -769,6 +745,9 @@ fn unforwarded_index(name: &str) -> Option<usize> {
         "proxy-connection" => Some(7),
         "authorization" => Some(8),
         "proxy-authorization" => Some(9),
+        "x-api-key" => Some(10),
+        "api-key" => Some(11),
+        "x-goog-api-key" => Some(12),
         _ => None,
     }
 }
@@ -776,7 +755,7 @@ fn unforwarded_index(name: &str) -> Option<usize> {
 /// How many of [`UNFORWARDED`] are hop-by-hop (the first ones); the rest are a request's.
 const HOP_BY_HOP: usize = 8;
 
-static UNFORWARDED: [HeaderName; 10] = [
+static UNFORWARDED: [HeaderName; 13] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -785,130 +764,75 @@ static UNFORWARDED: [HeaderName; 10] = [
     header::PROXY_AUTHENTICATE,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
+    // The credentials a client may send, in every placement a provider reads (the
+    // proxy's access token may arrive in any of them): the pool's key is the only one the
+    // provider sees. A client's own key sent along would draw the provider's 401 for it.
     header::AUTHORIZATION,
     header::PROXY_AUTHORIZATION,
+    X_API_KEY,
+    HeaderName::from_static("api-key"),
+    X_GOOG_API_KEY,
 ];
 
-const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
-/// Obeyed by the openai and anthropic SDKs: `false` and they do not retry.
-const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
 
-/// Tells SDKs not to retry an answer the proxy already retried or waited for, and (for a
-/// refusal) when to come back, in the millisecond form the openai SDK reads first.
-fn no_more_retries(headers: &mut HeaderMap) {
-    headers.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
-    if headers.contains_key(RETRY_AFTER_MS) {
-        return;
+/// The query parameter Google's APIs read a key from.
+const KEY_PARAMETER: &str = "key";
+
+/// The `path?query` of `target` without its `key` parameters, or `None` when it has none
+/// (the usual request: one scan of the query, no allocation).
+fn without_key_parameter(target: &http::uri::PathAndQuery) -> Option<http::uri::PathAndQuery> {
+    let query = target.query()?;
+    if !query.split('&').any(|pair| is_key_parameter(pair)) {
+        return None;
     }
-    let wait = headers
-        .get(header::RETRY_AFTER)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| {
-            tower_key_rotation::classify::parse_retry_after(value, std::time::SystemTime::now())
-        });
-    if let Some(wait) = wait {
-        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        headers.insert(RETRY_AFTER_MS, HeaderValue::from(ms));
+    let kept: Vec<&str> = query.split('&').filter(|pair| !is_key_parameter(pair)).collect();
+    let mut rebuilt = String::with_capacity(target.as_str().len());
+    rebuilt.push_str(target.path());
+    if !kept.is_empty() {
+        rebuilt.push('?');
+        rebuilt.push_str(&kept.join("&"));
     }
+    // Made of the parts of a valid target: still valid.
+    http::uri::PathAndQuery::try_from(rebuilt).ok()
 }
 
-/// The proxy's own failures, as JSON. Upstream answers (429s included) never come here:
-/// they pass through as they are.
-fn error_response(error: &BoxError, max_body_size: u64) -> Response<Body> {
-    if let Some(tls) = crate::tls::failure(error.as_ref()) {
-        tracing::warn!("request failed: {}", tls.reason);
-        let code = if tls.certificate {
-            "upstream_certificate"
-        } else {
-            "upstream_tls"
-        };
-        return json_error(StatusCode::BAD_GATEWAY, code, &tls.reason);
-    }
-    if has_source::<LengthLimitError>(error.as_ref()) {
-        tracing::info!("request refused: its body is larger than --max-body-size");
-        return too_large(max_body_size);
-    }
-    tracing::warn!("request failed: {}", chain(error.as_ref()));
-    if let Some(no_key) = error.downcast_ref::<NoKeyAvailable>() {
-        let wait = no_key.retry_after();
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        let mut response = json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_key_available",
-            "every API key is busy or rate limited; retry later",
-        );
-        let headers = response.headers_mut();
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        headers.insert(
-            RETRY_AFTER_MS,
-            HeaderValue::from(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)),
-        );
-        // The proxy waited as long as it was allowed to.
-        headers.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
-        return response;
-    }
-    if error.downcast_ref::<AllKeysDisabled>().is_some() {
-        return json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "all_keys_disabled",
-            "the provider rejected every configured API key",
-        );
-    }
-    if error
-        .downcast_ref::<tower::timeout::error::Elapsed>()
-        .is_some()
-        || is_timeout(error.as_ref())
-    {
-        return json_error(
-            StatusCode::GATEWAY_TIMEOUT,
-            "upstream_timeout",
-            "the upstream did not answer in time",
-        );
-    }
-    json_error(
-        StatusCode::BAD_GATEWAY,
-        "upstream_unreachable",
-        "the upstream could not be reached",
-    )
+/// `key=...` or a bare `key`.
+fn is_key_parameter(pair: &str) -> bool {
+    pair.split_once('=').map_or(pair, |(name, _)| name) == KEY_PARAMETER
 }
 
-/// Is there an I/O timeout anywhere in the error's source chain?
-pub(crate) fn is_timeout(error: &(dyn StdError + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(error) = source {
-        if error
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
-        }
-        source = error.source();
-    }
-    false
+/// The value of the first `key` parameter of a query, as sent (not percent-decoded).
+fn key_parameter(query: &str) -> Option<&str> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find_map(|(name, value)| (name == KEY_PARAMETER).then_some(value))
 }
 
-/// Is there an `E` anywhere in the error's source chain?
-fn has_source<E: StdError + 'static>(error: &(dyn StdError + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(error) = source {
-        if error.is::<E>() {
-            return true;
-        }
-        source = error.source();
-    }
-    false
-}
-
-/// `outer: inner: innermost`, for one log line.
-fn chain(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(error) = source {
-        text.push_str(": ");
-        text.push_str(&error.to_string());
-        source = error.source();
-    }
-    text
+/// Does the request present the proxy's access token, in any of the places a client's
+/// SDK may put a credential (`Authorization: Bearer`, `x-api-key`, `api-key`,
+/// `x-goog-api-key`, a `key` query parameter)?
+fn presents(token: &AccessToken, req: &Request<ReceivedBody>) -> bool {
+    let headers = req.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    let named = [X_API_KEY, API_KEY, X_GOOG_API_KEY]
+        .into_iter()
+        .filter_map(|name| headers.get(name).map(HeaderValue::as_bytes));
+    let query = req
+        .uri()
+        .query()
+        .and_then(key_parameter)
+        .map(str::as_bytes);
+    bearer
+        .into_iter()
+        .chain(named)
+        .chain(query)
+        .any(|given| token.matches(given))
 }
 
 #[cfg(test)]

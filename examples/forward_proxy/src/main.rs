@@ -32,6 +32,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod admin;
+mod answer;
 mod attempts;
 mod config;
 mod connections;

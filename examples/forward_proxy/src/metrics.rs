@@ -167,7 +167,7 @@ impl Collector for KeyCollector {
         crate::shared::encode_metrics(&self.pool, &mut encoder)?;
 
         type Read = fn(&tower_key_rotation::pool::KeyStats) -> u64;
-        let counters: [(&str, &str, Read); 4] = [
+        let counters: [(&str, &str, Read); 5] = [
             ("key_requests", "Requests sent with each key.", |k| {
                 k.requests
             }),
@@ -179,8 +179,13 @@ impl Collector for KeyCollector {
             }),
             (
                 "key_failures",
-                "Rejections, 5xx and transport errors per key.",
+                "Refused credentials, 5xx and transport errors of requests that reached the upstream, per key.",
                 |k| k.failures,
+            ),
+            (
+                "key_rejected",
+                "401/403 answers per key (the key is disabled only when another key then served the same request).",
+                |k| k.rejected,
             ),
         ];
         for (name, help, read) in counters {
@@ -193,10 +198,17 @@ impl Collector for KeyCollector {
         }
 
         type Gauge = fn(&tower_key_rotation::pool::KeyStats) -> f64;
-        let gauges: [(&str, &str, Gauge); 6] = [
-            ("key_in_flight", "Requests in flight per key.", |k| {
-                f64::from(k.in_flight)
-            }),
+        let gauges: [(&str, &str, Gauge); 7] = [
+            (
+                "key_in_flight",
+                "Requests reserved or in flight per key.",
+                |k| f64::from(k.in_flight),
+            ),
+            (
+                "key_sent",
+                "Requests per key sent to the upstream and not finished (the rest of in flight is reserved, not sent).",
+                |k| f64::from(k.sent),
+            ),
             (
                 "key_cooling_down_seconds",
                 "Seconds until a rate-limited key is back (0 if not cooling).",

@@ -86,5 +86,5 @@ pub(crate) fn build(pool: &KeyPool, options: Options) -> Result<Upstream, String
 /// handshake): safe to send again. A connect timeout is not retried: it already took
 /// `--connect-timeout`, and another key would not reach the host any faster.
 fn is_connect_error(error: &BoxError) -> bool {
-    error.is::<ConnectError>() && !crate::handler::is_timeout(error.as_ref())
+    error.is::<ConnectError>() && !crate::answer::is_timeout(error.as_ref())
 }

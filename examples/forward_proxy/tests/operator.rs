@@ -236,7 +236,8 @@ async fn certificate_failures_are_told_in_words_in_the_log_and_the_502() {
         );
         let message = error["message"].as_str().unwrap();
         assert!(
-            message.starts_with("the upstream's certificate was refused: ")
+            message.starts_with("TLS with the upstream 127.0.0.1:")
+                && message.contains("the upstream's certificate was refused: ")
                 && message.contains(words),
             "{cert}: {words:?} not in {message:?}"
         );

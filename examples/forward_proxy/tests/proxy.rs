@@ -172,7 +172,7 @@ async fn when_retries_are_spent_the_client_gets_the_last_429_with_its_headers() 
 }
 
 #[tokio::test]
-async fn no_free_key_within_max_wait_gives_503_with_retry_after() {
+async fn no_free_key_within_max_wait_gives_429_with_retry_after() {
     let (release, body) = channel_body();
     let held = std::sync::Mutex::new(Some(body));
     let upstream = MockUpstream::start(move |_| {
@@ -197,11 +197,14 @@ async fn no_free_key_within_max_wait_gives_503_with_retry_after() {
 
     let started = tokio::time::Instant::now();
     let got = get(&proxy.url("/second")).await;
-    assert_eq!(got.status, 503, "{}", got.body);
+    // The provider's own answer to a request beyond its limit, in its format.
+    assert_eq!(got.status, 429, "{}", got.body);
     assert!(started.elapsed() >= Duration::from_millis(250), "it waited");
     assert_eq!(got.headers["retry-after"], "1");
-    assert_eq!(got.json()["error"]["code"], "no_key_available");
-    assert_eq!(upstream.seen().len(), 1, "the 503 was not forwarded");
+    assert_eq!(got.headers["x-should-retry"], "false");
+    assert_eq!(got.json()["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(got.json()["error"]["type"], "requests");
+    assert_eq!(upstream.seen().len(), 1, "the 429 was not forwarded");
 
     drop(release);
     drop(stream);
@@ -263,7 +266,7 @@ async fn fail_fast_when_every_key_cools_down_longer_than_the_wait_budget() {
 
     let started = tokio::time::Instant::now();
     let got = get(&proxy.url("/b")).await;
-    assert_eq!(got.status, 503);
+    assert_eq!(got.status, 429, "the same answer as the provider's, without asking it");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "answered at once, not after --max-wait"

@@ -212,7 +212,7 @@ async fn every_key_refusing_once_is_waited_out_within_the_budget() {
 }
 
 #[tokio::test]
-async fn a_rest_past_the_budget_hands_back_the_refusal_and_then_503s_at_once() {
+async fn a_rest_past_the_budget_hands_back_the_refusal_and_then_429s_at_once() {
     let (upstream, ledger) = refuses_once("5").await;
     let proxy = ProxyConfig::new(&upstream.url(""), KEYS[0])
         .arg("--max-wait", "1")
@@ -234,7 +234,8 @@ async fn a_rest_past_the_budget_hands_back_the_refusal_and_then_503s_at_once() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(got.status, 503);
+    // One condition, one answer: the same status and headers as the refusal passed on.
+    assert_eq!(got.status, 429);
     let retry_after: u64 = got.headers["retry-after"]
         .to_str()
         .unwrap()
@@ -243,27 +244,30 @@ async fn a_rest_past_the_budget_hands_back_the_refusal_and_then_503s_at_once() {
     assert!((4..=5).contains(&retry_after), "{retry_after}");
     assert!(got.headers.contains_key("retry-after-ms"));
     assert_eq!(got.headers["x-should-retry"], "false");
-    assert_eq!(got.json()["error"]["code"], "no_key_available");
+    assert_eq!(got.json()["error"]["code"], "rate_limit_exceeded");
     assert_eq!(ledger.lock().unwrap().arrivals.len(), 1);
 }
 
 #[tokio::test]
-async fn health_answers_503_once_every_key_is_disabled() {
+async fn every_key_refusing_a_request_disables_none_and_the_client_gets_the_refusal() {
     let upstream =
         MockUpstream::start(|_| async { reply(401, "{\"error\":\"invalid key\"}") }).await;
-    let proxy = ProxyConfig::new(&upstream.url(""), &KEYS[..2].join(","))
+    let mut proxy = ProxyConfig::new(&upstream.url(""), &KEYS[..2].join(","))
         .start()
         .await;
-    assert_eq!(get(&proxy.url("/_keyrotation/health")).await.status, 200);
-    // Key 1 rejects it and is disabled; the request goes to key 2, which rejects it too.
-    let got = post(&proxy.url("/chat/completions"), "{}").await;
-    assert_eq!(got.status, 401);
-    assert_eq!(got.headers["x-should-retry"], "false");
+    for round in 1..=3 {
+        // Key 1 refuses it, key 2 too: the request is to blame, not the keys.
+        let got = post(&proxy.url("/chat/completions"), "{}").await;
+        assert_eq!(got.status, 401);
+        assert_eq!(got.headers["x-should-retry"], "false");
+        assert_eq!(upstream.seen().len(), 2 * round, "no third attempt");
+    }
+    proxy.wait_for_log("the request is to blame, not the keys").await;
     let health = get(&proxy.url("/_keyrotation/health")).await;
-    assert_eq!(health.status, 503, "{}", health.body);
-    // Nothing can serve: the next request is refused without reaching the provider.
-    let got = post(&proxy.url("/chat/completions"), "{}").await;
-    assert_eq!(got.status, 503);
-    assert_eq!(got.json()["error"]["code"], "all_keys_disabled");
-    assert_eq!(upstream.seen().len(), 2);
+    assert_eq!(health.status, 200, "{}", health.body);
+    let keys = keys(&proxy).await;
+    for key in &keys {
+        assert_eq!(key["disabled"], false, "{keys:?}");
+        assert_eq!(key["rejected"], 3, "{keys:?}");
+    }
 }
