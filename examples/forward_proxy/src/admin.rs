@@ -78,6 +78,8 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
             )
             .body(full(state.metrics.render()))
             .expect("static response"),
-        _ => state.error_format.answer(StatusCode::NOT_FOUND, "not_found", "no such admin route"),
+        _ => state
+            .error_format
+            .answer(StatusCode::NOT_FOUND, "not_found", "no such admin route"),
     }
 }

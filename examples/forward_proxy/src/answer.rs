@@ -254,10 +254,7 @@ fn connect_cause(error: &(dyn StdError + 'static)) -> String {
         }
         // hyper-util's connector names a failed lookup so (its `ConnectError`'s message).
         if error.to_string() == "dns error" {
-            return format!(
-                "its host name does not resolve (DNS: {})",
-                innermost(error)
-            );
+            return format!("its host name does not resolve (DNS: {})", innermost(error));
         }
         source = error.source();
     }

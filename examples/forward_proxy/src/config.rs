@@ -256,8 +256,7 @@ impl Args {
         let mut pool = KeyPool::builder(keys)
             .selection(self.strategy.into())
             .classifier(
-                Classifier::from(self.profile)
-                    .unreached_if(crate::connections::is_connect_failure),
+                Classifier::from(self.profile).unreached_if(crate::connections::is_connect_failure),
             )
             .max_wait(Some(self.max_wait))
             .learn_concurrency(!self.no_learn_concurrency);

@@ -788,7 +788,10 @@ fn without_key_parameter(target: &http::uri::PathAndQuery) -> Option<http::uri::
     if !query.split('&').any(|pair| is_key_parameter(pair)) {
         return None;
     }
-    let kept: Vec<&str> = query.split('&').filter(|pair| !is_key_parameter(pair)).collect();
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !is_key_parameter(pair))
+        .collect();
     let mut rebuilt = String::with_capacity(target.as_str().len());
     rebuilt.push_str(target.path());
     if !kept.is_empty() {
@@ -823,11 +826,7 @@ fn presents(token: &AccessToken, req: &Request<ReceivedBody>) -> bool {
     let named = [X_API_KEY, API_KEY, X_GOOG_API_KEY]
         .into_iter()
         .filter_map(|name| headers.get(name).map(HeaderValue::as_bytes));
-    let query = req
-        .uri()
-        .query()
-        .and_then(key_parameter)
-        .map(str::as_bytes);
+    let query = req.uri().query().and_then(key_parameter).map(str::as_bytes);
     bearer
         .into_iter()
         .chain(named)

@@ -266,7 +266,10 @@ async fn fail_fast_when_every_key_cools_down_longer_than_the_wait_budget() {
 
     let started = tokio::time::Instant::now();
     let got = get(&proxy.url("/b")).await;
-    assert_eq!(got.status, 429, "the same answer as the provider's, without asking it");
+    assert_eq!(
+        got.status, 429,
+        "the same answer as the provider's, without asking it"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "answered at once, not after --max-wait"

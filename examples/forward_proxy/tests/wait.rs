@@ -262,7 +262,9 @@ async fn every_key_refusing_a_request_disables_none_and_the_client_gets_the_refu
         assert_eq!(got.headers["x-should-retry"], "false");
         assert_eq!(upstream.seen().len(), 2 * round, "no third attempt");
     }
-    proxy.wait_for_log("the request is to blame, not the keys").await;
+    proxy
+        .wait_for_log("the request is to blame, not the keys")
+        .await;
     let health = get(&proxy.url("/_keyrotation/health")).await;
     assert_eq!(health.status, 200, "{}", health.body);
     let keys = keys(&proxy).await;
