@@ -407,3 +407,53 @@ async fn when_the_proxy_gives_up_the_sdk_does_not_retry_its_answer() {
         "{said}"
     );
 }
+
+/// One condition, one answer: every key rests 60 s, past the default budget of 30 s. The
+/// first call gets the provider's 429 (after each key refused it), the second the proxy's
+/// own (no key asked): each SDK raises its `RateLimitError` for both, and neither call is
+/// retried by the SDK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "installs the SDKs from PyPI into target/tmp/sdk-venv: run by .ci/run"]
+async fn the_sdks_raise_the_same_error_whether_or_not_the_provider_was_asked() {
+    for (sdk, profile) in [("openai", "openai"), ("anthropic", "anthropic")] {
+        let (upstream, ledger) = limited(0, "60").await;
+        let proxy = default_proxy(&upstream)
+            .arg("--profile", profile)
+            .env("OPENAI_API_KEY", &LIMITED_KEYS.join(","))
+            .env("ANTHROPIC_API_KEY", &LIMITED_KEYS.join(","))
+            .start()
+            .await;
+        let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+        let output = within(
+            "the SDK calls",
+            tokio::process::Command::new(&python)
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/sdk/same_error.py"
+                ))
+                .arg(sdk)
+                .env("PROXY", proxy.url(""))
+                .output(),
+        )
+        .await
+        .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "{sdk}: {said}");
+        assert!(said.contains("RateLimitError"), "{sdk}: {said}");
+        assert_eq!(
+            client_requests(&proxy).await,
+            2,
+            "{sdk}: the SDK retried: {said}"
+        );
+        let asked = ledger.lock().unwrap().arrivals.len();
+        assert_eq!(
+            asked,
+            LIMITED_KEYS.len(),
+            "{sdk}: only the first call went upstream"
+        );
+    }
+}
