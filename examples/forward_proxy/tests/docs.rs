@@ -26,7 +26,9 @@ mod support;
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use support::{MockUpstream, WAIT, empty_dir, full};
 
@@ -92,7 +94,11 @@ async fn check_document(relative: &str) {
     let text = std::fs::read_to_string(root.join(relative)).unwrap();
     let upstream = stand_in().await;
     let failures = run_document(relative, &text, &empty_dir(), &upstream).await;
-    assert!(failures.is_empty(), "{relative}:\n{}", failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{relative}:\n{}",
+        failures.join("\n\n")
+    );
 }
 
 /// A provider stand-in: any request gets a small chat completion.
@@ -153,7 +159,9 @@ fn blocks(doc: &str) -> Result<Vec<Block>, String> {
             let lang = lang.trim().to_owned();
             let is_output = adjacent
                 && lang == "text"
-                && blocks.last().is_some_and(|b| b.lang == "sh" && b.output.is_none());
+                && blocks
+                    .last()
+                    .is_some_and(|b| b.lang == "sh" && b.output.is_none());
             if is_output {
                 blocks.last_mut().unwrap().output = Some(text);
             } else {
@@ -311,7 +319,10 @@ async fn run_document(name: &str, doc: &str, dir: &Path, upstream: &MockUpstream
             )),
             ("sh", Some("skip")) => {
                 skipped.push(first_line.to_owned());
-                if !SKIPPED.iter().any(|&(d, l, _)| d == name && first_line.starts_with(l)) {
+                if !SKIPPED
+                    .iter()
+                    .any(|&(d, l, _)| d == name && first_line.starts_with(l))
+                {
                     failures.push(format!(
                         "line {}: skipped, but not listed in SKIPPED with a reason: {first_line}",
                         block.line
@@ -334,7 +345,10 @@ async fn run_document(name: &str, doc: &str, dir: &Path, upstream: &MockUpstream
                     line: block.line,
                 };
                 let deadline = Instant::now() + WAIT;
-                while tokio::net::TcpStream::connect(("127.0.0.1", subs.port)).await.is_err() {
+                while tokio::net::TcpStream::connect(("127.0.0.1", subs.port))
+                    .await
+                    .is_err()
+                {
                     if Instant::now() > deadline {
                         failures.push(format!(
                             "line {}: nothing listens on 127.0.0.1:{} (as {LISTEN}); log:\n{}",
@@ -355,10 +369,9 @@ async fn run_document(name: &str, doc: &str, dir: &Path, upstream: &MockUpstream
                     match option.strip_prefix("exit ") {
                         Some(code) => want = code.trim().parse().unwrap(),
                         None if option == "eventually" => eventually = true,
-                        None => failures.push(format!(
-                            "line {}: unknown option `{option}`",
-                            block.line
-                        )),
+                        None => {
+                            failures.push(format!("line {}: unknown option `{option}`", block.line))
+                        }
                     }
                 }
                 let script = subs.apply(&block.text);
@@ -373,9 +386,10 @@ async fn run_document(name: &str, doc: &str, dir: &Path, upstream: &MockUpstream
                     }
                 }
             }
-            ("sh", Some(other)) => {
-                failures.push(format!("line {}: unknown doc-test marker `{other}`", block.line))
-            }
+            ("sh", Some(other)) => failures.push(format!(
+                "line {}: unknown doc-test marker `{other}`",
+                block.line
+            )),
             _ => {}
         }
     }
