@@ -21,7 +21,7 @@
 # summed, over the run, divided by the requests wrk counted), as ratios to (a) and to (c).
 # Then one run at BIG_CONNECTIONS (default 1000) connections against (b)[, (b0)] and (c),
 # and the peak RSS (VmHWM; nginx: master + workers) of each proxy over the whole session.
-# Last, the ratios the proxy's targets are stated in (BENCHMARKS.md §3): req/s ÷ nginx at
+# Last, the ratios the proxy's targets are stated in (BENCHMARKS.md, "Targets"): req/s ÷ nginx at
 # each concurrency, CPU/request ÷ nginx, p99 ÷ nginx, peak RSS ÷ nginx.
 # Raw wrk output goes to $OUT (default target/proxy_load); the tables to stdout and
 # $OUT/results.md.

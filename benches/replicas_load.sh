@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Requests/s of proxy replicas sharing their keys' state through Redis, against one proxy,
-# on loopback only, bounded in time (BENCHMARKS.md §4).
+# on loopback only, bounded in time (BENCHMARKS.md, "Shared state through Redis").
 #
 #   bash benches/replicas_load.sh                  # 3 rounds x 10 s per setup, 48 connections
 #   DURATION=5 ROUNDS=1 bash benches/replicas_load.sh   # a quick look

@@ -25,7 +25,7 @@
 //! and no notification cost when nobody waits. A notification that lands on a waiter
 //! that gives up is passed on by `Notify` (tokio's `drop_notified`), and events that
 //! concern every waiter (a reload, a key disabled, a new rest end, a probe answered) use
-//! `notify_waiters`. The loom model in `loom/` checks this protocol.
+//! `notify_waiters`. The loom models in `src/pool/loom_tests.rs` check this protocol.
 
 use crate::sync::{Ordering, OwnedNotified, fence};
 use std::fmt;

@@ -8,7 +8,7 @@
 //! coming back, and pools the loser: at 1,000 client connections that made up to 2,000
 //! upstream ones), keeps at most [`MAX_IDLE`] idle HTTP/1 connections, and takes an HTTP/1
 //! connection back when its response body has ended. An HTTP/1 exchange runs in the task
-//! that sends the request (no connection task, no channel: issue 14). An HTTPS upstream
+//! that sends the request (no connection task, no channel, no second wake-up). An HTTPS upstream
 //! that offers HTTP/2 (ALPN) gets one shared multiplexed connection per worker, on hyper.
 //!
 //! A pooled HTTP/1 connection the upstream has closed must not fail a request. It is

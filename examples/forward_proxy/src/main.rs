@@ -27,7 +27,7 @@
 /// mimalloc rather than glibc's malloc: a request allocates ~30 times (header maps, the
 /// boxed call, the retry layer's clone), and glibc spent ~8k of a request's ~44k
 /// instructions in `malloc`/`free`; mimalloc's thread-local free lists cost a fraction of
-/// that, and it reserves no 64 MiB arena per worker thread (BENCHMARKS.md §3, step 7).
+/// that, and it reserves no 64 MiB arena per worker thread.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -674,7 +674,7 @@ async fn the_request_timeout_holds_on_pooled_connections_and_after_an_idle_spell
     received.push(got.text());
     // Time itself is what is tested here: the connection idles past the last request's
     // deadline, and the next request on it must not see that old deadline (a guard for a
-    // timer kept per connection and re-armed, issue 14's idea: BENCHMARKS.md §3, step 7).
+    // timer kept per connection and re-armed in place of tower's `Timeout`).
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let got = post(&proxy.url("/chat/completions"), "{}").await;
     assert_eq!(got.status, 200, "{}", got.body);

@@ -1,4 +1,4 @@
-//! The forward proxy as operators meet it (issue 12): command line errors, `.env`, key
+//! The forward proxy as operators meet it: command line errors, `.env`, key
 //! lists written wrong, TLS failures told in words, the JSON log, body size, host names
 //! to listen on, the profile's keys variable, metrics checked by `promtool`, and a client
 //! that goes away. Real processes on 127.0.0.1, as in `tests/proxy.rs`.

@@ -241,7 +241,7 @@ async fn the_official_python_sdks_work_through_the_proxy_plain_and_streamed() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Many calls at once against a provider that enforces a per-key limit (issue 11)
+// Many calls at once against a provider that enforces a per-key limit
 // ---------------------------------------------------------------------------------------
 
 const LIMITED_KEYS: [&str; 3] = ["sk-limited-1", "sk-limited-2", "sk-limited-3"];

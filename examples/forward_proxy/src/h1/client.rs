@@ -1,6 +1,6 @@
 //! One HTTP/1.1 connection to the upstream, driven inside the task that sends the request:
 //! no task of its own, no channel, no second wake-up per request (the cost `hyper`'s
-//! connection dispatcher adds, issue 14).
+//! connection dispatcher adds to every request).
 //!
 //! A request is written by [`RequestWriter`] (head and a small body in one write; the body
 //! framed by its exact size when known, chunked otherwise); the response head is parsed by

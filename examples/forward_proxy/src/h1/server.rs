@@ -3,7 +3,7 @@
 //! read from the connection with the shared body codec ([`super::codec`]).
 //!
 //! Why not hyper's server: its dispatcher drove most of the proxy's instructions per
-//! request, and it holds 16 KiB of buffers per connection (BENCHMARKS.md §3). Here a head
+//! request, and it holds 16 KiB of buffers per connection. Here a head
 //! is read into a small buffer that grows only as far as the head needs, parsed by
 //! `httparse` in place (header values and the target are slices of that buffer, no copy),
 //! and a body already in the buffer is handed over as one `Bytes`, without a channel.
