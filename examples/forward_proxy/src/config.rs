@@ -456,7 +456,7 @@ pub(crate) fn load_secrets(args: &Args) -> Result<Secrets, String> {
     let fingerprint = args.keys_file.as_deref().and_then(keys::fingerprint);
     let keys = match &source {
         // At start, the process environment (with `.env` applied) is the truth.
-        KeySource::Env { var, .. } => KeySet::from_env(var).map_err(|e| e.to_string())?,
+        KeySource::Env { var, .. } => keys::from_env(var)?,
         KeySource::File(_) => keys::load(&source)?,
     };
     let access_token = match &args.access_token_env {

@@ -471,13 +471,18 @@ async fn a_spent_quota_is_not_retried_and_suspends_the_key_until_a_probe() {
 #[tokio::test]
 async fn bad_key_files_stop_the_proxy_with_one_line_naming_file_key_and_problem() {
     let dir = empty_dir();
-    let cases: [(&str, String, &str); 9] = [
+    let cases: [(&str, String, &str); 10] = [
         ("missing.toml", String::new(), "--keys-file missing.toml: "),
         ("empty.toml", "# nothing\n".into(), "lists no key"),
         (
             "syntax.toml",
             format!("[[key]]\nname = \"a\"\nvalue = \"{INLINE}\n"),
             "syntax.toml: line 3:",
+        ),
+        (
+            "single-bracket.toml",
+            "[key]\nname = \"a\"\nenv = \"ALPHA\"\n".into(),
+            "line 1: `[key]` is a single table: write `[[key]]`, with double brackets",
         ),
         (
             "unknown.toml",

@@ -385,10 +385,49 @@ async fn the_default_keys_variable_follows_the_profile() {
     let mut config = ProxyConfig::new(&upstream.url(""), "").arg("--profile", "anthropic");
     config.env.clear();
     let (_, _, stderr) = config.run_to_exit().await;
+    assert!(stderr.contains("ANTHROPIC_API_KEY is not set"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_missing_keys_variable_is_said_to_be_unset_or_empty_with_the_ways_to_give_keys() {
+    for (env, expected) in [
+        (vec![], "BIGMODEL_API_KEY is not set: "),
+        (
+            vec![("BIGMODEL_API_KEY", " ")],
+            "BIGMODEL_API_KEY is empty: ",
+        ),
+    ] {
+        let (status, stdout, stderr) = in_dir_with_dotenv("http://127.0.0.1:9", None, &env)
+            .run_to_exit()
+            .await;
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        for text in [
+            expected,
+            "a .env file in the working directory",
+            "--keys-env NAME",
+            "--keys-file FILE",
+        ] {
+            assert!(stderr.contains(text), "{text:?} not in {stderr}");
+        }
+        assert_no_secret("the error", &format!("{stdout}{stderr}"), &KEYS);
+    }
+}
+
+#[tokio::test]
+async fn a_dotenv_quote_never_closed_that_takes_in_the_keys_line_names_the_line() {
+    let dotenv = format!("# notes\nGREETING=\"hello\nBIGMODEL_API_KEY={KEY_LIST}\n");
+    let config = in_dir_with_dotenv("http://127.0.0.1:9", Some(&dotenv), &[]);
+    let (status, stdout, stderr) = config.run_to_exit().await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("no API key configured in ANTHROPIC_API_KEY"),
+        stderr.contains(
+            ".env line 2: a quote opened on this line is never closed, so line 3 (which sets \
+             BIGMODEL_API_KEY) is read as part of its value"
+        ),
         "{stderr}"
     );
+    assert_no_secret("the error", &format!("{stdout}{stderr}"), &KEYS);
 }
 
 // ---------------------------------------------------------------------------------------
