@@ -339,6 +339,42 @@ async fn a_changed_key_file_is_reloaded_and_a_bad_one_keeps_the_keys_in_force() 
 }
 
 #[tokio::test]
+async fn a_key_file_edit_then_sighup_reloads_once_and_logs_once() {
+    let upstream = ok_upstream().await;
+    let dir = empty_dir();
+    std::fs::write(dir.join("keys.toml"), env_keys(&["alpha"])).unwrap();
+    let mut proxy = with_key_file(&upstream, &dir, &KEY_ENV)
+        .arg("--keys-file-poll", "0.05")
+        .start()
+        .await;
+
+    // As README suggests: edit, then SIGHUP (the poller may see the edit first, or not).
+    write_atomically(&dir, "keys.toml", &env_keys(&["alpha", "bravo"]));
+    proxy.signal("HUP").await;
+    proxy.wait_for_log("Reloaded keys from keys.toml").await;
+    // Whichever came second finds nothing new. Ten polls later, a second reload (or its
+    // line) would be there; this wait cannot make a correct proxy fail.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = proxy.log();
+    assert_eq!(log.matches("Reloaded keys").count(), 1, "{log}");
+    assert_eq!(log.matches("added: key 2 (bravo)").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("unchanged").count(),
+        1,
+        "one line per reload: {log}"
+    );
+
+    // The next edit is reloaded (and logged) once as well.
+    write_atomically(&dir, "keys.toml", &env_keys(&["bravo"]));
+    let line = proxy
+        .wait_for_log("Reloaded keys from keys.toml (key file changed)")
+        .await;
+    assert!(line.contains("removed: key 1 (alpha)"), "{line}");
+    assert_eq!(proxy.log().matches("removed: key 1 (alpha)").count(), 1);
+    assert_nothing_leaked(&proxy, &[]).await;
+}
+
+#[tokio::test]
 async fn sighup_rereads_dotenv_but_cannot_see_the_environment_change() {
     let upstream = ok_upstream().await;
     let dir = empty_dir();
