@@ -339,6 +339,32 @@ async fn a_changed_key_file_is_reloaded_and_a_bad_one_keeps_the_keys_in_force() 
 }
 
 #[tokio::test]
+async fn the_text_access_log_names_the_key_when_it_has_a_name() {
+    let upstream = ok_upstream().await;
+    let dir = empty_dir();
+    std::fs::write(dir.join("keys.toml"), env_keys(&["alpha", "bravo"])).unwrap();
+    let mut proxy = with_key_file(&upstream, &dir, &KEY_ENV).start().await;
+    for _ in 0..2 {
+        assert_eq!(get(&proxy.url("/x")).await.status, 200);
+    }
+    proxy
+        .wait_for_log("Using key 1/2 (alpha): GET /x -> 200 in ")
+        .await;
+    proxy
+        .wait_for_log("Using key 2/2 (bravo): GET /x -> 200 in ")
+        .await;
+    assert_nothing_leaked(&proxy, &[]).await;
+
+    // Keys from a list have no name: the position alone.
+    let mut plain = ProxyConfig::new(&upstream.url(""), &format!("{ALPHA},{BRAVO}"))
+        .start()
+        .await;
+    assert_eq!(get(&plain.url("/y")).await.status, 200);
+    plain.wait_for_log("Using key 1/2: GET /y -> 200 in ").await;
+    assert_nothing_leaked(&plain, &[]).await;
+}
+
+#[tokio::test]
 async fn a_key_file_edit_then_sighup_reloads_once_and_logs_once() {
     let upstream = ok_upstream().await;
     let dir = empty_dir();
