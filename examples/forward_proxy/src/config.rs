@@ -115,9 +115,10 @@ pub(crate) struct Args {
     #[arg(long, value_name = "FILE")]
     pub(crate) upstream_ca: Option<PathBuf>,
 
-    /// Where the key goes: `bearer` (`Authorization: Bearer <key>`) or `header:NAME`.
-    #[arg(long, value_name = "bearer|header:NAME", default_value = "bearer", value_parser = parse_auth)]
-    pub(crate) auth: AuthArg,
+    /// Where the key goes: `bearer` (`Authorization: Bearer <key>`) or `header:NAME`
+    /// [default: the profile's: `header:x-api-key` for anthropic, else `bearer`]
+    #[arg(long, value_name = "bearer|header:NAME", value_parser = parse_auth)]
+    auth: Option<AuthArg>,
 
     /// Environment variable holding a token clients must send as `Authorization: Bearer
     /// <token>`; without it, any client that reaches the proxy is served.
@@ -177,6 +178,19 @@ pub(crate) struct Args {
 }
 
 impl Args {
+    /// Where the key goes: `--auth`, or the provider's own placement for the profile.
+    pub(crate) fn placement(&self) -> Placement {
+        match (&self.auth, self.profile) {
+            (Some(auth), _) => auth.placement(),
+            (None, ProfileArg::Anthropic) => {
+                Placement::header(HeaderName::from_static("x-api-key"))
+            }
+            (None, ProfileArg::Generic | ProfileArg::Bigmodel | ProfileArg::Openai) => {
+                Placement::bearer()
+            }
+        }
+    }
+
     /// `--keys-env`, or the profile's usual variable.
     pub(crate) fn keys_env(&self) -> &str {
         match (&self.keys_env, self.profile) {
@@ -319,7 +333,7 @@ pub(crate) enum AuthArg {
 }
 
 impl AuthArg {
-    pub(crate) fn placement(&self) -> Placement {
+    fn placement(&self) -> Placement {
         match self {
             Self::Bearer => Placement::bearer(),
             Self::Header(name) => Placement::header(name.clone()),

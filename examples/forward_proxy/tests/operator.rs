@@ -389,6 +389,47 @@ async fn the_default_keys_variable_follows_the_profile() {
 }
 
 #[tokio::test]
+async fn the_profile_places_the_key_as_its_provider_expects_unless_auth_is_given() {
+    let upstream = ok_upstream().await;
+    let key = KEYS[0];
+    let bearer = format!("Bearer {key}");
+    let cases = [
+        ("anthropic", None, "x-api-key", key, "authorization"),
+        ("openai", None, "authorization", &*bearer, "x-api-key"),
+        ("bigmodel", None, "authorization", &bearer, "x-api-key"),
+        ("generic", None, "authorization", &bearer, "x-api-key"),
+        (
+            "anthropic",
+            Some("bearer"),
+            "authorization",
+            &bearer,
+            "x-api-key",
+        ),
+        (
+            "openai",
+            Some("header:api-key"),
+            "api-key",
+            key,
+            "authorization",
+        ),
+    ];
+    for (profile, auth, header, value, absent) in cases {
+        let mut config = ProxyConfig::new(&upstream.url(""), key)
+            .arg("--profile", profile)
+            .arg("--keys-env", "BIGMODEL_API_KEY");
+        if let Some(auth) = auth {
+            config = config.arg("--auth", auth);
+        }
+        let proxy = config.start().await;
+        assert_eq!(get(&proxy.url("/x")).await.status, 200);
+        let seen = upstream.seen().pop().unwrap();
+        let case = format!("--profile {profile} --auth {auth:?}");
+        assert_eq!(seen.headers.get(header).unwrap(), value, "{case}");
+        assert!(seen.headers.get(absent).is_none(), "{case}");
+    }
+}
+
+#[tokio::test]
 async fn a_missing_keys_variable_is_said_to_be_unset_or_empty_with_the_ways_to_give_keys() {
     for (env, expected) in [
         (vec![], "BIGMODEL_API_KEY is not set: "),
