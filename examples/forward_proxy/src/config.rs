@@ -1,6 +1,6 @@
 //! Command line flags, `.env`, and turning them into a validated configuration.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -361,6 +361,9 @@ fn seconds(s: &str) -> Result<Duration, String> {
         .map_err(|_| "expected a non-negative number of seconds".to_owned())
 }
 
+/// How long the start-up check waits for the upstream host to resolve.
+const RESOLVE_WITHIN: Duration = Duration::from_secs(2);
+
 /// The validated `--upstream`: where every request goes, and the only host ever contacted.
 #[derive(Debug, Clone)]
 pub(crate) struct Upstream {
@@ -395,6 +398,42 @@ impl Upstream {
             authority,
             prefix,
         })
+    }
+
+    /// Warns when the host is a name that does not resolve within [`RESOLVE_WITHIN`]. Not
+    /// an error: DNS may come later (a container started before its network), but until
+    /// then every request fails.
+    pub(crate) async fn warn_if_unresolved(&self) {
+        let host = self.authority.host();
+        if host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok()
+        {
+            return;
+        }
+        let port = self
+            .authority
+            .port_u16()
+            .unwrap_or(if self.scheme == Scheme::HTTPS {
+                443
+            } else {
+                80
+            });
+        let lookup = tokio::net::lookup_host((host, port));
+        let why = match tokio::time::timeout(RESOLVE_WITHIN, lookup).await {
+            Ok(Ok(mut addrs)) => match addrs.next() {
+                Some(_) => return,
+                None => "it has no address".to_owned(),
+            },
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {} s", RESOLVE_WITHIN.as_secs()),
+        };
+        tracing::warn!(
+            "the upstream host {host} does not resolve ({why}); starting anyway, but requests \
+             fail until it does"
+        );
     }
 
     /// The upstream URI for a request's path and query.

@@ -142,6 +142,12 @@ async fn run(args: Args) -> Result<(), String> {
         upstream_url.prefix
     );
 
+    // In the background: a slow resolver does not hold up the start.
+    tokio::spawn({
+        let upstream = args.upstream.clone();
+        async move { upstream.warn_if_unresolved().await }
+    });
+
     let state = handler::State::new(&args, pool.clone(), upstream, secrets.access_token, listen);
     tokio::spawn(reload::run(
         pool.clone(),

@@ -389,6 +389,26 @@ async fn the_default_keys_variable_follows_the_profile() {
 }
 
 #[tokio::test]
+async fn an_upstream_host_that_does_not_resolve_is_a_warning_at_start() {
+    let mut proxy = ProxyConfig::new("http://no-such-host.invalid:9/v1", KEY_LIST)
+        .start()
+        .await;
+    let line = proxy
+        .wait_for_log("the upstream host no-such-host.invalid does not resolve")
+        .await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("starting anyway"), "{line}");
+    assert_eq!(get(&proxy.url("/_keyrotation/health")).await.status, 200);
+    proxy.assert_log_has_no_secret(&KEYS);
+
+    // An IP literal is not looked up.
+    let upstream = ok_upstream().await;
+    let proxy = ProxyConfig::new(&upstream.url(""), KEY_LIST).start().await;
+    assert_eq!(get(&proxy.url("/x")).await.status, 200);
+    assert!(!proxy.log().contains("does not resolve"), "{}", proxy.log());
+}
+
+#[tokio::test]
 async fn the_profile_places_the_key_as_its_provider_expects_unless_auth_is_given() {
     let upstream = ok_upstream().await;
     let key = KEYS[0];
