@@ -1,6 +1,6 @@
 //! Command line flags, `.env`, and turning them into a validated configuration.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,8 +32,8 @@ each key and takes its value from an environment variable or a file:
 
   [[key]]
   name = \"paid\"
-  env = \"PAID_KEY\"       # or: file = \"secrets/paid.key\"
-  weight = 3               # optional: share, rpm, max_in_flight, account
+  env = \"PAID_KEY\"    # or: file = \"secrets/paid.key\"
+  weight = 3          # optional: share, rpm, max_in_flight, account
   rpm = 500
 
 SIGHUP, or a change to the key file, reloads the keys (unchanged keys keep their state).
@@ -46,137 +46,260 @@ Replicas share their keys' state through Redis with --redis-url (or REDIS_URL).
 
 Anyone who can reach the proxy uses your keys: keep it on loopback, or set --access-token-env.";
 
+/// Shown after `-h`: where to read on.
+const SHORT_AFTER: &str = "\
+Keys come from --keys-env (or .env in the working directory) or --keys-file.
+--help tells more: each flag in full, the key file, reloads, admin routes, an example.";
+
 /// A forward proxy that spreads requests over several API keys of one provider.
+// Each flag's doc: a first paragraph that `-h` prints on one line (100 columns), then
+// what `--help` adds; flags go under headings by the job they do.
 #[derive(Debug, Parser)]
-#[command(name = "forward_proxy", version, after_help = EXAMPLES)]
+#[command(
+    name = "forward_proxy",
+    version,
+    max_term_width = 100,
+    after_help = SHORT_AFTER,
+    after_long_help = EXAMPLES
+)]
 pub(crate) struct Args {
-    /// Address to listen on, `HOST:PORT` (a name such as `localhost` is resolved; the
-    /// first address that can be bound is used). Keep it on loopback unless an access
-    /// token is set.
+    /// Address to listen on
+    ///
+    /// A host and a port; a name such as `localhost` is resolved, and the first address
+    /// that can be bound is used. Keep it on loopback unless an access token is set.
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8080", value_parser = Listen::parse)]
     pub(crate) listen: Listen,
 
-    /// The provider's base URL (http or https). Its path is a prefix: `/chat/completions?x=1`
-    /// goes to `<upstream path>/chat/completions?x=1`.
-    #[arg(long, value_parser = Upstream::parse)]
-    pub(crate) upstream: Upstream,
-
-    /// How a key is chosen among the available ones.
-    #[arg(long, value_enum, default_value_t = StrategyArg::RoundRobin)]
-    pub(crate) strategy: StrategyArg,
-
-    /// At most this many requests in flight per key (default: no cap).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub(crate) max_in_flight_per_key: Option<u32>,
-
-    /// Send a refused request (429, rejected key, refused connection) again at most this
-    /// many times; what bounds a request is --max-wait.
-    #[arg(long, value_name = "N", default_value_t = 10)]
-    pub(crate) retries: usize,
-
-    /// How long a request may wait for a key, from its arrival and across its retries,
-    /// before a 503 with Retry-After (at once when no key can be back in time).
-    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
-    pub(crate) max_wait: Duration,
-
-    /// Do not learn each key's concurrency limit from 429s that arrive while other
-    /// requests are in flight on it (learning makes later requests wait for a slot instead
-    /// of being refused).
-    #[arg(long)]
-    pub(crate) no_learn_concurrency: bool,
-
-    /// Environment variable holding the comma-separated keys [default: the profile's:
-    /// OPENAI_API_KEY, ANTHROPIC_API_KEY, else BIGMODEL_API_KEY]
-    #[arg(long, value_name = "NAME")]
-    keys_env: Option<String>,
-
-    /// A TOML file listing the keys by name, each with its value from an environment
-    /// variable or a file, and optional weight, rpm, max_in_flight and account. Takes
-    /// precedence over --keys-env. Reloaded on SIGHUP and when it changes.
-    #[arg(long, value_name = "FILE")]
-    pub(crate) keys_file: Option<PathBuf>,
-
-    /// Look for changes to the key file this often; 0 turns it off (reload with SIGHUP).
-    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = seconds)]
-    pub(crate) keys_file_poll: Duration,
-
-    /// How the provider's answers are read: `generic` (status and rate-limit headers), or a
-    /// provider profile that also reads its JSON error bodies.
-    #[arg(long, value_enum, default_value_t = ProfileArg::Generic)]
-    pub(crate) profile: ProfileArg,
-
-    /// At most this many requests per minute per key (keys of a key file may set their
-    /// own `rpm`). Requests beyond it wait instead of earning a 429.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub(crate) rpm_per_key: Option<u32>,
-
-    /// Also trust the CA certificates in this PEM file for an https upstream (a company
-    /// gateway, say); the usual public roots stay trusted.
-    #[arg(long, value_name = "FILE")]
-    pub(crate) upstream_ca: Option<PathBuf>,
-
-    /// Where the key goes: `bearer` (`Authorization: Bearer <key>`) or `header:NAME`.
-    #[arg(long, value_name = "bearer|header:NAME", default_value = "bearer", value_parser = parse_auth)]
-    pub(crate) auth: AuthArg,
-
-    /// Environment variable holding a token clients must send as `Authorization: Bearer
-    /// <token>`; without it, any client that reaches the proxy is served.
+    /// Variable holding the token clients must send
+    ///
+    /// Clients send it as `Authorization: Bearer <token>`. Without it, any client that
+    /// reaches the proxy is served, with your keys.
     #[arg(long, value_name = "NAME")]
     pub(crate) access_token_env: Option<String>,
 
-    /// Give up connecting to the upstream after this long (504).
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds)]
-    pub(crate) connect_timeout: Duration,
-
-    /// Give up waiting for the upstream's response head after this long (504). Streaming
-    /// bodies are not cut.
-    #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = seconds)]
-    pub(crate) request_timeout: Duration,
-
-    /// On SIGINT/SIGTERM, wait at most this long for requests in flight.
-    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
-    pub(crate) shutdown_timeout: Duration,
-
-    /// Close an HTTP/1 connection whose request headers take longer than this to arrive
-    /// (slowloris protection), or that stays idle this long between requests.
-    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
-    pub(crate) header_read_timeout: Duration,
-
-    /// Worker threads, each with its own listener on the address (`SO_REUSEPORT`) and its
-    /// own upstream connections, sharing the keys [default: the available cores].
+    /// Worker threads [default: the available cores]
+    ///
+    /// Each has its own listener on the address (`SO_REUSEPORT`) and its own upstream
+    /// connections; all share the keys.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub(crate) workers: Option<u16>,
 
-    /// Request bodies up to this many bytes are buffered so a 429 can be retried on another
-    /// key; larger ones stream through and are not retried.
-    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    /// Variable with the comma-separated keys [default: the profile's]
+    ///
+    /// By default the profile's: OPENAI_API_KEY (openai), ANTHROPIC_API_KEY (anthropic),
+    /// else BIGMODEL_API_KEY. The environment sets it, or a `.env` file in the working
+    /// directory.
+    #[arg(long, value_name = "NAME", help_heading = KEYS)]
+    keys_env: Option<String>,
+
+    /// TOML file naming the keys; takes precedence over --keys-env
+    ///
+    /// Each `[[key]]` table names a key and takes its value from an environment variable
+    /// or a file, with optional weight, rpm, max_in_flight and account (the format is
+    /// below). Reloaded on SIGHUP and when it changes.
+    #[arg(long, value_name = "FILE", help_heading = KEYS)]
+    pub(crate) keys_file: Option<PathBuf>,
+
+    /// How often to look for key file changes; 0: never
+    ///
+    /// A change to the key file, or to a file it takes a key from, reloads the keys; so
+    /// does SIGHUP.
+    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = seconds, help_heading = KEYS)]
+    pub(crate) keys_file_poll: Duration,
+
+    /// How a key is chosen: round-robin (default) or least-in-flight
+    ///
+    /// `round-robin` takes the available keys in turn (1, 2, 3, 1, 2, 3), each as often as
+    /// its weight says; `least-in-flight` the one with the fewest requests in flight.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "HOW",
+        default_value_t = StrategyArg::RoundRobin,
+        hide_default_value = true,
+        hide_possible_values = true,
+        help_heading = KEYS
+    )]
+    pub(crate) strategy: StrategyArg,
+
+    /// The provider's base URL (http or https)
+    ///
+    /// Its path is a prefix: with `https://host/v1`, `/chat/completions?x=1` goes to
+    /// `https://host/v1/chat/completions?x=1`. The only host the proxy ever contacts.
+    #[arg(long, value_name = "URL", value_parser = Upstream::parse, help_heading = UPSTREAM)]
+    pub(crate) upstream: Upstream,
+
+    /// The provider: generic (default), bigmodel, openai or anthropic
+    ///
+    /// How its answers are read, which variable holds the keys (--keys-env) and where the
+    /// key goes (--auth):
+    ///
+    /// `generic`: status codes and the OpenAI/Anthropic rate-limit headers (any provider);
+    /// BIGMODEL_API_KEY; bearer.
+    ///
+    /// `bigmodel` (Zhipu): also `error.code` (1302/1303 limits, 1113/1304/1308/1310 quota,
+    /// 1305/1312 overload, 1000-1004 invalid key); BIGMODEL_API_KEY; bearer.
+    ///
+    /// `openai`: also a billing 429 (`insufficient_quota`) is a spent quota, not a rate
+    /// limit; OPENAI_API_KEY; bearer.
+    ///
+    /// `anthropic`: also a 529 overload is platform-wide, not the key's fault;
+    /// ANTHROPIC_API_KEY; `x-api-key`.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "NAME",
+        default_value_t = ProfileArg::Generic,
+        hide_default_value = true,
+        hide_possible_values = true,
+        help_heading = UPSTREAM
+    )]
+    pub(crate) profile: ProfileArg,
+
+    /// Where the key goes [default: the profile's]
+    ///
+    /// `bearer` sends `Authorization: Bearer <key>`; `header:NAME` sends the key alone in
+    /// that header. By default the provider's own: `header:x-api-key` for anthropic,
+    /// `bearer` for openai, bigmodel and generic.
+    #[arg(long, value_name = "bearer|header:NAME", value_parser = parse_auth, help_heading = UPSTREAM)]
+    auth: Option<AuthArg>,
+
+    /// Also trust the CA certificates in this PEM file
+    ///
+    /// For an https upstream behind a company gateway, say; the usual public roots stay
+    /// trusted.
+    #[arg(long, value_name = "FILE", help_heading = UPSTREAM)]
+    pub(crate) upstream_ca: Option<PathBuf>,
+
+    /// At most N requests in flight per key [default: no cap]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = LIMITS)]
+    pub(crate) max_in_flight_per_key: Option<u32>,
+
+    /// At most N requests a minute per key
+    ///
+    /// Keys of a key file may set their own `rpm`. Requests beyond it wait for their turn
+    /// instead of earning a 429.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = LIMITS)]
+    pub(crate) rpm_per_key: Option<u32>,
+
+    /// How long a request may wait for a key
+    ///
+    /// Counted from the request's arrival, across its retries; then a 503 with
+    /// Retry-After (at once when no key can be back in time).
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds, help_heading = LIMITS)]
+    pub(crate) max_wait: Duration,
+
+    /// Send a refused request again at most N times
+    ///
+    /// A 429, a rejected key or a refused connection sends the request again, on another
+    /// key; what bounds a request's time is --max-wait.
+    #[arg(long, value_name = "N", default_value_t = 10, help_heading = LIMITS)]
+    pub(crate) retries: usize,
+
+    /// Do not learn each key's concurrency limit from its 429s
+    ///
+    /// Learning (from 429s that arrive while other requests are in flight on the key)
+    /// makes later requests wait for a slot instead of being refused.
+    #[arg(long, help_heading = LIMITS)]
+    pub(crate) no_learn_concurrency: bool,
+
+    /// Retry request bodies up to this size
+    ///
+    /// A body up to this many bytes is kept so that a 429 can be retried on another key;
+    /// a larger one streams through and is not retried.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, help_heading = LIMITS)]
     pub(crate) retry_body_limit: usize,
 
-    /// Refuse request bodies larger than this many bytes with a 413, before a key is
-    /// used (32 MiB by default: the largest request LLM providers accept).
-    #[arg(long, value_name = "BYTES", default_value_t = 32 << 20)]
+    /// Refuse larger request bodies with a 413
+    ///
+    /// Before a key is used. 32 MiB by default: the largest request LLM providers accept.
+    #[arg(long, value_name = "BYTES", default_value_t = 32 << 20, help_heading = LIMITS)]
     pub(crate) max_body_size: u64,
-
-    /// When a client goes away before the response head, keep its upstream request (and
-    /// its key's slot) until the provider answers, at most this long: the provider goes
-    /// on working on it, and counts it against the key's concurrency. 0 releases at once.
-    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
-    pub(crate) abandoned_grace: Duration,
-
-    /// Log level: error, warn, info, debug or trace.
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
-    pub(crate) log_level: tracing::Level,
-
-    /// Log format: `text` (for people) or `json` (one object a line, for log shippers).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    pub(crate) log_format: LogFormat,
 
     /// Replicas sharing state through Redis (see `shared`).
     #[command(flatten)]
     pub(crate) shared: crate::shared::SharedArgs,
+
+    /// Log level: error, warn, info, debug or trace
+    #[arg(long, value_name = "LEVEL", default_value = "info", help_heading = ADMIN)]
+    pub(crate) log_level: tracing::Level,
+
+    /// Log format: text (default) or json
+    ///
+    /// `text` for people: `Using key 2/3 (paid): POST /chat/completions -> 200 in 812 ms`;
+    /// `json` for log shippers, one object a line:
+    /// `{"timestamp":...,"level":"INFO","fields":{"message":"request","key":2,...}}`.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        default_value_t = LogFormat::Text,
+        hide_default_value = true,
+        hide_possible_values = true,
+        help_heading = ADMIN
+    )]
+    pub(crate) log_format: LogFormat,
+
+    /// Give up connecting after this long (504)
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds, help_heading = TIMEOUTS)]
+    pub(crate) connect_timeout: Duration,
+
+    /// Give up waiting for the response head (504)
+    ///
+    /// Give up waiting for the upstream's response head after this long. Streaming
+    /// bodies are not cut.
+    #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = seconds, help_heading = TIMEOUTS)]
+    pub(crate) request_timeout: Duration,
+
+    /// Close idle HTTP/1 and HTTP/2 connections
+    ///
+    /// An HTTP/1 connection whose request head takes longer than this to arrive
+    /// (slowloris protection), or that stays idle this long between requests, is closed;
+    /// so is an HTTP/2 connection with no request in progress for this long (GOAWAY
+    /// first).
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds, help_heading = TIMEOUTS)]
+    pub(crate) header_read_timeout: Duration,
+
+    /// Time for requests in flight on SIGINT/SIGTERM
+    ///
+    /// On SIGINT or SIGTERM the proxy stops accepting, then waits at most this long for
+    /// the requests in flight.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds, help_heading = TIMEOUTS)]
+    pub(crate) shutdown_timeout: Duration,
+
+    /// Keep a request whose client left this long
+    ///
+    /// When a client goes away before the response head, its upstream request (and its
+    /// key's slot) is kept until the provider answers, at most this long: the provider
+    /// goes on working on it, and counts it against the key's concurrency. 0 releases at
+    /// once.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds, help_heading = TIMEOUTS)]
+    pub(crate) abandoned_grace: Duration,
 }
 
+/// `--help`'s headings, one per job.
+const KEYS: &str = "Keys";
+const UPSTREAM: &str = "Upstream";
+const LIMITS: &str = "Limits and waiting";
+/// The heading of the replicas' flags (`shared`).
+pub(crate) const REPLICAS: &str = "Replicas";
+const ADMIN: &str = "Admin and logs";
+const TIMEOUTS: &str = "Timeouts";
+
 impl Args {
+    /// Where the key goes: `--auth`, or the provider's own placement for the profile.
+    pub(crate) fn placement(&self) -> Placement {
+        match (&self.auth, self.profile) {
+            (Some(auth), _) => auth.placement(),
+            (None, ProfileArg::Anthropic) => {
+                Placement::header(HeaderName::from_static("x-api-key"))
+            }
+            (None, ProfileArg::Generic | ProfileArg::Bigmodel | ProfileArg::Openai) => {
+                Placement::bearer()
+            }
+        }
+    }
+
     /// `--keys-env`, or the profile's usual variable.
     pub(crate) fn keys_env(&self) -> &str {
         match (&self.keys_env, self.profile) {
@@ -191,9 +314,9 @@ impl Args {
 /// `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum LogFormat {
-    /// `Using key 2/3: POST /chat/completions -> 200 in 812 ms`.
+    /// For people.
     Text,
-    /// `{"timestamp":...,"level":"INFO","fields":{"message":"request","key":2,...}}`.
+    /// One object a line, for log shippers.
     Json,
 }
 
@@ -298,7 +421,8 @@ pub(crate) enum ProfileArg {
     Bigmodel,
     /// OpenAI: a billing 429 (`insufficient_quota`) is a spent quota, not a rate limit.
     Openai,
-    /// Anthropic: 529 overload is platform-wide, not the key's fault.
+    /// Anthropic: 529 overload is platform-wide, not the key's fault; the key goes in
+    /// `x-api-key`.
     Anthropic,
 }
 
@@ -321,7 +445,7 @@ pub(crate) enum AuthArg {
 }
 
 impl AuthArg {
-    pub(crate) fn placement(&self) -> Placement {
+    fn placement(&self) -> Placement {
         match self {
             Self::Bearer => Placement::bearer(),
             Self::Header(name) => Placement::header(name.clone()),
@@ -348,6 +472,9 @@ fn seconds(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs)
         .map_err(|_| "expected a non-negative number of seconds".to_owned())
 }
+
+/// How long the start-up check waits for the upstream host to resolve.
+const RESOLVE_WITHIN: Duration = Duration::from_secs(2);
 
 /// The validated `--upstream`: where every request goes, and the only host ever contacted.
 #[derive(Debug, Clone)]
@@ -383,6 +510,42 @@ impl Upstream {
             authority,
             prefix,
         })
+    }
+
+    /// Warns when the host is a name that does not resolve within [`RESOLVE_WITHIN`]. Not
+    /// an error: DNS may come later (a container started before its network), but until
+    /// then every request fails.
+    pub(crate) async fn warn_if_unresolved(&self) {
+        let host = self.authority.host();
+        if host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok()
+        {
+            return;
+        }
+        let port = self
+            .authority
+            .port_u16()
+            .unwrap_or(if self.scheme == Scheme::HTTPS {
+                443
+            } else {
+                80
+            });
+        let lookup = tokio::net::lookup_host((host, port));
+        let why = match tokio::time::timeout(RESOLVE_WITHIN, lookup).await {
+            Ok(Ok(mut addrs)) => match addrs.next() {
+                Some(_) => return,
+                None => "it has no address".to_owned(),
+            },
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {} s", RESOLVE_WITHIN.as_secs()),
+        };
+        tracing::warn!(
+            "the upstream host {host} does not resolve ({why}); starting anyway, but requests \
+             fail until it does"
+        );
     }
 
     /// The upstream URI for a request's path and query.
@@ -455,7 +618,7 @@ pub(crate) fn load_secrets(args: &Args) -> Result<Secrets, String> {
     let fingerprint = args.keys_file.as_deref().and_then(keys::fingerprint);
     let keys = match &source {
         // At start, the process environment (with `.env` applied) is the truth.
-        KeySource::Env { var, .. } => KeySet::from_env(var).map_err(|e| e.to_string())?,
+        KeySource::Env { var, .. } => keys::from_env(var)?,
         KeySource::File(_) => keys::load(&source)?,
     };
     let access_token = match &args.access_token_env {

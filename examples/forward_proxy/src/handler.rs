@@ -189,8 +189,9 @@ impl Exchange {
     }
 }
 
-/// One line per request: `Using key 2/3: POST /chat/completions -> 200 in 812 ms`, or
-/// with `--log-format json` an object with the same facts as fields.
+/// One line per request: `Using key 2/3 (paid): POST /chat/completions -> 200 in 812 ms`
+/// (the key's name when it has one), or with `--log-format json` an object with the same
+/// facts as fields.
 fn access_log(
     state: &State,
     request: &RequestLabel,
@@ -203,10 +204,11 @@ fn access_log(
     let latency_ms = elapsed.as_millis() as u64;
     let waited_ms = exchange.waited.as_millis() as u64;
     let tried = &exchange.tried;
+    let names = state.key_names.load();
+    let name_of = |key: usize| names.get(key - 1).and_then(Option::as_deref);
     if state.log_format == LogFormat::Json {
         let key = tried.last().copied();
-        let names = state.key_names.load();
-        let key_name = key.and_then(|k| names.get(k - 1).cloned().flatten());
+        let key_name = key.and_then(name_of);
         let keys_tried = (tried.len() > 1).then(|| {
             let tried: Vec<String> = tried.iter().map(usize::to_string).collect();
             tried.join(",")
@@ -226,14 +228,26 @@ fn access_log(
         );
         return;
     }
+    /// ` (paid)` after the key's position when the key has a name.
+    struct Named<'a>(Option<&'a str>);
+    impl std::fmt::Display for Named<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self.0 {
+                Some(name) => write!(f, " ({name})"),
+                None => Ok(()),
+            }
+        }
+    }
     let waited = WaitedNote(waited_ms);
     match tried.last() {
-        Some(key) if tried.len() > 1 => tracing::info!(
-            "Using key {key}/{keys}: {method} {path} -> {} in {latency_ms} ms{waited} (keys tried: {tried:?})",
+        Some(&key) if tried.len() > 1 => tracing::info!(
+            "Using key {key}/{keys}{}: {method} {path} -> {} in {latency_ms} ms{waited} (keys tried: {tried:?})",
+            Named(name_of(key)),
             status.as_u16()
         ),
-        Some(key) => tracing::info!(
-            "Using key {key}/{keys}: {method} {path} -> {} in {latency_ms} ms{waited}",
+        Some(&key) => tracing::info!(
+            "Using key {key}/{keys}{}: {method} {path} -> {} in {latency_ms} ms{waited}",
+            Named(name_of(key)),
             status.as_u16()
         ),
         None => tracing::info!(

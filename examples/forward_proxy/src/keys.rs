@@ -27,7 +27,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tower_key_rotation::{ApiKey, KeySet, KeySpec, Quota};
+use tower_key_rotation::{ApiKey, KeyError, KeySet, KeySpec, Quota};
 use zeroize::Zeroizing;
 
 use crate::dotenv::DotEnv;
@@ -59,8 +59,36 @@ impl fmt::Display for KeySource {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyFile {
-    #[serde(rename = "key", default)]
+    #[serde(rename = "key", default, deserialize_with = "key_tables")]
     keys: Vec<KeyEntry>,
+}
+
+/// The `[[key]]` tables; a single `[key]` table (one bracket) is told in words, not as
+/// serde's `invalid type: map, expected a sequence`.
+fn key_tables<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<KeyEntry>, D::Error> {
+    struct Tables;
+
+    impl<'de> serde::de::Visitor<'de> for Tables {
+        type Value = Vec<KeyEntry>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("`[[key]]` tables")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(serde::de::Error::custom(
+                "`[key]` is a single table: write `[[key]]`, with double brackets, above each key",
+            ))
+        }
+    }
+
+    deserializer.deserialize_any(Tables)
 }
 
 /// One `[[key]]` table.
@@ -93,12 +121,32 @@ pub(crate) fn load(source: &KeySource) -> Result<KeySet, String> {
         KeySource::Env {
             var,
             from_dotenv: false,
-        } => KeySet::from_env(var).map_err(|e| e.to_string()),
+        } => from_env(var),
         KeySource::Env {
             var,
             from_dotenv: true,
         } => load_dotenv_var(var),
     }
+}
+
+/// Reads the comma-separated keys of the environment variable `var`. Unset or empty, the
+/// error says so and where else keys can come from.
+pub(crate) fn from_env(var: &str) -> Result<KeySet, String> {
+    KeySet::from_env(var).map_err(|e| match e {
+        KeyError::NotConfigured { .. } => {
+            let what = match std::env::var_os(var) {
+                None => "is not set",
+                Some(value) if value.to_str().is_none() => "is not valid Unicode",
+                Some(_) => "is empty",
+            };
+            format!(
+                "{var} {what}: give the keys (comma-separated) in {var}, or in a .env file in \
+                 the working directory ({var}=key1,key2), or name another variable with \
+                 --keys-env NAME, or a key file with --keys-file FILE"
+            )
+        }
+        other => other.to_string(),
+    })
 }
 
 /// Reads `var` from the `.env` file found as at start (the working directory or one of its
@@ -111,10 +159,11 @@ fn load_dotenv_var(var: &str) -> Result<KeySet, String> {
         None => None,
     };
     match value {
-        Some(value) => KeySet::parse(&value).map_err(|e| format!("{e} (in {var} in .env)")),
-        None => Err(format!(
-            "no API key configured in {var} (.env no longer sets it)"
-        )),
+        Some(value) => KeySet::parse(&value).map_err(|e| match e {
+            KeyError::NotConfigured { .. } => format!("{var} is empty in .env"),
+            e => format!("{e} (in {var} in .env)"),
+        }),
+        None => Err(format!("{var} is no longer set in .env")),
     }
 }
 
@@ -179,9 +228,8 @@ fn spec(entry: KeyEntry, dir: &Path) -> Result<KeySpec, String> {
         _ => return Err("more than one of env, file and value".to_owned()),
     };
     let key = ApiKey::new(value.as_str()).map_err(|e| match e {
-        tower_key_rotation::KeyError::Empty { .. }
-        | tower_key_rotation::KeyError::NotConfigured { .. } => "the key is empty".to_owned(),
-        tower_key_rotation::KeyError::InvalidByte { offset, kind, .. } => {
+        KeyError::Empty { .. } | KeyError::NotConfigured { .. } => "the key is empty".to_owned(),
+        KeyError::InvalidByte { offset, kind, .. } => {
             format!("the key contains {kind} at byte {offset}; {}", kind.hint())
         }
         other => other.to_string(),
@@ -263,6 +311,28 @@ pub(crate) fn fingerprint(path: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse_error(text: &str) -> String {
+        match toml::from_str::<KeyFile>(text) {
+            Ok(_) => panic!("{text:?} parsed"),
+            Err(e) => toml_error(&e, text),
+        }
+    }
+
+    #[test]
+    fn a_single_bracket_key_table_is_told_in_words() {
+        assert_eq!(
+            parse_error("[key]\nname = \"a\"\nenv = \"A\"\n"),
+            "line 1: `[key]` is a single table: write `[[key]]`, with double brackets, above \
+             each key"
+        );
+        // Mistakes inside `[[key]]` tables keep their own message.
+        assert_eq!(
+            parse_error("[[key]]\nname = \"a\"\nvalu = \"x\"\n"),
+            "line 3: unknown field `valu`, expected one of `name`, `env`, `file`, `value`, \
+             `weight`, `rpm`, `max_in_flight`, `account`"
+        );
+    }
 
     #[test]
     fn quoted_text_is_redacted() {

@@ -51,6 +51,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tower_key_rotation::KeyPool;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{Args, LogFormat};
 
@@ -74,11 +77,18 @@ async fn main() -> ExitCode {
         .with_max_level(args.log_level)
         .with_writer(std::io::stderr)
         .with_target(false);
+    // The library logs each reload of the keys; `reload` logs it with where the keys came
+    // from and why: one line a reload.
+    let level = LevelFilter::from_level(args.log_level);
+    let filter = Targets::new().with_default(level).with_target(
+        "tower_key_rotation::pool::table",
+        level.min(LevelFilter::WARN),
+    );
     match args.log_format {
-        LogFormat::Text => log.init(),
+        LogFormat::Text => log.finish().with(filter).init(),
         // One object a line; the event's fields (`message` among them) under `fields`, so that
         // none can collide with `timestamp` or `level`.
-        LogFormat::Json => log.json().init(),
+        LogFormat::Json => log.json().finish().with(filter).init(),
     }
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -132,6 +142,12 @@ async fn run(args: Args) -> Result<(), String> {
         upstream_url.authority,
         upstream_url.prefix
     );
+
+    // In the background: a slow resolver does not hold up the start.
+    tokio::spawn({
+        let upstream = args.upstream.clone();
+        async move { upstream.warn_if_unresolved().await }
+    });
 
     let state = handler::State::new(&args, pool.clone(), upstream, secrets.access_token, listen);
     tokio::spawn(reload::run(

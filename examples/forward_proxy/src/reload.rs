@@ -8,6 +8,9 @@
 //! platform and file system (network mounts, Kubernetes secret volumes that swap a
 //! symlink, editors that write a new file and rename it over the old, which a watch on
 //! the old file misses), needs no dependency, and a second is soon enough for keys.
+//!
+//! One edit is one reload, however it is noticed: a SIGHUP after the poller has read the
+//! edit (or a poll after a SIGHUP has) finds the file as last read, and says so.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,27 +77,38 @@ pub(crate) async fn run(
     reloads: ReloadCounter,
     key_names: Arc<KeyNames>,
 ) {
-    let path = match &source {
-        KeySource::File(path) if !poll_every.is_zero() => Some(path.clone()),
-        _ => None,
+    let file = match &source {
+        KeySource::File(path) => Some(path.clone()),
+        KeySource::Env { .. } => None,
     };
+    let polled = file.as_ref().filter(|_| !poll_every.is_zero());
+    // The fingerprint of the key file as last read: a SIGHUP after the poller has read an
+    // edit (or a poll after a SIGHUP has) finds nothing new, so one edit is one reload.
     let mut last = loaded;
     let mut poll = tokio::time::interval(poll_every.max(Duration::from_millis(10)));
     poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let trigger = tokio::select! {
             () = hangup.recv() => Trigger::Hangup,
-            _ = poll.tick(), if path.is_some() => {
-                let now = path.as_deref().and_then(keys::fingerprint);
-                // An unreadable file (mid-replace, or removed) is not a change: keep the
-                // keys in force and look again.
-                if now.is_none() || now == last {
-                    continue;
-                }
-                last = now;
-                Trigger::FileChanged
-            }
+            _ = poll.tick(), if polled.is_some() => Trigger::FileChanged,
         };
+        // Taken before the keys are read, so that a change made meanwhile is seen next time.
+        let now = file.as_deref().and_then(keys::fingerprint);
+        match trigger {
+            // An unreadable file (mid-replace, or removed) is not a change: keep the keys in
+            // force and look again.
+            Trigger::FileChanged if now.is_none() || now == last => continue,
+            Trigger::Hangup if now.is_some() && now == last => {
+                tracing::info!(
+                    "SIGHUP: {source} has not changed since it was last read; nothing to reload"
+                );
+                continue;
+            }
+            _ => {}
+        }
+        if now.is_some() {
+            last = now;
+        }
         reload(&pool, &source, trigger, &reloads);
         key_names.store(handler::key_names(&pool));
     }

@@ -21,34 +21,51 @@ pub(crate) const REDIS_URL_ENV: &str = "REDIS_URL";
 
 /// The flags of replicas sharing state.
 #[derive(Debug, clap::Args)]
+#[command(next_help_heading = crate::config::REPLICAS)]
 pub(crate) struct SharedArgs {
-    /// Share the keys' state (rests, disables, in-flight caps) with the other replicas
-    /// through this Redis or Valkey: `redis://[user:password@]host:port[/db]`,
-    /// `rediss://...` (TLS) or `unix:///path`. Default: the REDIS_URL variable (better for a
-    /// password: a command line is visible to other users); neither: no sharing.
+    /// Share the keys' state with the other replicas through Redis
+    ///
+    /// Their rests, disables and in-flight caps, through this Redis or Valkey:
+    /// `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS) or `unix:///path`.
+    /// Default: the REDIS_URL variable (better for a password: a command line is visible
+    /// to other users); neither: no sharing.
     #[arg(long, value_name = "URL", value_parser = RedisUrl::parse)]
     redis_url: Option<RedisUrl>,
 
-    /// For a `rediss://` URL: trust the CA certificates in this PEM file (a deployment's
-    /// own CA) instead of the public roots.
+    /// For a rediss:// URL: trust the CA certificates in this PEM file
+    ///
+    /// A deployment's own CA, instead of the public roots.
     #[arg(long, value_name = "FILE")]
     redis_ca: Option<std::path::PathBuf>,
 
-    /// The replicas of one deployment use one namespace; other deployments on the same
+    /// One namespace per deployment
+    ///
+    /// The replicas of one deployment share a namespace; other deployments on the same
     /// Redis use others.
     #[arg(long, value_name = "NAME", default_value = "default")]
     redis_namespace: String,
 
-    /// Environment variable holding a secret shared by the replicas, which keys the hash
-    /// that names each API key in Redis (a key's value is never stored). Without it the
-    /// namespace keys the hash, and whoever reads Redis can test a guessed key against it.
+    /// Variable holding a secret shared by the replicas
+    ///
+    /// It keys the hash that names each API key in Redis (a key's value is never stored).
+    /// Without it the namespace keys the hash, and whoever reads Redis can test a guessed
+    /// key against it.
     #[arg(long, value_name = "NAME")]
     redis_secret_env: Option<String>,
 
-    /// What each replica does while Redis is unreachable: `split` each key's cap across
-    /// the replicas last seen, `open` (each uses the whole cap), or `closed` (keys with a
-    /// cap wait for Redis).
-    #[arg(long, value_enum, default_value_t = PolicyArg::Split)]
+    /// What to do while Redis is away: split (default), open or closed
+    ///
+    /// While Redis is unreachable, each replica: `split` each key's cap across the
+    /// replicas last seen; `open` uses the whole cap; `closed` makes keys with a cap wait
+    /// for Redis.
+    #[arg(
+        long,
+        value_name = "POLICY",
+        value_enum,
+        default_value_t = PolicyArg::Split,
+        hide_default_value = true,
+        hide_possible_values = true
+    )]
     degraded_policy: PolicyArg,
 }
 

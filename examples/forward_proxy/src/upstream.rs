@@ -46,7 +46,7 @@ impl Options {
     ) -> Self {
         Self {
             upstream: args.upstream.clone(),
-            placement: args.auth.placement(),
+            placement: args.placement(),
             retries: args.retries,
             connect_timeout: args.connect_timeout,
             request_timeout: args.request_timeout,

@@ -339,6 +339,68 @@ async fn a_changed_key_file_is_reloaded_and_a_bad_one_keeps_the_keys_in_force() 
 }
 
 #[tokio::test]
+async fn the_text_access_log_names_the_key_when_it_has_a_name() {
+    let upstream = ok_upstream().await;
+    let dir = empty_dir();
+    std::fs::write(dir.join("keys.toml"), env_keys(&["alpha", "bravo"])).unwrap();
+    let mut proxy = with_key_file(&upstream, &dir, &KEY_ENV).start().await;
+    for _ in 0..2 {
+        assert_eq!(get(&proxy.url("/x")).await.status, 200);
+    }
+    proxy
+        .wait_for_log("Using key 1/2 (alpha): GET /x -> 200 in ")
+        .await;
+    proxy
+        .wait_for_log("Using key 2/2 (bravo): GET /x -> 200 in ")
+        .await;
+    assert_nothing_leaked(&proxy, &[]).await;
+
+    // Keys from a list have no name: the position alone.
+    let mut plain = ProxyConfig::new(&upstream.url(""), &format!("{ALPHA},{BRAVO}"))
+        .start()
+        .await;
+    assert_eq!(get(&plain.url("/y")).await.status, 200);
+    plain.wait_for_log("Using key 1/2: GET /y -> 200 in ").await;
+    assert_nothing_leaked(&plain, &[]).await;
+}
+
+#[tokio::test]
+async fn a_key_file_edit_then_sighup_reloads_once_and_logs_once() {
+    let upstream = ok_upstream().await;
+    let dir = empty_dir();
+    std::fs::write(dir.join("keys.toml"), env_keys(&["alpha"])).unwrap();
+    let mut proxy = with_key_file(&upstream, &dir, &KEY_ENV)
+        .arg("--keys-file-poll", "0.05")
+        .start()
+        .await;
+
+    // As README suggests: edit, then SIGHUP (the poller may see the edit first, or not).
+    write_atomically(&dir, "keys.toml", &env_keys(&["alpha", "bravo"]));
+    proxy.signal("HUP").await;
+    proxy.wait_for_log("Reloaded keys from keys.toml").await;
+    // Whichever came second finds nothing new. Ten polls later, a second reload (or its
+    // line) would be there; this wait cannot make a correct proxy fail.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = proxy.log();
+    assert_eq!(log.matches("Reloaded keys").count(), 1, "{log}");
+    assert_eq!(log.matches("added: key 2 (bravo)").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("unchanged").count(),
+        1,
+        "one line per reload: {log}"
+    );
+
+    // The next edit is reloaded (and logged) once as well.
+    write_atomically(&dir, "keys.toml", &env_keys(&["bravo"]));
+    let line = proxy
+        .wait_for_log("Reloaded keys from keys.toml (key file changed)")
+        .await;
+    assert!(line.contains("removed: key 1 (alpha)"), "{line}");
+    assert_eq!(proxy.log().matches("removed: key 1 (alpha)").count(), 1);
+    assert_nothing_leaked(&proxy, &[]).await;
+}
+
+#[tokio::test]
 async fn sighup_rereads_dotenv_but_cannot_see_the_environment_change() {
     let upstream = ok_upstream().await;
     let dir = empty_dir();
@@ -471,13 +533,18 @@ async fn a_spent_quota_is_not_retried_and_suspends_the_key_until_a_probe() {
 #[tokio::test]
 async fn bad_key_files_stop_the_proxy_with_one_line_naming_file_key_and_problem() {
     let dir = empty_dir();
-    let cases: [(&str, String, &str); 9] = [
+    let cases: [(&str, String, &str); 10] = [
         ("missing.toml", String::new(), "--keys-file missing.toml: "),
         ("empty.toml", "# nothing\n".into(), "lists no key"),
         (
             "syntax.toml",
             format!("[[key]]\nname = \"a\"\nvalue = \"{INLINE}\n"),
             "syntax.toml: line 3:",
+        ),
+        (
+            "single-bracket.toml",
+            "[key]\nname = \"a\"\nenv = \"ALPHA\"\n".into(),
+            "line 1: `[key]` is a single table: write `[[key]]`, with double brackets",
         ),
         (
             "unknown.toml",

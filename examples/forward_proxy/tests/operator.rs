@@ -50,10 +50,7 @@ async fn command_line_errors_keep_clap_s_whole_message_and_exit_2() {
     let cases = [
         (
             missing,
-            vec![
-                "required arguments were not provided",
-                "--upstream <UPSTREAM>",
-            ],
+            vec!["required arguments were not provided", "--upstream <URL>"],
         ),
         (
             bad_strategy,
@@ -79,6 +76,122 @@ async fn command_line_errors_keep_clap_s_whole_message_and_exit_2() {
         for text in expected {
             assert!(stderr.contains(text), "{text:?} not in:\n{stderr}");
         }
+        assert_no_secret("the error", &format!("{stdout}{stderr}"), &KEYS);
+    }
+}
+
+/// The proxy's output for `args` alone (no upstream, no keys): status, stdout, stderr.
+async fn run_with(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let mut config = ProxyConfig::new("http://127.0.0.1:9", "");
+    config.args = args.iter().map(|arg| (*arg).to_owned()).collect();
+    config.run_to_exit().await
+}
+
+const HEADINGS: [&str; 7] = [
+    "Options:",
+    "Keys:",
+    "Upstream:",
+    "Limits and waiting:",
+    "Replicas:",
+    "Admin and logs:",
+    "Timeouts:",
+];
+
+#[tokio::test]
+async fn short_help_puts_each_flag_on_one_line_under_a_heading() {
+    let (status, short, _) = run_with(&["-h"]).await;
+    assert!(status.success());
+    let mut at = 0;
+    for heading in HEADINGS {
+        let found = short[at..].find(&format!("\n{heading}\n"));
+        at += found.unwrap_or_else(|| panic!("{heading} missing, or out of order, in:\n{short}"));
+    }
+    let (_, long, _) = run_with(&["--help"]).await;
+    let flags: Vec<&str> = long
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix("--"))
+        .filter_map(|rest| rest.split([' ', ',']).next())
+        .collect();
+    assert!(flags.len() >= 30, "{flags:?}");
+    for flag in &flags {
+        // `--flag <VALUE>  Summary`: the summary on the flag's own line.
+        let lines: Vec<&str> = short
+            .lines()
+            .filter(|line| {
+                let spec = line.trim_start().trim_start_matches("-h, ");
+                spec.starts_with(&format!("--{flag} ")) || spec == format!("--{flag}")
+            })
+            .collect();
+        assert_eq!(lines.len(), 1, "--{flag} in -h:\n{short}");
+        let words = lines[0].split("  ").filter(|part| !part.trim().is_empty());
+        assert!(
+            words.count() >= 2,
+            "no summary beside --{flag}: {:?}",
+            lines[0]
+        );
+    }
+    for line in short.lines() {
+        assert!(line.len() <= 100, "{line:?} is wider than 100 columns");
+        // An option's line, a heading, or the text before and after the options: never a
+        // flag's help wrapped onto a line of its own.
+        assert!(
+            !line.starts_with("        "),
+            "{line:?} continues a flag's help"
+        );
+    }
+    assert!(short.lines().count() < 60, "{short}");
+    assert!(
+        long.lines().count() > 2 * short.lines().count(),
+        "--help is the long one"
+    );
+}
+
+#[tokio::test]
+async fn long_help_says_header_read_timeout_closes_idle_http2_connections_too() {
+    let (_, long, _) = run_with(&["--help"]).await;
+    let section = long
+        .split("--header-read-timeout")
+        .nth(1)
+        .and_then(|rest| rest.split("\n      --").next())
+        .unwrap();
+    assert!(section.contains("HTTP/2"), "{section}");
+    assert!(section.contains("slowloris"), "{section}");
+    let (_, short, _) = run_with(&["-h"]).await;
+    let line = short
+        .lines()
+        .find(|line| line.contains("--header-read-timeout"))
+        .unwrap();
+    assert!(line.contains("HTTP/2"), "{line}");
+}
+
+#[tokio::test]
+async fn a_mistyped_flag_or_value_gets_a_suggestion() {
+    for (args, suggestion) in [
+        (
+            vec!["--upstrem", "http://127.0.0.1:9"],
+            "tip: a similar argument exists: '--upstream'",
+        ),
+        (
+            vec![
+                "--upstream",
+                "http://127.0.0.1:9",
+                "--keys-fil",
+                "keys.toml",
+            ],
+            "tip: a similar argument exists: '--keys-file'",
+        ),
+        (
+            vec!["--upstream", "http://127.0.0.1:9", "--profile", "antropic"],
+            "tip: a similar value exists: 'anthropic'",
+        ),
+    ] {
+        let (status, stdout, stderr) = run_with(&args).await;
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("forward_proxy: error: "), "{stderr}");
+        assert!(
+            stderr.contains(suggestion),
+            "{suggestion:?} not in:\n{stderr}"
+        );
         assert_no_secret("the error", &format!("{stdout}{stderr}"), &KEYS);
     }
 }
@@ -386,10 +499,110 @@ async fn the_default_keys_variable_follows_the_profile() {
     let mut config = ProxyConfig::new(&upstream.url(""), "").arg("--profile", "anthropic");
     config.env.clear();
     let (_, _, stderr) = config.run_to_exit().await;
+    assert!(stderr.contains("ANTHROPIC_API_KEY is not set"), "{stderr}");
+}
+
+#[tokio::test]
+async fn an_upstream_host_that_does_not_resolve_is_a_warning_at_start() {
+    let mut proxy = ProxyConfig::new("http://no-such-host.invalid:9/v1", KEY_LIST)
+        .start()
+        .await;
+    let line = proxy
+        .wait_for_log("the upstream host no-such-host.invalid does not resolve")
+        .await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("starting anyway"), "{line}");
+    assert_eq!(get(&proxy.url("/_keyrotation/health")).await.status, 200);
+    proxy.assert_log_has_no_secret(&KEYS);
+
+    // An IP literal is not looked up.
+    let upstream = ok_upstream().await;
+    let proxy = ProxyConfig::new(&upstream.url(""), KEY_LIST).start().await;
+    assert_eq!(get(&proxy.url("/x")).await.status, 200);
+    assert!(!proxy.log().contains("does not resolve"), "{}", proxy.log());
+}
+
+#[tokio::test]
+async fn the_profile_places_the_key_as_its_provider_expects_unless_auth_is_given() {
+    let upstream = ok_upstream().await;
+    let key = KEYS[0];
+    let bearer = format!("Bearer {key}");
+    let cases = [
+        ("anthropic", None, "x-api-key", key, "authorization"),
+        ("openai", None, "authorization", &*bearer, "x-api-key"),
+        ("bigmodel", None, "authorization", &bearer, "x-api-key"),
+        ("generic", None, "authorization", &bearer, "x-api-key"),
+        (
+            "anthropic",
+            Some("bearer"),
+            "authorization",
+            &bearer,
+            "x-api-key",
+        ),
+        (
+            "openai",
+            Some("header:api-key"),
+            "api-key",
+            key,
+            "authorization",
+        ),
+    ];
+    for (profile, auth, header, value, absent) in cases {
+        let mut config = ProxyConfig::new(&upstream.url(""), key)
+            .arg("--profile", profile)
+            .arg("--keys-env", "BIGMODEL_API_KEY");
+        if let Some(auth) = auth {
+            config = config.arg("--auth", auth);
+        }
+        let proxy = config.start().await;
+        assert_eq!(get(&proxy.url("/x")).await.status, 200);
+        let seen = upstream.seen().pop().unwrap();
+        let case = format!("--profile {profile} --auth {auth:?}");
+        assert_eq!(seen.headers.get(header).unwrap(), value, "{case}");
+        assert!(seen.headers.get(absent).is_none(), "{case}");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_keys_variable_is_said_to_be_unset_or_empty_with_the_ways_to_give_keys() {
+    for (env, expected) in [
+        (vec![], "BIGMODEL_API_KEY is not set: "),
+        (
+            vec![("BIGMODEL_API_KEY", " ")],
+            "BIGMODEL_API_KEY is empty: ",
+        ),
+    ] {
+        let (status, stdout, stderr) = in_dir_with_dotenv("http://127.0.0.1:9", None, &env)
+            .run_to_exit()
+            .await;
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        for text in [
+            expected,
+            "a .env file in the working directory",
+            "--keys-env NAME",
+            "--keys-file FILE",
+        ] {
+            assert!(stderr.contains(text), "{text:?} not in {stderr}");
+        }
+        assert_no_secret("the error", &format!("{stdout}{stderr}"), &KEYS);
+    }
+}
+
+#[tokio::test]
+async fn a_dotenv_quote_never_closed_that_takes_in_the_keys_line_names_the_line() {
+    let dotenv = format!("# notes\nGREETING=\"hello\nBIGMODEL_API_KEY={KEY_LIST}\n");
+    let config = in_dir_with_dotenv("http://127.0.0.1:9", Some(&dotenv), &[]);
+    let (status, stdout, stderr) = config.run_to_exit().await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("no API key configured in ANTHROPIC_API_KEY"),
+        stderr.contains(
+            ".env line 2: a quote opened on this line is never closed, so line 3 (which sets \
+             BIGMODEL_API_KEY) is read as part of its value"
+        ),
         "{stderr}"
     );
+    assert_no_secret("the error", &format!("{stdout}{stderr}"), &KEYS);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -653,7 +653,7 @@ async fn bad_configuration_exits_non_zero_with_a_clear_message() {
     let mut bad_listen = base("sk-good-1");
     bad_listen.args[1] = "127.0.0.1:99999".into();
     let cases = [
-        (base(""), "no API key configured in BIGMODEL_API_KEY"),
+        (base(""), "BIGMODEL_API_KEY is empty: give the keys"),
         (base("sk-good-1,,sk-good-2"), "key 2 of 3 is empty"),
         (base("sk-dup-1,sk-dup-1"), "key 2 of 2"),
         (base("sk-\u{7}bell"), "key 1 of 1"),
