@@ -72,8 +72,9 @@ pub(crate) struct Args {
 
     /// Variable holding the token clients must send
     ///
-    /// Clients send it as `Authorization: Bearer <token>`. Without it, any client that
-    /// reaches the proxy is served, with your keys.
+    /// Clients send it as `Authorization: Bearer <token>`, or where their SDK puts a key
+    /// (`x-api-key`, `api-key`, `x-goog-api-key`, a `key` query parameter); it is never
+    /// forwarded. Without it, any client that reaches the proxy is served, with your keys.
     #[arg(long, value_name = "NAME")]
     pub(crate) access_token_env: Option<String>,
 
@@ -184,8 +185,9 @@ pub(crate) struct Args {
 
     /// How long a request may wait for a key
     ///
-    /// Counted from the request's arrival, across its retries; then a 503 with
-    /// Retry-After (at once when no key can be back in time).
+    /// Counted from the request's arrival, across its retries; then a 429 with
+    /// Retry-After and `x-should-retry: false`, in the provider's error format (at once
+    /// when no key can be back in time).
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds, help_heading = LIMITS)]
     pub(crate) max_wait: Duration,
 
