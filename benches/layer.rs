@@ -184,10 +184,13 @@ fn key_rotation_learned_limit(n: usize) -> KeyRotation<Inner> {
     let list = (0..n).map(key).collect::<Vec<_>>().join(",");
     let pool = KeyPool::builder(KeySet::parse(&list).expect("valid keys")).build();
     let leases: Vec<_> = (0..3 * n)
-        .map(|_| pool.try_reserve().expect("a key"))
+        .map(|_| {
+            let lease = pool.try_reserve().expect("a key");
+            lease.mark_sent();
+            lease
+        })
         .collect();
     for lease in leases.iter().take(n) {
-        lease.mark_sent();
         lease.record(Outcome::RateLimited {
             retry_after: Some(Duration::from_millis(1)),
         });
