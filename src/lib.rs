@@ -182,6 +182,7 @@ mod human;
 mod key;
 mod layer;
 pub mod pool;
+mod pool_time;
 mod quota;
 pub mod retry;
 mod service;
