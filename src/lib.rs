@@ -178,6 +178,9 @@ pub mod body;
 pub mod classify;
 mod error;
 pub mod future;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod human;
 mod key;
 mod layer;
