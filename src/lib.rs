@@ -209,4 +209,7 @@ pub struct ReadmeDoctests;
 
 /// The boxed error type of [`KeyRotation`]: the inner service's error, [`NoKeyAvailable`]
 /// or [`AllKeysDisabled`].
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+///
+/// Tower's own, re-exported: the same type its `Buffer`, `Retry` and `Timeout` return, so
+/// `tower::BoxError` and `tower_key_rotation::BoxError` name one item.
+pub use tower::BoxError;
