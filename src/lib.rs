@@ -172,6 +172,9 @@
 //! a `warn` event when a key starts a cool-down (for how long and why), is suspended or is
 //! disabled, an `info` event when keys are reloaded.
 
+// docs.rs (`--cfg docsrs`, nightly): mark what a feature gates.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod auth;
 mod backoff;
 pub mod body;
