@@ -81,6 +81,11 @@ pub(super) enum RestCause {
 
 impl Slot {
     /// Applies an answer's outcome to the key and says what changed.
+    ///
+    /// `#[inline]`: its one caller, `Lease::record_answer`, is on every request's path and
+    /// in another module, which the bench profile's 16 codegen units may put in another
+    /// unit; without the hint, whether it inlines depends on how the crate is split.
+    #[inline]
     pub(super) fn record(&self, outcome: Outcome, answered: Answered) -> Transition {
         let mut transition = Transition::default();
         if matches!(outcome, Outcome::Success | Outcome::SuccessAtLimit { .. }) && answered.at_limit
