@@ -33,11 +33,11 @@
 //! that lasts until then owes no probe, and the key comes back with every slot; capped
 //! short of the reset, it owes one like the others.
 //!
-//! A key's rest is one word (`rest::Deadline`: not resting, resting until a
-//! [`PoolTime`](crate::pool_time) (nanoseconds since the pool was built, on tokio's
-//! monotonic clock), or disabled); rests only
-//! extend, and an expired one is cleared by whoever notices, so the common path never reads
-//! the clock. `slot::Probe` says whether a key owes its single probe, or has it running.
+//! A key's rest is one word (`rest::Deadline`: not resting, resting until a `PoolTime`
+//! (nanoseconds since the pool was built, on tokio's monotonic clock), or disabled); rests
+//! only extend, and an expired one is cleared by whoever notices, so the common path never
+//! reads the clock. `rest::Probe` says whether a key owes its single probe, or has it
+//! running.
 //!
 //! The backoff `level` counts consecutive 429s and `generation` counts the cool-downs that
 //! raised it. A lease remembers the generation it was reserved in; a 429 raises the level
