@@ -172,16 +172,23 @@
 //! a `warn` event when a key starts a cool-down (for how long and why), is suspended or is
 //! disabled, an `info` event when keys are reloaded.
 
+// docs.rs (`--cfg docsrs`, nightly): mark what a feature gates.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod auth;
 mod backoff;
 pub mod body;
 pub mod classify;
 mod error;
 pub mod future;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod human;
 mod key;
 mod layer;
 pub mod pool;
+mod pool_time;
 mod quota;
 pub mod retry;
 mod service;
@@ -205,4 +212,7 @@ pub struct ReadmeDoctests;
 
 /// The boxed error type of [`KeyRotation`]: the inner service's error, [`NoKeyAvailable`]
 /// or [`AllKeysDisabled`].
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+///
+/// Tower's own, re-exported: the same type its `Buffer`, `Retry` and `Timeout` return, so
+/// `tower::BoxError` and `tower_key_rotation::BoxError` name one item.
+pub use tower::BoxError;

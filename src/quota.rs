@@ -13,6 +13,7 @@
 //! *refunding* it when a reservation is dropped unsent, and knowing when the next unit
 //! frees, on tokio's pausable clock, to arm the waiters' timer.
 
+use crate::pool_time::PoolTime;
 use crate::sync::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -115,6 +116,9 @@ impl Quota {
 const MAX_SPAN: u64 = u64::MAX / 4;
 
 /// A [`Quota`] in nanoseconds of the pool's clock.
+///
+/// Its state (`tat`, the theoretical arrival time) is a [`PoolTime`] stored in an
+/// `AtomicU64`; the arithmetic below is on that word, in nanoseconds.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Gcra {
     interval: u64,
@@ -122,45 +126,54 @@ pub(crate) struct Gcra {
 }
 
 impl Gcra {
-    /// The spacing between requests, in nanoseconds.
-    pub(crate) fn interval(&self) -> u64 {
-        self.interval
+    /// The spacing between requests.
+    pub(crate) fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval)
     }
 
-    /// How far ahead of the spacing a burst may go, in nanoseconds.
-    pub(crate) fn tolerance(&self) -> u64 {
-        self.tolerance
+    /// How far ahead of the spacing a burst may go.
+    pub(crate) fn tolerance(&self) -> Duration {
+        Duration::from_nanos(self.tolerance)
     }
 
-    /// Holds the quota back: no unit before `at` (pool nanoseconds), as another replica's
-    /// use of a shared quota requires.
-    pub(crate) fn hold_until(&self, tat: &AtomicU64, at: u64) {
-        tat.fetch_max(at.saturating_add(self.tolerance), Ordering::AcqRel);
+    /// Holds the quota back: no unit before `at`, as another replica's use of a shared
+    /// quota requires.
+    pub(crate) fn hold_until(&self, tat: &AtomicU64, at: PoolTime) {
+        tat.fetch_max(
+            at.as_nanos().saturating_add(self.tolerance),
+            Ordering::AcqRel,
+        );
     }
 
-    /// When (pool nanoseconds) the next request may go, given the state `tat`.
-    pub(crate) fn available_at(&self, tat: &AtomicU64) -> u64 {
-        tat.load(Ordering::Acquire).saturating_sub(self.tolerance)
+    /// When the next request may go, given the state `tat`.
+    pub(crate) fn available_at(&self, tat: &AtomicU64) -> PoolTime {
+        PoolTime::from_nanos(tat.load(Ordering::Acquire).saturating_sub(self.tolerance))
     }
 
     /// Takes one unit if allowed at `now`; returns the state the take left (the end of
     /// the unit taken), which [`Gcra::refund`] needs.
     #[cfg(test)]
-    pub(crate) fn try_take(&self, tat: &AtomicU64, now: u64) -> Option<u64> {
+    pub(crate) fn try_take(&self, tat: &AtomicU64, now: PoolTime) -> Option<PoolTime> {
         self.try_take_units(tat, now, 1)
     }
 
     /// [`Gcra::try_take`] of `units` intervals at once (a replica's share of a quota split
     /// between replicas: it spaces its requests `units` intervals apart).
     #[inline]
-    pub(crate) fn try_take_units(&self, tat: &AtomicU64, now: u64, units: u64) -> Option<u64> {
+    pub(crate) fn try_take_units(
+        &self,
+        tat: &AtomicU64,
+        now: PoolTime,
+        units: u64,
+    ) -> Option<PoolTime> {
+        let now = now.as_nanos();
         let step = self.interval.saturating_mul(units).min(MAX_SPAN);
         let next = |t: u64| t.max(now).saturating_add(step);
         tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
             (t <= now.saturating_add(self.tolerance)).then(|| next(t))
         })
         .ok()
-        .map(next)
+        .map(|t| PoolTime::from_nanos(next(t)))
     }
 
     /// Gives back what is still unused, at `now`, of the unit a take that left the state
@@ -176,7 +189,8 @@ impl Gcra {
     /// counted it, and pulling the schedule in under them would let a later request
     /// crowd them (found by `refunds_never_let_sent_requests_break_the_bound`). The unit
     /// then stays spent: a quota may go unused, never over.
-    pub(crate) fn refund(&self, tat: &AtomicU64, tat_after: u64, now: u64) {
+    pub(crate) fn refund(&self, tat: &AtomicU64, tat_after: PoolTime, now: PoolTime) {
+        let (tat_after, now) = (tat_after.as_nanos(), now.as_nanos());
         let unused = tat_after.saturating_sub(now).min(self.interval);
         if unused == 0 {
             return;
@@ -198,15 +212,20 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
+    /// `ms` milliseconds after the epoch.
+    fn ms(ms: u64) -> PoolTime {
+        PoolTime::from_nanos(ms * MS)
+    }
+
     #[test]
     fn spaces_requests_one_interval_apart() {
         let gcra = Quota::per_second(10).gcra(); // 100 ms apart
         let tat = AtomicU64::new(0);
-        assert!(gcra.try_take(&tat, 0).is_some());
-        assert!(gcra.try_take(&tat, 50 * MS).is_none());
-        assert_eq!(gcra.available_at(&tat), 100 * MS);
-        assert!(gcra.try_take(&tat, 100 * MS).is_some());
-        assert!(gcra.try_take(&tat, 199 * MS).is_none());
+        assert!(gcra.try_take(&tat, PoolTime::EPOCH).is_some());
+        assert!(gcra.try_take(&tat, ms(50)).is_none());
+        assert_eq!(gcra.available_at(&tat), ms(100));
+        assert!(gcra.try_take(&tat, ms(100)).is_some());
+        assert!(gcra.try_take(&tat, ms(199)).is_none());
     }
 
     #[test]
@@ -214,9 +233,9 @@ mod tests {
         let gcra = Quota::new(5, Duration::from_millis(1000)).gcra();
         let tat = AtomicU64::new(0);
         let mut sent = Vec::new();
-        for now in (0..10_000).map(|ms| ms * MS) {
+        for now in (0..10_000).map(ms) {
             if gcra.try_take(&tat, now).is_some() {
-                sent.push(now);
+                sent.push(now.as_nanos());
             }
         }
         for (i, &start) in sent.iter().enumerate() {
@@ -236,7 +255,7 @@ mod tests {
             .map(|_| {
                 let now = gcra.available_at(&tat);
                 assert!(gcra.try_take(&tat, now).is_some());
-                now
+                now.as_nanos()
             })
             .collect()
     }
@@ -254,14 +273,16 @@ mod tests {
         for burst in [1, 2, 3, u32::MAX] {
             let gcra = Quota::new(1, Duration::MAX).burst(burst).gcra();
             let tat = AtomicU64::new(0);
-            let at_once = (0..4).filter(|_| gcra.try_take(&tat, 0).is_some()).count();
+            let at_once = (0..4)
+                .filter(|_| gcra.try_take(&tat, PoolTime::EPOCH).is_some())
+                .count();
             // The burst in full where its span fits the clock (see `MAX_SPAN`), never more.
             assert!((1..=burst as usize).contains(&at_once), "burst {burst}");
             if burst <= 2 {
                 assert_eq!(at_once, burst as usize);
             }
             // A century on, still nothing.
-            let century = 100 * 365 * 24 * 3600 * 1_000 * MS;
+            let century = ms(100 * 365 * 24 * 3600 * 1_000);
             assert!(gcra.try_take(&tat, century).is_none(), "burst {burst}");
         }
     }
@@ -270,11 +291,13 @@ mod tests {
     fn burst_and_refund() {
         let gcra = Quota::per_second(10).burst(3).gcra();
         let tat = AtomicU64::new(0);
-        let taken: Vec<u64> = (0..3).map(|_| gcra.try_take(&tat, 0).unwrap()).collect();
-        assert_eq!(taken, [100 * MS, 200 * MS, 300 * MS]);
-        assert!(gcra.try_take(&tat, 0).is_none());
-        gcra.refund(&tat, taken[2], 0);
-        assert!(gcra.try_take(&tat, 0).is_some());
+        let taken: Vec<PoolTime> = (0..3)
+            .map(|_| gcra.try_take(&tat, PoolTime::EPOCH).unwrap())
+            .collect();
+        assert_eq!(taken, [ms(100), ms(200), ms(300)]);
+        assert!(gcra.try_take(&tat, PoolTime::EPOCH).is_none());
+        gcra.refund(&tat, taken[2], PoolTime::EPOCH);
+        assert!(gcra.try_take(&tat, PoolTime::EPOCH).is_some());
     }
 
     /// Any period (up to `Duration::MAX`), a handful of requests per period, any burst.
@@ -304,20 +327,21 @@ mod tests {
             let tat = AtomicU64::new(0);
             let (mut now, mut held, mut sent) = (0u64, Vec::new(), Vec::new());
             for (op, roll) in ops {
+                let at = PoolTime::from_nanos(now);
                 match op {
                     // Time passes: up to two intervals, on a clock of at most `MAX_SPAN`.
                     0 => now = (now + roll % (2 * gcra.interval + 1)).min(MAX_SPAN),
                     // A request sent at once.
-                    1 => sent.extend(gcra.try_take(&tat, now).map(|_| now)),
+                    1 => sent.extend(gcra.try_take(&tat, at).map(|_| now)),
                     // A reservation held for now.
-                    2 => held.extend(gcra.try_take(&tat, now).map(|after| (now, after))),
+                    2 => held.extend(gcra.try_take(&tat, at).map(|after| (now, after))),
                     // A held reservation sent, or dropped unsent.
                     _ if !held.is_empty() => {
-                        let (at, after) = held.swap_remove(roll as usize % held.len());
+                        let (taken_at, after) = held.swap_remove(roll as usize % held.len());
                         if roll % 2 == 0 {
-                            sent.push(at);
+                            sent.push(taken_at);
                         } else {
-                            gcra.refund(&tat, after, now);
+                            gcra.refund(&tat, after, at);
                         }
                     }
                     _ => {}
@@ -349,12 +373,12 @@ mod tests {
         // 100 ms apart: one unit taken at 0 fills [0, 100 ms).
         let gcra = Quota::per_second(10).gcra();
         let tat = AtomicU64::new(0);
-        let unit = gcra.try_take(&tat, 0).unwrap();
+        let unit = gcra.try_take(&tat, PoolTime::EPOCH).unwrap();
         // Dropped unsent at 40 ms: 60 ms come back, not 100.
-        gcra.refund(&tat, unit, 40 * MS);
-        assert_eq!(gcra.available_at(&tat), 40 * MS);
-        gcra.try_take(&tat, 40 * MS).unwrap();
-        assert_eq!(gcra.available_at(&tat), 140 * MS);
+        gcra.refund(&tat, unit, ms(40));
+        assert_eq!(gcra.available_at(&tat), ms(40));
+        gcra.try_take(&tat, ms(40)).unwrap();
+        assert_eq!(gcra.available_at(&tat), ms(140));
     }
 
     #[test]
@@ -364,12 +388,12 @@ mod tests {
         // counted it, so it stays spent.
         let gcra = Quota::per_second(10).burst(3).gcra();
         let tat = AtomicU64::new(0);
-        let first = gcra.try_take(&tat, 0).unwrap();
+        let first = gcra.try_take(&tat, PoolTime::EPOCH).unwrap();
         for _ in 0..2 {
-            gcra.try_take(&tat, 0).unwrap();
+            gcra.try_take(&tat, PoolTime::EPOCH).unwrap();
         }
-        gcra.refund(&tat, first, 40 * MS);
-        assert_eq!(gcra.available_at(&tat), 100 * MS);
+        gcra.refund(&tat, first, ms(40));
+        assert_eq!(gcra.available_at(&tat), ms(100));
     }
 
     #[test]
@@ -377,12 +401,12 @@ mod tests {
         // One a minute: a unit taken at 0, another at 60 s; the first, dropped at 70 s,
         // has nothing left to give back.
         let gcra = Quota::per_minute(1).gcra();
-        let second = 1_000 * MS;
+        let second = |s: u64| ms(s * 1_000);
         let tat = AtomicU64::new(0);
-        let stale = gcra.try_take(&tat, 0).unwrap();
-        gcra.try_take(&tat, 60 * second).unwrap();
-        gcra.refund(&tat, stale, 70 * second);
-        assert!(gcra.try_take(&tat, 70 * second).is_none());
-        assert_eq!(gcra.available_at(&tat), 120 * second);
+        let stale = gcra.try_take(&tat, PoolTime::EPOCH).unwrap();
+        gcra.try_take(&tat, second(60)).unwrap();
+        gcra.refund(&tat, stale, second(70));
+        assert!(gcra.try_take(&tat, second(70)).is_none());
+        assert_eq!(gcra.available_at(&tat), second(120));
     }
 }

@@ -7,7 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use tower_key_rotation::classify::{learned_reset, parse_go_duration, parse_retry_after, parse_rfc3339, retry_after};
+use tower_key_rotation::classify::{learned_reset, parse_retry_after, retry_after};
+// Crate-private parsers, public only under `--cfg fuzzing` (which cargo-fuzz sets).
+use tower_key_rotation::fuzzing::{parse_go_duration, parse_rfc3339};
 
 fuzz_target!(|data: &[u8]| {
     // First 5 bytes: the clock (seconds since 1970, up to ~35,000 years); the rest: the value.

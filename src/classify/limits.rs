@@ -142,17 +142,9 @@ fn is_zero(value: &[u8]) -> bool {
 /// Parses a Go-style duration as OpenAI sends it: `1s`, `6m0s`, `20ms`, `1h2m3.5s`,
 /// `150us`. Units `h`, `m`, `s`, `ms`, `us`/`µs`, `ns`; each number may have a fraction.
 ///
-/// # Examples
-///
-/// ```
-/// use std::time::Duration;
-/// use tower_key_rotation::classify::parse_go_duration;
-///
-/// assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
-/// assert_eq!(parse_go_duration("1.5s"), Some(Duration::from_millis(1500)));
-/// assert_eq!(parse_go_duration("soon"), None);
-/// ```
-pub fn parse_go_duration(text: &str) -> Option<Duration> {
+/// Crate-private, as general parsing is not this crate's job; the fuzz targets reach it
+/// through `fuzzing` (under `--cfg fuzzing`).
+pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
     let mut rest = text.trim();
     if rest.is_empty() {
         return None;
@@ -188,16 +180,8 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
 /// Parses an RFC 3339 time such as `2024-06-01T12:00:00Z` or
 /// `2024-06-01T20:00:00.5+08:00`.
 ///
-/// # Examples
-///
-/// ```
-/// use std::time::{Duration, UNIX_EPOCH};
-/// use tower_key_rotation::classify::parse_rfc3339;
-///
-/// let at = parse_rfc3339("1970-01-02T00:00:01Z").unwrap();
-/// assert_eq!(at, UNIX_EPOCH + Duration::from_secs(86_401));
-/// ```
-pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+/// Crate-private, as [`parse_go_duration`] is.
+pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     let s = text.trim().as_bytes();
     let digits = |range: std::ops::Range<usize>| -> Option<i64> {
         let part = s.get(range)?;

@@ -22,15 +22,20 @@
 //! OpenAI's durations and Anthropic's RFC 3339 resets). Bodies are read only for error
 //! statuses, and at most [`BODY_LIMIT`] bytes of them.
 //!
-//! The header parsers are public for classifiers of your own: [`retry_after`],
-//! [`parse_retry_after`], [`learned_reset`], [`parse_go_duration`], [`parse_rfc3339`].
+//! Three header readers are public, for classifiers of your own: [`retry_after`] (the
+//! `Retry-After` and `retry-after-ms` headers of a response), [`parse_retry_after`] (one
+//! `Retry-After` value: delta-seconds or an HTTP date) and [`learned_reset`] (when the
+//! rate-limit headers above say a used-up window resets). They take the wall clock's `now`
+//! as an argument, so they are pure and testable.
 
 mod limits;
 mod profile;
 mod retry_after;
 
+pub use limits::learned_reset;
 pub(crate) use limits::{days_from_civil, learned_reset_at};
-pub use limits::{learned_reset, parse_go_duration, parse_rfc3339};
+#[cfg(fuzzing)]
+pub(crate) use limits::{parse_go_duration, parse_rfc3339};
 pub use profile::BODY_LIMIT;
 pub use retry_after::{parse_retry_after, retry_after};
 

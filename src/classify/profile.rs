@@ -155,7 +155,7 @@ mod tests {
     use super::*;
 
     fn at(rfc3339: &str) -> SystemTime {
-        super::super::parse_rfc3339(rfc3339).unwrap()
+        super::super::limits::parse_rfc3339(rfc3339).unwrap()
     }
 
     fn bigmodel_code(code: &str, message: &str, now: SystemTime) -> Outcome {

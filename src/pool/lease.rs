@@ -17,6 +17,7 @@ use super::slot::{Slot, Taken};
 use super::table::Table;
 use crate::classify::{Classifier, Outcome};
 use crate::key::ApiKey;
+use crate::pool_time::PoolTime;
 use crate::shared::{Admission, Answer};
 
 /// A reserved key: counts as in flight until dropped.
@@ -34,7 +35,7 @@ pub struct Lease {
     at_limit: bool,
     /// Where the quota unit this lease took ends: a refund gives back only what of it is
     /// still unused (see `Gcra::refund`).
-    tat_after: u64,
+    tat_after: PoolTime,
     /// `SENT`, `PROBE`, `RESOLVED`, `REFUSED` bits. Only the lease's owner writes them, so
     /// a plain load and store suffice (no locked read-modify-write on the hot path); atomic only
     /// so that a lease is `Sync`.

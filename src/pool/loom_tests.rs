@@ -16,6 +16,7 @@ use super::rest::{Claim, Deadline, Probe, RestWord};
 use super::wait::{Reserve, Waiter};
 use super::{KeyPool, LazyNow};
 use crate::key::KeySet;
+use crate::pool_time::PoolTime;
 use crate::sync::Ordering;
 
 /// Loom's default preemption bound keeps these models to seconds.
@@ -110,20 +111,20 @@ fn loom_a_rest_is_never_lost_to_a_concurrent_clear() {
         let pool = pool("k1", 1);
         let deadline = std::sync::Arc::new(Deadline::new());
         // An expired rest (until 10), seen by a reader at time 20 ...
-        deadline.extend(10);
+        deadline.extend(PoolTime::from_nanos(10));
         let extender = {
             let deadline = deadline.clone();
             // ... while another thread rests the key until 50.
-            thread::spawn(move || deadline.extend(50))
+            thread::spawn(move || deadline.extend(PoolTime::from_nanos(50)))
         };
         let mut now = LazyNow {
             signals: &pool.inner.signals,
-            nanos: Some(20),
+            now: Some(PoolTime::from_nanos(20)),
         };
         let _ = deadline.is_resting(&mut now);
         extender.join().unwrap();
         // Clearing the expired rest never wipes the new one.
-        assert_eq!(deadline.read(), RestWord::Until(50));
+        assert_eq!(deadline.read(), RestWord::Until(PoolTime::from_nanos(50)));
     });
 }
 

@@ -33,10 +33,11 @@
 //! that lasts until then owes no probe, and the key comes back with every slot; capped
 //! short of the reset, it owes one like the others.
 //!
-//! A key's rest is one word (`slot::Deadline`: not resting, resting until a time in
-//! nanoseconds since the pool was built on tokio's monotonic clock, or disabled); rests only
-//! extend, and an expired one is cleared by whoever notices, so the common path never reads
-//! the clock. `slot::Probe` says whether a key owes its single probe, or has it running.
+//! A key's rest is one word (`rest::Deadline`: not resting, resting until a `PoolTime`
+//! (nanoseconds since the pool was built, on tokio's monotonic clock), or disabled); rests
+//! only extend, and an expired one is cleared by whoever notices, so the common path never
+//! reads the clock. `rest::Probe` says whether a key owes its single probe, or has it
+//! running.
 //!
 //! The backoff `level` counts consecutive 429s and `generation` counts the cool-downs that
 //! raised it. A lease remembers the generation it was reserved in; a 429 raises the level
@@ -87,6 +88,7 @@ use tokio::time::Instant;
 use crate::backoff::Backoff;
 use crate::classify::Classifier;
 use crate::key::KeySet;
+use crate::pool_time::PoolTime;
 use crate::quota::Quota;
 
 use crate::shared::{BackendHealth, Shared};
@@ -100,7 +102,7 @@ pub use stats::{KeyState, KeyStats};
 pub use table::ReloadSummary;
 pub(crate) use wait::{Reserve, Waiter};
 
-use rest::{Deadline, RestWord};
+use rest::RestWord;
 use table::Table;
 
 /// How the pool chooses among available keys.
@@ -254,9 +256,9 @@ impl KeyPool {
         self.inner.availability()
     }
 
-    /// The instant of a time in pool nanoseconds (as [`PoolAvailability::At`] gives it).
-    pub(crate) fn instant(&self, nanos: u64) -> Instant {
-        self.inner.signals.instant(nanos)
+    /// The instant of a pool time (as [`PoolAvailability::At`] gives it).
+    pub(crate) fn instant(&self, at: PoolTime) -> Instant {
+        self.inner.signals.instant(at)
     }
 
     /// Could some key among those `allowed` (by 1-based position) take a request now?
@@ -294,14 +296,16 @@ impl KeyPool {
     pub fn snapshot(&self) -> Vec<KeyStats> {
         let table = self.inner.table.load();
         let mut now = LazyNow::new(&self.inner.signals);
-        let now_nanos = now.get();
+        let now_at = now.get();
         table
             .slots
             .iter()
             .enumerate()
             .map(|(i, slot)| {
                 let rest = slot.deadline.read();
-                let quota_at = slot.quota.map_or(0, |q| q.available_at(&slot.tat));
+                let quota_at = slot
+                    .quota
+                    .map_or(PoolTime::EPOCH, |q| q.available_at(&slot.tat));
                 let limit = slot.limit();
                 // Two loads, not one moment: a lease moving between them could show more
                 // sent than in flight.
@@ -323,13 +327,13 @@ impl KeyPool {
                     concurrency_limit: (limit != u32::MAX).then_some(limit),
                     state: slot.status(&mut now).0,
                     cooling_down_for: match rest {
-                        RestWord::Until(until) if until > now_nanos => {
-                            Some(Duration::from_nanos(until - now_nanos))
+                        RestWord::Until(until) if until > now_at => {
+                            Some(until.saturating_duration_since(now_at))
                         }
                         _ => None,
                     },
-                    quota_wait: (quota_at > now_nanos)
-                        .then(|| Duration::from_nanos(quota_at - now_nanos)),
+                    quota_wait: (quota_at > now_at)
+                        .then(|| quota_at.saturating_duration_since(now_at)),
                     probing: slot.probe.is_pending(),
                     disabled: rest == RestWord::Disabled,
                 }
@@ -357,31 +361,28 @@ impl fmt::Debug for KeyPool {
 /// The clock, read at most once per selection and only if some key needs it.
 struct LazyNow<'a> {
     signals: &'a Signals,
-    nanos: Option<u64>,
+    now: Option<PoolTime>,
 }
 
 impl<'a> LazyNow<'a> {
     fn new(signals: &'a Signals) -> Self {
-        Self {
-            signals,
-            nanos: None,
-        }
+        Self { signals, now: None }
     }
 
-    fn get(&mut self) -> u64 {
-        *self.nanos.get_or_insert_with(|| self.signals.now_nanos())
+    fn get(&mut self) -> PoolTime {
+        *self.now.get_or_insert_with(|| self.signals.now())
     }
 }
 
 impl Signals {
-    fn now_nanos(&self) -> u64 {
-        let since = Instant::now().saturating_duration_since(self.epoch);
-        u64::try_from(since.as_nanos()).unwrap_or(Deadline::LATEST)
+    /// The pool time now.
+    fn now(&self) -> PoolTime {
+        PoolTime::after_epoch(Instant::now().saturating_duration_since(self.epoch))
     }
 
-    /// The instant of a time in pool nanoseconds.
-    fn instant(&self, nanos: u64) -> Instant {
-        self.epoch + Duration::from_nanos(nanos)
+    /// The instant of a pool time.
+    fn instant(&self, at: PoolTime) -> Instant {
+        self.epoch + at.since_epoch()
     }
 
     fn wake_one(&self) {

@@ -1,6 +1,7 @@
 //! The encodings of a key's rest and probe: each one atomic word, and the newtype that
 //! owns what its values mean.
 
+use crate::pool_time::PoolTime;
 use crate::sync::{AtomicU8, AtomicU64, Ordering};
 
 use super::LazyNow;
@@ -11,7 +12,7 @@ use super::LazyNow;
 /// | --- | --- |
 /// | `0` | not resting |
 /// | `u64::MAX` | disabled (the provider rejected the key) |
-/// | anything else | resting until then, in pool nanoseconds |
+/// | anything else | resting until then ([`PoolTime::as_nanos`]) |
 ///
 /// A rest only ever extends (`fetch_max`), and disabled is above every rest, so no
 /// extension can undo it. An expired rest is cleared back to `0` by whoever notices, so
@@ -23,8 +24,8 @@ pub(super) struct Deadline(AtomicU64);
 pub(super) enum RestWord {
     /// Not resting (or a rest that has not been cleared yet, if `Until` is in the past).
     Clear,
-    /// Resting until this time (pool nanoseconds).
-    Until(u64),
+    /// Resting until this time.
+    Until(PoolTime),
     /// Disabled for good.
     Disabled,
 }
@@ -33,7 +34,7 @@ impl Deadline {
     const CLEAR: u64 = 0;
     const DISABLED: u64 = u64::MAX;
     /// The latest rest end a word can hold.
-    pub(super) const LATEST: u64 = Self::DISABLED - 1;
+    pub(super) const LATEST: PoolTime = PoolTime::from_nanos(Self::DISABLED - 1);
 
     pub(super) fn new() -> Self {
         Self(AtomicU64::new(Self::CLEAR))
@@ -43,7 +44,7 @@ impl Deadline {
         match word {
             Self::CLEAR => RestWord::Clear,
             Self::DISABLED => RestWord::Disabled,
-            until => RestWord::Until(until),
+            until => RestWord::Until(PoolTime::from_nanos(until)),
         }
     }
 
@@ -70,7 +71,7 @@ impl Deadline {
         if word == Self::CLEAR {
             return false;
         }
-        if word == Self::DISABLED || word > now.get() {
+        if word == Self::DISABLED || word > now.get().as_nanos() {
             return true;
         }
         // Resting => Probing (or Healthy). A concurrent extension makes this fail, which
@@ -83,8 +84,9 @@ impl Deadline {
 
     /// Rests until at least `until` (capped at [`Self::LATEST`]); returns what the word
     /// said before.
-    pub(super) fn extend(&self, until: u64) -> RestWord {
-        Self::decode(self.0.fetch_max(until.min(Self::LATEST), Ordering::AcqRel))
+    pub(super) fn extend(&self, until: PoolTime) -> RestWord {
+        let until = until.min(Self::LATEST).as_nanos();
+        Self::decode(self.0.fetch_max(until, Ordering::AcqRel))
     }
 
     /// Disables for good; `true` if it was not disabled yet.
@@ -182,15 +184,16 @@ mod tests {
 
     #[test]
     fn a_deadline_word_says_clear_until_or_disabled() {
+        let at = PoolTime::from_nanos;
         let deadline = Deadline::new();
         assert_eq!(deadline.read(), RestWord::Clear);
-        assert_eq!(deadline.extend(500), RestWord::Clear);
-        assert_eq!(deadline.read(), RestWord::Until(500));
+        assert_eq!(deadline.extend(at(500)), RestWord::Clear);
+        assert_eq!(deadline.read(), RestWord::Until(at(500)));
         // Only extends.
-        assert_eq!(deadline.extend(100), RestWord::Until(500));
-        assert_eq!(deadline.read(), RestWord::Until(500));
+        assert_eq!(deadline.extend(at(100)), RestWord::Until(at(500)));
+        assert_eq!(deadline.read(), RestWord::Until(at(500)));
         // No rest reaches the disabled word, and disabling is for good.
-        assert_eq!(deadline.extend(u64::MAX), RestWord::Until(500));
+        assert_eq!(deadline.extend(PoolTime::MAX), RestWord::Until(at(500)));
         assert_eq!(deadline.read(), RestWord::Until(Deadline::LATEST));
         assert!(deadline.disable());
         assert!(!deadline.disable());

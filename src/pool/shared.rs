@@ -37,7 +37,7 @@ impl PoolInner {
                     key: id,
                     remaining: match rest {
                         RestWord::Until(until) if until > now => {
-                            Some(std::time::Duration::from_nanos(until - now))
+                            Some(until.saturating_duration_since(now))
                         }
                         _ => None,
                     },

@@ -15,6 +15,7 @@ use super::rest::{Claim, Deadline, Probe, RestWord};
 use super::state::Availability;
 use super::{LazyNow, Signals};
 use crate::key::KeySpec;
+use crate::pool_time::PoolTime;
 use crate::quota::{Gcra, Quota};
 use crate::shared::SharedKey;
 
@@ -43,7 +44,7 @@ pub(super) struct Slot {
     pub(super) generation: AtomicU32,
     pub(super) probe: Probe,
     pub(super) deadline: Deadline,
-    /// GCRA theoretical arrival time (see `quota`), in pool nanoseconds.
+    /// GCRA theoretical arrival time (see `quota`), a [`PoolTime`] as nanoseconds.
     pub(super) tat: AtomicU64,
     pub(super) requests: AtomicU64,
     pub(super) successes: AtomicU64,
@@ -80,8 +81,8 @@ pub(super) struct Taken {
     /// The take filled the key up to its concurrency limit (a success then counts
     /// towards raising a learned limit).
     pub(super) at_limit: bool,
-    /// The quota state the take left: its unit ends there (0 without a quota).
-    pub(super) tat_after: u64,
+    /// The quota state the take left: its unit ends there (the epoch without a quota).
+    pub(super) tat_after: PoolTime,
 }
 
 impl Slot {
@@ -162,7 +163,10 @@ impl Slot {
     /// are those of the module docs' diagram; a key owing its probe reads `Healthy` (the
     /// next taker probes).
     pub(super) fn status(&self, now: &mut LazyNow<'_>) -> (KeyState, Availability) {
-        let quota_at = || self.quota.map_or(0, |q| q.available_at(&self.tat));
+        let quota_at = || {
+            self.quota
+                .map_or(PoolTime::EPOCH, |q| q.available_at(&self.tat))
+        };
         match self.deadline.read() {
             RestWord::Disabled => return (KeyState::Disabled, Availability::Never),
             // Resting: back (to its probe) at the deadline, or when the quota refills if
@@ -180,7 +184,7 @@ impl Slot {
             return (KeyState::Busy, Availability::OnRelease);
         }
         let quota_at = quota_at();
-        if quota_at != 0 && quota_at > now.get() {
+        if quota_at != PoolTime::EPOCH && quota_at > now.get() {
             return (KeyState::Busy, Availability::At(quota_at));
         }
         (KeyState::Healthy, Availability::Now)
@@ -213,15 +217,19 @@ impl Slot {
         };
         // Quota first: giving a unit back needs no wake-up, while giving back an in-flight
         // slot would (and would wake this very caller if it is waiting).
-        let now_nanos = if self.quota.is_some() { now.get() } else { 0 };
-        let mut tat_after = 0;
+        let now_at = if self.quota.is_some() {
+            now.get()
+        } else {
+            PoolTime::EPOCH
+        };
+        let mut tat_after = PoolTime::EPOCH;
         if let Some(quota) = self.quota {
             // Units of quota per request: more while a quota shared by replicas is split.
             let units = self
                 .shared
                 .as_ref()
                 .map_or(1, |shared| shared.quota_units());
-            let Some(after) = quota.try_take_units(&self.tat, now_nanos, units) else {
+            let Some(after) = quota.try_take_units(&self.tat, now_at, units) else {
                 self.unprobe(probe);
                 return None;
             };
@@ -246,7 +254,7 @@ impl Slot {
             });
         }
         if let Some(quota) = self.quota {
-            quota.refund(&self.tat, tat_after, now_nanos);
+            quota.refund(&self.tat, tat_after, now_at);
         }
         self.unprobe(probe);
         None
@@ -264,7 +272,7 @@ impl Slot {
     #[inline]
     pub(super) fn release(
         &self,
-        unsent_tat_after: Option<u64>,
+        unsent_tat_after: Option<PoolTime>,
         sent: bool,
         refused: bool,
         counted: bool,
@@ -274,7 +282,7 @@ impl Slot {
         }
         if let (Some(tat_after), Some(quota)) = (unsent_tat_after, self.quota) {
             // Only a quota reads the clock.
-            quota.refund(&self.tat, tat_after, self.signals.now_nanos());
+            quota.refund(&self.tat, tat_after, self.signals.now());
         }
         if refused {
             self.refused_open.fetch_sub(1, Ordering::AcqRel);

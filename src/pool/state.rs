@@ -4,6 +4,7 @@
 //! `Slot::status`, which reads the states of the module docs' diagram.
 
 use super::{LazyNow, PoolInner};
+use crate::pool_time::PoolTime;
 
 /// When a key can next take a request (see `Slot::status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,8 +14,8 @@ pub(crate) enum Availability {
     /// When one of its requests ends (at its concurrency limit, or its probe running): no
     /// time is known, but the release or the probe's answer wakes waiters.
     OnRelease,
-    /// At this time (pool nanoseconds): its rest ends or its quota refills.
-    At(u64),
+    /// At this time: its rest ends or its quota refills.
+    At(PoolTime),
     /// Never: disabled.
     Never,
 }
@@ -25,11 +26,10 @@ pub(crate) enum PoolAvailability {
     /// A key can take one now.
     Now,
     /// A key frees when one of its requests ends; `earliest` is the earliest timed return
-    /// of the others, if any (pool nanoseconds).
-    OnRelease { earliest: Option<u64> },
-    /// Every usable key rests or waits for quota; the earliest is back at this time (pool
-    /// nanoseconds).
-    At(u64),
+    /// of the others, if any.
+    OnRelease { earliest: Option<PoolTime> },
+    /// Every usable key rests or waits for quota; the earliest is back at this time.
+    At(PoolTime),
     /// Every key is disabled.
     Never,
 }
@@ -40,7 +40,7 @@ impl PoolInner {
         let table = self.table.load();
         let mut now = LazyNow::new(&self.signals);
         let mut on_release = false;
-        let mut earliest: Option<u64> = None;
+        let mut earliest: Option<PoolTime> = None;
         for slot in table.slots.iter() {
             match slot.status(&mut now).1 {
                 Availability::Now => return PoolAvailability::Now,

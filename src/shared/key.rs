@@ -81,8 +81,8 @@ impl Shared {
             cell,
             capped: cap != u32::MAX || quota.is_some(),
             quota: quota.map(|quota| SharedQuota {
-                interval: Duration::from_nanos(quota.interval()),
-                tolerance: Duration::from_nanos(quota.tolerance()),
+                interval: quota.interval(),
+                tolerance: quota.tolerance(),
             }),
             shared: self.clone(),
         }

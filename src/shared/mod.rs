@@ -50,6 +50,7 @@
 //! (cargo feature `redis`).
 
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
 mod key;
