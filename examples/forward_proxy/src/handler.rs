@@ -799,7 +799,7 @@ const KEY_PARAMETER: &str = "key";
 /// (the usual request: one scan of the query, no allocation).
 fn without_key_parameter(target: &http::uri::PathAndQuery) -> Option<http::uri::PathAndQuery> {
     let query = target.query()?;
-    if !query.split('&').any(|pair| is_key_parameter(pair)) {
+    if !query.split('&').any(is_key_parameter) {
         return None;
     }
     let kept: Vec<&str> = query
