@@ -270,14 +270,14 @@ fn innermost(error: &(dyn StdError + 'static)) -> String {
     last.to_string()
 }
 
-/// Is there an I/O timeout anywhere in the error's source chain?
-pub(crate) fn is_timeout(error: &(dyn StdError + 'static)) -> bool {
+/// Does any error in `error`'s source chain (itself included) satisfy `test`?
+fn any_in_chain(
+    error: &(dyn StdError + 'static),
+    test: impl Fn(&(dyn StdError + 'static)) -> bool,
+) -> bool {
     let mut source = Some(error);
     while let Some(error) = source {
-        if error
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
-        {
+        if test(error) {
             return true;
         }
         source = error.source();
@@ -285,16 +285,18 @@ pub(crate) fn is_timeout(error: &(dyn StdError + 'static)) -> bool {
     false
 }
 
+/// Is there an I/O timeout anywhere in the error's source chain?
+pub(crate) fn is_timeout(error: &(dyn StdError + 'static)) -> bool {
+    any_in_chain(error, |error| {
+        error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+    })
+}
+
 /// Is there an `E` anywhere in the error's source chain?
 pub(crate) fn has_source<E: StdError + 'static>(error: &(dyn StdError + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(error) = source {
-        if error.is::<E>() {
-            return true;
-        }
-        source = error.source();
-    }
-    false
+    any_in_chain(error, |error| error.is::<E>())
 }
 
 /// `outer: inner: innermost`, for one log line.

@@ -58,6 +58,30 @@ fn make_venv() -> PathBuf {
     python
 }
 
+/// Runs `tests/sdk/<script>` with the venv's Python, `args` and `env`, within a minute;
+/// whether it succeeded, and what it printed (stdout, then stderr).
+async fn run_script(script: &str, args: &[&str], env: &[(&str, String)]) -> (bool, String) {
+    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+    let path = format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR"));
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(&python)
+            .arg(path)
+            .args(args)
+            .envs(env.iter().map(|(name, value)| (name, value)))
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{script} took over a minute"))
+    .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), said)
+}
+
 fn json_response(body: serde_json::Value) -> http::Response<MockBody> {
     http::Response::builder()
         .header("content-type", "application/json")
@@ -182,7 +206,8 @@ fn answer(seen: &Seen) -> http::Response<MockBody> {
 #[tokio::test]
 #[ignore = "installs the SDKs from PyPI into target/tmp/sdk-venv: run by .ci/run"]
 async fn the_official_python_sdks_work_through_the_proxy_plain_and_streamed() {
-    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+    // The venv first: making it may take longer than a proxy waits for nothing.
+    tokio::task::spawn_blocking(venv_python).await.unwrap();
     let upstream = MockUpstream::start(|seen| async move { answer(&seen) }).await;
     let proxy = |profile: &str, var: &str, keys: &str| {
         let mut config = ProxyConfig::new(&upstream.url(""), "").arg("--profile", profile);
@@ -198,23 +223,17 @@ async fn the_official_python_sdks_work_through_the_proxy_plain_and_streamed() {
         .start()
         .await;
 
-    let output = within(
-        "the SDKs",
-        tokio::process::Command::new(&python)
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/clients.py"))
-            .env("OPENAI_PROXY", openai.url(""))
-            .env("ANTHROPIC_PROXY", anthropic.url(""))
-            .env("BIGMODEL_PROXY", bigmodel.url(""))
-            .output(),
+    let (ok, said) = run_script(
+        "clients.py",
+        &[],
+        &[
+            ("OPENAI_PROXY", openai.url("")),
+            ("ANTHROPIC_PROXY", anthropic.url("")),
+            ("BIGMODEL_PROXY", bigmodel.url("")),
+        ],
     )
-    .await
-    .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "{said}");
+    .await;
+    assert!(ok, "{said}");
     assert_eq!(said.matches("ok ").count(), 6, "{said}");
 
     // Every request carried one of the proxy's keys, in the provider's place for it.
@@ -261,27 +280,12 @@ async fn concurrent_sdk_calls(
     calls: usize,
     expect: &str,
 ) -> (bool, String) {
-    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(&python)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/sdk/many_calls.py"
-            ))
-            .args([sdk, &calls.to_string(), expect])
-            .env("PROXY", proxy.url(""))
-            .output(),
+    run_script(
+        "many_calls.py",
+        &[sdk, &calls.to_string(), expect],
+        &[("PROXY", proxy.url(""))],
     )
     .await
-    .expect("the SDK calls took over a minute")
-    .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), said)
 }
 
 /// Requests that reached the proxy from clients: the sum of `keyrotation_responses_total`.
@@ -423,26 +427,8 @@ async fn the_sdks_raise_the_same_error_whether_or_not_the_provider_was_asked() {
             .env("ANTHROPIC_API_KEY", &LIMITED_KEYS.join(","))
             .start()
             .await;
-        let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
-        let output = within(
-            "the SDK calls",
-            tokio::process::Command::new(&python)
-                .arg(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/tests/sdk/same_error.py"
-                ))
-                .arg(sdk)
-                .env("PROXY", proxy.url(""))
-                .output(),
-        )
-        .await
-        .unwrap();
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert!(output.status.success(), "{sdk}: {said}");
+        let (ok, said) = run_script("same_error.py", &[sdk], &[("PROXY", proxy.url(""))]).await;
+        assert!(ok, "{sdk}: {said}");
         assert!(said.contains("RateLimitError"), "{sdk}: {said}");
         assert_eq!(
             client_requests(&proxy).await,
