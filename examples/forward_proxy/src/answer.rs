@@ -16,7 +16,7 @@ use http_body_util::LengthLimitError;
 use tower::BoxError;
 use tower_key_rotation::{AllKeysDisabled, NoKeyAvailable};
 
-use crate::config::ProfileArg;
+use crate::config::Profile;
 use crate::connections::ConnectError;
 use crate::handler::{Body, full};
 
@@ -36,12 +36,12 @@ pub(crate) enum ErrorFormat {
     BigModel,
 }
 
-impl From<ProfileArg> for ErrorFormat {
-    fn from(profile: ProfileArg) -> Self {
+impl From<Profile> for ErrorFormat {
+    fn from(profile: Profile) -> Self {
         match profile {
-            ProfileArg::Generic | ProfileArg::Openai => Self::OpenAi,
-            ProfileArg::Anthropic => Self::Anthropic,
-            ProfileArg::Bigmodel => Self::BigModel,
+            Profile::Generic | Profile::Openai => Self::OpenAi,
+            Profile::Anthropic => Self::Anthropic,
+            Profile::Bigmodel => Self::BigModel,
         }
     }
 }

@@ -47,7 +47,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::config::Upstream;
+use crate::config::UpstreamUrl;
 use crate::h1::client::{Connection, RequestWriter, ResponseBody};
 
 /// Idle HTTP/1 connections kept per worker (nginx's `keepalive`); more are closed when
@@ -82,7 +82,7 @@ impl<B> Clone for Connections<B> {
 struct Shared<B> {
     connector: HttpsConnector<HttpConnector>,
     /// Where to connect, and the base of the HTTP/2 requests' URIs.
-    upstream: Upstream,
+    upstream: UpstreamUrl,
     /// The upstream URL's scheme and authority, for the connector.
     origin: Uri,
     /// `Host` for HTTP/1 requests (in place of the client's): the upstream's host, with its
@@ -113,7 +113,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    pub(crate) fn new(connector: HttpsConnector<HttpConnector>, upstream: &Upstream) -> Self {
+    pub(crate) fn new(connector: HttpsConnector<HttpConnector>, upstream: &UpstreamUrl) -> Self {
         let origin = upstream.join("/").expect("a validated upstream URL");
         let host = origin.host().and_then(|host| {
             let default_port = if origin.scheme_str() == Some("https") {

@@ -15,16 +15,16 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tower::{BoxError, ServiceExt};
-use tower_key_rotation::retry::{Attempts as Retried, ReplayBody};
-use tower_key_rotation::{KeyPool, retry::TriedKeys};
+use tower_key_rotation::KeyPool;
+use tower_key_rotation::retry::{self, ReplayBody, TriedKeys};
 
 use crate::admin;
 use crate::answer::{self, ErrorFormat};
 use crate::attempts::Attempts;
-use crate::config::{AccessToken, LogFormat, Upstream as UpstreamUrl};
+use crate::config::{AccessToken, LogFormat, ProxyConfig, UpstreamUrl};
 use crate::h1::server::ReceivedBody;
 use crate::metrics::Metrics;
-use crate::upstream::Upstream;
+use crate::upstream::UpstreamClient;
 
 /// Every response body the proxy sends: the upstream's, streamed, or its own.
 pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -35,7 +35,7 @@ pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 pub(crate) struct State {
     pub(crate) pool: KeyPool,
     pub(crate) upstream_url: UpstreamUrl,
-    pub(crate) upstream: Upstream,
+    pub(crate) upstream: UpstreamClient,
     pub(crate) access_token: Option<Arc<AccessToken>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) retry_body_limit: usize,
@@ -50,13 +50,12 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// The state the command line describes, for one worker: `main` and the fuzz target
-    /// build it the same way. `listen` is the address the proxy answers on (absolute-form
-    /// targets naming it count as the proxy's own).
+    /// The state `config` describes, for one worker. `listen` is the address the proxy
+    /// answers on (absolute-form targets naming it count as the proxy's own).
     pub(crate) fn new(
-        args: &crate::config::Args,
+        config: &ProxyConfig,
         pool: KeyPool,
-        upstream: Upstream,
+        upstream: UpstreamClient,
         access_token: Option<AccessToken>,
         listen: SocketAddr,
     ) -> Self {
@@ -64,15 +63,15 @@ impl State {
             metrics: Arc::new(Metrics::new(pool.clone())),
             key_names: Arc::new(KeyNames::new(key_names(&pool))),
             pool,
-            upstream_url: args.upstream.clone(),
+            upstream_url: config.upstream.clone(),
             upstream,
             access_token: access_token.map(Arc::new),
-            retry_body_limit: args.retry_body_limit,
+            retry_body_limit: config.retry_body_limit,
             listen,
-            max_body_size: args.max_body_size,
-            abandoned_grace: args.abandoned_grace,
-            log_format: args.log_format,
-            error_format: args.profile.into(),
+            max_body_size: config.max_body_size,
+            abandoned_grace: config.abandoned_grace,
+            log_format: config.log_format,
+            error_format: config.profile.into(),
         }
     }
 }
@@ -499,7 +498,7 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             remove_unforwarded(&mut parts.headers, Message::Response);
-            if parts.extensions.get::<Retried>().is_some() {
+            if parts.extensions.get::<retry::Attempts>().is_some() {
                 // We already retried or waited for this answer, or no key can take it
                 // again within its wait budget: an SDK retrying it would only stack its
                 // retries on ours, or wait past the budget.
@@ -525,7 +524,7 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
 }
 
 /// The upstream call of a request, as `proxy` drives it.
-type Call = tower::util::Oneshot<Upstream, Request<crate::upstream::RequestBody>>;
+type Call = tower::util::Oneshot<UpstreamClient, Request<crate::upstream::RequestBody>>;
 
 /// A call in progress: dropped before its answer (the client went away), it is abandoned.
 struct InFlight<'a> {
@@ -799,7 +798,7 @@ const KEY_PARAMETER: &str = "key";
 /// (the usual request: one scan of the query, no allocation).
 fn without_key_parameter(target: &http::uri::PathAndQuery) -> Option<http::uri::PathAndQuery> {
     let query = target.query()?;
-    if !query.split('&').any(|pair| is_key_parameter(pair)) {
+    if !query.split('&').any(is_key_parameter) {
         return None;
     }
     let kept: Vec<&str> = query

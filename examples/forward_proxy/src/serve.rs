@@ -11,11 +11,12 @@
 //! HTTP/1.x connections are served by `h1::server`, HTTP/2 ones (prior knowledge: the
 //! connection opens with the preface) by hyper's server.
 //!
-//! Shutdown (SIGINT, SIGTERM): every worker closes its listener; once all are closed (no
+//! Shutdown (the binary's SIGINT, SIGTERM): every worker closes its listener; once all are closed (no
 //! new connection can arrive), each closes its idle connections and lets its requests in
 //! flight finish (their answers say `connection: close`; HTTP/2 connections get a GOAWAY),
 //! all within `--shutdown-timeout`.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::error::StartError;
 use crate::h1;
 use crate::h1::server::{Ended, ReceivedBody};
 use crate::handler::State;
@@ -55,19 +57,18 @@ pub(crate) fn available_cores() -> usize {
 pub(crate) fn listeners(
     bound: TcpListener,
     workers: usize,
-) -> Result<Vec<std::net::TcpListener>, String> {
+) -> Result<Vec<std::net::TcpListener>, StartError> {
     let addr = bound
         .local_addr()
-        .map_err(|e| format!("cannot listen: {e}"))?;
-    let bound = bound
-        .into_std()
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        .map_err(|e| StartError::caused("cannot listen", e))?;
+    let cannot = |e| StartError::caused(format!("cannot listen on {addr}"), e);
+    let bound = bound.into_std().map_err(cannot)?;
     if workers <= 1 {
         return Ok(vec![bound]);
     }
     drop(bound);
     (0..workers)
-        .map(|_| reuse_port_listener(addr).map_err(|e| format!("cannot listen on {addr}: {e}")))
+        .map(|_| reuse_port_listener(addr).map_err(cannot))
         .collect()
 }
 
@@ -91,9 +92,13 @@ pub(crate) struct Limits {
     pub(crate) header_read_timeout: Duration,
 }
 
-/// Runs one worker per `(listener, state)` until SIGINT or SIGTERM, then shuts them down
+/// Runs one worker per `(listener, state)` until `shutdown` resolves, then shuts them down
 /// gracefully (see the module docs).
-pub(crate) async fn run(workers: Vec<(std::net::TcpListener, State)>, limits: Limits) {
+pub(crate) async fn run(
+    workers: Vec<(std::net::TcpListener, State)>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
     let (stop, stopped) = watch::channel(false);
     // Each worker holds a sender until its listener is closed.
     let (listening, mut all_closed) = mpsc::channel::<()>(1);
@@ -121,7 +126,7 @@ pub(crate) async fn run(workers: Vec<(std::net::TcpListener, State)>, limits: Li
     }
     drop(listening);
 
-    shutdown_signal().await;
+    shutdown.await;
     let _ = stop.send(true);
     // No sender left: every listener is closed.
     let _ = all_closed.recv().await;
@@ -420,19 +425,4 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -26,6 +26,7 @@ const MAX_CHUNK_EXTENSIONS: u32 = 4096;
 const MAX_TRAILERS: u32 = 16 * 1024;
 
 /// How a message body is delimited (RFC 9112 §6.3).
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Framing {
     /// No body at all (a request without length headers, a response to HEAD, 1xx, 204,
@@ -190,6 +191,7 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
 }
 
 /// Why a body could not be decoded. Its `Display` names the problem, never the bytes.
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum DecodeError {
     /// A chunk size with a non-hex character, none at all, or too many digits.
@@ -220,6 +222,7 @@ impl fmt::Display for DecodeError {
 impl std::error::Error for DecodeError {}
 
 /// What [`BodyDecoder::decode`] found in the buffer.
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Decoded {
     /// Some of the body (never empty).
@@ -231,6 +234,7 @@ pub(crate) enum Decoded {
 }
 
 /// Takes one body's bytes out of a connection's read buffer as they arrive.
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 #[derive(Debug)]
 pub(crate) struct BodyDecoder {
     state: State,
@@ -286,6 +290,7 @@ enum State {
 }
 
 impl BodyDecoder {
+    #[cfg_attr(feature = "fuzzing", visibility::make(pub))]
     pub(crate) fn new(framing: Framing) -> Self {
         let state = match framing {
             Framing::Empty => State::Done,
@@ -317,6 +322,7 @@ impl BodyDecoder {
     /// # Errors
     ///
     /// A malformed chunked body ([`DecodeError`]); the connection must not be used again.
+    #[cfg_attr(feature = "fuzzing", visibility::make(pub))]
     pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, DecodeError> {
         match self.state {
             State::Done => return Ok(Decoded::End),
@@ -466,6 +472,7 @@ impl BodyDecoder {
     /// # Errors
     ///
     /// [`DecodeError::Incomplete`] for a length or chunked body that has not ended.
+    #[cfg_attr(feature = "fuzzing", visibility::make(pub))]
     pub(crate) fn eof(&mut self) -> Result<(), DecodeError> {
         match self.state {
             State::Done => Ok(()),
@@ -500,13 +507,16 @@ fn hex_value(byte: u8) -> Option<u8> {
 }
 
 /// Ends a chunk's data.
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 pub(crate) const CHUNK_END: &[u8] = b"\r\n";
 /// The last chunk and the end of a chunked body (no trailers).
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 pub(crate) const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 /// Appends the size line of a chunk of `len` bytes (`len` in hex, CRLF) to `out`; the
 /// chunk's data and [`CHUNK_END`] follow it. A chunk of 0 bytes would end the body: use
 /// [`LAST_CHUNK`] for that.
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 pub(crate) fn encode_chunk_head(len: usize, out: &mut BytesMut) {
     debug_assert!(len > 0, "an empty chunk ends the body");
     let mut digits = [0u8; 16];

@@ -72,6 +72,7 @@ const WRITE_HIGH: usize = 16 * 1024;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How a connection is served.
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Config {
     /// A head (or an idle connection's next one) must arrive within this.
@@ -82,6 +83,7 @@ pub(crate) struct Config {
 }
 
 /// How a connection ended.
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 #[derive(Debug)]
 pub(crate) enum Ended<T> {
     /// Closed (by either side, or for a fault: nothing more to do).
@@ -98,6 +100,7 @@ pub(crate) enum Ended<T> {
 /// # Errors
 ///
 /// An I/O error of the connection, or a client gone while its request was handled.
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 pub(crate) async fn serve<T, H, F, B, E>(
     io: T,
     config: Config,
@@ -1004,6 +1007,7 @@ enum BodyError {
 
 /// A request body as the handler reads it: empty, whole (it came with the head), streamed
 /// from the connection, or an HTTP/2 stream's (hyper's).
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 #[derive(Debug)]
 pub(crate) struct ReceivedBody {
     kind: Kind,
