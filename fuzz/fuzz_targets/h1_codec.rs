@@ -1,4 +1,4 @@
-//! The proxy's HTTP/1.1 body decoder (`examples/forward_proxy/src/h1/codec.rs`, through
+//! The proxy's HTTP/1.1 body decoder (`examples/forward_proxy/src/h1/codec/`, through
 //! the crate's `fuzzing` feature) on arbitrary bytes, split at arbitrary points:
 //! - it never panics;
 //! - the outcome is the same however the input is split: the same data, the same ending

@@ -1,7 +1,7 @@
-//! The proxy's HTTP/1 server (`examples/forward_proxy/src/h1/server.rs`, with the body
-//! codec beside it, through the crate's `fuzzing` feature) on arbitrary bytes, delivered in arbitrary
-//! pieces over an in-memory connection, with a trivial handler that reads each request's
-//! body and answers `<method> <target> <body length or error>`.
+//! The proxy's HTTP/1 server (`examples/forward_proxy/src/h1/server/`, with the body
+//! codec beside it, through the crate's `fuzzing` feature) on arbitrary bytes, delivered
+//! in arbitrary pieces over an in-memory connection, with a trivial handler that reads
+//! each request's body and answers `<method> <target> <body length or error>`.
 //!
 //! Input: the first byte `n` (mod 8) is the number of split points, the next `n` bytes
 //! their distances; the rest is what the client sends, in those pieces, then it closes its

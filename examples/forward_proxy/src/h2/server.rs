@@ -112,7 +112,7 @@ impl Drop for OpenStream {
 
 /// An answer's body, holding its request's [`OpenStream`] until it is sent or dropped.
 struct StreamBody {
-    body: crate::handler::Body,
+    body: crate::answer::Body,
     _open: OpenStream,
 }
 

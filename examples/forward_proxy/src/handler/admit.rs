@@ -5,10 +5,11 @@ use http::header::{self, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode};
 
+use super::State;
 use super::rewrite::{API_KEY, KEY_PARAMETER, X_API_KEY, X_GOOG_API_KEY};
-use super::{Body, State};
 use crate::admin;
 use crate::answer;
+use crate::answer::Body;
 use crate::config::AccessToken;
 use crate::h1::server::ReceivedBody;
 

@@ -8,7 +8,8 @@ use http_body_util::BodyExt;
 use tower::BoxError;
 
 use super::log::log_client_gone;
-use super::{Body, RequestLabel, State};
+use super::{RequestLabel, State};
+use crate::answer::Body;
 
 /// The upstream's response body, as the key layer hands it on.
 pub(super) type UpstreamBody = tower_key_rotation::body::TrackedBody<crate::connections::Body>;

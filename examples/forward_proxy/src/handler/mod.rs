@@ -13,17 +13,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
-use tower::{BoxError, ServiceExt};
+use tower::ServiceExt;
 use tower_key_rotation::KeyPool;
 use tower_key_rotation::retry::{self, ReplayBody, TriedKeys};
 
 use crate::admin;
-use crate::answer::{self, ErrorFormat};
+use crate::answer::{self, Body, ErrorFormat};
 use crate::attempts::Attempts;
 use crate::config::{AccessToken, LogFormat, ProxyConfig, UpstreamUrl};
 use crate::h1::server::ReceivedBody;
@@ -33,9 +31,6 @@ use crate::upstream::UpstreamClient;
 use self::abandon::InFlight;
 use self::body::{ClientBody, ExchangeBody, GoneNote};
 use self::log::access_log;
-
-/// Every response body the proxy sends: the upstream's, streamed, or its own.
-pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Shared by every connection of a worker; its clones (one per worker) share all but the
 /// upstream client.
@@ -90,12 +85,6 @@ pub(crate) type KeyNames = arc_swap::ArcSwap<Vec<Option<String>>>;
 /// The names of `pool`'s keys, for [`KeyNames`].
 pub(crate) fn key_names(pool: &KeyPool) -> Arc<Vec<Option<String>>> {
     Arc::new(pool.snapshot().into_iter().map(|key| key.name).collect())
-}
-
-pub(crate) fn full(body: impl Into<Bytes>) -> Body {
-    Full::new(body.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
 }
 
 /// Serves one request (from the HTTP/1 server or hyper's HTTP/2 one).

@@ -129,6 +129,7 @@ enum State {
 }
 
 impl BodyDecoder {
+    /// A decoder of a body delimited by `framing`.
     #[cfg_attr(feature = "fuzzing", visibility::make(pub))]
     pub(crate) fn new(framing: Framing) -> Self {
         let state = match framing {
