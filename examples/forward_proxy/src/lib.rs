@@ -32,14 +32,17 @@
 //! account = "acme"         # keys of one account share its limit
 //! ```
 //!
-//! One module per job: `config` (the configuration, the secrets it names), `dotenv`
-//! (`.env`), `keys` (the key file), `reload` (reloads on request and on key file changes),
-//! `handler` (one request, and a client that goes away), `upstream` (client stack),
-//! `connections` (each worker's upstream connections), `tls` (certificate checks,
-//! failures in words), `attempts` (each attempt's time, for the log), `shared` (replicas
-//! sharing keys' state through Redis), `admin` and `metrics`; `serve` runs the workers
-//! (one runtime per core) and their shutdown; `h1` is the HTTP/1.1 the clients speak to
-//! (`h1::server`) and its body framing (`h1::codec`).
+//! One module per job: `proxy` ([`Proxy`]) and `config` ([`ProxyConfig`], and the
+//! secrets it names), `error` ([`StartError`]); `dotenv` (`.env`), `keys` (the key file),
+//! `reload` (reloads on request and on key file changes); `handler` (one request: admit,
+//! rewrite, log, abandon, the client's body), `answer` (the proxy's own answers), `admin`
+//! and `metrics`; `upstream` (the client stack), `connections` (each worker's upstream
+//! connections), `tls` (certificate checks, failures in words), `attempts` (each
+//! attempt's time, for the log), `shared` (replicas sharing keys' state through Redis);
+//! `serve` runs the workers (one runtime per core) and their shutdown; `detect` tells
+//! HTTP/2 from HTTP/1.x on a client connection; `h1` is the proxy's own HTTP/1.1 (the
+//! clients' `h1::server`, the upstream's `h1::client`, their `h1::codec`), `h2` hyper's
+//! HTTP/2 on both sides.
 
 mod admin;
 mod answer;
