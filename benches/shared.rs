@@ -16,16 +16,13 @@
 //! cargo bench --bench shared
 //! ```
 
-#[path = "../tests/redis_support/mod.rs"]
-mod redis_support;
-
 use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
-use redis_support::RedisServer;
+use test_support::RedisServer;
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tower_key_rotation::shared::redis::{RedisBackend, RedisOptions};

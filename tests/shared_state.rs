@@ -2,11 +2,9 @@
 //! (`shared::redis`): rests, disables and in-flight caps seen by one replica hold in the
 //! others; the store going away degrades, and its return resumes sharing.
 
-mod redis_support;
-
 use std::time::Duration;
 
-use redis_support::RedisServer;
+use test_support::RedisServer;
 use tokio::time::{Instant, timeout};
 use tower_key_rotation::shared::redis::{RedisBackend, RedisOptions};
 use tower_key_rotation::{KeyPool, KeySet, classify::Outcome, pool::KeyState};

@@ -1,5 +1,5 @@
-//! The proxy's HTTP/1.1 body decoder (`examples/forward_proxy/src/h1/codec.rs`, compiled in
-//! with `#[path]`) on arbitrary bytes, split at arbitrary points:
+//! The proxy's HTTP/1.1 body decoder (`examples/forward_proxy/src/h1/codec/`, through
+//! the crate's `fuzzing` feature) on arbitrary bytes, split at arbitrary points:
 //! - it never panics;
 //! - the outcome is the same however the input is split: the same data, the same ending
 //!   (end, error, or wanting more), the same number of bytes taken from the input (bytes
@@ -11,13 +11,11 @@
 //! Input: a framing byte (and two length bytes for `Length`), a count of split steps and
 //! the steps, then the body's bytes.
 #![no_main]
-#![allow(dead_code, unreachable_pub, clippy::all)]
-
-#[path = "../../examples/forward_proxy/src/h1/codec.rs"]
-mod codec;
 
 use bytes::BytesMut;
-use codec::{BodyDecoder, DecodeError, Decoded, Framing};
+use forward_proxy::fuzzing::{
+    BodyDecoder, CHUNK_END, DecodeError, Decoded, Framing, LAST_CHUNK, encode_chunk_head,
+};
 use libfuzzer_sys::fuzz_target;
 
 /// Data, ending (`None`: wanted more when the input ran out), bytes taken, EOF's answer.
@@ -93,12 +91,12 @@ fuzz_target!(|data: &[u8]| {
     let mut pieces = steps.iter().cycle();
     while !left.is_empty() {
         let n = pieces.next().copied().unwrap_or(left.len()).min(left.len());
-        codec::encode_chunk_head(n, &mut encoded);
+        encode_chunk_head(n, &mut encoded);
         encoded.extend_from_slice(&left[..n]);
-        encoded.extend_from_slice(codec::CHUNK_END);
+        encoded.extend_from_slice(CHUNK_END);
         left = &left[n..];
     }
-    encoded.extend_from_slice(codec::LAST_CHUNK);
+    encoded.extend_from_slice(LAST_CHUNK);
     let round = decode(Framing::Chunked, &encoded, &steps);
     assert_eq!(round.0, input, "round trip data");
     assert_eq!(round.1, Some(Ok(())), "round trip end");

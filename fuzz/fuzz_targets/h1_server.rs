@@ -1,7 +1,7 @@
-//! The proxy's HTTP/1 server (`examples/forward_proxy/src/h1/server.rs`, with the body
-//! codec beside it, compiled in with `#[path]`) on arbitrary bytes, delivered in arbitrary
-//! pieces over an in-memory connection, with a trivial handler that reads each request's
-//! body and answers `<method> <target> <body length or error>`.
+//! The proxy's HTTP/1 server (`examples/forward_proxy/src/h1/server/`, with the body
+//! codec beside it, through the crate's `fuzzing` feature) on arbitrary bytes, delivered
+//! in arbitrary pieces over an in-memory connection, with a trivial handler that reads
+//! each request's body and answers `<method> <target> <body length or error>`.
 //!
 //! Input: the first byte `n` (mod 8) is the number of split points, the next `n` bytes
 //! their distances; the rest is what the client sends, in those pieces, then it closes its
@@ -16,10 +16,6 @@
 //!   answer lost, doubled or reordered), and an error answer (400, 431) is the last thing
 //!   on the connection.
 #![no_main]
-#![allow(dead_code, unreachable_pub, clippy::all)]
-
-#[path = "../../examples/forward_proxy/src/h1/mod.rs"]
-mod h1;
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -32,8 +28,7 @@ use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use h1::codec::{BodyDecoder, Decoded, Framing};
-use h1::server::{Config, ReceivedBody};
+use forward_proxy::fuzzing::{BodyDecoder, Decoded, Framing, ReceivedBody, server_config};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -72,10 +67,7 @@ fuzz_target!(|data: &[u8]| {
     let written = runtime().block_on(async move {
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let (_stop, stopping) = watch::channel(false);
-        let config = Config {
-            header_read_timeout: Duration::from_secs(10),
-            half_close: true,
-        };
+        let config = server_config(Duration::from_secs(10), true);
         let handler = move |req: Request<ReceivedBody>| {
             let log = log.clone();
             async move {
@@ -92,7 +84,7 @@ fuzz_target!(|data: &[u8]| {
         // An HTTP/2 preface hands the connection back (for hyper's server): dropped here,
         // which closes it.
         let server = tokio::spawn(async move {
-            let _ = h1::server::serve(server, config, stopping, handler).await;
+            let _ = forward_proxy::fuzzing::serve(server, config, stopping, handler).await;
         });
         let exchange = async {
             for piece in pieces {

@@ -1,19 +1,17 @@
 //! The forward proxy's request handling on any bytes a client may send.
 //!
-//! The proxy is an example, not a library, so its own modules (all but `main.rs`) are
-//! compiled into this target with `#[path]` (the real files, not copies; a module added to
-//! the example must be added here too): each input is served over an in-memory connection
-//! by `serve::connection`, the function each worker runs per client connection (the
-//! proxy's own HTTP/1 server, `h1::server`, or hyper's HTTP/2 server when the input starts
-//! with the preface), calling `handler::handle` exactly as `main.rs` wires it, with its
-//! real upstream client talking to a mock upstream on 127.0.0.1. Coverage reaches the
-//! HTTP/1 server's head parser and body framing (`h1`), and the handler's checks (CONNECT,
-//! absolute-form authorities, dot segments, hop-by-hop headers, admin routes, the access
-//! token).
+//! Each input is served over an in-memory connection as a worker serves a client
+//! connection (`forward_proxy::fuzzing::serve_connection`: the proxy's own HTTP/1 server,
+//! or hyper's HTTP/2 server when the input starts with the preface), by a `Proxy` bound as
+//! the binary binds it, with its real upstream client talking to a mock upstream on
+//! 127.0.0.1. Coverage reaches the HTTP/1 server's head parser and body framing, and the
+//! handler's checks (CONNECT, absolute-form authorities, dot segments, hop-by-hop headers,
+//! admin routes, the access token).
 //!
-//! In the input, `UPSTREAM` is replaced by the mock upstream's `host:port` and `OTHER` by
-//! the address of a second listener standing in for another host, so that the fuzzer can
-//! aim absolute-form targets and `Host` headers at both. The proxy runs with its body limits
+//! In the input, `UPSTREAM` is replaced by the mock upstream's `host:port`, `OTHER` by
+//! the address of a second listener standing in for another host, and `127.0.0.1:8080` by
+//! the proxy's own address, so that the fuzzer can aim absolute-form targets and `Host`
+//! headers at all three. The proxy runs with its body limits
 //! low (bodies up to 1 KiB buffered for a retry, larger ones streamed, past 32 KiB a 413)
 //! and `--abandoned-grace 1`. After each input:
 //! - the other host has accepted no connection;
@@ -24,47 +22,17 @@
 //! - nothing the client got back contains a key;
 //! - every key's in-flight count is back to 0.
 #![no_main]
-#![allow(dead_code, unreachable_pub, clippy::all)]
-
-#[path = "../../examples/forward_proxy/src/admin.rs"]
-mod admin;
-#[path = "../../examples/forward_proxy/src/answer.rs"]
-mod answer;
-#[path = "../../examples/forward_proxy/src/attempts.rs"]
-mod attempts;
-#[path = "../../examples/forward_proxy/src/config.rs"]
-mod config;
-#[path = "../../examples/forward_proxy/src/connections.rs"]
-mod connections;
-#[path = "../../examples/forward_proxy/src/dotenv.rs"]
-mod dotenv;
-#[path = "../../examples/forward_proxy/src/h1/mod.rs"]
-mod h1;
-#[path = "../../examples/forward_proxy/src/handler.rs"]
-mod handler;
-#[path = "../../examples/forward_proxy/src/keys.rs"]
-mod keys;
-#[path = "../../examples/forward_proxy/src/metrics.rs"]
-mod metrics;
-#[path = "../../examples/forward_proxy/src/reload.rs"]
-mod reload;
-#[path = "../../examples/forward_proxy/src/serve.rs"]
-mod serve;
-#[path = "../../examples/forward_proxy/src/shared.rs"]
-mod shared;
-#[path = "../../examples/forward_proxy/src/tls.rs"]
-mod tls;
-#[path = "../../examples/forward_proxy/src/upstream.rs"]
-mod upstream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use clap::Parser;
+use forward_proxy::fuzzing::{serve_connection, server_config};
+use forward_proxy::{KeysFrom, Proxy, ProxyConfig};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -73,7 +41,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tower_key_rotation::KeyPool;
 
 const KEYS: [&str; 2] = ["fuzz-key-Alpha-7f3a", "fuzz-key-Bravo-91c2"];
 const TOKEN: &str = "fuzz-token";
@@ -82,8 +49,7 @@ const PREFIX: &str = "/v4";
 struct World {
     runtime: tokio::runtime::Runtime,
     /// Without and with an access token (the input's first byte chooses).
-    states: [Arc<handler::State>; 2],
-    pools: [KeyPool; 2],
+    proxies: [Proxy; 2],
     upstream: SocketAddr,
     other: SocketAddr,
     seen: Arc<Mutex<Vec<(String, Vec<Vec<u8>>)>>>,
@@ -120,58 +86,30 @@ fn world() -> &'static World {
         }
         let upstream_url = format!("http://{upstream}{PREFIX}");
         let build = |token: bool| {
-            let mut argv = vec![
-                "forward_proxy",
-                "--listen",
-                "127.0.0.1:8080",
-                "--upstream",
-                &upstream_url,
-                "--keys-env",
-                "FUZZ_KEYS",
-                "--max-wait",
-                "0.2",
-                "--connect-timeout",
-                "1",
-                "--request-timeout",
-                "2",
-                // Bodies up to 1 KiB are buffered for a retry, larger ones stream, and past
-                // 32 KiB (declared or counted) they are refused with a 413.
-                "--retry-body-limit",
-                "1024",
-                "--max-body-size",
-                "32768",
-                // Below the 5 s the in-flight check waits (the mock upstream answers at once).
-                "--abandoned-grace",
-                "1",
-            ];
+            let mut config = ProxyConfig::new(upstream_url.parse().unwrap());
+            // Nothing is accepted on it (inputs come over a duplex); absolute-form targets
+            // naming the address it gets (`127.0.0.1:8080` in an input) are the proxy's own.
+            config.listen = "127.0.0.1:0".parse().unwrap();
+            config.workers = NonZeroUsize::new(1);
+            config.keys = KeysFrom::Env("FUZZ_KEYS".to_owned());
+            config.max_wait = Duration::from_millis(200);
+            config.connect_timeout = Duration::from_secs(1);
+            config.request_timeout = Duration::from_secs(2);
+            // Bodies up to 1 KiB are buffered for a retry, larger ones stream, and past
+            // 32 KiB (declared or counted) they are refused with a 413.
+            config.retry_body_limit = 1024;
+            config.max_body_size = 32768;
+            // Below the 5 s the in-flight check waits (the mock upstream answers at once).
+            config.abandoned_grace = Duration::from_secs(1);
             if token {
-                argv.extend(["--access-token-env", "FUZZ_TOKEN"]);
+                config.access_token_env = Some("FUZZ_TOKEN".to_owned());
             }
-            let args = config::Args::try_parse_from(argv).unwrap();
-            let secrets = config::load_secrets(&args).unwrap();
-            // As main.rs builds it.
-            let pool = args.pool_builder(secrets.keys).build();
-            let options = upstream::Options::from_args(&args, Vec::new());
-            let upstream = runtime.block_on(async { upstream::build(&pool, options).unwrap() });
-            // main.rs binds `--listen`; nothing listens here (inputs come over a duplex),
-            // but absolute-form targets naming this address count as the proxy's own.
-            let listen: SocketAddr = args.listen.to_string().parse().unwrap();
-            // As main.rs builds it.
-            let state = Arc::new(handler::State::new(
-                &args,
-                pool.clone(),
-                upstream,
-                secrets.access_token,
-                listen,
-            ));
-            (state, pool)
+            runtime.block_on(Proxy::bind(config)).unwrap()
         };
-        let (open, open_pool) = build(false);
-        let (guarded, guarded_pool) = build(true);
+        let proxies = [build(false), build(true)];
         World {
             runtime,
-            states: [open, guarded],
-            pools: [open_pool, guarded_pool],
+            proxies,
             upstream,
             other,
             seen,
@@ -254,26 +192,30 @@ fuzz_target!(|data: &[u8]| {
     }
     let world = world();
     let which = usize::from(choice & 1);
-    let state = world.states[which].clone();
+    let proxy = &world.proxies[which];
     let input = replace(data, b"UPSTREAM", world.upstream.to_string().as_bytes());
     let input = replace(&input, b"OTHER", world.other.to_string().as_bytes());
+    // The proxy's own address: the port it was given.
+    let input = replace(
+        &input,
+        b"127.0.0.1:8080",
+        proxy.local_addr().to_string().as_bytes(),
+    );
 
-    let answer = world.runtime.block_on(async move {
+    let answer = world.runtime.block_on(async {
         let (mut client, server) = tokio::io::duplex(1 << 16);
-        let config = h1::server::Config {
-            header_read_timeout: Duration::from_secs(30),
-            // The input ends with the client's write side closed: let the answers out first.
-            half_close: true,
-        };
-        let (_stop, stopping) = tokio::sync::watch::channel(false);
-        let (open, _ended) = tokio::sync::mpsc::channel(1);
-        let connection = tokio::spawn(serve::connection(server, state, config, stopping, open));
+        // The input ends with the client's write side closed: let the answers out first.
+        let config = server_config(Duration::from_secs(30), true);
+        let connection = serve_connection(proxy, server, config);
         let exchange = async {
-            let _ = client.write_all(&input).await;
-            let _ = client.shutdown().await;
-            let mut answer = Vec::new();
-            let _ = client.read_to_end(&mut answer).await;
-            let _ = connection.await;
+            let client = async {
+                let _ = client.write_all(&input).await;
+                let _ = client.shutdown().await;
+                let mut answer = Vec::new();
+                let _ = client.read_to_end(&mut answer).await;
+                answer
+            };
+            let (answer, ()) = tokio::join!(client, connection);
             answer
         };
         tokio::time::timeout(Duration::from_secs(20), exchange)
@@ -286,7 +228,7 @@ fuzz_target!(|data: &[u8]| {
     // request whose client went away stays at the upstream until it answers, within
     // --abandoned-grace: a bounded wait for them. Done first, so that the upstream has
     // recorded every request of this input before the checks below.)
-    let pool = &world.pools[which];
+    let pool = proxy.pool();
     world.runtime.block_on(async {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while pool.snapshot().iter().any(|s| s.in_flight != 0) {

@@ -3,7 +3,8 @@
 use http::{Method, Response, StatusCode, header};
 use serde_json::json;
 
-use crate::handler::{Body, State, full};
+use crate::answer::{Body, full};
+use crate::handler::State;
 
 pub(crate) const PREFIX: &str = "/_keyrotation/";
 

@@ -10,17 +10,28 @@
 
 use std::error::Error as StdError;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
-use http_body_util::LengthLimitError;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, LengthLimitError};
 use tower::BoxError;
 use tower_key_rotation::{AllKeysDisabled, NoKeyAvailable};
 
-use crate::config::ProfileArg;
+use crate::config::Profile;
 use crate::connections::ConnectError;
-use crate::handler::{Body, full};
 
 const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+/// Every response body the proxy sends: the upstream's, streamed, or its own.
+pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body of the proxy's own, whole.
+pub(crate) fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 /// Obeyed by the openai and anthropic SDKs: `false` and they do not retry.
 const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
@@ -36,12 +47,12 @@ pub(crate) enum ErrorFormat {
     BigModel,
 }
 
-impl From<ProfileArg> for ErrorFormat {
-    fn from(profile: ProfileArg) -> Self {
+impl From<Profile> for ErrorFormat {
+    fn from(profile: Profile) -> Self {
         match profile {
-            ProfileArg::Generic | ProfileArg::Openai => Self::OpenAi,
-            ProfileArg::Anthropic => Self::Anthropic,
-            ProfileArg::Bigmodel => Self::BigModel,
+            Profile::Generic | Profile::Openai => Self::OpenAi,
+            Profile::Anthropic => Self::Anthropic,
+            Profile::Bigmodel => Self::BigModel,
         }
     }
 }

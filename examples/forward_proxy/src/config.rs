@@ -1,10 +1,12 @@
-//! Command line flags, `.env`, and turning them into a validated configuration.
+//! [`ProxyConfig`]: what the proxy is told at start, validated; and reading the secrets it
+//! names (`.env`, the keys, the access token) when it starts.
 
 use std::net::{IpAddr, SocketAddr};
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, Uri};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
@@ -15,356 +17,290 @@ use tower_key_rotation::{
 use zeroize::Zeroizing;
 
 use crate::dotenv::DotEnv;
+use crate::error::StartError;
 use crate::keys::{self, KeySource};
+use crate::shared::RedisConfig;
 
-const EXAMPLES: &str = "\
-Example:
-  BIGMODEL_API_KEY=k1,k2,k3 cargo run --release -p forward_proxy -- \\
-      --listen 127.0.0.1:8080 --upstream https://open.bigmodel.cn/api/paas/v4
-
-  curl http://127.0.0.1:8080/chat/completions -H 'content-type: application/json' \\
-      -d '{\"model\":\"glm-4-flash\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'
-
-Keys are read from the environment variable named by --keys-env (comma-separated; by
-default the profile's: OPENAI_API_KEY, ANTHROPIC_API_KEY, else BIGMODEL_API_KEY), or from
-a .env file in the working directory, or from a TOML key file (--keys-file) that names
-each key and takes its value from an environment variable or a file:
-
-  [[key]]
-  name = \"paid\"
-  env = \"PAID_KEY\"    # or: file = \"secrets/paid.key\"
-  weight = 3          # optional: share, rpm, max_in_flight, account
-  rpm = 500
-
-SIGHUP, or a change to the key file, reloads the keys (unchanged keys keep their state).
-Keys of one account share its limit: tag them with the same account.
-
-Admin routes: /_keyrotation/health, /_keyrotation/keys, /_keyrotation/backend,
-/_keyrotation/metrics.
-
-Replicas share their keys' state through Redis with --redis-url (or REDIS_URL).
-
-Anyone who can reach the proxy uses your keys: keep it on loopback, or set --access-token-env.";
-
-/// Shown after `-h`: where to read on.
-const SHORT_AFTER: &str = "\
-Keys come from --keys-env (or .env in the working directory) or --keys-file.
---help tells more: each flag in full, the key file, reloads, admin routes, an example.";
-
-/// A forward proxy that spreads requests over several API keys of one provider.
-// Each flag's doc: a first paragraph that `-h` prints on one line (100 columns), then
-// what `--help` adds; flags go under headings by the job they do.
-#[derive(Debug, Parser)]
-#[command(
-    name = "forward_proxy",
-    version,
-    max_term_width = 100,
-    after_help = SHORT_AFTER,
-    after_long_help = EXAMPLES
-)]
-pub(crate) struct Args {
-    /// Address to listen on
-    ///
-    /// A host and a port; a name such as `localhost` is resolved, and the first address
-    /// that can be bound is used. Keep it on loopback unless an access token is set.
-    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8080", value_parser = Listen::parse)]
-    pub(crate) listen: Listen,
-
-    /// Variable holding the token clients must send
-    ///
-    /// Clients send it as `Authorization: Bearer <token>`, or where their SDK puts a key
-    /// (`x-api-key`, `api-key`, `x-goog-api-key`, a `key` query parameter); it is never
-    /// forwarded. Without it, any client that reaches the proxy is served, with your keys.
-    #[arg(long, value_name = "NAME")]
-    pub(crate) access_token_env: Option<String>,
-
-    /// Worker threads [default: the available cores]
-    ///
-    /// Each has its own listener on the address (`SO_REUSEPORT`) and its own upstream
-    /// connections; all share the keys.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
-    pub(crate) workers: Option<u16>,
-
-    /// Variable with the comma-separated keys [default: the profile's]
-    ///
-    /// By default the profile's: OPENAI_API_KEY (openai), ANTHROPIC_API_KEY (anthropic),
-    /// else BIGMODEL_API_KEY. The environment sets it, or a `.env` file in the working
-    /// directory.
-    #[arg(long, value_name = "NAME", help_heading = KEYS)]
-    keys_env: Option<String>,
-
-    /// TOML file naming the keys; takes precedence over --keys-env
-    ///
-    /// Each `[[key]]` table names a key and takes its value from an environment variable
-    /// or a file, with optional weight, rpm, max_in_flight and account (the format is
-    /// below). Reloaded on SIGHUP and when it changes.
-    #[arg(long, value_name = "FILE", help_heading = KEYS)]
-    pub(crate) keys_file: Option<PathBuf>,
-
-    /// How often to look for key file changes; 0: never
-    ///
-    /// A change to the key file, or to a file it takes a key from, reloads the keys; so
-    /// does SIGHUP.
-    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = seconds, help_heading = KEYS)]
-    pub(crate) keys_file_poll: Duration,
-
-    /// How a key is chosen: round-robin (default) or least-in-flight
-    ///
-    /// `round-robin` takes the available keys in turn (1, 2, 3, 1, 2, 3), each as often as
-    /// its weight says; `least-in-flight` the one with the fewest requests in flight.
-    #[arg(
-        long,
-        value_enum,
-        value_name = "HOW",
-        default_value_t = StrategyArg::RoundRobin,
-        hide_default_value = true,
-        hide_possible_values = true,
-        help_heading = KEYS
-    )]
-    pub(crate) strategy: StrategyArg,
-
-    /// The provider's base URL (http or https)
-    ///
-    /// Its path is a prefix: with `https://host/v1`, `/chat/completions?x=1` goes to
-    /// `https://host/v1/chat/completions?x=1`. The only host the proxy ever contacts.
-    #[arg(long, value_name = "URL", value_parser = Upstream::parse, help_heading = UPSTREAM)]
-    pub(crate) upstream: Upstream,
-
-    /// The provider: generic (default), bigmodel, openai or anthropic
-    ///
-    /// How its answers are read, which variable holds the keys (--keys-env) and where the
-    /// key goes (--auth):
-    ///
-    /// `generic`: status codes and the OpenAI/Anthropic rate-limit headers (any provider);
-    /// BIGMODEL_API_KEY; bearer.
-    ///
-    /// `bigmodel` (Zhipu): also `error.code` (1302/1303 limits, 1113/1304/1308/1310 quota,
-    /// 1305/1312 overload, 1000-1004 invalid key); BIGMODEL_API_KEY; bearer.
-    ///
-    /// `openai`: also a billing 429 (`insufficient_quota`) is a spent quota, not a rate
-    /// limit; OPENAI_API_KEY; bearer.
-    ///
-    /// `anthropic`: also a 529 overload is platform-wide, not the key's fault;
-    /// ANTHROPIC_API_KEY; `x-api-key`.
-    #[arg(
-        long,
-        value_enum,
-        value_name = "NAME",
-        default_value_t = ProfileArg::Generic,
-        hide_default_value = true,
-        hide_possible_values = true,
-        help_heading = UPSTREAM
-    )]
-    pub(crate) profile: ProfileArg,
-
-    /// Where the key goes [default: the profile's]
-    ///
-    /// `bearer` sends `Authorization: Bearer <key>`; `header:NAME` sends the key alone in
-    /// that header. By default the provider's own: `header:x-api-key` for anthropic,
-    /// `bearer` for openai, bigmodel and generic.
-    #[arg(long, value_name = "bearer|header:NAME", value_parser = parse_auth, help_heading = UPSTREAM)]
-    auth: Option<AuthArg>,
-
-    /// Also trust the CA certificates in this PEM file
-    ///
-    /// For an https upstream behind a company gateway, say; the usual public roots stay
-    /// trusted.
-    #[arg(long, value_name = "FILE", help_heading = UPSTREAM)]
-    pub(crate) upstream_ca: Option<PathBuf>,
-
-    /// At most N requests in flight per key [default: no cap]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = LIMITS)]
-    pub(crate) max_in_flight_per_key: Option<u32>,
-
-    /// At most N requests a minute per key
-    ///
-    /// Keys of a key file may set their own `rpm`. Requests beyond it wait for their turn
-    /// instead of earning a 429.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = LIMITS)]
-    pub(crate) rpm_per_key: Option<u32>,
-
-    /// How long a request may wait for a key
-    ///
-    /// Counted from the request's arrival, across its retries; then a 429 with
-    /// Retry-After and `x-should-retry: false`, in the provider's error format (at once
-    /// when no key can be back in time).
-    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds, help_heading = LIMITS)]
-    pub(crate) max_wait: Duration,
-
-    /// Send a refused request again at most N times
-    ///
-    /// A 429, a rejected key or a refused connection sends the request again, on another
-    /// key; what bounds a request's time is --max-wait.
-    #[arg(long, value_name = "N", default_value_t = 10, help_heading = LIMITS)]
-    pub(crate) retries: usize,
-
-    /// Do not learn each key's concurrency limit from its 429s
-    ///
-    /// Learning (from 429s that arrive while other requests are in flight on the key)
-    /// makes later requests wait for a slot instead of being refused.
-    #[arg(long, help_heading = LIMITS)]
-    pub(crate) no_learn_concurrency: bool,
-
-    /// Retry request bodies up to this size
-    ///
-    /// A body up to this many bytes is kept so that a 429 can be retried on another key;
-    /// a larger one streams through and is not retried.
-    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, help_heading = LIMITS)]
-    pub(crate) retry_body_limit: usize,
-
-    /// Refuse larger request bodies with a 413
-    ///
-    /// Before a key is used. 32 MiB by default: the largest request LLM providers accept.
-    #[arg(long, value_name = "BYTES", default_value_t = 32 << 20, help_heading = LIMITS)]
-    pub(crate) max_body_size: u64,
-
-    /// Replicas sharing state through Redis (see `shared`).
-    #[command(flatten)]
-    pub(crate) shared: crate::shared::SharedArgs,
-
-    /// Log level: error, warn, info, debug or trace
-    #[arg(long, value_name = "LEVEL", default_value = "info", help_heading = ADMIN)]
-    pub(crate) log_level: tracing::Level,
-
-    /// Log format: text (default) or json
-    ///
-    /// `text` for people: `Using key 2/3 (paid): POST /chat/completions -> 200 in 812 ms`;
-    /// `json` for log shippers, one object a line:
-    /// `{"timestamp":...,"level":"INFO","fields":{"message":"request","key":2,...}}`.
-    #[arg(
-        long,
-        value_enum,
-        value_name = "FORMAT",
-        default_value_t = LogFormat::Text,
-        hide_default_value = true,
-        hide_possible_values = true,
-        help_heading = ADMIN
-    )]
-    pub(crate) log_format: LogFormat,
-
-    /// Give up connecting after this long (504)
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds, help_heading = TIMEOUTS)]
-    pub(crate) connect_timeout: Duration,
-
-    /// Give up waiting for the response head (504)
-    ///
-    /// Give up waiting for the upstream's response head after this long. Streaming
-    /// bodies are not cut.
-    #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = seconds, help_heading = TIMEOUTS)]
-    pub(crate) request_timeout: Duration,
-
-    /// Close idle HTTP/1 and HTTP/2 connections
-    ///
-    /// An HTTP/1 connection whose request head takes longer than this to arrive
-    /// (slowloris protection), or that stays idle this long between requests, is closed;
-    /// so is an HTTP/2 connection with no request in progress for this long (GOAWAY
-    /// first).
-    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds, help_heading = TIMEOUTS)]
-    pub(crate) header_read_timeout: Duration,
-
-    /// Time for requests in flight on SIGINT/SIGTERM
-    ///
-    /// On SIGINT or SIGTERM the proxy stops accepting, then waits at most this long for
-    /// the requests in flight.
-    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds, help_heading = TIMEOUTS)]
-    pub(crate) shutdown_timeout: Duration,
-
-    /// Keep a request whose client left this long
-    ///
-    /// When a client goes away before the response head, its upstream request (and its
-    /// key's slot) is kept until the provider answers, at most this long: the provider
-    /// goes on working on it, and counts it against the key's concurrency. 0 releases at
-    /// once.
-    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds, help_heading = TIMEOUTS)]
-    pub(crate) abandoned_grace: Duration,
+/// Everything the proxy needs to start: where it listens, where it forwards, where its
+/// keys come from, its limits and timeouts.
+///
+/// [`ProxyConfig::new`] gives the defaults the command line has; change the fields from
+/// there.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use forward_proxy::{KeysFrom, ProxyConfig};
+///
+/// let mut config = ProxyConfig::new("https://open.bigmodel.cn/api/paas/v4".parse()?);
+/// config.listen = "127.0.0.1:0".parse()?;
+/// config.keys = KeysFrom::Env("MY_KEYS".to_owned());
+/// config.max_wait = Duration::from_secs(10);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ProxyConfig {
+    /// The address to listen on (`--listen`).
+    pub listen: ListenAddr,
+    /// Worker threads, each with its own listener and upstream connections (`--workers`);
+    /// `None`: one per available core.
+    pub workers: Option<NonZeroUsize>,
+    /// The variable holding the token clients must present (`--access-token-env`); `None`:
+    /// every client that reaches the proxy is served.
+    pub access_token_env: Option<String>,
+    /// Where the keys come from (`--keys-env`, `--keys-file`).
+    pub keys: KeysFrom,
+    /// How often to look for key file changes (`--keys-file-poll`); zero: never.
+    pub keys_file_poll: Duration,
+    /// How a key is chosen (`--strategy`).
+    pub selection: Selection,
+    /// The provider's base URL (`--upstream`).
+    pub upstream: UpstreamUrl,
+    /// The provider: how its answers are read, and the shape of the proxy's own errors
+    /// (`--profile`).
+    pub profile: Profile,
+    /// Where the key goes (`--auth`); `None`: the profile's own placement.
+    pub placement: Option<Placement>,
+    /// A PEM file of CA certificates trusted besides the public roots (`--upstream-ca`).
+    pub upstream_ca: Option<PathBuf>,
+    /// At most this many requests in flight per key (`--max-in-flight-per-key`).
+    pub max_in_flight_per_key: Option<NonZeroU32>,
+    /// At most this many requests a minute per key (`--rpm-per-key`).
+    pub rpm_per_key: Option<NonZeroU32>,
+    /// How long a request may wait for a key, across its retries (`--max-wait`).
+    pub max_wait: Duration,
+    /// How many times a refused request is sent again (`--retries`).
+    pub retries: usize,
+    /// Learn each key's concurrency limit from its 429s (not `--no-learn-concurrency`).
+    pub learn_concurrency: bool,
+    /// Request bodies up to this many bytes are kept for a retry (`--retry-body-limit`).
+    pub retry_body_limit: usize,
+    /// Larger request bodies are refused with a 413 (`--max-body-size`).
+    pub max_body_size: u64,
+    /// Replicas sharing their keys' state through Redis (`--redis-*`).
+    pub redis: RedisConfig,
+    /// The access log's format (`--log-format`).
+    pub log_format: LogFormat,
+    /// Give up connecting to the upstream after this long (`--connect-timeout`).
+    pub connect_timeout: Duration,
+    /// Give up waiting for the upstream's response head after this long
+    /// (`--request-timeout`).
+    pub request_timeout: Duration,
+    /// Close a connection whose request head is this slow, or idle this long
+    /// (`--header-read-timeout`).
+    pub header_read_timeout: Duration,
+    /// How long requests in flight may take to finish at shutdown (`--shutdown-timeout`).
+    pub shutdown_timeout: Duration,
+    /// How long an upstream request whose client went away is kept (`--abandoned-grace`).
+    pub abandoned_grace: Duration,
 }
 
-/// `--help`'s headings, one per job.
-const KEYS: &str = "Keys";
-const UPSTREAM: &str = "Upstream";
-const LIMITS: &str = "Limits and waiting";
-/// The heading of the replicas' flags (`shared`).
-pub(crate) const REPLICAS: &str = "Replicas";
-const ADMIN: &str = "Admin and logs";
-const TIMEOUTS: &str = "Timeouts";
+impl ProxyConfig {
+    /// The configuration forwarding to `upstream`, all else as the command line's
+    /// defaults: 127.0.0.1:8080, keys from `BIGMODEL_API_KEY`, waits of 30 s, 10 retries.
+    pub fn new(upstream: UpstreamUrl) -> Self {
+        Self {
+            listen: ListenAddr {
+                host: "127.0.0.1".to_owned(),
+                port: 8080,
+            },
+            workers: None,
+            access_token_env: None,
+            keys: KeysFrom::Env(Profile::Generic.keys_env().to_owned()),
+            keys_file_poll: Duration::from_secs(1),
+            selection: Selection::RoundRobin,
+            upstream,
+            profile: Profile::Generic,
+            placement: None,
+            upstream_ca: None,
+            max_in_flight_per_key: None,
+            rpm_per_key: None,
+            max_wait: Duration::from_secs(30),
+            retries: 10,
+            learn_concurrency: true,
+            retry_body_limit: 4 << 20,
+            max_body_size: 32 << 20,
+            redis: RedisConfig::default(),
+            log_format: LogFormat::Text,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(300),
+            header_read_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            abandoned_grace: Duration::from_secs(30),
+        }
+    }
 
-impl Args {
-    /// Where the key goes: `--auth`, or the provider's own placement for the profile.
+    /// Where the key goes: [`placement`](Self::placement), or the profile's own.
     pub(crate) fn placement(&self) -> Placement {
-        match (&self.auth, self.profile) {
-            (Some(auth), _) => auth.placement(),
-            (None, ProfileArg::Anthropic) => {
-                Placement::header(HeaderName::from_static("x-api-key"))
-            }
-            (None, ProfileArg::Generic | ProfileArg::Bigmodel | ProfileArg::Openai) => {
-                Placement::bearer()
-            }
+        self.placement
+            .clone()
+            .unwrap_or_else(|| self.profile.placement())
+    }
+
+    /// The key pool this configuration describes, over `keys` (before the shared state
+    /// backend, which `shared::apply` adds).
+    pub(crate) fn pool_builder(&self, keys: KeySet) -> KeyPoolBuilder {
+        let mut pool = KeyPool::builder(keys)
+            .selection(self.selection)
+            .classifier(
+                Classifier::from(self.profile).unreached_if(crate::connections::is_connect_failure),
+            )
+            .max_wait(Some(self.max_wait))
+            .learn_concurrency(self.learn_concurrency);
+        if let Some(max) = self.max_in_flight_per_key {
+            pool = pool.max_in_flight_per_key(max.get());
+        }
+        if let Some(rpm) = self.rpm_per_key {
+            pool = pool.quota_per_key(Quota::per_minute(rpm.get()));
+        }
+        pool
+    }
+}
+
+/// Where the keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeysFrom {
+    /// The comma-separated keys of an environment variable (set by the environment or a
+    /// `.env` file in the working directory).
+    Env(String),
+    /// A TOML key file naming each key (see the crate docs); reloaded when it changes.
+    File(PathBuf),
+}
+
+/// The provider: how its answers are read, which variable holds its keys by default,
+/// where its key goes and the shape of the proxy's own error answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Status codes and the OpenAI/Anthropic rate-limit headers (any provider).
+    Generic,
+    /// Zhipu BigModel: also `error.code` (limits, quota, overload, invalid key).
+    Bigmodel,
+    /// OpenAI: a billing 429 (`insufficient_quota`) is a spent quota, not a rate limit.
+    Openai,
+    /// Anthropic: a 529 overload is platform-wide; the key goes in `x-api-key`.
+    Anthropic,
+}
+
+impl Profile {
+    /// The variable holding the provider's keys by convention: `OPENAI_API_KEY`,
+    /// `ANTHROPIC_API_KEY`, else `BIGMODEL_API_KEY`.
+    pub fn keys_env(self) -> &'static str {
+        match self {
+            Self::Openai => "OPENAI_API_KEY",
+            Self::Anthropic => "ANTHROPIC_API_KEY",
+            Self::Generic | Self::Bigmodel => "BIGMODEL_API_KEY",
         }
     }
 
-    /// `--keys-env`, or the profile's usual variable.
-    pub(crate) fn keys_env(&self) -> &str {
-        match (&self.keys_env, self.profile) {
-            (Some(var), _) => var,
-            (None, ProfileArg::Openai) => "OPENAI_API_KEY",
-            (None, ProfileArg::Anthropic) => "ANTHROPIC_API_KEY",
-            (None, ProfileArg::Generic | ProfileArg::Bigmodel) => "BIGMODEL_API_KEY",
+    /// Where the provider reads its key: `x-api-key` for Anthropic, else
+    /// `Authorization: Bearer`.
+    pub fn placement(self) -> Placement {
+        match self {
+            Self::Anthropic => Placement::header(HeaderName::from_static("x-api-key")),
+            Self::Generic | Self::Bigmodel | Self::Openai => Placement::bearer(),
         }
     }
 }
 
-/// `--log-format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum LogFormat {
-    /// For people.
+impl From<Profile> for Classifier {
+    fn from(profile: Profile) -> Self {
+        match profile {
+            Profile::Generic => Classifier::default(),
+            Profile::Bigmodel => Classifier::bigmodel(),
+            Profile::Openai => Classifier::openai(),
+            Profile::Anthropic => Classifier::anthropic(),
+        }
+    }
+}
+
+/// The access log's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// For people: `Using key 2/3 (paid): POST /chat/completions -> 200 in 812 ms`.
     Text,
     /// One object a line, for log shippers.
     Json,
 }
 
-/// `--listen`: a host (name or IP literal) and a port, resolved when the proxy starts.
-#[derive(Debug, Clone)]
-pub(crate) struct Listen {
+/// A value the configuration could not take (`--listen`, `--upstream`): what is wrong
+/// with it, in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError(String);
+
+impl ParseError {
+    fn new(what: impl Into<String>) -> Self {
+        Self(what.into())
+    }
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// The address to listen on: a host (name or IP literal) and a port, resolved when the
+/// proxy starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddr {
     host: String,
     port: u16,
 }
 
-impl Listen {
-    fn parse(s: &str) -> Result<Self, String> {
+impl FromStr for ListenAddr {
+    type Err = ParseError;
+
+    /// `HOST:PORT`, as in `127.0.0.1:8080`, `localhost:0` or `[::1]:8080`.
+    fn from_str(s: &str) -> Result<Self, ParseError> {
         let (host, port) = s
             .rsplit_once(':')
-            .ok_or_else(|| "expected HOST:PORT, as in 127.0.0.1:8080".to_owned())?;
+            .ok_or_else(|| ParseError::new("expected HOST:PORT, as in 127.0.0.1:8080"))?;
         let port = port
             .parse()
-            .map_err(|_| format!("`{port}` is not a port number (0-65535)"))?;
+            .map_err(|_| ParseError::new(format!("`{port}` is not a port number (0-65535)")))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
-            return Err("the host is missing, as in 127.0.0.1:8080".to_owned());
+            return Err(ParseError::new("the host is missing, as in 127.0.0.1:8080"));
         }
         Ok(Self {
             host: host.to_owned(),
             port,
         })
     }
+}
 
+impl ListenAddr {
     /// Resolves the host and binds the first address that accepts.
-    pub(crate) async fn bind(&self) -> Result<tokio::net::TcpListener, String> {
+    pub(crate) async fn bind(&self) -> Result<tokio::net::TcpListener, StartError> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
-            .map_err(|e| format!("--listen {self}: cannot resolve {}: {e}", self.host))?
+            .map_err(|e| {
+                StartError::caused(format!("--listen {self}: cannot resolve {}", self.host), e)
+            })?
             .collect();
         let mut last = None;
         for addr in &addrs {
             match tokio::net::TcpListener::bind(addr).await {
                 Ok(listener) => return Ok(listener),
-                Err(e) => last = Some(format!("--listen {self}: cannot listen on {addr}: {e}")),
+                Err(e) => {
+                    last = Some(StartError::caused(
+                        format!("--listen {self}: cannot listen on {addr}"),
+                        e,
+                    ));
+                }
             }
         }
-        Err(last.unwrap_or_else(|| format!("--listen {self}: {} has no address", self.host)))
+        Err(last.unwrap_or_else(|| {
+            StartError::new(format!("--listen {self}: {} has no address", self.host))
+        }))
     }
 }
 
-impl std::fmt::Display for Listen {
+impl std::fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.host.contains(':') {
             write!(f, "[{}]:{}", self.host, self.port)
@@ -374,137 +310,41 @@ impl std::fmt::Display for Listen {
     }
 }
 
-impl Args {
-    /// The key pool these flags describe, over `keys` (before the shared state backend,
-    /// which `shared::apply` adds).
-    pub(crate) fn pool_builder(&self, keys: KeySet) -> KeyPoolBuilder {
-        let mut pool = KeyPool::builder(keys)
-            .selection(self.strategy.into())
-            .classifier(
-                Classifier::from(self.profile).unreached_if(crate::connections::is_connect_failure),
-            )
-            .max_wait(Some(self.max_wait))
-            .learn_concurrency(!self.no_learn_concurrency);
-        if let Some(max) = self.max_in_flight_per_key {
-            pool = pool.max_in_flight_per_key(max);
-        }
-        if let Some(rpm) = self.rpm_per_key {
-            pool = pool.quota_per_key(Quota::per_minute(rpm));
-        }
-        pool
-    }
-}
-
-/// `--strategy`.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub(crate) enum StrategyArg {
-    /// 1, 2, 3, 1, 2, 3 over the available keys.
-    RoundRobin,
-    /// The key with the fewest requests in flight.
-    LeastInFlight,
-}
-
-impl From<StrategyArg> for Selection {
-    fn from(arg: StrategyArg) -> Self {
-        match arg {
-            StrategyArg::RoundRobin => Selection::RoundRobin,
-            StrategyArg::LeastInFlight => Selection::LeastInFlight,
-        }
-    }
-}
-
-/// `--profile`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum ProfileArg {
-    /// Status codes and the OpenAI/Anthropic rate-limit headers (any provider).
-    Generic,
-    /// Zhipu BigModel: reads `error.code` (1302/1303 limits, 1113/1304/1308/1310 quota,
-    /// 1305/1312 overload, 1000-1004 invalid key).
-    Bigmodel,
-    /// OpenAI: a billing 429 (`insufficient_quota`) is a spent quota, not a rate limit.
-    Openai,
-    /// Anthropic: 529 overload is platform-wide, not the key's fault; the key goes in
-    /// `x-api-key`.
-    Anthropic,
-}
-
-impl From<ProfileArg> for Classifier {
-    fn from(arg: ProfileArg) -> Self {
-        match arg {
-            ProfileArg::Generic => Classifier::default(),
-            ProfileArg::Bigmodel => Classifier::bigmodel(),
-            ProfileArg::Openai => Classifier::openai(),
-            ProfileArg::Anthropic => Classifier::anthropic(),
-        }
-    }
-}
-
-/// `--auth`.
-#[derive(Debug, Clone)]
-pub(crate) enum AuthArg {
-    Bearer,
-    Header(HeaderName),
-}
-
-impl AuthArg {
-    fn placement(&self) -> Placement {
-        match self {
-            Self::Bearer => Placement::bearer(),
-            Self::Header(name) => Placement::header(name.clone()),
-        }
-    }
-}
-
-fn parse_auth(s: &str) -> Result<AuthArg, String> {
-    if s == "bearer" {
-        return Ok(AuthArg::Bearer);
-    }
-    let name = s
-        .strip_prefix("header:")
-        .ok_or_else(|| "expected `bearer` or `header:NAME`".to_owned())?;
-    HeaderName::try_from(name)
-        .map(AuthArg::Header)
-        .map_err(|_| format!("`{name}` is not a valid header name"))
-}
-
-fn seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| "expected a number of seconds".to_owned())?;
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| "expected a non-negative number of seconds".to_owned())
-}
-
 /// How long the start-up check waits for the upstream host to resolve.
 const RESOLVE_WITHIN: Duration = Duration::from_secs(2);
 
-/// The validated `--upstream`: where every request goes, and the only host ever contacted.
+/// The provider's base URL: where every request goes, and the only host ever contacted.
+/// Its path is a prefix: with `https://host/v1`, `/chat/completions` goes to
+/// `https://host/v1/chat/completions`.
 #[derive(Debug, Clone)]
-pub(crate) struct Upstream {
+pub struct UpstreamUrl {
     pub(crate) scheme: Scheme,
     pub(crate) authority: Authority,
     /// The URL's path without its trailing `/` (empty for the root).
     pub(crate) prefix: String,
 }
 
-impl Upstream {
-    fn parse(s: &str) -> Result<Self, String> {
-        let uri: Uri = s.parse().map_err(|_| "not a valid URL".to_owned())?;
+impl FromStr for UpstreamUrl {
+    type Err = ParseError;
+
+    /// An `http://` or `https://` URL, without user info or query string.
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let uri: Uri = s.parse().map_err(|_| ParseError::new("not a valid URL"))?;
         let scheme = uri
             .scheme()
             .filter(|s| **s == Scheme::HTTP || **s == Scheme::HTTPS)
             .cloned()
-            .ok_or_else(|| "the URL must start with http:// or https://".to_owned())?;
+            .ok_or_else(|| ParseError::new("the URL must start with http:// or https://"))?;
         let authority = uri
             .authority()
             .cloned()
-            .ok_or_else(|| "the URL has no host".to_owned())?;
+            .ok_or_else(|| ParseError::new("the URL has no host"))?;
         if authority.as_str().contains('@') {
             // Credentials in the URL would be logged and sent along: keys belong in the env.
-            return Err("the URL must not carry user info".to_owned());
+            return Err(ParseError::new("the URL must not carry user info"));
         }
         if uri.query().is_some() {
-            return Err("the URL must not have a query string".to_owned());
+            return Err(ParseError::new("the URL must not have a query string"));
         }
         let prefix = uri.path().trim_end_matches('/').to_owned();
         Ok(Self {
@@ -513,7 +353,9 @@ impl Upstream {
             prefix,
         })
     }
+}
 
+impl UpstreamUrl {
     /// Warns when the host is a name that does not resolve within [`RESOLVE_WITHIN`]. Not
     /// an error: DNS may come later (a container started before its network), but until
     /// then every request fails.
@@ -564,6 +406,12 @@ impl Upstream {
     }
 }
 
+impl std::fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}{}/", self.scheme, self.authority, self.prefix)
+    }
+}
+
 /// The token clients must present, compared in constant time.
 pub(crate) struct AccessToken(Zeroizing<Vec<u8>>);
 
@@ -592,44 +440,51 @@ pub(crate) struct Secrets {
     pub(crate) access_token: Option<AccessToken>,
 }
 
-/// Reads `.env` (if present), the key file or variable, and the variables the flags name.
-/// Errors are one line and never contain a secret.
-pub(crate) fn load_secrets(args: &Args) -> Result<Secrets, String> {
+/// Reads `.env` (if present), the key file or variable, and the variables the
+/// configuration names. Errors are one line and never contain a secret.
+pub(crate) fn load_secrets(config: &ProxyConfig) -> Result<Secrets, StartError> {
     // Set by the process environment itself, before `.env` may add it (the environment
     // wins over `.env`, and only `.env` can be read again on reload).
-    let keys_env = args.keys_env();
-    let keys_env_preset = std::env::var_os(keys_env).is_some();
+    let keys_env_preset = match &config.keys {
+        KeysFrom::Env(var) => std::env::var_os(var).is_some(),
+        KeysFrom::File(_) => false,
+    };
     if let Some(dotenv) = DotEnv::find()? {
         // Only what the proxy reads may stop it: another program's line does not.
-        let mut needed: Vec<String> = match &args.keys_file {
-            Some(path) => keys::env_names(path),
-            None => vec![keys_env.to_owned()],
+        let mut needed: Vec<String> = match &config.keys {
+            KeysFrom::File(path) => keys::env_names(path),
+            KeysFrom::Env(var) => vec![var.clone()],
         };
-        needed.extend(args.access_token_env.clone());
-        needed.extend(args.shared.env_names());
+        needed.extend(config.access_token_env.clone());
+        needed.extend(config.redis.env_names());
         let needed: Vec<&str> = needed.iter().map(String::as_str).collect();
         dotenv.apply(&needed)?;
     }
-    let source = match &args.keys_file {
-        Some(path) => KeySource::File(path.clone()),
-        None => KeySource::Env {
-            var: keys_env.to_owned(),
-            from_dotenv: !keys_env_preset && std::env::var_os(keys_env).is_some(),
+    let source = match &config.keys {
+        KeysFrom::File(path) => KeySource::File(path.clone()),
+        KeysFrom::Env(var) => KeySource::Env {
+            var: var.clone(),
+            from_dotenv: !keys_env_preset && std::env::var_os(var).is_some(),
         },
     };
-    let fingerprint = args.keys_file.as_deref().and_then(keys::fingerprint);
+    let fingerprint = match &config.keys {
+        KeysFrom::File(path) => keys::fingerprint(path),
+        KeysFrom::Env(_) => None,
+    };
     let keys = match &source {
         // At start, the process environment (with `.env` applied) is the truth.
         KeySource::Env { var, .. } => keys::from_env(var)?,
         KeySource::File(_) => keys::load(&source)?,
     };
-    let access_token = match &args.access_token_env {
+    let access_token = match &config.access_token_env {
         None => None,
         Some(var) => {
             let token = Zeroizing::new(std::env::var(var).unwrap_or_default());
             let token = token.trim();
             if token.is_empty() {
-                return Err(format!("access token variable {var} is not set or empty"));
+                return Err(StartError::new(format!(
+                    "access token variable {var} is not set or empty"
+                )));
             }
             Some(AccessToken(Zeroizing::new(token.as_bytes().to_vec())))
         }
@@ -642,15 +497,15 @@ pub(crate) fn load_secrets(args: &Args) -> Result<Secrets, String> {
     })
 }
 
-/// Reads the certificates of `--upstream-ca`.
-pub(crate) fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let fail = |e: &dyn std::fmt::Display| format!("--upstream-ca {}: {e}", path.display());
+/// Reads the certificates of a PEM file given with `flag` (`--upstream-ca`, `--redis-ca`).
+pub(crate) fn load_ca(flag: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, StartError> {
+    let what = || format!("{flag} {}", path.display());
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| fail(&e))?
+        .map_err(|e| StartError::caused(what(), e))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| StartError::caused(what(), e))?;
     if certs.is_empty() {
-        return Err(fail(&"no certificate in the file"));
+        return Err(StartError::new("no certificate in the file").context(what()));
     }
     Ok(certs)
 }

@@ -1,6 +1,6 @@
 //! The upstream connections of one worker: the proxy's own HTTP/1.1 client (`h1::client`)
-//! over the rustls connector, hyper's connection-level client for HTTP/2, and a small pool
-//! of its own in place of hyper-util's legacy `Client`.
+//! over the rustls connector, hyper's connection-level client for HTTP/2 (`h2::client`),
+//! and a small pool of its own in place of hyper-util's legacy `Client`.
 //!
 //! Why: the proxy has one upstream, and each worker its own connections (see `serve`), so
 //! the pool needs no key, no hash map and no lock shared between threads. It never opens a
@@ -41,14 +41,15 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::config::Upstream;
+use crate::config::UpstreamUrl;
 use crate::h1::client::{Connection, RequestWriter, ResponseBody};
+use crate::h2::client::Multiplexed;
 
 /// Idle HTTP/1 connections kept per worker (nginx's `keepalive`); more are closed when
 /// their response ends.
@@ -82,14 +83,14 @@ impl<B> Clone for Connections<B> {
 struct Shared<B> {
     connector: HttpsConnector<HttpConnector>,
     /// Where to connect, and the base of the HTTP/2 requests' URIs.
-    upstream: Upstream,
+    upstream: UpstreamUrl,
     /// The upstream URL's scheme and authority, for the connector.
     origin: Uri,
     /// `Host` for HTTP/1 requests (in place of the client's): the upstream's host, with its
     /// port unless it is the scheme's default (hyper-util's rule).
     host: Option<HeaderValue>,
     http1: Arc<Idle>,
-    http2: Mutex<Option<http2::SendRequest<B>>>,
+    http2: Multiplexed<B>,
 }
 
 /// The idle HTTP/1 connections, most recently used last (taken first: its socket and
@@ -113,7 +114,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    pub(crate) fn new(connector: HttpsConnector<HttpConnector>, upstream: &Upstream) -> Self {
+    pub(crate) fn new(connector: HttpsConnector<HttpConnector>, upstream: &UpstreamUrl) -> Self {
         let origin = upstream.join("/").expect("a validated upstream URL");
         let host = origin.host().and_then(|host| {
             let default_port = if origin.scheme_str() == Some("https") {
@@ -135,7 +136,7 @@ where
                 origin,
                 host,
                 http1: Arc::default(),
-                http2: Mutex::default(),
+                http2: Multiplexed::default(),
             }),
         }
     }
@@ -248,17 +249,12 @@ where
             .await
             .map_err(ConnectError::new)?;
         if io.connected().is_negotiated_h2() {
-            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
+            let sender = self
+                .shared
+                .http2
                 .handshake(io)
                 .await
                 .map_err(ConnectError::new)?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!("upstream connection ended with an error: {e}");
-                }
-            });
-            *self.shared.lock_http2() = Some(sender.clone());
             return Ok(Fresh::Http2(sender));
         }
         Ok(Fresh::Http1(match io {
@@ -267,26 +263,6 @@ where
                 Connection::new(Io::Tls(Box::new(tls.into_inner())), false)
             }
         }))
-    }
-}
-
-impl<B> Shared<B> {
-    fn lock_http2(&self) -> std::sync::MutexGuard<'_, Option<http2::SendRequest<B>>> {
-        // Nothing panics while holding it; a poisoned lock still holds a valid sender.
-        self.http2.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The shared HTTP/2 connection, while it is open.
-    fn http2(&self) -> Option<http2::SendRequest<B>> {
-        let mut http2 = self.lock_http2();
-        match &*http2 {
-            Some(sender) if !sender.is_closed() => Some(sender.clone()),
-            Some(_) => {
-                *http2 = None;
-                None
-            }
-            None => None,
-        }
     }
 }
 
@@ -378,7 +354,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         // Two futures rather than one with both paths: each is only as large as its own.
-        match self.shared.http2() {
+        match self.shared.http2.current() {
             Some(sender) => Box::pin(self.clone().send_http2(sender, req, true)),
             None => Box::pin(self.clone().send_http1(req)),
         }

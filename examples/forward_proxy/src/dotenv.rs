@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
+use crate::error::StartError;
+
 /// One logical line dotenvy could not parse.
 struct Unreadable {
     /// 1-based line of the file where the logical line starts.
@@ -38,8 +40,9 @@ pub(crate) struct DotEnv {
 
 impl DotEnv {
     /// The `.env` of the working directory or its nearest parent, if there is one.
-    pub(crate) fn find() -> Result<Option<Self>, String> {
-        let cwd = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
+    pub(crate) fn find() -> Result<Option<Self>, StartError> {
+        let cwd =
+            std::env::current_dir().map_err(|e| StartError::caused("current directory", e))?;
         let Some(path) = cwd
             .ancestors()
             .map(|dir| dir.join(".env"))
@@ -50,9 +53,9 @@ impl DotEnv {
         Self::read(&path).map(Some)
     }
 
-    fn read(path: &Path) -> Result<Self, String> {
+    fn read(path: &Path) -> Result<Self, StartError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
+            .map_err(|e| StartError::caused(format!("{}: cannot read it", path.display()), e))?;
         let text = match text.strip_prefix('\u{feff}') {
             Some(rest) => Zeroizing::new(rest.to_owned()),
             None => Zeroizing::new(text),
@@ -67,13 +70,13 @@ impl DotEnv {
     /// dotenvy does. Fails only for a line the proxy needs: one that sets a variable named
     /// in `needed` which the environment does not set, or a quote never closed that takes
     /// such a line into its value.
-    pub(crate) fn apply(&self, needed: &[&str]) -> Result<(), String> {
+    pub(crate) fn apply(&self, needed: &[&str]) -> Result<(), StartError> {
         let unreadable = self.unreadable();
         let mut usable = self.text.clone();
         let wanted = |name: &str| needed.contains(&name) && std::env::var_os(name).is_none();
         for bad in &unreadable {
             if let Some(error) = self.error(bad, wanted) {
-                return Err(error);
+                return Err(StartError::new(error));
             }
             tracing::debug!(
                 "{} line {}: skipped, it cannot be parsed (and the proxy does not need {})",
@@ -86,20 +89,20 @@ impl DotEnv {
         }
         dotenvy::from_read(usable.as_bytes()).map_err(|_| {
             // Every line dotenvy rejects was blanked above; keep the message value-free anyway.
-            format!("{}: cannot be parsed", self.path.display())
+            StartError::new(format!("{}: cannot be parsed", self.path.display()))
         })
     }
 
     /// The value of `var` as the file sets it (its first definition), without touching the
     /// process environment; `Ok(None)` if the file does not set it.
-    pub(crate) fn var(&self, var: &str) -> Result<Option<Zeroizing<String>>, String> {
+    pub(crate) fn var(&self, var: &str) -> Result<Option<Zeroizing<String>>, StartError> {
         // As at start: a line setting `var` that cannot be parsed is an error.
         if let Some(error) = self
             .unreadable()
             .iter()
             .find_map(|bad| self.error(bad, |name| name == var))
         {
-            return Err(error);
+            return Err(StartError::new(error));
         }
         for (name, value) in dotenvy::from_read_iter(self.text.as_bytes()).flatten() {
             let value = Zeroizing::new(value);
@@ -328,7 +331,10 @@ mod tests {
         assert_eq!(bad, [2], "the quoted value of line 1 is not the bad one");
         assert_eq!(env.var("KEYS").unwrap().unwrap().as_str(), "sk-1,sk-2");
         assert!(env.var("MISSING").unwrap().is_none());
-        let err = dotenv("A=1\nKEYS=sk-1 sk-2\n").var("KEYS").unwrap_err();
+        let err = dotenv("A=1\nKEYS=sk-1 sk-2\n")
+            .var("KEYS")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with(".env line 2: the value of KEYS"), "{err}");
         assert!(!err.contains("sk-1"), "{err}");
     }
@@ -357,7 +363,10 @@ mod tests {
 
     #[test]
     fn an_unclosed_quote_is_named_by_the_line_that_opens_it() {
-        let err = dotenv("A=1\nKEYS=\"k1,k2\nB=2\n").var("KEYS").unwrap_err();
+        let err = dotenv("A=1\nKEYS=\"k1,k2\nB=2\n")
+            .var("KEYS")
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             ".env line 2: the value of KEYS opens a quote that is never closed"
@@ -369,14 +378,21 @@ mod tests {
         let env = dotenv("# notes\nNOTE=\"it's\n\nFP_SWALLOWED_KEYS=k1,k2\nB=2\n");
         let expected = ".env line 2: a quote opened on this line is never closed, so line 4 \
                         (which sets FP_SWALLOWED_KEYS) is read as part of its value: close the quote";
-        assert_eq!(env.var("FP_SWALLOWED_KEYS").unwrap_err(), expected);
-        assert_eq!(env.apply(&["FP_SWALLOWED_KEYS"]).unwrap_err(), expected);
+        assert_eq!(
+            env.var("FP_SWALLOWED_KEYS").unwrap_err().to_string(),
+            expected
+        );
+        assert_eq!(
+            env.apply(&["FP_SWALLOWED_KEYS"]).unwrap_err().to_string(),
+            expected
+        );
         // Lines before the quote are not spoilt, nor are variables the proxy does not read.
         let env = dotenv("KEYS=k1\nNOTE=\"x\nOTHER=1\n");
         assert_eq!(env.var("KEYS").unwrap().unwrap().as_str(), "k1");
         assert!(
             env.var("OTHER")
                 .unwrap_err()
+                .to_string()
                 .contains("line 3 (which sets OTHER)")
         );
     }

@@ -31,6 +31,7 @@ use tower_key_rotation::{ApiKey, KeyError, KeySet, KeySpec, Quota};
 use zeroize::Zeroizing;
 
 use crate::dotenv::DotEnv;
+use crate::error::StartError;
 
 /// Where the proxy's keys are read from, at start and on reload.
 #[derive(Debug, Clone)]
@@ -115,7 +116,7 @@ impl<'de> Deserialize<'de> for InlineSecret {
 }
 
 /// Reads the keys from `source`.
-pub(crate) fn load(source: &KeySource) -> Result<KeySet, String> {
+pub(crate) fn load(source: &KeySource) -> Result<KeySet, StartError> {
     match source {
         KeySource::File(path) => load_file(path),
         KeySource::Env {
@@ -131,7 +132,7 @@ pub(crate) fn load(source: &KeySource) -> Result<KeySet, String> {
 
 /// Reads the comma-separated keys of the environment variable `var`. Unset or empty, the
 /// error says so and where else keys can come from.
-pub(crate) fn from_env(var: &str) -> Result<KeySet, String> {
+pub(crate) fn from_env(var: &str) -> Result<KeySet, StartError> {
     KeySet::from_env(var).map_err(|e| match e {
         KeyError::NotConfigured { .. } => {
             let what = match std::env::var_os(var) {
@@ -139,13 +140,13 @@ pub(crate) fn from_env(var: &str) -> Result<KeySet, String> {
                 Some(value) if value.to_str().is_none() => "is not valid Unicode",
                 Some(_) => "is empty",
             };
-            format!(
+            StartError::new(format!(
                 "{var} {what}: give the keys (comma-separated) in {var}, or in a .env file in \
                  the working directory ({var}=key1,key2), or name another variable with \
                  --keys-env NAME, or a key file with --keys-file FILE"
-            )
+            ))
         }
-        other => other.to_string(),
+        other => StartError::new(other.to_string()),
     })
 }
 
@@ -153,17 +154,17 @@ pub(crate) fn from_env(var: &str) -> Result<KeySet, String> {
 /// parents), without touching the process environment (which other threads may be
 /// reading). The first definition wins, as it did at start; lines setting other variables
 /// do not matter, even unreadable ones.
-fn load_dotenv_var(var: &str) -> Result<KeySet, String> {
+fn load_dotenv_var(var: &str) -> Result<KeySet, StartError> {
     let value = match DotEnv::find()? {
         Some(dotenv) => dotenv.var(var)?,
         None => None,
     };
     match value {
         Some(value) => KeySet::parse(&value).map_err(|e| match e {
-            KeyError::NotConfigured { .. } => format!("{var} is empty in .env"),
-            e => format!("{e} (in {var} in .env)"),
+            KeyError::NotConfigured { .. } => StartError::new(format!("{var} is empty in .env")),
+            e => StartError::new(format!("{e} (in {var} in .env)")),
         }),
-        None => Err(format!("{var} is no longer set in .env")),
+        None => Err(StartError::new(format!("{var} is no longer set in .env"))),
     }
 }
 
@@ -179,9 +180,11 @@ pub(crate) fn env_names(path: &Path) -> Vec<String> {
     )
 }
 
-fn load_file(path: &Path) -> Result<KeySet, String> {
-    let fail = |what: &dyn fmt::Display| format!("--keys-file {}: {what}", path.display());
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| fail(&e))?);
+fn load_file(path: &Path) -> Result<KeySet, StartError> {
+    let flag = || format!("--keys-file {}", path.display());
+    let fail = |what: &dyn fmt::Display| StartError::new(format!("{}: {what}", flag()));
+    let text =
+        Zeroizing::new(std::fs::read_to_string(path).map_err(|e| StartError::caused(flag(), e))?);
     let file: KeyFile = toml::from_str(&text).map_err(|e| fail(&toml_error(&e, &text)))?;
     if file.keys.is_empty() {
         return Err(fail(&"no [[key]] table: the file lists no key"));

@@ -1,7 +1,7 @@
-//! A forward proxy that spreads requests over several API keys of one provider, built on
-//! `tower_key_rotation`: every backend process talks to this proxy, and the proxy shares
-//! one pool of keys among them, resting keys that answered 429 and retrying such requests
-//! on a key they have not tried.
+//! The `forward_proxy` binary: the command line ([`cli`]) turned into a
+//! [`ProxyConfig`](forward_proxy::ProxyConfig), the allocator, logging, and signals
+//! (SIGHUP reloads the keys, SIGINT and SIGTERM shut down) around
+//! [`Proxy`](forward_proxy::Proxy).
 //!
 //! Try it:
 //!
@@ -10,19 +10,11 @@
 //!     --listen 127.0.0.1:8080 --upstream https://open.bigmodel.cn/api/paas/v4
 //! curl http://127.0.0.1:8080/_keyrotation/keys
 //!
-//! # Or keys by name, with weights and quotas, from a TOML file (see `keys`); edit the file,
-//! # or `kill -HUP <pid>`, to reload them without a restart:
+//! # Or keys by name, with weights and quotas, from a TOML file; edit the file, or
+//! # `kill -HUP <pid>`, to reload them without a restart:
 //! PAID_KEY=k1 cargo run --release -p forward_proxy -- --keys-file keys.toml \
 //!     --profile bigmodel --upstream https://open.bigmodel.cn/api/paas/v4
 //! ```
-//!
-//! One module per job: `config` (flags, secrets), `dotenv` (`.env`), `keys` (the key
-//! file), `reload` (SIGHUP and key file changes), `handler` (one request, and a client that
-//! goes away), `upstream` (client stack), `tls` (certificate checks, failures in words),
-//! `attempts` (each attempt's time, for the log), `shared` (replicas sharing keys' state
-//! through Redis: `--redis-url`), `admin` and `metrics`; `serve` runs the workers (one
-//! runtime per core) and their shutdown; `h1` is the HTTP/1.1 the clients speak to
-//! (`h1::server`) and its body framing (`h1::codec`).
 
 /// mimalloc rather than glibc's malloc: a request allocates ~30 times (header maps, the
 /// boxed call, the retry layer's clone), and glibc spent ~8k of a request's ~44k
@@ -31,33 +23,19 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-mod admin;
-mod answer;
-mod attempts;
-mod config;
-mod connections;
-mod dotenv;
-mod h1;
-mod handler;
-mod keys;
-mod metrics;
-mod reload;
-mod serve;
-mod shared;
-mod tls;
-mod upstream;
+mod cli;
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use tower_key_rotation::KeyPool;
+use forward_proxy::Proxy;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::{Args, LogFormat};
+use crate::cli::{Args, LogFormatArg};
 
-// Signals and key reloads; the requests are served by `serve`'s workers.
+// Signals and key reloads; the requests are served by the proxy's workers.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -77,7 +55,7 @@ async fn main() -> ExitCode {
         .with_max_level(args.log_level)
         .with_writer(std::io::stderr)
         .with_target(false);
-    // The library logs each reload of the keys; `reload` logs it with where the keys came
+    // The library logs each reload of the keys; the proxy logs it with where the keys came
     // from and why: one line a reload.
     let level = LevelFilter::from_level(args.log_level);
     let filter = Targets::new().with_default(level).with_target(
@@ -85,10 +63,10 @@ async fn main() -> ExitCode {
         level.min(LevelFilter::WARN),
     );
     match args.log_format {
-        LogFormat::Text => log.finish().with(filter).init(),
+        LogFormatArg::Text => log.finish().with(filter).init(),
         // One object a line; the event's fields (`message` among them) under `fields`, so that
         // none can collide with `timestamp` or `level`.
-        LogFormat::Json => log.json().finish().with(filter).init(),
+        LogFormatArg::Json => log.json().finish().with(filter).init(),
     }
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -101,91 +79,67 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let secrets = config::load_secrets(&args)?;
-    let pool = shared::apply(&args.shared, args.pool_builder(secrets.keys))
-        .await?
-        .build();
-    tracing::info!(
-        "Loaded {} API key(s) from {}{}",
-        pool.len(),
-        secrets.source,
-        key_names(&pool)
-    );
-    // Before "Listening": from then on a SIGHUP reloads instead of ending the process.
-    let hangup = reload::Hangup::install()?;
-
-    let extra_roots = match &args.upstream_ca {
-        Some(path) => config::load_ca(path)?,
-        None => Vec::new(),
-    };
-    let upstream_options = upstream::Options::from_args(&args, extra_roots);
-    let upstream = upstream::build(&pool, upstream_options.clone())?;
-
-    let listener = args.listen.bind().await?;
-    let listen = listener
-        .local_addr()
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    let workers = args
-        .workers
-        .map_or_else(serve::available_cores, usize::from);
-    let listeners = serve::listeners(listener, workers)?;
-    if secrets.access_token.is_none() && !listen.ip().is_loopback() {
-        tracing::warn!(
-            "listening on {listen} without --access-token-env: anyone who can reach this \
-             address uses your API keys"
-        );
-    }
-    let upstream_url = args.upstream.clone();
-    tracing::info!(
-        "Listening on http://{listen}, forwarding to {}://{}{}/",
-        upstream_url.scheme,
-        upstream_url.authority,
-        upstream_url.prefix
-    );
-
-    // In the background: a slow resolver does not hold up the start.
-    tokio::spawn({
-        let upstream = args.upstream.clone();
-        async move { upstream.warn_if_unresolved().await }
+    // Before the proxy says it listens: from then on a SIGHUP reloads instead of ending
+    // the process.
+    let hangup = Hangup::install()?;
+    let proxy = Proxy::bind(args.into_config())
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let reloads = proxy.reload_handle();
+    tokio::spawn(async move {
+        let mut hangup = hangup;
+        loop {
+            hangup.recv().await;
+            reloads.reload();
+        }
     });
-
-    let state = handler::State::new(&args, pool.clone(), upstream, secrets.access_token, listen);
-    tokio::spawn(reload::run(
-        pool.clone(),
-        secrets.source,
-        secrets.fingerprint,
-        args.keys_file_poll,
-        hangup,
-        state.metrics.reloads(),
-        state.key_names.clone(),
-    ));
-    // Each worker its own upstream client, so that its connections stay on its thread.
-    let mut states = vec![state];
-    while states.len() < listeners.len() {
-        let upstream = upstream::build(&pool, upstream_options.clone())?;
-        states.push(handler::State {
-            upstream,
-            ..states[0].clone()
-        });
-    }
-    let limits = serve::Limits {
-        shutdown_timeout: args.shutdown_timeout,
-        header_read_timeout: args.header_read_timeout,
-    };
-    serve::run(listeners.into_iter().zip(states).collect(), limits).await;
+    proxy.serve(shutdown_signal()).await;
     Ok(())
 }
 
-/// `: 1 (paid), 2 (free)` when keys have names, for the start-up line; never a value.
-fn key_names(pool: &KeyPool) -> String {
-    let named: Vec<String> = pool
-        .snapshot()
-        .iter()
-        .filter_map(|key| Some(format!("{} ({})", key.position, key.name.as_ref()?)))
-        .collect();
-    if named.is_empty() {
-        String::new()
-    } else {
-        format!(": {}", named.join(", "))
+/// SIGHUP, installed before the proxy says it listens, so that a SIGHUP sent from then on
+/// reloads rather than (the default) terminates the process.
+struct Hangup {
+    #[cfg(unix)]
+    signal: tokio::signal::unix::Signal,
+}
+
+impl Hangup {
+    fn install() -> Result<Self, String> {
+        #[cfg(unix)]
+        {
+            let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|e| format!("cannot install a SIGHUP handler: {e}"))?;
+            Ok(Self { signal })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            if self.signal.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        #[cfg(not(unix))]
+        std::future::pending::<()>().await;
+    }
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

@@ -1,4 +1,5 @@
-//! Hot reload: on SIGHUP, and when the key file changes, read the keys again and hand them
+//! Hot reload: on request ([`ReloadHandle`], which the binary calls on SIGHUP), and when
+//! the key file changes, read the keys again and hand them
 //! to [`KeyPool::reload`]. Unchanged keys keep their state (cool-downs, counters, requests
 //! in flight); removed keys finish what they carry and take nothing new. A new key list
 //! that does not load is logged and the keys in force stay.
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use tokio::sync::Notify;
 use tokio::time::MissedTickBehavior;
 use tower_key_rotation::KeyPool;
 
@@ -26,34 +28,20 @@ use crate::keys::{self, KeySource};
 /// Counts reloads by result (`ok`, `failed`), for the metrics.
 pub(crate) type ReloadCounter = Family<Vec<(&'static str, &'static str)>, Counter>;
 
-/// SIGHUP, installed before the proxy says it listens, so that a SIGHUP sent from then on
-/// reloads rather than (the default) terminates the process.
-pub(crate) struct Hangup {
-    #[cfg(unix)]
-    signal: tokio::signal::unix::Signal,
-}
+/// Asks a running proxy to read its keys again, as the binary does on SIGHUP (the log
+/// names the request SIGHUP). Cheap to clone; requests made while a reload runs, or
+/// before the proxy serves, are folded into one.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadHandle(Arc<Notify>);
 
-impl Hangup {
-    pub(crate) fn install() -> Result<Self, String> {
-        #[cfg(unix)]
-        {
-            let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                .map_err(|e| format!("cannot install a SIGHUP handler: {e}"))?;
-            Ok(Self { signal })
-        }
-        #[cfg(not(unix))]
-        Ok(Self {})
+impl ReloadHandle {
+    /// Reads the keys again (for a key file: unless it has not changed since last read).
+    pub fn reload(&self) {
+        self.0.notify_one();
     }
 
-    async fn recv(&mut self) {
-        #[cfg(unix)]
-        {
-            if self.signal.recv().await.is_none() {
-                std::future::pending::<()>().await;
-            }
-        }
-        #[cfg(not(unix))]
-        std::future::pending::<()>().await;
+    async fn requested(&self) {
+        self.0.notified().await;
     }
 }
 
@@ -64,7 +52,8 @@ enum Trigger {
     FileChanged,
 }
 
-/// Runs for the life of the proxy: reloads `pool` from `source` on SIGHUP and, for a key
+/// Runs for the life of the proxy: reloads `pool` from `source` when `requests` asks
+/// (SIGHUP) and, for a key
 /// file, when it changes (looked at every `poll`; never if zero). `loaded` is the key
 /// file's fingerprint taken before the keys in force were read (so that a change made
 /// while they were read is not missed).
@@ -73,7 +62,7 @@ pub(crate) async fn run(
     source: KeySource,
     loaded: Option<u64>,
     poll_every: Duration,
-    mut hangup: Hangup,
+    requests: ReloadHandle,
     reloads: ReloadCounter,
     key_names: Arc<KeyNames>,
 ) {
@@ -89,7 +78,7 @@ pub(crate) async fn run(
     poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let trigger = tokio::select! {
-            () = hangup.recv() => Trigger::Hangup,
+            () = requests.requested() => Trigger::Hangup,
             _ = poll.tick(), if polled.is_some() => Trigger::FileChanged,
         };
         // Taken before the keys are read, so that a change made meanwhile is seen next time.
@@ -142,7 +131,7 @@ fn reload(pool: &KeyPool, source: &KeySource, trigger: Trigger, reloads: &Reload
         Err(error) => {
             reloads.get_or_create(&vec![("result", "failed")]).inc();
             tracing::warn!(
-                "Reload failed ({why}); the {} key(s) in force stay: {error}",
+                "Reload failed ({why}); the {} key(s) in force stay: {error:#}",
                 pool.len()
             );
         }

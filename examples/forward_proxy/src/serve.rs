@@ -9,34 +9,27 @@
 //! over the workers' listeners (`SO_REUSEPORT` on one address).
 //!
 //! HTTP/1.x connections are served by `h1::server`, HTTP/2 ones (prior knowledge: the
-//! connection opens with the preface) by hyper's server.
+//! connection opens with the preface, see `detect`) by hyper's server (`h2::server`).
 //!
-//! Shutdown (SIGINT, SIGTERM): every worker closes its listener; once all are closed (no
+//! Shutdown (the binary's SIGINT, SIGTERM): every worker closes its listener; once all are closed (no
 //! new connection can arrive), each closes its idle connections and lets its requests in
 //! flight finish (their answers say `connection: close`; HTTP/2 connections get a GOAWAY),
 //! all within `--shutdown-timeout`.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use bytes::Bytes;
-use http::Request;
-use hyper::body::Incoming;
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::error::StartError;
 use crate::h1;
-use crate::h1::server::{Ended, ReceivedBody};
+use crate::h1::server::Ended;
 use crate::handler::State;
 
 /// How long the kernel's queue of connections not yet accepted may grow, per listener.
@@ -55,19 +48,18 @@ pub(crate) fn available_cores() -> usize {
 pub(crate) fn listeners(
     bound: TcpListener,
     workers: usize,
-) -> Result<Vec<std::net::TcpListener>, String> {
+) -> Result<Vec<std::net::TcpListener>, StartError> {
     let addr = bound
         .local_addr()
-        .map_err(|e| format!("cannot listen: {e}"))?;
-    let bound = bound
-        .into_std()
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        .map_err(|e| StartError::caused("cannot listen", e))?;
+    let cannot = |e| StartError::caused(format!("cannot listen on {addr}"), e);
+    let bound = bound.into_std().map_err(cannot)?;
     if workers <= 1 {
         return Ok(vec![bound]);
     }
     drop(bound);
     (0..workers)
-        .map(|_| reuse_port_listener(addr).map_err(|e| format!("cannot listen on {addr}: {e}")))
+        .map(|_| reuse_port_listener(addr).map_err(cannot))
         .collect()
 }
 
@@ -91,9 +83,13 @@ pub(crate) struct Limits {
     pub(crate) header_read_timeout: Duration,
 }
 
-/// Runs one worker per `(listener, state)` until SIGINT or SIGTERM, then shuts them down
+/// Runs one worker per `(listener, state)` until `shutdown` resolves, then shuts them down
 /// gracefully (see the module docs).
-pub(crate) async fn run(workers: Vec<(std::net::TcpListener, State)>, limits: Limits) {
+pub(crate) async fn run(
+    workers: Vec<(std::net::TcpListener, State)>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
     let (stop, stopped) = watch::channel(false);
     // Each worker holds a sender until its listener is closed.
     let (listening, mut all_closed) = mpsc::channel::<()>(1);
@@ -121,7 +117,7 @@ pub(crate) async fn run(workers: Vec<(std::net::TcpListener, State)>, limits: Li
     }
     drop(listening);
 
-    shutdown_signal().await;
+    shutdown.await;
     let _ = stop.send(true);
     // No sender left: every listener is closed.
     let _ = all_closed.recv().await;
@@ -216,7 +212,7 @@ pub(crate) async fn connection<T>(
     };
     // Boxed: hyper's HTTP/2 connection would otherwise add its size (~1.6 KiB) to every
     // connection's task, HTTP/1 ones included (~1.9 MiB at 1,000 connections).
-    Box::pin(http2(
+    Box::pin(crate::h2::server::serve(
         stream,
         read,
         state,
@@ -224,215 +220,4 @@ pub(crate) async fn connection<T>(
         config.header_read_timeout,
     ))
     .await;
-}
-
-/// Serves a connection that opened with the HTTP/2 preface (`read`: the bytes read so
-/// far) with hyper's HTTP/2 server, until it ends or the worker stops. A connection with
-/// no request in progress for `idle_timeout` (`--header-read-timeout`, as for an idle
-/// HTTP/1 connection) is closed gracefully (GOAWAY): hyper's server has no such timeout,
-/// and a client that opens connections and sends nothing would otherwise hold them.
-async fn http2<T>(
-    stream: T,
-    read: bytes::BytesMut,
-    state: Arc<State>,
-    mut stopping: watch::Receiver<bool>,
-    idle_timeout: Duration,
-) where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (streams, mut watched) = watch::channel(Streams {
-        open: 0,
-        idle_since: tokio::time::Instant::now(),
-    });
-    let streams = Arc::new(streams);
-    let counted = streams.clone();
-    let service = service_fn(move |req: Request<Incoming>| {
-        let stream = OpenStream::new(counted.clone());
-        let answer = crate::handler::handle(state.clone(), req.map(ReceivedBody::http2));
-        async move {
-            let response = answer.await?;
-            // Open until the answer's body has been sent (or dropped).
-            Ok::<_, std::convert::Infallible>(response.map(|body| {
-                http_body_util::BodyExt::boxed_unsync(StreamBody {
-                    body,
-                    _open: stream,
-                })
-            }))
-        }
-    });
-    let io = TokioIo::new(Rewind::new(stream, read.freeze()));
-    let connection = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .serve_connection(io, service);
-    let mut connection = pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-        () = idle_for(&mut watched, idle_timeout) => {
-            tracing::debug!("closing an HTTP/2 connection idle for {idle_timeout:?}");
-            connection.as_mut().graceful_shutdown();
-            // The GOAWAY's last stream is settled by a ping the client answers: one that
-            // answers nothing is dropped once idle for another `idle_timeout` (a request
-            // it still starts meanwhile is answered first).
-            streams.send_modify(|streams| streams.idle_since = tokio::time::Instant::now());
-            tokio::select! {
-                result = connection.as_mut() => result,
-                () = idle_for(&mut watched, idle_timeout) => Ok(()),
-            }
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!("connection ended with an error: {e}");
-    }
-}
-
-/// The requests in progress on one HTTP/2 connection.
-struct Streams {
-    open: usize,
-    /// When the last one ended (or the connection began).
-    idle_since: tokio::time::Instant,
-}
-
-/// Counts one request as in progress while it lives.
-struct OpenStream(Arc<watch::Sender<Streams>>);
-
-impl OpenStream {
-    fn new(streams: Arc<watch::Sender<Streams>>) -> Self {
-        streams.send_modify(|streams| streams.open += 1);
-        Self(streams)
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.send_modify(|streams| {
-            streams.open -= 1;
-            if streams.open == 0 {
-                streams.idle_since = tokio::time::Instant::now();
-            }
-        });
-    }
-}
-
-/// An answer's body, holding its request's [`OpenStream`] until it is sent or dropped.
-struct StreamBody {
-    body: crate::handler::Body,
-    _open: OpenStream,
-}
-
-impl http_body::Body for StreamBody {
-    type Data = Bytes;
-    type Error = tower::BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// Resolves once no request has been in progress for `timeout`.
-async fn idle_for(streams: &mut watch::Receiver<Streams>, timeout: Duration) {
-    loop {
-        let (open, since) = {
-            let streams = streams.borrow_and_update();
-            (streams.open, streams.idle_since)
-        };
-        let changed = if open == 0 {
-            tokio::select! {
-                () = tokio::time::sleep_until(since + timeout) => return,
-                changed = streams.changed() => changed,
-            }
-        } else {
-            streams.changed().await
-        };
-        if changed.is_err() {
-            // The connection's service is gone: the connection is ending on its own.
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
-/// A connection whose first bytes, already read, are read again.
-struct Rewind<T> {
-    prefix: Bytes,
-    inner: T,
-}
-
-impl<T> Rewind<T> {
-    fn new(inner: T, prefix: Bytes) -> Self {
-        Self { prefix, inner }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -19,31 +19,33 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
+use crate::error::StartError;
+
 /// The client configuration for an https upstream.
 pub(crate) fn client_config(
     extra_roots: Vec<CertificateDer<'static>>,
-) -> Result<rustls::ClientConfig, String> {
+) -> Result<rustls::ClientConfig, StartError> {
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
     for cert in &extra_roots {
         roots
             .add(cert.clone())
-            .map_err(|e| format!("--upstream-ca: unusable certificate: {e}"))?;
+            .map_err(|e| StartError::caused("--upstream-ca: unusable certificate", e))?;
     }
     // ring, named here rather than left to rustls' process-wide default: it builds with
     // nothing but a C compiler (aws-lc-rs wants cmake).
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
-        .map_err(|e| format!("TLS setup: {e}"))?;
+        .map_err(|e| StartError::caused("TLS setup", e))?;
     let verifier = UpstreamVerifier {
         webpki,
         pinned: extra_roots,
     };
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
+        .map_err(|e| StartError::caused("TLS setup", e))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth())

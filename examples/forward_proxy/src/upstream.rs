@@ -16,19 +16,23 @@ use tower_key_rotation::retry::{ReplayBody, Retry, RetryLayer};
 use tower_key_rotation::{KeyPool, KeyRotation, KeyRotationLayer, Placement};
 
 use crate::attempts::{AttemptTimer, AttemptTimerLayer};
+use crate::config::{ProxyConfig, UpstreamUrl};
 use crate::connections::{ConnectError, Connections};
+use crate::error::StartError;
 use crate::h1::server::ReceivedBody;
 
 /// A client's request body as sent upstream: cut at `--max-body-size`, buffered for a
 /// retry up to `--retry-body-limit`.
 pub(crate) type RequestBody = ReplayBody<Limited<ReceivedBody>>;
 /// The whole client stack, one clone per request.
-pub(crate) type Upstream = Retry<KeyRotation<AttemptTimer<Timeout<Connections<RequestBody>>>>>;
+pub(crate) type UpstreamClient =
+    Retry<KeyRotation<AttemptTimer<Timeout<Connections<RequestBody>>>>>;
 
+/// What a worker's client stack is made of.
 #[derive(Clone)]
 pub(crate) struct Options {
     /// The upstream's URL (its scheme, host, port and path).
-    pub(crate) upstream: crate::config::Upstream,
+    pub(crate) upstream: UpstreamUrl,
     pub(crate) placement: Placement,
     pub(crate) retries: usize,
     pub(crate) connect_timeout: Duration,
@@ -38,24 +42,22 @@ pub(crate) struct Options {
 }
 
 impl Options {
-    /// The options the command line gives, with `extra_roots` read from `--upstream-ca`
-    /// by the caller.
-    pub(crate) fn from_args(
-        args: &crate::config::Args,
-        extra_roots: Vec<CertificateDer<'static>>,
-    ) -> Self {
+    /// The options `config` gives, with `extra_roots` read from its `upstream_ca` by the
+    /// caller.
+    pub(crate) fn new(config: &ProxyConfig, extra_roots: Vec<CertificateDer<'static>>) -> Self {
         Self {
-            upstream: args.upstream.clone(),
-            placement: args.placement(),
-            retries: args.retries,
-            connect_timeout: args.connect_timeout,
-            request_timeout: args.request_timeout,
+            upstream: config.upstream.clone(),
+            placement: config.placement(),
+            retries: config.retries,
+            connect_timeout: config.connect_timeout,
+            request_timeout: config.request_timeout,
             extra_roots,
         }
     }
 }
 
-pub(crate) fn build(pool: &KeyPool, options: Options) -> Result<Upstream, String> {
+/// A worker's client stack over `pool`.
+pub(crate) fn build(pool: &KeyPool, options: Options) -> Result<UpstreamClient, StartError> {
     let tls = crate::tls::client_config(options.extra_roots)?;
     let mut http = HttpConnector::new();
     // The scheme is checked by the TLS connector, which lets `http://` through as plain.

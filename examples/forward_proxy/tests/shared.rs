@@ -3,8 +3,6 @@
 //! together they never exceed it, where three proxies on their own do; a replica killed
 //! with SIGKILL frees its slots within the TTL; the Redis URL's password never shows.
 
-#[path = "../../../tests/redis_support/mod.rs"]
-mod redis_support;
 mod support;
 
 use std::collections::HashMap;
@@ -13,8 +11,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use redis_support::RedisServer;
 use support::{MockUpstream, Proxy, ProxyConfig, Seen, client, get, post, reply};
+use test_support::RedisServer;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 

@@ -2,16 +2,16 @@
 //! off, ready when it says so on its log, stopped by pid (SIGKILL, as a crash would).
 //! Debian's `redis-server` package provides it (`.ci/run` installs it when missing).
 
-#![allow(dead_code, unreachable_pub)]
-
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// A running `redis-server`.
+/// A running `redis-server`, killed when dropped.
+#[derive(Debug)]
 pub struct RedisServer {
+    /// The loopback port it listens on.
     pub port: u16,
     /// TLS only: the certificate and key files the server presents.
     tls: Option<(String, String)>,

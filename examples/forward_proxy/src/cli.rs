@@ -1,0 +1,511 @@
+//! The command line: its flags, and the [`ProxyConfig`] they describe.
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use forward_proxy::{
+    KeysFrom, ListenAddr, LogFormat, Profile, ProxyConfig, RedisConfig, RedisUrl, UpstreamUrl,
+};
+use http::HeaderName;
+use tower_key_rotation::shared::DegradedPolicy;
+use tower_key_rotation::{Placement, Selection};
+
+const EXAMPLES: &str = "\
+Example:
+  BIGMODEL_API_KEY=k1,k2,k3 cargo run --release -p forward_proxy -- \\
+      --listen 127.0.0.1:8080 --upstream https://open.bigmodel.cn/api/paas/v4
+
+  curl http://127.0.0.1:8080/chat/completions -H 'content-type: application/json' \\
+      -d '{\"model\":\"glm-4-flash\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'
+
+Keys are read from the environment variable named by --keys-env (comma-separated; by
+default the profile's: OPENAI_API_KEY, ANTHROPIC_API_KEY, else BIGMODEL_API_KEY), or from
+a .env file in the working directory, or from a TOML key file (--keys-file) that names
+each key and takes its value from an environment variable or a file:
+
+  [[key]]
+  name = \"paid\"
+  env = \"PAID_KEY\"    # or: file = \"secrets/paid.key\"
+  weight = 3          # optional: share, rpm, max_in_flight, account
+  rpm = 500
+
+SIGHUP, or a change to the key file, reloads the keys (unchanged keys keep their state).
+Keys of one account share its limit: tag them with the same account.
+
+Admin routes: /_keyrotation/health, /_keyrotation/keys, /_keyrotation/backend,
+/_keyrotation/metrics.
+
+Replicas share their keys' state through Redis with --redis-url (or REDIS_URL).
+
+Anyone who can reach the proxy uses your keys: keep it on loopback, or set --access-token-env.";
+
+/// Shown after `-h`: where to read on.
+const SHORT_AFTER: &str = "\
+Keys come from --keys-env (or .env in the working directory) or --keys-file.
+--help tells more: each flag in full, the key file, reloads, admin routes, an example.";
+
+/// A forward proxy that spreads requests over several API keys of one provider.
+// Each flag's doc: a first paragraph that `-h` prints on one line (100 columns), then
+// what `--help` adds; flags go under headings by the job they do.
+#[derive(Debug, Parser)]
+#[command(
+    name = "forward_proxy",
+    version,
+    max_term_width = 100,
+    after_help = SHORT_AFTER,
+    after_long_help = EXAMPLES
+)]
+pub(crate) struct Args {
+    /// Address to listen on
+    ///
+    /// A host and a port; a name such as `localhost` is resolved, and the first address
+    /// that can be bound is used. Keep it on loopback unless an access token is set.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8080", value_parser = parse::<ListenAddr>)]
+    listen: ListenAddr,
+
+    /// Variable holding the token clients must send
+    ///
+    /// Clients send it as `Authorization: Bearer <token>`, or where their SDK puts a key
+    /// (`x-api-key`, `api-key`, `x-goog-api-key`, a `key` query parameter); it is never
+    /// forwarded. Without it, any client that reaches the proxy is served, with your keys.
+    #[arg(long, value_name = "NAME")]
+    access_token_env: Option<String>,
+
+    /// Worker threads [default: the available cores]
+    ///
+    /// Each has its own listener on the address (`SO_REUSEPORT`) and its own upstream
+    /// connections; all share the keys.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
+
+    /// Variable with the comma-separated keys [default: the profile's]
+    ///
+    /// By default the profile's: OPENAI_API_KEY (openai), ANTHROPIC_API_KEY (anthropic),
+    /// else BIGMODEL_API_KEY. The environment sets it, or a `.env` file in the working
+    /// directory.
+    #[arg(long, value_name = "NAME", help_heading = KEYS)]
+    keys_env: Option<String>,
+
+    /// TOML file naming the keys; takes precedence over --keys-env
+    ///
+    /// Each `[[key]]` table names a key and takes its value from an environment variable
+    /// or a file, with optional weight, rpm, max_in_flight and account (the format is
+    /// below). Reloaded on SIGHUP and when it changes.
+    #[arg(long, value_name = "FILE", help_heading = KEYS)]
+    keys_file: Option<PathBuf>,
+
+    /// How often to look for key file changes; 0: never
+    ///
+    /// A change to the key file, or to a file it takes a key from, reloads the keys; so
+    /// does SIGHUP.
+    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = seconds, help_heading = KEYS)]
+    keys_file_poll: Duration,
+
+    /// How a key is chosen: round-robin (default) or least-in-flight
+    ///
+    /// `round-robin` takes the available keys in turn (1, 2, 3, 1, 2, 3), each as often as
+    /// its weight says; `least-in-flight` the one with the fewest requests in flight.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "HOW",
+        default_value_t = StrategyArg::RoundRobin,
+        hide_default_value = true,
+        hide_possible_values = true,
+        help_heading = KEYS
+    )]
+    strategy: StrategyArg,
+
+    /// The provider's base URL (http or https)
+    ///
+    /// Its path is a prefix: with `https://host/v1`, `/chat/completions?x=1` goes to
+    /// `https://host/v1/chat/completions?x=1`. The only host the proxy ever contacts.
+    #[arg(long, value_name = "URL", value_parser = parse::<UpstreamUrl>, help_heading = UPSTREAM)]
+    upstream: UpstreamUrl,
+
+    /// The provider: generic (default), bigmodel, openai or anthropic
+    ///
+    /// How its answers are read, which variable holds the keys (--keys-env) and where the
+    /// key goes (--auth):
+    ///
+    /// `generic`: status codes and the OpenAI/Anthropic rate-limit headers (any provider);
+    /// BIGMODEL_API_KEY; bearer.
+    ///
+    /// `bigmodel` (Zhipu): also `error.code` (1302/1303 limits, 1113/1304/1308/1310 quota,
+    /// 1305/1312 overload, 1000-1004 invalid key); BIGMODEL_API_KEY; bearer.
+    ///
+    /// `openai`: also a billing 429 (`insufficient_quota`) is a spent quota, not a rate
+    /// limit; OPENAI_API_KEY; bearer.
+    ///
+    /// `anthropic`: also a 529 overload is platform-wide, not the key's fault;
+    /// ANTHROPIC_API_KEY; `x-api-key`.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "NAME",
+        default_value_t = ProfileArg::Generic,
+        hide_default_value = true,
+        hide_possible_values = true,
+        help_heading = UPSTREAM
+    )]
+    profile: ProfileArg,
+
+    /// Where the key goes [default: the profile's]
+    ///
+    /// `bearer` sends `Authorization: Bearer <key>`; `header:NAME` sends the key alone in
+    /// that header. By default the provider's own: `header:x-api-key` for anthropic,
+    /// `bearer` for openai, bigmodel and generic.
+    #[arg(long, value_name = "bearer|header:NAME", value_parser = parse_auth, help_heading = UPSTREAM)]
+    auth: Option<AuthArg>,
+
+    /// Also trust the CA certificates in this PEM file
+    ///
+    /// For an https upstream behind a company gateway, say; the usual public roots stay
+    /// trusted.
+    #[arg(long, value_name = "FILE", help_heading = UPSTREAM)]
+    upstream_ca: Option<PathBuf>,
+
+    /// At most N requests in flight per key [default: no cap]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = LIMITS)]
+    max_in_flight_per_key: Option<u32>,
+
+    /// At most N requests a minute per key
+    ///
+    /// Keys of a key file may set their own `rpm`. Requests beyond it wait for their turn
+    /// instead of earning a 429.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = LIMITS)]
+    rpm_per_key: Option<u32>,
+
+    /// How long a request may wait for a key
+    ///
+    /// Counted from the request's arrival, across its retries; then a 429 with
+    /// Retry-After and `x-should-retry: false`, in the provider's error format (at once
+    /// when no key can be back in time).
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds, help_heading = LIMITS)]
+    max_wait: Duration,
+
+    /// Send a refused request again at most N times
+    ///
+    /// A 429, a rejected key or a refused connection sends the request again, on another
+    /// key; what bounds a request's time is --max-wait.
+    #[arg(long, value_name = "N", default_value_t = 10, help_heading = LIMITS)]
+    retries: usize,
+
+    /// Do not learn each key's concurrency limit from its 429s
+    ///
+    /// Learning (from 429s that arrive while other requests are in flight on the key)
+    /// makes later requests wait for a slot instead of being refused.
+    #[arg(long, help_heading = LIMITS)]
+    no_learn_concurrency: bool,
+
+    /// Retry request bodies up to this size
+    ///
+    /// A body up to this many bytes is kept so that a 429 can be retried on another key;
+    /// a larger one streams through and is not retried.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, help_heading = LIMITS)]
+    retry_body_limit: usize,
+
+    /// Refuse larger request bodies with a 413
+    ///
+    /// Before a key is used. 32 MiB by default: the largest request LLM providers accept.
+    #[arg(long, value_name = "BYTES", default_value_t = 32 << 20, help_heading = LIMITS)]
+    max_body_size: u64,
+
+    /// Replicas sharing state through Redis (see `shared`).
+    #[command(flatten)]
+    shared: SharedArgs,
+
+    /// Log level: error, warn, info, debug or trace
+    #[arg(long, value_name = "LEVEL", default_value = "info", help_heading = ADMIN)]
+    pub(crate) log_level: tracing::Level,
+
+    /// Log format: text (default) or json
+    ///
+    /// `text` for people: `Using key 2/3 (paid): POST /chat/completions -> 200 in 812 ms`;
+    /// `json` for log shippers, one object a line:
+    /// `{"timestamp":...,"level":"INFO","fields":{"message":"request","key":2,...}}`.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        default_value_t = LogFormatArg::Text,
+        hide_default_value = true,
+        hide_possible_values = true,
+        help_heading = ADMIN
+    )]
+    pub(crate) log_format: LogFormatArg,
+
+    /// Give up connecting after this long (504)
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds, help_heading = TIMEOUTS)]
+    connect_timeout: Duration,
+
+    /// Give up waiting for the response head (504)
+    ///
+    /// Give up waiting for the upstream's response head after this long. Streaming
+    /// bodies are not cut.
+    #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = seconds, help_heading = TIMEOUTS)]
+    request_timeout: Duration,
+
+    /// Close idle HTTP/1 and HTTP/2 connections
+    ///
+    /// An HTTP/1 connection whose request head takes longer than this to arrive
+    /// (slowloris protection), or that stays idle this long between requests, is closed;
+    /// so is an HTTP/2 connection with no request in progress for this long (GOAWAY
+    /// first).
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds, help_heading = TIMEOUTS)]
+    header_read_timeout: Duration,
+
+    /// Time for requests in flight on SIGINT/SIGTERM
+    ///
+    /// On SIGINT or SIGTERM the proxy stops accepting, then waits at most this long for
+    /// the requests in flight.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds, help_heading = TIMEOUTS)]
+    shutdown_timeout: Duration,
+
+    /// Keep a request whose client left this long
+    ///
+    /// When a client goes away before the response head, its upstream request (and its
+    /// key's slot) is kept until the provider answers, at most this long: the provider
+    /// goes on working on it, and counts it against the key's concurrency. 0 releases at
+    /// once.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds, help_heading = TIMEOUTS)]
+    abandoned_grace: Duration,
+}
+
+/// `--help`'s headings, one per job.
+const KEYS: &str = "Keys";
+const UPSTREAM: &str = "Upstream";
+const LIMITS: &str = "Limits and waiting";
+/// The heading of the replicas' flags ([`SharedArgs`]).
+const REPLICAS: &str = "Replicas";
+const ADMIN: &str = "Admin and logs";
+const TIMEOUTS: &str = "Timeouts";
+
+impl Args {
+    /// The configuration these flags describe.
+    pub(crate) fn into_config(self) -> ProxyConfig {
+        let placement = self.auth.map(|auth| match auth {
+            AuthArg::Bearer => Placement::bearer(),
+            AuthArg::Header(name) => Placement::header(name),
+        });
+        let profile = Profile::from(self.profile);
+        let keys = match self.keys_file {
+            Some(path) => KeysFrom::File(path),
+            None => KeysFrom::Env(
+                self.keys_env
+                    .unwrap_or_else(|| profile.keys_env().to_owned()),
+            ),
+        };
+        let mut config = ProxyConfig::new(self.upstream);
+        config.listen = self.listen;
+        config.workers = self.workers.and_then(|n| usize::from(n).try_into().ok());
+        config.access_token_env = self.access_token_env;
+        config.keys = keys;
+        config.keys_file_poll = self.keys_file_poll;
+        config.selection = self.strategy.into();
+        config.profile = profile;
+        config.placement = placement;
+        config.upstream_ca = self.upstream_ca;
+        config.max_in_flight_per_key = self.max_in_flight_per_key.and_then(NonZeroU32::new);
+        config.rpm_per_key = self.rpm_per_key.and_then(NonZeroU32::new);
+        config.max_wait = self.max_wait;
+        config.retries = self.retries;
+        config.learn_concurrency = !self.no_learn_concurrency;
+        config.retry_body_limit = self.retry_body_limit;
+        config.max_body_size = self.max_body_size;
+        config.redis = self.shared.into_config();
+        config.log_format = self.log_format.into();
+        config.connect_timeout = self.connect_timeout;
+        config.request_timeout = self.request_timeout;
+        config.header_read_timeout = self.header_read_timeout;
+        config.shutdown_timeout = self.shutdown_timeout;
+        config.abandoned_grace = self.abandoned_grace;
+        config
+    }
+}
+
+/// The flags of replicas sharing state.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = REPLICAS)]
+struct SharedArgs {
+    /// Share the keys' state with the other replicas through Redis
+    ///
+    /// Their rests, disables and in-flight caps, through this Redis or Valkey:
+    /// `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS) or `unix:///path`.
+    /// Default: the REDIS_URL variable (better for a password: a command line is visible
+    /// to other users); neither: no sharing.
+    #[arg(long, value_name = "URL", value_parser = redis_url)]
+    redis_url: Option<RedisUrl>,
+
+    /// For a rediss:// URL: trust the CA certificates in this PEM file
+    ///
+    /// A deployment's own CA, instead of the public roots.
+    #[arg(long, value_name = "FILE")]
+    redis_ca: Option<PathBuf>,
+
+    /// One namespace per deployment
+    ///
+    /// The replicas of one deployment share a namespace; other deployments on the same
+    /// Redis use others.
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    redis_namespace: String,
+
+    /// Variable holding a secret shared by the replicas
+    ///
+    /// It keys the hash that names each API key in Redis (a key's value is never stored).
+    /// Without it the namespace keys the hash, and whoever reads Redis can test a guessed
+    /// key against it.
+    #[arg(long, value_name = "NAME")]
+    redis_secret_env: Option<String>,
+
+    /// What to do while Redis is away: split (default), open or closed
+    ///
+    /// While Redis is unreachable, each replica: `split` each key's cap across the
+    /// replicas last seen; `open` uses the whole cap; `closed` makes keys with a cap wait
+    /// for Redis.
+    #[arg(
+        long,
+        value_name = "POLICY",
+        value_enum,
+        default_value_t = PolicyArg::Split,
+        hide_default_value = true,
+        hide_possible_values = true
+    )]
+    degraded_policy: PolicyArg,
+}
+
+impl SharedArgs {
+    fn into_config(self) -> RedisConfig {
+        let mut config = RedisConfig::default();
+        config.url = self.redis_url;
+        config.ca = self.redis_ca;
+        config.namespace = self.redis_namespace;
+        config.secret_env = self.redis_secret_env;
+        config.degraded_policy = self.degraded_policy.into();
+        config
+    }
+}
+
+/// A Redis URL may hold a password: parsing never fails (clap would repeat a rejected
+/// value in its error); it is checked when used.
+fn redis_url(s: &str) -> Result<RedisUrl, String> {
+    Ok(RedisUrl::new(s.to_owned()))
+}
+
+/// `--degraded-policy`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PolicyArg {
+    Split,
+    Open,
+    Closed,
+}
+
+impl From<PolicyArg> for DegradedPolicy {
+    fn from(arg: PolicyArg) -> Self {
+        match arg {
+            PolicyArg::Split => DegradedPolicy::Split,
+            PolicyArg::Open => DegradedPolicy::Open,
+            PolicyArg::Closed => DegradedPolicy::Closed,
+        }
+    }
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormatArg {
+    /// For people.
+    Text,
+    /// One object a line, for log shippers.
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(arg: LogFormatArg) -> Self {
+        match arg {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}
+
+/// `--strategy`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StrategyArg {
+    /// 1, 2, 3, 1, 2, 3 over the available keys.
+    RoundRobin,
+    /// The key with the fewest requests in flight.
+    LeastInFlight,
+}
+
+impl From<StrategyArg> for Selection {
+    fn from(arg: StrategyArg) -> Self {
+        match arg {
+            StrategyArg::RoundRobin => Selection::RoundRobin,
+            StrategyArg::LeastInFlight => Selection::LeastInFlight,
+        }
+    }
+}
+
+/// `--profile`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProfileArg {
+    /// Status codes and the OpenAI/Anthropic rate-limit headers (any provider).
+    Generic,
+    /// Zhipu BigModel: reads `error.code` (1302/1303 limits, 1113/1304/1308/1310 quota,
+    /// 1305/1312 overload, 1000-1004 invalid key).
+    Bigmodel,
+    /// OpenAI: a billing 429 (`insufficient_quota`) is a spent quota, not a rate limit.
+    Openai,
+    /// Anthropic: 529 overload is platform-wide, not the key's fault; the key goes in
+    /// `x-api-key`.
+    Anthropic,
+}
+
+impl From<ProfileArg> for Profile {
+    fn from(arg: ProfileArg) -> Self {
+        match arg {
+            ProfileArg::Generic => Profile::Generic,
+            ProfileArg::Bigmodel => Profile::Bigmodel,
+            ProfileArg::Openai => Profile::Openai,
+            ProfileArg::Anthropic => Profile::Anthropic,
+        }
+    }
+}
+
+/// `--auth`.
+#[derive(Debug, Clone)]
+enum AuthArg {
+    Bearer,
+    Header(HeaderName),
+}
+
+fn parse_auth(s: &str) -> Result<AuthArg, String> {
+    if s == "bearer" {
+        return Ok(AuthArg::Bearer);
+    }
+    let name = s
+        .strip_prefix("header:")
+        .ok_or_else(|| "expected `bearer` or `header:NAME`".to_owned())?;
+    HeaderName::try_from(name)
+        .map(AuthArg::Header)
+        .map_err(|_| format!("`{name}` is not a valid header name"))
+}
+
+/// A value the library validates (`--listen`, `--upstream`), its error in clap's message.
+fn parse<T>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e: T::Err| e.to_string())
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| "expected a number of seconds".to_owned())?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| "expected a non-negative number of seconds".to_owned())
+}

@@ -1,0 +1,275 @@
+//! One client request: admit it (`admit`), rewrite it for the upstream (`rewrite`), send
+//! it through the key layers, and stream the answer back (`body`); log it (`log`), and let
+//! an attempt the provider is working on finish when its client goes away (`abandon`).
+
+mod abandon;
+mod admit;
+mod body;
+mod log;
+mod rewrite;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower_key_rotation::KeyPool;
+use tower_key_rotation::retry::{self, ReplayBody, TriedKeys};
+
+use crate::admin;
+use crate::answer::{self, Body, ErrorFormat};
+use crate::attempts::Attempts;
+use crate::config::{AccessToken, LogFormat, ProxyConfig, UpstreamUrl};
+use crate::h1::server::ReceivedBody;
+use crate::metrics::Metrics;
+use crate::upstream::UpstreamClient;
+
+use self::abandon::InFlight;
+use self::body::{ClientBody, ExchangeBody, GoneNote};
+use self::log::access_log;
+
+/// Shared by every connection of a worker; its clones (one per worker) share all but the
+/// upstream client.
+#[derive(Clone)]
+pub(crate) struct State {
+    pub(crate) pool: KeyPool,
+    pub(crate) upstream_url: UpstreamUrl,
+    pub(crate) upstream: UpstreamClient,
+    pub(crate) access_token: Option<Arc<AccessToken>>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) retry_body_limit: usize,
+    pub(crate) listen: SocketAddr,
+    pub(crate) max_body_size: u64,
+    pub(crate) abandoned_grace: Duration,
+    pub(crate) log_format: LogFormat,
+    /// The keys' names by position, for the JSON log (updated on reload).
+    pub(crate) key_names: Arc<KeyNames>,
+    /// The shape of the proxy's own error answers: the profile's provider's.
+    pub(crate) error_format: ErrorFormat,
+}
+
+impl State {
+    /// The state `config` describes, for one worker. `listen` is the address the proxy
+    /// answers on (absolute-form targets naming it count as the proxy's own).
+    pub(crate) fn new(
+        config: &ProxyConfig,
+        pool: KeyPool,
+        upstream: UpstreamClient,
+        access_token: Option<AccessToken>,
+        listen: SocketAddr,
+    ) -> Self {
+        Self {
+            metrics: Arc::new(Metrics::new(pool.clone())),
+            key_names: Arc::new(KeyNames::new(key_names(&pool))),
+            pool,
+            upstream_url: config.upstream.clone(),
+            upstream,
+            access_token: access_token.map(Arc::new),
+            retry_body_limit: config.retry_body_limit,
+            listen,
+            max_body_size: config.max_body_size,
+            abandoned_grace: config.abandoned_grace,
+            log_format: config.log_format,
+            error_format: config.profile.into(),
+        }
+    }
+}
+
+/// The keys' names by 0-based index (`None` for a key without one).
+pub(crate) type KeyNames = arc_swap::ArcSwap<Vec<Option<String>>>;
+
+/// The names of `pool`'s keys, for [`KeyNames`].
+pub(crate) fn key_names(pool: &KeyPool) -> Arc<Vec<Option<String>>> {
+    Arc::new(pool.snapshot().into_iter().map(|key| key.name).collect())
+}
+
+/// Serves one request (from the HTTP/1 server or hyper's HTTP/2 one).
+pub(crate) async fn handle(
+    state: Arc<State>,
+    req: Request<ReceivedBody>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    // The path only (`LoggedPath`): a query string is the client's business and stays out
+    // of logs. A shared slice of the request's head, not a copy.
+    let path = LoggedPath(req.uri().path_and_query().cloned());
+    let request = RequestLabel {
+        method,
+        path,
+        started,
+    };
+    let exchange = proxy(&state, req, &request).await;
+    let elapsed = exchange.finished.saturating_duration_since(started);
+    let status = exchange.response.status();
+    if request.path.path().starts_with(admin::PREFIX) {
+        tracing::debug!("{} {} -> {}", request.method, request.path, status.as_u16());
+        return Ok(exchange.response.map(ExchangeBody::boxed));
+    }
+    let tried = &exchange.tried;
+    state.metrics.observe(
+        status,
+        elapsed,
+        tried.len().saturating_sub(1),
+        exchange.waited,
+    );
+    access_log(&state, &request, &exchange, status, elapsed);
+    if exchange.attempts == 0 {
+        return Ok(exchange.response.map(ExchangeBody::boxed));
+    }
+    // Proxied: note a client that goes away before the body's end.
+    let key = exchange.tried.last().copied();
+    let (parts, body) = exchange.response.into_parts();
+    let body = ClientBody {
+        inner: body,
+        gone: Some(GoneNote {
+            state,
+            request,
+            key,
+        }),
+    };
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// A request as the log names it.
+#[derive(Clone)]
+struct RequestLabel {
+    method: Method,
+    path: LoggedPath,
+    started: Instant,
+}
+
+/// A request's path as logged: its target's path, without the query.
+#[derive(Clone)]
+struct LoggedPath(Option<http::uri::PathAndQuery>);
+
+impl LoggedPath {
+    fn path(&self) -> &str {
+        self.0.as_ref().map_or("/", http::uri::PathAndQuery::path)
+    }
+}
+
+impl std::fmt::Display for LoggedPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.path())
+    }
+}
+
+/// What became of a request.
+struct Exchange {
+    response: Response<ExchangeBody>,
+    /// 1-based positions of the keys tried, in order (empty when the request never
+    /// reached the key layer).
+    tried: Vec<usize>,
+    /// Attempts sent to the upstream.
+    attempts: u32,
+    /// Time spent waiting for a key (before the first attempt and between attempts).
+    waited: Duration,
+    /// When the answer's head was ready (one reading of the clock for the latency and
+    /// the time waited).
+    finished: Instant,
+}
+
+impl Exchange {
+    fn local(response: Response<Body>) -> Self {
+        Self {
+            response: response.map(ExchangeBody::Own),
+            tried: Vec::new(),
+            attempts: 0,
+            waited: Duration::ZERO,
+            finished: Instant::now(),
+        }
+    }
+}
+
+/// What became of the request.
+async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &RequestLabel) -> Exchange {
+    if let Some(response) = admit::answer_locally(state, &req) {
+        return Exchange::local(response);
+    }
+    let (mut parts, body) = req.into_parts();
+    if !rewrite::for_upstream(&mut parts) {
+        let response = state.error_format.answer(
+            StatusCode::BAD_REQUEST,
+            "bad_path",
+            "the request path is not valid",
+        );
+        return Exchange::local(response);
+    }
+    // Only `TriedKeys` (the retry layer then shares it between the copies it keeps for
+    // retries instead of copying the extensions); the attempts are followed by this
+    // request's clone of the client stack.
+    parts.extensions = http::Extensions::new();
+    let tried = TriedKeys::new();
+    parts.extensions.insert(tried.clone());
+    let attempts = Attempts::new();
+
+    // A body without a declared length is cut at the limit (and answered 413).
+    let limit = usize::try_from(state.max_body_size).unwrap_or(usize::MAX);
+    let body = Limited::new(body, limit);
+    let body = match ReplayBody::buffer(body, state.retry_body_limit).await {
+        Ok(body) => body,
+        Err(error) if error.is::<LengthLimitError>() => {
+            return Exchange::local(answer::too_large(state.error_format, state.max_body_size));
+        }
+        Err(error) => {
+            tracing::debug!("reading the request body failed: {error}");
+            let response = state.error_format.answer(
+                StatusCode::BAD_REQUEST,
+                "bad_request_body",
+                "the request body could not be read",
+            );
+            return Exchange::local(response);
+        }
+    };
+    let sent = Instant::now();
+    let mut upstream = state.upstream.clone();
+    upstream.get_mut().get_mut().follow(attempts.clone());
+    let call = upstream.oneshot(Request::from_parts(parts, body));
+    // The call is driven here, in the client connection's task. A client going away drops
+    // this future: `InFlight` then hands an attempt the provider is working on to a task
+    // of its own (see `abandon`) instead of cancelling it.
+    let mut in_flight = InFlight {
+        call: Some(Box::pin(call)),
+        state,
+        request,
+        attempts: &attempts,
+        tried: &tried,
+    };
+    let result = in_flight.call.as_mut().expect("set above").await;
+    in_flight.call = None;
+    let finished = Instant::now();
+    let waited = finished
+        .saturating_duration_since(sent)
+        .saturating_sub(attempts.upstream_time());
+    let response = match result {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            rewrite::remove_unforwarded(&mut parts.headers, rewrite::Message::Response);
+            if parts.extensions.get::<retry::Attempts>().is_some() {
+                // We already retried or waited for this answer, or no key can take it
+                // again within its wait budget: an SDK retrying it would only stack its
+                // retries on ours, or wait past the budget.
+                answer::no_more_retries(&mut parts.headers);
+            }
+            Response::from_parts(parts, ExchangeBody::Upstream(body))
+        }
+        Err(error) => answer::Failure {
+            format: state.error_format,
+            upstream: state.upstream_url.authority.as_str(),
+            max_body_size: state.max_body_size,
+        }
+        .answer(&error)
+        .map(ExchangeBody::Own),
+    };
+    Exchange {
+        response,
+        tried: tried.positions(),
+        attempts: attempts.count(),
+        waited,
+        finished,
+    }
+}
