@@ -90,7 +90,6 @@ impl ErrorFormat {
 fn openai_type(status: StatusCode) -> &'static str {
     match status {
         StatusCode::TOO_MANY_REQUESTS => "requests",
-        StatusCode::UNAUTHORIZED => "invalid_request_error",
         s if s.is_client_error() => "invalid_request_error",
         _ => "server_error",
     }
