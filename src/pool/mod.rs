@@ -69,6 +69,7 @@ mod loom_tests;
 mod record;
 mod rejected;
 mod rest;
+mod routed;
 mod select;
 mod shared;
 mod slot;
@@ -90,6 +91,7 @@ use crate::classify::Classifier;
 use crate::key::KeySet;
 use crate::pool_time::PoolTime;
 use crate::quota::Quota;
+use crate::route::{Buckets, Router};
 
 use crate::shared::{BackendHealth, Shared};
 
@@ -154,6 +156,10 @@ pub(crate) struct PoolInner {
     cursor: Padded<AtomicUsize>,
     /// Serialises reloads (readers never take it).
     reload: Mutex<()>,
+    /// Reads each request's route; `None`: keys are reserved in `poll_ready`.
+    router: Option<Arc<dyn Router>>,
+    /// Bucket names interned into small ids.
+    buckets: Buckets,
 }
 
 /// What every slot needs to reach on its own: settings applied to outcomes, the clock, and
@@ -206,6 +212,8 @@ impl KeyPool {
             max_wait: Some(builder::DEFAULT_MAX_WAIT),
             backend: None,
             degraded: Default::default(),
+            router: None,
+            max_buckets: crate::route::DEFAULT_MAX_BUCKETS,
         }
     }
 

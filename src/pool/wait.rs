@@ -41,6 +41,7 @@ use super::lease::Lease;
 use super::state::PoolAvailability;
 use super::{KeyPool, Signals};
 use crate::error::{AllKeysDisabled, NoKeyAvailable};
+use crate::route::Route;
 
 impl KeyPool {
     /// Reserves a key, or registers `waiter` to be woken when one may be free.
@@ -56,8 +57,19 @@ impl KeyPool {
         deadline: Option<Instant>,
         cx: &mut Context<'_>,
     ) -> Poll<Reserve> {
+        self.poll_reserve_route(&Route::ANY, waiter, deadline, cx)
+    }
+
+    /// [`poll_reserve`](Self::poll_reserve) for a request of `route`.
+    pub(crate) fn poll_reserve_route(
+        &self,
+        route: &Route,
+        waiter: &mut Waiter,
+        deadline: Option<Instant>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Reserve> {
         loop {
-            if let Some(lease) = self.try_reserve() {
+            if let Some(lease) = self.try_reserve_route(route) {
                 waiter.disarm();
                 return Poll::Ready(Reserve::Lease(lease));
             }
