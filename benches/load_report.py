@@ -39,6 +39,11 @@ def num(run, name):
         return None
 
 
+def busy_pct(run):
+    busy = num(run, "busy")
+    return None if busy is None else 100 * busy
+
+
 def summary(values, digits=1):
     """'median (min-max)' of the values that exist."""
     values = sorted(v for v in values if v is not None)
@@ -83,9 +88,9 @@ def streams(runs):
         out.append(f"#### {int(n):,} concurrent streams\n")
         out.append(
             "| target | events/s | p50 µs | p99 µs | added p50 µs | added p99 µs | CPU µs/event "
-            "| CPU ÷ nginx | RSS KiB/stream | RSS ÷ nginx | errors |"
+            "| CPU ÷ nginx | RSS KiB/stream | RSS ÷ nginx | bench CPU share | errors |"
         )
-        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for target in ["upstream"] + PROXIES:
             def added(name):
                 return lambda r: (
@@ -123,6 +128,7 @@ def streams(runs):
                         )
                         if proxy
                         else "-",
+                        summary(per_round(rounds, target, busy_pct), 0) + " %",
                         summary(per_round(rounds, target, lambda r: num(r, "errors")), 0),
                     ]
                 )
@@ -171,9 +177,10 @@ def rate(runs):
         rounds = groups[r]
         out.append(f"#### {int(r):,} requests/s\n")
         out.append(
-            "| target | p50 µs | p90 µs | p99 µs | added p50 µs | added p99 µs | sends late p99 µs | errors |"
+            "| target | p50 µs | p90 µs | p99 µs | added p50 µs | added p99 µs | sends late p99 µs "
+            "| bench CPU share | errors |"
         )
-        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         rounds_of = {id(x): rs for rs in rounds.values() for x in rs.values()}
 
         def added(name):
@@ -198,6 +205,7 @@ def rate(runs):
                         summary(per_round(rounds, target, added("p50_us"))) if proxy else "-",
                         summary(per_round(rounds, target, added("p99_us"))) if proxy else "-",
                         summary(per_round(rounds, target, lambda x: num(x, "late_p99_us"))),
+                        summary(per_round(rounds, target, busy_pct), 0) + " %",
                         summary(per_round(rounds, target, lambda x: num(x, "errors")), 0),
                     ]
                 )

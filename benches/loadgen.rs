@@ -5,9 +5,9 @@
 //! ```text
 //! loadgen sse-upstream --listen 127.0.0.1:18101 [--chunks 100] [--interval-ms 20] [--size 60]
 //! loadgen sse-client --url http://127.0.0.1:18102/chat/completions --streams 1000
-//!         [--duration 10] [--ramp-ms 1000] [--warmup-ms 2000] [--pids 123,456]
+//!         [--duration 10] [--ramp-ms 1000] [--warmup-ms 2000] [--pids 123,456] [--also-pids 789]
 //! loadgen rate --url http://127.0.0.1:18102/chat/completions --rate 5000
-//!         [--duration 10] [--warmup-ms 2000] [--connections 32]
+//!         [--duration 10] [--warmup-ms 2000] [--connections 32] [--pids ...] [--also-pids ...]
 //! ```
 //!
 //! `sse-upstream` answers every request with a server-sent event stream: `--chunks` events
@@ -17,7 +17,8 @@
 //! event's arrival time minus its `t`: the latency the path between the two processes
 //! adds, through a proxy or not (the same clock on one machine). It reads the CPU time and
 //! RSS of the processes `--pids` names at the start, in the middle (RSS: all streams
-//! open) and at the end. `rate` sends POSTs at a fixed rate whatever the answers do (open
+//! open) and at the end, and the share of the cores those, `--also-pids` (the upstream)
+//! and itself took (`busy`: near 1, the machine is saturated by the benchmark itself). `rate` sends POSTs at a fixed rate whatever the answers do (open
 //! loop, wrk2's way: request `i` belongs to connection `i % connections` and is due at
 //! `start + i / rate`), and measures each from its write to the end of its answer; how
 //! late the sends left is reported beside, so a client that fell behind shows.
@@ -262,6 +263,32 @@ fn cpu_and_rss(pids: &[u32]) -> (u64, u64) {
     (ticks, rss)
 }
 
+/// The share of the machine's cores that `pids` and this process took over `elapsed`:
+/// near 1.0, the benchmark's own processes saturate the machine, and latency measures
+/// their queueing for a core rather than the path.
+fn cpu_share(pids: &[u32], start_ticks: u64, elapsed: Duration) -> f64 {
+    let (ticks, _) = cpu_and_rss(pids);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let seconds = ticks.saturating_sub(start_ticks) as f64 / clock_ticks_per_s() as f64;
+    seconds / (elapsed.as_secs_f64() * cores)
+}
+
+/// `--pids` and `--also-pids` (the upstream: counted in the CPU share only) and this
+/// process.
+fn all_pids(options: &Options, pids: &[u32]) -> Vec<u32> {
+    let mut all = pids.to_vec();
+    all.extend(parse_pids(options.get("also-pids")));
+    all.push(std::process::id());
+    all
+}
+
+fn parse_pids(list: Option<&str>) -> Vec<u32> {
+    list.unwrap_or("")
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
+
 fn clock_ticks_per_s() -> u64 {
     // getconf CLK_TCK is 100 on every Linux this runs on; the scripts may say otherwise.
     std::env::var("CLK_TCK")
@@ -283,14 +310,11 @@ async fn sse_client(options: Options) -> Result<(), Error> {
     let duration = Duration::from_secs(options.int("duration", 10));
     let ramp = Duration::from_millis(options.int("ramp-ms", 1000));
     let warmup = Duration::from_millis(options.int("warmup-ms", 2000));
-    let pids: Vec<u32> = options
-        .get("pids")
-        .unwrap_or("")
-        .split(',')
-        .filter_map(|p| p.trim().parse().ok())
-        .collect();
+    let pids = parse_pids(options.get("pids"));
+    let everyone = all_pids(&options, &pids);
 
     let (ticks_start, rss_start) = cpu_and_rss(&pids);
+    let (everyone_start, _) = cpu_and_rss(&everyone);
     let start = Instant::now();
     let until = start + duration;
     let measure_from = unix_ns() + warmup.as_nanos() as u64;
@@ -325,6 +349,7 @@ async fn sse_client(options: Options) -> Result<(), Error> {
     }
     let elapsed = start.elapsed();
     let (ticks_end, _) = cpu_and_rss(&pids);
+    let busy = cpu_share(&everyone, everyone_start, elapsed);
     all.latencies_ns.sort_unstable();
     let pct = |p: f64| percentile_us(&all.latencies_ns, p);
     let cpu_us = (ticks_end - ticks_start) as f64 * 1e6 / clock_ticks_per_s() as f64;
@@ -337,7 +362,8 @@ async fn sse_client(options: Options) -> Result<(), Error> {
     eprintln!(
         "{streams} connections for {:.1} s: {} streams, {} events ({:.0}/s), {} errors; \
          latency p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs; CPU of pids \
-         {:.2} µs/event; RSS {} → {} KiB with {open_at_middle} streams open",
+         {:.2} µs/event; RSS {} → {} KiB with {open_at_middle} streams open; the \
+         benchmark's processes took {:.0} % of the cores",
         elapsed.as_secs_f64(),
         all.streams,
         all.events,
@@ -350,11 +376,13 @@ async fn sse_client(options: Options) -> Result<(), Error> {
         per_event,
         rss_start,
         rss_open,
+        busy * 100.0,
     );
     println!(
         "streams={streams} open={open_at_middle} events={} errors={} p50_us={:.1} p90_us={:.1} \
          p99_us={:.1} p999_us={:.1} cpu_us_per_event={per_event:.3} rss_start_kib={rss_start} \
-         rss_open_kib={rss_open} rss_per_stream_kib={rss_per_stream:.2} seconds={:.2}",
+         rss_open_kib={rss_open} rss_per_stream_kib={rss_per_stream:.2} busy={busy:.2} \
+         seconds={:.2}",
         all.events,
         all.errors,
         pct(0.50),
@@ -509,7 +537,12 @@ fn rate(options: Options) -> Result<(), Error> {
     let duration = Duration::from_secs(options.int("duration", 10));
     let warmup = Duration::from_millis(options.int("warmup-ms", 2000));
     let connections = options.int("connections", 32).max(1) as usize;
-    let runtime = runtime(options.int("threads", 1));
+    // Worker threads of their own: this thread paces.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.int("threads", 1).max(1) as usize)
+        .enable_all()
+        .build()?;
+    let everyone = all_pids(&options, &parse_pids(options.get("pids")));
 
     let period = Duration::from_nanos(1_000_000_000 / rate);
     let total = (duration.as_nanos() / period.as_nanos()) as usize;
@@ -593,6 +626,8 @@ fn rate(options: Options) -> Result<(), Error> {
         }));
     }
 
+    let (everyone_start, _) = cpu_and_rss(&everyone);
+    let machine_start = Instant::now();
     // The pacer: a thread of its own, sleeping until each request is due.
     for i in 0..total {
         let due = start + period * i as u32;
@@ -612,6 +647,7 @@ fn rate(options: Options) -> Result<(), Error> {
         lateness.extend(late);
     }
     let elapsed = start.elapsed();
+    let busy = cpu_share(&everyone, everyone_start, machine_start.elapsed());
     latencies.sort_unstable();
     lateness.sort_unstable();
     let errors = errors.load(Ordering::Relaxed);
@@ -633,7 +669,8 @@ fn rate(options: Options) -> Result<(), Error> {
     );
     println!(
         "rate={rate} requests={total} measured={} errors={errors} p50_us={:.1} p90_us={:.1} \
-         p99_us={:.1} p999_us={:.1} late_p50_us={:.1} late_p99_us={:.1} seconds={:.2}",
+         p99_us={:.1} p999_us={:.1} late_p50_us={:.1} late_p99_us={:.1} busy={busy:.2} \
+         seconds={:.2}",
         latencies.len(),
         p(0.5),
         p(0.9),

@@ -52,17 +52,26 @@ upstream_nginx_conf "$OUT/nginx-upstream" "$PORT_UPSTREAM" >"$OUT/nginx-upstream
 proxy_nginx_conf "$OUT/nginx-proxy" "$PORT_NGINX" "$PORT_UPSTREAM" "$NGINX_WORKERS" >"$OUT/nginx-proxy/nginx.conf"
 
 "$NGINX" -p "$OUT/nginx-upstream" -c "$OUT/nginx-upstream/nginx.conf" &
-PIDS+=($!)
+UPSTREAM_PID=$!
+PIDS+=($UPSTREAM_PID)
 wait_ready "http://127.0.0.1:$PORT_UPSTREAM/api/paas/v4/chat/completions" "upstream nginx"
 "$NGINX" -p "$OUT/nginx-proxy" -c "$OUT/nginx-proxy/nginx.conf" &
-PIDS+=($!)
+NGINX_PROXY_PID=$!
+PIDS+=($NGINX_PROXY_PID)
 wait_ready "http://127.0.0.1:$PORT_NGINX/chat/completions" "nginx reverse proxy"
 BIGMODEL_API_KEY=$KEYS "$PROXY" --listen "127.0.0.1:$PORT_OURS" \
     --upstream "http://127.0.0.1:$PORT_UPSTREAM/api/paas/v4" --log-level warn \
     "${EXTRA_ARGS[@]}" 2>"$OUT/forward_proxy.log" &
-PIDS+=($!)
+OURS_PID=$!
+PIDS+=($OURS_PID)
 wait_ready "http://127.0.0.1:$PORT_OURS/_keyrotation/health" "forward_proxy"
 
+pid_of() {
+    case $1 in
+    forward_proxy) pids_of "$OURS_PID" ;;
+    nginx_proxy) pids_of "$NGINX_PROXY_PID" ;;
+    esac
+}
 url_of() {
     case $1 in
     upstream) echo "http://127.0.0.1:$PORT_UPSTREAM/api/paas/v4/chat/completions" ;;
@@ -77,6 +86,7 @@ for round in $(seq 1 "$ROUNDS"); do
         for target in upstream forward_proxy nginx_proxy; do
             line=$(timeout $((DURATION + 60)) "$LOADGEN" rate --url "$(url_of "$target")" --rate "$rate" \
                 --duration "$DURATION" --warmup-ms 2000 --connections "$CONNECTIONS" \
+                --pids "$(pid_of "$target")" --also-pids "$(pids_of "$UPSTREAM_PID")" \
                 2>>"$OUT/client.log" || echo "failed=1")
             echo "target=$target round=$round $line" >>"$OUT/runs.txt"
             log "$(printf '%-14s rate=%-5s round %s: %s' "$target" "$rate" "$round" "$line")"

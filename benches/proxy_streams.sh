@@ -2,7 +2,7 @@
 # Server-sent event streams through examples/forward_proxy and through nginx, side by side,
 # on loopback only, bounded in time.
 #
-#   bash benches/proxy_streams.sh                       # 3 rounds, 1,000 and 5,000 streams, 10 s each
+#   bash benches/proxy_streams.sh                       # 3 rounds, 200, 1,000 and 5,000 streams, 10 s each
 #   STREAMS="1000" ROUNDS=1 DURATION=6 bash benches/proxy_streams.sh   # a quick look
 #   PROXY_BIN=/tmp/forward_proxy bash benches/proxy_streams.sh         # a build without cargo
 #
@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
-STREAMS=${STREAMS:-"1000 5000"}
+STREAMS=${STREAMS:-"200 1000 5000"}
 CHUNKS=${CHUNKS:-100}
 INTERVAL_MS=${INTERVAL_MS:-20}
 PORT_UPSTREAM=${PORT_UPSTREAM:-18101}
@@ -60,7 +60,7 @@ trap cleanup EXIT INT TERM
 # nginx for SSE: no buffering of the answer, keep-alive to the upstream; room for 2
 # connections per stream.
 nginx_conf "$OUT/nginx-proxy" "$PORT_NGINX" "
-    upstream provider { server 127.0.0.1:$PORT_UPSTREAM; keepalive 256; }
+    upstream provider { server 127.0.0.1:$PORT_UPSTREAM; keepalive 256; keepalive_requests 1000000; }
     split_clients \"\${connection}\${connection_requests}\" \$api_key {
         33.3% \"Bearer k1\";
         33.3% \"Bearer k2\";
@@ -81,7 +81,8 @@ nginx_conf "$OUT/nginx-proxy" "$PORT_NGINX" "
 log "starting the SSE upstream on 127.0.0.1:$PORT_UPSTREAM"
 "$LOADGEN" sse-upstream --listen "127.0.0.1:$PORT_UPSTREAM" --chunks "$CHUNKS" \
     --interval-ms "$INTERVAL_MS" 2>"$OUT/upstream.log" &
-PIDS+=($!)
+UPSTREAM_PID=$!
+PIDS+=($UPSTREAM_PID)
 for _ in $(seq 1 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$PORT_UPSTREAM") 2>/dev/null; then break; fi
     sleep 0.1
@@ -122,7 +123,7 @@ run() { # target, streams, round
     start_proxy "$1"
     if [ -n "$RUNNING_PID" ]; then pids=$(pids_of "$RUNNING_PID"); fi
     line=$(timeout $((DURATION + 120)) "$LOADGEN" sse-client --url "$(url_of "$1")" --streams "$2" \
-        --duration "$DURATION" --ramp-ms 1000 --warmup-ms 2000 --pids "$pids" \
+        --duration "$DURATION" --ramp-ms 1000 --warmup-ms 2000 --pids "$pids" --also-pids "$UPSTREAM_PID" \
         2>>"$OUT/client.log" || echo "failed=1")
     if [ -n "$RUNNING_PID" ]; then stop_pid "$RUNNING_PID"; fi
     echo "target=$1 round=$3 $line" >>"$OUT/runs.txt"
