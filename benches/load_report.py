@@ -143,12 +143,13 @@ def tls(runs):
     groups = by_round(runs, "connections")
     out.append(
         "| target | conns | req/s | p99 ms | CPU µs/req | TLS handshakes per 1,000 req "
-        "| req/s ÷ nginx | CPU ÷ nginx | errors |"
+        "| req/s ÷ direct | req/s ÷ nginx | CPU ÷ nginx | errors |"
     )
-    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for c in sorted(groups, key=int):
         rounds = groups[c]
-        for target in PROXIES:
+        for target in ["upstream"] + PROXIES:
+            proxy = target != "upstream"
             out.append(
                 "| "
                 + " | ".join(
@@ -157,10 +158,13 @@ def tls(runs):
                         c,
                         summary(per_round(rounds, target, lambda r: num(r, "rps")), 0),
                         summary(per_round(rounds, target, lambda r: num(r, "p99_ms")), 2),
-                        summary(per_round(rounds, target, lambda r: num(r, "cpu_us")), 1),
+                        summary(per_round(rounds, target, lambda r: num(r, "cpu_us")), 1) if proxy else "-",
                         summary(per_round(rounds, target, lambda r: 1000 * num(r, "handshakes") / num(r, "requests")), 2),
+                        summary(per_round(rounds, target, lambda r: num(r, "rps"), "upstream"), 2),
                         summary(per_round(rounds, target, lambda r: num(r, "rps"), "nginx_proxy"), 2),
-                        summary(per_round(rounds, target, lambda r: num(r, "cpu_us"), "nginx_proxy"), 2),
+                        summary(per_round(rounds, target, lambda r: num(r, "cpu_us"), "nginx_proxy"), 2)
+                        if proxy
+                        else "-",
                         summary(per_round(rounds, target, lambda r: num(r, "errors")), 0),
                     ]
                 )

@@ -9,6 +9,7 @@
 # ECDSA P-256), and starts nginx as the upstream answering every POST with a fixed
 # chat-completion JSON over TLS 1.3 only (HTTP/1.1, session tickets and a session cache on).
 # Then wrk (POST, 2 threads) measures, interleaved, for each concurrency and round:
+#   (a) the upstream directly (wrk over TLS: its handshakes are wrk's connections),
 #   (b) forward_proxy with `--upstream https://127.0.0.1:PORT/api/paas/v4 --upstream-ca
 #       ca.pem` (keys k1,k2,k3, round-robin, log level warn, its default workers),
 #   (c) nginx as a reverse proxy putting one of the 3 keys on Authorization, with
@@ -132,6 +133,7 @@ curl -fsS -o /dev/null -X POST "http://127.0.0.1:$PORT_NGINX/chat/completions" |
 write_post_lua "$OUT/post.lua"
 url_of() {
     case $1 in
+    upstream) echo "https://127.0.0.1:$PORT_UPSTREAM/api/paas/v4/chat/completions" ;;
     forward_proxy) echo "http://127.0.0.1:$PORT_OURS/chat/completions" ;;
     nginx_proxy) echo "http://127.0.0.1:$PORT_NGINX/chat/completions" ;;
     esac
@@ -140,6 +142,7 @@ pid_of() {
     case $1 in
     forward_proxy) echo "$OURS_PID" ;;
     nginx_proxy) echo "$NGINX_PROXY_PID" ;;
+    *) echo "" ;;
     esac
 }
 accepts() { curl -fsS "http://127.0.0.1:$PORT_STATUS/" | awk 'NR == 3 { print $1 }'; }
@@ -149,10 +152,12 @@ run_wrk() { # target, connections, round
     local file="$OUT/$1-c$2-r$3.txt" pid before after requests cpu_us a0 a1
     pid=$(pid_of "$1")
     a0=$(accepts)
-    before=$(cpu_ticks "$pid")
+    before=0
+    if [ -n "$pid" ]; then before=$(cpu_ticks "$pid"); fi
     timeout $((DURATION + 60)) wrk -t"$WRK_THREADS" -c"$2" -d"${DURATION}s" --timeout 10s --latency \
         -s "$OUT/post.lua" "$(url_of "$1")" >"$file" 2>&1 || true
-    after=$(cpu_ticks "$pid")
+    after=0
+    if [ -n "$pid" ]; then after=$(cpu_ticks "$pid"); fi
     a1=$(accepts)
     requests=$(awk '/requests in/ { print $1 }' "$file")
     cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="${requests:-0}" \
@@ -171,7 +176,7 @@ done
 : >"$OUT/runs.txt"
 for round in $(seq 1 "$ROUNDS"); do
     for c in $CONCURRENCY; do
-        for target in forward_proxy nginx_proxy; do
+        for target in upstream forward_proxy nginx_proxy; do
             run_wrk "$target" "$c" "$round"
         done
     done
