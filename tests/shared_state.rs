@@ -925,6 +925,13 @@ async fn thirty_clients_on_three_replicas_cost_at_most_two_redis_calls_per_reque
     let took = started.elapsed();
     let after = server.command_stats();
     let calls = client_calls(&after) - client_calls(&before);
+    let mut others: Vec<_> = after
+        .iter()
+        .filter(|(name, calls)| before.get(*name) != Some(calls))
+        .map(|(name, calls)| (name, calls - before.get(name).unwrap_or(&0)))
+        .collect();
+    others.sort();
+    eprintln!("commands run: {others:?}");
     let count = |name: &str| after.get(name).unwrap_or(&0) - before.get(name).unwrap_or(&0);
     let (served, refused, most) = provider.tally();
     let per_request = calls as f64 / requests as f64;
@@ -1218,10 +1225,12 @@ async fn outage_under_load(outage: Duration) {
     }
     server.restart().await;
     for backend in &backends {
-        timeout(Duration::from_secs(5), backend.sharing().wait_for(|s| *s))
+        if timeout(Duration::from_secs(5), backend.sharing().wait_for(|s| *s))
             .await
-            .expect("sharing again within 5 s")
-            .unwrap();
+            .is_err()
+        {
+            panic!("sharing again within 5 s: {:?}", backend.last_failure());
+        }
     }
     let after = clients(&pools, &provider, 9, 90, work).await;
     let (served, refused, most) = provider.tally();

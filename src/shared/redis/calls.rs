@@ -223,10 +223,15 @@ impl Inner {
         Some(mine)
     }
 
-    /// Renews this replica's count on the key `id`, resetting it to `own` if given (see
-    /// the script); (the grants to this replica, its generation), or `None` if the store
-    /// failed.
-    pub(super) async fn renew(&self, id: &str, own: Option<u32>) -> Option<(u32, u64)> {
+    /// Renews this replica's count on the key `id`, resetting it to `own` if given, or
+    /// claiming lost grants (see the script); (the grants to this replica, its
+    /// generation, its count there), or `None` if the store failed.
+    pub(super) async fn renew(
+        &self,
+        id: &str,
+        own: Option<u32>,
+        claim: bool,
+    ) -> Option<(u32, u64, u32)> {
         let mut invocation = self.scripts.renew.prepare_invoke();
         invocation
             .key(self.key("c", id))
@@ -236,8 +241,9 @@ impl Inner {
             .arg(millis(self.options.ttl))
             .arg(&self.channel)
             .arg(id)
-            .arg(own.map_or(-1, i64::from));
-        self.call::<(u32, u64)>(invocation).await
+            .arg(own.map_or(-1, i64::from))
+            .arg(u8::from(claim));
+        self.call::<(u32, u64, u32)>(invocation).await
     }
 
     /// Writes a rest, disable or level (and a probe's answer: `probe` is `Some(back)`).

@@ -174,14 +174,19 @@ return mine
 /// on the way: no lease asking, queued or being released), a count here that differs
 /// from it, or a queue entry of the replica's, is an error (a call whose answer was lost,
 /// an outage): the count is reset to it, the replica's queue entries dropped, and its
-/// generation raised (grants announced before are void). Returns {grants to this
-/// replica, its generation}.
+/// generation raised (grants announced before are void). With `claim` (ARGV 6: the
+/// replica's leases only wait, nothing else of its is on its way), the generation is
+/// raised and the count returned, so that grants whose messages were lost reach their
+/// leases. Returns {grants to this replica, its generation, its count here}.
 pub(super) const RENEW: &str = r#"
 local me, ttl, own = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
 local v = redis.call('HGET', KEYS[1], me)
 local c, d, g = 0, 0, 0
 if v then
   c, d, g = field(v)
+end
+if ARGV[6] == '1' then
+  g = g + 1
 end
 if own >= 0 then
   local removed = redis.call('LREM', KEYS[2], 0, me)
@@ -194,7 +199,8 @@ if v or own > 0 then
   redis.call('HSET', KEYS[1], me, string.format('%d:%d:%d', c, now + ttl, g))
 end
 local mine = pump(live(), cap_of(nil), me, ARGV[3], ARGV[4])
-return {mine, g}
+local count = mine_of(me)
+return {mine, g, count}
 "#;
 
 /// KEYS: replicas. ARGV: replica, ttl (ms). Renews the replica's life; returns the names

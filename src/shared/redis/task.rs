@@ -421,25 +421,45 @@ impl Inner {
         ids.sort_unstable();
         ids.dedup();
         let calls = ids.into_iter().map(|id| async move {
-            let own = {
+            let (own, claim) = {
                 let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-                let quiet = waiting.get(&id).is_none_or(KeyWait::quiet);
+                let wait = waiting.get(&id);
+                let quiet = wait.is_none_or(KeyWait::quiet);
+                // Only waiting: no answer, grant or release of its on the way but
+                // grants whose messages may be lost.
+                let waits_only = wait.is_some_and(|wait| {
+                    !wait.queue.is_empty() && wait.asking == 0 && wait.credits == 0
+                });
                 // The count first, then the releases on their way (see `key::release`).
                 let cell = link.cell(&id);
                 let count = cell.as_ref().map_or(0, |cell| cell.count());
                 let releasing = cell
                     .as_ref()
                     .map_or(0, |cell| cell.releasing.load(Ordering::SeqCst));
-                (repair && quiet && releasing == 0).then_some(count)
+                (
+                    (repair && quiet && releasing == 0).then_some(count),
+                    repair && waits_only && releasing == 0,
+                )
             };
-            let Some((mine, generation)) = self.renew(&id, own).await else {
+            let Some((mine, generation, stored)) = self.renew(&id, own, claim).await else {
                 return false;
             };
             let orphans = {
                 let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
                 let wait = waiting.entry(id.clone()).or_default();
                 wait.generation = wait.generation.max(generation);
-                wait.give(mine)
+                // Grants the store counted for this replica whose messages never came
+                // (those on their way are void now: the generation rose).
+                let lost = match link.cell(&id) {
+                    Some(cell) if claim && wait.asking == 0 && wait.credits == 0 => {
+                        // Read now: grants applied meanwhile are counted here already.
+                        let count = cell.count();
+                        let releasing = cell.releasing.load(Ordering::SeqCst);
+                        stored.saturating_sub(count + releasing + mine)
+                    }
+                    _ => 0,
+                };
+                wait.give(mine + lost)
             };
             if orphans > 0 {
                 release(self, link, id, orphans, true);
