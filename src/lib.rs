@@ -158,8 +158,9 @@
 //! state through a [`shared::StateBackend`] ([`KeyPoolBuilder::state_backend`]): the Redis
 //! one, `shared::redis::RedisBackend`, comes with the cargo feature `redis` (off by
 //! default). Rests and disables then reach every replica by pub/sub and are read locally;
-//! a request on a key with a cap is admitted by the store (one round trip) so that the
-//! replicas together keep the cap. See [`shared`].
+//! a request on a key with a cap is admitted by the store (one round trip; if the key is
+//! full it waits in the key's queue there, in arrival order across the replicas) so that
+//! the replicas together keep the cap. See [`shared`].
 //!
 //! # Secrets
 //!

@@ -63,8 +63,9 @@ const REFUSED: u8 = 8;
 /// With a shared state backend, on a key with a cap: the store must admit the lease
 /// before its request goes (see [`Lease::admit`]).
 const ASK: u8 = 16;
-/// With a shared state backend: counted in this replica's count of the key, which its
-/// release must take back (see `SharedKey::taken`).
+/// With a shared state backend: counted in this replica's count of the key (admitted by
+/// the store, or taken alone while it was away), which its release must take back (see
+/// `SharedKey::taken`).
 const COUNTED: u8 = 32;
 /// The request went out ([`Lease::mark_sent`]): counted in the slot's `sent` until dropped.
 const AT_PROVIDER: u8 = 64;
@@ -326,7 +327,11 @@ impl Future for Admit {
             let answer = ready!(admission.poll(shared, cx));
             this.admission = None;
             match answer {
-                Answer::Admitted => {}
+                Answer::Admitted { counted } => {
+                    if counted {
+                        lease.set_flag(COUNTED);
+                    }
+                }
                 Answer::Full => {
                     this.lease = None;
                     return Poll::Ready(None);

@@ -2,6 +2,7 @@
 //! pool's hooks ask of the backend.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::future::Future as _;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,8 +20,10 @@ pub(crate) struct Shared {
     pub(super) connected: AtomicBool,
     pub(super) degraded: AtomicBool,
     pub(super) replicas: AtomicU32,
-    /// An `Op::Counts` is on its way and the backend has not read the counts since.
-    pub(super) dirty: AtomicBool,
+    /// This replica's rank among the replicas alive at the last heartbeat (by name).
+    pub(super) rank: AtomicU32,
+    /// The degraded policy's turn (see `DegradedPolicy::Split`).
+    pub(super) turn: AtomicU32,
     /// Each key's count cell by id, kept across reloads (a key removed and added again
     /// continues its versions, so the store never ignores its writes).
     pub(super) cells: Mutex<HashMap<Arc<str>, Arc<Cell>>>,
@@ -40,7 +43,8 @@ impl Shared {
             // Until the store first answers (and the pool's state is merged into it).
             degraded: AtomicBool::new(true),
             replicas: AtomicU32::new(1),
-            dirty: AtomicBool::new(false),
+            rank: AtomicU32::new(0),
+            turn: AtomicU32::new(0),
             cells: Mutex::new(HashMap::new()),
             backend,
         });
@@ -76,6 +80,7 @@ impl Shared {
             .entry(id.clone())
             .or_default()
             .clone();
+        cell.cap.store(cap, Ordering::Relaxed);
         SharedKey {
             id,
             cell,
@@ -93,8 +98,15 @@ impl Shared {
 #[derive(Default)]
 pub(crate) struct Cell {
     /// `version << COUNT_BITS | count`: one word, so that a version and its count are read
-    /// together.
+    /// together. The count is of leases the store admitted (or taken alone while it was
+    /// away) and not released yet: requests sent, never requests waiting.
     pub(super) word: AtomicU64,
+    /// The key's configured cap (`u32::MAX`: none).
+    pub(super) cap: AtomicU32,
+    /// Releases on their way to the store (sent to the backend, not answered yet).
+    pub(crate) releasing: AtomicU32,
+    /// The key's place among the keys in force, by id (for the degraded policy's deal).
+    pub(super) position: AtomicU32,
     /// Releases announced for this key (by any replica) so far: a lease refused by the
     /// store marks the key full only if none came since it asked (see `SharedKey::refused`).
     pub(super) frees: AtomicU32,
@@ -103,6 +115,13 @@ pub(crate) struct Cell {
     pub(super) full: AtomicBool,
     /// The generation of the key's shared learned limit last applied here (0: none yet).
     pub(super) limit_generation: AtomicU64,
+}
+
+impl Cell {
+    /// Leases counted on the key here (admitted, or taken alone while the store was away).
+    pub(crate) fn count(&self) -> u32 {
+        decode(self.word.load(Ordering::SeqCst)).count
+    }
 }
 
 pub(super) const COUNT_BITS: u32 = 24;
@@ -128,12 +147,45 @@ pub(crate) struct SharedKey {
     pub(super) shared: Arc<Shared>,
 }
 
+fn release(id: &Arc<str>, cell: &Cell, shared: &Shared) {
+    // On its way before the count drops: the backend, reading the count and then this,
+    // never takes a count without this release for one the store has not applied it to.
+    cell.releasing.fetch_add(1, Ordering::SeqCst);
+    cell.word.fetch_add(ONE_LESS, Ordering::SeqCst);
+    shared.send(Op::Release { key: id.clone() });
+}
+
 /// A lease's pending admission by the store.
-#[derive(Debug)]
 pub(crate) struct Admission {
     pub(super) answer: oneshot::Receiver<Verdict>,
     /// `Cell::frees` when the lease asked.
     pub(super) frees: u32,
+    /// The lease counts on the key once admitted (the key has a cap).
+    counted: bool,
+    /// The answer was read.
+    answered: bool,
+    id: Arc<str>,
+    cell: Arc<Cell>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admission")
+            .field("key", &self.id)
+            .field("answered", &self.answered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        // Admitted, but its lease gave up before reading the answer: the slot the store
+        // counted for it goes back.
+        if !self.answered && self.counted && self.answer.try_recv() == Ok(Verdict::Admitted) {
+            release(&self.id, &self.cell, &self.shared);
+        }
+    }
 }
 
 impl SharedKey {
@@ -151,7 +203,13 @@ impl SharedKey {
             // The store's "full" is stale while it is away: the policy's share decides.
             return shared
                 .policy
-                .share(limit, shared.replicas.load(Ordering::Relaxed))
+                .share(
+                    limit,
+                    self.cell.position.load(Ordering::Relaxed),
+                    shared.rank.load(Ordering::Relaxed),
+                    shared.replicas.load(Ordering::Relaxed),
+                    shared.turn.load(Ordering::Relaxed),
+                )
                 .min(limit);
         }
         // Full across the replicas, or another replica's probe of the key is running.
@@ -162,23 +220,26 @@ impl SharedKey {
     }
 
     /// A lease was taken on the key, whose concurrency limit is `limit` (configured or
-    /// learned; `u32::MAX`: none). Returns (counted, ask): whether the lease is counted in
-    /// this replica's count of the key (a key with a cap, a learned limit or a quota; its
-    /// release must say so to [`released`](Self::released)), and whether the store must
-    /// admit it before its request goes (a counted lease or the key's probe after a rest;
-    /// the store not away): see [`SharedKey::ask`].
+    /// learned; `u32::MAX`: none). Returns (counted, ask): whether the lease counts in
+    /// this replica's count of the key already (taken alone, within the degraded policy's
+    /// share, while the store is away: its release must say so to
+    /// [`released`](Self::released)), and whether the store must admit it before its
+    /// request goes (a key with a cap, a learned limit or a quota, or the key's probe
+    /// after a rest; the store not away): see [`SharedKey::ask`]. A lease the store
+    /// admits counts from its admission on ([`Answer::Admitted`]).
     // Out of line: the pool without a backend never calls it, and keeps its fast path small.
     #[inline(never)]
     pub(crate) fn taken(&self, probe: bool, limit: u32) -> (bool, bool) {
-        let counted = self.capped || limit != u32::MAX;
-        if counted {
-            self.cell.word.fetch_add(ONE, Ordering::AcqRel);
-        } else if !probe {
-            return (false, false);
+        let counted = limit != u32::MAX;
+        if self.shared.degraded.load(Ordering::Relaxed) {
+            // Within the policy's share already (`limit`); the store hears of it at the
+            // merge.
+            if counted {
+                self.cell.word.fetch_add(ONE, Ordering::AcqRel);
+            }
+            return (counted, false);
         }
-        // While degraded, within the policy's share already (`limit`); the store hears
-        // of it at the merge.
-        (counted, !self.shared.degraded.load(Ordering::Relaxed))
+        (false, counted || self.capped || probe)
     }
 
     /// The generation of the key's shared learned limit last applied here.
@@ -192,17 +253,24 @@ impl SharedKey {
     #[inline(never)]
     pub(crate) fn ask(&self, cap: u32, probe: bool) -> Admission {
         let frees = self.cell.frees.load(Ordering::Acquire);
-        let count = decode(self.cell.word.load(Ordering::Acquire));
         let (reply, answer) = oneshot::channel();
         self.shared.send(Op::Acquire(Acquire {
             key: self.id.clone(),
-            count,
             cap,
             quota: self.quota,
             probe,
             reply,
+            cell: self.cell.clone(),
         }));
-        Admission { answer, frees }
+        Admission {
+            answer,
+            frees,
+            counted: cap != u32::MAX,
+            answered: false,
+            id: self.id.clone(),
+            cell: self.cell.clone(),
+            shared: self.shared.clone(),
+        }
     }
 
     /// Units of quota a request takes here: 1, or the number of replicas while the store
@@ -217,17 +285,14 @@ impl SharedKey {
         }
     }
 
-    /// A lease on the key ended: if it was `counted` (see [`taken`](Self::taken)), count
-    /// it, and have the backend write the counts.
+    /// A lease on the key ended: if it was `counted` (admitted by the store, or taken
+    /// alone while it was away), take it off the count, and have the backend release its
+    /// slot.
     // Out of line: the pool without a backend never calls it, and keeps its fast path small.
     #[inline(never)]
     pub(crate) fn released(&self, counted: bool) {
-        if !counted {
-            return;
-        }
-        self.cell.word.fetch_add(ONE_LESS, Ordering::AcqRel);
-        if !self.shared.dirty.swap(true, Ordering::AcqRel) {
-            self.shared.send(Op::Counts);
+        if counted {
+            release(&self.id, &self.cell, &self.shared);
         }
     }
 
@@ -261,8 +326,12 @@ impl SharedKey {
 /// What the store said to a lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Answer {
-    /// Its request may go.
-    Admitted,
+    /// Its request may go; `counted`: it counts on the key here until it ends (its
+    /// release must say so).
+    Admitted {
+        /// Counted on the key.
+        counted: bool,
+    },
     /// The key is full across the replicas (it reads busy here until a release).
     Full,
     /// The key's shared quota has no unit for this long.
@@ -270,20 +339,24 @@ pub(crate) enum Answer {
 }
 
 impl Admission {
-    /// The store's answer. A backend gone without answering admits (the degraded
-    /// policy's share was applied to the take).
+    /// The store's answer. A backend gone without answering admits, uncounted (the
+    /// degraded policy's share was applied to the take).
     pub(crate) fn poll(&mut self, key: &SharedKey, cx: &mut Context<'_>) -> Poll<Answer> {
         let verdict = match std::pin::Pin::new(&mut self.answer).poll(cx) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(verdict) => verdict.unwrap_or(Verdict::Admitted),
+            Poll::Ready(verdict) => verdict,
         };
+        self.answered = true;
         Poll::Ready(match verdict {
-            Verdict::Admitted => Answer::Admitted,
-            Verdict::Full => {
+            Ok(Verdict::Admitted) => Answer::Admitted {
+                counted: self.counted,
+            },
+            Err(_) => Answer::Admitted { counted: false },
+            Ok(Verdict::Full) => {
                 key.refused(self.frees);
                 Answer::Full
             }
-            Verdict::QuotaIn(wait) => Answer::QuotaIn(wait),
+            Ok(Verdict::QuotaIn(wait)) => Answer::QuotaIn(wait),
         })
     }
 }
@@ -315,11 +388,36 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn the_split_policy_gives_each_replica_its_share_and_at_least_one() {
-        assert_eq!(DegradedPolicy::Split.share(6, 3), 2);
-        assert_eq!(DegradedPolicy::Split.share(2, 3), 1);
-        assert_eq!(DegradedPolicy::Split.share(5, 0), 5);
-        assert_eq!(DegradedPolicy::Open.share(2, 3), 2);
-        assert_eq!(DegradedPolicy::Closed.share(2, 3), 0);
+    pub(super) fn the_split_policy_deals_each_keys_cap_and_never_exceeds_it() {
+        let split = DegradedPolicy::Split;
+        // Three keys with a cap of 2, three replicas: two slots each, none over the cap.
+        for replicas in 1..=7 {
+            for cap in 1..=5 {
+                for key in 0..3 {
+                    for turn in 0..4 {
+                        let shares: Vec<u32> = (0..replicas)
+                            .map(|rank| split.share(cap, key, rank, replicas, turn))
+                            .collect();
+                        assert_eq!(shares.iter().sum::<u32>(), cap, "{shares:?}");
+                        let (min, max) = (shares.iter().min(), shares.iter().max());
+                        assert!(max.unwrap() - min.unwrap() <= 1, "{shares:?}");
+                    }
+                }
+            }
+        }
+        let total = |rank| {
+            (0..3)
+                .map(|key| split.share(2, key, rank, 3, 0))
+                .sum::<u32>()
+        };
+        assert_eq!([total(0), total(1), total(2)], [2, 2, 2]);
+        // One key with a cap of 2, three replicas: each replica has turns.
+        for rank in 0..3 {
+            assert!((0..3).any(|turn| split.share(2, 0, rank, 3, turn) > 0));
+        }
+        assert_eq!(split.share(5, 0, 0, 0, 0), 5);
+        assert_eq!(split.share(u32::MAX, 0, 1, 3, 0), u32::MAX);
+        assert_eq!(DegradedPolicy::Open.share(2, 0, 1, 3, 0), 2);
+        assert_eq!(DegradedPolicy::Closed.share(2, 0, 1, 3, 0), 0);
     }
 }

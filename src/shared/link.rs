@@ -17,10 +17,9 @@ pub struct BackendLink {
 
 impl BackendLink {
     /// This replica's count on every key with a cap that has ever had a lease here (keys
-    /// removed by a reload included, until their leases end), and clears the flag that
-    /// coalesces [`Op::Counts`].
+    /// removed by a reload included, until their leases end): leases admitted by the
+    /// store (or taken alone while it was away) and not released yet.
     pub fn counts(&self) -> Vec<(Arc<str>, KeyCount)> {
-        self.shared.dirty.store(false, Ordering::Release);
         self.shared
             .cells
             .lock()
@@ -29,6 +28,16 @@ impl BackendLink {
             .map(|(id, cell)| (id.clone(), decode(cell.word.load(Ordering::Acquire))))
             .filter(|(_, count)| count.version != 0)
             .collect()
+    }
+
+    /// The count cell of the key `id`, if it ever had one here.
+    pub(crate) fn cell(&self, id: &str) -> Option<Arc<super::key::Cell>> {
+        self.shared
+            .cells
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
     }
 
     /// The ids of the keys in force.
@@ -93,12 +102,39 @@ impl BackendLink {
         self.shared.policy
     }
 
-    /// Would the degraded policy admit a lease that makes `count` on a key with `cap`?
-    /// (A quota is split by the pool itself: see [`DegradedPolicy::Split`].)
-    /// (For an [`Acquire`] whose call to the store failed.)
-    pub fn admits_degraded(&self, count: u32, cap: u32) -> bool {
-        let replicas = self.shared.replicas.load(Ordering::Relaxed);
-        count <= self.shared.policy.share(cap, replicas)
+    /// Seats this replica for the degraded policy's deal ([`DegradedPolicy::Split`]): it
+    /// is the `rank`-th of the `replicas` alive (ranked by name); the keys in force are
+    /// ranked by id; and the turn is taken from the wall clock if the keys' caps add up to
+    /// fewer slots than there are replicas.
+    pub fn arrange(&self, rank: u32, replicas: u32) {
+        let shared = &*self.shared;
+        let replicas = replicas.max(1);
+        shared.rank.store(rank, Ordering::Relaxed);
+        shared.replicas.store(replicas, Ordering::Relaxed);
+        let mut keys = self.keys();
+        keys.sort_unstable();
+        keys.dedup();
+        let cells = shared.cells.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slots = 0u64;
+        for (position, id) in keys.iter().enumerate() {
+            if let Some(cell) = cells.get(id) {
+                cell.position.store(
+                    u32::try_from(position).unwrap_or(u32::MAX),
+                    Ordering::Relaxed,
+                );
+                slots += u64::from(cell.cap.load(Ordering::Relaxed));
+            }
+        }
+        drop(cells);
+        let turn = if slots < u64::from(replicas) {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs());
+            u32::try_from(secs / TURN.as_secs() % u64::from(u32::MAX)).unwrap_or(0)
+        } else {
+            0
+        };
+        shared.turn.store(turn, Ordering::Relaxed);
     }
 
     /// Reports the store's state: `connected` (it answered), `degraded` (the policy

@@ -11,11 +11,13 @@
 //!   pool (this replica)                         backend task                  store
 //!   a 429 rests a key ───── Op::Rest ─────────► rest script ──────────────► deadline = max(...)
 //!   401/403 disables it ─── Op::Disable ──────►                              publish to replicas
-//!   a lease on a capped key ─ Op::Acquire ────► acquire script ─────────────► admitted if the sum of
-//!        waits in poll_ready for the answer ◄── Acquire::admit ◄───────────  live replicas' counts fits
-//!   a lease ends ────────── Op::Counts ───────► counts script (absolute) ───► publish "freed"
+//!   a lease on a capped key ─ Op::Acquire ────► acquire script ─────────────► admitted if the live
+//!        waits in poll_ready for the answer ◄── Acquire::admit ◄───────────  replicas' counts fit and
+//!                                                                            nobody waits; else queued
+//!   an admitted lease ends ─ Op::Release ─────► release script ────────────► each freed slot granted
+//!        a queued lease is admitted ◄────────── Acquire::admit ◄── "grant" ─  to the queue's first
 //!   a limit is learned ──── Op::Limit ────────► limit script ──────────────► the lower wins, published
-//!   BackendLink::apply / freed / refresh ◄───── pub/sub, periodic sync ◄────
+//!   BackendLink::apply / refresh ◄───────────── pub/sub, heartbeat ◄────────
 //! ```
 //!
 //! What is shared, and how:
@@ -35,13 +37,15 @@
 //!   only if made on the limit in force), and every replica applies the store's answer
 //!   ([`BackendLink::apply_limit`]); the store also admits leases under it. A key with a
 //!   learned limit is counted and admitted as a key with a cap is.
-//! - **In-flight counts** of keys with a cap: each replica counts its own leases per key in
-//!   one word (a version and the count, [`KeyCount`]) and the store keeps the latest
-//!   version per replica, with a time to live renewed by a heartbeat. A lease on a capped
-//!   key is admitted by the store (one round trip, while `poll_ready` waits) only if the
-//!   counts of the live replicas leave room under the cap; its release is written later, in
-//!   the background, as an absolute count. A dead replica's counts expire with it; a lost
-//!   write heals at the next one.
+//! - **In-flight counts** of keys with a cap count requests *sent* (leases admitted),
+//!   never leases waiting for admission. A lease on a capped key is admitted by the store
+//!   (one round trip, while `poll_ready` waits) if the live replicas' counts leave room
+//!   under the cap and nobody waits; else it is queued there, in arrival order across the
+//!   replicas, and waits for a slot to be granted to it: a release hands each slot it
+//!   frees to the first lease queued, so it wakes at most as many waiters as it freed
+//!   slots, and a queued lease changes no count and publishes nothing. Each replica's
+//!   count lives as long as the replica renews it (each call, and the heartbeat): a dead
+//!   replica's slots are free within the backend's time to live plus one heartbeat.
 //! - **While the store is away** ([`DegradedPolicy`]) each replica decides alone, and on
 //!   its return both sides are merged (a later deadline wins, a disable is kept, a higher
 //!   level wins) before sharing resumes.
@@ -61,6 +65,7 @@ pub use link::BackendLink;
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -94,10 +99,13 @@ pub trait StateBackend: Send + Sync + fmt::Debug + 'static {
 pub enum Op {
     /// A lease on a key with a cap asks to be admitted (its request waits for the answer).
     Acquire(Acquire),
-    /// This replica's in-flight counts changed (a lease ended): write them, as absolute
-    /// values, from [`BackendLink::counts`]. Coalesced: sent once until the backend reads
-    /// the counts again.
-    Counts,
+    /// A lease the store admitted (or one taken alone while it was away) ended: take it
+    /// off this replica's count of the key. Each slot it frees goes to the first lease
+    /// waiting for the key, in any replica.
+    Release {
+        /// The key's [`StateBackend::key_id`].
+        key: Arc<str>,
+    },
     /// A key rests (it answered 429, or its window or quota is used up) for at least
     /// `remaining` from now; the key's backoff level is `level`.
     Rest {
@@ -148,13 +156,14 @@ pub enum Op {
 }
 
 /// A lease's request to be admitted under its key's cap, shared by every replica.
+///
+/// Answer it once, now or later: a lease the store queued waits (its request in
+/// `poll_ready`) until a slot is granted to it, then [`admit`](Self::admit) it.
 pub struct Acquire {
     /// The key's [`StateBackend::key_id`].
     pub key: Arc<str>,
-    /// This replica's leases on the key, this one included: the version and count to
-    /// store if admitted.
-    pub count: KeyCount,
-    /// The key's cap (configured or learned; `u32::MAX`: none).
+    /// The key's cap (configured or learned; `u32::MAX`: none, the lease is not counted,
+    /// only its quota or probe is asked for).
     pub cap: u32,
     /// The key's request quota, if it has one: shared by every replica.
     pub quota: Option<SharedQuota>,
@@ -162,8 +171,8 @@ pub struct Acquire {
     /// replica's probe of the key is running.
     pub probe: bool,
     reply: oneshot::Sender<Verdict>,
+    cell: Arc<key::Cell>,
 }
-
 /// A request quota as the store applies it (GCRA): one request per `interval`, a burst of
 /// `tolerance / interval + 1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,15 +192,31 @@ enum Verdict {
 }
 
 impl Acquire {
-    /// Answers the lease: `true` lets its request go, `false` sends it back to wait for a
-    /// release (announced by [`BackendLink::freed`]).
-    pub fn admit(self, admitted: bool) {
-        // The lease may be gone (its caller gave up): nobody to tell.
-        let _ = self.reply.send(if admitted {
-            Verdict::Admitted
-        } else {
-            Verdict::Full
-        });
+    /// Answers the lease: `true` lets its request go (from then on it counts on the key
+    /// here until it ends, [`Op::Release`]); `false` sends it back to look again (another
+    /// replica's probe of the key runs: the key reads busy here until its answer,
+    /// [`BackendLink::probe_done`]). Returns `false` if the lease was admitted but is gone
+    /// (its caller gave up): the slot the store counted for it must then be released.
+    pub fn admit(self, admitted: bool) -> bool {
+        if !admitted {
+            // The lease may be gone (its caller gave up): nobody to tell.
+            let _ = self.reply.send(Verdict::Full);
+            return true;
+        }
+        let counted = self.cap != u32::MAX;
+        if counted {
+            self.cell.word.fetch_add(key::ONE, Ordering::AcqRel);
+        }
+        if self.reply.send(Verdict::Admitted).is_err() && counted {
+            self.cell.word.fetch_add(key::ONE_LESS, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Is the lease still waiting for the answer (its caller has not given up)?
+    pub fn is_waiting(&self) -> bool {
+        !self.reply.is_closed()
     }
 
     /// Answers the lease: not now, the key's shared quota has no unit for `wait`. The key
@@ -205,7 +230,6 @@ impl fmt::Debug for Acquire {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Acquire")
             .field("key", &self.key)
-            .field("count", &self.count)
             .field("cap", &self.cap)
             .field("quota", &self.quota)
             .field("probe", &self.probe)
@@ -265,11 +289,20 @@ pub struct LocalRest {
 /// What each replica does alone while the store is unreachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DegradedPolicy {
-    /// Each key's cap and quota are split across the replicas last seen alive: a replica
-    /// takes at most `max(1, cap / replicas)` requests per key at once (so a cap below the
-    /// number of replicas may be exceeded by up to `replicas - cap`), and spaces its
-    /// requests `replicas` quota intervals apart. Rests and disables stay local until the
-    /// store is back. The default.
+    /// Each key's cap is dealt out slot by slot, so that the replicas together never
+    /// exceed it and none is starved: the replicas alive at the last heartbeat are
+    /// ranked by name, the keys in force by id, and slot `s` of the `k`-th key goes to
+    /// replica `(k × cap + s + turn) mod replicas`. While the keys' caps add up to at
+    /// least the number of replicas, `turn` stays 0 and every replica holds at least one
+    /// slot (the slots differ by at most one between replicas when every key has the same
+    /// cap). Below that (say one key with a cap of 2 and three replicas), the replicas
+    /// take turns: `turn` is the wall clock's seconds divided by [`TURN`], so each replica
+    /// gets slots for one turn in every `replicas / slots` (rounded up). The cap holds
+    /// exactly between replicas that saw the same heartbeat; at a change of turn, a
+    /// request still in flight from the last turn overlaps the next (and so do clocks that
+    /// disagree by more than a few milliseconds). Quotas are split too: each replica
+    /// spaces its requests `replicas` quota intervals apart. Rests and disables stay
+    /// local until the store is back. The default.
     #[default]
     Split,
     /// Each replica uses each key's whole cap and quota: nothing stops for the store, at
@@ -290,16 +323,32 @@ impl DegradedPolicy {
         }
     }
 
-    /// How many requests a replica may have in flight on a key with `cap` while degraded,
-    /// with `replicas` last seen alive.
-    pub fn share(&self, cap: u32, replicas: u32) -> u32 {
+    /// How many requests a replica may have in flight on a key with `cap` while degraded:
+    /// the key is the `key`-th in force (by id), the replica the `rank`-th of `replicas`
+    /// alive at the last heartbeat, in `turn` (see [`Split`](Self::Split)).
+    pub fn share(&self, cap: u32, key: u32, rank: u32, replicas: u32, turn: u32) -> u32 {
         match self {
-            Self::Split => (cap / replicas.max(1)).max(1),
-            Self::Open => cap,
+            Self::Split if cap != u32::MAX => {
+                let replicas = u64::from(replicas.max(1));
+                let cap64 = u64::from(cap);
+                let first = (u64::from(key) * cap64 + u64::from(turn)) % replicas;
+                // The first of the key's slots that falls to this replica.
+                let offset = (u64::from(rank) % replicas + replicas - first) % replicas;
+                if offset >= cap64 {
+                    0
+                } else {
+                    u32::try_from(1 + (cap64 - 1 - offset) / replicas).unwrap_or(cap)
+                }
+            }
+            Self::Split | Self::Open => cap,
             Self::Closed => 0,
         }
     }
 }
+
+/// How long a turn lasts under [`DegradedPolicy::Split`] when the keys' caps add up to
+/// fewer slots than there are replicas.
+pub const TURN: Duration = Duration::from_secs(2);
 
 impl std::str::FromStr for DegradedPolicy {
     type Err = String;

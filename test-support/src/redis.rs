@@ -91,6 +91,49 @@ impl RedisServer {
         self.child = Some(child);
     }
 
+    /// Runs `redis-cli` against the server with `args`; its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli not found: apt-get install redis-tools");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `INFO commandstats`: the calls of each command so far (`evalsha`, `publish`, ...),
+    /// the commands scripts run included.
+    pub fn command_stats(&self) -> std::collections::HashMap<String, u64> {
+        self.cli(&["INFO", "commandstats"])
+            .lines()
+            .filter_map(|line| {
+                let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest
+                    .strip_prefix("calls=")?
+                    .split(',')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                Some((name.to_owned(), calls))
+            })
+            .collect()
+    }
+
+    /// Sends the server `signal` (`STOP`: it hangs, its connections open but silent, as a
+    /// network partition looks; `CONT`: it goes on).
+    pub fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("the server is running");
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// Kills the server by pid (SIGKILL) and waits for it to be gone.
     pub async fn kill(&mut self) {
         let mut child = self.child.take().expect("the server is running");

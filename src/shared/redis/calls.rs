@@ -11,13 +11,24 @@ use super::task::{PROBE_TTL, millis};
 use super::*;
 use crate::shared::{Acquire, BackendLink, RemoteLimit, RemoteRest};
 
-impl Inner {
-    pub(super) fn key(&self, kind: &str, id: &str) -> String {
-        format!("{}{kind}:{id}", self.prefix)
-    }
+/// The store's answer to an acquire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Acquired {
+    /// Admitted: its request may go.
+    Admitted,
+    /// Queued: it waits for a grant.
+    Queued,
+    /// Refused: another replica's probe of the key runs.
+    Refused,
+    /// No quota unit for this long.
+    QuotaIn(Duration),
+}
 
-    pub(super) fn replicas_key(&self) -> String {
-        format!("{}replicas", self.prefix)
+impl Inner {
+    /// The name of the store's `kind` of record for the key `id`: `tkr:<ns>:{<id>}:<kind>`,
+    /// the id a hash tag, so that every record of one key is on one cluster slot.
+    pub(super) fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}{{{id}}}:{kind}", self.prefix)
     }
 
     /// The connection, made if there is none yet (within the budget).
@@ -66,15 +77,38 @@ impl Inner {
     ) -> Option<T> {
         let mut manager = self.manager().await?;
         // `invoke_async` sends the script by hash and loads it again after NOSCRIPT.
-        match tokio::time::timeout(
+        let answer = tokio::time::timeout(
             self.options.call_timeout,
             invocation.invoke_async(&mut manager),
         )
-        .await
-        {
+        .await;
+        self.answered(answer)
+    }
+
+    /// A `PING` within the budget: is the store there?
+    pub(super) async fn ping(&self) -> bool {
+        let Some(mut manager) = self.manager().await else {
+            return false;
+        };
+        let answer = tokio::time::timeout(
+            self.options.call_timeout,
+            redis::cmd("PING").query_async::<String>(&mut manager),
+        )
+        .await;
+        self.answered(answer).is_some()
+    }
+
+    fn answered<T>(
+        &self,
+        answer: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Option<T> {
+        match answer {
             Ok(Ok(value)) => {
                 self.failures.store(0, Ordering::Relaxed);
                 self.connected.store(true, Ordering::Relaxed);
+                let since = self.started.elapsed().as_millis();
+                self.last_ok
+                    .store(u64::try_from(since).unwrap_or(u64::MAX), Ordering::Relaxed);
                 Some(value)
             }
             Ok(Err(error)) => {
@@ -94,6 +128,12 @@ impl Inner {
         }
     }
 
+    /// How long since a call last succeeded.
+    pub(super) fn since_ok(&self) -> Duration {
+        let since = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(since.saturating_sub(self.last_ok.load(Ordering::Relaxed)))
+    }
+
     pub(super) fn failed_with(&self, failure: RedisFailure) {
         *self
             .last_failure
@@ -103,31 +143,28 @@ impl Inner {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Writes this replica's counts (and renews its life); the replicas alive.
-    pub(super) async fn write_counts(
-        &self,
-        counts: &[(Arc<str>, crate::shared::KeyCount)],
-    ) -> Option<u32> {
-        let scripts = &self.scripts;
-        let mut invocation = scripts.counts.prepare_invoke();
+    /// Renews this replica's life; the names of the replicas alive, sorted.
+    pub(super) async fn live_replicas(&self) -> Option<Vec<String>> {
+        let mut invocation = self.scripts.replicas.prepare_invoke();
         invocation
-            .key(self.replicas_key())
+            .key(&self.replicas_key)
             .arg(&self.replica)
-            .arg(millis(self.options.ttl))
-            .arg(&self.channel);
-        for (id, count) in counts {
-            invocation
-                .key(self.key("c", id))
-                .arg(&**id)
-                .arg(count.version)
-                .arg(count.count);
-        }
-        self.call::<u32>(invocation).await
+            .arg(millis(self.options.ttl));
+        let mut names = self.call::<Vec<String>>(invocation).await?;
+        names.sort_unstable();
+        Some(names)
     }
 
-    /// `Some(Ok(()))` admitted, `Some(Err(None))` full, `Some(Err(Some(wait)))` no quota
-    /// unit for `wait`; `None` if the store failed.
-    pub(super) async fn acquire(&self, acquire: &Acquire) -> Option<Result<(), Option<Duration>>> {
+    fn touch(&self, id: &Arc<str>) {
+        self.touched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.clone());
+    }
+
+    /// Asks the store to admit a lease; `None` if the store failed. With the grants to
+    /// this replica the same call made.
+    pub(super) async fn acquire(&self, acquire: &Acquire) -> Option<(Acquired, u32)> {
         // The interval rounded up and the tolerance down: the quota's promise holds (see
         // `Quota::interval`).
         let micros_up = |d: Duration| u64::try_from(d.as_nanos().div_ceil(1000));
@@ -138,28 +175,75 @@ impl Inner {
                 micros_down(quota.tolerance).unwrap_or(u64::MAX),
             )
         });
+        let id = &acquire.key;
         let mut invocation = self.scripts.acquire.prepare_invoke();
         invocation
-            .key(self.key("c", &acquire.key))
-            .key(self.replicas_key())
-            .key(self.key("q", &acquire.key))
-            .key(self.key("p", &acquire.key))
-            .key(self.key("k", &acquire.key))
+            .key(self.key("c", id))
+            .key(self.key("w", id))
+            .key(self.key("k", id))
+            .key(self.key("q", id))
+            .key(self.key("p", id))
             .arg(&self.replica)
-            .arg(acquire.count.version)
-            .arg(acquire.count.count)
             .arg(acquire.cap)
             .arg(millis(self.options.ttl))
             .arg(interval)
             .arg(tolerance)
             .arg(u8::from(acquire.probe))
-            .arg(millis(PROBE_TTL));
-        let (admitted, wait) = self.call::<(u8, u64)>(invocation).await?;
-        Some(match (admitted, wait) {
-            (1, _) => Ok(()),
-            (_, 0) => Err(None),
-            (_, ms) => Err(Some(Duration::from_millis(ms))),
-        })
+            .arg(millis(PROBE_TTL))
+            .arg(&self.channel)
+            .arg(&**id);
+        let (status, wait, _total, mine) = self.call::<(u8, u64, u32, u32)>(invocation).await?;
+        if acquire.cap != u32::MAX {
+            self.touch(id);
+        }
+        let acquired = match (status, wait) {
+            (1, _) => Acquired::Admitted,
+            (2, _) => Acquired::Queued,
+            (_, 0) => Acquired::Refused,
+            (_, ms) => Acquired::QuotaIn(Duration::from_millis(ms)),
+        };
+        Some((acquired, mine))
+    }
+
+    /// Releases `n` of this replica's slots on the key `id`; the grants to this replica
+    /// (its own leases queued first), or `None` if the store failed.
+    pub(super) async fn release(&self, id: &Arc<str>, n: u32) -> Option<u32> {
+        let mut invocation = self.scripts.release.prepare_invoke();
+        invocation
+            .key(self.key("c", id))
+            .key(self.key("w", id))
+            .key(self.key("k", id))
+            .arg(&self.replica)
+            .arg(n)
+            .arg(millis(self.options.ttl))
+            .arg(&self.channel)
+            .arg(&**id);
+        let mine = self.call::<u32>(invocation).await?;
+        self.touch(id);
+        Some(mine)
+    }
+
+    /// Renews this replica's count on the key `id`, resetting it to `own` if given, or
+    /// claiming lost grants (see the script); (the grants to this replica, its
+    /// generation, its count there), or `None` if the store failed.
+    pub(super) async fn renew(
+        &self,
+        id: &str,
+        own: Option<u32>,
+        claim: bool,
+    ) -> Option<(u32, u64, u32)> {
+        let mut invocation = self.scripts.renew.prepare_invoke();
+        invocation
+            .key(self.key("c", id))
+            .key(self.key("w", id))
+            .key(self.key("k", id))
+            .arg(&self.replica)
+            .arg(millis(self.options.ttl))
+            .arg(&self.channel)
+            .arg(id)
+            .arg(own.map_or(-1, i64::from))
+            .arg(u8::from(claim));
+        self.call::<(u32, u64, u32)>(invocation).await
     }
 
     /// Writes a rest, disable or level (and a probe's answer: `probe` is `Some(back)`).
@@ -240,9 +324,9 @@ impl Inner {
     }
 
     /// The store is back: put this replica's state into it (no side loses anything: the
-    /// scripts keep the later deadline, the disable, the higher level), then read it all
-    /// back.
-    pub(super) async fn merge(&self, link: &BackendLink) -> bool {
+    /// scripts keep the later deadline, the disable, the higher level), its counts (the
+    /// leases taken alone meanwhile), then read it all back.
+    pub(super) async fn merge(self: &Arc<Self>, link: &Arc<BackendLink>) -> bool {
         for rest in link.rests() {
             // A limit learned while away: the lower one wins.
             if let Some(limit) = rest.limit {
@@ -266,10 +350,26 @@ impl Inner {
             }
             return false;
         }
-        let Some(replicas) = self.write_counts(&link.counts()).await else {
+        let Some(replicas) = self.live_replicas().await else {
             return false;
         };
-        self.replicas.store(replicas, Ordering::Relaxed);
+        self.seat(link, &replicas);
+        if !self.renew_all(link, true, true).await {
+            return false;
+        }
         self.sync(link).await
+    }
+
+    /// This replica's rank among the replicas alive, for the degraded policy's deal.
+    pub(super) fn seat(&self, link: &BackendLink, replicas: &[String]) {
+        let count = u32::try_from(replicas.len()).unwrap_or(u32::MAX).max(1);
+        let rank = replicas
+            .iter()
+            .position(|name| *name == self.replica)
+            .unwrap_or(0);
+        let rank = u32::try_from(rank).unwrap_or(0);
+        self.replicas.store(count, Ordering::Relaxed);
+        self.rank.store(rank, Ordering::Relaxed);
+        link.arrange(rank, count);
     }
 }

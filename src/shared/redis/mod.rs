@@ -3,48 +3,68 @@
 //!
 //! # In the store
 //!
-//! Every name starts with `tkr:{<namespace>}:` (the braces keep a namespace on one
-//! cluster slot, as multi-key scripts need). A key is named by a keyed hash of its value
-//! (HMAC-SHA-256 under the deployment's secret, 128 bits in hex): never the value.
+//! A key is named by a keyed hash of its value (HMAC-SHA-256 under the deployment's
+//! secret, 128 bits in hex): never the value. The backend treats that id as an opaque
+//! string. Every record of one key carries the whole id as a hash tag
+//! (`tkr:<namespace>:{<id>}:<kind>`), so that each script's keys share one slot of a Redis
+//! Cluster; the replicas' lives are one record of the namespace's own (`tkr:{<namespace>}:replicas`).
 //!
 //! | name | type | holds |
 //! | --- | --- | --- |
-//! | `k:<id>` | hash | `until` (the rest's end, on the server's clock, ms), `level`, `disabled`, `limit` (the learned concurrency limit) and `lgen` (its generation) |
-//! | `c:<id>` | hash | per replica: `version:count` of its leases on the key |
-//! | `q:<id>` | string | the key's quota state (GCRA's theoretical arrival time, server µs) |
-//! | `p:<id>` | string | the replica whose probe of the key (its single request after a rest) is running |
-//! | `replicas` | sorted set | replica → when it is considered dead (server ms) |
-//! | `events` | channel | `rest <id> <ms left> <level> <disabled> <replica>`, `freed <id>`, `back <id> <0/1> <replica>`, `limit <id> <limit> <generation>` |
+//! | `tkr:<ns>:{<id>}:k` | hash | `until` (the rest's end, on the server's clock, ms), `level`, `disabled`, `cap`, `limit` (the learned concurrency limit) and `lgen` (its generation) |
+//! | `tkr:<ns>:{<id>}:c` | hash | per replica: `count:deadline:generation`, its requests sent on the key, the server time the entry lives until (renewed by each call and the heartbeat), and how many times the replica reset it |
+//! | `tkr:<ns>:{<id>}:w` | list | the queue: one entry (the replica's name) per lease waiting for the key, in arrival order across the replicas |
+//! | `tkr:<ns>:{<id>}:q` | string | the key's quota state (GCRA's theoretical arrival time, server µs) |
+//! | `tkr:<ns>:{<id>}:p` | string | the replica whose probe of the key (its single request after a rest) is running |
+//! | `tkr:{<ns>}:replicas` | sorted set | replica → when it is considered dead (server ms) |
+//! | `tkr:<ns>:events` | channel | `rest <id> <ms left> <level> <disabled> <replica>`, `grant <id> <replica> <n> <generation>`, `back <id> <0/1> <replica>`, `limit <id> <limit> <generation>` |
 //!
-//! # Scripts
+//! # Admission
 //!
-//! Five Lua scripts, each atomic and each reading only the server's clock (`TIME`);
-//! replicas send and receive *remaining* durations, so their clocks never need to agree.
-//! They are sent by hash and loaded again when the server answers `NOSCRIPT` (after a
-//! restart or `SCRIPT FLUSH`).
+//! A lease on a capped key costs two calls: its admission and its release.
 //!
-//! - `acquire`: admits a lease if the live replicas' counts leave room under the cap and
-//!   the key's quota (GCRA, shared by every replica) has a unit (else says how long until
-//!   it has one), and a probe only if no other replica's probe of the key is running.
-//! - `counts`: this replica's absolute counts (newer versions only) and its heartbeat;
-//!   announces `freed` when a count went down; answers how many replicas are alive.
+//! - `acquire` admits the lease if the live replicas' counts leave room under the cap and
+//!   nobody waits; else it appends the replica to the key's queue and the lease waits
+//!   (here, in `poll_ready`). Either way it changes no other replica's count and
+//!   publishes nothing (unless it hands a slot a dead replica freed to a waiter).
+//! - `release` takes the lease off its replica's count and hands each slot it frees to
+//!   the queue's first entry (whose count goes up at once: a *grant*): a grant to its own
+//!   replica comes back in the answer, a grant to another replica is one message naming
+//!   it (`grant`), which admits that replica's first waiting lease. A release so wakes at
+//!   most as many waiters as it freed slots, in arrival order across the replicas.
+//! - `renew` (each heartbeat, for the keys this replica counts on or waits for) keeps its
+//!   entries alive, hands out the slots of replicas that died (their entries expire after
+//!   [`RedisOptions::ttl`]: a dead replica's slots are free within the TTL plus one
+//!   heartbeat), and repairs this replica's count when nothing of it is on its way.
+//!
+//! # Other scripts
+//!
+//! Each reads only the server's clock (`TIME`); replicas send and receive *remaining*
+//! durations, so their clocks never need to agree. They are sent by hash and loaded
+//! again when the server answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
+//!
+//! - `replicas`: this replica's life; answers which replicas are alive.
 //! - `rest`: a rest that only extends, a level that only rises (or a reset after a
 //!   recovery), a disable for good; announced to the other replicas, and with it a
 //!   probe's answer (`back`: the other replicas owe no probe of their own).
 //! - `limit`: a key's learned concurrency limit, one for every replica (which `acquire`
 //!   admits under): a lower one always wins, a raise only if made on the limit kept (its
 //!   generation); every change raises the generation and is announced.
-//! - `sync`: every key's rest and learned limit, for the periodic backstop and the merge
-//!   after an outage.
+//! - `sync`: every key's rest and learned limit, for the heartbeat's backstop and the
+//!   merge after an outage.
 //!
 //! # When the store is away
 //!
 //! Every call has a budget ([`RedisOptions::call_timeout`], 100 ms). After
-//! [`RedisOptions::failures`] failures in a row the breaker opens: the pool applies its
-//! [`DegradedPolicy`](crate::shared::DegradedPolicy) and sends nothing to the store but a
-//! `PING` per heartbeat. When one answers, this replica's rests, disables and levels are
-//! merged into the store (the later deadline wins, a disable is kept, the higher level
-//! wins, the lower learned limit wins), its counts written, every key's state read back, and sharing resumes.
+//! [`RedisOptions::failures`] failures in a row, or at once when the subscription's
+//! connection closes, the breaker opens: the pool applies its
+//! [`DegradedPolicy`](crate::shared::DegradedPolicy), leases waiting for a grant look
+//! again under it, and the backend sends nothing to the store but the heartbeat's try at
+//! coming back. A replica whose leases only wait (and so makes no call) pings the store
+//! when no call succeeded for 100 ms: it notices a hung store within 400 ms. When the
+//! store answers, this replica's rests, disables and levels are merged into it (the later
+//! deadline wins, a disable is kept, the higher level wins, the lower learned limit wins),
+//! its counts written, every key's state read back, and sharing resumes.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -161,9 +181,20 @@ struct Inner {
     replica: String,
     prefix: String,
     channel: String,
+    /// The sorted set of replicas' lives.
+    replicas_key: String,
     connection: Mutex<Option<ConnectionManager>>,
+    /// Leases waiting for the store's grant, per key.
+    waiting: Mutex<std::collections::HashMap<Arc<str>, task::KeyWait>>,
+    /// Keys whose count this replica renewed since the last heartbeat.
+    touched: Mutex<std::collections::HashSet<Arc<str>>>,
+    /// When a call last succeeded (ms since `started`).
+    last_ok: std::sync::atomic::AtomicU64,
+    started: tokio::time::Instant,
     /// Replicas alive at the last heartbeat.
     replicas: AtomicU32,
+    /// This replica's rank among them, by name.
+    rank: AtomicU32,
     connected: AtomicBool,
     /// Failures in a row.
     failures: AtomicU32,
@@ -194,7 +225,7 @@ impl RedisBackend {
     pub fn new(url: &str, secret: &[u8], options: RedisOptions) -> Result<Self, RedisBackendError> {
         let client = client(url, options.tls_ca.as_deref())?;
         let server = client.get_connection_info().addr().to_string();
-        let prefix = format!("tkr:{{{}}}:", options.namespace);
+        let prefix = format!("tkr:{}:", options.namespace);
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -203,10 +234,16 @@ impl RedisBackend {
                 secret: Zeroizing::new(secret.to_vec()),
                 replica: format!("{:016x}", fastrand::u64(..)),
                 channel: format!("{prefix}events"),
+                replicas_key: format!("tkr:{{{}}}:replicas", options.namespace),
                 prefix,
                 options,
                 connection: Mutex::new(None),
+                waiting: Mutex::default(),
+                touched: Mutex::default(),
+                last_ok: std::sync::atomic::AtomicU64::new(0),
+                started: tokio::time::Instant::now(),
                 replicas: AtomicU32::new(1),
+                rank: AtomicU32::new(0),
                 connected: AtomicBool::new(false),
                 failures: AtomicU32::new(0),
                 open: AtomicBool::new(true),
@@ -227,11 +264,14 @@ impl RedisBackend {
         if inner.manager().await.is_none() {
             return false;
         }
-        match inner.write_counts(&[]).await {
+        match inner.live_replicas().await {
             Some(replicas) => {
                 inner.open.store(false, Ordering::Release);
                 inner.sharing.send_replace(true);
-                inner.replicas.store(replicas, Ordering::Relaxed);
+                inner.replicas.store(
+                    u32::try_from(replicas.len()).unwrap_or(1),
+                    Ordering::Relaxed,
+                );
                 true
             }
             None => false,

@@ -1,10 +1,15 @@
 //! The Lua scripts the store runs atomically, on its own clock.
+//!
+//! Every per-key script names only keys of one id (`tkr:<ns>:{<id>}:...`, the braces a
+//! hash tag), so that a Redis Cluster runs it on one node.
 
 use redis::Script;
 
 pub(super) struct Scripts {
     pub(super) acquire: Script,
-    pub(super) counts: Script,
+    pub(super) release: Script,
+    pub(super) renew: Script,
+    pub(super) replicas: Script,
     pub(super) rest: Script,
     pub(super) limit: Script,
     pub(super) sync: Script,
@@ -14,95 +19,196 @@ pub(super) struct Scripts {
 pub(super) const NOW: &str = "local t = redis.call('TIME')\n\
                    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
-/// KEYS: counts hash, replicas, quota state, probe holder, state hash. ARGV: replica,
-/// version, count, cap, ttl (ms), quota interval and tolerance (µs; interval 0: no quota),
-/// probe (0/1), probe's time to live (ms). The cap is the lower of the replica's and the
-/// key's learned limit kept here (so a replica that has not heard of a lowering yet
-/// obeys it all the same). Returns {1, 0} admitted, {0, 0} full (or another replica's
-/// probe running), {0, ms} no quota unit for that long.
-pub(super) const ACQUIRE: &str = r#"
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[1])
-local me, v, c, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local learned = tonumber(redis.call('HGET', KEYS[5], 'limit') or '0')
-if learned > 0 and learned < cap then
-  cap = learned
+/// Helpers of the admission scripts, whose KEYS are: 1 the counts hash (replica →
+/// `count:deadline:generation`, a count of requests sent, the server time it lives until,
+/// and how many times the replica reset it), 2 the
+/// queue (a list of replicas, one entry per waiting lease, in arrival order), 3 the
+/// key's state hash (`cap`, the learned `limit`, rests).
+///
+/// - `live()`: the live replicas' total, forgetting the dead ones.
+/// - `cap_of(cap)`: `cap` (or the one kept, if `nil`) under the learned limit.
+/// - `pump(total, cap, me, channel, id)`: hands each free slot to the queue's first live
+///   entry (its count goes up by one: a *grant*), announcing grants to each other
+///   replica by name (`grant <id> <replica> <n> <generation>`); returns the grants to `me`
+///   and the total after.
+pub(super) const HELPERS: &str = r#"
+local function field(v)
+  local c, d, g = string.match(v, '^(%d+):(%d+):(%d+)$')
+  return tonumber(c), tonumber(d), tonumber(g)
 end
-local probe = ARGV[8] == '1'
+local function live()
+  local total = 0
+  local f = redis.call('HGETALL', KEYS[1])
+  for i = 1, #f, 2 do
+    local c, d = field(f[i + 1])
+    if d > now then
+      total = total + c
+    else
+      redis.call('HDEL', KEYS[1], f[i])
+    end
+  end
+  return total
+end
+local function cap_of(cap)
+  local s = redis.call('HMGET', KEYS[3], 'limit', 'cap')
+  cap = cap or tonumber(s[2] or '0')
+  local learned = tonumber(s[1] or '0')
+  if learned > 0 and learned < cap then
+    cap = learned
+  end
+  return cap
+end
+local function pump(total, cap, me, channel, id)
+  local mine, others, gens = 0, {}, {}
+  while total < cap do
+    local head = redis.call('LPOP', KEYS[2])
+    if not head then
+      break
+    end
+    local v = redis.call('HGET', KEYS[1], head)
+    if v then
+      local c, d, g = field(v)
+      if d > now then
+        redis.call('HSET', KEYS[1], head, string.format('%d:%d:%d', c + 1, d, g))
+        gens[head] = g
+        total = total + 1
+        if head == me then
+          mine = mine + 1
+        else
+          others[head] = (others[head] or 0) + 1
+        end
+      end
+    end
+  end
+  for who, n in pairs(others) do
+    redis.call('PUBLISH', channel, string.format('grant %s %s %d %d', id, who, n, gens[who]))
+  end
+  return mine, total
+end
+local function mine_of(me)
+  local v = redis.call('HGET', KEYS[1], me)
+  if v then
+    local c, d, g = field(v)
+    return c, g
+  end
+  return 0, 0
+end
+local function put(me, c, ttl)
+  local _, g = mine_of(me)
+  redis.call('HSET', KEYS[1], me, string.format('%d:%d:%d', c, now + ttl, g))
+end
+"#;
+
+/// KEYS: counts, queue, state, quota state, probe holder. ARGV: replica, cap
+/// (4294967295: none, the lease is not counted), ttl (ms), quota interval and tolerance
+/// (µs; interval 0: no quota), probe (0/1), probe's time to live (ms), channel, id.
+///
+/// Admits if the live replicas' counts leave room under the cap (the lower of the
+/// replica's and the learned limit kept here) and nobody waits; else queues the replica
+/// (its count unchanged: the lease waits for a grant). A probe is refused while another
+/// replica's probe runs, a lease without a quota unit is told how long until one.
+/// Returns {status (1 admitted, 2 queued, 0 refused), ms until a quota unit, the key's
+/// total with this lease, grants to this replica}.
+pub(super) const ACQUIRE: &str = r#"
+local me, ttl = ARGV[1], tonumber(ARGV[3])
+local counted = ARGV[2] ~= '4294967295'
+local cap = tonumber(ARGV[2])
+if counted then
+  if redis.call('HGET', KEYS[3], 'cap') ~= ARGV[2] then
+    redis.call('HSET', KEYS[3], 'cap', ARGV[2])
+  end
+  cap = cap_of(cap)
+end
+local probe = ARGV[6] == '1'
 if probe then
-  local holder = redis.call('GET', KEYS[4])
+  local holder = redis.call('GET', KEYS[5])
   if holder and holder ~= me then
-    return {0, 0}
+    return {0, 0, 0, 0}
   end
 end
-local interval, tolerance = tonumber(ARGV[6]), tonumber(ARGV[7])
+local interval, tolerance = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tat = 0
 if interval > 0 then
-  tat = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), now_us)
+  tat = math.max(tonumber(redis.call('GET', KEYS[4]) or '0'), now_us)
   if tat - now_us > tolerance then
-    return {0, math.max(1, math.ceil((tat - tolerance - now_us) / 1000))}
+    return {0, math.max(1, math.ceil((tat - tolerance - now_us) / 1000)), 0, 0}
   end
 end
-local mine, store = c, true
-local stored = redis.call('HGET', KEYS[1], me)
-if stored then
-  local sv, sc = string.match(stored, '^(%d+):(%d+)$')
-  if tonumber(sv) >= v then
-    mine, store = tonumber(sc), false
+local status, total, mine = 1, 0, 0
+if counted then
+  total = live()
+  mine, total = pump(total, cap, me, ARGV[8], ARGV[9])
+  local c = mine_of(me)
+  if total < cap and redis.call('LLEN', KEYS[2]) == 0 then
+    c, total = c + 1, total + 1
+  else
+    redis.call('RPUSH', KEYS[2], me)
+    status = 2
   end
-end
-local others = 0
-local fields = redis.call('HGETALL', KEYS[1])
-for i = 1, #fields, 2 do
-  local r = fields[i]
-  if r ~= me then
-    local alive = redis.call('ZSCORE', KEYS[2], r)
-    if alive and tonumber(alive) > now then
-      others = others + tonumber(string.match(fields[i + 1], ':(%d+)$'))
-    else
-      redis.call('HDEL', KEYS[1], r)
-    end
-  end
-end
-if others + mine > cap then
-  return {0, 0}
-end
-if store then
-  redis.call('HSET', KEYS[1], me, string.format('%d:%d', v, c))
+  put(me, c, ttl)
 end
 if interval > 0 then
   local next = tat + interval
-  redis.call('SET', KEYS[3], string.format('%d', next), 'PX', math.ceil((next - now_us) / 1000) + 1000)
+  redis.call('SET', KEYS[4], string.format('%d', next), 'PX', math.ceil((next - now_us) / 1000) + 1000)
 end
 if probe then
-  redis.call('SET', KEYS[4], me, 'PX', tonumber(ARGV[9]))
+  redis.call('SET', KEYS[5], me, 'PX', tonumber(ARGV[7]))
 end
-return {1, 0}
+return {status, 0, total, mine}
 "#;
 
-/// KEYS: replicas, then one counts hash per key. ARGV: replica, ttl (ms), channel, then
-/// per key: id, version, count. Returns the replicas alive.
-pub(super) const COUNTS: &str = r#"
-local me = ARGV[1]
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), me)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-for i = 2, #KEYS do
-  local base = 4 + (i - 2) * 3
-  local id, v, c = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-  local sv, sc = -1, 0
-  local stored = redis.call('HGET', KEYS[i], me)
-  if stored then
-    local a, b = string.match(stored, '^(%d+):(%d+)$')
-    sv, sc = tonumber(a), tonumber(b)
-  end
-  if v > sv then
-    redis.call('HSET', KEYS[i], me, string.format('%d:%d', v, c))
-    if c < sc then
-      redis.call('PUBLISH', ARGV[3], 'freed ' .. id)
-    end
+/// KEYS: counts, queue, state. ARGV: replica, leases released, ttl (ms), channel, id.
+/// Takes the leases off the replica's count and hands the freed slots to the queue.
+/// Returns the grants to this replica.
+pub(super) const RELEASE: &str = r#"
+local me, ttl = ARGV[1], tonumber(ARGV[3])
+put(me, math.max(mine_of(me) - tonumber(ARGV[2]), 0), ttl)
+local mine = pump(live(), cap_of(nil), me, ARGV[4], ARGV[5])
+return mine
+"#;
+
+/// KEYS: counts, queue, state. ARGV: replica, ttl (ms), channel, id, the replica's own
+/// count (-1: unknown). The heartbeat's renewal of the replica's count, and the hand-out
+/// of slots a dead replica held. With the replica's own count (when nothing of its is
+/// on the way: no lease asking, queued or being released), a count here that differs
+/// from it, or a queue entry of the replica's, is an error (a call whose answer was lost,
+/// an outage): the count is reset to it, the replica's queue entries dropped, and its
+/// generation raised (grants announced before are void). With `claim` (ARGV 6: the
+/// replica's leases only wait, nothing else of its is on its way), the generation is
+/// raised and the count returned, so that grants whose messages were lost reach their
+/// leases. Returns {grants to this replica, its generation, its count here}.
+pub(super) const RENEW: &str = r#"
+local me, ttl, own = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
+local v = redis.call('HGET', KEYS[1], me)
+local c, d, g = 0, 0, 0
+if v then
+  c, d, g = field(v)
+end
+if ARGV[6] == '1' then
+  g = g + 1
+end
+if own >= 0 then
+  local removed = redis.call('LREM', KEYS[2], 0, me)
+  if own ~= c or removed > 0 then
+    g = g + 1
+    c = own
   end
 end
-return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+if v or own > 0 then
+  redis.call('HSET', KEYS[1], me, string.format('%d:%d:%d', c, now + ttl, g))
+end
+local mine = pump(live(), cap_of(nil), me, ARGV[3], ARGV[4])
+local count = mine_of(me)
+return {mine, g, count}
+"#;
+
+/// KEYS: replicas. ARGV: replica, ttl (ms). Renews the replica's life; returns the names
+/// of the replicas alive.
+pub(super) const REPLICAS: &str = r#"
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
 "#;
 
 /// KEYS: state hash, probe holder. ARGV: ms left, level, disabled (0/1), recovered
@@ -167,8 +273,8 @@ end
 return {kept, gen}
 "#;
 
-/// KEYS: state hashes. Returns per key {ms left, level, disabled, learned limit (0:
-/// none), its generation}.
+/// KEYS: state hashes (one, on a cluster). Returns per key {ms left, level, disabled,
+/// learned limit (0: none), its generation}.
 pub(super) const SYNC: &str = r#"
 local out = {}
 for i = 1, #KEYS do
@@ -186,9 +292,12 @@ return out
 impl Scripts {
     pub(super) fn new() -> Self {
         let script = |body: &str| Script::new(&format!("{NOW}{body}"));
+        let admission = |body: &str| Script::new(&format!("{NOW}{HELPERS}{body}"));
         Self {
-            acquire: script(ACQUIRE),
-            counts: script(COUNTS),
+            acquire: admission(ACQUIRE),
+            release: admission(RELEASE),
+            renew: admission(RENEW),
+            replicas: script(REPLICAS),
             rest: script(REST),
             limit: script(LIMIT),
             sync: script(SYNC),

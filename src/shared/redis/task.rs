@@ -1,15 +1,86 @@
-//! The backend's task: what leaves the request path (counts, rests, outcomes), the
-//! heartbeat, and the other replicas' messages.
+//! The backend's task: what leaves the request path (admissions, releases, rests,
+//! outcomes), the heartbeat, the watch on the store while leases wait, and the other
+//! replicas' messages.
+//!
+//! # Leases waiting for a grant
+//!
+//! A lease the store queued waits here, in its key's [`KeyWait`], in the order the store
+//! queued them. A grant (in the answer to one of this replica's calls, or announced by
+//! another replica's) admits the first lease still waiting; one with nobody left to take
+//! it (its caller gave up) is released at once. A grant may come before the answer that
+//! queued its lease: it is kept as a credit until that answer comes.
+//!
+//! # Repair
+//!
+//! A call whose answer is lost (a timeout) may leave the store's count of this replica
+//! wrong. When nothing of this replica is on its way for a key (no lease asking, waiting
+//! or being released), the heartbeat sends its own count, which the store then takes
+//! (dropping any queue entry of this replica, and voiding grants announced before: each
+//! reset raises the replica's generation on the key).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
+use super::calls::Acquired;
 use super::*;
-use crate::shared::{BackendLink, Op, RemoteLimit, RemoteRest};
+use crate::shared::{Acquire, BackendLink, Op, RemoteLimit, RemoteRest};
+
+/// One key's leases waiting for a grant here.
+#[derive(Default)]
+pub(super) struct KeyWait {
+    /// Queued by the store, in its order.
+    queue: VecDeque<Acquire>,
+    /// Acquires sent whose answers are not handled yet.
+    asking: u32,
+    /// Grants that came before the answer that queued their lease.
+    credits: u32,
+    /// The store's generation of this replica's count on the key, as last heard: grants
+    /// announced under an older one are void.
+    generation: u64,
+}
+
+impl KeyWait {
+    /// Hands `n` grants to the first leases still waiting; the grants nobody can take.
+    fn give(&mut self, n: u32) -> u32 {
+        let mut orphans = 0;
+        for _ in 0..n {
+            loop {
+                match self.queue.pop_front() {
+                    Some(acquire) if acquire.is_waiting() => {
+                        if !acquire.admit(true) {
+                            orphans += 1;
+                        }
+                        break;
+                    }
+                    // Gave up: its own entry in the store's queue gets a grant later,
+                    // which then finds nobody.
+                    Some(_) => continue,
+                    None if self.asking > 0 => {
+                        self.credits += 1;
+                        break;
+                    }
+                    None => {
+                        orphans += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        if self.asking == 0 {
+            orphans += std::mem::take(&mut self.credits);
+        }
+        orphans
+    }
+
+    fn quiet(&self) -> bool {
+        self.queue.is_empty() && self.asking == 0 && self.credits == 0
+    }
+}
 
 impl Inner {
     pub(super) fn breaker_open(&self, link: &BackendLink) -> bool {
@@ -25,9 +96,33 @@ impl Inner {
             );
             link.set_health(false, true, None);
             self.sharing.send_replace(false);
+            // Leases waiting for a grant look again, under the degraded policy.
+            let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+            for wait in waiting.values_mut() {
+                for acquire in wait.queue.drain(..) {
+                    acquire.admit(false);
+                }
+                wait.credits = 0;
+            }
             return true;
         }
         false
+    }
+
+    /// Trips the breaker now (the subscription's connection closed: the store is gone).
+    fn trip(&self, link: &BackendLink) {
+        let failures = self.options.failures;
+        self.failures.fetch_max(failures, Ordering::Relaxed);
+        self.connected.store(false, Ordering::Relaxed);
+        self.breaker_open(link);
+    }
+
+    fn has_waiters(&self) -> bool {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .any(|wait| !wait.queue.is_empty() || wait.asking > 0)
     }
 }
 
@@ -35,11 +130,17 @@ impl Inner {
 /// replica died lets another replica probe after this.
 pub(super) const PROBE_TTL: Duration = Duration::from_secs(10);
 
+/// While leases wait for grants and no call succeeded for this long, a `PING` checks that
+/// the store is there: a replica with only waiting leases notices an outage within
+/// `WATCH × (failures + 1)` (400 ms by default), when the subscription's closing has not
+/// told it sooner.
+pub(super) const WATCH: Duration = Duration::from_millis(100);
+
 pub(super) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The backend's task: carries the pool's ops to the store, heartbeats, syncs, and runs
+/// The backend's task: carries the pool's ops to the store, heartbeats, watches, and runs
 /// the breaker.
 pub(super) async fn run(
     inner: Arc<Inner>,
@@ -48,97 +149,339 @@ pub(super) async fn run(
 ) {
     let mut heartbeat = tokio::time::interval(inner.options.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = tokio::time::interval(WATCH);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let beating = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut ticks = 0u64;
+    let mut batch = Vec::new();
     loop {
         tokio::select! {
             op = ops.recv() => match op {
                 // The pool is gone.
                 None => return,
-                Some(op) => dispatch(&inner, &link, op),
+                Some(op) => {
+                    // What else is queued goes in the same pass: releases of one key are
+                    // one call.
+                    batch.push(op);
+                    while batch.len() < 1024 {
+                        match ops.try_recv() {
+                            Ok(op) => batch.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    dispatch(&inner, &link, &mut batch);
+                }
             },
             _ = heartbeat.tick() => {
-                ticks += 1;
-                tick(&inner, &link, ticks).await;
+                // One heartbeat at a time, off this loop (ops keep flowing meanwhile).
+                if !beating.swap(true, Ordering::AcqRel) {
+                    ticks += 1;
+                    let (inner, link, beating) = (inner.clone(), link.clone(), beating.clone());
+                    tokio::spawn(async move {
+                        tick(&inner, &link, ticks).await;
+                        beating.store(false, Ordering::Release);
+                    });
+                }
+            }
+            _ = watch.tick() => {
+                if !inner.open.load(Ordering::Acquire)
+                    && inner.since_ok() >= WATCH
+                    && inner.has_waiters()
+                {
+                    let (inner, link) = (inner.clone(), link.clone());
+                    tokio::spawn(async move {
+                        if !inner.ping().await {
+                            inner.breaker_open(&link);
+                        }
+                    });
+                }
             }
         }
     }
 }
 
-/// Sends one op on its own task (a slow store must not hold up the others).
-pub(super) fn dispatch(inner: &Arc<Inner>, link: &Arc<BackendLink>, op: Op) {
+/// Sends the ops of one pass, each on its own task (a slow store must not hold up the
+/// others); the releases of one key as one call.
+pub(super) fn dispatch(inner: &Arc<Inner>, link: &Arc<BackendLink>, batch: &mut Vec<Op>) {
     if inner.breaker_open(link) {
-        match op {
-            // Decided alone; merged when the store is back.
-            Op::Acquire(acquire) => {
-                let admitted = link.admits_degraded(acquire.count.count, acquire.cap);
-                acquire.admit(admitted);
+        for op in batch.drain(..) {
+            match op {
+                // Taken before the store went away: look again, under the degraded policy.
+                Op::Acquire(acquire) => {
+                    acquire.admit(false);
+                }
+                // Counted here: the merge writes the counts.
+                Op::Release { key } => {
+                    if let Some(cell) = link.cell(&key) {
+                        cell.releasing.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                _ => {}
             }
-            // Written at the merge.
-            Op::Counts => {
-                let _ = link.counts();
-            }
-            _ => {}
         }
         return;
     }
-    let inner = inner.clone();
-    let link = link.clone();
-    tokio::spawn(async move {
+    let mut releases: Vec<(Arc<str>, u32)> = Vec::new();
+    for op in batch.drain(..) {
         match op {
-            Op::Acquire(acquire) => match inner.acquire(&acquire).await {
-                Some(Ok(())) => acquire.admit(true),
-                Some(Err(None)) => acquire.admit(false),
-                Some(Err(Some(wait))) => acquire.quota_in(wait),
-                None => {
-                    let admitted = link.admits_degraded(acquire.count.count, acquire.cap);
-                    acquire.admit(admitted);
-                }
+            Op::Release { key } => match releases.iter_mut().find(|(id, _)| *id == key) {
+                Some((_, n)) => *n += 1,
+                None => releases.push((key, 1)),
             },
-            Op::Counts => {
-                let counts = link.counts();
-                if let Some(replicas) = inner.write_counts(&counts).await {
-                    inner.replicas.store(replicas, Ordering::Relaxed);
-                }
+            Op::Acquire(acquire) => {
+                inner
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(acquire.key.clone())
+                    .or_default()
+                    .asking += 1;
+                let (inner, link) = (inner.clone(), link.clone());
+                tokio::spawn(async move { ask(&inner, &link, acquire).await });
             }
-            Op::Rest {
-                key,
-                remaining,
-                level,
-            } => {
-                inner.rest(&key, remaining, level, false, false, None).await;
+            op => {
+                let (inner, link) = (inner.clone(), link.clone());
+                tokio::spawn(async move {
+                    report(&inner, &link, op).await;
+                    inner.breaker_open(&link);
+                });
             }
-            Op::ProbeDone { key, back, rest } => {
-                let (left, level) = rest.unwrap_or_default();
-                // A probe that went through proves the key recovered.
-                inner.rest(&key, left, level, false, back, Some(back)).await;
-            }
-            Op::Disable { key } => {
-                inner.rest(&key, Duration::ZERO, 0, true, false, None).await;
-            }
-            Op::Recovered { key } => {
-                inner.rest(&key, Duration::ZERO, 0, false, true, None).await;
-            }
-            Op::Limit {
-                key,
-                limit,
-                generation,
-                raise,
-            } => {
-                // The store's answer: this replica's own limit, or one it must take
-                // (another replica's lower one, or a raise refused).
-                if let Some(kept) = inner.limit(&key, limit, generation, raise).await {
-                    link.apply_limit(&key, kept);
-                }
-            }
+        }
+    }
+    for (id, n) in releases {
+        release(inner, link, id, n, false);
+    }
+}
+
+/// Releases `n` slots of this replica on the key `id` in the store, on a task. `orphans`:
+/// slots granted to leases gone (not counted here, so on their way from now on).
+fn release(inner: &Arc<Inner>, link: &Arc<BackendLink>, id: Arc<str>, n: u32, orphans: bool) {
+    let cell = link.cell(&id);
+    if orphans {
+        if let Some(cell) = &cell {
+            cell.releasing.fetch_add(n, Ordering::SeqCst);
+        }
+    }
+    let (inner, link) = (inner.clone(), link.clone());
+    tokio::spawn(async move {
+        let mine = inner.release(&id, n).await;
+        if let Some(cell) = &cell {
+            cell.releasing.fetch_sub(n, Ordering::SeqCst);
+        }
+        if let Some(mine) = mine.filter(|&mine| mine > 0) {
+            granted(&inner, &link, &id, mine, None);
         }
         inner.breaker_open(&link);
     });
 }
 
-/// A heartbeat: counts and life, then the rests' sync; while the breaker is open, a try
+/// `n` slots of the key `id` granted to this replica (under the store's `generation` of
+/// its count, if announced): admits its first waiting leases.
+fn granted(
+    inner: &Arc<Inner>,
+    link: &Arc<BackendLink>,
+    id: &Arc<str>,
+    n: u32,
+    generation: Option<u64>,
+) {
+    let orphans = {
+        let mut waiting = inner.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        let wait = waiting.entry(id.clone()).or_default();
+        if generation.is_some_and(|generation| generation < wait.generation) {
+            // Void: the count was reset since.
+            return;
+        }
+        wait.give(n)
+    };
+    if orphans > 0 {
+        release(inner, link, id.clone(), orphans, true);
+    }
+}
+
+/// Asks the store to admit a lease, and answers it (or queues it here).
+async fn ask(inner: &Arc<Inner>, link: &Arc<BackendLink>, acquire: Acquire) {
+    let answer = inner.acquire(&acquire).await;
+    let id = acquire.key.clone();
+    let orphans = {
+        let mut waiting = inner.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        let wait = waiting.entry(id.clone()).or_default();
+        wait.asking -= 1;
+        let mut orphans = 0;
+        let mine = match answer {
+            // Failed (perhaps applied: the heartbeat repairs the count): look again.
+            None => {
+                acquire.admit(false);
+                0
+            }
+            Some((Acquired::Admitted, mine)) => {
+                if !acquire.admit(true) {
+                    orphans += 1;
+                }
+                mine
+            }
+            Some((Acquired::Queued, mine)) => {
+                // Behind its own replica's earlier leases, which the grants are for.
+                wait.queue.push_back(acquire);
+                if wait.credits > 0 {
+                    wait.credits -= 1;
+                    orphans += wait.give(1);
+                }
+                mine
+            }
+            Some((Acquired::Refused, _)) => {
+                acquire.admit(false);
+                0
+            }
+            Some((Acquired::QuotaIn(left), _)) => {
+                acquire.quota_in(left);
+                0
+            }
+        };
+        orphans + wait.give(mine)
+    };
+    if orphans > 0 {
+        release(inner, link, id, orphans, true);
+    }
+    inner.breaker_open(link);
+}
+
+/// Writes a rest, a probe's answer, a disable, a recovery or a learned limit.
+async fn report(inner: &Inner, link: &BackendLink, op: Op) {
+    match op {
+        Op::Rest {
+            key,
+            remaining,
+            level,
+        } => {
+            inner.rest(&key, remaining, level, false, false, None).await;
+        }
+        Op::ProbeDone { key, back, rest } => {
+            let (left, level) = rest.unwrap_or_default();
+            // A probe that went through proves the key recovered.
+            inner.rest(&key, left, level, false, back, Some(back)).await;
+        }
+        Op::Disable { key } => {
+            inner.rest(&key, Duration::ZERO, 0, true, false, None).await;
+        }
+        Op::Recovered { key } => {
+            inner.rest(&key, Duration::ZERO, 0, false, true, None).await;
+        }
+        Op::Limit {
+            key,
+            limit,
+            generation,
+            raise,
+        } => {
+            // The store's answer: this replica's own limit, or one it must take
+            // (another replica's lower one, or a raise refused).
+            if let Some(kept) = inner.limit(&key, limit, generation, raise).await {
+                link.apply_limit(&key, kept);
+            }
+        }
+        Op::Acquire(_) | Op::Release { .. } => {}
+    }
+}
+
+impl Inner {
+    /// Renews this replica's count on the keys it counts on or waits for that no call
+    /// touched since the last heartbeat (the calls renew the others), handing out slots
+    /// dead replicas held. With `repair`, on every key it counts on, waits for or touched,
+    /// resetting the count of each key with nothing on its way (see the [module
+    /// docs](self)); with `all` too, on every key it ever counted on. `false` if the store
+    /// failed.
+    pub(super) async fn renew_all(
+        self: &Arc<Self>,
+        link: &Arc<BackendLink>,
+        repair: bool,
+        all: bool,
+    ) -> bool {
+        let touched =
+            std::mem::take(&mut *self.touched.lock().unwrap_or_else(PoisonError::into_inner));
+        let busy: Vec<Arc<str>> = link
+            .counts()
+            .into_iter()
+            .filter(|(_, count)| all || count.count > 0)
+            .map(|(id, _)| id)
+            .chain(
+                self.waiting
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                    .filter(|(_, wait)| !wait.quiet())
+                    .map(|(id, _)| id.clone()),
+            )
+            .collect();
+        let mut ids: Vec<Arc<str>> = if repair {
+            busy.into_iter().chain(touched).collect()
+        } else {
+            busy.into_iter()
+                .filter(|id| !touched.contains(id))
+                .collect()
+        };
+        ids.sort_unstable();
+        ids.dedup();
+        let calls = ids.into_iter().map(|id| async move {
+            let (own, claim) = {
+                let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+                let wait = waiting.get(&id);
+                let quiet = wait.is_none_or(KeyWait::quiet);
+                // Only waiting: no answer, grant or release of its on the way but
+                // grants whose messages may be lost.
+                let waits_only = wait.is_some_and(|wait| {
+                    !wait.queue.is_empty() && wait.asking == 0 && wait.credits == 0
+                });
+                // The count first, then the releases on their way (see `key::release`).
+                let cell = link.cell(&id);
+                let count = cell.as_ref().map_or(0, |cell| cell.count());
+                let releasing = cell
+                    .as_ref()
+                    .map_or(0, |cell| cell.releasing.load(Ordering::SeqCst));
+                (
+                    (repair && quiet && releasing == 0).then_some(count),
+                    repair && waits_only && releasing == 0,
+                )
+            };
+            let Some((mine, generation, stored)) = self.renew(&id, own, claim).await else {
+                return false;
+            };
+            let orphans = {
+                let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+                let wait = waiting.entry(id.clone()).or_default();
+                wait.generation = wait.generation.max(generation);
+                // Grants the store counted for this replica whose messages never came
+                // (those on their way are void now: the generation rose).
+                let lost = match link.cell(&id) {
+                    Some(cell) if claim && wait.asking == 0 && wait.credits == 0 => {
+                        // Read now: grants applied meanwhile are counted here already.
+                        let count = cell.count();
+                        let releasing = cell.releasing.load(Ordering::SeqCst);
+                        stored.saturating_sub(count + releasing + mine)
+                    }
+                    _ => 0,
+                };
+                wait.give(mine + lost)
+            };
+            if orphans > 0 {
+                release(self, link, id, orphans, true);
+            }
+            true
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .all(|ok| ok)
+    }
+}
+
+/// A heartbeat: life and counts, then the rests' sync; while the breaker is open, a try
 /// at coming back.
-pub(super) async fn tick(inner: &Inner, link: &BackendLink, ticks: u64) {
+pub(super) async fn tick(inner: &Arc<Inner>, link: &Arc<BackendLink>, ticks: u64) {
     if inner.breaker_open(link) {
+        // The degraded policy's turn moves on.
+        link.arrange(
+            inner.rank.load(Ordering::Relaxed),
+            inner.replicas.load(Ordering::Relaxed),
+        );
         if inner.merge(link).await {
             inner.failures.store(0, Ordering::Relaxed);
             inner.open.store(false, Ordering::Release);
@@ -149,20 +492,21 @@ pub(super) async fn tick(inner: &Inner, link: &BackendLink, ticks: u64) {
         }
         return;
     }
-    let before = inner.replicas.load(Ordering::Relaxed);
-    let Some(replicas) = inner.write_counts(&link.counts()).await else {
+    let Some(replicas) = inner.live_replicas().await else {
         inner.breaker_open(link);
         return;
     };
-    inner.replicas.store(replicas, Ordering::Relaxed);
-    link.set_health(true, false, Some(replicas));
-    if !inner.sync(link).await {
+    inner.seat(link, &replicas);
+    link.set_health(true, false, Some(inner.replicas.load(Ordering::Relaxed)));
+    // Every fifth beat: the counts repaired, the rests read again (messages cover the
+    // rest of the time).
+    let backstop = ticks % 5 == 0;
+    if !inner.renew_all(link, backstop, false).await || (backstop && !inner.sync(link).await) {
         inner.breaker_open(link);
         return;
     }
-    // A replica gone frees its leases without a word: let waiters look again. So does
-    // every tenth beat, in case a release announcement was lost.
-    if replicas < before || ticks % 10 == 0 {
+    // Every tenth beat, waiters look again, in case a probe's answer was lost.
+    if ticks % 10 == 0 {
         link.refresh();
     }
 }
@@ -189,6 +533,8 @@ pub(super) async fn subscribe(inner: Arc<Inner>, link: Arc<BackendLink>) {
                     }
                 }
                 inner.subscribed.send_replace(false);
+                // The connection closed: the store is gone (or restarting).
+                inner.trip(&link);
             }
         }
         // Not a synchronisation: the pace of reconnection attempts.
@@ -197,10 +543,21 @@ pub(super) async fn subscribe(inner: Arc<Inner>, link: Arc<BackendLink>) {
 }
 
 /// One event from the channel.
-pub(super) fn event(inner: &Inner, link: &BackendLink, text: &str) {
+pub(super) fn event(inner: &Arc<Inner>, link: &Arc<BackendLink>, text: &str) {
     let mut words = text.split(' ');
     match (words.next(), words.next()) {
-        (Some("freed"), Some(id)) => link.freed(id),
+        (Some("grant"), Some(id)) => {
+            if words.next() != Some(inner.replica.as_str()) {
+                return; // another replica's
+            }
+            let (Some(n), Some(generation)) = (
+                words.next().and_then(|w| w.parse().ok()),
+                words.next().and_then(|w| w.parse().ok()),
+            ) else {
+                return;
+            };
+            granted(inner, link, &Arc::from(id), n, Some(generation));
+        }
         (Some("limit"), Some(id)) => {
             let (Some(limit), Some(generation)) = (
                 words.next().and_then(|w| w.parse().ok()),
