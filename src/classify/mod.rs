@@ -81,6 +81,9 @@ pub enum Outcome {
     QuotaExhausted {
         /// When the quota resets, if the provider said.
         reset_after: Option<Duration>,
+        /// What the spent quota covers: the whole key (a balance, an account's daily cap)
+        /// or the request's bucket only (a model's daily quota).
+        scope: Scope,
     },
     /// The key's credentials were refused (401/403: revoked, wrong, no permission). Counted;
     /// the key is disabled only when the request is proven not to blame (see
@@ -96,6 +99,49 @@ impl Outcome {
     pub fn is_rate_limited(&self) -> bool {
         matches!(self, Self::RateLimited { .. } | Self::AccountLimited { .. })
     }
+
+    /// What part of the key the outcome is about, in a pool whose requests have buckets
+    /// ([`KeyPoolBuilder::router`](crate::KeyPoolBuilder)): a rate limit, a used-up
+    /// window or an account's limit is about the request's bucket (providers meter each
+    /// model apart); a spent quota says its own [`Scope`]; a refused credential and a
+    /// failure are about the key. A pool with one bucket applies every outcome to the key.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_key_rotation::classify::{Outcome, Scope};
+    ///
+    /// assert_eq!(Outcome::RateLimited { retry_after: None }.scope(), Scope::Bucket);
+    /// let billing = Outcome::QuotaExhausted { reset_after: None, scope: Scope::Key };
+    /// assert_eq!(billing.scope(), Scope::Key);
+    /// ```
+    pub fn scope(&self) -> Scope {
+        match self {
+            Self::SuccessAtLimit { .. }
+            | Self::RateLimited { .. }
+            | Self::AccountLimited { .. }
+            | Self::Success => Scope::Bucket,
+            Self::QuotaExhausted { scope, .. } => *scope,
+            Self::KeyRejected | Self::Failure => Scope::Key,
+        }
+    }
+}
+
+/// What part of a key a limit covers: one bucket of it (what the provider meters apart on
+/// one key, usually the model) or all of it.
+///
+/// A pool whose requests carry buckets keeps each (key, bucket)'s in-flight count, rests,
+/// probe, learned limit and quota apart: a refusal for one model rests that model on the
+/// key, and the key goes on serving the others. What covers the key's account (a spent
+/// balance, an account-wide daily or five-hour cap, a disabled key) rests every bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Scope {
+    /// The request's bucket on this key (and, for [`Outcome::AccountLimited`], on every key
+    /// of the account).
+    Bucket,
+    /// Every bucket of the key.
+    Key,
 }
 
 /// Classifies a response by status and headers: the default rules.

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, StatusCode};
 
-use super::{Classifier, Outcome, days_from_civil, generic, retry_after};
+use super::{Classifier, Outcome, Scope, days_from_civil, generic, retry_after};
 
 /// The most body bytes a profile reads before classifying.
 pub const BODY_LIMIT: usize = 8 * 1024;
@@ -79,15 +79,17 @@ fn bigmodel(status: StatusCode, headers: &HeaderMap, body: &[u8], now: SystemTim
         Some("1302" | "1303") => Outcome::AccountLimited {
             retry_after: retry_after(headers, now),
         },
-        Some("1113") => Outcome::QuotaExhausted { reset_after: None },
+        Some("1113") => Outcome::QuotaExhausted { reset_after: None, scope: Scope::Key },
         Some("1304") => Outcome::QuotaExhausted {
             reset_after: Some(until_next_beijing_midnight(now)),
+            scope: Scope::Key,
         },
         Some("1308" | "1310") => Outcome::QuotaExhausted {
             reset_after: message
                 .as_deref()
                 .and_then(beijing_time_in)
                 .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO)),
+            scope: Scope::Key,
         },
         Some("1305" | "1312") => Outcome::Failure,
         Some("1000" | "1001" | "1002" | "1003" | "1004") => Outcome::KeyRejected,
@@ -103,7 +105,7 @@ fn openai(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome {
     if code.as_deref() == Some("insufficient_quota")
         || kind.as_deref() == Some("insufficient_quota")
     {
-        return Outcome::QuotaExhausted { reset_after: None };
+        return Outcome::QuotaExhausted { reset_after: None, scope: Scope::Key };
     }
     match generic(status, headers) {
         Outcome::RateLimited { retry_after } => Outcome::AccountLimited { retry_after },
@@ -181,12 +183,13 @@ mod tests {
         ));
         assert_eq!(
             bigmodel_code("1113", "arrears", now),
-            Outcome::QuotaExhausted { reset_after: None }
+            Outcome::QuotaExhausted { reset_after: None, scope: Scope::Key }
         );
         assert_eq!(
             bigmodel_code("1304", "daily", now),
             Outcome::QuotaExhausted {
-                reset_after: Some(Duration::from_secs(15 * 3600))
+                reset_after: Some(Duration::from_secs(15 * 3600)),
+                scope: Scope::Key,
             }
         );
         assert_eq!(
@@ -196,7 +199,8 @@ mod tests {
                 now
             ),
             Outcome::QuotaExhausted {
-                reset_after: Some(Duration::from_secs(2 * 3600 + 42 * 60 + 56))
+                reset_after: Some(Duration::from_secs(2 * 3600 + 42 * 60 + 56)),
+                scope: Scope::Key,
             }
         );
         assert_eq!(bigmodel_code("1305", "overloaded", now), Outcome::Failure);
@@ -232,7 +236,7 @@ mod tests {
         let headers = HeaderMap::new();
         assert_eq!(
             openai(StatusCode::TOO_MANY_REQUESTS, &headers, body),
-            Outcome::QuotaExhausted { reset_after: None }
+            Outcome::QuotaExhausted { reset_after: None, scope: Scope::Key }
         );
         let body = br#"{"error":{"message":"Rate limit reached for requests","type":"requests","code":"rate_limit_exceeded"}}"#;
         assert_eq!(

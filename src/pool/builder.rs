@@ -3,13 +3,13 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use crate::sync::Notify;
+use crate::sync::{AtomicU32, Notify};
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use super::slot::Slot;
 use super::table::Table;
-use super::{KeyPool, Padded, PoolInner, Selection, Signals};
+use super::{Buckets, KeyPool, Padded, PoolInner, Selection, Signals};
 use crate::backoff::Backoff;
 use crate::classify::Classifier;
 use crate::key::KeySet;
@@ -32,6 +32,8 @@ pub struct KeyPoolBuilder {
     pub(super) max_wait: Option<Duration>,
     pub(super) backend: Option<Arc<dyn StateBackend>>,
     pub(super) degraded: DegradedPolicy,
+    /// Requests have buckets (a router is set).
+    pub(super) buckets: bool,
 }
 
 impl KeyPoolBuilder {
@@ -146,12 +148,16 @@ impl KeyPoolBuilder {
                 notify: Arc::new(Notify::new()),
                 pool: pool.clone(),
                 shared: shared.clone(),
+                fan_out: self.buckets,
+                learned: AtomicU32::new(u32::MAX),
             });
+            let buckets = self.buckets.then(Buckets::new);
+            let lanes = buckets.as_ref().map_or(0, Buckets::capacity);
             let slots = self
                 .keys
                 .specs()
                 .iter()
-                .map(|spec| Slot::new(spec.clone(), self.cap, self.quota, &signals))
+                .map(|spec| Slot::new(spec.clone(), self.cap, self.quota, &signals, lanes))
                 .collect();
             PoolInner {
                 table: ArcSwap::from_pointee(Table::new(slots)),
@@ -161,6 +167,7 @@ impl KeyPoolBuilder {
                 default_quota: self.quota,
                 cursor: Padded::default(),
                 reload: Mutex::new(()),
+                buckets,
             }
         });
         if let (Some(shared), Some(ops)) = (shared, ops) {

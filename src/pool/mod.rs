@@ -61,6 +61,7 @@
 //! | `shared` | what a state backend reads from the pool and applies to it |
 //! | `builder` | the settings |
 
+mod bucket;
 mod builder;
 mod events;
 mod lease;
@@ -77,7 +78,7 @@ mod stats;
 mod table;
 mod wait;
 
-use crate::sync::{AtomicUsize, Notify, Ordering};
+use crate::sync::{AtomicU32, AtomicUsize, Notify, Ordering};
 use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -98,10 +99,12 @@ pub(crate) use lease::Check;
 pub use lease::{Admit, Lease};
 pub use rejected::RejectedKey;
 pub(crate) use state::PoolAvailability;
-pub use stats::{KeyState, KeyStats};
+pub use stats::{BucketStats, KeyState, KeyStats};
 pub use table::ReloadSummary;
 pub(crate) use wait::{Reserve, Waiter};
 
+use bucket::Buckets;
+pub use bucket::MAX_BUCKETS;
 use rest::RestWord;
 use table::Table;
 
@@ -154,6 +157,8 @@ pub(crate) struct PoolInner {
     cursor: Padded<AtomicUsize>,
     /// Serialises reloads (readers never take it).
     reload: Mutex<()>,
+    /// The buckets, in a pool with a router (see `bucket`); `None`: one bucket, the key.
+    buckets: Option<Buckets>,
 }
 
 /// What every slot needs to reach on its own: settings applied to outcomes, the clock, and
@@ -173,6 +178,14 @@ struct Signals {
     pool: Weak<PoolInner>,
     /// The state shared with other replicas, if a backend is set.
     shared: Option<Arc<Shared>>,
+    /// The pool's own signals in a pool with buckets: what wakes every waiter must also
+    /// wake each bucket's (see `notify_all`). `false` for a bucket's signals, and in a pool
+    /// without buckets.
+    fan_out: bool,
+    /// The lowest concurrency limit a key (or, for a bucket's signals, a lane of the
+    /// bucket) learned from refusals of its own (`u32::MAX`: none yet): keys that learned
+    /// nothing yet, and lanes made later, start from it (see `Slot::teach_untaught`).
+    learned: AtomicU32,
 }
 
 #[repr(align(128))]
@@ -206,6 +219,7 @@ impl KeyPool {
             max_wait: Some(builder::DEFAULT_MAX_WAIT),
             backend: None,
             degraded: Default::default(),
+            buckets: false,
         }
     }
 
@@ -293,52 +307,106 @@ impl KeyPool {
     }
 
     /// Per-key statistics, in position order. Never contains a key value.
+    ///
+    /// In a pool with buckets, a key's counts and in-flight numbers are those of all its
+    /// buckets together, and its state is its account-wide one; [`bucket_snapshot`]
+    /// shows each (key, bucket).
+    ///
+    /// [`bucket_snapshot`]: Self::bucket_snapshot
     pub fn snapshot(&self) -> Vec<KeyStats> {
         let table = self.inner.table.load();
         let mut now = LazyNow::new(&self.inner.signals);
-        let now_at = now.get();
         table
             .slots
             .iter()
             .enumerate()
             .map(|(i, slot)| {
-                let rest = slot.deadline.read();
-                let quota_at = slot
-                    .quota
-                    .map_or(PoolTime::EPOCH, |q| q.available_at(&slot.tat));
-                let limit = slot.limit();
-                // Two loads, not one moment: a lease moving between them could show more
-                // sent than in flight.
-                let in_flight = slot.in_flight.load(Ordering::Acquire);
-                let sent = slot.sent.load(Ordering::Acquire).min(in_flight);
+                let mut stats = slot_stats(slot, &mut now);
+                for lane in slot.made_lanes() {
+                    let lane = slot_stats(lane, &mut now);
+                    stats.requests += lane.requests;
+                    stats.successes += lane.successes;
+                    stats.rate_limited += lane.rate_limited;
+                    stats.failures += lane.failures;
+                    stats.rejected += lane.rejected;
+                    stats.in_flight += lane.in_flight;
+                    stats.sent += lane.sent;
+                    stats.reserved += lane.reserved;
+                }
                 KeyStats {
                     position: i + 1,
-                    name: slot.spec.name.clone(),
-                    account: slot.spec.account.clone(),
-                    weight: slot.weight,
-                    requests: slot.requests.load(Ordering::Relaxed),
-                    successes: slot.successes.load(Ordering::Relaxed),
-                    rate_limited: slot.rate_limited.load(Ordering::Relaxed),
-                    failures: slot.failures.load(Ordering::Relaxed),
-                    rejected: slot.rejected.load(Ordering::Relaxed),
-                    in_flight,
-                    sent,
-                    reserved: in_flight.saturating_sub(sent),
-                    concurrency_limit: (limit != u32::MAX).then_some(limit),
-                    state: slot.status(&mut now).0,
-                    cooling_down_for: match rest {
-                        RestWord::Until(until) if until > now_at => {
-                            Some(until.saturating_duration_since(now_at))
-                        }
-                        _ => None,
-                    },
-                    quota_wait: (quota_at > now_at)
-                        .then(|| quota_at.saturating_duration_since(now_at)),
-                    probing: slot.probe.is_pending(),
-                    disabled: rest == RestWord::Disabled,
+                    ..stats
                 }
             })
             .collect()
+    }
+
+    /// Per-(key, bucket) statistics in a pool with buckets: each key's buckets in the order
+    /// they were first used, keys in position order. Empty in a pool without buckets.
+    ///
+    /// A bucket shows once a request of it took the key. Never contains a key value.
+    pub fn bucket_snapshot(&self) -> Vec<BucketStats> {
+        let table = self.inner.table.load();
+        let mut now = LazyNow::new(&self.inner.signals);
+        let mut all = Vec::new();
+        for (i, slot) in table.slots.iter().enumerate() {
+            for lane in slot.made_lanes() {
+                let Some(bucket) = &lane.bucket else { continue };
+                let mut stats = slot_stats(lane, &mut now);
+                stats.position = i + 1;
+                // The key's account-wide state comes first.
+                let (key_state, _) = slot.status_in(bucket, &mut now);
+                if matches!(
+                    key_state,
+                    KeyState::Disabled | KeyState::Resting | KeyState::Probing
+                ) && stats.state != KeyState::Resting
+                {
+                    stats.state = key_state;
+                }
+                all.push(BucketStats {
+                    bucket: bucket.name.to_string(),
+                    key: stats,
+                });
+            }
+        }
+        all
+    }
+}
+
+/// One slot's statistics (a key's own, or a lane's), at position 0.
+fn slot_stats(slot: &slot::Slot, now: &mut LazyNow<'_>) -> KeyStats {
+    let now_at = now.get();
+    let rest = slot.deadline.read();
+    let quota_at = slot
+        .quota
+        .map_or(PoolTime::EPOCH, |q| q.available_at(&slot.tat));
+    let limit = slot.limit();
+    // Two loads, not one moment: a lease moving between them could show more sent than in
+    // flight.
+    let in_flight = slot.in_flight.load(Ordering::Acquire);
+    let sent = slot.sent.load(Ordering::Acquire).min(in_flight);
+    KeyStats {
+        position: 0,
+        name: slot.spec.name.clone(),
+        account: slot.spec.account.clone(),
+        weight: slot.weight,
+        requests: slot.requests.load(Ordering::Relaxed),
+        successes: slot.successes.load(Ordering::Relaxed),
+        rate_limited: slot.rate_limited.load(Ordering::Relaxed),
+        failures: slot.failures.load(Ordering::Relaxed),
+        rejected: slot.rejected.load(Ordering::Relaxed),
+        in_flight,
+        sent,
+        reserved: in_flight.saturating_sub(sent),
+        concurrency_limit: (limit != u32::MAX).then_some(limit),
+        state: slot.status(now).0,
+        cooling_down_for: match rest {
+            RestWord::Until(until) if until > now_at => Some(until.saturating_duration_since(now_at)),
+            _ => None,
+        },
+        quota_wait: (quota_at > now_at).then(|| quota_at.saturating_duration_since(now_at)),
+        probing: slot.probe.is_pending(),
+        disabled: rest == RestWord::Disabled,
     }
 }
 
@@ -388,6 +456,58 @@ impl Signals {
     fn wake_one(&self) {
         if self.waiters.load(Ordering::SeqCst) != 0 {
             self.notify.notify_one();
+        }
+    }
+
+    /// Wakes every waiter these signals reach: in a pool with buckets, the pool's signals
+    /// reach every bucket's waiters (a key disabled or resting account-wide, a reload); a
+    /// bucket's reach its own.
+    fn notify_all(&self) {
+        self.notify.notify_waiters();
+        if self.fan_out {
+            self.notify_buckets();
+        }
+    }
+
+    #[cold]
+    fn notify_buckets(&self) {
+        if let Some(pool) = self.pool.upgrade() {
+            for bucket in pool.buckets.iter().flat_map(Buckets::iter) {
+                bucket.signals.notify.notify_waiters();
+            }
+        }
+    }
+
+    /// Is anyone waiting whom `notify_all` would wake?
+    fn any_waiting(&self) -> bool {
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            return true;
+        }
+        self.fan_out
+            && self.pool.upgrade().is_some_and(|pool| {
+                pool.buckets
+                    .iter()
+                    .flat_map(Buckets::iter)
+                    .any(|bucket| bucket.signals.waiters.load(Ordering::SeqCst) != 0)
+            })
+    }
+
+    /// A bucket's signals: these settings, with waiters of its own.
+    fn for_bucket(&self) -> Self {
+        Self {
+            backoff: self.backoff,
+            classifier: self.classifier.clone(),
+            learn_concurrency: self.learn_concurrency,
+            max_wait: self.max_wait,
+            epoch: self.epoch,
+            waiters: Padded::default(),
+            notify: Arc::new(Notify::new()),
+            pool: self.pool.clone(),
+            // Buckets are this replica's own (see `shared`): the key's account-wide state
+            // is what the replicas share.
+            shared: None,
+            fan_out: false,
+            learned: AtomicU32::new(u32::MAX),
         }
     }
 }

@@ -143,7 +143,7 @@ impl Slot {
                     mates: if account { self.rest_account(wait) } else { 0 },
                 });
             }
-            Outcome::QuotaExhausted { reset_after } => {
+            Outcome::QuotaExhausted { reset_after, .. } => {
                 self.rate_limited.fetch_add(1, Ordering::Relaxed);
                 let backoff = &self.signals.backoff;
                 let wait =
@@ -187,7 +187,7 @@ impl Slot {
             self.probe.settle(back);
             if back {
                 // Everyone waiting for this key may go now.
-                self.signals.notify.notify_waiters();
+                self.signals.notify_all();
             }
             transition.back = back;
         }
@@ -271,7 +271,7 @@ impl Slot {
         let after = self.limit();
         if after > before {
             // Room for more: a waiter may take it.
-            self.signals.notify.notify_waiters();
+            self.signals.notify_all();
         }
         after != before
     }
@@ -363,7 +363,7 @@ impl Slot {
         let newly = self.deadline.disable();
         if newly {
             // Waiters must learn if this was the last key.
-            self.signals.notify.notify_waiters();
+            self.signals.notify_all();
         }
         newly
     }
@@ -392,13 +392,44 @@ impl Slot {
             return None;
         }
         self.gains.store(0, Ordering::Relaxed);
+        self.taught.store(true, Ordering::Relaxed);
         let before = self
             .limit
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |limit| {
                 (others < limit).then_some(others)
             })
             .ok()?;
+        if self.signals.learned.fetch_min(others, Ordering::AcqRel) > others {
+            self.teach_untaught(others);
+        }
         Some((before, others))
+    }
+
+    /// A lower limit learned here: the keys (of this bucket) that have learned nothing
+    /// from refusals of their own start from it, as keys of one tier share limits. Their
+    /// requests in flight when the refusals come back are then not followed by more that
+    /// the provider would refuse too.
+    #[cold]
+    fn teach_untaught(&self, limit: u32) {
+        let Some(pool) = self.signals.pool.upgrade() else {
+            return;
+        };
+        let table = pool.table.load();
+        let bucket = self.bucket.as_ref();
+        for slot in table.slots.iter() {
+            let slot = match bucket {
+                Some(bucket) => match slot.lanes[bucket.index].get() {
+                    Some(lane) => lane,
+                    None => continue,
+                },
+                None => slot,
+            };
+            if std::ptr::eq(&**slot, self) || slot.taught.load(Ordering::Relaxed) {
+                continue;
+            }
+            slot.limit.fetch_min(limit.min(slot.cap), Ordering::AcqRel);
+            slot.gains.store(0, Ordering::Relaxed);
+        }
     }
 
     /// A success on a lease taken with the key at its learned limit: after `GROWTH` ×
@@ -438,8 +469,8 @@ impl Slot {
                 // (every key was busy for reasons other than time) would not hear of it if
                 // the one caller woken by a release gave up: let every waiter recompute
                 // its timer.
-                if self.signals.waiters.load(Ordering::SeqCst) != 0 {
-                    self.signals.notify.notify_waiters();
+                if self.signals.any_waiting() {
+                    self.signals.notify_all();
                 }
                 Rest::Started
             }
@@ -490,10 +521,17 @@ impl Slot {
             return 0;
         };
         let table = pool.table.load();
+        // A lane rests its bucket on the account's other keys; a key, the other keys.
+        let bucket = self.bucket.as_ref();
         table
             .slots
             .iter()
-            .filter(|s| !std::ptr::eq(&***s, self) && s.spec.account.as_deref() == Some(account))
+            .filter(|s| s.spec.account.as_deref() == Some(account))
+            .map(|s| match bucket {
+                Some(bucket) => s.lane(bucket),
+                None => s,
+            })
+            .filter(|s| !std::ptr::eq(&***s, self))
             .filter(|s| s.rest_for_limit(wait) != Rest::Unchanged)
             .inspect(|s| {
                 if let Some(shared) = &s.shared {
