@@ -3,20 +3,30 @@
 //! A [`Classifier`] turns a response's status and headers (and, for the provider profiles,
 //! a small error body) into an [`Outcome`]; the pool applies it. [`generic`] reads the
 //! status and headers only; the provider profiles ([`Classifier::bigmodel`],
-//! [`Classifier::openai`], [`Classifier::anthropic`]) also read the provider's small JSON
+//! [`Classifier::openai`], [`Classifier::anthropic`], [`Classifier::gemini`]) also read the provider's small JSON
 //! error body, because status codes alone misclassify:
 //!
-//! | provider | signal | outcome |
-//! | --- | --- | --- |
-//! | Zhipu BigModel | `error.code` `1302` (concurrency), `1303` (frequency) | [`Outcome::AccountLimited`]: short cool-down |
-//! | | `1113` (arrears), `1304` (daily quota) | [`Outcome::QuotaExhausted`]: until reset (`1304`: next midnight, Beijing time) |
-//! | | `1308`, `1310` (quota, reset time in the message) | [`Outcome::QuotaExhausted`] until the time in the message (Beijing time) |
-//! | | `1305`, `1312` (platform overloaded) | [`Outcome::Failure`]: no penalty for the key |
-//! | | `1000`–`1004` (authentication) | [`Outcome::KeyRejected`] |
-//! | OpenAI | 429 with `error.code` or `error.type` `insufficient_quota` (billing) | [`Outcome::QuotaExhausted`]: not retried, long cool-down |
-//! | | other 429 (limits are per organisation) | [`Outcome::AccountLimited`] |
-//! | Anthropic | 529 (overloaded, platform-wide) | [`Outcome::Failure`]: no penalty |
-//! | | 429 (limits are per organisation) | [`Outcome::AccountLimited`] |
+//! | provider | signal | outcome | scope |
+//! | --- | --- | --- | --- |
+//! | Zhipu BigModel | `error.code` `1302` (concurrency), `1303` (frequency) | [`Outcome::AccountLimited`]: short cool-down | the model |
+//! | | `1113` (arrears), `1304` (daily quota) | [`Outcome::QuotaExhausted`]: until reset (`1304`: next midnight, Beijing time) | the key |
+//! | | `1308`, `1310` (quota, reset time in the message) | [`Outcome::QuotaExhausted`] until the time in the message (Beijing time) | the key |
+//! | | `1305`, `1312` (platform overloaded) | [`Outcome::Failure`]: no penalty for the key | |
+//! | | `1000`–`1004` (authentication) | [`Outcome::KeyRejected`] | the key |
+//! | OpenAI | 429 with `error.code` or `error.type` `insufficient_quota` (billing) | [`Outcome::QuotaExhausted`]: not retried, long cool-down | the key |
+//! | | other 429 (limits are per organisation and model) | [`Outcome::AccountLimited`] | the model |
+//! | Anthropic | 529 (overloaded, platform-wide) | [`Outcome::Failure`]: no penalty | |
+//! | | 429 (limits are per organisation and model class) | [`Outcome::AccountLimited`] | the model |
+//! | Gemini | 429 `QuotaFailure` with a per-minute `quotaId` (or none) | [`Outcome::RateLimited`] for `RetryInfo.retryDelay` | the model |
+//! | | 429 `QuotaFailure` with per-day `quotaId`s only | [`Outcome::QuotaExhausted`] until midnight Pacific time | the model (`...PerModel...` ids), else the key |
+//! | | 400 with `ErrorInfo.reason` `API_KEY_INVALID` | [`Outcome::KeyRejected`] | the key |
+//! | | 503 `UNAVAILABLE` (model overloaded) | [`Outcome::Failure`]: no penalty | |
+//!
+//! The scope ([`Outcome::scope`]) matters in a pool whose requests have buckets
+//! ([`KeyPoolBuilder::router`](crate::KeyPoolBuilder)): "the model" rests the request's
+//! bucket on the key (and, for an account limit, on the account's other keys), and the key
+//! goes on serving other models; "the key" rests every bucket of it. In a pool with one
+//! bucket, every outcome is the key's.
 //!
 //! Anything else falls back to [`generic`] (which also reads the rate-limit headers,
 //! OpenAI's durations and Anthropic's RFC 3339 resets). Bodies are read only for error
