@@ -123,6 +123,13 @@ impl KeyPoolBuilder {
         self
     }
 
+    /// Keeps per-(key, bucket) state (see [`KeyPool::bucket_snapshot`]); set by a router.
+    #[cfg(test)]
+    pub(crate) fn with_buckets(mut self) -> Self {
+        self.buckets = true;
+        self
+    }
+
     /// Builds the pool.
     ///
     /// # Panics
