@@ -36,6 +36,8 @@ pub struct Lease {
     pub(super) generation: u32,
     /// Taken with the key at its concurrency limit.
     at_limit: bool,
+    /// Taken above the limit known to hold: a try of a raised limit (`Taken::trial`).
+    trial: bool,
     /// Where the quota unit this lease took ends: a refund gives back only what of it is
     /// still unused (see `Gcra::refund`).
     tat_after: PoolTime,
@@ -94,6 +96,7 @@ impl Lease {
             keys: table.slots.len(),
             generation: taken.generation,
             at_limit: taken.at_limit,
+            trial: taken.trial,
             tat_after: taken.tat_after,
             flags: AtomicU8::new(flags),
         }
@@ -113,6 +116,7 @@ impl Lease {
             keys: table.slots.len(),
             generation: taken.generation,
             at_limit: taken.at_limit,
+            trial: taken.trial,
             tat_after: taken.tat_after,
             flags: AtomicU8::new(flags),
         }
@@ -361,6 +365,7 @@ impl Lease {
             Answered {
                 generation: self.generation,
                 at_limit: self.at_limit,
+                trial: self.trial,
                 probe: flags & PROBE != 0,
                 first_refusal,
                 learn: !window_spent,
@@ -394,6 +399,7 @@ impl Lease {
                 Answered {
                     generation: 0,
                     at_limit: false,
+                    trial: false,
                     probe: key_probe,
                     first_refusal: false,
                     learn: false,
@@ -410,6 +416,7 @@ impl Lease {
             Answered {
                 generation: self.generation,
                 at_limit: self.at_limit,
+                trial: self.trial,
                 probe: flags & PROBE != 0,
                 first_refusal,
                 learn: !window_spent,

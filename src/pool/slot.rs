@@ -38,6 +38,14 @@ pub(super) struct Slot {
     /// The limit was learned from this key's own refusals (not only from other keys'; see
     /// `teach_untaught`).
     pub(super) taught: AtomicBool,
+    /// The highest limit known to hold: the last one learned from a refusal, or reached by
+    /// a raise that was served (`u32::MAX`: none). A request sent with more than this in
+    /// flight tries a raise (`Taken::trial`).
+    pub(super) floor: AtomicU32,
+    /// No raise of the learned limit before this [`PoolTime`] (as nanoseconds).
+    pub(super) raise_at: AtomicU64,
+    /// The back-off before the next raise, in nanoseconds: doubled by each refused raise.
+    pub(super) raise_wait: AtomicU64,
     /// Leases refused for a limit whose slot is not given back yet: still `in_flight`, but
     /// no longer at the provider, so a refusal does not count them as others there.
     pub(super) refused_open: AtomicU32,
@@ -95,6 +103,9 @@ pub(super) struct Taken {
     /// In a pool with buckets: the lease is also the key's single probe after an
     /// account-wide rest.
     pub(super) key_probe: bool,
+    /// Sent with more in flight than the limit known to hold (see `Slot::floor`): a try of
+    /// a raised limit, whose refusal lowers the limit back without a rest.
+    pub(super) trial: bool,
 }
 
 impl Slot {
@@ -140,9 +151,9 @@ impl Slot {
             Some(bucket.clone()),
             0,
         );
-        if self.signals.learn_concurrency {
-            let learned = bucket.signals.learned.load(Ordering::Relaxed);
-            lane.limit.store(cap.min(learned), Ordering::Relaxed);
+        let learned = bucket.signals.learned.load(Ordering::Relaxed);
+        if self.signals.learn_concurrency && learned < cap {
+            lane.start_from(learned);
         }
         lane
     }
@@ -162,6 +173,9 @@ impl Slot {
             limit: AtomicU32::new(cap),
             gains: AtomicU32::new(0),
             taught: AtomicBool::new(false),
+            floor: AtomicU32::new(u32::MAX),
+            raise_at: AtomicU64::new(0),
+            raise_wait: AtomicU64::new(0),
             refused_open: AtomicU32::new(0),
             level: AtomicU32::new(0),
             generation: AtomicU32::new(0),
@@ -314,6 +328,9 @@ impl Slot {
                 at_limit: before.saturating_add(1) >= limit,
                 tat_after,
                 key_probe: false,
+                // Only a learned limit has a floor: no load on a key without a limit.
+                trial: limit != u32::MAX
+                    && before.saturating_add(1) > self.floor.load(Ordering::Relaxed),
             });
         }
         if let Some(quota) = self.quota {
