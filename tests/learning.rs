@@ -381,14 +381,13 @@ async fn twenty_callers_on_three_keys_allowing_two_bounce_no_more_than_the_floor
                     let response = service.ready().await.unwrap().call(request).await;
                     match response {
                         Ok(response) if response.status() == 200 => served += 1,
-                        other => {
-                            if failed == 0 {
-                                let at = tokio::time::Instant::now().duration_since(start);
-                                eprintln!("at {at:?}: {:?}", other.map(|r| r.status()));
-                            }
-                            failed += 1
-                        }
+                        _ => failed += 1,
                     }
+                    // A caller that reads the answer before its next request: the 20 of
+                    // them offer about as much as the 6 slots serve (the pool does not
+                    // queue in order: callers that loop without a pause can starve others
+                    // past their wait budget).
+                    tokio::time::sleep(Duration::from_secs(2)).await;
                 }
                 (served, failed)
             })
@@ -402,6 +401,7 @@ async fn twenty_callers_on_three_keys_allowing_two_bounce_no_more_than_the_floor
     }
     assert_eq!(failed, 0, "every caller is served");
     assert!(served > 5 * 600, "the keys stay near their 6 slots: {served} served");
+    eprintln!("served {served}");
     let refusals = provider.refusals.lock().unwrap().clone();
     let burst = refusals
         .iter()
