@@ -17,31 +17,31 @@
 //!                                    └─────────────┘ └─────────────┘
 //! ```
 //!
-//! Buckets are interned: a name becomes a small id once, the first time a request names
-//! it, and a known name costs a lookup without allocating. Their number is bounded
-//! ([`MAX_BUCKETS`]); names beyond the bound share one overflow bucket, so no caller can
-//! grow the pool's state by making names up. Each bucket has its own waiters: a waiter for
-//! one bucket is woken by a slot freed or a rest ended in that bucket, never by another's;
-//! what concerns every bucket (a key disabled or resting account-wide, a reload) wakes all.
+//! Bucket names are interned into small ids ([`BucketId`]) by the pool's router
+//! (`route::Buckets`): a known name costs a lookup without allocating, their number is
+//! bounded, and names beyond the bound share one overflow bucket, so no caller can grow the
+//! pool's state by making names up. Each bucket has its own waiters: a waiter for one
+//! bucket is woken by a slot freed or a rest ended in that bucket, never by another's; what
+//! concerns every bucket (a key disabled or resting account-wide, a reload) wakes all.
 //!
 //! Lanes are made on first use, one per (key, bucket) taken, and kept for the key's life.
 //!
 //! [`Slot::try_take_in`]: super::slot::Slot::try_take_in
 
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 
 use super::Signals;
+use crate::route::{BucketId, Buckets};
 
-/// The most buckets a pool tells apart; names beyond them share the overflow bucket.
-pub const MAX_BUCKETS: usize = 64;
+/// The name the default bucket (requests that name none) shows in stats.
+pub(super) const DEFAULT: &str = "(none)";
 
 /// The name the overflow bucket shows in stats.
 pub(super) const OVERFLOW: &str = "(other)";
 
-/// One bucket: its name, its waiters, and what its keys learned.
+/// One bucket: its id, its name, and its waiters.
 pub(super) struct Bucket {
-    /// 0-based index among the pool's buckets.
+    /// The bucket's id as an index: where each key keeps its lane for it.
     pub(super) index: usize,
     pub(super) name: Box<str>,
     /// The waiters of this bucket, the settings every lane needs, and the lowest
@@ -49,30 +49,22 @@ pub(super) struct Bucket {
     pub(super) signals: Arc<Signals>,
 }
 
-/// The pool's buckets: interned names and their state.
-pub(super) struct Buckets {
-    /// Index by name (the overflow bucket is not in it).
-    names: RwLock<HashMap<Box<str>, usize>>,
-    /// Buckets by index; the last is the overflow bucket.
+/// The state of each bucket, by id, made on first use.
+pub(super) struct BucketStates {
     entries: Box<[OnceLock<Arc<Bucket>>]>,
 }
 
-impl Buckets {
-    pub(super) fn new() -> Self {
+impl BucketStates {
+    /// Room for `max` named buckets, the default bucket and the overflow bucket.
+    pub(super) fn new(max: usize) -> Self {
         Self {
-            names: RwLock::new(HashMap::new()),
-            entries: (0..=MAX_BUCKETS).map(|_| OnceLock::new()).collect(),
+            entries: (0..max + 2).map(|_| OnceLock::new()).collect(),
         }
     }
 
-    /// How many lanes a key keeps room for: the buckets and the overflow bucket.
+    /// How many lanes a key keeps room for: one per bucket id.
     pub(super) fn capacity(&self) -> usize {
         self.entries.len()
-    }
-
-    /// The bucket at `index`, if made.
-    pub(super) fn get(&self, index: usize) -> Option<&Arc<Bucket>> {
-        self.entries.get(index)?.get()
     }
 
     /// Every bucket made so far.
@@ -80,47 +72,26 @@ impl Buckets {
         self.entries.iter().filter_map(OnceLock::get)
     }
 
-    /// The bucket named `name`, made on first use (with waiters of its own, from `root`'s
-    /// settings); the overflow bucket once [`MAX_BUCKETS`] are in use.
-    pub(super) fn intern(&self, name: &str, root: &Signals) -> &Arc<Bucket> {
-        let known = self
-            .names
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(name)
-            .copied();
-        let index = match known {
-            Some(index) => index,
-            None => self.insert(name),
-        };
-        self.entries[index].get_or_init(|| {
-            Arc::new(Bucket {
-                index,
-                name: if index == MAX_BUCKETS {
-                    OVERFLOW.into()
-                } else {
-                    name.into()
-                },
-                signals: Arc::new(root.for_bucket()),
-            })
-        })
+    /// The bucket `id`, made on first use (named as `names` knows it, with waiters of its
+    /// own from `root`'s settings). `None` for an id beyond the pool's (another pool's).
+    #[inline]
+    pub(super) fn get(&self, id: BucketId, names: &Buckets, root: &Signals) -> Option<&Arc<Bucket>> {
+        let entry = self.entries.get(id.index())?;
+        Some(entry.get_or_init(|| Self::make(id, names, root)))
     }
 
     #[cold]
-    fn insert(&self, name: &str) -> usize {
-        let mut names = self
-            .names
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(&index) = names.get(name) {
-            return index;
-        }
-        if names.len() >= MAX_BUCKETS {
-            return MAX_BUCKETS;
-        }
-        let index = names.len();
-        names.insert(name.into(), index);
-        index
+    fn make(id: BucketId, names: &Buckets, root: &Signals) -> Arc<Bucket> {
+        let name: Box<str> = if id == BucketId::DEFAULT {
+            DEFAULT.into()
+        } else {
+            names.name(id).map_or_else(|| OVERFLOW.into(), |name| (*name).into())
+        };
+        Arc::new(Bucket {
+            index: id.index(),
+            name,
+            signals: Arc::new(root.for_bucket()),
+        })
     }
 }
 
@@ -133,21 +104,27 @@ mod tests {
     use crate::classify::{Outcome, Scope};
     use crate::key::{ApiKey, KeySet, KeySpec};
     use crate::pool::{KeyPool, KeyState, Lease, Waiter};
+    use crate::route::{RequestHead, Route, Router};
+
+    /// Buckets by the `x-model` header (these tests reserve by bucket directly).
+    #[derive(Debug)]
+    struct ByModelHeader;
+
+    impl Router for ByModelHeader {
+        fn bucket<'a>(&self, head: &RequestHead<'a>) -> Option<&'a str> {
+            head.headers.get("x-model")?.to_str().ok()
+        }
+    }
 
     fn pool(keys: &str) -> KeyPool {
         KeyPool::builder(KeySet::parse(keys).unwrap())
-            .with_buckets()
+            .router(ByModelHeader)
             .build()
     }
 
     fn bucket(pool: &KeyPool, name: &str) -> Arc<Bucket> {
-        let inner = &*pool.inner;
-        inner
-            .buckets
-            .as_ref()
-            .unwrap()
-            .intern(name, &inner.signals)
-            .clone()
+        let id = pool.bucket(name);
+        pool.inner.bucket_state(id).unwrap().clone()
     }
 
     fn take(pool: &KeyPool, bucket: &Arc<Bucket>) -> Option<Lease> {
@@ -225,14 +202,18 @@ mod tests {
     async fn a_waiter_for_one_bucket_is_woken_by_its_bucket_only() {
         let pool = KeyPool::builder(KeySet::parse("k1").unwrap())
             .max_in_flight_per_key(1)
-            .with_buckets()
+            .router(ByModelHeader)
             .build();
         let (a, b) = (bucket(&pool, "a"), bucket(&pool, "b"));
         let held_a = take(&pool, &a).unwrap();
         let held_b = take(&pool, &b).unwrap();
+        let route_b = Route {
+            bucket: pool.bucket("b"),
+            affinity: None,
+        };
         let mut waiter = Waiter::new();
         let mut waiting = tokio_test::task::spawn(poll_fn(|cx| {
-            pool.poll_reserve_in(Some(&b), &mut waiter, None, cx)
+            pool.poll_reserve_route(&route_b, &mut waiter, None, cx)
         }));
         assert!(waiting.poll().is_pending());
         // A slot freed in bucket a is no use to a waiter of b: not woken.
@@ -249,13 +230,17 @@ mod tests {
     async fn an_account_wide_event_wakes_every_buckets_waiters() {
         let pool = KeyPool::builder(KeySet::parse("k1,k2").unwrap())
             .max_in_flight_per_key(1)
-            .with_buckets()
+            .router(ByModelHeader)
             .build();
         let b = bucket(&pool, "b");
         let held: Vec<Lease> = (0..2).map(|_| take(&pool, &b).unwrap()).collect();
+        let route_b = Route {
+            bucket: pool.bucket("b"),
+            affinity: None,
+        };
         let mut waiter = Waiter::new();
         let mut waiting = tokio_test::task::spawn(poll_fn(|cx| {
-            pool.poll_reserve_in(Some(&b), &mut waiter, None, cx)
+            pool.poll_reserve_route(&route_b, &mut waiter, None, cx)
         }));
         assert!(waiting.poll().is_pending());
         // A reload (new keys may be free) concerns every bucket.
@@ -267,16 +252,25 @@ mod tests {
 
     #[test]
     fn names_beyond_the_bound_share_the_overflow_bucket() {
-        let pool = pool("k1");
-        let first: Vec<usize> = (0..MAX_BUCKETS)
-            .map(|i| bucket(&pool, &format!("m{i}")).index)
-            .collect();
-        assert_eq!(first, (0..MAX_BUCKETS).collect::<Vec<_>>());
+        let pool = KeyPool::builder(KeySet::parse("k1").unwrap())
+            .router(ByModelHeader)
+            .max_buckets(2)
+            .build();
+        let (a, b) = (bucket(&pool, "m1"), bucket(&pool, "m2"));
+        assert_eq!((a.index, b.index), (1, 2));
         // A known name keeps its bucket; new ones go to the overflow bucket.
-        assert_eq!(bucket(&pool, "m7").index, 7);
+        assert_eq!(bucket(&pool, "m1").index, 1);
         let over = bucket(&pool, "made-up-1");
-        assert_eq!((over.index, &*over.name), (MAX_BUCKETS, OVERFLOW));
-        assert_eq!(bucket(&pool, "made-up-2").index, MAX_BUCKETS);
+        assert_eq!((over.index, &*over.name), (3, OVERFLOW));
+        assert!(Arc::ptr_eq(&over, &bucket(&pool, "made-up-2")));
+        // A rest of the overflow bucket leaves the named ones serving.
+        let lease = pool.inner.try_reserve_in(&over).unwrap();
+        lease.record(refused(60));
+        drop(lease);
+        assert!(pool.inner.try_reserve_in(&over).is_none());
+        assert!(pool.inner.try_reserve_in(&a).is_some());
+        let default = pool.inner.bucket_state(BucketId::DEFAULT).unwrap();
+        assert_eq!(&*default.name, DEFAULT);
     }
 
     #[test]
@@ -287,7 +281,7 @@ mod tests {
                 .bucket_max_in_flight("small", 1)
         };
         let keys = KeySet::from_specs(vec![spec("k1")]).unwrap();
-        let pool = KeyPool::builder(keys).with_buckets().build();
+        let pool = KeyPool::builder(keys).router(ByModelHeader).build();
         let (small, big) = (bucket(&pool, "small"), bucket(&pool, "big"));
         let held = take(&pool, &small).unwrap();
         assert!(take(&pool, &small).is_none(), "1 in flight for `small`");

@@ -9,11 +9,12 @@ use tokio::time::Instant;
 
 use super::slot::Slot;
 use super::table::Table;
-use super::{Buckets, KeyPool, Padded, PoolInner, Selection, Signals};
+use super::{BucketStates, KeyPool, Padded, PoolInner, Selection, Signals};
 use crate::backoff::Backoff;
 use crate::classify::Classifier;
 use crate::key::KeySet;
 use crate::quota::Quota;
+use crate::route::{Buckets, Router};
 use crate::shared::{BackendLink, DegradedPolicy, Shared, StateBackend};
 
 /// The wait budget of a request by default (see [`KeyPoolBuilder::max_wait`]).
@@ -32,8 +33,8 @@ pub struct KeyPoolBuilder {
     pub(super) max_wait: Option<Duration>,
     pub(super) backend: Option<Arc<dyn StateBackend>>,
     pub(super) degraded: DegradedPolicy,
-    /// Requests have buckets (a router is set).
-    pub(super) buckets: bool,
+    pub(super) router: Option<Arc<dyn Router>>,
+    pub(super) max_buckets: usize,
 }
 
 impl KeyPoolBuilder {
@@ -123,10 +124,53 @@ impl KeyPoolBuilder {
         self
     }
 
-    /// Keeps per-(key, bucket) state (see [`KeyPool::bucket_snapshot`]); set by a router.
-    #[cfg(test)]
-    pub(crate) fn with_buckets(mut self) -> Self {
-        self.buckets = true;
+    /// Routes each request by what it carries ([`Router`]): the bucket the provider
+    /// meters it in (its model, say) and the session it belongs to. Default: none, and keys
+    /// are reserved in `poll_ready` before the request is seen.
+    ///
+    /// With a router, [`KeyRotation`](crate::KeyRotation) chooses the key in `call`, for
+    /// the request's [`Route`](crate::route::Route): at once if a key can take it, else its
+    /// response future waits for one within the wait budget (see [`route`](crate::route)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_key_rotation::route::{RequestHead, Router};
+    /// use tower_key_rotation::{KeyPool, KeySet};
+    ///
+    /// #[derive(Debug)]
+    /// struct ByModelHeader;
+    ///
+    /// impl Router for ByModelHeader {
+    ///     fn bucket<'a>(&self, head: &RequestHead<'a>) -> Option<&'a str> {
+    ///         head.headers.get("x-model")?.to_str().ok()
+    ///     }
+    /// }
+    ///
+    /// let pool = KeyPool::builder(KeySet::parse("k1,k2").unwrap())
+    ///     .router(ByModelHeader)
+    ///     .build();
+    /// assert!(pool.routes());
+    /// ```
+    pub fn router(mut self, router: impl Router) -> Self {
+        self.router = Some(Arc::new(router));
+        self
+    }
+
+    /// At most `max` named buckets are tracked apart (default
+    /// [`DEFAULT_MAX_BUCKETS`](crate::route::DEFAULT_MAX_BUCKETS)); requests naming further
+    /// buckets share one overflow bucket, so that callers inventing names cannot grow the
+    /// pool's state.
+    ///
+    /// # Panics
+    ///
+    /// If `max` is above 65,533 (bucket ids are 16 bits).
+    pub fn max_buckets(mut self, max: usize) -> Self {
+        assert!(
+            max <= usize::from(u16::MAX) - 2,
+            "max_buckets must be at most 65533"
+        );
+        self.max_buckets = max;
         self
     }
 
@@ -155,11 +199,14 @@ impl KeyPoolBuilder {
                 notify: Arc::new(Notify::new()),
                 pool: pool.clone(),
                 shared: shared.clone(),
-                fan_out: self.buckets,
+                fan_out: self.router.is_some(),
                 learned: AtomicU32::new(u32::MAX),
             });
-            let buckets = self.buckets.then(Buckets::new);
-            let lanes = buckets.as_ref().map_or(0, Buckets::capacity);
+            let bucket_states = self
+                .router
+                .is_some()
+                .then(|| BucketStates::new(self.max_buckets));
+            let lanes = bucket_states.as_ref().map_or(0, BucketStates::capacity);
             let slots = self
                 .keys
                 .specs()
@@ -174,7 +221,9 @@ impl KeyPoolBuilder {
                 default_quota: self.quota,
                 cursor: Padded::default(),
                 reload: Mutex::new(()),
-                buckets,
+                router: self.router,
+                buckets: Buckets::new(self.max_buckets),
+                bucket_states,
             }
         });
         if let (Some(shared), Some(ops)) = (shared, ops) {

@@ -70,6 +70,7 @@ mod loom_tests;
 mod record;
 mod rejected;
 mod rest;
+mod routed;
 mod select;
 mod shared;
 mod slot;
@@ -91,6 +92,7 @@ use crate::classify::Classifier;
 use crate::key::KeySet;
 use crate::pool_time::PoolTime;
 use crate::quota::Quota;
+use crate::route::{Buckets, Router};
 
 use crate::shared::{BackendHealth, Shared};
 
@@ -103,8 +105,7 @@ pub use stats::{BucketStats, KeyState, KeyStats};
 pub use table::ReloadSummary;
 pub(crate) use wait::{Reserve, Waiter};
 
-use bucket::Buckets;
-pub use bucket::MAX_BUCKETS;
+use bucket::BucketStates;
 use rest::RestWord;
 use table::Table;
 
@@ -157,8 +158,13 @@ pub(crate) struct PoolInner {
     cursor: Padded<AtomicUsize>,
     /// Serialises reloads (readers never take it).
     reload: Mutex<()>,
-    /// The buckets, in a pool with a router (see `bucket`); `None`: one bucket, the key.
-    buckets: Option<Buckets>,
+    /// Reads each request's route; `None`: keys are reserved in `poll_ready`.
+    router: Option<Arc<dyn Router>>,
+    /// Bucket names interned into small ids.
+    buckets: Buckets,
+    /// Per-bucket state (waiters, learned limits) in a pool with a router; `None`: one
+    /// bucket, the key (see `bucket`).
+    bucket_states: Option<BucketStates>,
 }
 
 /// What every slot needs to reach on its own: settings applied to outcomes, the clock, and
@@ -219,7 +225,8 @@ impl KeyPool {
             max_wait: Some(builder::DEFAULT_MAX_WAIT),
             backend: None,
             degraded: Default::default(),
-            buckets: false,
+            router: None,
+            max_buckets: crate::route::DEFAULT_MAX_BUCKETS,
         }
     }
 
@@ -410,6 +417,16 @@ fn slot_stats(slot: &slot::Slot, now: &mut LazyNow<'_>) -> KeyStats {
     }
 }
 
+impl PoolInner {
+    /// The state of bucket `id`, in a pool with buckets (`None` without a router).
+    #[inline]
+    fn bucket_state(&self, id: crate::route::BucketId) -> Option<&Arc<bucket::Bucket>> {
+        self.bucket_states
+            .as_ref()?
+            .get(id, &self.buckets, &self.signals)
+    }
+}
+
 impl fmt::Debug for KeyPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let inner = &*self.inner;
@@ -472,7 +489,7 @@ impl Signals {
     #[cold]
     fn notify_buckets(&self) {
         if let Some(pool) = self.pool.upgrade() {
-            for bucket in pool.buckets.iter().flat_map(Buckets::iter) {
+            for bucket in pool.bucket_states.iter().flat_map(BucketStates::iter) {
                 bucket.signals.notify.notify_waiters();
             }
         }
@@ -485,9 +502,9 @@ impl Signals {
         }
         self.fan_out
             && self.pool.upgrade().is_some_and(|pool| {
-                pool.buckets
+                pool.bucket_states
                     .iter()
-                    .flat_map(Buckets::iter)
+                    .flat_map(BucketStates::iter)
                     .any(|bucket| bucket.signals.waiters.load(Ordering::SeqCst) != 0)
             })
     }

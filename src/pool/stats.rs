@@ -62,8 +62,9 @@ pub struct KeyStats {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BucketStats {
-    /// The bucket's name (a model name is not secret), or `(other)` for the overflow
-    /// bucket that names beyond [`MAX_BUCKETS`](crate::pool::MAX_BUCKETS) share.
+    /// The bucket's name (a model name is not secret); `(none)` for requests that name no
+    /// bucket, `(other)` for the overflow bucket that names beyond
+    /// [`KeyPoolBuilder::max_buckets`](crate::KeyPoolBuilder::max_buckets) share.
     pub bucket: String,
     /// The key's statistics in this bucket.
     pub key: KeyStats,

@@ -135,7 +135,7 @@ impl KeyPool {
             .enumerate()
             .map(|(j, slot)| (Identity::of(&slot.spec), j))
             .collect();
-        let lanes = inner.buckets.as_ref().map_or(0, |b| b.capacity());
+        let lanes = inner.bucket_states.as_ref().map_or(0, |b| b.capacity());
         let mut summary = ReloadSummary::default();
         let mut kept = vec![false; old.slots.len()];
         let slots: Vec<Arc<Slot>> = keys

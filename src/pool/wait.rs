@@ -37,11 +37,11 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use super::bucket::Bucket;
 use super::lease::Lease;
 use super::state::PoolAvailability;
 use super::{KeyPool, Signals};
 use crate::error::{AllKeysDisabled, NoKeyAvailable};
+use crate::route::Route;
 
 impl KeyPool {
     /// Reserves a key, or registers `waiter` to be woken when one may be free.
@@ -57,19 +57,20 @@ impl KeyPool {
         deadline: Option<Instant>,
         cx: &mut Context<'_>,
     ) -> Poll<Reserve> {
-        self.poll_reserve_in(None, waiter, deadline, cx)
+        self.poll_reserve_route(&Route::ANY, waiter, deadline, cx)
     }
 
-    /// [`poll_reserve`](Self::poll_reserve) for a request of `bucket` (`None`: a pool
-    /// without buckets): the waiter registers with the bucket's signals, so that only a
-    /// slot freed or a rest ended in that bucket (or what concerns every bucket) wakes it.
-    pub(super) fn poll_reserve_in(
+    /// [`poll_reserve`](Self::poll_reserve) for a request of `route`: in a pool with
+    /// buckets, the waiter registers with the bucket's signals, so that only a slot freed
+    /// or a rest ended in that bucket (or what concerns every bucket) wakes it.
+    pub(crate) fn poll_reserve_route(
         &self,
-        bucket: Option<&Arc<Bucket>>,
+        route: &Route,
         waiter: &mut Waiter,
         deadline: Option<Instant>,
         cx: &mut Context<'_>,
     ) -> Poll<Reserve> {
+        let bucket = self.inner.bucket_state(route.bucket);
         let signals = bucket.map_or(&self.inner.signals, |bucket| &bucket.signals);
         loop {
             let lease = match bucket {

@@ -1,6 +1,7 @@
 //! [`ProxyConfig`]: what the proxy is told at start, validated; and reading the secrets it
 //! names (`.env`, the keys, the access token) when it starts.
 
+use crate::route::{ProxyRouter, Routing};
 use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
@@ -95,6 +96,8 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
     /// How long an upstream request whose client went away is kept (`--abandoned-grace`).
     pub abandoned_grace: Duration,
+    /// What requests are routed by within the pool: model buckets, session affinity.
+    pub routing: Routing,
 }
 
 impl ProxyConfig {
@@ -129,6 +132,7 @@ impl ProxyConfig {
             header_read_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             abandoned_grace: Duration::from_secs(30),
+            routing: Routing::default(),
         }
     }
 
@@ -154,6 +158,9 @@ impl ProxyConfig {
         }
         if let Some(rpm) = self.rpm_per_key {
             pool = pool.quota_per_key(Quota::per_minute(rpm.get()));
+        }
+        if self.routing.is_on() {
+            pool = pool.router(ProxyRouter(self.routing.clone()));
         }
         pool
     }
