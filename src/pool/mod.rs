@@ -310,7 +310,11 @@ impl KeyPool {
 
     /// Requests waiting for a key right now (in `KeyRotation::poll_ready`).
     pub fn waiting(&self) -> usize {
+        let buckets = self.inner.bucket_states.iter().flat_map(BucketStates::iter);
         self.inner.signals.waiters.load(Ordering::Relaxed)
+            + buckets
+                .map(|bucket| bucket.signals.waiters.load(Ordering::Relaxed))
+                .sum::<usize>()
     }
 
     /// Per-key statistics, in position order. Never contains a key value.
