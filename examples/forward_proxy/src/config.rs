@@ -160,7 +160,7 @@ impl ProxyConfig {
             pool = pool.quota_per_key(Quota::per_minute(rpm.get()));
         }
         if self.routing.is_on() {
-            pool = pool.router(ProxyRouter(self.routing.clone()));
+            pool = pool.router(ProxyRouter(self.routing.clone(), self.profile));
         }
         pool
     }
@@ -188,24 +188,29 @@ pub enum Profile {
     Openai,
     /// Anthropic: a 529 overload is platform-wide; the key goes in `x-api-key`.
     Anthropic,
+    /// Google Gemini: `RetryInfo` and quota ids in a 429's body; the key goes in
+    /// `x-goog-api-key`; the model is in the path (`/models/{model}:generateContent`).
+    Gemini,
 }
 
 impl Profile {
     /// The variable holding the provider's keys by convention: `OPENAI_API_KEY`,
-    /// `ANTHROPIC_API_KEY`, else `BIGMODEL_API_KEY`.
+    /// `ANTHROPIC_API_KEY`, `GEMINI_API_KEY`, else `BIGMODEL_API_KEY`.
     pub fn keys_env(self) -> &'static str {
         match self {
             Self::Openai => "OPENAI_API_KEY",
             Self::Anthropic => "ANTHROPIC_API_KEY",
+            Self::Gemini => "GEMINI_API_KEY",
             Self::Generic | Self::Bigmodel => "BIGMODEL_API_KEY",
         }
     }
 
-    /// Where the provider reads its key: `x-api-key` for Anthropic, else
-    /// `Authorization: Bearer`.
+    /// Where the provider reads its key: `x-api-key` for Anthropic, `x-goog-api-key` for
+    /// Gemini, else `Authorization: Bearer`.
     pub fn placement(self) -> Placement {
         match self {
             Self::Anthropic => Placement::header(HeaderName::from_static("x-api-key")),
+            Self::Gemini => Placement::header(HeaderName::from_static("x-goog-api-key")),
             Self::Generic | Self::Bigmodel | Self::Openai => Placement::bearer(),
         }
     }
@@ -218,6 +223,7 @@ impl From<Profile> for Classifier {
             Profile::Bigmodel => Classifier::bigmodel(),
             Profile::Openai => Classifier::openai(),
             Profile::Anthropic => Classifier::anthropic(),
+            Profile::Gemini => Classifier::gemini(),
         }
     }
 }
