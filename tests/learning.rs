@@ -117,7 +117,11 @@ async fn a_refused_raise_lowers_the_limit_without_a_rest_and_doubles_the_wait() 
             retry_after: Some(Duration::from_secs(2)),
         });
         let stats = &pool.snapshot()[0];
-        assert_eq!(stats.concurrency_limit, Some(2), "back to the limit that holds");
+        assert_eq!(
+            stats.concurrency_limit,
+            Some(2),
+            "back to the limit that holds"
+        );
         assert_eq!(stats.cooling_down_for, None, "no rest: its limit holds");
         drop(leases);
         assert!(pool.try_reserve().is_some(), "the key serves on");
@@ -400,7 +404,10 @@ async fn twenty_callers_on_three_keys_allowing_two_bounce_no_more_than_the_floor
         failed += f;
     }
     assert_eq!(failed, 0, "every caller is served");
-    assert!(served > 5 * 600, "the keys stay near their 6 slots: {served} served");
+    assert!(
+        served > 5 * 600,
+        "the keys stay near their 6 slots: {served} served"
+    );
     eprintln!("served {served}");
     let refusals = provider.refusals.lock().unwrap().clone();
     let burst = refusals

@@ -373,9 +373,10 @@ async fn a_failed_probe_suspends_the_key_again() {
     let pool = KeyPool::builder(keys("k1"))
         .backoff(Backoff::default().quota_wait(Duration::from_secs(60)))
         .build();
-    pool.try_reserve()
-        .unwrap()
-        .record(Outcome::QuotaExhausted { reset_after: None, scope: Scope::Key });
+    pool.try_reserve().unwrap().record(Outcome::QuotaExhausted {
+        reset_after: None,
+        scope: Scope::Key,
+    });
     advance(Duration::from_secs(60)).await;
     let probe = pool.try_reserve().unwrap();
     assert!(probe.is_probe());
@@ -408,7 +409,10 @@ async fn outcomes_other_than_success_ride_on_the_response() {
     let response = service.clone().oneshot(req).await.unwrap();
     assert_eq!(
         response.extensions().get::<Outcome>(),
-        Some(&Outcome::QuotaExhausted { reset_after: None, scope: Scope::Key })
+        Some(&Outcome::QuotaExhausted {
+            reset_after: None,
+            scope: Scope::Key
+        })
     );
     let response = service.oneshot(request().body(()).unwrap()).await.unwrap();
     assert_eq!(response.extensions().get::<Outcome>(), None);

@@ -221,7 +221,10 @@ fn bigmodel(status: StatusCode, headers: &HeaderMap, body: &[u8], now: SystemTim
         Some("1302" | "1303") => Outcome::AccountLimited {
             retry_after: retry_after(headers, now),
         },
-        Some("1113") => Outcome::QuotaExhausted { reset_after: None, scope: Scope::Key },
+        Some("1113") => Outcome::QuotaExhausted {
+            reset_after: None,
+            scope: Scope::Key,
+        },
         Some("1304") => Outcome::QuotaExhausted {
             reset_after: Some(until_next_beijing_midnight(now)),
             scope: Scope::Key,
@@ -247,7 +250,10 @@ fn openai(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome {
     if code.as_deref() == Some("insufficient_quota")
         || kind.as_deref() == Some("insufficient_quota")
     {
-        return Outcome::QuotaExhausted { reset_after: None, scope: Scope::Key };
+        return Outcome::QuotaExhausted {
+            reset_after: None,
+            scope: Scope::Key,
+        };
     }
     match generic(status, headers) {
         Outcome::RateLimited { retry_after } => Outcome::AccountLimited { retry_after },
@@ -325,7 +331,10 @@ mod tests {
         ));
         assert_eq!(
             bigmodel_code("1113", "arrears", now),
-            Outcome::QuotaExhausted { reset_after: None, scope: Scope::Key }
+            Outcome::QuotaExhausted {
+                reset_after: None,
+                scope: Scope::Key
+            }
         );
         assert_eq!(
             bigmodel_code("1304", "daily", now),
@@ -432,9 +441,8 @@ mod tests {
     #[test]
     fn gemini_reads_the_window_from_the_quota_id_and_the_rest_from_retry_delay() {
         let now = at("2025-01-15T20:00:00Z"); // 12:00 PST
-        let classify = |body: &[u8]| {
-            gemini(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), body, now)
-        };
+        let classify =
+            |body: &[u8]| gemini(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), body, now);
         // Per minute: the retry delay, to the nanosecond, for the model's bucket.
         let minute = gemini_body(&format!(
             "{},{}",
@@ -575,7 +583,10 @@ mod tests {
         let headers = HeaderMap::new();
         assert_eq!(
             openai(StatusCode::TOO_MANY_REQUESTS, &headers, body),
-            Outcome::QuotaExhausted { reset_after: None, scope: Scope::Key }
+            Outcome::QuotaExhausted {
+                reset_after: None,
+                scope: Scope::Key
+            }
         );
         let body = br#"{"error":{"message":"Rate limit reached for requests","type":"requests","code":"rate_limit_exceeded"}}"#;
         assert_eq!(

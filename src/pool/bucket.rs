@@ -75,7 +75,12 @@ impl BucketStates {
     /// The bucket `id`, made on first use (named as `names` knows it, with waiters of its
     /// own from `root`'s settings). `None` for an id beyond the pool's (another pool's).
     #[inline]
-    pub(super) fn get(&self, id: BucketId, names: &Buckets, root: &Signals) -> Option<&Arc<Bucket>> {
+    pub(super) fn get(
+        &self,
+        id: BucketId,
+        names: &Buckets,
+        root: &Signals,
+    ) -> Option<&Arc<Bucket>> {
         let entry = self.entries.get(id.index())?;
         Some(entry.get_or_init(|| Self::make(id, names, root)))
     }
@@ -85,7 +90,9 @@ impl BucketStates {
         let name: Box<str> = if id == BucketId::DEFAULT {
             DEFAULT.into()
         } else {
-            names.name(id).map_or_else(|| OVERFLOW.into(), |name| (*name).into())
+            names
+                .name(id)
+                .map_or_else(|| OVERFLOW.into(), |name| (*name).into())
         };
         Arc::new(Bucket {
             index: id.index(),
@@ -153,7 +160,10 @@ mod tests {
         assert_eq!(state("model-b"), KeyState::Healthy);
         // The key itself is not resting, and counts both buckets' requests.
         let key = &pool.snapshot()[0];
-        assert_eq!((key.state, key.requests, key.rate_limited), (KeyState::Healthy, 2, 1));
+        assert_eq!(
+            (key.state, key.requests, key.rate_limited),
+            (KeyState::Healthy, 2, 1)
+        );
         drop(other);
         tokio::time::advance(Duration::from_secs(2)).await;
         let probe = take(&pool, &a).expect("back after its rest");
@@ -173,7 +183,11 @@ mod tests {
         // Key 1 rests for both buckets; key 2 serves both.
         for bucket in [&a, &b] {
             assert_eq!(take(&pool, bucket).unwrap().position(), 2);
-            assert!(pool.inner.try_reserve_in_where(bucket, |p| p == 1).is_none());
+            assert!(
+                pool.inner
+                    .try_reserve_in_where(bucket, |p| p == 1)
+                    .is_none()
+            );
         }
         assert_eq!(pool.snapshot()[0].state, KeyState::Resting);
         // Back with one probe (of any bucket), then every bucket.
@@ -326,6 +340,10 @@ mod tests {
         let _third = on(3);
         let stats = pool.bucket_snapshot();
         let three = stats.iter().find(|s| s.key.position == 3).unwrap();
-        assert_eq!(three.key.concurrency_limit, Some(2), "a new lane starts there");
+        assert_eq!(
+            three.key.concurrency_limit,
+            Some(2),
+            "a new lane starts there"
+        );
     }
 }

@@ -412,7 +412,9 @@ fn slot_stats(slot: &slot::Slot, now: &mut LazyNow<'_>) -> KeyStats {
         concurrency_limit: (limit != u32::MAX).then_some(limit),
         state: slot.status(now).0,
         cooling_down_for: match rest {
-            RestWord::Until(until) if until > now_at => Some(until.saturating_duration_since(now_at)),
+            RestWord::Until(until) if until > now_at => {
+                Some(until.saturating_duration_since(now_at))
+            }
             _ => None,
         },
         quota_wait: (quota_at > now_at).then(|| quota_at.saturating_duration_since(now_at)),

@@ -209,9 +209,8 @@ impl PoolInner {
                     .get()
                     .map_or(0, |lane| lane.in_flight.load(Ordering::Relaxed));
                 let load = (u64::from(in_flight), slot.weight);
-                let better = best.is_none_or(|(_, l, w)| {
-                    (load.0 * u64::from(w)) < (l * u64::from(load.1))
-                });
+                let better =
+                    best.is_none_or(|(_, l, w)| (load.0 * u64::from(w)) < (l * u64::from(load.1)));
                 if better {
                     best = Some((index, load.0, load.1));
                     if in_flight == 0 {
@@ -253,10 +252,9 @@ impl PoolInner {
                 .filter(|&i| table.slots[i].is_available_in(bucket, &mut now))
                 .min_by_key(|&i| {
                     let lane = lane_of(i);
-                    let refused = lane
-                        .is_some_and(|lane| lane.rejected_streak.load(Ordering::Relaxed) != 0);
-                    let in_flight =
-                        lane.map_or(0, |lane| lane.in_flight.load(Ordering::Relaxed));
+                    let refused =
+                        lane.is_some_and(|lane| lane.rejected_streak.load(Ordering::Relaxed) != 0);
+                    let in_flight = lane.map_or(0, |lane| lane.in_flight.load(Ordering::Relaxed));
                     // Load per unit of weight, compared exactly: in flight × (product of
                     // the other weights) is what `compare_load` does pairwise; scaled by
                     // 2^32 / weight is close enough for a slow path.

@@ -11,9 +11,9 @@ use std::sync::{Arc, OnceLock};
 use http::HeaderValue;
 
 use super::KeyState;
+use super::bucket::Bucket;
 use super::rest::{Claim, Deadline, Probe, RestWord};
 use super::state::Availability;
-use super::bucket::Bucket;
 use super::{LazyNow, Signals};
 use crate::key::KeySpec;
 use crate::pool_time::PoolTime;

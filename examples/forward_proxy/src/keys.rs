@@ -383,7 +383,10 @@ mod tests {
             .collect();
         assert_eq!(
             models,
-            [("glm-4-flash", None, Some(600)), ("glm-4-plus", Some(2), Some(60))]
+            [
+                ("glm-4-flash", None, Some(600)),
+                ("glm-4-plus", Some(2), Some(60))
+            ]
         );
         assert!(file.keys[1].models.is_empty());
         // A mistake in a model's table names the field.

@@ -252,17 +252,21 @@ impl Collector for KeyCollector {
             ]
         };
         let model_counters: [(&str, &str, Read); 3] = [
-            ("key_model_requests", "Requests sent with each key, per model.", |k| {
-                k.requests
-            }),
+            (
+                "key_model_requests",
+                "Requests sent with each key, per model.",
+                |k| k.requests,
+            ),
             (
                 "key_model_successes",
                 "Responses accepted on each key, per model.",
                 |k| k.successes,
             ),
-            ("key_model_rate_limited", "429 answers per key and model.", |k| {
-                k.rate_limited
-            }),
+            (
+                "key_model_rate_limited",
+                "429 answers per key and model.",
+                |k| k.rate_limited,
+            ),
         ];
         for (name, help, read) in model_counters {
             let metric = ConstCounter::new(0u64);

@@ -97,10 +97,13 @@ fn gemini_model(path: &str) -> Option<&str> {
 fn openai_bucket(model: &str) -> &str {
     let bytes = model.as_bytes();
     let dated = |suffix: &[u8]| {
-        suffix.iter().zip(b"-dddd-dd-dd").all(|(c, shape)| match shape {
-            b'd' => c.is_ascii_digit(),
-            _ => c == shape,
-        })
+        suffix
+            .iter()
+            .zip(b"-dddd-dd-dd")
+            .all(|(c, shape)| match shape {
+                b'd' => c.is_ascii_digit(),
+                _ => c == shape,
+            })
     };
     // `-YYYY-MM-DD`, else `-MMDD`.
     if bytes.len() > 11 && dated(&bytes[bytes.len() - 11..]) {
@@ -180,9 +183,18 @@ mod tests {
     #[test]
     fn gemini_models_come_from_the_path() {
         for (path, model) in [
-            ("/v1beta/models/gemini-2.0-flash:generateContent", Some("gemini-2.0-flash")),
-            ("/v1beta/models/gemini-2.5-pro:streamGenerateContent", Some("gemini-2.5-pro")),
-            ("/v1/models/gemini-1.5-flash:countTokens", Some("gemini-1.5-flash")),
+            (
+                "/v1beta/models/gemini-2.0-flash:generateContent",
+                Some("gemini-2.0-flash"),
+            ),
+            (
+                "/v1beta/models/gemini-2.5-pro:streamGenerateContent",
+                Some("gemini-2.5-pro"),
+            ),
+            (
+                "/v1/models/gemini-1.5-flash:countTokens",
+                Some("gemini-1.5-flash"),
+            ),
             ("/v1beta/models", None),
             ("/v1beta/models/:generateContent", None),
             ("/v1beta/files", None),

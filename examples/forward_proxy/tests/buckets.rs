@@ -108,7 +108,11 @@ async fn one_models_rests_never_hold_up_another_models_requests() {
     );
     assert_eq!(refusals.get("model-b"), None, "model B never refused");
     // No client errors: A's refusals became waits within the budget.
-    let errors: Vec<_> = a.iter().chain(&b).filter(|(status, _)| *status != 200).collect();
+    let errors: Vec<_> = a
+        .iter()
+        .chain(&b)
+        .filter(|(status, _)| *status != 200)
+        .collect();
     assert!(errors.is_empty(), "client errors: {errors:?}");
     // No B request waited on an A rest (2 s): each took about its 50 ms of work.
     let slowest = b.iter().map(|(_, latency)| *latency).max().unwrap();
@@ -136,7 +140,9 @@ async fn one_models_rests_never_hold_up_another_models_requests() {
     }
     let metrics = support::get(&proxy.url("/_keyrotation/metrics")).await.body;
     assert!(
-        metrics.contains(r#"keyrotation_key_model_concurrency_limit{key="1",name="",model="model-a"} 1"#),
+        metrics.contains(
+            r#"keyrotation_key_model_concurrency_limit{key="1",name="",model="model-a"} 1"#
+        ),
         "{metrics}"
     );
 }
