@@ -23,7 +23,15 @@
 //!
 //! The limit is the configured cap, or lower once a `429` that came back while other
 //! requests were in flight on the key taught the pool the provider's concurrency limit
-//! (`Slot::learn_refusal`); successes at that limit raise it again slowly.
+//! (`Slot::learn_refusal`); a raise is tried after a back-off that each refused try
+//! doubles (`Slot::learn_success`, `Slot::refuse_raise`).
+//!
+//! # Buckets
+//!
+//! In a pool with a router, these states are kept per (key, bucket): each key's slot keeps
+//! what is account-wide (disabled, an account-wide rest and its probe) and has a lane (a
+//! slot of its own) per bucket with the rest (see `bucket`). A request of bucket `b` takes
+//! a key when the key's slot and its lane for `b` both allow (`Slot::try_take_in`).
 //!
 //! Every rest is for a limit, and a limit may still hold when the rest ends (a `Retry-After`
 //! is the provider's guess, and capped): so a rest that starts owes a probe, and the key
@@ -50,6 +58,7 @@
 //! | module | job |
 //! | --- | --- |
 //! | `slot` | one key's atomics: take and release (with `record`, the state boundary) |
+//! | `bucket` | buckets: each key's lanes, each bucket's waiters |
 //! | `rest` | the encodings of a key's rest and probe, one atomic word each |
 //! | `record` | applying an answer's outcome: rests, backoff, learned limits, probes |
 //! | `state` | when a key, and the pool, can next take a request |
