@@ -143,6 +143,7 @@ impl Lease {
             position: self.index + 1,
             keys: self.keys,
             name: self.slot.spec.name.as_deref(),
+            bucket: self.bucket(),
         }
     }
 
