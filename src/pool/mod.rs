@@ -329,8 +329,9 @@ impl KeyPool {
     /// Per-key statistics, in position order. Never contains a key value.
     ///
     /// In a pool with buckets, a key's counts and in-flight numbers are those of all its
-    /// buckets together, and its state is its account-wide one; [`bucket_snapshot`]
-    /// shows each (key, bucket).
+    /// buckets together, its concurrency limit the lowest of its buckets', and it reads
+    /// resting when it rests account-wide or every bucket it served rests (until the
+    /// soonest is back); [`bucket_snapshot`] shows each (key, bucket).
     ///
     /// [`bucket_snapshot`]: Self::bucket_snapshot
     pub fn snapshot(&self) -> Vec<KeyStats> {
@@ -342,8 +343,14 @@ impl KeyPool {
             .enumerate()
             .map(|(i, slot)| {
                 let mut stats = slot_stats(slot, &mut now);
+                // A key with lanes: counts summed; its limit the tightest lane's; resting
+                // (until the soonest lane is back) when every lane used so far rests.
+                let mut all_resting = true;
+                let mut soonest: Option<Duration> = None;
+                let mut lanes = 0;
                 for lane in slot.made_lanes() {
                     let lane = slot_stats(lane, &mut now);
+                    lanes += 1;
                     stats.requests += lane.requests;
                     stats.successes += lane.successes;
                     stats.rate_limited += lane.rate_limited;
@@ -352,6 +359,22 @@ impl KeyPool {
                     stats.in_flight += lane.in_flight;
                     stats.sent += lane.sent;
                     stats.reserved += lane.reserved;
+                    stats.probing |= lane.probing;
+                    stats.concurrency_limit =
+                        match (stats.concurrency_limit, lane.concurrency_limit) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                    match lane.cooling_down_for {
+                        Some(rest) => soonest = Some(soonest.map_or(rest, |s| s.min(rest))),
+                        None => all_resting = false,
+                    }
+                }
+                if lanes > 0 && all_resting && stats.cooling_down_for.is_none() {
+                    stats.cooling_down_for = soonest;
+                    if stats.state == KeyState::Healthy {
+                        stats.state = KeyState::Resting;
+                    }
                 }
                 KeyStats {
                     position: i + 1,
