@@ -295,11 +295,11 @@ impl KeyPool {
     pub(crate) fn can_take_now(&self, allowed: impl Fn(usize) -> bool) -> bool {
         let table = self.inner.table.load();
         let mut now = LazyNow::new(&self.inner.signals);
-        table
-            .slots
-            .iter()
-            .enumerate()
-            .any(|(i, slot)| allowed(i + 1) && slot.is_available(&mut now))
+        table.slots.iter().enumerate().any(|(i, slot)| {
+            allowed(i + 1)
+                && slot.is_available(&mut now)
+                && slot.status_any(&mut now).1 == state::Availability::Now
+        })
     }
 
     /// The wait budget of each request ([`KeyPoolBuilder::max_wait`]).

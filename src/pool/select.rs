@@ -262,6 +262,9 @@ impl PoolInner {
                     (refused, (u64::from(in_flight) << 32) / weight)
                 })?;
             if let Some((lane, taken)) = table.slots[best].try_take_in(bucket, &mut now) {
+                // The rotation goes on after the key taken (in a pool with buckets, a
+                // retry takes its key here, with no reservation from `poll_ready` before).
+                self.cursor.store(best + 1, Ordering::Relaxed);
                 return Some(Lease::new_in(&table, best, lane, taken));
             }
         }

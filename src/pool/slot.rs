@@ -406,6 +406,33 @@ impl Slot {
         }
     }
 
+    /// The key's state and availability for a request of a bucket not known here (the
+    /// retry policy's question): its own, and in a pool with buckets, the soonest of the
+    /// lanes it has made, when none of them can take a request now.
+    pub(super) fn status_any(&self, now: &mut LazyNow<'_>) -> (KeyState, Availability) {
+        let own = self.status(now);
+        if own.1 != Availability::Now || self.lanes.is_empty() {
+            return own;
+        }
+        let mut soonest: Option<(KeyState, Availability)> = None;
+        for lane in self.made_lanes() {
+            let status = lane.status(now);
+            let better = match (soonest.map(|s| s.1), status.1) {
+                (None, _) | (_, Availability::Now) => true,
+                (Some(Availability::At(a)), Availability::At(b)) => b < a,
+                (Some(Availability::At(_) | Availability::Never), Availability::OnRelease) => true,
+                _ => false,
+            };
+            if better {
+                soonest = Some(status);
+            }
+            if status.1 == Availability::Now {
+                break;
+            }
+        }
+        soonest.unwrap_or(own)
+    }
+
     /// A key's lanes made so far.
     pub(super) fn made_lanes(&self) -> impl Iterator<Item = &Arc<Slot>> {
         self.lanes.iter().filter_map(OnceLock::get)

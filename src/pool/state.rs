@@ -53,7 +53,7 @@ impl PoolInner {
         for slot in table.slots.iter() {
             let status = match bucket {
                 Some(bucket) => slot.status_in(bucket, &mut now),
-                None => slot.status(&mut now),
+                None => slot.status_any(&mut now),
             };
             match status.1 {
                 Availability::Now => return PoolAvailability::Now,
