@@ -125,7 +125,7 @@ pub(crate) struct Args {
     #[arg(long, value_name = "URL", value_parser = parse::<UpstreamUrl>, help_heading = UPSTREAM)]
     upstream: UpstreamUrl,
 
-    /// The provider: generic (default), bigmodel, openai, anthropic or gemini
+    /// The provider: generic, bigmodel, openai, anthropic or gemini
     ///
     /// How its answers are read, which variable holds the keys (--keys-env) and where the
     /// key goes (--auth):
@@ -188,6 +188,7 @@ pub(crate) struct Args {
         value_enum,
         value_name = "model|none",
         default_value_t = BucketsArg::Model,
+        hide_default_value = true,
         hide_possible_values = true,
         help_heading = LIMITS
     )]
