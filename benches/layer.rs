@@ -18,6 +18,9 @@
 //!   answers carry the head of an OpenAI answer (ten headers, the rate-limit ones with
 //!   requests and tokens left), so that classifying reads them as every real answer's are
 //!   (the other paths' answers have no header, which the classifier skips at once);
+//! - `key_rotation_bucketed`: round-robin `KeyRotation` over a pool with buckets (a
+//!   router reading `x-model`): the key chosen in `call`, in its lane for the bucket; beside
+//!   `key_rotation_round_robin`, what buckets cost a request;
 //! - `key_rotation_retry`: round-robin `KeyRotation` behind our `RetryLayer`, the request's
 //!   body a buffered `ReplayBody` (so it could be sent again), never refused: what the retry
 //!   layer costs a request that is not retried (as nearly none is).
@@ -171,6 +174,35 @@ fn key_rotation(n: usize, strategy: Selection) -> KeyRotation<Inner> {
         .selection(strategy)
         .build();
     KeyRotationLayer::new(pool).layer(inner())
+}
+
+/// Buckets by the `x-model` header: the benches' stand-in for the proxy's router.
+#[derive(Debug)]
+struct ByModelHeader;
+
+impl tower_key_rotation::route::Router for ByModelHeader {
+    fn bucket<'a>(&self, head: &tower_key_rotation::route::RequestHead<'a>) -> Option<&'a str> {
+        head.headers.get("x-model")?.to_str().ok()
+    }
+}
+
+/// Round-robin `KeyRotation` over `n` keys of a pool with buckets: each request's bucket
+/// is its `x-model`, its key chosen in `call` and taken in the key's lane for the bucket.
+fn key_rotation_bucketed(n: usize) -> KeyRotation<Inner> {
+    let list = (0..n).map(key).collect::<Vec<_>>().join(",");
+    let pool = KeyPool::builder(KeySet::parse(&list).expect("valid keys"))
+        .router(ByModelHeader)
+        .build();
+    KeyRotationLayer::new(pool).layer(inner())
+}
+
+/// [`request`] naming its model in `x-model`.
+fn bucketed_request() -> Request<ReqBody> {
+    let mut request = request();
+    request
+        .headers_mut()
+        .insert("x-model", HeaderValue::from_static("glm-4-flash"));
+    request
 }
 
 /// Round-robin over `n` keys whose concurrency limit a refusal lowered to 2: three
@@ -367,6 +399,14 @@ fn layer(c: &mut Criterion) {
         ] {
             bench_path(c, &runtime, name, n, key_rotation(n, strategy));
         }
+        bench_path_with(
+            c,
+            &runtime,
+            "key_rotation_bucketed",
+            n,
+            key_rotation_bucketed(n),
+            bucketed_request,
+        );
         bench_path(
             c,
             &runtime,

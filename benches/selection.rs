@@ -208,9 +208,64 @@ fn selection(c: &mut Criterion) {
     }
 }
 
+/// Buckets by the `x-model` header (the reservations below name their bucket directly).
+#[derive(Debug)]
+struct ByModelHeader;
+
+impl tower_key_rotation::route::Router for ByModelHeader {
+    fn bucket<'a>(&self, head: &tower_key_rotation::route::RequestHead<'a>) -> Option<&'a str> {
+        head.headers.get("x-model")?.to_str().ok()
+    }
+}
+
+/// One bucket (a pool without a router, `try_reserve`) beside a bucket of a pool with
+/// buckets (`try_reserve_route`: the key's state and its lane for the bucket), and beside
+/// reading the route too (`route` then `try_reserve_route`: the router's interned name).
+fn buckets(c: &mut Criterion) {
+    let mut group = c.benchmark_group("buckets");
+    group
+        .throughput(Throughput::Elements(1))
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50);
+    for n in [3, 256] {
+        let list = (0..n)
+            .map(|i| format!("bench-key-{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let keys = KeySet::parse(&list).expect("valid keys");
+        let one = KeyPool::new(keys.clone());
+        group.bench_with_input(BenchmarkId::new("one_bucket", n), &one, |b, pool| {
+            b.iter(|| reserve_and_release(pool));
+        });
+        let bucketed = KeyPool::builder(keys).router(ByModelHeader).build();
+        let request = http::Request::builder()
+            .header("x-model", "glm-4-flash")
+            .body(())
+            .expect("a request");
+        let head = tower_key_rotation::route::RequestHead::of(&request);
+        let route = bucketed.route(&head);
+        group.bench_with_input(BenchmarkId::new("bucketed", n), &bucketed, |b, pool| {
+            b.iter(|| drop(black_box(pool.try_reserve_route(black_box(&route)))));
+        });
+        group.bench_with_input(
+            BenchmarkId::new("bucketed_with_route", n),
+            &bucketed,
+            |b, pool| {
+                b.iter(|| {
+                    let route = pool.route(black_box(&head));
+                    drop(black_box(pool.try_reserve_route(&route)));
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
 // `criterion_main!` spelled out: the macro's generated `pub fn` would trip `missing_docs`.
 fn main() {
     let mut criterion = Criterion::default().configure_from_args();
     selection(&mut criterion);
+    buckets(&mut criterion);
     criterion.final_summary();
 }

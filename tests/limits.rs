@@ -14,7 +14,7 @@ use tokio_test::{assert_pending, assert_ready_ok};
 use tower::ServiceExt;
 use tower_key_rotation::{
     ApiKey, Backoff, KeyPool, KeyRotation, KeySet, KeySpec, Quota, Selection,
-    classify::{Classifier, Outcome},
+    classify::{Classifier, Outcome, Scope},
 };
 use tower_test::mock::Spawn;
 
@@ -373,14 +373,16 @@ async fn a_failed_probe_suspends_the_key_again() {
     let pool = KeyPool::builder(keys("k1"))
         .backoff(Backoff::default().quota_wait(Duration::from_secs(60)))
         .build();
-    pool.try_reserve()
-        .unwrap()
-        .record(Outcome::QuotaExhausted { reset_after: None });
+    pool.try_reserve().unwrap().record(Outcome::QuotaExhausted {
+        reset_after: None,
+        scope: Scope::Key,
+    });
     advance(Duration::from_secs(60)).await;
     let probe = pool.try_reserve().unwrap();
     assert!(probe.is_probe());
     probe.record(Outcome::QuotaExhausted {
         reset_after: Some(Duration::from_secs(30)),
+        scope: Scope::Key,
     });
     drop(probe);
     assert_eq!(
@@ -407,7 +409,10 @@ async fn outcomes_other_than_success_ride_on_the_response() {
     let response = service.clone().oneshot(req).await.unwrap();
     assert_eq!(
         response.extensions().get::<Outcome>(),
-        Some(&Outcome::QuotaExhausted { reset_after: None })
+        Some(&Outcome::QuotaExhausted {
+            reset_after: None,
+            scope: Scope::Key
+        })
     );
     let response = service.oneshot(request().body(()).unwrap()).await.unwrap();
     assert_eq!(response.extensions().get::<Outcome>(), None);

@@ -3,20 +3,30 @@
 //! A [`Classifier`] turns a response's status and headers (and, for the provider profiles,
 //! a small error body) into an [`Outcome`]; the pool applies it. [`generic`] reads the
 //! status and headers only; the provider profiles ([`Classifier::bigmodel`],
-//! [`Classifier::openai`], [`Classifier::anthropic`]) also read the provider's small JSON
+//! [`Classifier::openai`], [`Classifier::anthropic`], [`Classifier::gemini`]) also read the provider's small JSON
 //! error body, because status codes alone misclassify:
 //!
-//! | provider | signal | outcome |
-//! | --- | --- | --- |
-//! | Zhipu BigModel | `error.code` `1302` (concurrency), `1303` (frequency) | [`Outcome::AccountLimited`]: short cool-down |
-//! | | `1113` (arrears), `1304` (daily quota) | [`Outcome::QuotaExhausted`]: until reset (`1304`: next midnight, Beijing time) |
-//! | | `1308`, `1310` (quota, reset time in the message) | [`Outcome::QuotaExhausted`] until the time in the message (Beijing time) |
-//! | | `1305`, `1312` (platform overloaded) | [`Outcome::Failure`]: no penalty for the key |
-//! | | `1000`–`1004` (authentication) | [`Outcome::KeyRejected`] |
-//! | OpenAI | 429 with `error.code` or `error.type` `insufficient_quota` (billing) | [`Outcome::QuotaExhausted`]: not retried, long cool-down |
-//! | | other 429 (limits are per organisation) | [`Outcome::AccountLimited`] |
-//! | Anthropic | 529 (overloaded, platform-wide) | [`Outcome::Failure`]: no penalty |
-//! | | 429 (limits are per organisation) | [`Outcome::AccountLimited`] |
+//! | provider | signal | outcome | scope |
+//! | --- | --- | --- | --- |
+//! | Zhipu BigModel | `error.code` `1302` (concurrency), `1303` (frequency) | [`Outcome::AccountLimited`]: short cool-down | the model |
+//! | | `1113` (arrears), `1304` (daily quota) | [`Outcome::QuotaExhausted`]: until reset (`1304`: next midnight, Beijing time) | the key |
+//! | | `1308`, `1310` (quota, reset time in the message) | [`Outcome::QuotaExhausted`] until the time in the message (Beijing time) | the key |
+//! | | `1305`, `1312` (platform overloaded) | [`Outcome::Failure`]: no penalty for the key | |
+//! | | `1000`–`1004` (authentication) | [`Outcome::KeyRejected`] | the key |
+//! | OpenAI | 429 with `error.code` or `error.type` `insufficient_quota` (billing) | [`Outcome::QuotaExhausted`]: not retried, long cool-down | the key |
+//! | | other 429 (limits are per organisation and model) | [`Outcome::AccountLimited`] | the model |
+//! | Anthropic | 529 (overloaded, platform-wide) | [`Outcome::Failure`]: no penalty | |
+//! | | 429 (limits are per organisation and model class) | [`Outcome::AccountLimited`] | the model |
+//! | Gemini | 429 `QuotaFailure` with a per-minute `quotaId` (or none) | [`Outcome::RateLimited`] for `RetryInfo.retryDelay` | the model |
+//! | | 429 `QuotaFailure` with per-day `quotaId`s only | [`Outcome::QuotaExhausted`] until midnight Pacific time | the model (`...PerModel...` ids), else the key |
+//! | | 400 with `ErrorInfo.reason` `API_KEY_INVALID` | [`Outcome::KeyRejected`] | the key |
+//! | | 503 `UNAVAILABLE` (model overloaded) | [`Outcome::Failure`]: no penalty | |
+//!
+//! The scope ([`Outcome::scope`]) matters in a pool whose requests have buckets
+//! ([`KeyPoolBuilder::router`](crate::KeyPoolBuilder)): "the model" rests the request's
+//! bucket on the key (and, for an account limit, on the account's other keys), and the key
+//! goes on serving other models; "the key" rests every bucket of it. In a pool with one
+//! bucket, every outcome is the key's.
 //!
 //! Anything else falls back to [`generic`] (which also reads the rate-limit headers,
 //! OpenAI's durations and Anthropic's RFC 3339 resets). Bodies are read only for error
@@ -81,6 +91,9 @@ pub enum Outcome {
     QuotaExhausted {
         /// When the quota resets, if the provider said.
         reset_after: Option<Duration>,
+        /// What the spent quota covers: the whole key (a balance, an account's daily cap)
+        /// or the request's bucket only (a model's daily quota).
+        scope: Scope,
     },
     /// The key's credentials were refused (401/403: revoked, wrong, no permission). Counted;
     /// the key is disabled only when the request is proven not to blame (see
@@ -96,6 +109,49 @@ impl Outcome {
     pub fn is_rate_limited(&self) -> bool {
         matches!(self, Self::RateLimited { .. } | Self::AccountLimited { .. })
     }
+
+    /// What part of the key the outcome is about, in a pool whose requests have buckets
+    /// ([`KeyPoolBuilder::router`](crate::KeyPoolBuilder)): a rate limit, a used-up
+    /// window or an account's limit is about the request's bucket (providers meter each
+    /// model apart); a spent quota says its own [`Scope`]; a refused credential and a
+    /// failure are about the key. A pool with one bucket applies every outcome to the key.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_key_rotation::classify::{Outcome, Scope};
+    ///
+    /// assert_eq!(Outcome::RateLimited { retry_after: None }.scope(), Scope::Bucket);
+    /// let billing = Outcome::QuotaExhausted { reset_after: None, scope: Scope::Key };
+    /// assert_eq!(billing.scope(), Scope::Key);
+    /// ```
+    pub fn scope(&self) -> Scope {
+        match self {
+            Self::SuccessAtLimit { .. }
+            | Self::RateLimited { .. }
+            | Self::AccountLimited { .. }
+            | Self::Success => Scope::Bucket,
+            Self::QuotaExhausted { scope, .. } => *scope,
+            Self::KeyRejected | Self::Failure => Scope::Key,
+        }
+    }
+}
+
+/// What part of a key a limit covers: one bucket of it (what the provider meters apart on
+/// one key, usually the model) or all of it.
+///
+/// A pool whose requests carry buckets keeps each (key, bucket)'s in-flight count, rests,
+/// probe, learned limit and quota apart: a refusal for one model rests that model on the
+/// key, and the key goes on serving the others. What covers the key's account (a spent
+/// balance, an account-wide daily or five-hour cap, a disabled key) rests every bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Scope {
+    /// The request's bucket on this key (and, for [`Outcome::AccountLimited`], on every key
+    /// of the account).
+    Bucket,
+    /// Every bucket of the key.
+    Key,
 }
 
 /// Classifies a response by status and headers: the default rules.

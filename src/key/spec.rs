@@ -18,6 +18,17 @@ pub struct KeySpec {
     pub(crate) max_in_flight: Option<u32>,
     pub(crate) quota: Option<Quota>,
     pub(crate) account: Option<String>,
+    /// Limits of this key in named buckets (models), overriding `max_in_flight` and `quota`
+    /// there.
+    pub(crate) buckets: Vec<BucketLimits>,
+}
+
+/// A key's own limits in one bucket (see [`KeySpec::bucket_max_in_flight`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BucketLimits {
+    pub(crate) name: String,
+    pub(crate) max_in_flight: Option<u32>,
+    pub(crate) quota: Option<Quota>,
 }
 
 impl KeySpec {
@@ -30,6 +41,7 @@ impl KeySpec {
             max_in_flight: None,
             quota: None,
             account: None,
+            buckets: Vec::new(),
         }
     }
 
@@ -69,6 +81,59 @@ impl KeySpec {
         self
     }
 
+    /// This key's cap on requests in flight in one bucket (a model, in a pool whose
+    /// [router](crate::KeyPoolBuilder::router) names buckets by model), overriding
+    /// [`max_in_flight`](Self::max_in_flight) there. In a pool with buckets, a key's cap and
+    /// quota apply to each of its buckets apart, as providers meter each model apart.
+    ///
+    /// # Panics
+    ///
+    /// If `max` is zero: no request of that bucket could ever be sent.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_key_rotation::{ApiKey, KeySpec, Quota};
+    ///
+    /// let spec = KeySpec::new(ApiKey::new("k1").unwrap())
+    ///     .max_in_flight(8)
+    ///     .bucket_max_in_flight("glm-4-plus", 2)
+    ///     .bucket_quota("glm-4-plus", Quota::per_minute(60));
+    /// # let _ = spec;
+    /// ```
+    pub fn bucket_max_in_flight(mut self, bucket: impl Into<String>, max: u32) -> Self {
+        assert!(max > 0, "a bucket's max_in_flight must be at least 1");
+        self.bucket_entry(bucket.into()).max_in_flight = Some(max);
+        self
+    }
+
+    /// This key's request quota in one bucket, overriding [`quota`](Self::quota) there
+    /// (see [`bucket_max_in_flight`](Self::bucket_max_in_flight)).
+    pub fn bucket_quota(mut self, bucket: impl Into<String>, quota: Quota) -> Self {
+        self.bucket_entry(bucket.into()).quota = Some(quota);
+        self
+    }
+
+    fn bucket_entry(&mut self, name: String) -> &mut BucketLimits {
+        let index = match self.buckets.iter().position(|b| b.name == name) {
+            Some(index) => index,
+            None => {
+                self.buckets.push(BucketLimits {
+                    name,
+                    max_in_flight: None,
+                    quota: None,
+                });
+                self.buckets.len() - 1
+            }
+        };
+        &mut self.buckets[index]
+    }
+
+    /// This key's own limits in the bucket `name`, if it has any.
+    pub(crate) fn bucket_limits(&self, name: &str) -> Option<&BucketLimits> {
+        self.buckets.iter().find(|b| b.name == name)
+    }
+
     /// The key.
     pub fn key(&self) -> &ApiKey {
         &self.key
@@ -97,6 +162,7 @@ impl KeySpec {
             && self.max_in_flight == other.max_in_flight
             && self.quota == other.quota
             && self.account == other.account
+            && self.buckets == other.buckets
     }
 }
 
@@ -109,6 +175,7 @@ impl fmt::Debug for KeySpec {
             .field("max_in_flight", &self.max_in_flight)
             .field("quota", &self.quota)
             .field("account", &self.account)
+            .field("buckets", &self.buckets)
             .finish()
     }
 }

@@ -3,13 +3,13 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use crate::sync::Notify;
+use crate::sync::{AtomicU32, Notify};
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use super::slot::Slot;
 use super::table::Table;
-use super::{KeyPool, Padded, PoolInner, Selection, Signals};
+use super::{BucketStates, KeyPool, Padded, PoolInner, Selection, Signals};
 use crate::backoff::Backoff;
 use crate::classify::Classifier;
 use crate::key::KeySet;
@@ -79,12 +79,17 @@ impl KeyPoolBuilder {
 
     /// Whether to learn each key's concurrency limit from refusals (default `true`).
     ///
-    /// A `429` that comes back while other requests are in flight on the same key says the
-    /// provider limits how many run at once: the key's limit drops to the number of other
-    /// requests then in flight (never below 1), so that later callers wait for a slot
-    /// instead of being refused. Successes sent with the key at that limit raise it again
-    /// slowly (by one after 16 × the limit of them), never above
-    /// [`max_in_flight_per_key`](Self::max_in_flight_per_key). The limit in force shows in
+    /// A `429` that comes back while other requests are in flight on the same key (in a
+    /// pool with buckets: the same key and bucket) says the provider limits how many run at
+    /// once: the key's limit drops to the number of other requests then in flight (never
+    /// below 1), so that later callers wait for a slot instead of being refused. Keys that
+    /// have learned nothing yet start from that limit too (keys of one tier share limits).
+    ///
+    /// The limit rises again by one at a time, never above
+    /// [`max_in_flight_per_key`](Self::max_in_flight_per_key): a raise is tried 5 minutes
+    /// after the limit was learned, once the key was busy at its limit; a refused try lowers
+    /// the limit back without resting the key (its limit holds) and doubles the wait before
+    /// the next (up to an hour); a served one holds. The limit in force shows in
     /// [`KeyStats::concurrency_limit`](crate::pool::KeyStats::concurrency_limit).
     pub fn learn_concurrency(mut self, learn: bool) -> Self {
         self.learn_concurrency = learn;
@@ -199,12 +204,19 @@ impl KeyPoolBuilder {
                 notify: Arc::new(Notify::new()),
                 pool: pool.clone(),
                 shared: shared.clone(),
+                fan_out: self.router.is_some(),
+                learned: AtomicU32::new(u32::MAX),
             });
+            let bucket_states = self
+                .router
+                .is_some()
+                .then(|| BucketStates::new(self.max_buckets));
+            let lanes = bucket_states.as_ref().map_or(0, BucketStates::capacity);
             let slots = self
                 .keys
                 .specs()
                 .iter()
-                .map(|spec| Slot::new(spec.clone(), self.cap, self.quota, &signals))
+                .map(|spec| Slot::new(spec.clone(), self.cap, self.quota, &signals, lanes))
                 .collect();
             PoolInner {
                 table: ArcSwap::from_pointee(Table::new(slots)),
@@ -216,6 +228,7 @@ impl KeyPoolBuilder {
                 reload: Mutex::new(()),
                 router: self.router,
                 buckets: Buckets::new(self.max_buckets),
+                bucket_states,
             }
         });
         if let (Some(shared), Some(ops)) = (shared, ops) {

@@ -8,11 +8,14 @@ use std::time::Duration;
 use super::record::{Rest, RestCause, Transition};
 use crate::human::HumanDuration;
 
-/// `key 2/3` or `key 2/3 (name)`, for logs.
+/// `key 2/3` or `key 2/3 (name)`, for logs; in a pool with buckets, the lines about a
+/// lane are in a `bucket{model=...}` span.
 pub(super) struct Label<'a> {
     pub(super) position: usize,
     pub(super) keys: usize,
     pub(super) name: Option<&'a str>,
+    /// The bucket (a model name, not a secret) of a lease on a lane.
+    pub(super) bucket: Option<&'a str>,
 }
 
 impl fmt::Display for Label<'_> {
@@ -31,6 +34,20 @@ fn millis(d: Duration) -> u64 {
 
 /// Logs what an outcome did to the key `label` names.
 pub(super) fn log(label: &Label<'_>, transition: &Transition) {
+    let Some(bucket) = label.bucket else {
+        return log_lines(label, transition);
+    };
+    let eventful = transition.learned.is_some()
+        || transition.rest.is_some()
+        || transition.disabled
+        || transition.back;
+    if eventful {
+        let _bucket = tracing::info_span!("bucket", model = bucket).entered();
+        log_lines(label, transition);
+    }
+}
+
+fn log_lines(label: &Label<'_>, transition: &Transition) {
     let (key, keys) = (label.position, label.keys);
     // At debug: a burst of refusals lowers the limit step by step, one line each; what
     // it settled at shows in the key's stats (`concurrency_limit`) and the proxy's metrics.

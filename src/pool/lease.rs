@@ -15,7 +15,7 @@ use super::record::Answered;
 use super::rest::Claim;
 use super::slot::{Slot, Taken};
 use super::table::Table;
-use crate::classify::{Classifier, Outcome};
+use crate::classify::{Classifier, Outcome, Scope};
 use crate::key::ApiKey;
 use crate::pool_time::PoolTime;
 use crate::shared::{Admission, Answer};
@@ -27,12 +27,17 @@ use crate::shared::{Admission, Answer};
 /// into the response future and then into the response body, so the slot is given back
 /// when the body ends, errors or is dropped, or as soon as anything on the way is dropped.
 pub struct Lease {
+    /// The key's slot, or in a pool with buckets, the key's lane for the request's bucket.
     slot: Arc<Slot>,
+    /// In a pool with buckets: the key's own slot (account-wide state).
+    key: Option<Arc<Slot>>,
     index: usize,
     keys: usize,
     pub(super) generation: u32,
     /// Taken with the key at its concurrency limit.
     at_limit: bool,
+    /// Taken above the limit known to hold: a try of a raised limit (`Taken::trial`).
+    trial: bool,
     /// Where the quota unit this lease took ends: a refund gives back only what of it is
     /// still unused (see `Gcra::refund`).
     tat_after: PoolTime,
@@ -69,6 +74,8 @@ const ASK: u8 = 16;
 const COUNTED: u8 = 32;
 /// The request went out ([`Lease::mark_sent`]): counted in the slot's `sent` until dropped.
 const AT_PROVIDER: u8 = 64;
+/// In a pool with buckets: the key's single probe after an account-wide rest.
+const KEY_PROBE: u8 = 128;
 
 impl Lease {
     pub(super) fn new(table: &Table, index: usize, taken: Taken) -> Self {
@@ -85,13 +92,46 @@ impl Lease {
         }
         Self {
             slot: slot.clone(),
+            key: None,
             index,
             keys: table.slots.len(),
             generation: taken.generation,
             at_limit: taken.at_limit,
+            trial: taken.trial,
             tat_after: taken.tat_after,
             flags: AtomicU8::new(flags),
         }
+    }
+
+    /// A lease on the lane `lane` of the key at `index` (a pool with buckets). Lanes are
+    /// this replica's own: nothing to count in a shared store.
+    pub(super) fn new_in(table: &Table, index: usize, lane: &Arc<Slot>, taken: Taken) -> Self {
+        let mut flags = if taken.probe { PROBE } else { 0 };
+        if taken.key_probe {
+            flags |= KEY_PROBE;
+        }
+        Self {
+            slot: lane.clone(),
+            key: Some(table.slots[index].clone()),
+            index,
+            keys: table.slots.len(),
+            generation: taken.generation,
+            at_limit: taken.at_limit,
+            trial: taken.trial,
+            tat_after: taken.tat_after,
+            flags: AtomicU8::new(flags),
+        }
+    }
+
+    /// The key's own slot: account-wide state, credentials, header values.
+    #[inline]
+    fn key_slot(&self) -> &Arc<Slot> {
+        self.key.as_ref().unwrap_or(&self.slot)
+    }
+
+    /// The bucket this lease was taken in, in a pool with buckets.
+    pub fn bucket(&self) -> Option<&str> {
+        self.slot.bucket.as_deref().map(|bucket| &*bucket.name)
     }
 
     fn set_flag(&self, flag: u8) {
@@ -104,6 +144,7 @@ impl Lease {
             position: self.index + 1,
             keys: self.keys,
             name: self.slot.spec.name.as_deref(),
+            bucket: self.bucket(),
         }
     }
 
@@ -124,17 +165,17 @@ impl Lease {
 
     /// `Authorization: Bearer <key>`'s value, built once per key and marked sensitive.
     pub(crate) fn bearer_header(&self) -> &HeaderValue {
-        self.slot.header(true)
+        self.key_slot().header(true)
     }
 
     /// The bare key as a header value, built once per key and marked sensitive.
     pub(crate) fn bare_header(&self) -> &HeaderValue {
-        self.slot.header(false)
+        self.key_slot().header(false)
     }
 
     /// Is this lease the single probe request of a key coming back from a suspension?
     pub fn is_probe(&self) -> bool {
-        self.flags.load(Ordering::Relaxed) & PROBE != 0
+        self.flags.load(Ordering::Relaxed) & (PROBE | KEY_PROBE) != 0
     }
 
     /// The classifier of the pool the key belongs to.
@@ -161,10 +202,54 @@ impl Lease {
     #[inline]
     pub(crate) fn check(&self) -> Check {
         let slot = &*self.slot;
+        if let Some(key) = &self.key {
+            if !key.is_retired()
+                && key.deadline.is_clear()
+                && !key.probe.is_pending()
+                && slot.deadline.is_clear()
+                && !slot.probe.is_pending()
+            {
+                return Check::Usable;
+            }
+            return self.check_slow_in(key);
+        }
         if !slot.is_retired() && slot.deadline.is_clear() && !slot.probe.is_pending() {
             return Check::Usable;
         }
         self.check_slow()
+    }
+
+    /// [`check_slow`](Self::check_slow) for a lease on a lane: the key's account-wide
+    /// state first, then the lane's.
+    #[cold]
+    #[inline(never)]
+    fn check_slow_in(&self, key: &Slot) -> Check {
+        let lane = &*self.slot;
+        if key.is_retired() || key.deadline.is_disabled() {
+            return Check::Gone;
+        }
+        let mut now = LazyNow::new(&lane.signals);
+        if key.is_resting(&mut now) || lane.is_resting(&mut now) {
+            return Check::Resting;
+        }
+        if self.flags.load(Ordering::Relaxed) & KEY_PROBE == 0 {
+            match key.probe.claim() {
+                Claim::Ordinary => {}
+                Claim::Probe => self.set_flag(KEY_PROBE),
+                Claim::Running => return Check::ProbeRunning,
+            }
+        }
+        if self.flags.load(Ordering::Relaxed) & PROBE != 0 {
+            return Check::Usable;
+        }
+        match lane.probe.claim() {
+            Claim::Ordinary => Check::Usable,
+            Claim::Probe => {
+                self.set_flag(PROBE);
+                Check::Usable
+            }
+            Claim::Running => Check::ProbeRunning,
+        }
     }
 
     #[cold]
@@ -245,13 +330,13 @@ impl Lease {
     /// request succeeded with another key (see [`RejectedKey`](super::RejectedKey)).
     /// `true` if it was not disabled yet.
     pub fn disable(&self) -> bool {
-        super::rejected::disable(&self.slot, self.index, self.keys)
+        super::rejected::disable(self.key_slot(), self.index, self.keys)
     }
 
     /// The reserved key as a [`RejectedKey`](super::RejectedKey), for a response that
     /// refused it.
     pub(crate) fn rejected_key(&self) -> super::RejectedKey {
-        super::RejectedKey::new(self.slot.clone(), self.index, self.keys)
+        super::RejectedKey::new(self.key_slot().clone(), self.index, self.keys)
     }
 
     /// Applies a response's [`Outcome`] to the key: cool down, suspend, or count. A
@@ -272,11 +357,17 @@ impl Lease {
         if self.is_probe() {
             self.set_flag(RESOLVED);
         }
+        if let Some(key) = &self.key {
+            let transition = self.record_in(key, outcome, flags, first_refusal, window_spent);
+            events::log(&self.label(), &transition);
+            return;
+        }
         let transition = self.slot.record(
             outcome,
             Answered {
                 generation: self.generation,
                 at_limit: self.at_limit,
+                trial: self.trial,
                 probe: flags & PROBE != 0,
                 first_refusal,
                 learn: !window_spent,
@@ -286,9 +377,75 @@ impl Lease {
     }
 }
 
+impl Lease {
+    /// [`record_answer`](Self::record_answer) for a lease on a lane: an outcome about the
+    /// whole key (a spent balance, an account-wide cap) rests the key, every bucket; any
+    /// other is the lane's alone. The key's probe, if this lease is it, is answered.
+    #[inline(never)]
+    fn record_in(
+        &self,
+        key: &Slot,
+        outcome: Outcome,
+        flags: u8,
+        first_refusal: bool,
+        window_spent: bool,
+    ) -> super::record::Transition {
+        let lane = &*self.slot;
+        let key_probe = flags & KEY_PROBE != 0;
+        if let Outcome::QuotaExhausted {
+            scope: Scope::Key, ..
+        } = outcome
+        {
+            let transition = key.record(
+                outcome,
+                Answered {
+                    generation: 0,
+                    at_limit: false,
+                    trial: false,
+                    probe: key_probe,
+                    first_refusal: false,
+                    learn: false,
+                },
+            );
+            if flags & PROBE != 0 {
+                // The lane's probe told nothing about the lane: owed again.
+                lane.probe.settle(false);
+            }
+            return transition;
+        }
+        let transition = lane.record(
+            outcome,
+            Answered {
+                generation: self.generation,
+                at_limit: self.at_limit,
+                trial: self.trial,
+                probe: flags & PROBE != 0,
+                first_refusal,
+                learn: !window_spent,
+            },
+        );
+        if key_probe {
+            // The key's probe after an account-wide rest: any answer about a bucket, or a
+            // success, says the account is served again.
+            let back = !matches!(outcome, Outcome::Failure | Outcome::KeyRejected);
+            key.probe.settle(back);
+            key.signals.notify_all();
+        }
+        transition
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         let flags = *self.flags.get_mut();
+        if flags & KEY_PROBE != 0 && flags & RESOLVED == 0 {
+            if let Some(key) = &self.key {
+                // The key's probe never got an answer: the next caller of any bucket may
+                // probe.
+                key.probe_abandoned();
+                key.signals.notify_all();
+            }
+        }
         if flags & PROBE != 0 && flags & RESOLVED == 0 {
             // The probe never got an answer: the next caller may probe.
             self.slot.probe_abandoned();

@@ -23,7 +23,15 @@
 //!
 //! The limit is the configured cap, or lower once a `429` that came back while other
 //! requests were in flight on the key taught the pool the provider's concurrency limit
-//! (`Slot::learn_refusal`); successes at that limit raise it again slowly.
+//! (`Slot::learn_refusal`); a raise is tried after a back-off that each refused try
+//! doubles (`Slot::learn_success`, `Slot::refuse_raise`).
+//!
+//! # Buckets
+//!
+//! In a pool with a router, these states are kept per (key, bucket): each key's slot keeps
+//! what is account-wide (disabled, an account-wide rest and its probe) and has a lane (a
+//! slot of its own) per bucket with the rest (see `bucket`). A request of bucket `b` takes
+//! a key when the key's slot and its lane for `b` both allow (`Slot::try_take_in`).
 //!
 //! Every rest is for a limit, and a limit may still hold when the rest ends (a `Retry-After`
 //! is the provider's guess, and capped): so a rest that starts owes a probe, and the key
@@ -50,6 +58,7 @@
 //! | module | job |
 //! | --- | --- |
 //! | `slot` | one key's atomics: take and release (with `record`, the state boundary) |
+//! | `bucket` | buckets: each key's lanes, each bucket's waiters |
 //! | `rest` | the encodings of a key's rest and probe, one atomic word each |
 //! | `record` | applying an answer's outcome: rests, backoff, learned limits, probes |
 //! | `state` | when a key, and the pool, can next take a request |
@@ -61,6 +70,7 @@
 //! | `shared` | what a state backend reads from the pool and applies to it |
 //! | `builder` | the settings |
 
+mod bucket;
 mod builder;
 mod events;
 mod lease;
@@ -78,7 +88,7 @@ mod stats;
 mod table;
 mod wait;
 
-use crate::sync::{AtomicUsize, Notify, Ordering};
+use crate::sync::{AtomicU32, AtomicUsize, Notify, Ordering};
 use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -100,10 +110,11 @@ pub(crate) use lease::Check;
 pub use lease::{Admit, Lease};
 pub use rejected::RejectedKey;
 pub(crate) use state::PoolAvailability;
-pub use stats::{KeyState, KeyStats};
+pub use stats::{BucketStats, KeyState, KeyStats};
 pub use table::ReloadSummary;
 pub(crate) use wait::{Reserve, Waiter};
 
+use bucket::BucketStates;
 use rest::RestWord;
 use table::Table;
 
@@ -160,6 +171,9 @@ pub(crate) struct PoolInner {
     router: Option<Arc<dyn Router>>,
     /// Bucket names interned into small ids.
     buckets: Buckets,
+    /// Per-bucket state (waiters, learned limits) in a pool with a router; `None`: one
+    /// bucket, the key (see `bucket`).
+    bucket_states: Option<BucketStates>,
 }
 
 /// What every slot needs to reach on its own: settings applied to outcomes, the clock, and
@@ -179,6 +193,14 @@ struct Signals {
     pool: Weak<PoolInner>,
     /// The state shared with other replicas, if a backend is set.
     shared: Option<Arc<Shared>>,
+    /// The pool's own signals in a pool with buckets: what wakes every waiter must also
+    /// wake each bucket's (see `notify_all`). `false` for a bucket's signals, and in a pool
+    /// without buckets.
+    fan_out: bool,
+    /// The lowest concurrency limit a key (or, for a bucket's signals, a lane of the
+    /// bucket) learned from refusals of its own (`u32::MAX`: none yet): keys that learned
+    /// nothing yet, and lanes made later, start from it (see `Slot::teach_untaught`).
+    learned: AtomicU32,
 }
 
 #[repr(align(128))]
@@ -273,11 +295,11 @@ impl KeyPool {
     pub(crate) fn can_take_now(&self, allowed: impl Fn(usize) -> bool) -> bool {
         let table = self.inner.table.load();
         let mut now = LazyNow::new(&self.inner.signals);
-        table
-            .slots
-            .iter()
-            .enumerate()
-            .any(|(i, slot)| allowed(i + 1) && slot.is_available(&mut now))
+        table.slots.iter().enumerate().any(|(i, slot)| {
+            allowed(i + 1)
+                && slot.is_available(&mut now)
+                && slot.status_any(&mut now).1 == state::Availability::Now
+        })
     }
 
     /// The wait budget of each request ([`KeyPoolBuilder::max_wait`]).
@@ -297,56 +319,149 @@ impl KeyPool {
 
     /// Requests waiting for a key right now (in `KeyRotation::poll_ready`).
     pub fn waiting(&self) -> usize {
+        let buckets = self.inner.bucket_states.iter().flat_map(BucketStates::iter);
         self.inner.signals.waiters.load(Ordering::Relaxed)
+            + buckets
+                .map(|bucket| bucket.signals.waiters.load(Ordering::Relaxed))
+                .sum::<usize>()
     }
 
     /// Per-key statistics, in position order. Never contains a key value.
+    ///
+    /// In a pool with buckets, a key's counts and in-flight numbers are those of all its
+    /// buckets together, its concurrency limit the lowest of its buckets', and it reads
+    /// resting when it rests account-wide or every bucket it served rests (until the
+    /// soonest is back); [`bucket_snapshot`] shows each (key, bucket).
+    ///
+    /// [`bucket_snapshot`]: Self::bucket_snapshot
     pub fn snapshot(&self) -> Vec<KeyStats> {
         let table = self.inner.table.load();
         let mut now = LazyNow::new(&self.inner.signals);
-        let now_at = now.get();
         table
             .slots
             .iter()
             .enumerate()
             .map(|(i, slot)| {
-                let rest = slot.deadline.read();
-                let quota_at = slot
-                    .quota
-                    .map_or(PoolTime::EPOCH, |q| q.available_at(&slot.tat));
-                let limit = slot.limit();
-                // Two loads, not one moment: a lease moving between them could show more
-                // sent than in flight.
-                let in_flight = slot.in_flight.load(Ordering::Acquire);
-                let sent = slot.sent.load(Ordering::Acquire).min(in_flight);
+                let mut stats = slot_stats(slot, &mut now);
+                // A key with lanes: counts summed; its limit the tightest lane's; resting
+                // (until the soonest lane is back) when every lane used so far rests.
+                let mut all_resting = true;
+                let mut soonest: Option<Duration> = None;
+                let mut lanes = 0;
+                for lane in slot.made_lanes() {
+                    let lane = slot_stats(lane, &mut now);
+                    lanes += 1;
+                    stats.requests += lane.requests;
+                    stats.successes += lane.successes;
+                    stats.rate_limited += lane.rate_limited;
+                    stats.failures += lane.failures;
+                    stats.rejected += lane.rejected;
+                    stats.in_flight += lane.in_flight;
+                    stats.sent += lane.sent;
+                    stats.reserved += lane.reserved;
+                    stats.probing |= lane.probing;
+                    stats.concurrency_limit =
+                        match (stats.concurrency_limit, lane.concurrency_limit) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                    match lane.cooling_down_for {
+                        Some(rest) => soonest = Some(soonest.map_or(rest, |s| s.min(rest))),
+                        None => all_resting = false,
+                    }
+                }
+                if lanes > 0 && all_resting && stats.cooling_down_for.is_none() {
+                    stats.cooling_down_for = soonest;
+                    if stats.state == KeyState::Healthy {
+                        stats.state = KeyState::Resting;
+                    }
+                }
                 KeyStats {
                     position: i + 1,
-                    name: slot.spec.name.clone(),
-                    account: slot.spec.account.clone(),
-                    weight: slot.weight,
-                    requests: slot.requests.load(Ordering::Relaxed),
-                    successes: slot.successes.load(Ordering::Relaxed),
-                    rate_limited: slot.rate_limited.load(Ordering::Relaxed),
-                    failures: slot.failures.load(Ordering::Relaxed),
-                    rejected: slot.rejected.load(Ordering::Relaxed),
-                    in_flight,
-                    sent,
-                    reserved: in_flight.saturating_sub(sent),
-                    concurrency_limit: (limit != u32::MAX).then_some(limit),
-                    state: slot.status(&mut now).0,
-                    cooling_down_for: match rest {
-                        RestWord::Until(until) if until > now_at => {
-                            Some(until.saturating_duration_since(now_at))
-                        }
-                        _ => None,
-                    },
-                    quota_wait: (quota_at > now_at)
-                        .then(|| quota_at.saturating_duration_since(now_at)),
-                    probing: slot.probe.is_pending(),
-                    disabled: rest == RestWord::Disabled,
+                    ..stats
                 }
             })
             .collect()
+    }
+
+    /// Per-(key, bucket) statistics in a pool with buckets: each key's buckets in the order
+    /// they were first used, keys in position order. Empty in a pool without buckets.
+    ///
+    /// A bucket shows once a request of it took the key. Never contains a key value.
+    pub fn bucket_snapshot(&self) -> Vec<BucketStats> {
+        let table = self.inner.table.load();
+        let mut now = LazyNow::new(&self.inner.signals);
+        let mut all = Vec::new();
+        for (i, slot) in table.slots.iter().enumerate() {
+            for lane in slot.made_lanes() {
+                let Some(bucket) = &lane.bucket else { continue };
+                let mut stats = slot_stats(lane, &mut now);
+                stats.position = i + 1;
+                // The key's account-wide state comes first.
+                let (key_state, _) = slot.status_in(bucket, &mut now);
+                if matches!(
+                    key_state,
+                    KeyState::Disabled | KeyState::Resting | KeyState::Probing
+                ) && stats.state != KeyState::Resting
+                {
+                    stats.state = key_state;
+                }
+                all.push(BucketStats {
+                    bucket: bucket.name.to_string(),
+                    key: stats,
+                });
+            }
+        }
+        all
+    }
+}
+
+/// One slot's statistics (a key's own, or a lane's), at position 0.
+fn slot_stats(slot: &slot::Slot, now: &mut LazyNow<'_>) -> KeyStats {
+    let now_at = now.get();
+    let rest = slot.deadline.read();
+    let quota_at = slot
+        .quota
+        .map_or(PoolTime::EPOCH, |q| q.available_at(&slot.tat));
+    let limit = slot.limit();
+    // Two loads, not one moment: a lease moving between them could show more sent than in
+    // flight.
+    let in_flight = slot.in_flight.load(Ordering::Acquire);
+    let sent = slot.sent.load(Ordering::Acquire).min(in_flight);
+    KeyStats {
+        position: 0,
+        name: slot.spec.name.clone(),
+        account: slot.spec.account.clone(),
+        weight: slot.weight,
+        requests: slot.requests.load(Ordering::Relaxed),
+        successes: slot.successes.load(Ordering::Relaxed),
+        rate_limited: slot.rate_limited.load(Ordering::Relaxed),
+        failures: slot.failures.load(Ordering::Relaxed),
+        rejected: slot.rejected.load(Ordering::Relaxed),
+        in_flight,
+        sent,
+        reserved: in_flight.saturating_sub(sent),
+        concurrency_limit: (limit != u32::MAX).then_some(limit),
+        state: slot.status(now).0,
+        cooling_down_for: match rest {
+            RestWord::Until(until) if until > now_at => {
+                Some(until.saturating_duration_since(now_at))
+            }
+            _ => None,
+        },
+        quota_wait: (quota_at > now_at).then(|| quota_at.saturating_duration_since(now_at)),
+        probing: slot.probe.is_pending(),
+        disabled: rest == RestWord::Disabled,
+    }
+}
+
+impl PoolInner {
+    /// The state of bucket `id`, in a pool with buckets (`None` without a router).
+    #[inline]
+    fn bucket_state(&self, id: crate::route::BucketId) -> Option<&Arc<bucket::Bucket>> {
+        self.bucket_states
+            .as_ref()?
+            .get(id, &self.buckets, &self.signals)
     }
 }
 
@@ -396,6 +511,58 @@ impl Signals {
     fn wake_one(&self) {
         if self.waiters.load(Ordering::SeqCst) != 0 {
             self.notify.notify_one();
+        }
+    }
+
+    /// Wakes every waiter these signals reach: in a pool with buckets, the pool's signals
+    /// reach every bucket's waiters (a key disabled or resting account-wide, a reload); a
+    /// bucket's reach its own.
+    fn notify_all(&self) {
+        self.notify.notify_waiters();
+        if self.fan_out {
+            self.notify_buckets();
+        }
+    }
+
+    #[cold]
+    fn notify_buckets(&self) {
+        if let Some(pool) = self.pool.upgrade() {
+            for bucket in pool.bucket_states.iter().flat_map(BucketStates::iter) {
+                bucket.signals.notify.notify_waiters();
+            }
+        }
+    }
+
+    /// Is anyone waiting whom `notify_all` would wake?
+    fn any_waiting(&self) -> bool {
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            return true;
+        }
+        self.fan_out
+            && self.pool.upgrade().is_some_and(|pool| {
+                pool.bucket_states
+                    .iter()
+                    .flat_map(BucketStates::iter)
+                    .any(|bucket| bucket.signals.waiters.load(Ordering::SeqCst) != 0)
+            })
+    }
+
+    /// A bucket's signals: these settings, with waiters of its own.
+    fn for_bucket(&self) -> Self {
+        Self {
+            backoff: self.backoff,
+            classifier: self.classifier.clone(),
+            learn_concurrency: self.learn_concurrency,
+            max_wait: self.max_wait,
+            epoch: self.epoch,
+            waiters: Padded::default(),
+            notify: Arc::new(Notify::new()),
+            pool: self.pool.clone(),
+            // Buckets are this replica's own (see `shared`): the key's account-wide state
+            // is what the replicas share.
+            shared: None,
+            fan_out: false,
+            learned: AtomicU32::new(u32::MAX),
         }
     }
 }

@@ -10,11 +10,14 @@ use super::slot::Slot;
 use crate::classify::Outcome;
 use crate::shared::{Op, RemoteLimit, RemoteRest, SharedKey};
 
-/// A learned concurrency limit rises by one after this many successes per unit of the
-/// limit, each sent with the key at its limit (additive increase: a limit of 2 rises to 3
-/// after 32 such successes). Slow on purpose: every step up past the provider's real limit
-/// costs a refusal and a rest.
-const GROWTH: u32 = 16;
+/// How long after a limit is learned from a refusal the first try above it waits. A limit
+/// learned from a refusal at `L + 1` counts as a refused raise to `L + 1`: the next try
+/// waits this long, not for a number of successes.
+const RAISE_BACKOFF: Duration = Duration::from_secs(5 * 60);
+
+/// The longest wait between tries above a limit: each refused try doubles the wait up to
+/// this.
+const RAISE_BACKOFF_MAX: Duration = Duration::from_secs(60 * 60);
 
 /// What a rest did to a key's deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +35,8 @@ pub(super) enum Rest {
 pub(super) struct Answered {
     pub(super) generation: u32,
     pub(super) at_limit: bool,
+    /// Taken above the limit known to hold (`Taken::trial`).
+    pub(super) trial: bool,
     pub(super) probe: bool,
     /// The first refusal recorded on this lease (the caller counts it in `refused_open`).
     pub(super) first_refusal: bool,
@@ -88,9 +93,13 @@ impl Slot {
     #[inline]
     pub(super) fn record(&self, outcome: Outcome, answered: Answered) -> Transition {
         let mut transition = Transition::default();
-        if matches!(outcome, Outcome::Success | Outcome::SuccessAtLimit { .. }) && answered.at_limit
-        {
-            self.learn_success();
+        if matches!(outcome, Outcome::Success | Outcome::SuccessAtLimit { .. }) {
+            if answered.trial {
+                self.raise_served();
+            }
+            if answered.at_limit {
+                self.learn_success();
+            }
         }
         let mut recovered = false;
         match outcome {
@@ -121,11 +130,22 @@ impl Slot {
             Outcome::RateLimited { retry_after } | Outcome::AccountLimited { retry_after } => {
                 // A refusal for a limit: the key's own, or its account's (which may be one
                 // of concurrency too, as BigModel's 1302): either teaches the key.
+                let mut raise_refused = false;
                 if answered.first_refusal {
                     let refused = self.refused_open.fetch_add(1, Ordering::AcqRel);
-                    if answered.learn {
+                    if answered.learn && answered.trial && self.signals.learn_concurrency {
+                        // A try above the limit known to hold, refused: a concurrency
+                        // refusal. Back to that limit, and the next try waits twice as
+                        // long; the key does not rest (its limit holds).
+                        raise_refused = true;
+                        transition.learned = self.refuse_raise();
+                    } else if answered.learn {
                         transition.learned = self.learn_refusal(refused);
                     }
+                }
+                if raise_refused {
+                    self.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    return self.finish_record(outcome, answered, transition, false);
                 }
                 let (wait, level, rest) = self.rate_limited(answered.generation, retry_after);
                 let account = matches!(outcome, Outcome::AccountLimited { .. });
@@ -143,7 +163,7 @@ impl Slot {
                     mates: if account { self.rest_account(wait) } else { 0 },
                 });
             }
-            Outcome::QuotaExhausted { reset_after } => {
+            Outcome::QuotaExhausted { reset_after, .. } => {
                 self.rate_limited.fetch_add(1, Ordering::Relaxed);
                 let backoff = &self.signals.backoff;
                 let wait =
@@ -172,6 +192,18 @@ impl Slot {
                 self.failures.fetch_add(1, Ordering::Relaxed);
             }
         }
+        self.finish_record(outcome, answered, transition, recovered)
+    }
+
+    /// The end of `record`: the probe's answer, and what the other replicas must hear.
+    #[inline]
+    fn finish_record(
+        &self,
+        outcome: Outcome,
+        answered: Answered,
+        mut transition: Transition,
+        recovered: bool,
+    ) -> Transition {
         if answered.probe {
             // A used-up window rests the key again (above): until its reset, with no probe
             // after it (back, as far as probing goes), unless the rest is capped.
@@ -187,7 +219,7 @@ impl Slot {
             self.probe.settle(back);
             if back {
                 // Everyone waiting for this key may go now.
-                self.signals.notify.notify_waiters();
+                self.signals.notify_all();
             }
             transition.back = back;
         }
@@ -271,7 +303,7 @@ impl Slot {
         let after = self.limit();
         if after > before {
             // Room for more: a waiter may take it.
-            self.signals.notify.notify_waiters();
+            self.signals.notify_all();
         }
         after != before
     }
@@ -363,7 +395,7 @@ impl Slot {
         let newly = self.deadline.disable();
         if newly {
             // Waiters must learn if this was the last key.
-            self.signals.notify.notify_waiters();
+            self.signals.notify_all();
         }
         newly
     }
@@ -392,36 +424,141 @@ impl Slot {
             return None;
         }
         self.gains.store(0, Ordering::Relaxed);
+        self.taught.store(true, Ordering::Relaxed);
         let before = self
             .limit
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |limit| {
                 (others < limit).then_some(others)
             })
             .ok()?;
+        // Learned from a refusal at `others + 1`: a refused raise to it.
+        self.hold_from_now(others);
+        if self.signals.learned.fetch_min(others, Ordering::AcqRel) > others {
+            self.teach_untaught(others);
+        }
         Some((before, others))
     }
 
-    /// A success on a lease taken with the key at its learned limit: after `GROWTH` ×
-    /// limit of them, the limit rises by one (additive increase), up to `cap`.
+    /// A lower limit learned here: the keys (of this bucket) that have learned nothing
+    /// from refusals of their own start from it, as keys of one tier share limits. Their
+    /// requests in flight when the refusals come back are then not followed by more that
+    /// the provider would refuse too.
+    #[cold]
+    fn teach_untaught(&self, limit: u32) {
+        let Some(pool) = self.signals.pool.upgrade() else {
+            return;
+        };
+        let table = pool.table.load();
+        let bucket = self.bucket.as_ref();
+        for slot in table.slots.iter() {
+            let slot = match bucket {
+                Some(bucket) => match slot.lanes[bucket.index].get() {
+                    Some(lane) => lane,
+                    None => continue,
+                },
+                None => slot,
+            };
+            if std::ptr::eq(&**slot, self)
+                || slot.taught.load(Ordering::Relaxed)
+                || slot.limit() <= limit
+            {
+                continue;
+            }
+            slot.start_from(limit);
+        }
+    }
+
+    /// A success on a lease taken with the key at its learned limit: once the raise
+    /// back-off has passed (`raise_at`) and the key was at its limit `limit` times since
+    /// the limit last changed (there is demand for more), the limit rises by one, up to
+    /// `cap`. The next request sent above the old limit tries it (`Taken::trial`).
     fn learn_success(&self) {
         let limit = self.limit();
         if limit >= self.cap {
             return;
         }
         let gains = self.gains.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-        if gains >= limit.saturating_mul(GROWTH) {
-            self.gains.store(0, Ordering::Relaxed);
-            let raised = limit.saturating_add(1).min(self.cap);
-            let swapped = self
-                .limit
-                .compare_exchange(limit, raised, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok();
-            if let Some(shared) = self.shared.as_ref().filter(|_| swapped) {
-                self.share_limit(shared, raised, true);
-            }
-            // One more slot: a waiter may take it.
-            self.signals.wake_one();
+        if gains < limit {
+            return;
         }
+        if self.signals.now().as_nanos() < self.raise_at.load(Ordering::Relaxed) {
+            return;
+        }
+        self.gains.store(0, Ordering::Relaxed);
+        let raised = limit.saturating_add(1).min(self.cap);
+        let swapped = self
+            .limit
+            .compare_exchange(limit, raised, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if swapped {
+            // The floor stays: requests above it try the new limit.
+            self.floor.fetch_min(limit, Ordering::AcqRel);
+        }
+        if let Some(shared) = self.shared.as_ref().filter(|_| swapped) {
+            self.share_limit(shared, raised, true);
+        }
+        // One more slot: a waiter may take it.
+        self.signals.wake_one();
+    }
+
+    /// A request sent above the limit known to hold was served: the raised limit holds,
+    /// and the next raise waits the initial back-off.
+    fn raise_served(&self) {
+        let limit = self.limit();
+        if self.floor.fetch_max(limit, Ordering::AcqRel) < limit {
+            self.raise_wait
+                .store(nanos(RAISE_BACKOFF), Ordering::Relaxed);
+            self.raise_at.store(
+                self.signals.now().saturating_add(RAISE_BACKOFF).as_nanos(),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// A request sent above the limit known to hold was refused: back to that limit, and
+    /// the next try waits twice as long as the last (from [`RAISE_BACKOFF`], up to
+    /// [`RAISE_BACKOFF_MAX`]). Returns (before, after) if the limit was lowered here.
+    fn refuse_raise(&self) -> Option<(u32, u32)> {
+        let floor = self.floor.load(Ordering::Acquire);
+        if floor == u32::MAX {
+            return None;
+        }
+        self.gains.store(0, Ordering::Relaxed);
+        let before = self.limit.fetch_min(floor, Ordering::AcqRel);
+        if before > floor {
+            // Once per refused try, not once per refusal of it.
+            let wait = Duration::from_nanos(self.raise_wait.load(Ordering::Relaxed))
+                .saturating_mul(2)
+                .clamp(RAISE_BACKOFF, RAISE_BACKOFF_MAX);
+            self.raise_wait.store(nanos(wait), Ordering::Relaxed);
+            self.raise_at.store(
+                self.signals.now().saturating_add(wait).as_nanos(),
+                Ordering::Relaxed,
+            );
+            return Some((before, floor));
+        }
+        None
+    }
+
+    /// Starts from a limit learned elsewhere (another key, or another key's lane of the
+    /// bucket), as if learned here: it holds, and the first try above it waits the initial
+    /// back-off.
+    pub(super) fn start_from(&self, limit: u32) {
+        let limit = limit.clamp(1, self.cap);
+        self.limit.fetch_min(limit, Ordering::AcqRel);
+        self.gains.store(0, Ordering::Relaxed);
+        self.hold_from_now(limit);
+    }
+
+    /// `limit` holds: the first try above it waits the initial back-off.
+    fn hold_from_now(&self, limit: u32) {
+        self.floor.store(limit, Ordering::Release);
+        self.raise_wait
+            .store(nanos(RAISE_BACKOFF), Ordering::Relaxed);
+        self.raise_at.store(
+            self.signals.now().saturating_add(RAISE_BACKOFF).as_nanos(),
+            Ordering::Relaxed,
+        );
     }
 
     /// Rests the key until at least `wait` from now.
@@ -438,8 +575,8 @@ impl Slot {
                 // (every key was busy for reasons other than time) would not hear of it if
                 // the one caller woken by a release gave up: let every waiter recompute
                 // its timer.
-                if self.signals.waiters.load(Ordering::SeqCst) != 0 {
-                    self.signals.notify.notify_waiters();
+                if self.signals.any_waiting() {
+                    self.signals.notify_all();
                 }
                 Rest::Started
             }
@@ -490,10 +627,17 @@ impl Slot {
             return 0;
         };
         let table = pool.table.load();
+        // A lane rests its bucket on the account's other keys; a key, the other keys.
+        let bucket = self.bucket.as_ref();
         table
             .slots
             .iter()
-            .filter(|s| !std::ptr::eq(&***s, self) && s.spec.account.as_deref() == Some(account))
+            .filter(|s| s.spec.account.as_deref() == Some(account))
+            .map(|s| match bucket {
+                Some(bucket) => s.lane(bucket),
+                None => s,
+            })
+            .filter(|s| !std::ptr::eq(&***s, self))
             .filter(|s| s.rest_for_limit(wait) != Rest::Unchanged)
             .inspect(|s| {
                 if let Some(shared) = &s.shared {
@@ -520,4 +664,8 @@ impl Slot {
         }
         false
     }
+}
+
+fn nanos(wait: Duration) -> u64 {
+    u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX)
 }

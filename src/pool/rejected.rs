@@ -63,6 +63,7 @@ pub(super) fn disable(slot: &Slot, index: usize, keys: usize) -> bool {
         position: index + 1,
         keys,
         name: slot.spec.name.as_deref(),
+        bucket: None,
     };
     events::log(&label, &transition);
     transition.disabled

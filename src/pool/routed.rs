@@ -43,8 +43,10 @@ impl KeyPool {
     /// Reserves a key that can take a request of `route` now, or `None`. Without a bucket
     /// or affinity in the route, as [`try_reserve`](Self::try_reserve).
     pub fn try_reserve_route(&self, route: &Route) -> Option<Lease> {
-        let _ = route;
-        self.try_reserve()
+        match self.inner.bucket_state(route.bucket) {
+            Some(bucket) => self.inner.try_reserve_in(bucket),
+            None => self.try_reserve(),
+        }
     }
 
     /// Reserves a key among those `allowed` (by 1-based position) that can take a request
@@ -54,7 +56,9 @@ impl KeyPool {
         route: &Route,
         allowed: impl Fn(usize) -> bool,
     ) -> Option<Lease> {
-        let _ = route;
-        self.try_reserve_where(allowed)
+        match self.inner.bucket_state(route.bucket) {
+            Some(bucket) => self.inner.try_reserve_in_where(bucket, allowed),
+            None => self.try_reserve_where(allowed),
+        }
     }
 }

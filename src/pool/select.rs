@@ -3,7 +3,9 @@
 //! now. Selection reads the clock at most once, and only if some key needs it.
 
 use crate::sync::Ordering;
+use std::sync::Arc;
 
+use super::bucket::Bucket;
 use super::lease::Lease;
 use super::slot::{Slot, Taken};
 use super::table::Table;
@@ -134,6 +136,136 @@ impl PoolInner {
                 // Another caller took the last slot of our choice: look at this window again.
                 Some(None) if retries < 4 => retries += 1,
                 Some(None) | None => scanned = end,
+            }
+        }
+        None
+    }
+}
+
+/// Selection in a pool with buckets: the same rotation and least-in-flight as above, each
+/// key asked the one question of [`Slot::try_take_in`] (its key state and its lane for the
+/// bucket both allow), loads compared lane by lane.
+impl PoolInner {
+    /// Reserves a key for a request of `bucket` now, if one can take it.
+    pub(super) fn try_reserve_in(&self, bucket: &Arc<Bucket>) -> Option<Lease> {
+        let table = self.table.load();
+        let mut now = LazyNow::new(&self.signals);
+        match self.selection {
+            Selection::RoundRobin => self.round_robin_in(&table, bucket, &mut now),
+            Selection::LeastInFlight => self.least_in_flight_in(&table, bucket, &mut now),
+        }
+    }
+
+    fn round_robin_in(
+        &self,
+        table: &Table,
+        bucket: &Arc<Bucket>,
+        now: &mut LazyNow<'_>,
+    ) -> Option<Lease> {
+        let turns = table.turns();
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % turns;
+        let mut turn = start;
+        for skipped in 0..turns {
+            let index = table.key_at(turn);
+            if let Some((lane, taken)) = table.slots[index].try_take_in(bucket, now) {
+                if skipped > 0 {
+                    self.cursor.fetch_add(skipped, Ordering::Relaxed);
+                }
+                return Some(Lease::new_in(table, index, lane, taken));
+            }
+            turn += 1;
+            if turn == turns {
+                turn = 0;
+            }
+        }
+        self.cursor.fetch_sub(1, Ordering::Relaxed);
+        None
+    }
+
+    fn least_in_flight_in(
+        &self,
+        table: &Table,
+        bucket: &Arc<Bucket>,
+        now: &mut LazyNow<'_>,
+    ) -> Option<Lease> {
+        let n = table.slots.len();
+        let start = self.cursor.load(Ordering::Relaxed) % n;
+        let window = n.min(WINDOW);
+        let mut scanned = 0;
+        let mut retries = 0;
+        while scanned < n {
+            let end = (scanned + window).min(n);
+            let mut best: Option<(usize, u64, u32)> = None;
+            for step in scanned..end {
+                let mut index = start + step;
+                if index >= n {
+                    index -= n;
+                }
+                let slot = &*table.slots[index];
+                if !slot.is_available_in(bucket, now) {
+                    continue;
+                }
+                let in_flight = slot.lanes[bucket.index]
+                    .get()
+                    .map_or(0, |lane| lane.in_flight.load(Ordering::Relaxed));
+                let load = (u64::from(in_flight), slot.weight);
+                let better =
+                    best.is_none_or(|(_, l, w)| (load.0 * u64::from(w)) < (l * u64::from(load.1)));
+                if better {
+                    best = Some((index, load.0, load.1));
+                    if in_flight == 0 {
+                        break;
+                    }
+                }
+            }
+            let Some((index, _, _)) = best else {
+                scanned = end;
+                continue;
+            };
+            match table.slots[index].try_take_in(bucket, now) {
+                Some((lane, taken)) => {
+                    self.cursor.store(index + 1, Ordering::Relaxed);
+                    return Some(Lease::new_in(table, index, lane, taken));
+                }
+                None if retries < 4 => retries += 1,
+                None => scanned = end,
+            }
+        }
+        None
+    }
+
+    /// [`KeyPool::try_reserve_where`] for a request of `bucket`.
+    pub(super) fn try_reserve_in_where(
+        &self,
+        bucket: &Arc<Bucket>,
+        allowed: impl Fn(usize) -> bool,
+    ) -> Option<Lease> {
+        let table = self.table.load();
+        let n = table.slots.len();
+        let start = self.cursor.load(Ordering::Relaxed) % n;
+        let mut now = LazyNow::new(&self.signals);
+        let lane_of = |i: usize| table.slots[i].lanes[bucket.index].get();
+        for _ in 0..4 {
+            let best = (0..n)
+                .map(|step| (start + step) % n)
+                .filter(|&i| allowed(i + 1))
+                .filter(|&i| table.slots[i].is_available_in(bucket, &mut now))
+                .min_by_key(|&i| {
+                    let lane = lane_of(i);
+                    let refused =
+                        lane.is_some_and(|lane| lane.rejected_streak.load(Ordering::Relaxed) != 0);
+                    let in_flight = lane.map_or(0, |lane| lane.in_flight.load(Ordering::Relaxed));
+                    // Load per unit of weight, compared exactly: in flight × (product of
+                    // the other weights) is what `compare_load` does pairwise; scaled by
+                    // 2^32 / weight is close enough for a slow path.
+                    let weight = u64::from(table.slots[i].weight.max(1));
+                    (refused, (u64::from(in_flight) << 32) / weight)
+                })?;
+            if let Some((lane, taken)) = table.slots[best].try_take_in(bucket, &mut now) {
+                // The rotation goes on after the key taken (in a pool with buckets, a
+                // retry takes its key here, with no reservation from `poll_ready` before).
+                self.cursor.store(best + 1, Ordering::Relaxed);
+                return Some(Lease::new_in(&table, best, lane, taken));
             }
         }
         None

@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use http::HeaderValue;
 
 use super::KeyState;
+use super::bucket::Bucket;
 use super::rest::{Claim, Deadline, Probe, RestWord};
 use super::state::Availability;
 use super::{LazyNow, Signals};
@@ -34,6 +35,17 @@ pub(super) struct Slot {
     pub(super) limit: AtomicU32,
     /// Successes sent with the key at its learned `limit` since the limit last changed.
     pub(super) gains: AtomicU32,
+    /// The limit was learned from this key's own refusals (not only from other keys'; see
+    /// `teach_untaught`).
+    pub(super) taught: AtomicBool,
+    /// The highest limit known to hold: the last one learned from a refusal, or reached by
+    /// a raise that was served (`u32::MAX`: none). A request sent with more than this in
+    /// flight tries a raise (`Taken::trial`).
+    pub(super) floor: AtomicU32,
+    /// No raise of the learned limit before this [`PoolTime`] (as nanoseconds).
+    pub(super) raise_at: AtomicU64,
+    /// The back-off before the next raise, in nanoseconds: doubled by each refused raise.
+    pub(super) raise_wait: AtomicU64,
     /// Leases refused for a limit whose slot is not given back yet: still `in_flight`, but
     /// no longer at the provider, so a refusal does not count them as others there.
     pub(super) refused_open: AtomicU32,
@@ -69,6 +81,11 @@ pub(super) struct Slot {
     pub(super) bearer: OnceLock<HeaderValue>,
     pub(super) bare: OnceLock<HeaderValue>,
     pub(super) signals: Arc<Signals>,
+    /// The bucket this slot is the lane of; `None` for a key's own slot.
+    pub(super) bucket: Option<Arc<Bucket>>,
+    /// A key's lanes, by bucket index, made on first use (see `bucket`); empty in a pool
+    /// without buckets, and for a lane.
+    pub(super) lanes: Box<[OnceLock<Arc<Slot>>]>,
 }
 
 /// What [`Slot::try_take`] hands to the lease it makes.
@@ -83,25 +100,82 @@ pub(super) struct Taken {
     pub(super) at_limit: bool,
     /// The quota state the take left: its unit ends there (the epoch without a quota).
     pub(super) tat_after: PoolTime,
+    /// In a pool with buckets: the lease is also the key's single probe after an
+    /// account-wide rest.
+    pub(super) key_probe: bool,
+    /// Sent with more in flight than the limit known to hold (see `Slot::floor`): a try of
+    /// a raised limit, whose refusal lowers the limit back without a rest.
+    pub(super) trial: bool,
 }
 
 impl Slot {
+    /// A key's own slot; with room for `lanes` lanes (0 in a pool without buckets).
     pub(super) fn new(
         spec: KeySpec,
         cap: u32,
         quota: Option<Quota>,
         signals: &Arc<Signals>,
+        lanes: usize,
     ) -> Arc<Self> {
         let cap = spec.max_in_flight.unwrap_or(cap);
-        let shared = signals.shared.as_ref().map(|shared| {
-            let quota = spec.quota.or(quota).map(|q| q.gcra());
-            shared.key(shared.backend.key_id(&spec), cap, quota)
-        });
+        let quota = spec.quota.or(quota).map(|q| q.gcra());
+        let shared = signals
+            .shared
+            .as_ref()
+            .map(|shared| shared.key(shared.backend.key_id(&spec), cap, quota));
+        Self::build(spec, cap, quota, shared, signals, None, lanes)
+    }
+
+    /// The key's lane for `bucket`, made on first use: the key's cap and quota, or its own
+    /// limits in that bucket ([`KeySpec::bucket_max_in_flight`]); the concurrency limit the
+    /// bucket learned on other keys, if lower.
+    #[inline]
+    pub(super) fn lane(&self, bucket: &Arc<Bucket>) -> &Arc<Slot> {
+        self.lanes[bucket.index].get_or_init(|| self.make_lane(bucket))
+    }
+
+    #[cold]
+    fn make_lane(&self, bucket: &Arc<Bucket>) -> Arc<Slot> {
+        let own = self.spec.bucket_limits(&bucket.name);
+        let cap = own.and_then(|own| own.max_in_flight).unwrap_or(self.cap);
+        let quota = own
+            .and_then(|own| own.quota)
+            .map(|q| q.gcra())
+            .or(self.quota);
+        let lane = Self::build(
+            self.spec.clone(),
+            cap,
+            quota,
+            None,
+            &bucket.signals,
+            Some(bucket.clone()),
+            0,
+        );
+        let learned = bucket.signals.learned.load(Ordering::Relaxed);
+        if self.signals.learn_concurrency && learned < cap {
+            lane.start_from(learned);
+        }
+        lane
+    }
+
+    fn build(
+        spec: KeySpec,
+        cap: u32,
+        quota: Option<Gcra>,
+        shared: Option<SharedKey>,
+        signals: &Arc<Signals>,
+        bucket: Option<Arc<Bucket>>,
+        lanes: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             in_flight: AtomicU32::new(0),
             sent: AtomicU32::new(0),
             limit: AtomicU32::new(cap),
             gains: AtomicU32::new(0),
+            taught: AtomicBool::new(false),
+            floor: AtomicU32::new(u32::MAX),
+            raise_at: AtomicU64::new(0),
+            raise_wait: AtomicU64::new(0),
             refused_open: AtomicU32::new(0),
             level: AtomicU32::new(0),
             generation: AtomicU32::new(0),
@@ -117,12 +191,14 @@ impl Slot {
             retired: AtomicBool::new(false),
             cap,
             weight: spec.weight,
-            quota: spec.quota.or(quota).map(|q| q.gcra()),
+            quota,
             spec,
             shared,
             bearer: OnceLock::new(),
             bare: OnceLock::new(),
             signals: signals.clone(),
+            bucket,
+            lanes: (0..lanes).map(|_| OnceLock::new()).collect(),
         })
     }
 
@@ -251,6 +327,10 @@ impl Slot {
                 generation,
                 at_limit: before.saturating_add(1) >= limit,
                 tat_after,
+                key_probe: false,
+                // Only a learned limit has a floor: no load on a key without a limit.
+                trial: limit != u32::MAX
+                    && before.saturating_add(1) > self.floor.load(Ordering::Relaxed),
             });
         }
         if let Some(quota) = self.quota {
@@ -258,6 +338,104 @@ impl Slot {
         }
         self.unprobe(probe);
         None
+    }
+
+    /// In a pool with buckets: takes the key for a request of `bucket`, if the key (not
+    /// disabled, not resting account-wide, its probe not running) and its lane for the
+    /// bucket (see [`try_take`](Self::try_take)) both allow. The one question selection
+    /// asks of a key for a route: "can it take a request now, and take it".
+    #[inline]
+    pub(super) fn try_take_in(
+        &self,
+        bucket: &Arc<Bucket>,
+        now: &mut LazyNow<'_>,
+    ) -> Option<(&Arc<Slot>, Taken)> {
+        if self.is_resting(now) {
+            return None;
+        }
+        let key_probe = match self.probe.claim() {
+            Claim::Ordinary => false,
+            Claim::Probe => true,
+            Claim::Running => return None,
+        };
+        let lane = self.lane(bucket);
+        match lane.try_take(now) {
+            Some(mut taken) => {
+                taken.key_probe = key_probe;
+                Some((lane, taken))
+            }
+            None => {
+                self.unprobe(key_probe);
+                None
+            }
+        }
+    }
+
+    /// The key's state and availability for a request of `bucket`: the key's own
+    /// (disabled, an account-wide rest, its probe running) first, then its lane's.
+    pub(super) fn status_in(
+        &self,
+        bucket: &Arc<Bucket>,
+        now: &mut LazyNow<'_>,
+    ) -> (KeyState, Availability) {
+        match self.deadline.read() {
+            RestWord::Disabled => return (KeyState::Disabled, Availability::Never),
+            RestWord::Until(until) if until > now.get() => {
+                return (KeyState::Resting, Availability::At(until));
+            }
+            RestWord::Until(_) | RestWord::Clear => {}
+        }
+        if self.probe.is_running() {
+            return (KeyState::Probing, Availability::OnRelease);
+        }
+        match self.lanes[bucket.index].get() {
+            Some(lane) => lane.status(now),
+            None => (KeyState::Healthy, Availability::Now),
+        }
+    }
+
+    /// [`status_in`](Self::status_in) says `Now` (clearing expired rests on the way).
+    #[inline]
+    pub(super) fn is_available_in(&self, bucket: &Arc<Bucket>, now: &mut LazyNow<'_>) -> bool {
+        if self.is_resting(now) {
+            return false;
+        }
+        match self.lanes[bucket.index].get() {
+            Some(lane) => !self.probe.is_running() && lane.is_available(now),
+            None => !self.probe.is_running(),
+        }
+    }
+
+    /// The key's state and availability for a request of a bucket not known here (the
+    /// retry policy's question): its own, and in a pool with buckets, the soonest of the
+    /// lanes it has made, when none of them can take a request now.
+    pub(super) fn status_any(&self, now: &mut LazyNow<'_>) -> (KeyState, Availability) {
+        let own = self.status(now);
+        if own.1 != Availability::Now || self.lanes.is_empty() {
+            return own;
+        }
+        let mut soonest: Option<(KeyState, Availability)> = None;
+        for lane in self.made_lanes() {
+            let status = lane.status(now);
+            let better = match (soonest.map(|s| s.1), status.1) {
+                (None, _) | (_, Availability::Now) => true,
+                (Some(Availability::At(a)), Availability::At(b)) => b < a,
+                (Some(Availability::At(_) | Availability::Never), Availability::OnRelease) => true,
+                _ => false,
+            };
+            if better {
+                soonest = Some(status);
+            }
+            if status.1 == Availability::Now {
+                break;
+            }
+        }
+        soonest.unwrap_or(own)
+    }
+
+    /// A key's lanes made so far.
+    pub(super) fn made_lanes(&self) -> impl Iterator<Item = &Arc<Slot>> {
+        self.lanes.iter().filter_map(OnceLock::get)
     }
 
     /// Gives back a probe won by a caller that could not take the key after all.

@@ -3,6 +3,9 @@
 //! [`KeyPool::snapshot`](super::KeyPool::snapshot) share. Each key's comes from
 //! `Slot::status`, which reads the states of the module docs' diagram.
 
+use std::sync::Arc;
+
+use super::bucket::Bucket;
 use super::{LazyNow, PoolInner};
 use crate::pool_time::PoolTime;
 
@@ -37,12 +40,22 @@ pub(crate) enum PoolAvailability {
 impl PoolInner {
     /// Every key's [`Availability`], combined.
     pub(super) fn availability(&self) -> PoolAvailability {
+        self.availability_in(None)
+    }
+
+    /// Every key's [`Availability`] for a request of `bucket` (`None`: a pool without
+    /// buckets), combined.
+    pub(super) fn availability_in(&self, bucket: Option<&Arc<Bucket>>) -> PoolAvailability {
         let table = self.table.load();
         let mut now = LazyNow::new(&self.signals);
         let mut on_release = false;
         let mut earliest: Option<PoolTime> = None;
         for slot in table.slots.iter() {
-            match slot.status(&mut now).1 {
+            let status = match bucket {
+                Some(bucket) => slot.status_in(bucket, &mut now),
+                None => slot.status_any(&mut now),
+            };
+            match status.1 {
                 Availability::Now => return PoolAvailability::Now,
                 Availability::OnRelease => on_release = true,
                 Availability::At(at) => earliest = Some(earliest.map_or(at, |e| e.min(at))),

@@ -55,6 +55,21 @@ pub struct KeyStats {
     pub disabled: bool,
 }
 
+/// A snapshot of one (key, bucket) in a pool with buckets, from
+/// [`KeyPool::bucket_snapshot`](crate::KeyPool::bucket_snapshot): the key's statistics in
+/// that bucket alone (its in-flight count, rest, probe, learned limit, quota there), with
+/// the key's account-wide state (disabled, resting) where it overrides the bucket's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BucketStats {
+    /// The bucket's name (a model name is not secret); `(none)` for requests that name no
+    /// bucket, `(other)` for the overflow bucket that names beyond
+    /// [`KeyPoolBuilder::max_buckets`](crate::KeyPoolBuilder::max_buckets) share.
+    pub bucket: String,
+    /// The key's statistics in this bucket.
+    pub key: KeyStats,
+}
+
 /// A key's state, as the pool's state diagram names it (see [`KeyPool`](crate::KeyPool)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]

@@ -135,6 +135,7 @@ impl KeyPool {
             .enumerate()
             .map(|(j, slot)| (Identity::of(&slot.spec), j))
             .collect();
+        let lanes = inner.bucket_states.as_ref().map_or(0, |b| b.capacity());
         let mut summary = ReloadSummary::default();
         let mut kept = vec![false; old.slots.len()];
         let slots: Vec<Arc<Slot>> = keys
@@ -160,6 +161,7 @@ impl KeyPool {
                             inner.default_cap,
                             inner.default_quota,
                             &inner.signals,
+                            lanes,
                         )
                     }
                     None => {
@@ -169,6 +171,7 @@ impl KeyPool {
                             inner.default_cap,
                             inner.default_quota,
                             &inner.signals,
+                            lanes,
                         )
                     }
                 }
@@ -183,7 +186,7 @@ impl KeyPool {
         inner.table.store(Arc::new(Table::new(slots)));
         tracing::info!(keys = keys.len(), "keys reloaded: {summary}");
         // New keys may be free: let every waiter look again.
-        inner.signals.notify.notify_waiters();
+        inner.signals.notify_all();
         summary
     }
 }

@@ -60,7 +60,9 @@ impl KeyPool {
         self.poll_reserve_route(&Route::ANY, waiter, deadline, cx)
     }
 
-    /// [`poll_reserve`](Self::poll_reserve) for a request of `route`.
+    /// [`poll_reserve`](Self::poll_reserve) for a request of `route`: in a pool with
+    /// buckets, the waiter registers with the bucket's signals, so that only a slot freed
+    /// or a rest ended in that bucket (or what concerns every bucket) wakes it.
     pub(crate) fn poll_reserve_route(
         &self,
         route: &Route,
@@ -68,14 +70,20 @@ impl KeyPool {
         deadline: Option<Instant>,
         cx: &mut Context<'_>,
     ) -> Poll<Reserve> {
+        let bucket = self.inner.bucket_state(route.bucket);
+        let signals = bucket.map_or(&self.inner.signals, |bucket| &bucket.signals);
         loop {
-            if let Some(lease) = self.try_reserve_route(route) {
+            let lease = match bucket {
+                Some(bucket) => self.inner.try_reserve_in(bucket),
+                None => self.try_reserve(),
+            };
+            if let Some(lease) = lease {
                 waiter.disarm();
                 return Poll::Ready(Reserve::Lease(lease));
             }
             let now = Instant::now();
             let started = *waiter.since.get_or_insert(now);
-            let availability = self.inner.availability();
+            let availability = self.inner.availability_in(bucket);
             let give_up = |retry_after: Duration| {
                 Poll::Ready(Reserve::NoKey(NoKeyAvailable::new(
                     retry_after,
@@ -111,7 +119,7 @@ impl KeyPool {
             }
             let Some(armed) = waiter.armed.as_mut() else {
                 // Register interest, then look again before sleeping.
-                waiter.arm(self);
+                waiter.arm(signals);
                 continue;
             };
             if armed.notified.as_mut().poll(cx).is_ready() {
@@ -174,8 +182,8 @@ impl Waiter {
     }
 
     /// Registers interest *before* the caller's last look at the keys (see the module docs).
-    fn arm(&mut self, pool: &KeyPool) {
-        let signals = pool.inner.signals.clone();
+    fn arm(&mut self, signals: &Arc<Signals>) {
+        let signals = signals.clone();
         let mut notified = Box::pin(signals.notify.clone().notified_owned());
         notified.as_mut().enable();
         signals.waiters.fetch_add(1, Ordering::SeqCst);

@@ -439,6 +439,7 @@ mod tests {
 
     use super::*;
     use crate::KeySet;
+    use crate::classify::Scope;
     use crate::retry::RetryLayer;
 
     type Body = ReplayBody<http_body_util::Full<Bytes>>;
@@ -614,12 +615,18 @@ mod tests {
             // Billing / a spent quota: another key of the account would not help.
             (
                 too_many,
-                Outcome::QuotaExhausted { reset_after: None },
+                Outcome::QuotaExhausted {
+                    reset_after: None,
+                    scope: Scope::Key,
+                },
                 false,
             ),
             (
                 too_many,
-                Outcome::QuotaExhausted { reset_after: wait },
+                Outcome::QuotaExhausted {
+                    reset_after: wait,
+                    scope: Scope::Key,
+                },
                 false,
             ),
             // BigModel 1305: the platform is overloaded, not the key.

@@ -35,7 +35,31 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
             .body(full("ok\n"))
             .expect("static response"),
         "/_keyrotation/keys" => {
-            // Positions, names and counters only: nothing here can reveal a key.
+            // Positions, names and counters only: nothing here can reveal a key. Each key
+            // lists its models (buckets) as they are metered apart, once one was used.
+            let buckets = state.pool.bucket_snapshot();
+            let models = |position: usize| -> Vec<serde_json::Value> {
+                buckets
+                    .iter()
+                    .filter(|bucket| bucket.key.position == position)
+                    .map(|bucket| {
+                        let key = &bucket.key;
+                        json!({
+                            "model": bucket.bucket,
+                            "state": key.state.as_str(),
+                            "in_flight": key.in_flight,
+                            "sent": key.sent,
+                            "concurrency_limit": key.concurrency_limit,
+                            "requests": key.requests,
+                            "successes": key.successes,
+                            "rate_limited": key.rate_limited,
+                            "cooling_down_ms": key.cooling_down_for.map_or(0, |d| d.as_millis() as u64),
+                            "quota_wait_ms": key.quota_wait.map_or(0, |d| d.as_millis() as u64),
+                            "probing": key.probing,
+                        })
+                    })
+                    .collect()
+            };
             let keys: Vec<_> = state
                 .pool
                 .snapshot()
@@ -60,6 +84,7 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
                         "cooling_down_ms": key.cooling_down_for.map_or(0, |d| d.as_millis() as u64),
                         "quota_wait_ms": key.quota_wait.map_or(0, |d| d.as_millis() as u64),
                         "probing": key.probing,
+                        "models": models(key.position),
                     })
                 })
                 .collect();

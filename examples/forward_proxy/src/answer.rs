@@ -50,7 +50,8 @@ pub(crate) enum ErrorFormat {
 impl From<Profile> for ErrorFormat {
     fn from(profile: Profile) -> Self {
         match profile {
-            Profile::Generic | Profile::Openai => Self::OpenAi,
+            // Google's SDKs read `error.message` and the status: the OpenAI shape carries both.
+            Profile::Generic | Profile::Openai | Profile::Gemini => Self::OpenAi,
             Profile::Anthropic => Self::Anthropic,
             Profile::Bigmodel => Self::BigModel,
         }

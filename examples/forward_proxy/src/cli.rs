@@ -125,7 +125,7 @@ pub(crate) struct Args {
     #[arg(long, value_name = "URL", value_parser = parse::<UpstreamUrl>, help_heading = UPSTREAM)]
     upstream: UpstreamUrl,
 
-    /// The provider: generic (default), bigmodel, openai or anthropic
+    /// The provider: generic, bigmodel, openai, anthropic or gemini
     ///
     /// How its answers are read, which variable holds the keys (--keys-env) and where the
     /// key goes (--auth):
@@ -141,6 +141,10 @@ pub(crate) struct Args {
     ///
     /// `anthropic`: also a 529 overload is platform-wide, not the key's fault;
     /// ANTHROPIC_API_KEY; `x-api-key`.
+    ///
+    /// `gemini` (Google): also a 429's `RetryInfo.retryDelay` (the rest) and quota ids
+    /// (per minute: a rest; per day: spent until midnight Pacific time), `API_KEY_INVALID`;
+    /// GEMINI_API_KEY; `x-goog-api-key`.
     #[arg(
         long,
         value_enum,
@@ -166,6 +170,30 @@ pub(crate) struct Args {
     /// trusted.
     #[arg(long, value_name = "FILE", help_heading = UPSTREAM)]
     upstream_ca: Option<PathBuf>,
+
+    /// What each key's limits are kept per: model (default) or none
+    ///
+    /// `model`: providers meter each key per model, so each (key, model) has its own
+    /// requests in flight, rests, learned concurrency and quota: a 429 for one model rests
+    /// that model on the key, not the key. The model is the JSON body's top-level `model`
+    /// (the path's `/models/{model}:...` for gemini), grouped as the provider meters it
+    /// (openai: dated snapshots with their model; anthropic: the model class). A key's
+    /// --max-in-flight-per-key, --rpm-per-key and key-file limits apply to each model; a key
+    /// file may set a model's own (`[key.models."NAME"]`). A key's account-wide state
+    /// (disabled, a spent balance or daily cap) covers every model.
+    ///
+    /// `none`: one state per key, whatever the model; always so with --redis-url (each
+    /// replica's buckets would be its own, and the keys' caps must hold across replicas).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "model|none",
+        default_value_t = BucketsArg::Model,
+        hide_default_value = true,
+        hide_possible_values = true,
+        help_heading = LIMITS
+    )]
+    buckets: BucketsArg,
 
     /// At most N requests in flight per key [default: no cap]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = LIMITS)]
@@ -322,6 +350,7 @@ impl Args {
         config.header_read_timeout = self.header_read_timeout;
         config.shutdown_timeout = self.shutdown_timeout;
         config.abandoned_grace = self.abandoned_grace;
+        config.routing.bucket_by_model = self.buckets == BucketsArg::Model;
         config
     }
 }
@@ -461,6 +490,17 @@ enum ProfileArg {
     /// Anthropic: 529 overload is platform-wide, not the key's fault; the key goes in
     /// `x-api-key`.
     Anthropic,
+    /// Google Gemini: a 429's `RetryInfo` and quota ids; the key goes in `x-goog-api-key`.
+    Gemini,
+}
+
+/// `--buckets`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BucketsArg {
+    /// Each key's limits, rests and learned concurrency apart per model.
+    Model,
+    /// One state per key, whatever the model.
+    None,
 }
 
 impl From<ProfileArg> for Profile {
@@ -470,6 +510,7 @@ impl From<ProfileArg> for Profile {
             ProfileArg::Bigmodel => Profile::Bigmodel,
             ProfileArg::Openai => Profile::Openai,
             ProfileArg::Anthropic => Profile::Anthropic,
+            ProfileArg::Gemini => Profile::Gemini,
         }
     }
 }

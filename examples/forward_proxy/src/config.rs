@@ -159,8 +159,17 @@ impl ProxyConfig {
         if let Some(rpm) = self.rpm_per_key {
             pool = pool.quota_per_key(Quota::per_minute(rpm.get()));
         }
-        if self.routing.is_on() {
-            pool = pool.router(ProxyRouter(self.routing.clone()));
+        let mut routing = self.routing.clone();
+        let shared = self.redis.url.is_some()
+            || std::env::var(crate::shared::REDIS_URL_ENV).is_ok_and(|url| !url.trim().is_empty());
+        if shared {
+            // Buckets are each replica's own (the library shares a key's account-wide state,
+            // not its buckets'): replicas sharing a key's cap through Redis keep one state
+            // per key, so that the cap holds across them.
+            routing.bucket_by_model = false;
+        }
+        if routing.is_on() {
+            pool = pool.router(ProxyRouter(routing, self.profile));
         }
         pool
     }
@@ -188,24 +197,29 @@ pub enum Profile {
     Openai,
     /// Anthropic: a 529 overload is platform-wide; the key goes in `x-api-key`.
     Anthropic,
+    /// Google Gemini: `RetryInfo` and quota ids in a 429's body; the key goes in
+    /// `x-goog-api-key`; the model is in the path (`/models/{model}:generateContent`).
+    Gemini,
 }
 
 impl Profile {
     /// The variable holding the provider's keys by convention: `OPENAI_API_KEY`,
-    /// `ANTHROPIC_API_KEY`, else `BIGMODEL_API_KEY`.
+    /// `ANTHROPIC_API_KEY`, `GEMINI_API_KEY`, else `BIGMODEL_API_KEY`.
     pub fn keys_env(self) -> &'static str {
         match self {
             Self::Openai => "OPENAI_API_KEY",
             Self::Anthropic => "ANTHROPIC_API_KEY",
+            Self::Gemini => "GEMINI_API_KEY",
             Self::Generic | Self::Bigmodel => "BIGMODEL_API_KEY",
         }
     }
 
-    /// Where the provider reads its key: `x-api-key` for Anthropic, else
-    /// `Authorization: Bearer`.
+    /// Where the provider reads its key: `x-api-key` for Anthropic, `x-goog-api-key` for
+    /// Gemini, else `Authorization: Bearer`.
     pub fn placement(self) -> Placement {
         match self {
             Self::Anthropic => Placement::header(HeaderName::from_static("x-api-key")),
+            Self::Gemini => Placement::header(HeaderName::from_static("x-goog-api-key")),
             Self::Generic | Self::Bigmodel | Self::Openai => Placement::bearer(),
         }
     }
@@ -218,6 +232,7 @@ impl From<Profile> for Classifier {
             Profile::Bigmodel => Classifier::bigmodel(),
             Profile::Openai => Classifier::openai(),
             Profile::Anthropic => Classifier::anthropic(),
+            Profile::Gemini => Classifier::gemini(),
         }
     }
 }

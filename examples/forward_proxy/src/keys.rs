@@ -15,10 +15,19 @@
 //! max_in_flight = 8        # requests in flight with this key, at most
 //! account = "acme"         # keys of one account share its limit
 //!
+//! [key.models."glm-4-plus"] # this key's own limits for one model (a bucket)
+//! max_in_flight = 2
+//! rpm = 60
+//!
 //! [[key]]
 //! name = "free"
 //! file = "secrets/free.key"
 //! ```
+//!
+//! Providers meter each key per model, and the proxy keeps each (key, model) apart (see
+//! `--help`, "Buckets"): a key's `rpm` and `max_in_flight` apply to each of its models, and
+//! a `[key.models."NAME"]` table sets other limits for the model NAME (as the profile names
+//! it: an OpenAI snapshot such as `gpt-4o-2024-08-06` counts as `gpt-4o`).
 //!
 //! `value = "..."` (the key written in the file) is accepted but warned about: the file is
 //! then a secret itself, and easily ends up in a repository or a support ticket.
@@ -104,6 +113,17 @@ struct KeyEntry {
     rpm: Option<u32>,
     max_in_flight: Option<u32>,
     account: Option<String>,
+    /// `[key.models."NAME"]`: this key's own limits for a model.
+    #[serde(default)]
+    models: std::collections::BTreeMap<String, ModelLimits>,
+}
+
+/// One `[key.models."NAME"]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelLimits {
+    rpm: Option<u32>,
+    max_in_flight: Option<u32>,
 }
 
 /// A key written in the key file itself: wiped when dropped.
@@ -254,6 +274,18 @@ fn spec(entry: KeyEntry, dir: &Path) -> Result<KeySpec, String> {
     if let Some(account) = entry.account {
         spec = spec.account(account);
     }
+    for (model, limits) in entry.models {
+        if model.trim().is_empty() {
+            return Err("a [key.models] table has an empty model name".to_owned());
+        }
+        let field = |name: &str| format!("models.\"{model}\".{name}");
+        if let Some(rpm) = positive(&field("rpm"), limits.rpm)? {
+            spec = spec.bucket_quota(model.clone(), Quota::per_minute(rpm));
+        }
+        if let Some(max) = positive(&field("max_in_flight"), limits.max_in_flight)? {
+            spec = spec.bucket_max_in_flight(model.clone(), max);
+        }
+    }
     Ok(spec)
 }
 
@@ -333,7 +365,34 @@ mod tests {
         assert_eq!(
             parse_error("[[key]]\nname = \"a\"\nvalu = \"x\"\n"),
             "line 3: unknown field `valu`, expected one of `name`, `env`, `file`, `value`, \
-             `weight`, `rpm`, `max_in_flight`, `account`"
+             `weight`, `rpm`, `max_in_flight`, `account`, `models`"
+        );
+    }
+
+    #[test]
+    fn per_model_limits_go_under_each_key() {
+        let text = "[[key]]\nname = \"a\"\nenv = \"A\"\nmax_in_flight = 8\n\
+                    [key.models.\"glm-4-plus\"]\nmax_in_flight = 2\nrpm = 60\n\
+                    [key.models.\"glm-4-flash\"]\nrpm = 600\n\n\
+                    [[key]]\nname = \"b\"\nenv = \"B\"\n";
+        let file: KeyFile = toml::from_str(text).unwrap();
+        let models: Vec<(&str, Option<u32>, Option<u32>)> = file.keys[0]
+            .models
+            .iter()
+            .map(|(name, limits)| (name.as_str(), limits.max_in_flight, limits.rpm))
+            .collect();
+        assert_eq!(
+            models,
+            [
+                ("glm-4-flash", None, Some(600)),
+                ("glm-4-plus", Some(2), Some(60))
+            ]
+        );
+        assert!(file.keys[1].models.is_empty());
+        // A mistake in a model's table names the field.
+        assert_eq!(
+            parse_error("[[key]]\nname = \"a\"\nenv = \"A\"\n[key.models.m]\nrpn = 1\n"),
+            "line 5: unknown field `rpn`, expected `rpm` or `max_in_flight`"
         );
     }
 

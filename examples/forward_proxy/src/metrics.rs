@@ -240,6 +240,76 @@ impl Collector for KeyCollector {
             }
         }
 
+        // Per key × model (bucket), once a model was used on the key. The pool bounds the
+        // models it tells apart (`KeyPoolBuilder::max_buckets`; beyond it one `(other)`), so
+        // a caller inventing model names cannot grow these series.
+        let buckets = self.pool.bucket_snapshot();
+        let model_label = |bucket: &tower_key_rotation::pool::BucketStats| {
+            [
+                ("key", bucket.key.position.to_string()),
+                ("name", bucket.key.name.clone().unwrap_or_default()),
+                ("model", bucket.bucket.clone()),
+            ]
+        };
+        let model_counters: [(&str, &str, Read); 3] = [
+            (
+                "key_model_requests",
+                "Requests sent with each key, per model.",
+                |k| k.requests,
+            ),
+            (
+                "key_model_successes",
+                "Responses accepted on each key, per model.",
+                |k| k.successes,
+            ),
+            (
+                "key_model_rate_limited",
+                "429 answers per key and model.",
+                |k| k.rate_limited,
+            ),
+        ];
+        for (name, help, read) in model_counters {
+            let metric = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            for bucket in &buckets {
+                let labels = model_label(bucket);
+                ConstCounter::new(read(&bucket.key)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let model_gauges: [(&str, &str, Gauge); 2] = [
+            (
+                "key_model_in_flight",
+                "Requests reserved or in flight per key and model.",
+                |k| f64::from(k.in_flight),
+            ),
+            (
+                "key_model_cooling_down_seconds",
+                "Seconds until a model rate-limited on a key is back on it (0 if not cooling).",
+                |k| k.cooling_down_for.map_or(0.0, |d| d.as_secs_f64()),
+            ),
+        ];
+        for (name, help, read) in model_gauges {
+            let metric = ConstGauge::new(0.0f64);
+            let mut family = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            for bucket in &buckets {
+                let labels = model_label(bucket);
+                ConstGauge::new(read(&bucket.key)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let metric = ConstGauge::new(0.0f64);
+        let mut family = encoder.encode_descriptor(
+            "key_model_concurrency_limit",
+            "Requests a key may have in flight at once for a model: the configured cap, or the lower limit learned from 429s.",
+            None,
+            metric.metric_type(),
+        )?;
+        for bucket in &buckets {
+            if let Some(limit) = bucket.key.concurrency_limit {
+                let labels = model_label(bucket);
+                ConstGauge::new(f64::from(limit)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+
         // Only keys with a limit: "no limit" has no number.
         let metric = ConstGauge::new(0.0f64);
         let mut family = encoder.encode_descriptor(

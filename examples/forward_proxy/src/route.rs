@@ -5,10 +5,12 @@
 use http::HeaderName;
 use tower_key_rotation::route::{RequestHead, Router};
 
+use crate::config::Profile;
 use crate::handler::BodyFields;
 
 /// What the proxy routes requests by. Both off: the key is chosen before the request is
-/// read, as the configured strategy says, and bodies are not looked into.
+/// read, as the configured strategy says, and bodies are not looked into. By default each
+/// key is metered apart per model, as providers do (`--buckets none` turns it off).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Routing {
@@ -25,7 +27,7 @@ pub struct Routing {
 impl Default for Routing {
     fn default() -> Self {
         Self {
-            bucket_by_model: false,
+            bucket_by_model: true,
             affinity: false,
             session_header: HeaderName::from_static("x-session-id"),
         }
@@ -41,14 +43,22 @@ impl Routing {
 
 /// The pool's [`Router`] in the proxy.
 #[derive(Debug)]
-pub(crate) struct ProxyRouter(pub(crate) Routing);
+pub(crate) struct ProxyRouter(pub(crate) Routing, pub(crate) Profile);
 
 impl Router for ProxyRouter {
     fn bucket<'a>(&self, head: &RequestHead<'a>) -> Option<&'a str> {
         if !self.0.bucket_by_model {
             return None;
         }
-        head.extensions.get::<BodyFields>()?.model.as_deref()
+        if self.1 == Profile::Gemini {
+            return gemini_model(head.uri.path());
+        }
+        let model = head.extensions.get::<BodyFields>()?.model.as_deref()?;
+        Some(match self.1 {
+            Profile::Openai => openai_bucket(model),
+            Profile::Anthropic => anthropic_bucket(model),
+            Profile::Generic | Profile::Bigmodel | Profile::Gemini => model,
+        })
     }
 
     fn affinity<'a>(&self, head: &RequestHead<'a>) -> Option<&'a [u8]> {
@@ -70,5 +80,126 @@ impl Router for ProxyRouter {
                     .get(&self.0.session_header)
                     .map(|value| value.as_bytes())
             })
+    }
+}
+
+/// Gemini's model, from the path: `/v1beta/models/{model}:generateContent` (or any other
+/// method of a model: `:streamGenerateContent`, `:countTokens`).
+fn gemini_model(path: &str) -> Option<&str> {
+    let (_, rest) = path.split_once("/models/")?;
+    let model = rest.split([':', '/']).next()?;
+    (!model.is_empty()).then_some(model)
+}
+
+/// OpenAI meters a model's dated snapshots with the model (the project `rate_limits` API
+/// lists limits per model): `gpt-4o-2024-08-06` and `gpt-4o` share the `gpt-4o` bucket, as
+/// do `gpt-4-0613` and `gpt-4`.
+fn openai_bucket(model: &str) -> &str {
+    let bytes = model.as_bytes();
+    let dated = |suffix: &[u8]| {
+        suffix
+            .iter()
+            .zip(b"-dddd-dd-dd")
+            .all(|(c, shape)| match shape {
+                b'd' => c.is_ascii_digit(),
+                _ => c == shape,
+            })
+    };
+    // `-YYYY-MM-DD`, else `-MMDD`.
+    if bytes.len() > 11 && dated(&bytes[bytes.len() - 11..]) {
+        return &model[..model.len() - 11];
+    }
+    let n = bytes.len();
+    if n > 5 && bytes[n - 5] == b'-' && bytes[n - 4..].iter().all(u8::is_ascii_digit) {
+        return &model[..n - 5];
+    }
+    model
+}
+
+/// Anthropic meters per model class (its rate-limits page: one limit for the Claude Opus
+/// 4.x models combined, one for Sonnet 4.x): a date or `-latest` suffix goes, and the
+/// 4.x models of a family share `claude-{family}-4`.
+fn anthropic_bucket(model: &str) -> &str {
+    let mut name = model;
+    if let Some(base) = name.strip_suffix("-latest") {
+        name = base;
+    } else if let Some((base, date)) = name.rsplit_once('-') {
+        if date.len() == 8 && date.bytes().all(|b| b.is_ascii_digit()) {
+            name = base;
+        }
+    }
+    for family in ["opus", "sonnet", "haiku"] {
+        let class = match family {
+            "opus" => "claude-opus-4",
+            "sonnet" => "claude-sonnet-4",
+            _ => "claude-haiku-4",
+        };
+        if name == class
+            || name
+                .strip_prefix(class)
+                .is_some_and(|rest| rest.starts_with('-'))
+        {
+            return &model[..class.len()];
+        }
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_snapshots_share_their_models_bucket() {
+        for (model, bucket) in [
+            ("gpt-4o-2024-08-06", "gpt-4o"),
+            ("gpt-4o", "gpt-4o"),
+            ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+            ("gpt-4-0613", "gpt-4"),
+            ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"),
+            ("o1-2024-12-17", "o1"),
+            ("gpt-4.1", "gpt-4.1"),
+            ("gpt-4-turbo-preview", "gpt-4-turbo-preview"),
+        ] {
+            assert_eq!(openai_bucket(model), bucket, "{model}");
+        }
+    }
+
+    #[test]
+    fn anthropic_models_share_their_class() {
+        for (model, bucket) in [
+            ("claude-opus-4-1-20250805", "claude-opus-4"),
+            ("claude-opus-4-20250514", "claude-opus-4"),
+            ("claude-sonnet-4-5", "claude-sonnet-4"),
+            ("claude-haiku-4-5-20251001", "claude-haiku-4"),
+            ("claude-3-5-sonnet-20241022", "claude-3-5-sonnet"),
+            ("claude-3-7-sonnet-latest", "claude-3-7-sonnet"),
+            ("claude-opus-5", "claude-opus-5"),
+        ] {
+            assert_eq!(anthropic_bucket(model), bucket, "{model}");
+        }
+    }
+
+    #[test]
+    fn gemini_models_come_from_the_path() {
+        for (path, model) in [
+            (
+                "/v1beta/models/gemini-2.0-flash:generateContent",
+                Some("gemini-2.0-flash"),
+            ),
+            (
+                "/v1beta/models/gemini-2.5-pro:streamGenerateContent",
+                Some("gemini-2.5-pro"),
+            ),
+            (
+                "/v1/models/gemini-1.5-flash:countTokens",
+                Some("gemini-1.5-flash"),
+            ),
+            ("/v1beta/models", None),
+            ("/v1beta/models/:generateContent", None),
+            ("/v1beta/files", None),
+        ] {
+            assert_eq!(gemini_model(path), model, "{path}");
+        }
     }
 }

@@ -530,7 +530,7 @@ async fn a_spent_quota_is_not_retried_and_suspends_the_key_until_a_probe() {
 #[tokio::test]
 async fn bad_key_files_stop_the_proxy_with_one_line_naming_file_key_and_problem() {
     let dir = empty_dir();
-    let cases: [(&str, String, &str); 10] = [
+    let cases: [(&str, String, &str); 11] = [
         ("missing.toml", String::new(), "--keys-file missing.toml: "),
         ("empty.toml", "# nothing\n".into(), "lists no key"),
         (
@@ -567,6 +567,12 @@ async fn bad_key_files_stop_the_proxy_with_one_line_naming_file_key_and_problem(
             "zero.toml",
             "[[key]]\nname = \"a\"\nenv = \"ALPHA\"\nrpm = 0\n".into(),
             "key 1 of 1 (a): rpm must be at least 1",
+        ),
+        (
+            "zero-model.toml",
+            "[[key]]\nname = \"a\"\nenv = \"ALPHA\"\n[key.models.\"glm-4-plus\"]\nmax_in_flight = 0\n"
+                .into(),
+            "key 1 of 1 (a): models.\"glm-4-plus\".max_in_flight must be at least 1",
         ),
         (
             "same-name.toml",

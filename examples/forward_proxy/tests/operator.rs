@@ -44,7 +44,7 @@ async fn command_line_errors_keep_clap_s_whole_message_and_exit_2() {
     let mut missing = ProxyConfig::new("http://127.0.0.1:9", KEY_LIST);
     missing.args = vec!["--listen".into(), "127.0.0.1:0".into()];
     let bad_strategy = ProxyConfig::new("http://127.0.0.1:9", KEY_LIST).arg("--strategy", "random");
-    let bad_profile = ProxyConfig::new("http://127.0.0.1:9", KEY_LIST).arg("--profile", "gemini");
+    let bad_profile = ProxyConfig::new("http://127.0.0.1:9", KEY_LIST).arg("--profile", "gemma");
     let mut bad_listen = ProxyConfig::new("http://127.0.0.1:9", KEY_LIST);
     bad_listen.args[1] = "127.0.0.1".into();
     let cases = [
@@ -63,8 +63,8 @@ async fn command_line_errors_keep_clap_s_whole_message_and_exit_2() {
         (
             bad_profile,
             vec![
-                "'gemini'",
-                "[possible values: generic, bigmodel, openai, anthropic]",
+                "'gemma'",
+                "[possible values: generic, bigmodel, openai, anthropic, gemini]",
             ],
         ),
         (bad_listen, vec!["--listen", "expected HOST:PORT"]),

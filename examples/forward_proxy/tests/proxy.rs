@@ -109,7 +109,11 @@ async fn a_429_is_resent_on_another_key_and_that_key_cools_down() {
         }
     })
     .await;
-    let mut proxy = ProxyConfig::new(&upstream.url(""), KEY_LIST).start().await;
+    // One state per key: this test is about the key's rest (tests/buckets.rs: per model).
+    let mut proxy = ProxyConfig::new(&upstream.url(""), KEY_LIST)
+        .arg("--buckets", "none")
+        .start()
+        .await;
 
     let got = post(&proxy.url("/chat/completions"), "{\"model\":\"m\"}").await;
     assert_eq!(got.status, 200, "{}", got.body);
