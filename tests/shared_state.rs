@@ -766,21 +766,20 @@ async fn a_concurrency_limit_learned_by_one_replica_holds_in_every_replica() {
     assert_eq!(limit_of(&b), Some(1));
     wait_for_limit(&a, &a_backend, 1).await;
 
-    // Raises follow the usual rule (16 successes at a limit of 1 raise it to 2), made in A
-    // and taken by B.
+    // A limit learned from a refusal is not raised by successes before its back-off (5
+    // minutes; `tests/learning.rs` follows the raises in paused time): 16 successes at it
+    // leave it at 1 in both replicas.
     let provider = Provider::new(5);
     let successes = |pool: &KeyPool| pool.snapshot()[0].successes;
     let before = successes(&a);
     // One at a time (round-robin over the 3 keys): each on key 1 is at its limit.
     while successes(&a) < before + 16 {
-        assert_eq!(limit_of(&a), Some(1));
         assert_eq!(
             load(std::slice::from_ref(&a), &provider, 1, Duration::ZERO).await,
             [200]
         );
     }
-    assert_eq!(limit_of(&a), Some(2));
-    wait_for_limit(&b, &b_backend, 2).await;
+    assert_eq!((limit_of(&a), limit_of(&b)), (Some(1), Some(1)));
     // Nothing was left counted: both replicas' leases are all given back.
     for pool in [&a, &b] {
         assert_eq!(pool.snapshot()[0].in_flight, 0);
