@@ -36,12 +36,13 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
             .expect("static response"),
         "/_keyrotation/keys" => {
             // Positions, names and counters only: nothing here can reveal a key.
+            let tokens = state.metrics.tokens().snapshot();
             let keys: Vec<_> = state
                 .pool
                 .snapshot()
                 .iter()
                 .map(|key| {
-                    json!({
+                    let mut shown = json!({
                         "index": key.position,
                         "name": key.name,
                         "account": key.account,
@@ -60,7 +61,19 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
                         "cooling_down_ms": key.cooling_down_for.map_or(0, |d| d.as_millis() as u64),
                         "quota_wait_ms": key.quota_wait.map_or(0, |d| d.as_millis() as u64),
                         "probing": key.probing,
-                    })
+                    });
+                    if state.count_tokens {
+                        let counted = tokens.get(key.position - 1).copied().unwrap_or_default();
+                        shown["tokens"] = json!({
+                            "input": counted.input,
+                            "output": counted.output,
+                            "cache_creation_input": counted.cache_creation,
+                            "cache_read_input": counted.cache_read,
+                            "answers_reported": counted.reported,
+                            "answers_unreported": counted.unreported,
+                        });
+                    }
+                    shown
                 })
                 .collect();
             Response::builder()
