@@ -39,9 +39,6 @@ const KEY: &[u8] = b"\"usage\"";
 /// Finds [`KEY`] (built once: building a searcher costs more than most searches).
 static FIND_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
 
-/// The end of a server-sent event.
-static FIND_EVENT_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
-
 /// A usage object larger than this is not usage (the largest real one is ~400 bytes).
 const MAX_USAGE_OBJECT: usize = 4096;
 
@@ -348,7 +345,7 @@ impl UsageStrip {
             self.held.split().freeze()
         };
         // Complete events end at the last blank line.
-        let complete = memchr::memmem::rfind(&data, b"\n\n").map_or(0, |at| at + 2);
+        let complete = last_event_end(&data);
         if complete < data.len() {
             if data.len() - complete > MAX_HELD {
                 self.given_up = true;
@@ -389,9 +386,7 @@ impl UsageStrip {
         let mut kept_from = 0;
         let mut start = 0;
         while start < events.len() {
-            let end = FIND_EVENT_END
-                .find(&events[start..])
-                .map_or(events.len(), |at| start + at + 2);
+            let end = next_event_end(&events[start..]).map_or(events.len(), |at| start + at);
             let event = &events[start..end];
             if let Some(key) = FIND_KEY.find(event) {
                 match value_after_key(event, key + KEY.len()) {
@@ -418,6 +413,26 @@ impl UsageStrip {
             self.ready.push_back(events.slice(from..to));
         }
     }
+}
+
+/// Is the line feed at `data[at]` the end of a blank line (`\n\n` or `\n\r\n`), which
+/// ends an event? (A lone `\r` as a line end is not followed: no provider sends it.)
+fn ends_event(data: &[u8], at: usize) -> bool {
+    at >= 1 && data[at - 1] == b'\n' || at >= 2 && data[at - 1] == b'\r' && data[at - 2] == b'\n'
+}
+
+/// Where the first event in `data` ends (exclusive), if it does.
+fn next_event_end(data: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', data)
+        .find(|&at| ends_event(data, at))
+        .map(|at| at + 1)
+}
+
+/// Where the last complete event in `data` ends (exclusive); 0 when none does.
+fn last_event_end(data: &[u8]) -> usize {
+    memchr::memrchr_iter(b'\n', data)
+        .find(|&at| ends_event(data, at))
+        .map_or(0, |at| at + 1)
 }
 
 /// What follows a key.

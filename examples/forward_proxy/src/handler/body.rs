@@ -120,7 +120,7 @@ impl http_body::Body for CountedBody {
                 Some(Err(error)) => {
                     // Cut short: what was read is not the whole usage.
                     this.count(false);
-                    return Poll::Ready(Some(Err(error.into())));
+                    return Poll::Ready(Some(Err(error)));
                 }
                 None => {
                     if let Some(strip) = &mut this.strip {

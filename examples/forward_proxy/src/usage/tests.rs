@@ -225,6 +225,19 @@ fn a_null_usage_is_stripped_with_its_comma_wherever_it_stands() {
 }
 
 #[test]
+fn events_ending_in_crlf_are_stripped_as_well() {
+    let crlf = |stream: &[u8]| String::from_utf8_lossy(stream).replace('\n', "\r\n");
+    for size in [1, 5, 64, usize::MAX / 2] {
+        let (out, usage) = stripped(crlf(OPENAI_STREAM_WITH_USAGE).as_bytes(), size);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            crlf(OPENAI_STREAM_WITHOUT_USAGE)
+        );
+        assert_eq!(usage, super::tests::usage(9, 3), "frames of {size}");
+    }
+}
+
+#[test]
 fn a_stream_without_event_ends_passes_unchanged() {
     let (out, usage) = stripped(OPENAI_STREAM_WITH_USAGE.trim_ascii_end(), usize::MAX / 2);
     // Its last event (`[DONE]`) never ends: passed on as it came at the end.
