@@ -43,6 +43,7 @@ static FIND_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
 const MAX_USAGE_OBJECT: usize = 4096;
 
 /// The tokens an answer reported, each as the provider counts it. `None`: not reported.
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Usage {
     /// Prompt tokens: OpenAI's and Zhipu's `prompt_tokens` (cached ones included),
@@ -94,6 +95,7 @@ struct RawUsage {
 /// Reads the usage in an answer's body, fed frame by frame ([`feed`](Self::feed)), JSON
 /// or a server-sent event stream alike. Allocates once, for the first usage object that
 /// does not sit whole in one frame.
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 #[derive(Debug, Default)]
 pub(crate) struct UsageScan {
     usage: Usage,
@@ -134,11 +136,13 @@ enum Step {
 
 impl UsageScan {
     /// The usage read so far.
+    #[cfg_attr(feature = "fuzzing", visibility::make(pub))]
     pub(crate) fn usage(&self) -> Usage {
         self.usage
     }
 
     /// Reads the next frame of the body.
+    #[cfg_attr(feature = "fuzzing", visibility::make(pub))]
     pub(crate) fn feed(&mut self, frame: &[u8]) {
         let mut rest = frame;
         loop {
@@ -298,6 +302,7 @@ impl UsageScan {
 
 /// `body`, a JSON request asking for a stream, with `"stream_options":{"include_usage":true}`
 /// as its first field; `None` when it is not a JSON object.
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 pub(crate) fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
     const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
     let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
@@ -317,6 +322,7 @@ pub(crate) fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
 /// slices of the upstream's frames (no copy); an event split between frames is held until
 /// its end. A stream that is not made of such events (no event end within 1 MiB) is
 /// passed on unchanged from there.
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 #[derive(Debug, Default)]
 pub(crate) struct UsageStrip {
     /// The start of an event whose end has not arrived.
@@ -332,6 +338,7 @@ const MAX_HELD: usize = 1 << 20;
 
 impl UsageStrip {
     /// Takes the next frame from the upstream.
+    #[cfg_attr(feature = "fuzzing", visibility::make(pub))]
     pub(crate) fn push(&mut self, frame: Bytes, scan: &mut UsageScan) {
         if self.given_up {
             scan.feed(&frame);
@@ -363,6 +370,7 @@ impl UsageStrip {
     }
 
     /// The upstream's body ended: what is held goes as it is.
+    #[cfg_attr(feature = "fuzzing", visibility::make(pub))]
     pub(crate) fn finish(&mut self, scan: &mut UsageScan) {
         if !self.held.is_empty() {
             let rest = self.held.split().freeze();
@@ -377,6 +385,7 @@ impl UsageStrip {
     }
 
     /// The next piece to pass on.
+    #[cfg_attr(feature = "fuzzing", visibility::make(pub))]
     pub(crate) fn pop(&mut self) -> Option<Bytes> {
         self.ready.pop_front()
     }
