@@ -37,6 +37,7 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
         "/_keyrotation/keys" => {
             // Positions, names and counters only: nothing here can reveal a key. Each key
             // lists its models (buckets) as they are metered apart, once one was used.
+            let tokens = state.metrics.tokens().snapshot();
             let buckets = state.pool.bucket_snapshot();
             let models = |position: usize| -> Vec<serde_json::Value> {
                 buckets
@@ -65,7 +66,7 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
                 .snapshot()
                 .iter()
                 .map(|key| {
-                    json!({
+                    let mut shown = json!({
                         "index": key.position,
                         "name": key.name,
                         "account": key.account,
@@ -85,7 +86,19 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
                         "quota_wait_ms": key.quota_wait.map_or(0, |d| d.as_millis() as u64),
                         "probing": key.probing,
                         "models": models(key.position),
-                    })
+                    });
+                    if state.count_tokens {
+                        let counted = tokens.get(key.position - 1).copied().unwrap_or_default();
+                        shown["tokens"] = json!({
+                            "input": counted.input,
+                            "output": counted.output,
+                            "cache_creation_input": counted.cache_creation,
+                            "cache_read_input": counted.cache_read,
+                            "answers_reported": counted.reported,
+                            "answers_unreported": counted.unreported,
+                        });
+                    }
+                    shown
                 })
                 .collect();
             Response::builder()

@@ -228,6 +228,16 @@ pub(crate) struct Args {
     #[arg(long, help_heading = LIMITS)]
     no_learn_concurrency: bool,
 
+    /// Count the tokens each key's answers report
+    ///
+    /// Reads `usage` from each successful answer (JSON, or the stream's events) and shows
+    /// each key's input and output tokens in /_keyrotation/keys and the metrics. With
+    /// --profile openai, a chat completions stream that did not ask for usage is sent
+    /// asking (`stream_options.include_usage`), and what that adds is taken out of the
+    /// stream the client gets.
+    #[arg(long, help_heading = LIMITS)]
+    count_tokens: bool,
+
     /// Retry request bodies up to this size
     ///
     /// A body up to this many bytes is kept so that a 429 can be retried on another key;
@@ -341,6 +351,7 @@ impl Args {
         config.max_wait = self.max_wait;
         config.retries = self.retries;
         config.learn_concurrency = !self.no_learn_concurrency;
+        config.count_tokens = self.count_tokens;
         config.retry_body_limit = self.retry_body_limit;
         config.max_body_size = self.max_body_size;
         config.redis = self.shared.into_config();

@@ -98,6 +98,12 @@ pub struct ProxyConfig {
     pub abandoned_grace: Duration,
     /// What requests are routed by within the pool: model buckets, session affinity.
     pub routing: Routing,
+    /// Count the tokens each key's answers report (`--count-tokens`): read `usage` from
+    /// each successful answer's body, JSON or event stream. With [`Profile::Openai`], a
+    /// chat completions stream that did not ask for usage is sent asking
+    /// (`stream_options.include_usage`), and what that adds to the stream is taken out
+    /// again: the client gets the bytes it would have got.
+    pub count_tokens: bool,
 }
 
 impl ProxyConfig {
@@ -133,6 +139,7 @@ impl ProxyConfig {
             shutdown_timeout: Duration::from_secs(30),
             abandoned_grace: Duration::from_secs(30),
             routing: Routing::default(),
+            count_tokens: false,
         }
     }
 

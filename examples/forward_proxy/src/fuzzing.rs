@@ -1,6 +1,6 @@
 //! What the fuzz targets (`fuzz/fuzz_targets/`) drive: the HTTP/1 codec and server, and
-//! one client connection served as a worker serves it. Only with the `fuzzing` feature;
-//! not an API.
+//! one client connection served as a worker serves it; and what the benches measure (the
+//! usage scan of `--count-tokens`). Only with the `fuzzing` feature; not an API.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ pub use crate::h1::codec::{
     BodyDecoder, CHUNK_END, DecodeError, Decoded, Framing, LAST_CHUNK, encode_chunk_head,
 };
 pub use crate::h1::server::{Config, ReceivedBody, serve};
+pub use crate::usage::{Usage, UsageScan, UsageStrip, ask_for_usage};
 
 use crate::Proxy;
 

@@ -64,6 +64,7 @@ mod serve;
 mod shared;
 mod tls;
 mod upstream;
+mod usage;
 
 pub use config::{KeysFrom, ListenAddr, LogFormat, ParseError, Profile, ProxyConfig, UpstreamUrl};
 pub use error::StartError;

@@ -1,7 +1,8 @@
 //! Prometheus exposition: per-key counters and gauges read from the pool at scrape time,
-//! plus the proxy's own latency histogram and response counts.
+//! plus the proxy's own latency histogram and response counts, and the tokens answers
+//! reported per key ([`TokenCounts`], when the proxy counts them).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -28,6 +29,7 @@ pub(crate) struct Metrics {
     waited: Histogram,
     gone_waiting: Counter,
     reloads: ReloadCounter,
+    tokens: Arc<TokenCounts>,
 }
 
 impl Metrics {
@@ -70,7 +72,11 @@ impl Metrics {
             "Key reloads (SIGHUP or key file change), by result: ok or failed",
             reloads.clone(),
         );
-        registry.register_collector(Box::new(KeyCollector { pool }));
+        let tokens = Arc::new(TokenCounts::default());
+        registry.register_collector(Box::new(KeyCollector {
+            pool,
+            tokens: tokens.clone(),
+        }));
         Self {
             registry,
             latency,
@@ -80,7 +86,13 @@ impl Metrics {
             waited,
             gone_waiting,
             reloads,
+            tokens,
         }
+    }
+
+    /// The tokens answers reported, per key.
+    pub(crate) fn tokens(&self) -> &Arc<TokenCounts> {
+        &self.tokens
     }
 
     /// The reload counter, for the reload task.
@@ -132,6 +144,7 @@ impl Metrics {
 #[derive(Debug)]
 struct KeyCollector {
     pool: KeyPool,
+    tokens: Arc<TokenCounts>,
 }
 
 impl Collector for KeyCollector {
@@ -324,6 +337,106 @@ impl Collector for KeyCollector {
                 ConstGauge::new(f64::from(limit)).encode(family.encode_family(&labels)?)?;
             }
         }
+
+        // Only when the proxy counts tokens (`--count-tokens`).
+        let tokens = self.tokens.snapshot();
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        type Tokens = fn(&KeyTokens) -> u64;
+        let counters: [(&str, &str, Tokens); 6] = [
+            (
+                "key_input_tokens",
+                "Input (prompt) tokens answers reported per key: OpenAI's prompt_tokens, Anthropic's input_tokens (without cache reads and writes).",
+                |t| t.input,
+            ),
+            (
+                "key_output_tokens",
+                "Output (completion) tokens answers reported per key.",
+                |t| t.output,
+            ),
+            (
+                "key_cache_creation_input_tokens",
+                "Anthropic's cache_creation_input_tokens answers reported per key.",
+                |t| t.cache_creation,
+            ),
+            (
+                "key_cache_read_input_tokens",
+                "Anthropic's cache_read_input_tokens answers reported per key.",
+                |t| t.cache_read,
+            ),
+            (
+                "key_usage_reported",
+                "Successful answers per key whose usage was read to their end.",
+                |t| t.reported,
+            ),
+            (
+                "key_usage_unreported",
+                "Successful answers per key without usage: cut short, left by their client, or not reporting it.",
+                |t| t.unreported,
+            ),
+        ];
+        for (name, help, read) in counters {
+            let metric = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            for key in &keys {
+                let counts = tokens.get(key.position - 1).copied().unwrap_or_default();
+                let labels = label(key);
+                ConstCounter::new(read(&counts)).encode(family.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
+    }
+}
+
+/// The tokens successful answers reported, per key position: counted by the proxy as each
+/// answer's body ends (the pool does not see bodies).
+#[derive(Debug, Default)]
+pub(crate) struct TokenCounts {
+    /// By 0-based key index; grows to the highest key counted.
+    by_key: Mutex<Vec<KeyTokens>>,
+}
+
+/// One key's [`TokenCounts`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyTokens {
+    pub(crate) input: u64,
+    pub(crate) output: u64,
+    pub(crate) cache_creation: u64,
+    pub(crate) cache_read: u64,
+    /// Answers whose usage was read.
+    pub(crate) reported: u64,
+    /// Answers without usage (cut, left, or not reporting it).
+    pub(crate) unreported: u64,
+}
+
+impl TokenCounts {
+    /// An answer with key `position` (1-based) ended reporting `usage`, or was cut short
+    /// (`None`).
+    pub(crate) fn record(&self, position: usize, usage: Option<crate::usage::Usage>) {
+        let mut by_key = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
+        let index = position.saturating_sub(1);
+        if by_key.len() <= index {
+            by_key.resize(index + 1, KeyTokens::default());
+        }
+        let key = &mut by_key[index];
+        match usage.filter(crate::usage::Usage::is_reported) {
+            Some(usage) => {
+                key.reported += 1;
+                key.input += usage.input.unwrap_or(0);
+                key.output += usage.output.unwrap_or(0);
+                key.cache_creation += usage.cache_creation.unwrap_or(0);
+                key.cache_read += usage.cache_read.unwrap_or(0);
+            }
+            None => key.unreported += 1,
+        }
+    }
+
+    /// The counts by 0-based key index (empty when nothing was counted).
+    pub(crate) fn snapshot(&self) -> Vec<KeyTokens> {
+        self.by_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }

@@ -1,5 +1,6 @@
 //! The response body as the client gets it ([`ClientBody`]): the upstream's or the
-//! proxy's own, noting a client that leaves before its end.
+//! proxy's own, noting a client that leaves before its end; an upstream's whose token
+//! usage is counted passes through a [`CountedBody`].
 
 use std::sync::Arc;
 
@@ -10,6 +11,8 @@ use tower::BoxError;
 use super::log::log_client_gone;
 use super::{RequestLabel, State};
 use crate::answer::Body;
+use crate::metrics::TokenCounts;
+use crate::usage::{UsageScan, UsageStrip};
 
 /// The upstream's response body, as the key layer hands it on.
 pub(super) type UpstreamBody = tower_key_rotation::body::TrackedBody<crate::connections::Body>;
@@ -18,6 +21,7 @@ pub(super) type UpstreamBody = tower_key_rotation::body::TrackedBody<crate::conn
 /// apart (not boxed) until [`handle`] has wrapped it, so that it is boxed once.
 pub(super) enum ExchangeBody {
     Upstream(UpstreamBody),
+    Counted(Box<CountedBody>),
     Own(Body),
 }
 
@@ -25,8 +29,128 @@ impl ExchangeBody {
     pub(super) fn boxed(self) -> Body {
         match self {
             Self::Upstream(body) => body.boxed_unsync(),
+            Self::Counted(body) => body.boxed_unsync(),
             Self::Own(body) => body,
         }
+    }
+}
+
+/// An upstream's answer whose token usage is read on its way to the client, and counted
+/// for its key when it ends; one that never ends (cut, or dropped by its client) is
+/// counted as reporting none. With a [`UsageStrip`], what the proxy added to the stream
+/// to learn its usage is taken out again.
+pub(super) struct CountedBody {
+    pub(super) inner: UpstreamBody,
+    pub(super) scan: UsageScan,
+    pub(super) strip: Option<UsageStrip>,
+    /// Where to count, and for which key (1-based); `None` once counted.
+    pub(super) count: Option<(Arc<TokenCounts>, usize)>,
+    /// The upstream's body has ended (what the strip holds may still be pending).
+    pub(super) upstream_done: bool,
+    /// The upstream's trailers, held until the strip has passed on the data before them.
+    pub(super) trailers: Option<http_body::Frame<Bytes>>,
+}
+
+impl CountedBody {
+    fn count(&mut self, ended: bool) {
+        if let Some((counts, key)) = self.count.take() {
+            let usage = ended.then(|| self.scan.usage());
+            counts.record(key, usage);
+        }
+    }
+}
+
+impl http_body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            if let Some(strip) = &mut this.strip {
+                if let Some(piece) = strip.pop() {
+                    if this.upstream_done && this.trailers.is_none() && strip.is_empty() {
+                        // The last piece: a client may stop reading at its end.
+                        this.count(true);
+                    }
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(piece))));
+                }
+            }
+            if this.upstream_done {
+                this.count(true);
+                return Poll::Ready(this.trailers.take().map(Ok));
+            }
+            match std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        // A body of known length ends with its last byte: the server
+                        // may not ask for more.
+                        let ended = this.inner.is_end_stream();
+                        match &mut this.strip {
+                            Some(strip) => {
+                                strip.push(data, &mut this.scan);
+                                if ended {
+                                    strip.finish(&mut this.scan);
+                                    this.upstream_done = true;
+                                }
+                            }
+                            None => {
+                                this.scan.feed(&data);
+                                if ended {
+                                    this.upstream_done = true;
+                                    this.count(true);
+                                }
+                                return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                            }
+                        }
+                    }
+                    // Trailers: after every data frame (what the strip holds goes first).
+                    Err(trailers) => {
+                        if let Some(strip) = &mut this.strip {
+                            strip.finish(&mut this.scan);
+                        }
+                        this.upstream_done = true;
+                        this.trailers = Some(trailers);
+                    }
+                },
+                Some(Err(error)) => {
+                    // Cut short: what was read is not the whole usage.
+                    this.count(false);
+                    return Poll::Ready(Some(Err(error)));
+                }
+                None => {
+                    if let Some(strip) = &mut this.strip {
+                        strip.finish(&mut this.scan);
+                    }
+                    this.upstream_done = true;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.strip {
+            None => self.inner.is_end_stream(),
+            Some(strip) => self.upstream_done && self.trailers.is_none() && strip.is_empty(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.strip {
+            // Shorter than the upstream's by what is taken out.
+            Some(_) => http_body::SizeHint::default(),
+            None => self.inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for CountedBody {
+    fn drop(&mut self) {
+        self.count(false);
     }
 }
 
@@ -53,6 +177,7 @@ impl http_body::Body for ClientBody {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         let frame = std::task::ready!(match &mut self.inner {
             ExchangeBody::Upstream(body) => std::pin::Pin::new(body).poll_frame(cx),
+            ExchangeBody::Counted(body) => std::pin::Pin::new(&mut **body).poll_frame(cx),
             ExchangeBody::Own(body) => std::pin::Pin::new(body).poll_frame(cx),
         });
         if !matches!(frame, Some(Ok(_))) {
@@ -65,6 +190,7 @@ impl http_body::Body for ClientBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             ExchangeBody::Upstream(body) => body.is_end_stream(),
+            ExchangeBody::Counted(body) => body.is_end_stream(),
             ExchangeBody::Own(body) => body.is_end_stream(),
         }
     }
@@ -72,6 +198,7 @@ impl http_body::Body for ClientBody {
     fn size_hint(&self) -> http_body::SizeHint {
         match &self.inner {
             ExchangeBody::Upstream(body) => body.size_hint(),
+            ExchangeBody::Counted(body) => body.size_hint(),
             ExchangeBody::Own(body) => body.size_hint(),
         }
     }

@@ -1,9 +1,11 @@
-//! The fields of a JSON request body that route it ([`BodyFields`]): its model, and the ids
-//! that name its session. Read from the top level of the buffered body without building a
-//! document: other values are skipped, not kept.
+//! The fields of a JSON request body that route it ([`BodyFields`]): its model, the ids
+//! that name its session, and whether it asks for a stream with usage. Read from the top
+//! level of the buffered body without building a document: other values are skipped, not
+//! kept.
 
 use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -19,6 +21,12 @@ pub(crate) struct BodyFields {
     pub(crate) metadata_user_id: Option<Box<str>>,
     /// `user` (OpenAI, Zhipu).
     pub(crate) user: Option<Box<str>>,
+    /// `stream`, when a boolean.
+    pub(crate) stream: Option<bool>,
+    /// Is there a `stream_options` field (of any value)?
+    pub(crate) stream_options: bool,
+    /// `stream_options.include_usage`, when a boolean.
+    pub(crate) include_usage: Option<bool>,
 }
 
 impl BodyFields {
@@ -33,6 +41,9 @@ impl BodyFields {
                 prompt_cache_key: top.prompt_cache_key.map(owned),
                 metadata_user_id: top.metadata.and_then(|m| m.user_id).map(owned),
                 user: top.user.map(owned),
+                stream: top.stream,
+                stream_options: top.stream_options.is_some(),
+                include_usage: top.stream_options.flatten().and_then(|o| o.include_usage),
             },
             Err(_) => Self::default(),
         }
@@ -52,8 +63,19 @@ struct Top<'a> {
     prompt_cache_key: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "string")]
     user: Option<Cow<'a, str>>,
-    #[serde(borrow, default, deserialize_with = "metadata")]
+    #[serde(borrow, default, deserialize_with = "object")]
     metadata: Option<Metadata<'a>>,
+    #[serde(default, deserialize_with = "boolean")]
+    stream: Option<bool>,
+    /// `Some(None)`: present, but not an object.
+    #[serde(default, deserialize_with = "present_object")]
+    stream_options: Option<Option<StreamOptions>>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default, deserialize_with = "boolean")]
+    include_usage: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -67,9 +89,23 @@ fn string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Cow<'de, 
     deserializer.deserialize_any(StringOrSkip)
 }
 
-/// An object with the fields of [`Metadata`], or `None` for any other value (skipped).
-fn metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Metadata<'de>>, D::Error> {
-    deserializer.deserialize_any(MetadataOrSkip)
+/// An object with the fields of `T`, or `None` for any other value (skipped).
+fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    deserializer.deserialize_any(ObjectOrSkip(PhantomData))
+}
+
+/// As [`object`], `Some` when the field is there at all.
+fn present_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    object(deserializer).map(Some)
+}
+
+/// A boolean, or `None` for any other value (skipped).
+fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
+    deserializer.deserialize_any(BoolOrSkip)
 }
 
 struct StringOrSkip;
@@ -122,17 +158,17 @@ impl<'de> Visitor<'de> for StringOrSkip {
     }
 }
 
-struct MetadataOrSkip;
+struct ObjectOrSkip<T>(PhantomData<T>);
 
-impl<'de> Visitor<'de> for MetadataOrSkip {
-    type Value = Option<Metadata<'de>>;
+impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectOrSkip<T> {
+    type Value = Option<T>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        Metadata::deserialize(de::value::MapAccessDeserializer::new(map)).map(Some)
+        T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Some)
     }
 
     fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
@@ -144,6 +180,48 @@ impl<'de> Visitor<'de> for MetadataOrSkip {
     }
 
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+struct BoolOrSkip;
+
+impl<'de> Visitor<'de> for BoolOrSkip {
+    type Value = Option<bool>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Some(v))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        IgnoredAny.visit_map(map).map(|_| None)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        IgnoredAny.visit_seq(seq).map(|_| None)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
         Ok(None)
     }
 
@@ -180,7 +258,30 @@ mod tests {
                 prompt_cache_key: Some("conv-9".into()),
                 metadata_user_id: Some("u-1".into()),
                 user: Some("alice".into()),
+                stream: Some(true),
+                stream_options: false,
+                include_usage: None,
             }
+        );
+    }
+
+    #[test]
+    fn reads_whether_a_stream_asks_for_usage() {
+        let fields =
+            BodyFields::read(br#"{"stream":true,"stream_options":{"include_usage":true}}"#);
+        assert_eq!(
+            (fields.stream, fields.stream_options, fields.include_usage),
+            (Some(true), true, Some(true))
+        );
+        let fields = BodyFields::read(br#"{"stream":"yes","stream_options":{"x":1}}"#);
+        assert_eq!(
+            (fields.stream, fields.stream_options, fields.include_usage),
+            (None, true, None)
+        );
+        let fields = BodyFields::read(br#"{"stream_options":null,"stream":false}"#);
+        assert_eq!(
+            (fields.stream, fields.stream_options, fields.include_usage),
+            (Some(false), true, None)
         );
     }
 

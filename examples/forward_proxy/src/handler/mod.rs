@@ -24,13 +24,14 @@ use tower_key_rotation::retry::{self, ReplayBody, TriedKeys};
 use crate::admin;
 use crate::answer::{self, Body, ErrorFormat};
 use crate::attempts::Attempts;
-use crate::config::{AccessToken, LogFormat, ProxyConfig, UpstreamUrl};
+use crate::config::{AccessToken, LogFormat, Profile, ProxyConfig, UpstreamUrl};
 use crate::h1::server::ReceivedBody;
 use crate::metrics::Metrics;
 use crate::upstream::UpstreamClient;
+use crate::usage::{UsageScan, UsageStrip};
 
 use self::abandon::InFlight;
-use self::body::{ClientBody, ExchangeBody, GoneNote};
+use self::body::{ClientBody, CountedBody, ExchangeBody, GoneNote};
 pub(crate) use self::fields::BodyFields;
 use self::log::access_log;
 
@@ -52,6 +53,10 @@ pub(crate) struct State {
     pub(crate) key_names: Arc<KeyNames>,
     /// The shape of the proxy's own error answers: the profile's provider's.
     pub(crate) error_format: ErrorFormat,
+    /// Count the tokens answers report (`--count-tokens`).
+    pub(crate) count_tokens: bool,
+    /// Ask OpenAI chat streams for their usage (counting tokens, with the OpenAI profile).
+    pub(crate) ask_for_usage: bool,
 }
 
 impl State {
@@ -77,6 +82,8 @@ impl State {
             abandoned_grace: config.abandoned_grace,
             log_format: config.log_format,
             error_format: config.profile.into(),
+            count_tokens: config.count_tokens,
+            ask_for_usage: config.count_tokens && config.profile == Profile::Openai,
         }
     }
 }
@@ -187,6 +194,21 @@ impl Exchange {
     }
 }
 
+/// A chat completions stream that did not ask for usage, asking for it: its new body,
+/// its `Content-Length` (if any) set to match.
+fn asks_for_usage(parts: &mut http::request::Parts, body: &[u8]) -> Option<bytes::Bytes> {
+    if !parts.uri.path().ends_with("/chat/completions") {
+        return None;
+    }
+    let asked = crate::usage::ask_for_usage(body)?;
+    if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        parts
+            .headers
+            .insert(http::header::CONTENT_LENGTH, asked.len().into());
+    }
+    Some(asked)
+}
+
 /// What became of the request.
 async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &RequestLabel) -> Exchange {
     if let Some(response) = admit::answer_locally(state, &req) {
@@ -212,7 +234,7 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
     // A body without a declared length is cut at the limit (and answered 413).
     let limit = usize::try_from(state.max_body_size).unwrap_or(usize::MAX);
     let body = Limited::new(body, limit);
-    let body = match ReplayBody::buffer(body, state.retry_body_limit).await {
+    let mut body = match ReplayBody::buffer(body, state.retry_body_limit).await {
         Ok(body) => body,
         Err(error) if error.is::<LengthLimitError>() => {
             return Exchange::local(answer::too_large(state.error_format, state.max_body_size));
@@ -227,12 +249,24 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
             return Exchange::local(response);
         }
     };
-    if state.pool.routes() {
-        // The router reads the model and session from here (a body too large to keep for
-        // a retry is not read: it routes as a request naming neither).
+    // The router reads the model and session from here (a body too large to keep for a
+    // retry is not read: it routes as a request naming neither, and a stream in it is not
+    // asked for usage).
+    let mut asked = None;
+    if state.pool.routes() || state.ask_for_usage {
         if let Some(bytes) = body.buffered_bytes() {
-            parts.extensions.insert(BodyFields::read(bytes));
+            let fields = BodyFields::read(bytes);
+            if state.ask_for_usage && fields.stream == Some(true) && !fields.stream_options {
+                asked = asks_for_usage(&mut parts, bytes);
+            }
+            if state.pool.routes() {
+                parts.extensions.insert(fields);
+            }
         }
+    }
+    let strip_usage = asked.is_some();
+    if let Some(asked) = asked {
+        body = ReplayBody::buffered(asked);
     }
     let sent = Instant::now();
     let mut upstream = state.upstream.clone();
@@ -264,7 +298,24 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
                 // retries on ours, or wait past the budget.
                 answer::no_more_retries(&mut parts.headers);
             }
-            Response::from_parts(parts, ExchangeBody::Upstream(body))
+            let body = match tried.last() {
+                Some(key) if state.count_tokens && parts.status.is_success() => {
+                    if strip_usage {
+                        // Shorter by what is taken out: its length is not the upstream's.
+                        parts.headers.remove(http::header::CONTENT_LENGTH);
+                    }
+                    ExchangeBody::Counted(Box::new(CountedBody {
+                        inner: body,
+                        scan: UsageScan::default(),
+                        strip: strip_usage.then(UsageStrip::default),
+                        count: Some((state.metrics.tokens().clone(), key)),
+                        upstream_done: false,
+                        trailers: None,
+                    }))
+                }
+                _ => ExchangeBody::Upstream(body),
+            };
+            Response::from_parts(parts, body)
         }
         Err(error) => answer::Failure {
             format: state.error_format,
