@@ -61,6 +61,7 @@
 //! | `shared` | what a state backend reads from the pool and applies to it |
 //! | `builder` | the settings |
 
+mod affinity;
 mod builder;
 mod events;
 mod lease;
@@ -152,6 +153,8 @@ pub(crate) struct PoolInner {
     default_cap: u32,
     default_quota: Option<Quota>,
     cursor: Padded<AtomicUsize>,
+    /// Affinity's settings and its memory of spilled sessions.
+    affinity: affinity::Affinity,
     /// Serialises reloads (readers never take it).
     reload: Mutex<()>,
 }
@@ -204,6 +207,9 @@ impl KeyPool {
             classifier: Classifier::default(),
             learn_concurrency: true,
             max_wait: Some(builder::DEFAULT_MAX_WAIT),
+            affinity_wait: affinity::DEFAULT_WAIT,
+            affinity_ttl: affinity::DEFAULT_TTL,
+            affinity_capacity: affinity::DEFAULT_CAPACITY,
             backend: None,
             degraded: Default::default(),
         }
@@ -321,6 +327,8 @@ impl KeyPool {
                     rate_limited: slot.rate_limited.load(Ordering::Relaxed),
                     failures: slot.failures.load(Ordering::Relaxed),
                     rejected: slot.rejected.load(Ordering::Relaxed),
+                    affinity_hits: slot.affinity_hits.load(Ordering::Relaxed),
+                    affinity_spills: slot.affinity_spills.load(Ordering::Relaxed),
                     in_flight,
                     sent,
                     reserved: in_flight.saturating_sub(sent),
