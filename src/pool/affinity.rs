@@ -37,9 +37,10 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::slot::Slot;
+use super::slot::{Slot, Taken};
 use super::state::Availability;
-use super::LazyNow;
+use super::table::Table;
+use super::{LazyNow, PoolInner};
 use crate::pool_time::PoolTime;
 
 /// How long a request waits for its session's key by default
@@ -205,6 +206,124 @@ impl Affinity {
                 word != 0 && age(tick, word) <= self.ttl_ticks
             })
             .count()
+    }
+}
+
+/// What [`PoolInner::select_affinity`] found for a request of a session.
+#[derive(Debug)]
+pub(super) enum Placed {
+    /// A key (index), taken.
+    Taken(usize, Taken),
+    /// The session's first choice (index) cannot take the request now but comes back
+    /// within the affinity wait: wait for it, until `until` at most, then spill.
+    Wait {
+        index: usize,
+        availability: Availability,
+        until: PoolTime,
+    },
+    /// No key (of those allowed) can take the request now.
+    Nothing,
+}
+
+/// Spill attempts lost to other callers before giving up (each scans the keys once).
+const SPILL_TRIES: usize = 4;
+
+impl PoolInner {
+    /// Chooses a key for a request of session `id` among the keys `allowed` (by 1-based
+    /// position): its first choice (where it last spilled to, if remembered, else its
+    /// preferred key), else, if that key does not come back before `patience_until`, the
+    /// next key of its order that can take it now. Never a key that cannot take it: every
+    /// key is taken through `Slot::try_take`. Allocates nothing.
+    pub(super) fn select_affinity(
+        &self,
+        table: &Table,
+        id: u64,
+        now: &mut LazyNow<'_>,
+        patience_until: Option<PoolTime>,
+        allowed: impl Fn(usize) -> bool,
+    ) -> Placed {
+        let ring = &table.ring;
+        let n = table.slots.len();
+        let recalled = self.affinity.recall(id, now);
+        // The preferred key, and the key the session spilled to if remembered (of the keys
+        // sharing its fingerprint, the one it ranks highest).
+        let mut preferred: Option<(u64, usize)> = None;
+        let mut remembered: Option<(u64, usize)> = None;
+        for index in 0..n {
+            if !allowed(index + 1) {
+                continue;
+            }
+            let rank = ring.rank(id, index);
+            if preferred.is_none_or(|(best, _)| rank > best) {
+                preferred = Some((rank, index));
+            }
+            if let Some(recalled) = &recalled {
+                if ring.fingerprint(index) == recalled.fingerprint()
+                    && remembered.is_none_or(|(best, _)| rank > best)
+                {
+                    remembered = Some((rank, index));
+                }
+            }
+        }
+        let Some((_, preferred)) = preferred else {
+            return Placed::Nothing;
+        };
+        let first = remembered.map_or(preferred, |(_, index)| index);
+        let slot = &*table.slots[first];
+        if let Some(taken) = slot.try_take(now) {
+            slot.affinity_hits.fetch_add(1, Ordering::Relaxed);
+            if let Some(recalled) = &recalled {
+                if first == preferred {
+                    recalled.forget();
+                } else {
+                    recalled.refresh();
+                }
+            }
+            return Placed::Taken(first, taken);
+        }
+        let availability = slot.status(now).1;
+        if worth_waiting(availability, patience_until, now) {
+            return Placed::Wait {
+                index: first,
+                availability,
+                until: patience_until.unwrap_or(PoolTime::MAX),
+            };
+        }
+        // Spill: the highest-ranked key below `ceiling` that can take the request now.
+        let mut ceiling = (u64::MAX, usize::MAX);
+        for _ in 0..SPILL_TRIES {
+            let mut best: Option<(u64, usize)> = None;
+            for index in 0..n {
+                if index == first || !allowed(index + 1) {
+                    continue;
+                }
+                let candidate = (ring.rank(id, index), index);
+                // Below the ceiling in (rank descending, position ascending) order.
+                let below = candidate.0 < ceiling.0
+                    || (candidate.0 == ceiling.0 && candidate.1 > ceiling.1);
+                let better = best.is_none_or(|b| candidate.0 > b.0);
+                if below && better && table.slots[index].is_available(now) {
+                    best = Some(candidate);
+                }
+            }
+            let Some((rank, index)) = best else {
+                return Placed::Nothing;
+            };
+            let slot = &*table.slots[index];
+            if let Some(taken) = slot.try_take(now) {
+                slot.affinity_spills.fetch_add(1, Ordering::Relaxed);
+                if index == preferred {
+                    if let Some(recalled) = &recalled {
+                        recalled.forget();
+                    }
+                } else {
+                    self.affinity.remember(id, ring.fingerprint(index), now);
+                }
+                return Placed::Taken(index, taken);
+            }
+            ceiling = (rank, index);
+        }
+        Placed::Nothing
     }
 }
 
