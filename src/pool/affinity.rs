@@ -367,9 +367,9 @@ impl Recalled<'_> {
     pub(super) fn refresh(&self) {
         if self.word & STAMP_MASK != self.tick {
             let word = (self.word & !STAMP_MASK) | self.tick;
-            let _ = self
-                .cell
-                .compare_exchange(self.word, word, Ordering::Relaxed, Ordering::Relaxed);
+            let _ =
+                self.cell
+                    .compare_exchange(self.word, word, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 
@@ -515,7 +515,10 @@ mod tests {
             for (i, &count) in counts.iter().enumerate() {
                 let expected = n as f64 * f64::from(weights[i]) / f64::from(total);
                 let off = (f64::from(count) - expected).abs() / expected;
-                assert!(off < 0.03, "weights {weights:?}: key {i} got {count}, {expected}");
+                assert!(
+                    off < 0.03,
+                    "weights {weights:?}: key {i} got {count}, {expected}"
+                );
             }
         }
     }
@@ -569,7 +572,10 @@ mod tests {
             .iter()
             .map(|c| (c.load(Ordering::Relaxed) >> STAMP_BITS) & 0xffff)
             .collect();
-        assert!(!fingerprints.contains(&1), "the oldest went: {fingerprints:?}");
+        assert!(
+            !fingerprints.contains(&1),
+            "the oldest went: {fingerprints:?}"
+        );
         assert!(fingerprints.contains(&99));
         assert!(fingerprints.contains(&2));
     }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use forward_proxy::{
-    KeysFrom, ListenAddr, LogFormat, Profile, ProxyConfig, RedisConfig, RedisUrl, UpstreamUrl,
+    AffinityMode, KeysFrom, ListenAddr, LogFormat, Profile, ProxyConfig, RedisConfig, RedisUrl,
+    UpstreamUrl,
 };
 use http::HeaderName;
 use tower_key_rotation::shared::DegradedPolicy;
@@ -213,6 +214,46 @@ pub(crate) struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 32 << 20, help_heading = LIMITS)]
     max_body_size: u64,
 
+    /// Send requests that name a session to its own key: session (default) or off
+    ///
+    /// `session`: a request naming a session (`prompt_cache_key`, `metadata.user_id` or
+    /// `user` in its JSON body, else the --affinity-header) goes to that session's key,
+    /// so the provider's prompt cache stays warm; others go by --strategy. `off`: every
+    /// request by --strategy.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        default_value_t = AffinityArg::Session,
+        hide_default_value = true,
+        hide_possible_values = true,
+        help_heading = AFFINITY
+    )]
+    affinity: AffinityArg,
+
+    /// The header naming a session when the body names none
+    #[arg(long, value_name = "NAME", default_value = "x-session-id", value_parser = parse_header_name, help_heading = AFFINITY)]
+    affinity_header: HeaderName,
+
+    /// Wait this long for a session's key that comes back soon
+    ///
+    /// When a session's key cannot take its request now (resting, at its limit), the
+    /// request waits for it this long if it comes back sooner, else goes at once to the
+    /// next key of the session's own order.
+    #[arg(long, value_name = "SECONDS", default_value = "0.5", value_parser = seconds, help_heading = AFFINITY)]
+    affinity_wait: Duration,
+
+    /// Remember where a session spilled this long after its last request
+    ///
+    /// The providers' prompt-cache lifetime: a session that went to another key stays
+    /// there, where its cache is now warm.
+    #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = seconds, help_heading = AFFINITY)]
+    affinity_ttl: Duration,
+
+    /// Remember at most N spilled sessions (8 bytes each)
+    #[arg(long, value_name = "N", default_value_t = 1 << 17, help_heading = AFFINITY)]
+    affinity_sessions: usize,
+
     /// Replicas sharing state through Redis (see `shared`).
     #[command(flatten)]
     shared: SharedArgs,
@@ -280,6 +321,7 @@ const UPSTREAM: &str = "Upstream";
 const LIMITS: &str = "Limits and waiting";
 /// The heading of the replicas' flags ([`SharedArgs`]).
 const REPLICAS: &str = "Replicas";
+const AFFINITY: &str = "Prompt-cache affinity";
 const ADMIN: &str = "Admin and logs";
 const TIMEOUTS: &str = "Timeouts";
 
@@ -322,6 +364,11 @@ impl Args {
         config.header_read_timeout = self.header_read_timeout;
         config.shutdown_timeout = self.shutdown_timeout;
         config.abandoned_grace = self.abandoned_grace;
+        config.affinity.mode = self.affinity.into();
+        config.affinity.header = self.affinity_header;
+        config.affinity.wait = self.affinity_wait;
+        config.affinity.ttl = self.affinity_ttl;
+        config.affinity.sessions = self.affinity_sessions;
         config
     }
 }
@@ -446,6 +493,28 @@ impl From<StrategyArg> for Selection {
             StrategyArg::LeastInFlight => Selection::LeastInFlight,
         }
     }
+}
+
+/// `--affinity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AffinityArg {
+    /// Requests naming a session go to its key.
+    Session,
+    /// Every request by --strategy.
+    Off,
+}
+
+impl From<AffinityArg> for AffinityMode {
+    fn from(arg: AffinityArg) -> Self {
+        match arg {
+            AffinityArg::Session => AffinityMode::Session,
+            AffinityArg::Off => AffinityMode::Off,
+        }
+    }
+}
+
+fn parse_header_name(s: &str) -> Result<HeaderName, String> {
+    HeaderName::try_from(s).map_err(|_| format!("`{s}` is not a valid header name"))
 }
 
 /// `--profile`.

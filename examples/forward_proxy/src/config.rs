@@ -95,6 +95,50 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
     /// How long an upstream request whose client went away is kept (`--abandoned-grace`).
     pub abandoned_grace: Duration,
+    /// Prompt-cache affinity: requests naming a session go to its own key (`--affinity*`).
+    pub affinity: AffinityConfig,
+}
+
+/// Prompt-cache affinity's settings (`--affinity`, `--affinity-*`): see the manual's
+/// "Prompt-cache affinity".
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AffinityConfig {
+    /// Whether requests naming a session go to the session's own key (`--affinity`).
+    pub mode: AffinityMode,
+    /// The header naming a session when the body names none (`--affinity-header`).
+    pub header: HeaderName,
+    /// How long a request waits for its session's key when it comes back soon
+    /// (`--affinity-wait`).
+    pub wait: Duration,
+    /// How long a spilled session is remembered after its last request (`--affinity-ttl`).
+    pub ttl: Duration,
+    /// Spilled sessions remembered at most (`--affinity-sessions`).
+    pub sessions: usize,
+}
+
+impl Default for AffinityConfig {
+    /// On, `x-session-id`, 0.5 s, 5 minutes, 131,072 sessions.
+    fn default() -> Self {
+        Self {
+            mode: AffinityMode::Session,
+            header: HeaderName::from_static("x-session-id"),
+            wait: Duration::from_millis(500),
+            ttl: Duration::from_secs(300),
+            sessions: 1 << 17,
+        }
+    }
+}
+
+/// Whether, and from what, requests get an affinity id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AffinityMode {
+    /// Requests that name a session (`prompt_cache_key`, `metadata.user_id`, `user`, the
+    /// header) go to that session's key; others by the strategy.
+    Session,
+    /// Every request by the strategy.
+    Off,
 }
 
 impl ProxyConfig {
@@ -129,6 +173,7 @@ impl ProxyConfig {
             header_read_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             abandoned_grace: Duration::from_secs(30),
+            affinity: AffinityConfig::default(),
         }
     }
 
@@ -148,7 +193,10 @@ impl ProxyConfig {
                 Classifier::from(self.profile).unreached_if(crate::connections::is_connect_failure),
             )
             .max_wait(Some(self.max_wait))
-            .learn_concurrency(self.learn_concurrency);
+            .learn_concurrency(self.learn_concurrency)
+            .affinity_wait(self.affinity.wait)
+            .affinity_ttl(self.affinity.ttl)
+            .affinity_capacity(self.affinity.sessions);
         if let Some(max) = self.max_in_flight_per_key {
             pool = pool.max_in_flight_per_key(max.get());
         }

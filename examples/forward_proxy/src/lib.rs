@@ -64,7 +64,10 @@ mod shared;
 mod tls;
 mod upstream;
 
-pub use config::{KeysFrom, ListenAddr, LogFormat, ParseError, Profile, ProxyConfig, UpstreamUrl};
+pub use config::{
+    AffinityConfig, AffinityMode, KeysFrom, ListenAddr, LogFormat, ParseError, Profile,
+    ProxyConfig, UpstreamUrl,
+};
 pub use error::StartError;
 pub use proxy::Proxy;
 pub use reload::ReloadHandle;

@@ -1,0 +1,171 @@
+//! Prompt-cache affinity through the public API: a session's requests go to one key, spill
+//! in the session's own order when that key cannot take them, are remembered where they
+//! spilled for a cache lifetime, and wait a little for their key when it comes back soon.
+//! Requests without a session rotate as before. Paused time throughout.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use http::Request;
+use tower_key_rotation::classify::Outcome;
+use tower_key_rotation::route::{RequestHead, Route, Router};
+use tower_key_rotation::{ApiKey, KeyPool, KeySet, KeySpec, Lease};
+
+/// Reads the session from the `x-session-id` header.
+#[derive(Debug, Clone, Copy)]
+struct SessionHeader;
+
+impl Router for SessionHeader {
+    fn affinity<'a>(&self, head: &RequestHead<'a>) -> Option<&'a [u8]> {
+        head.headers.get("x-session-id").map(|v| v.as_bytes())
+    }
+}
+
+fn pool(keys: &str) -> KeyPool {
+    KeyPool::builder(KeySet::parse(keys).unwrap())
+        .router(SessionHeader)
+        .build()
+}
+
+/// The route of a request of `session` (`None`: a request naming no session).
+fn route(pool: &KeyPool, session: Option<&str>) -> Route {
+    let mut request = Request::post("http://provider.test/v1/chat/completions");
+    if let Some(session) = session {
+        request = request.header("x-session-id", session);
+    }
+    let request = request.body(()).unwrap();
+    pool.route(&RequestHead::from(&request))
+}
+
+fn reserve(pool: &KeyPool, session: Option<&str>) -> Lease {
+    pool.try_reserve_route(&route(pool, session))
+        .expect("a key is free")
+}
+
+fn sessions(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("session-{i}")).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_request_of_a_session_goes_to_its_key_and_sessions_spread_over_keys() {
+    let pool = pool("k1,k2,k3");
+    let mut per_key = HashMap::<usize, usize>::new();
+    for session in sessions(3000) {
+        let first = reserve(&pool, Some(&session)).position();
+        for _ in 0..3 {
+            assert_eq!(reserve(&pool, Some(&session)).position(), first);
+        }
+        *per_key.entry(first).or_default() += 1;
+    }
+    for key in 1..=3 {
+        let share = per_key[&key] as f64 / 3000.0;
+        assert!((share - 1.0 / 3.0).abs() < 0.05, "key {key}: {share}");
+    }
+    let stats = pool.snapshot();
+    assert_eq!(stats.iter().map(|k| k.affinity_hits).sum::<u64>(), 12_000);
+    assert_eq!(stats.iter().map(|k| k.affinity_spills).sum::<u64>(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn weights_scale_each_keys_share_of_sessions() {
+    let keys = KeySet::from_specs(vec![
+        KeySpec::new(ApiKey::new("k1").unwrap()).weight(3),
+        KeySpec::new(ApiKey::new("k2").unwrap()),
+    ])
+    .unwrap();
+    let pool = KeyPool::builder(keys).router(SessionHeader).build();
+    let on_first = sessions(4000)
+        .iter()
+        .filter(|s| reserve(&pool, Some(s)).position() == 1)
+        .count();
+    let share = on_first as f64 / 4000.0;
+    assert!((share - 0.75).abs() < 0.03, "{share}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_without_a_session_rotate_as_before() {
+    let pool = pool("k1,k2,k3");
+    let order: Vec<usize> = (0..6).map(|_| reserve(&pool, None).position()).collect();
+    assert_eq!(order, [1, 2, 3, 1, 2, 3]);
+    assert!(pool.snapshot().iter().all(|k| k.affinity_hits == 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_whose_key_rests_moves_to_one_other_key_and_stays_there() {
+    let pool = pool("k1,k2,k3");
+    let session = "conversation-7";
+    let home = reserve(&pool, Some(session));
+    let preferred = home.position();
+    home.record(Outcome::RateLimited {
+        retry_after: Some(Duration::from_secs(10)),
+    });
+    // Resting 10 s, beyond the affinity wait: spill at once, to the same key every time.
+    let moved = reserve(&pool, Some(session)).position();
+    assert_ne!(moved, preferred);
+    for _ in 0..5 {
+        assert_eq!(reserve(&pool, Some(session)).position(), moved);
+    }
+    // Back from its rest (probe answered), the preferred key does not take the session
+    // back: its cache is warm where it went.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let probe = pool
+        .try_reserve_where(|p| p == preferred)
+        .expect("the probe");
+    probe.record(Outcome::Success);
+    for _ in 0..5 {
+        assert_eq!(reserve(&pool, Some(session)).position(), moved);
+        tokio::time::advance(Duration::from_secs(60)).await;
+    }
+    // Idle past the cache lifetime (5 minutes): home again.
+    tokio::time::advance(Duration::from_secs(301)).await;
+    assert_eq!(reserve(&pool, Some(session)).position(), preferred);
+    let stats = pool.snapshot();
+    assert_eq!(stats[moved - 1].affinity_spills, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spill_goes_to_the_next_key_of_the_sessions_own_order() {
+    // Which key a session spills to depends on the session: over many sessions of one
+    // key, spills go to both others, each session to one.
+    let pool = pool("k1,k2,k3");
+    let of_key_1: Vec<String> = sessions(300)
+        .into_iter()
+        .filter(|s| reserve(&pool, Some(s)).position() == 1)
+        .collect();
+    let lease = pool.try_reserve_where(|p| p == 1).unwrap();
+    lease.record(Outcome::RateLimited {
+        retry_after: Some(Duration::from_secs(60)),
+    });
+    let spilled_to: BTreeSet<usize> = of_key_1
+        .iter()
+        .map(|s| reserve(&pool, Some(s)).position())
+        .collect();
+    assert_eq!(spilled_to, BTreeSet::from([2, 3]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn removing_a_key_moves_only_its_sessions() {
+    let pool = pool("k1,k2,k3,k4");
+    let all = sessions(2000);
+    let before: Vec<usize> = all
+        .iter()
+        .map(|s| reserve(&pool, Some(s)).position())
+        .collect();
+    pool.reload(KeySet::parse("k1,k2,k4").unwrap());
+    // Positions after the reload: k1 1, k2 2, k4 3.
+    let moved = all
+        .iter()
+        .zip(&before)
+        .filter(|(s, &was)| {
+            let now = reserve(&pool, Some(s)).position();
+            let same = match was {
+                1 | 2 => now == was,
+                4 => now == 3,
+                _ => now != 0,
+            };
+            assert!(same, "{s}: key {was} before, {now} after");
+            was == 3
+        })
+        .count();
+    assert!(moved > 300, "{moved} sessions were on the removed key");
+}
