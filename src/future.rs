@@ -1,22 +1,29 @@
-//! [`ResponseFuture`]: classifies the response and hands the key's lease to the body.
+//! [`ResponseFuture`]: classifies the response and hands the key's lease to the body; for
+//! a routed request, first waits for a key that can take its route.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Buf;
-use http::Response;
 use http::response::Parts;
+use http::{Request, Response};
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower_service::Service;
 
 use crate::BoxError;
+use crate::auth::Placement;
 use crate::body::TrackedBody;
 use crate::classify::Outcome;
 use crate::classify::learned_reset_at;
-use crate::pool::Lease;
+use crate::pool::{Admit, KeyPool, Lease, Reserve, Waiter};
+use crate::retry::TriedKeys;
+use crate::route::{Route, Waited};
 
 pin_project! {
     /// Response future of [`KeyRotation`](crate::KeyRotation).
@@ -27,19 +34,33 @@ pin_project! {
     /// limit of such a body, then hands it on in full. If this future is dropped first, the
     /// lease is given back.
     ///
+    /// A routed request ([`crate::route`]) that found no key for its route in `call` waits
+    /// here first, within the wait budget, holding the inner service `call` readied.
+    ///
+    /// ```text
+    ///   Routing ──(a key for the route)──► Calling ──(the head)──► done
+    ///   Routing ──(the budget ends, or every key is disabled)──► done: the error
+    ///   Refused ──► done: the error
+    /// ```
+    ///
     /// A response whose outcome is not [`Outcome::Success`] carries that [`Outcome`] in its
     /// extensions, for layers outside (a retry policy) to read; one that refused the key
     /// ([`Outcome::KeyRejected`]) also carries the [`RejectedKey`](crate::RejectedKey).
-    pub struct ResponseFuture<F, B>
+    pub struct ResponseFuture<S, ReqB, B>
     where
+        S: Service<Request<ReqB>>,
         B: Body,
     {
         #[pin]
-        state: State<F>,
+        state: State<S::Future>,
         lease: Option<Lease>,
         // Boxed: only the rare path (an error body the classifier reads) has one, and
         // inline it would make every response future some 200 bytes larger to move.
         reading: Option<Box<ReadingBody<B>>>,
+        // Boxed for the same reason: only a routed request that waits has one.
+        routing: Option<Box<Routing<S, ReqB>>>,
+        // How long a routed request waited for its key (zero if it did not).
+        waited: Duration,
     }
 }
 
@@ -48,10 +69,26 @@ pin_project! {
     enum State<F> {
         /// The inner service's future, with the key's header on its request.
         Calling { #[pin] future: F },
+        /// Waiting for a key that can take the request's route (in `routing`).
+        Routing,
         /// No key could take the request (`poll_ready` found none, or the reservation went
         /// stale): the inner service was never called.
         Refused { error: Option<BoxError> },
     }
+}
+
+/// A routed request waiting for a key: the readied inner service and the request.
+struct Routing<S, ReqB> {
+    inner: S,
+    request: Option<Request<ReqB>>,
+    route: Route,
+    pool: KeyPool,
+    placement: Placement,
+    waiter: Waiter,
+    /// A lease the store shared with other replicas is admitting.
+    admit: Option<Admit>,
+    deadline: Option<Instant>,
+    since: Instant,
 }
 
 /// An error body being read for the classifier.
@@ -63,12 +100,18 @@ struct ReadingBody<B: Body> {
     limit: usize,
 }
 
-impl<F, B: Body> ResponseFuture<F, B> {
-    pub(crate) fn new(future: F, lease: Lease) -> Self {
+impl<S, ReqB, B> ResponseFuture<S, ReqB, B>
+where
+    S: Service<Request<ReqB>>,
+    B: Body,
+{
+    pub(crate) fn new(future: S::Future, lease: Lease) -> Self {
         Self {
             state: State::Calling { future },
             lease: Some(lease),
             reading: None,
+            routing: None,
+            waited: Duration::ZERO,
         }
     }
 
@@ -77,23 +120,114 @@ impl<F, B: Body> ResponseFuture<F, B> {
             state: State::Refused { error: Some(error) },
             lease: None,
             reading: None,
+            routing: None,
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// A routed request that waits for a key of `route` until `deadline`, then goes to
+    /// `inner` (ready: `call` readied it).
+    pub(crate) fn routing(
+        inner: S,
+        request: Request<ReqB>,
+        route: Route,
+        pool: KeyPool,
+        placement: Placement,
+        deadline: Option<Instant>,
+    ) -> Self {
+        Self {
+            state: State::Routing,
+            lease: None,
+            reading: None,
+            routing: Some(Box::new(Routing {
+                inner,
+                request: Some(request),
+                route,
+                pool,
+                placement,
+                waiter: Waiter::new(),
+                admit: None,
+                deadline,
+                since: Instant::now(),
+            })),
+            waited: Duration::ZERO,
         }
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, B>
+impl<S, ReqB> Routing<S, ReqB>
 where
-    F: Future<Output = Result<Response<B>, E>>,
+    S: Service<Request<ReqB>>,
+{
+    /// Waits for a key of the route (admitted by the store, if one is shared), then sends
+    /// the request with it.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(S::Future, Lease), BoxError>> {
+        let lease = loop {
+            if let Some(admit) = &mut self.admit {
+                let admitted = ready!(Pin::new(admit).poll(cx));
+                self.admit = None;
+                match admitted {
+                    Some(lease) => break lease,
+                    // Full across the replicas: that key reads busy here now; look again.
+                    None => continue,
+                }
+            }
+            let reserve =
+                self.pool
+                    .poll_reserve_route(&self.route, &mut self.waiter, self.deadline, cx);
+            match ready!(reserve) {
+                Reserve::Lease(lease) if lease.needs_admission() => {
+                    self.admit = Some(lease.admit());
+                }
+                Reserve::Lease(lease) => break lease,
+                Reserve::NoKey(error) => return Poll::Ready(Err(error.into())),
+                Reserve::AllDisabled(error) => return Poll::Ready(Err(error.into())),
+            }
+        };
+        let mut request = self.request.take().expect("a routed request is sent once");
+        if let Some(tried) = request.extensions().get::<TriedKeys>() {
+            tried.insert(lease.position());
+        }
+        self.placement.apply(&lease, &mut request);
+        lease.mark_sent();
+        Poll::Ready(Ok((self.inner.call(request), lease)))
+    }
+}
+
+impl<S, ReqB, B, E> Future for ResponseFuture<S, ReqB, B>
+where
+    S: Service<Request<ReqB>, Response = Response<B>, Error = E>,
     B: Body,
     E: Into<BoxError>,
 {
     type Output = Result<Response<TrackedBody<B>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
+        if let StateProj::Routing = this.state.as_mut().project() {
+            let routing = this
+                .routing
+                .as_mut()
+                .expect("a routing future has its request");
+            let sent = ready!(routing.poll_send(cx));
+            let waited = routing.since.elapsed();
+            *this.routing = None;
+            match sent {
+                Ok((future, lease)) => {
+                    *this.waited = waited;
+                    *this.lease = Some(lease);
+                    this.state.set(State::Calling { future });
+                }
+                Err(error) => {
+                    this.state.set(State::Refused { error: None });
+                    return Poll::Ready(Err(error));
+                }
+            }
+        }
         if this.reading.is_none() {
             let result = match this.state.project() {
                 StateProj::Calling { future } => ready!(future.poll(cx)),
+                StateProj::Routing => unreachable!("left above"),
                 StateProj::Refused { error } => {
                     let error = error
                         .take()
@@ -122,7 +256,7 @@ where
             let Some(limit) = classifier.body_limit(response.status()) else {
                 let outcome = classifier.classify(response.status(), response.headers());
                 let lease = this.lease.take().expect("lease present");
-                return Poll::Ready(Ok(finish(response, outcome, lease)));
+                return Poll::Ready(Ok(finish(response, outcome, lease, *this.waited)));
             };
             let (head, body) = response.into_parts();
             // The rare path (an error the classifier reads): box the body to poll it here
@@ -170,12 +304,22 @@ where
             .classifier()
             .classify_with_body(head.status, &head.headers, &bytes);
         let body = TrackedBody::replaying(body, frames, error);
-        Poll::Ready(Ok(finish(Response::from_parts(head, body), outcome, lease)))
+        Poll::Ready(Ok(finish(
+            Response::from_parts(head, body),
+            outcome,
+            lease,
+            *this.waited,
+        )))
     }
 }
 
 /// Applies the outcome to the key and moves the lease into the body.
-fn finish<B, T>(response: Response<T>, outcome: Outcome, lease: Lease) -> Response<TrackedBody<B>>
+fn finish<B, T>(
+    response: Response<T>,
+    outcome: Outcome,
+    lease: Lease,
+    waited: Duration,
+) -> Response<TrackedBody<B>>
 where
     B: Body,
     T: Into<TrackedBody<B>>,
@@ -193,13 +337,21 @@ where
     if let Some(rejected) = rejected {
         response.extensions_mut().insert(rejected);
     }
+    if !waited.is_zero() {
+        response.extensions_mut().insert(Waited(waited));
+    }
     response
 }
 
-impl<F, B: Body> fmt::Debug for ResponseFuture<F, B> {
+impl<S, ReqB, B> fmt::Debug for ResponseFuture<S, ReqB, B>
+where
+    S: Service<Request<ReqB>>,
+    B: Body,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("lease", &self.lease)
+            .field("routing", &self.routing.is_some())
             .field("reading_error_body", &self.reading.is_some())
             .finish()
     }

@@ -191,6 +191,7 @@ pub mod pool;
 mod pool_time;
 mod quota;
 pub mod retry;
+pub mod route;
 mod service;
 pub mod shared;
 mod sync;

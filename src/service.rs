@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::error::{AllKeysDisabled, NoKeyAvailable};
 use crate::pool::{Admit, Check, KeyPool, Lease, Reserve, Waiter};
 use crate::retry::TriedKeys;
+use crate::route::{RequestHead, WaitUntil};
 
 /// Middleware that puts a key from a shared [`KeyPool`] on every request.
 ///
@@ -40,6 +41,11 @@ use crate::retry::TriedKeys;
 ///   [`TriedKeys`]) goes to a key it has not tried if one is free.
 /// - A service dropped between `poll_ready` and `call` gives its reservation back. `Clone`
 ///   gives a service with no reservation.
+/// - A pool with a [`Router`](crate::route::Router) chooses keys by the request (its model,
+///   its session), which `poll_ready` cannot see: there `poll_ready` readies only the inner
+///   service, and `call` takes a key for the request's route, or returns a future that
+///   waits for one within the budget, holding the readied inner service (a clone of it
+///   stays in this service: hence `S: Clone`). See [`route`](crate::route).
 ///
 /// The inner service is driven to readiness first so that a key is never held idle (and
 /// counted in flight) while the inner client is still connecting.
@@ -62,6 +68,8 @@ pub struct KeyRotation<S> {
 /// What `poll_ready` set aside for the next `call`.
 #[derive(Debug)]
 enum Reserved {
+    /// The pool routes requests: the inner service is ready, and `call` chooses the key.
+    Routed,
     Lease(Lease),
     /// A lease waiting for the store shared with other replicas to admit it.
     Admitting(Admit),
@@ -123,16 +131,21 @@ impl<S> KeyRotation<S> {
 
 impl<S, B, ResBody> Service<Request<B>> for KeyRotation<S>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
     ResBody: http_body::Body,
 {
     type Response = Response<TrackedBody<ResBody>>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, ResBody>;
+    type Future = ResponseFuture<S, B, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         ready!(self.inner.poll_ready(cx)).map_err(Into::into)?;
+        if self.pool.routes() {
+            // The key depends on the request: `call` chooses it.
+            self.reserved = Some(Reserved::Routed);
+            return Poll::Ready(Ok(()));
+        }
         loop {
             ready!(self.poll_reserve(cx));
             match &self.reserved {
@@ -154,6 +167,7 @@ where
             .take()
             .expect("KeyRotation::call without a key: poll_ready must return Ready first");
         let mut lease = match reserved {
+            Reserved::Routed => return self.call_routed(req),
             Reserved::Lease(lease) => lease,
             Reserved::Admitting(_) => {
                 panic!("KeyRotation::call without a key: poll_ready must return Ready first")
@@ -209,6 +223,53 @@ where
 }
 
 impl<S> KeyRotation<S> {
+    /// Sends a request of a routing pool with a key that can take its route now, or
+    /// returns a future that waits for one (holding this readied service; a clone stays).
+    fn call_routed<B, ResBody>(&mut self, mut req: Request<B>) -> ResponseFuture<S, B, ResBody>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+        ResBody: http_body::Body,
+    {
+        let route = self.pool.route(&RequestHead::of(&req));
+        let tried = req.extensions().get::<TriedKeys>();
+        // A retry prefers a key this request has not been refused on yet.
+        let lease = tried
+            .filter(|tried| !tried.is_empty())
+            .and_then(|tried| {
+                self.pool
+                    .try_reserve_route_where(&route, |p| !tried.contains(p))
+            })
+            .or_else(|| self.pool.try_reserve_route(&route))
+            // A lease the store must admit waits for it in the future.
+            .filter(|lease| !lease.needs_admission());
+        if let Some(lease) = lease {
+            if let Some(tried) = tried {
+                tried.insert(lease.position());
+            }
+            self.placement.apply(&lease, &mut req);
+            lease.mark_sent();
+            return ResponseFuture::new(self.inner.call(req), lease);
+        }
+        let now = Instant::now();
+        let budget_end = self.pool.max_wait().and_then(|wait| now.checked_add(wait));
+        // A retry's attempt stops where the request's budget does.
+        let deadline = match (req.extensions().get::<WaitUntil>(), budget_end) {
+            (Some(until), Some(end)) => Some(until.0.min(end)),
+            (Some(until), None) => Some(until.0),
+            (None, end) => end,
+        };
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::routing(
+            ready,
+            req,
+            route,
+            self.pool.clone(),
+            self.placement.clone(),
+            deadline,
+        )
+    }
+
     /// Waits for the store shared with other replicas to admit the reserved lease; `false`
     /// (and no reservation) if it refused. Out of line: only a shared pool gets here.
     #[inline(never)]
@@ -241,6 +302,7 @@ impl<S> KeyRotation<S> {
     #[inline]
     fn poll_reserve(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match &self.reserved {
+            Some(Reserved::Routed) => return Poll::Ready(()),
             Some(Reserved::Lease(lease)) if lease.is_usable() => return Poll::Ready(()),
             Some(Reserved::Admitting(_)) => return Poll::Ready(()),
             // The reserved key was removed, started resting or was disabled since: trade it

@@ -89,7 +89,7 @@ fn inner()
 
 async fn one_request<S>(service: KeyRotation<S>, seed: u64) -> Result<(), BoxError>
 where
-    S: Service<Request<()>, Response = Response<SlowBody>, Error = Infallible>,
+    S: Service<Request<()>, Response = Response<SlowBody>, Error = Infallible> + Clone,
 {
     let request = Request::get("/")
         .header("x-seed", seed.to_string())

@@ -315,7 +315,7 @@ fn soak_holds_caps_leaks_nothing_and_answers_every_request() {
 
 async fn one_request<S>(service: KeyRotation<S>) -> Result<(), tower::BoxError>
 where
-    S: tower::Service<Request<()>, Response = Response<ProviderBody>, Error = Infallible>,
+    S: tower::Service<Request<()>, Response = Response<ProviderBody>, Error = Infallible> + Clone,
 {
     let response = service.oneshot(Request::new(())).await?;
     let mut body = response.into_body();

@@ -37,10 +37,14 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
+use super::lease::Lease;
 use super::slot::{Slot, Taken};
 use super::state::Availability;
 use super::table::Table;
-use super::{LazyNow, PoolInner};
+use super::{KeyPool, LazyNow, PoolInner};
+use crate::route::Route;
 use crate::pool_time::PoolTime;
 
 /// How long a request waits for its session's key by default
@@ -214,15 +218,85 @@ impl Affinity {
 pub(super) enum Placed {
     /// A key (index), taken.
     Taken(usize, Taken),
-    /// The session's first choice (index) cannot take the request now but comes back
+    /// The session's first choice cannot take the request now but comes back
     /// within the affinity wait: wait for it, until `until` at most, then spill.
     Wait {
-        index: usize,
         availability: Availability,
         until: PoolTime,
     },
     /// No key (of those allowed) can take the request now.
     Nothing,
+}
+
+/// How long a request may wait for its session's first choice before it spills.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Patience {
+    /// Not at all: spill at once.
+    None,
+    /// This long from now (the clock is read only if the first choice cannot take it).
+    For(Duration),
+    /// Until then.
+    Until(PoolTime),
+}
+
+/// A request waiting for its session's own key: until when at most, and when that key
+/// comes back if a time is known.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Patient {
+    pub(crate) until: Instant,
+    pub(crate) back_at: Option<Instant>,
+    /// The key looked free but another caller took it first: look again at once.
+    pub(crate) free: bool,
+}
+
+impl KeyPool {
+    /// Reserves a key for a request of session `id` among those `allowed` (see
+    /// [`PoolInner::select_affinity`]); `Err(Some(_))` if it should wait for its session's
+    /// key, `Err(None)` if no allowed key can take it now.
+    pub(crate) fn reserve_affinity(
+        &self,
+        id: u64,
+        patience: Patience,
+        allowed: impl Fn(usize) -> bool,
+    ) -> Result<Lease, Option<Patient>> {
+        let inner = &*self.inner;
+        let table = inner.table.load();
+        let mut now = LazyNow::new(&inner.signals);
+        match inner.select_affinity(&table, id, &mut now, patience, allowed) {
+            Placed::Taken(index, taken) => Ok(Lease::new(&table, index, taken)),
+            Placed::Wait {
+                availability,
+                until,
+            } => Err(Some(Patient {
+                until: inner.signals.instant(until),
+                back_at: match availability {
+                    Availability::At(at) => Some(inner.signals.instant(at)),
+                    _ => None,
+                },
+                free: availability == Availability::Now,
+            })),
+            Placed::Nothing => Err(None),
+        }
+    }
+
+    /// The keys (1-based positions) in the order a request of `route`'s session tries them:
+    /// its preferred key first. Empty for a route without affinity. For diagnostics and
+    /// tests: allocates.
+    pub fn affinity_order(&self, route: &Route) -> Vec<usize> {
+        let Some(id) = route.affinity else {
+            return Vec::new();
+        };
+        let table = self.inner.table.load();
+        table.ring.order(id).into_iter().map(|i| i + 1).collect()
+    }
+
+    /// Sessions remembered now where they spilled (see
+    /// [`KeyPoolBuilder::affinity_capacity`](super::KeyPoolBuilder::affinity_capacity)).
+    /// Scans the memory: for statistics, not for every request.
+    pub fn affinity_remembered(&self) -> usize {
+        let mut now = LazyNow::new(&self.inner.signals);
+        self.inner.affinity.remembered(&mut now)
+    }
 }
 
 /// Spill attempts lost to other callers before giving up (each scans the keys once).
@@ -231,7 +305,7 @@ const SPILL_TRIES: usize = 4;
 impl PoolInner {
     /// Chooses a key for a request of session `id` among the keys `allowed` (by 1-based
     /// position): its first choice (where it last spilled to, if remembered, else its
-    /// preferred key), else, if that key does not come back before `patience_until`, the
+    /// preferred key), else, if that key does not come back within its `patience`, the
     /// next key of its order that can take it now. Never a key that cannot take it: every
     /// key is taken through `Slot::try_take`. Allocates nothing.
     pub(super) fn select_affinity(
@@ -239,7 +313,7 @@ impl PoolInner {
         table: &Table,
         id: u64,
         now: &mut LazyNow<'_>,
-        patience_until: Option<PoolTime>,
+        patience: Patience,
         allowed: impl Fn(usize) -> bool,
     ) -> Placed {
         let ring = &table.ring;
@@ -282,9 +356,13 @@ impl PoolInner {
             return Placed::Taken(first, taken);
         }
         let availability = slot.status(now).1;
+        let patience_until = match patience {
+            Patience::None => None,
+            Patience::For(wait) => (!wait.is_zero()).then(|| now.get().saturating_add(wait)),
+            Patience::Until(until) => Some(until),
+        };
         if worth_waiting(availability, patience_until, now) {
             return Placed::Wait {
-                index: first,
                 availability,
                 until: patience_until.unwrap_or(PoolTime::MAX),
             };

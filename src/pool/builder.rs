@@ -15,6 +15,7 @@ use crate::backoff::Backoff;
 use crate::classify::Classifier;
 use crate::key::KeySet;
 use crate::quota::Quota;
+use crate::route::{Buckets, Router};
 use crate::shared::{BackendLink, DegradedPolicy, Shared, StateBackend};
 
 /// The wait budget of a request by default (see [`KeyPoolBuilder::max_wait`]).
@@ -36,6 +37,8 @@ pub struct KeyPoolBuilder {
     pub(super) affinity_capacity: usize,
     pub(super) backend: Option<Arc<dyn StateBackend>>,
     pub(super) degraded: DegradedPolicy,
+    pub(super) router: Option<Arc<dyn Router>>,
+    pub(super) max_buckets: usize,
 }
 
 impl KeyPoolBuilder {
@@ -153,6 +156,56 @@ impl KeyPoolBuilder {
         self
     }
 
+    /// Routes each request by what it carries ([`Router`]): the bucket the provider
+    /// meters it in (its model, say) and the session it belongs to. Default: none, and keys
+    /// are reserved in `poll_ready` before the request is seen.
+    ///
+    /// With a router, [`KeyRotation`](crate::KeyRotation) chooses the key in `call`, for
+    /// the request's [`Route`](crate::route::Route): at once if a key can take it, else its
+    /// response future waits for one within the wait budget (see [`route`](crate::route)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_key_rotation::route::{RequestHead, Router};
+    /// use tower_key_rotation::{KeyPool, KeySet};
+    ///
+    /// #[derive(Debug)]
+    /// struct ByModelHeader;
+    ///
+    /// impl Router for ByModelHeader {
+    ///     fn bucket<'a>(&self, head: &RequestHead<'a>) -> Option<&'a str> {
+    ///         head.headers.get("x-model")?.to_str().ok()
+    ///     }
+    /// }
+    ///
+    /// let pool = KeyPool::builder(KeySet::parse("k1,k2").unwrap())
+    ///     .router(ByModelHeader)
+    ///     .build();
+    /// assert!(pool.routes());
+    /// ```
+    pub fn router(mut self, router: impl Router) -> Self {
+        self.router = Some(Arc::new(router));
+        self
+    }
+
+    /// At most `max` named buckets are tracked apart (default
+    /// [`DEFAULT_MAX_BUCKETS`](crate::route::DEFAULT_MAX_BUCKETS)); requests naming further
+    /// buckets share one overflow bucket, so that callers inventing names cannot grow the
+    /// pool's state.
+    ///
+    /// # Panics
+    ///
+    /// If `max` is above 65,533 (bucket ids are 16 bits).
+    pub fn max_buckets(mut self, max: usize) -> Self {
+        assert!(
+            max <= usize::from(u16::MAX) - 2,
+            "max_buckets must be at most 65533"
+        );
+        self.max_buckets = max;
+        self
+    }
+
     /// Builds the pool.
     ///
     /// # Panics
@@ -176,6 +229,8 @@ impl KeyPoolBuilder {
                 epoch: Instant::now(),
                 waiters: Padded::default(),
                 notify: Arc::new(Notify::new()),
+                patient: Padded::default(),
+                patient_notify: Arc::new(Notify::new()),
                 pool: pool.clone(),
                 shared: shared.clone(),
             });
@@ -198,6 +253,8 @@ impl KeyPoolBuilder {
                     self.affinity_capacity,
                 ),
                 reload: Mutex::new(()),
+                router: self.router,
+                buckets: Buckets::new(self.max_buckets),
             }
         });
         if let (Some(shared), Some(ops)) = (shared, ops) {

@@ -70,6 +70,7 @@ mod loom_tests;
 mod record;
 mod rejected;
 mod rest;
+mod routed;
 mod select;
 mod shared;
 mod slot;
@@ -91,6 +92,7 @@ use crate::classify::Classifier;
 use crate::key::KeySet;
 use crate::pool_time::PoolTime;
 use crate::quota::Quota;
+use crate::route::{Buckets, Router};
 
 use crate::shared::{BackendHealth, Shared};
 
@@ -157,6 +159,10 @@ pub(crate) struct PoolInner {
     affinity: affinity::Affinity,
     /// Serialises reloads (readers never take it).
     reload: Mutex<()>,
+    /// Reads each request's route; `None`: keys are reserved in `poll_ready`.
+    router: Option<Arc<dyn Router>>,
+    /// Bucket names interned into small ids.
+    buckets: Buckets,
 }
 
 /// What every slot needs to reach on its own: settings applied to outcomes, the clock, and
@@ -172,6 +178,10 @@ struct Signals {
     epoch: Instant,
     waiters: Padded<AtomicUsize>,
     notify: Arc<Notify>,
+    /// Requests waiting for their session's own key (see `affinity`), and their wake-up:
+    /// apart from `waiters`, whose `notify_one` a request that wants one key must not take.
+    patient: Padded<AtomicUsize>,
+    patient_notify: Arc<Notify>,
     /// For the rare paths that need every key (an account-wide limit).
     pool: Weak<PoolInner>,
     /// The state shared with other replicas, if a backend is set.
@@ -212,6 +222,8 @@ impl KeyPool {
             affinity_capacity: affinity::DEFAULT_CAPACITY,
             backend: None,
             degraded: Default::default(),
+            router: None,
+            max_buckets: crate::route::DEFAULT_MAX_BUCKETS,
         }
     }
 
@@ -295,7 +307,8 @@ impl KeyPool {
 
     /// Requests waiting for a key right now (in `KeyRotation::poll_ready`).
     pub fn waiting(&self) -> usize {
-        self.inner.signals.waiters.load(Ordering::Relaxed)
+        let signals = &self.inner.signals;
+        signals.waiters.load(Ordering::Relaxed) + signals.patient.load(Ordering::Relaxed)
     }
 
     /// Per-key statistics, in position order. Never contains a key value.
@@ -362,6 +375,9 @@ impl fmt::Debug for KeyPool {
             )
             .field("quota_per_key", &inner.default_quota)
             .field("backoff", &inner.signals.backoff)
+            .field("affinity_wait", &inner.affinity.wait)
+            .field("affinity_ttl", &inner.affinity.ttl())
+            .field("affinity_capacity", &inner.affinity.capacity())
             .finish()
     }
 }
@@ -388,6 +404,11 @@ impl Signals {
         PoolTime::after_epoch(Instant::now().saturating_duration_since(self.epoch))
     }
 
+    /// The pool time of an instant.
+    fn pool_time(&self, at: Instant) -> PoolTime {
+        PoolTime::after_epoch(at.saturating_duration_since(self.epoch))
+    }
+
     /// The instant of a pool time.
     fn instant(&self, at: PoolTime) -> Instant {
         self.epoch + at.since_epoch()
@@ -396,6 +417,11 @@ impl Signals {
     fn wake_one(&self) {
         if self.waiters.load(Ordering::SeqCst) != 0 {
             self.notify.notify_one();
+        }
+        // Requests waiting for their session's own key (affinity) each wait for one key:
+        // a release wakes them all, so that none takes a wake-up another could use.
+        if self.patient.load(Ordering::SeqCst) != 0 {
+            self.patient_notify.notify_waiters();
         }
     }
 }

@@ -98,6 +98,16 @@ impl<B> ReplayBody<B> {
         }
     }
 
+    /// The whole body, if it is held in memory (empty for an empty body); `None` for a
+    /// streaming one. For a layer outside that reads the request (its model, say) before
+    /// the key is chosen.
+    pub fn buffered_bytes(&self) -> Option<&[u8]> {
+        match &self.kind {
+            Kind::Buffered { data, .. } => Some(data.as_deref().unwrap_or_default()),
+            Kind::Streaming { .. } => None,
+        }
+    }
+
     /// Can the body be sent again ([`try_clone`](Self::try_clone) gives `Some`)?
     pub fn is_replayable(&self) -> bool {
         matches!(self.kind, Kind::Buffered { .. })

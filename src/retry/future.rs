@@ -15,6 +15,7 @@ use crate::BoxError;
 use crate::error::NoKeyAvailable;
 use crate::retry::policy::Replay;
 use crate::retry::{Attempts, ReplayBody, RetryPolicy};
+use crate::route::Waited;
 
 pin_project! {
     /// Response future of [`Retry`](super::Retry).
@@ -99,6 +100,14 @@ where
             match this.state.as_mut().project() {
                 StateProj::Called { future } => {
                     let mut result = ready!(future.poll(cx));
+                    // A routed request waits for its key in the key layer's future.
+                    if let Some(waited) = result
+                        .as_ref()
+                        .ok()
+                        .and_then(|response| response.extensions().get::<Waited>())
+                    {
+                        *this.waited += waited.0;
+                    }
                     let again = match this.replay.as_ref() {
                         Some(replay) => {
                             this.policy

@@ -12,6 +12,7 @@ use crate::retry::ReplayBody;
 use crate::retry::TriedKeys;
 use crate::retry::future::ResponseFuture;
 use crate::retry::policy::RetryPolicy;
+use crate::route::WaitUntil;
 
 /// Middleware that sends a refused request again, on a key it has not tried if one is
 /// free, else on the earliest key that comes back within the request's wait budget. Made
@@ -84,6 +85,18 @@ where
         self.policy.budget.deposit();
         if req.body().is_replayable() && req.extensions().get::<TriedKeys>().is_none() {
             req.extensions_mut().insert(TriedKeys::new());
+        }
+        if self.policy.pool.routes() {
+            // A routed request waits for its key in the key layer's future: within this
+            // request's budget, retries included.
+            if let Some(end) = self
+                .policy
+                .pool
+                .max_wait()
+                .and_then(|w| arrival.checked_add(w))
+            {
+                req.extensions_mut().insert(WaitUntil(end));
+            }
         }
         let policy = self.policy.clone();
         let next = policy.replay(&req);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use forward_proxy::{
-    AffinityMode, KeysFrom, ListenAddr, LogFormat, Profile, ProxyConfig, RedisConfig, RedisUrl,
+    KeysFrom, ListenAddr, LogFormat, Profile, ProxyConfig, RedisConfig, RedisUrl,
     UpstreamUrl,
 };
 use http::HeaderName;
@@ -364,8 +364,8 @@ impl Args {
         config.header_read_timeout = self.header_read_timeout;
         config.shutdown_timeout = self.shutdown_timeout;
         config.abandoned_grace = self.abandoned_grace;
-        config.affinity.mode = self.affinity.into();
-        config.affinity.header = self.affinity_header;
+        config.routing.affinity = self.affinity == AffinityArg::Session;
+        config.routing.session_header = self.affinity_header;
         config.affinity.wait = self.affinity_wait;
         config.affinity.ttl = self.affinity_ttl;
         config.affinity.sessions = self.affinity_sessions;
@@ -502,15 +502,6 @@ enum AffinityArg {
     Session,
     /// Every request by --strategy.
     Off,
-}
-
-impl From<AffinityArg> for AffinityMode {
-    fn from(arg: AffinityArg) -> Self {
-        match arg {
-            AffinityArg::Session => AffinityMode::Session,
-            AffinityArg::Off => AffinityMode::Off,
-        }
-    }
 }
 
 fn parse_header_name(s: &str) -> Result<HeaderName, String> {

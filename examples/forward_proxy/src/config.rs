@@ -1,6 +1,7 @@
 //! [`ProxyConfig`]: what the proxy is told at start, validated; and reading the secrets it
 //! names (`.env`, the keys, the access token) when it starts.
 
+use crate::route::{ProxyRouter, Routing};
 use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
@@ -95,50 +96,36 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
     /// How long an upstream request whose client went away is kept (`--abandoned-grace`).
     pub abandoned_grace: Duration,
-    /// Prompt-cache affinity: requests naming a session go to its own key (`--affinity*`).
+    /// What requests are routed by within the pool: model buckets, session affinity.
+    pub routing: Routing,
+    /// How a session waits for, spills from, and is remembered on its key
+    /// (`--affinity-wait`, `--affinity-ttl`, `--affinity-sessions`).
     pub affinity: AffinityConfig,
 }
 
-/// Prompt-cache affinity's settings (`--affinity`, `--affinity-*`): see the manual's
-/// "Prompt-cache affinity".
-#[derive(Debug, Clone)]
+/// Prompt-cache affinity's settings beyond [`Routing::affinity`] (`--affinity-wait`,
+/// `--affinity-ttl`, `--affinity-sessions`): see the manual's "Prompt-cache affinity".
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AffinityConfig {
-    /// Whether requests naming a session go to the session's own key (`--affinity`).
-    pub mode: AffinityMode,
-    /// The header naming a session when the body names none (`--affinity-header`).
-    pub header: HeaderName,
-    /// How long a request waits for its session's key when it comes back soon
-    /// (`--affinity-wait`).
+    /// How long a request waits for its session's key when it comes back soon.
     pub wait: Duration,
-    /// How long a spilled session is remembered after its last request (`--affinity-ttl`).
+    /// How long a spilled session is remembered after its last request.
     pub ttl: Duration,
-    /// Spilled sessions remembered at most (`--affinity-sessions`).
+    /// Spilled sessions remembered at most.
     pub sessions: usize,
 }
 
 impl Default for AffinityConfig {
-    /// On, `x-session-id`, 0.5 s, 5 minutes, 131,072 sessions.
+    /// 0.5 s, 5 minutes, 131,072 sessions.
     fn default() -> Self {
         Self {
-            mode: AffinityMode::Session,
-            header: HeaderName::from_static("x-session-id"),
             wait: Duration::from_millis(500),
             ttl: Duration::from_secs(300),
             sessions: 1 << 17,
         }
     }
 }
-
-/// Whether, and from what, requests get an affinity id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum AffinityMode {
-    /// Requests that name a session (`prompt_cache_key`, `metadata.user_id`, `user`, the
-    /// header) go to that session's key; others by the strategy.
-    Session,
-    /// Every request by the strategy.
-    Off,
 }
 
 impl ProxyConfig {
@@ -173,6 +160,7 @@ impl ProxyConfig {
             header_read_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             abandoned_grace: Duration::from_secs(30),
+            routing: Routing::default(),
             affinity: AffinityConfig::default(),
         }
     }
@@ -202,6 +190,9 @@ impl ProxyConfig {
         }
         if let Some(rpm) = self.rpm_per_key {
             pool = pool.quota_per_key(Quota::per_minute(rpm.get()));
+        }
+        if self.routing.is_on() {
+            pool = pool.router(ProxyRouter(self.routing.clone()));
         }
         pool
     }

@@ -59,6 +59,7 @@ mod keys;
 mod metrics;
 mod proxy;
 mod reload;
+mod route;
 mod serve;
 mod shared;
 mod tls;
@@ -71,6 +72,7 @@ pub use config::{
 pub use error::StartError;
 pub use proxy::Proxy;
 pub use reload::ReloadHandle;
+pub use route::Routing;
 pub use shared::{RedisConfig, RedisUrl};
 
 /// The crate's internals the fuzz targets drive (`fuzz/`): not an API.

@@ -5,6 +5,7 @@
 mod abandon;
 mod admit;
 mod body;
+mod fields;
 mod log;
 mod rewrite;
 
@@ -30,6 +31,7 @@ use crate::upstream::UpstreamClient;
 
 use self::abandon::InFlight;
 use self::body::{ClientBody, ExchangeBody, GoneNote};
+pub(crate) use self::fields::BodyFields;
 use self::log::access_log;
 
 /// Shared by every connection of a worker; its clones (one per worker) share all but the
@@ -225,6 +227,13 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
             return Exchange::local(response);
         }
     };
+    if state.pool.routes() {
+        // The router reads the model and session from here (a body too large to keep for
+        // a retry is not read: it routes as a request naming neither).
+        if let Some(bytes) = body.buffered_bytes() {
+            parts.extensions.insert(BodyFields::read(bytes));
+        }
+    }
     let sent = Instant::now();
     let mut upstream = state.upstream.clone();
     upstream.get_mut().get_mut().follow(attempts.clone());
