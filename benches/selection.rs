@@ -236,7 +236,7 @@ fn routes(pool: &KeyPool, sessions: usize) -> Vec<Route> {
         request.body(()).expect("a valid request")
     });
     heads
-        .map(|request| pool.route(&RequestHead::from(&request)))
+        .map(|request| pool.route(&RequestHead::of(&request)))
         .collect()
 }
 

@@ -4,12 +4,18 @@
 //! Requests without a session rotate as before. Paused time throughout.
 
 use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
 use std::time::Duration;
 
-use http::Request;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use tokio::time::Instant;
+use tower::{Service, ServiceExt};
 use tower_key_rotation::classify::Outcome;
+use tower_key_rotation::pool::Lease;
 use tower_key_rotation::route::{RequestHead, Route, Router};
-use tower_key_rotation::{ApiKey, KeyPool, KeySet, KeySpec, Lease};
+use tower_key_rotation::{ApiKey, KeyPool, KeyRotation, KeySet, KeySpec};
 
 /// Reads the session from the `x-session-id` header.
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +40,7 @@ fn route(pool: &KeyPool, session: Option<&str>) -> Route {
         request = request.header("x-session-id", session);
     }
     let request = request.body(()).unwrap();
-    pool.route(&RequestHead::from(&request))
+    pool.route(&RequestHead::of(&request))
 }
 
 fn reserve(pool: &KeyPool, session: Option<&str>) -> Lease {
@@ -156,7 +162,7 @@ async fn removing_a_key_moves_only_its_sessions() {
     let moved = all
         .iter()
         .zip(&before)
-        .filter(|(s, &was)| {
+        .filter(|&(s, &was)| {
             let now = reserve(&pool, Some(s)).position();
             let same = match was {
                 1 | 2 => now == was,
@@ -168,4 +174,123 @@ async fn removing_a_key_moves_only_its_sessions() {
         })
         .count();
     assert!(moved > 300, "{moved} sessions were on the removed key");
+}
+
+/// Echoes the key it was given in `x-key`.
+fn echo() -> tower::util::BoxCloneSyncService<Request<()>, Response<Full<Bytes>>, Infallible> {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(|req: Request<()>| async move {
+        let mut response = Response::new(Full::new(Bytes::new()));
+        if let Some(key) = req.headers().get("authorization") {
+            response.headers_mut().insert("x-key", key.clone());
+        }
+        Ok::<_, Infallible>(response)
+    }))
+}
+
+fn session_request(session: &str) -> Request<()> {
+    Request::post("http://provider.test/v1/chat/completions")
+        .header("x-session-id", session)
+        .body(())
+        .unwrap()
+}
+
+/// A pool of 3 keys, 1 in flight each; a session and its order of keys.
+fn capped_pool() -> (KeyPool, &'static str, Vec<usize>) {
+    let pool = KeyPool::builder(KeySet::parse("k1,k2,k3").unwrap())
+        .max_in_flight_per_key(1)
+        .router(SessionHeader)
+        .build();
+    let session = "conversation-3";
+    let order = pool.affinity_order(&route(&pool, Some(session)));
+    (pool, session, order)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_waits_for_its_sessions_busy_key_and_takes_it_when_freed() {
+    let (pool, session, order) = capped_pool();
+    let held = pool
+        .try_reserve_where(|p| p == order[0])
+        .expect("the session's key");
+    let mut service = KeyRotation::new(echo(), pool.clone());
+    let call = service
+        .ready()
+        .await
+        .unwrap()
+        .call(session_request(session));
+    let call = tokio::spawn(call);
+    // Two other keys are free, but the session's own comes back sooner than the affinity
+    // wait: the request waits for it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!call.is_finished());
+    assert_eq!(pool.waiting(), 1);
+    drop(held);
+    let answer = call.await.unwrap().unwrap();
+    assert_eq!(answer.headers()["x-key"], format!("Bearer k{}", order[0]));
+    assert_eq!(pool.snapshot()[order[0] - 1].affinity_hits, 1);
+    assert_eq!(pool.waiting(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_spills_when_its_sessions_key_stays_busy_past_the_affinity_wait() {
+    let (pool, session, order) = capped_pool();
+    let _held = pool
+        .try_reserve_where(|p| p == order[0])
+        .expect("the session's key");
+    let mut service = KeyRotation::new(echo(), pool.clone());
+    let started = Instant::now();
+    let answer = service
+        .ready()
+        .await
+        .unwrap()
+        .call(session_request(session))
+        .await
+        .unwrap();
+    // 500 ms, the default affinity wait, then the next key of the session's order.
+    assert_eq!(started.elapsed(), Duration::from_millis(500));
+    assert_eq!(answer.headers()["x-key"], format!("Bearer k{}", order[1]));
+    assert_eq!(pool.snapshot()[order[1] - 1].affinity_spills, 1);
+    assert_eq!(pool.affinity_remembered(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_spills_at_once_when_its_sessions_key_rests_longer_than_the_affinity_wait() {
+    let (pool, session, order) = capped_pool();
+    pool.try_reserve_where(|p| p == order[0])
+        .unwrap()
+        .record(Outcome::RateLimited {
+            retry_after: Some(Duration::from_secs(5)),
+        });
+    let mut service = KeyRotation::new(echo(), pool.clone());
+    let started = Instant::now();
+    let answer = service
+        .ready()
+        .await
+        .unwrap()
+        .call(session_request(session))
+        .await
+        .unwrap();
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(answer.headers()["x-key"], format!("Bearer k{}", order[1]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_sessions_is_remembered_within_the_bound() {
+    let pool = KeyPool::builder(KeySet::parse("k1,k2").unwrap())
+        .router(SessionHeader)
+        .affinity_capacity(1000)
+        .build();
+    pool.try_reserve_where(|p| p == 1)
+        .unwrap()
+        .record(Outcome::RateLimited {
+            retry_after: Some(Duration::from_secs(60)),
+        });
+    // 20,000 sessions, about half of which spill from key 1 to key 2.
+    for session in sessions(20_000) {
+        assert_eq!(reserve(&pool, Some(&session)).position(), 2);
+    }
+    let remembered = pool.affinity_remembered();
+    assert!(
+        (900..=1024).contains(&remembered),
+        "{remembered} remembered"
+    );
 }

@@ -44,8 +44,8 @@ use super::slot::{Slot, Taken};
 use super::state::Availability;
 use super::table::Table;
 use super::{KeyPool, LazyNow, PoolInner};
-use crate::route::Route;
 use crate::pool_time::PoolTime;
+use crate::route::Route;
 
 /// How long a request waits for its session's key by default
 /// ([`KeyPoolBuilder::affinity_wait`](super::KeyPoolBuilder::affinity_wait)).

@@ -45,9 +45,9 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
+use super::affinity::Patience;
 use super::lease::Lease;
 use super::state::PoolAvailability;
-use super::affinity::Patience;
 use super::{KeyPool, Signals};
 use crate::error::{AllKeysDisabled, NoKeyAvailable};
 use crate::route::Route;

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use forward_proxy::{
-    KeysFrom, ListenAddr, LogFormat, Profile, ProxyConfig, RedisConfig, RedisUrl,
-    UpstreamUrl,
+    KeysFrom, ListenAddr, LogFormat, Profile, ProxyConfig, RedisConfig, RedisUrl, UpstreamUrl,
 };
 use http::HeaderName;
 use tower_key_rotation::shared::DegradedPolicy;

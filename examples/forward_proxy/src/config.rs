@@ -126,7 +126,6 @@ impl Default for AffinityConfig {
         }
     }
 }
-}
 
 impl ProxyConfig {
     /// The configuration forwarding to `upstream`, all else as the command line's
