@@ -66,8 +66,7 @@ mod tls;
 mod upstream;
 
 pub use config::{
-    AffinityConfig, AffinityMode, KeysFrom, ListenAddr, LogFormat, ParseError, Profile,
-    ProxyConfig, UpstreamUrl,
+    AffinityConfig, KeysFrom, ListenAddr, LogFormat, ParseError, Profile, ProxyConfig, UpstreamUrl,
 };
 pub use error::StartError;
 pub use proxy::Proxy;

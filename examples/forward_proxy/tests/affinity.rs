@@ -43,7 +43,6 @@ struct Served {
     session: String,
     turn: usize,
     key: usize,
-    prompt: u64,
     cached: u64,
 }
 
@@ -124,7 +123,6 @@ async fn cache_provider(
                 session,
                 turn,
                 key,
-                prompt,
                 cached,
             });
             if let Some((resting, after, rest_for)) = provider.rest {
