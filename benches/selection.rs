@@ -21,6 +21,9 @@
 //! remembered), and for requests naming no session, beside plain round-robin and
 //! least-in-flight over the same pool.
 //!
+//! Before that group, the bench counts the allocations of 10,000 such selections (spills and
+//! remembered sessions included) with a counting global allocator, and stops if there is one.
+//!
 //! ```sh
 //! cargo bench --bench selection
 //! cargo bench --bench selection -- 'selection_1_thread/round_robin'   # a subset
@@ -35,7 +38,10 @@ use std::sync::{Barrier, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use std::alloc::System;
+
 use criterion::{BenchmarkId, Criterion, Throughput};
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use tokio::time::Instant;
 use tower::Service;
 use tower::balance::p2c::Balance;
@@ -43,6 +49,11 @@ use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
 use tower_key_rotation::route::{RequestHead, Route, Router};
 use tower_key_rotation::{Backoff, KeyPool, KeySet, Selection, classify::Outcome};
+
+/// Counts allocations, for the affinity group's check (selection allocates nothing, so the
+/// count costs the measured loops nothing).
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 const KEY_COUNTS: [usize; 5] = [1, 3, 16, 256, 4096];
 const COOLING_PERCENT: [usize; 3] = [0, 50, 90];
@@ -256,8 +267,23 @@ fn route_and_release(pool: &KeyPool, routes: &[Route], iters: u64) -> Duration {
     start.elapsed()
 }
 
+/// Allocations of 10,000 selections with affinity over 16 keys, half of them resting (so
+/// half the sessions spill, and are remembered), after one pass that allocates the memory
+/// of spilled sessions (once per pool).
+fn affinity_allocations() -> usize {
+    let pool = pool(16, Selection::RoundRobin, 50);
+    let sessions = routes(&pool, 4096);
+    route_and_release(&pool, &sessions, 4096);
+    let region = Region::new(GLOBAL);
+    route_and_release(&pool, &sessions, 10_000);
+    region.change().allocations
+}
+
 /// Route-aware selection: affinity beside round-robin and least-in-flight.
 fn selection_affinity(c: &mut Criterion) {
+    let allocations = affinity_allocations();
+    println!("selection with affinity: {allocations} allocations in 10,000 requests");
+    assert_eq!(allocations, 0, "selection with affinity allocated");
     let mut group = c.benchmark_group("selection_affinity");
     group
         .throughput(Throughput::Elements(1))

@@ -216,15 +216,13 @@ async fn conversations(url: &str, name_sessions: bool) -> Run {
     Arc::try_unwrap(run).unwrap().into_inner().unwrap()
 }
 
+/// A session's turns in order: (turn, key, cached tokens).
+type Turns = Vec<(usize, usize, u64)>;
+
 /// Requests served per key (1-based), and which keys each session used, in order.
-fn placement(
-    served: &[Served],
-) -> (
-    BTreeMap<usize, usize>,
-    HashMap<String, Vec<(usize, usize, u64)>>,
-) {
+fn placement(served: &[Served]) -> (BTreeMap<usize, usize>, HashMap<String, Turns>) {
     let mut per_key = BTreeMap::new();
-    let mut sessions: HashMap<String, Vec<(usize, usize, u64)>> = HashMap::new();
+    let mut sessions: HashMap<String, Turns> = HashMap::new();
     for s in served {
         *per_key.entry(s.key).or_default() += 1;
         sessions
