@@ -213,7 +213,7 @@ pub(crate) struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 32 << 20, help_heading = LIMITS)]
     max_body_size: u64,
 
-    /// Send requests that name a session to its own key: session (default) or off
+    /// Keep a session's requests on one key: session (default) or off
     ///
     /// `session`: a request naming a session (`prompt_cache_key`, `metadata.user_id` or
     /// `user` in its JSON body, else the --affinity-header) goes to that session's key,
@@ -230,11 +230,11 @@ pub(crate) struct Args {
     )]
     affinity: AffinityArg,
 
-    /// The header naming a session when the body names none
+    /// Header naming a session when the body does not
     #[arg(long, value_name = "NAME", default_value = "x-session-id", value_parser = parse_header_name, help_heading = AFFINITY)]
     affinity_header: HeaderName,
 
-    /// Wait this long for a session's key that comes back soon
+    /// Wait for a session's busy key this long
     ///
     /// When a session's key cannot take its request now (resting, at its limit), the
     /// request waits for it this long if it comes back sooner, else goes at once to the
@@ -242,14 +242,16 @@ pub(crate) struct Args {
     #[arg(long, value_name = "SECONDS", default_value = "0.5", value_parser = seconds, help_heading = AFFINITY)]
     affinity_wait: Duration,
 
-    /// Remember where a session spilled this long after its last request
+    /// Remember a spilled session this long
     ///
-    /// The providers' prompt-cache lifetime: a session that went to another key stays
+    /// Counted from the session's last request: the providers' prompt-cache lifetime: a session that went to another key stays
     /// there, where its cache is now warm.
     #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = seconds, help_heading = AFFINITY)]
     affinity_ttl: Duration,
 
-    /// Remember at most N spilled sessions (8 bytes each)
+    /// Remember at most N spilled sessions
+    ///
+    /// 8 bytes each, allocated at the first spill; past it the oldest of a few is forgotten.
     #[arg(long, value_name = "N", default_value_t = 1 << 17, help_heading = AFFINITY)]
     affinity_sessions: usize,
 
