@@ -230,7 +230,10 @@ pub(crate) struct Args {
     )]
     affinity: AffinityArg,
 
-    /// Header naming a session when the body does not
+    /// Header naming a session
+    ///
+    /// Read when the JSON body names no session (`prompt_cache_key`, `metadata.user_id`,
+    /// `user`).
     #[arg(long, value_name = "NAME", default_value = "x-session-id", value_parser = parse_header_name, help_heading = AFFINITY)]
     affinity_header: HeaderName,
 
