@@ -100,7 +100,13 @@ impl KeyPool {
         match route.affinity {
             // A retry: the next allowed key of the session's order, at once.
             Some(id) => self.reserve_affinity(id, Patience::None, allowed).ok(),
-            None => self.try_reserve_where(allowed),
+            // As an unrouted call does (a key reserved in `poll_ready`, traded in `call` if
+            // the request was refused on it): the next key in rotation if allowed, so that
+            // the rotation moves on as it would without a router.
+            None => self
+                .try_reserve()
+                .filter(|lease| allowed(lease.position()))
+                .or_else(|| self.try_reserve_where(allowed)),
         }
     }
 }
