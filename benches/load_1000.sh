@@ -35,9 +35,7 @@ source benches/proxy_bench_lib.sh
 install_missing
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-log "building examples/forward_proxy (release)"
-cargo build --release --quiet -p forward_proxy
-PROXY_BIN=target/release/forward_proxy
+PROXY_BIN=$(proxy_bin)
 
 # 1,000 client sockets, 1,000 proxy sockets and the proxy's upstream connections.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

@@ -57,7 +57,7 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 PROXY_BIN=${PROXY_BIN:-}
 if [ -z "$PROXY_BIN" ]; then
     cargo build --release --quiet -p forward_proxy
-    PROXY_BIN=target/release/forward_proxy
+    PROXY_BIN=${CARGO_TARGET_DIR:-target}/release/forward_proxy
 fi
 
 mkdir -p "$OUT"

@@ -45,8 +45,9 @@ read -r -a EXTRA_ARGS <<<"${PROXY_EXTRA_ARGS:-}"
 OUT=${OUT:-target/proxy_load}
 KEYS="k1,k2,k3"
 
-# Shared with load_1000.sh: log, install_missing, PIDS/cleanup, wait_ready, nginx_conf,
-# CHAT, write_post_lua, parse_wrk, cpu_ticks, rss_kib.
+# Shared with the other proxy scripts: log, install_missing, PIDS/cleanup, wait_ready,
+# nginx_conf, CHAT, write_post_lua, parse_wrk, cpu_ticks, rss_kib, proxy_bin,
+# raise_priority.
 # shellcheck source=benches/proxy_bench_lib.sh
 source benches/proxy_bench_lib.sh
 install_missing
@@ -56,12 +57,8 @@ if [ ! -e examples/forward_proxy/Cargo.toml ]; then
     echo "examples/forward_proxy has not landed yet: nothing to measure for (b)." >&2
     exit 2
 fi
-PROXY_BIN=${PROXY_BIN:-}
-if [ -z "$PROXY_BIN" ]; then
-    log "building examples/forward_proxy (release)"
-    cargo build --release --quiet -p forward_proxy
-    PROXY_BIN=target/release/forward_proxy
-fi
+PROXY_BIN=$(proxy_bin)
+raise_priority
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 mkdir -p "$OUT"
