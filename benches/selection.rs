@@ -15,6 +15,15 @@
 //! slowest thread's time reported), and `Throughput::Elements(threads)` makes criterion report
 //! the total selections per second, so 1 and 2 threads compare directly.
 //!
+//! `selection_affinity` puts the route-aware selection beside them, one thread, 3 to 256
+//! keys: `KeyPool::try_reserve_route` for requests of 4,096 sessions in turn (each to its
+//! key: no spill), the same with half the keys resting (half the sessions spilled and
+//! remembered), and for requests naming no session, beside plain round-robin and
+//! least-in-flight over the same pool.
+//!
+//! Before that group, the bench counts the allocations of 10,000 such selections (spills and
+//! remembered sessions included) with a counting global allocator, and stops if there is one.
+//!
 //! ```sh
 //! cargo bench --bench selection
 //! cargo bench --bench selection -- 'selection_1_thread/round_robin'   # a subset
@@ -29,18 +38,37 @@ use std::sync::{Barrier, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use std::alloc::System;
+
 use criterion::{BenchmarkId, Criterion, Throughput};
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use tokio::time::Instant;
 use tower::Service;
 use tower::balance::p2c::Balance;
 use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
+use tower_key_rotation::route::{RequestHead, Route, Router};
 use tower_key_rotation::{Backoff, KeyPool, KeySet, Selection, classify::Outcome};
+
+/// Counts allocations, for the affinity group's check (selection allocates nothing, so the
+/// count costs the measured loops nothing).
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 const KEY_COUNTS: [usize; 5] = [1, 3, 16, 256, 4096];
 const COOLING_PERCENT: [usize; 3] = [0, 50, 90];
 /// Longer than any benchmark run: a cooled key stays cooled throughout.
 const LONG_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// The session of a request: its `x-session-id` header.
+#[derive(Debug)]
+struct SessionHeader;
+
+impl Router for SessionHeader {
+    fn affinity<'a>(&self, head: &RequestHead<'a>) -> Option<&'a [u8]> {
+        head.headers.get("x-session-id").map(|v| v.as_bytes())
+    }
+}
 
 /// A pool of `n` keys, `cooling_percent` of which (rounded down, evenly spread) are cooling
 /// down after a 429 with a day-long `Retry-After`.
@@ -52,6 +80,7 @@ fn pool(n: usize, strategy: Selection, cooling_percent: usize) -> KeyPool {
     let pool = KeyPool::builder(KeySet::parse(&list).expect("valid keys"))
         .selection(strategy)
         .backoff(Backoff::default().max_retry_after(LONG_RETRY_AFTER))
+        .router(SessionHeader)
         .build();
     let cooling = n * cooling_percent / 100;
     for index in (0..n).filter(|&i| (i + 1) * cooling / n != i * cooling / n) {
@@ -262,10 +291,91 @@ fn buckets(c: &mut Criterion) {
     group.finish();
 }
 
+/// The routes of requests of `sessions` sessions (`0`: one route naming no session).
+fn routes(pool: &KeyPool, sessions: usize) -> Vec<Route> {
+    let heads = (0..sessions.max(1)).map(|i| {
+        let mut request = http::Request::post("http://provider.test/v1/chat/completions");
+        if sessions > 0 {
+            request = request.header("x-session-id", format!("conversation-{i}"));
+        }
+        request.body(()).expect("a valid request")
+    });
+    heads
+        .map(|request| pool.route(&RequestHead::of(&request)))
+        .collect()
+}
+
+/// `try_reserve_route` and the lease dropped, over `routes` in turn, `iters` times.
+fn route_and_release(pool: &KeyPool, routes: &[Route], iters: u64) -> Duration {
+    let start = Instant::now();
+    let mut next = 0;
+    for _ in 0..iters {
+        let lease = black_box(pool.try_reserve_route(&routes[next]));
+        debug_assert!(lease.is_some());
+        drop(lease);
+        next += 1;
+        if next == routes.len() {
+            next = 0;
+        }
+    }
+    start.elapsed()
+}
+
+/// Allocations of 10,000 selections with affinity over 16 keys, half of them resting (so
+/// half the sessions spill, and are remembered), after one pass that allocates the memory
+/// of spilled sessions (once per pool).
+fn affinity_allocations() -> usize {
+    let pool = pool(16, Selection::RoundRobin, 50);
+    let sessions = routes(&pool, 4096);
+    route_and_release(&pool, &sessions, 4096);
+    let region = Region::new(GLOBAL);
+    route_and_release(&pool, &sessions, 10_000);
+    region.change().allocations
+}
+
+/// Route-aware selection: affinity beside round-robin and least-in-flight.
+fn selection_affinity(c: &mut Criterion) {
+    let allocations = affinity_allocations();
+    println!("selection with affinity: {allocations} allocations in 10,000 requests");
+    assert_eq!(allocations, 0, "selection with affinity allocated");
+    let mut group = c.benchmark_group("selection_affinity");
+    group
+        .throughput(Throughput::Elements(1))
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50);
+    for n in [3, 16, 256] {
+        for (strategy, name) in [
+            (Selection::RoundRobin, "round_robin"),
+            (Selection::LeastInFlight, "least_in_flight"),
+        ] {
+            let pool = pool(n, strategy, 0);
+            group.bench_with_input(BenchmarkId::new(name, n), &pool, |b, pool| {
+                b.iter_custom(|iters| contended(1, iters, || reserve_and_release(pool)));
+            });
+            let no_session = routes(&pool, 0);
+            let id = BenchmarkId::new(format!("{name}_route_without_session"), n);
+            group.bench_with_input(id, &pool, |b, pool| {
+                b.iter_custom(|iters| route_and_release(pool, &no_session, iters));
+            });
+        }
+        for cooling in [0, 50] {
+            let pool = pool(n, Selection::RoundRobin, cooling);
+            let sessions = routes(&pool, 4096);
+            let id = BenchmarkId::new(format!("affinity_cooling_{cooling}%"), n);
+            group.bench_with_input(id, &pool, |b, pool| {
+                b.iter_custom(|iters| route_and_release(pool, &sessions, iters));
+            });
+        }
+    }
+    group.finish();
+}
+
 // `criterion_main!` spelled out: the macro's generated `pub fn` would trip `missing_docs`.
 fn main() {
     let mut criterion = Criterion::default().configure_from_args();
     selection(&mut criterion);
     buckets(&mut criterion);
+    selection_affinity(&mut criterion);
     criterion.final_summary();
 }

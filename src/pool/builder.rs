@@ -7,6 +7,7 @@ use crate::sync::{AtomicU32, Notify};
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
+use super::affinity::Affinity;
 use super::slot::Slot;
 use super::table::Table;
 use super::{BucketStates, KeyPool, Padded, PoolInner, Selection, Signals};
@@ -31,6 +32,9 @@ pub struct KeyPoolBuilder {
     pub(super) classifier: Classifier,
     pub(super) learn_concurrency: bool,
     pub(super) max_wait: Option<Duration>,
+    pub(super) affinity_wait: Duration,
+    pub(super) affinity_ttl: Duration,
+    pub(super) affinity_capacity: usize,
     pub(super) backend: Option<Arc<dyn StateBackend>>,
     pub(super) degraded: DegradedPolicy,
     pub(super) router: Option<Arc<dyn Router>>,
@@ -106,6 +110,34 @@ impl KeyPoolBuilder {
     /// [`retry_after`](crate::NoKeyAvailable::retry_after), rather than at the end of the budget.
     pub fn max_wait(mut self, max_wait: Option<Duration>) -> Self {
         self.max_wait = max_wait;
+        self
+    }
+
+    /// How long a request of a session waits for its session's key when that key cannot
+    /// take it now but comes back sooner (default 500 ms): a request ends on it, or its
+    /// rest ends or its quota refills within this time. Past it, or when the key comes back
+    /// later, the request spills at once to the next key of the session's order. Zero:
+    /// spill at once. Waiting stays within [`max_wait`](Self::max_wait).
+    ///
+    /// Only requests that carry an affinity id wait so.
+    pub fn affinity_wait(mut self, wait: Duration) -> Self {
+        self.affinity_wait = wait;
+        self
+    }
+
+    /// How long a session that spilled to another key is remembered after its last request
+    /// (default 5 minutes, the providers' prompt-cache lifetime): its requests go to that
+    /// key (now warm) first, not back to its preferred key.
+    pub fn affinity_ttl(mut self, ttl: Duration) -> Self {
+        self.affinity_ttl = ttl;
+        self
+    }
+
+    /// Spilled sessions remembered at most (default 131,072; 8 bytes each, allocated on the
+    /// first spill). Past it, the oldest of a few entries is forgotten (its session goes
+    /// back to its preferred key). Zero: spilled sessions are not remembered.
+    pub fn affinity_capacity(mut self, sessions: usize) -> Self {
+        self.affinity_capacity = sessions;
         self
     }
 
@@ -202,6 +234,8 @@ impl KeyPoolBuilder {
                 epoch: Instant::now(),
                 waiters: Padded::default(),
                 notify: Arc::new(Notify::new()),
+                patient: Padded::default(),
+                patient_notify: Arc::new(Notify::new()),
                 pool: pool.clone(),
                 shared: shared.clone(),
                 fan_out: self.router.is_some(),
@@ -225,6 +259,11 @@ impl KeyPoolBuilder {
                 default_cap: self.cap,
                 default_quota: self.quota,
                 cursor: Padded::default(),
+                affinity: Affinity::new(
+                    self.affinity_wait,
+                    self.affinity_ttl,
+                    self.affinity_capacity,
+                ),
                 reload: Mutex::new(()),
                 router: self.router,
                 buckets: Buckets::new(self.max_buckets),

@@ -70,6 +70,7 @@
 //! | `shared` | what a state backend reads from the pool and applies to it |
 //! | `builder` | the settings |
 
+mod affinity;
 mod bucket;
 mod builder;
 mod events;
@@ -165,6 +166,8 @@ pub(crate) struct PoolInner {
     default_cap: u32,
     default_quota: Option<Quota>,
     cursor: Padded<AtomicUsize>,
+    /// Affinity's settings and its memory of spilled sessions.
+    affinity: affinity::Affinity,
     /// Serialises reloads (readers never take it).
     reload: Mutex<()>,
     /// Reads each request's route; `None`: keys are reserved in `poll_ready`.
@@ -189,6 +192,10 @@ struct Signals {
     epoch: Instant,
     waiters: Padded<AtomicUsize>,
     notify: Arc<Notify>,
+    /// Requests waiting for their session's own key (see `affinity`), and their wake-up:
+    /// apart from `waiters`, whose `notify_one` a request that wants one key must not take.
+    patient: Padded<AtomicUsize>,
+    patient_notify: Arc<Notify>,
     /// For the rare paths that need every key (an account-wide limit).
     pool: Weak<PoolInner>,
     /// The state shared with other replicas, if a backend is set.
@@ -232,6 +239,9 @@ impl KeyPool {
             classifier: Classifier::default(),
             learn_concurrency: true,
             max_wait: Some(builder::DEFAULT_MAX_WAIT),
+            affinity_wait: affinity::DEFAULT_WAIT,
+            affinity_ttl: affinity::DEFAULT_TTL,
+            affinity_capacity: affinity::DEFAULT_CAPACITY,
             backend: None,
             degraded: Default::default(),
             router: None,
@@ -319,11 +329,11 @@ impl KeyPool {
 
     /// Requests waiting for a key right now (in `KeyRotation::poll_ready`).
     pub fn waiting(&self) -> usize {
+        let count = |signals: &Signals| {
+            signals.waiters.load(Ordering::Relaxed) + signals.patient.load(Ordering::Relaxed)
+        };
         let buckets = self.inner.bucket_states.iter().flat_map(BucketStates::iter);
-        self.inner.signals.waiters.load(Ordering::Relaxed)
-            + buckets
-                .map(|bucket| bucket.signals.waiters.load(Ordering::Relaxed))
-                .sum::<usize>()
+        count(&self.inner.signals) + buckets.map(|bucket| count(&bucket.signals)).sum::<usize>()
     }
 
     /// Per-key statistics, in position order. Never contains a key value.
@@ -438,6 +448,8 @@ fn slot_stats(slot: &slot::Slot, now: &mut LazyNow<'_>) -> KeyStats {
         rate_limited: slot.rate_limited.load(Ordering::Relaxed),
         failures: slot.failures.load(Ordering::Relaxed),
         rejected: slot.rejected.load(Ordering::Relaxed),
+        affinity_hits: slot.affinity_hits.load(Ordering::Relaxed),
+        affinity_spills: slot.affinity_spills.load(Ordering::Relaxed),
         in_flight,
         sent,
         reserved: in_flight.saturating_sub(sent),
@@ -477,6 +489,9 @@ impl fmt::Debug for KeyPool {
             )
             .field("quota_per_key", &inner.default_quota)
             .field("backoff", &inner.signals.backoff)
+            .field("affinity_wait", &inner.affinity.wait)
+            .field("affinity_ttl", &inner.affinity.ttl())
+            .field("affinity_capacity", &inner.affinity.capacity())
             .finish()
     }
 }
@@ -503,6 +518,11 @@ impl Signals {
         PoolTime::after_epoch(Instant::now().saturating_duration_since(self.epoch))
     }
 
+    /// The pool time of an instant.
+    fn pool_time(&self, at: Instant) -> PoolTime {
+        PoolTime::after_epoch(at.saturating_duration_since(self.epoch))
+    }
+
     /// The instant of a pool time.
     fn instant(&self, at: PoolTime) -> Instant {
         self.epoch + at.since_epoch()
@@ -511,6 +531,11 @@ impl Signals {
     fn wake_one(&self) {
         if self.waiters.load(Ordering::SeqCst) != 0 {
             self.notify.notify_one();
+        }
+        // Requests waiting for their session's own key (affinity) each wait for one key:
+        // a release wakes them all, so that none takes a wake-up another could use.
+        if self.patient.load(Ordering::SeqCst) != 0 {
+            self.patient_notify.notify_waiters();
         }
     }
 
@@ -557,6 +582,8 @@ impl Signals {
             epoch: self.epoch,
             waiters: Padded::default(),
             notify: Arc::new(Notify::new()),
+            patient: Padded::default(),
+            patient_notify: Arc::new(Notify::new()),
             pool: self.pool.clone(),
             // Buckets are this replica's own (see `shared`): the key's account-wide state
             // is what the replicas share.

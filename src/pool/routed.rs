@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::KeyPool;
+use super::affinity::Patience;
 use super::lease::Lease;
 use crate::route::{BucketId, RequestHead, Route, affinity_hash};
 
@@ -42,10 +43,54 @@ impl KeyPool {
 
     /// Reserves a key that can take a request of `route` now, or `None`. Without a bucket
     /// or affinity in the route, as [`try_reserve`](Self::try_reserve).
+    ///
+    /// A route with an affinity (a request naming its session) takes its session's own key:
+    /// the key it last spilled to if remembered, else its preferred key. When that key
+    /// cannot take it now, the request spills to the next key of the session's order that
+    /// can, unless its key comes back within the
+    /// [affinity wait](super::KeyPoolBuilder::affinity_wait): then `None`, and a caller
+    /// that waits ([`KeyRotation`](crate::KeyRotation) does) gets that key when it comes
+    /// back, or spills at the end of the affinity wait.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_key_rotation::route::{RequestHead, Router};
+    /// use tower_key_rotation::{KeyPool, KeySet};
+    ///
+    /// #[derive(Debug)]
+    /// struct SessionHeader;
+    ///
+    /// impl Router for SessionHeader {
+    ///     fn affinity<'a>(&self, head: &RequestHead<'a>) -> Option<&'a [u8]> {
+    ///         head.headers.get("x-session-id").map(|v| v.as_bytes())
+    ///     }
+    /// }
+    ///
+    /// let pool = KeyPool::builder(KeySet::parse("k1,k2,k3")?)
+    ///     .router(SessionHeader)
+    ///     .build();
+    /// let request = http::Request::builder()
+    ///     .header("x-session-id", "conversation-42")
+    ///     .body(())?;
+    /// let route = pool.route(&RequestHead::of(&request));
+    /// let first = pool.try_reserve_route(&route).expect("a free key").position();
+    /// // Every request of the session goes to the same key.
+    /// for _ in 0..10 {
+    ///     assert_eq!(pool.try_reserve_route(&route).unwrap().position(), first);
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn try_reserve_route(&self, route: &Route) -> Option<Lease> {
-        match self.inner.bucket_state(route.bucket) {
-            Some(bucket) => self.inner.try_reserve_in(bucket),
-            None => self.try_reserve(),
+        let bucket = self.inner.bucket_state(route.bucket);
+        match (route.affinity, bucket) {
+            (Some(id), bucket) => self
+                .reserve_affinity(id, bucket, Patience::For(self.inner.affinity.wait), |_| {
+                    true
+                })
+                .ok(),
+            (None, Some(bucket)) => self.inner.try_reserve_in(bucket),
+            (None, None) => self.try_reserve(),
         }
     }
 
@@ -56,9 +101,20 @@ impl KeyPool {
         route: &Route,
         allowed: impl Fn(usize) -> bool,
     ) -> Option<Lease> {
-        match self.inner.bucket_state(route.bucket) {
-            Some(bucket) => self.inner.try_reserve_in_where(bucket, allowed),
-            None => self.try_reserve_where(allowed),
+        let bucket = self.inner.bucket_state(route.bucket);
+        match (route.affinity, bucket) {
+            // A retry: the next allowed key of the session's order, at once.
+            (Some(id), bucket) => self
+                .reserve_affinity(id, bucket, Patience::None, allowed)
+                .ok(),
+            (None, Some(bucket)) => self.inner.try_reserve_in_where(bucket, allowed),
+            // As an unrouted call does (a key reserved in `poll_ready`, traded in `call` if
+            // the request was refused on it): the next key in rotation if allowed, so that
+            // the rotation moves on as it would without a router.
+            (None, None) => self
+                .try_reserve()
+                .filter(|lease| allowed(lease.position()))
+                .or_else(|| self.try_reserve_where(allowed)),
         }
     }
 }

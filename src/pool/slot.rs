@@ -67,6 +67,10 @@ pub(super) struct Slot {
     /// Such answers in a row, since the key's last accepted answer: a retry that must tell
     /// a bad key from a bad request asks a key whose last answer was accepted first.
     pub(super) rejected_streak: AtomicU32,
+    /// Requests of a session taken by this key as the session's first choice (affinity).
+    pub(super) affinity_hits: AtomicU64,
+    /// Requests of a session that spilled to this key from their first choice (affinity).
+    pub(super) affinity_spills: AtomicU64,
     /// Set by a reload that removed or replaced the key: it finishes its requests in
     /// flight and sends no reservation made earlier.
     pub(super) retired: AtomicBool,
@@ -188,6 +192,8 @@ impl Slot {
             failures: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             rejected_streak: AtomicU32::new(0),
+            affinity_hits: AtomicU64::new(0),
+            affinity_spills: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             cap,
             weight: spec.weight,

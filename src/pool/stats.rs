@@ -31,6 +31,12 @@ pub struct KeyStats {
     /// the same request then succeeded with another key (see
     /// [`RejectedKey`](crate::RejectedKey)).
     pub rejected: u64,
+    /// Requests of a session (with an affinity id) this key took as the session's first
+    /// choice: its preferred key, or the key it last spilled to.
+    pub affinity_hits: u64,
+    /// Requests of a session that spilled to this key because their first choice could not
+    /// take them in time.
+    pub affinity_spills: u64,
     /// Requests reserved or in flight on this key right now: `sent` plus `reserved`.
     pub in_flight: u32,
     /// Of `in_flight`, the requests sent: at the provider, or streaming their answer.

@@ -10,6 +10,7 @@ use std::fmt;
 use std::sync::{Arc, PoisonError};
 
 use super::KeyPool;
+use super::affinity::Ring;
 use super::slot::Slot;
 use crate::key::{KeySet, KeySpec};
 use crate::weights::schedule;
@@ -20,6 +21,8 @@ pub(super) struct Table {
     pub(super) slots: Box<[Arc<Slot>]>,
     /// One period of smooth weighted round-robin (slot indices); `None` if all weights are 1.
     schedule: Option<Box<[u32]>>,
+    /// Every key's place in each session's order (affinity).
+    pub(super) ring: Ring,
 }
 
 impl Table {
@@ -27,6 +30,7 @@ impl Table {
         let weights: Vec<u32> = slots.iter().map(|s| s.weight).collect();
         Self {
             schedule: schedule(&weights),
+            ring: Ring::new(&slots),
             slots: slots.into_boxed_slice(),
         }
     }

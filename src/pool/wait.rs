@@ -26,6 +26,14 @@
 //! that gives up is passed on by `Notify` (tokio's `drop_notified`), and events that
 //! concern every waiter (a reload, a key disabled, a new rest end, a probe answered) use
 //! `notify_waiters`. The loom models in `src/pool/loom_tests.rs` check this protocol.
+//!
+//! A request of a session waiting for its session's own key (affinity: that key comes back
+//! within the affinity wait) wants one key, not any: a `notify_one` it took for a release
+//! of another key would be lost to a caller that could use it. So it registers apart, in
+//! `patient` and on `patient_notify`, by the same protocol, and a release wakes every such
+//! request (`notify_waiters`): each waits at most the affinity wait (500 ms by default).
+//! Events that wake every waiter of the pool (a probe answered, a reload) do not reach
+//! them: they look again when their key's known return or their affinity wait comes.
 
 use crate::sync::{Ordering, OwnedNotified, fence};
 use std::fmt;
@@ -37,6 +45,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
+use super::affinity::Patience;
 use super::lease::Lease;
 use super::state::PoolAvailability;
 use super::{KeyPool, Signals};
@@ -73,14 +82,27 @@ impl KeyPool {
         let bucket = self.inner.bucket_state(route.bucket);
         let signals = bucket.map_or(&self.inner.signals, |bucket| &bucket.signals);
         loop {
-            let lease = match bucket {
-                Some(bucket) => self.inner.try_reserve_in(bucket),
-                None => self.try_reserve(),
+            // A request of a session waits for its session's key a little (`patient`)
+            // before it spills; the affinity wait counts from its first look.
+            let reserved = match route.affinity() {
+                Some(id) => {
+                    let wait = self.inner.affinity.wait;
+                    let patience = match waiter.since {
+                        Some(since) => Patience::Until(self.inner.signals.pool_time(since + wait)),
+                        None => Patience::For(wait),
+                    };
+                    self.reserve_affinity(id, bucket, patience, |_| true)
+                }
+                None => self.try_reserve_route(route).ok_or(None),
             };
-            if let Some(lease) = lease {
-                waiter.disarm();
-                return Poll::Ready(Reserve::Lease(lease));
-            }
+            let patient = match reserved {
+                Ok(lease) => {
+                    waiter.disarm();
+                    return Poll::Ready(Reserve::Lease(lease));
+                }
+                Err(Some(patient)) if patient.free => continue,
+                Err(patient) => patient,
+            };
             let now = Instant::now();
             let started = *waiter.since.get_or_insert(now);
             let availability = self.inner.availability_in(bucket);
@@ -91,6 +113,8 @@ impl KeyPool {
                 )))
             };
             let earliest = match availability {
+                // Waiting for the session's own key while others are free.
+                PoolAvailability::Now if patient.is_some() => None,
                 // Free since `try_reserve` looked: look again.
                 PoolAvailability::Now => continue,
                 PoolAvailability::Never => {
@@ -117,9 +141,23 @@ impl KeyPool {
                 });
                 return give_up(retry_after.max(Duration::from_millis(1)));
             }
-            let Some(armed) = waiter.armed.as_mut() else {
+            // The session's key back, or the end of the affinity wait (then spill).
+            let earliest = match patient {
+                Some(patient) => Some(
+                    patient
+                        .back_at
+                        .map_or(patient.until, |at| at.min(patient.until))
+                        .min(earliest.unwrap_or(patient.until)),
+                ),
+                None => earliest,
+            };
+            let Some(armed) = waiter
+                .armed
+                .as_mut()
+                .filter(|armed| armed.patient == patient.is_some())
+            else {
                 // Register interest, then look again before sleeping.
-                waiter.arm(signals);
+                waiter.arm(signals, patient.is_some());
                 continue;
             };
             if armed.notified.as_mut().poll(cx).is_ready() {
@@ -173,6 +211,8 @@ pub(crate) struct Waiter {
 struct Armed {
     signals: Arc<Signals>,
     notified: Pin<Box<OwnedNotified>>,
+    /// Registered as waiting for its session's own key (`Signals::patient`), not for any.
+    patient: bool,
 }
 
 impl Waiter {
@@ -182,13 +222,26 @@ impl Waiter {
     }
 
     /// Registers interest *before* the caller's last look at the keys (see the module docs).
-    fn arm(&mut self, signals: &Arc<Signals>) {
+    /// `patient`: waiting for one key of a session (affinity), woken by every release
+    /// rather than taking a wake-up meant for a caller that can use any key.
+    fn arm(&mut self, signals: &Arc<Signals>, patient: bool) {
+        // A registration of the other kind goes first (its count with it).
+        self.armed = None;
         let signals = signals.clone();
-        let mut notified = Box::pin(signals.notify.clone().notified_owned());
+        let (notify, count) = if patient {
+            (&signals.patient_notify, &signals.patient)
+        } else {
+            (&signals.notify, &signals.waiters)
+        };
+        let mut notified = Box::pin(notify.clone().notified_owned());
         notified.as_mut().enable();
-        signals.waiters.fetch_add(1, Ordering::SeqCst);
+        count.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        self.armed = Some(Armed { signals, notified });
+        self.armed = Some(Armed {
+            signals,
+            notified,
+            patient,
+        });
     }
 
     /// Done waiting, from outside `poll_reserve` (the caller found a key itself).
@@ -213,7 +266,12 @@ impl Waiter {
 
 impl Drop for Armed {
     fn drop(&mut self) {
-        self.signals.waiters.fetch_sub(1, Ordering::SeqCst);
+        let count = if self.patient {
+            &self.signals.patient
+        } else {
+            &self.signals.waiters
+        };
+        count.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -81,6 +81,8 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
                         "rate_limited": key.rate_limited,
                         "failures": key.failures,
                         "rejected": key.rejected,
+                        "affinity_hits": key.affinity_hits,
+                        "affinity_spills": key.affinity_spills,
                         "disabled": key.disabled,
                         "cooling_down_ms": key.cooling_down_for.map_or(0, |d| d.as_millis() as u64),
                         "quota_wait_ms": key.quota_wait.map_or(0, |d| d.as_millis() as u64),

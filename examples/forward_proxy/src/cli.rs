@@ -251,6 +251,51 @@ pub(crate) struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 32 << 20, help_heading = LIMITS)]
     max_body_size: u64,
 
+    /// Keep a session's requests on one key: session (default) or off
+    ///
+    /// `session`: a request naming a session (`prompt_cache_key`, `metadata.user_id` or
+    /// `user` in its JSON body, else the --affinity-header) goes to that session's key,
+    /// so the provider's prompt cache stays warm; others go by --strategy. `off`: every
+    /// request by --strategy.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        default_value_t = AffinityArg::Session,
+        hide_default_value = true,
+        hide_possible_values = true,
+        help_heading = AFFINITY
+    )]
+    affinity: AffinityArg,
+
+    /// Header naming a session
+    ///
+    /// Read when the JSON body names no session (`prompt_cache_key`, `metadata.user_id`,
+    /// `user`).
+    #[arg(long, value_name = "NAME", default_value = "x-session-id", value_parser = parse_header_name, help_heading = AFFINITY)]
+    affinity_header: HeaderName,
+
+    /// Wait for a session's busy key this long
+    ///
+    /// When a session's key cannot take its request now (resting, at its limit), the
+    /// request waits for it this long if it comes back sooner, else goes at once to the
+    /// next key of the session's own order.
+    #[arg(long, value_name = "SECONDS", default_value = "0.5", value_parser = seconds, help_heading = AFFINITY)]
+    affinity_wait: Duration,
+
+    /// Remember a spilled session this long
+    ///
+    /// Counted from the session's last request: the providers' prompt-cache lifetime: a session that went to another key stays
+    /// there, where its cache is now warm.
+    #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = seconds, help_heading = AFFINITY)]
+    affinity_ttl: Duration,
+
+    /// Remember at most N spilled sessions
+    ///
+    /// 8 bytes each, allocated at the first spill; past it the oldest of a few is forgotten.
+    #[arg(long, value_name = "N", default_value_t = 1 << 17, help_heading = AFFINITY)]
+    affinity_sessions: usize,
+
     /// Replicas sharing state through Redis (see `shared`).
     #[command(flatten)]
     shared: SharedArgs,
@@ -318,6 +363,7 @@ const UPSTREAM: &str = "Upstream";
 const LIMITS: &str = "Limits and waiting";
 /// The heading of the replicas' flags ([`SharedArgs`]).
 const REPLICAS: &str = "Replicas";
+const AFFINITY: &str = "Prompt-cache affinity";
 const ADMIN: &str = "Admin and logs";
 const TIMEOUTS: &str = "Timeouts";
 
@@ -362,6 +408,11 @@ impl Args {
         config.shutdown_timeout = self.shutdown_timeout;
         config.abandoned_grace = self.abandoned_grace;
         config.routing.bucket_by_model = self.buckets == BucketsArg::Model;
+        config.routing.affinity = self.affinity == AffinityArg::Session;
+        config.routing.session_header = self.affinity_header;
+        config.affinity.wait = self.affinity_wait;
+        config.affinity.ttl = self.affinity_ttl;
+        config.affinity.sessions = self.affinity_sessions;
         config
     }
 }
@@ -486,6 +537,19 @@ impl From<StrategyArg> for Selection {
             StrategyArg::LeastInFlight => Selection::LeastInFlight,
         }
     }
+}
+
+/// `--affinity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AffinityArg {
+    /// Requests naming a session go to its key.
+    Session,
+    /// Every request by --strategy.
+    Off,
+}
+
+fn parse_header_name(s: &str) -> Result<HeaderName, String> {
+    HeaderName::try_from(s).map_err(|_| format!("`{s}` is not a valid header name"))
 }
 
 /// `--profile`.

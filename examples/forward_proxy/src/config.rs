@@ -104,6 +104,33 @@ pub struct ProxyConfig {
     /// (`stream_options.include_usage`), and what that adds to the stream is taken out
     /// again: the client gets the bytes it would have got.
     pub count_tokens: bool,
+    /// How a session waits for, spills from, and is remembered on its key
+    /// (`--affinity-wait`, `--affinity-ttl`, `--affinity-sessions`).
+    pub affinity: AffinityConfig,
+}
+
+/// Prompt-cache affinity's settings beyond [`Routing::affinity`] (`--affinity-wait`,
+/// `--affinity-ttl`, `--affinity-sessions`): see the manual's "Prompt-cache affinity".
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AffinityConfig {
+    /// How long a request waits for its session's key when it comes back soon.
+    pub wait: Duration,
+    /// How long a spilled session is remembered after its last request.
+    pub ttl: Duration,
+    /// Spilled sessions remembered at most.
+    pub sessions: usize,
+}
+
+impl Default for AffinityConfig {
+    /// 0.5 s, 5 minutes, 131,072 sessions.
+    fn default() -> Self {
+        Self {
+            wait: Duration::from_millis(500),
+            ttl: Duration::from_secs(300),
+            sessions: 1 << 17,
+        }
+    }
 }
 
 impl ProxyConfig {
@@ -140,6 +167,7 @@ impl ProxyConfig {
             abandoned_grace: Duration::from_secs(30),
             routing: Routing::default(),
             count_tokens: false,
+            affinity: AffinityConfig::default(),
         }
     }
 
@@ -159,7 +187,10 @@ impl ProxyConfig {
                 Classifier::from(self.profile).unreached_if(crate::connections::is_connect_failure),
             )
             .max_wait(Some(self.max_wait))
-            .learn_concurrency(self.learn_concurrency);
+            .learn_concurrency(self.learn_concurrency)
+            .affinity_wait(self.affinity.wait)
+            .affinity_ttl(self.affinity.ttl)
+            .affinity_capacity(self.affinity.sessions);
         if let Some(max) = self.max_in_flight_per_key {
             pool = pool.max_in_flight_per_key(max.get());
         }
@@ -172,8 +203,11 @@ impl ProxyConfig {
         if shared {
             // Buckets are each replica's own (the library shares a key's account-wide state,
             // not its buckets'): replicas sharing a key's cap through Redis keep one state
-            // per key, so that the cap holds across them.
+            // per key, so that the cap holds across them. Routed selection (affinity) is not
+            // yet measured against the store's admission: replicas keep today's selection,
+            // reserved in `poll_ready` and admitted by the store.
             routing.bucket_by_model = false;
+            routing.affinity = false;
         }
         if routing.is_on() {
             pool = pool.router(ProxyRouter(routing, self.profile));

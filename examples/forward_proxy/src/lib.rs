@@ -66,7 +66,9 @@ mod tls;
 mod upstream;
 mod usage;
 
-pub use config::{KeysFrom, ListenAddr, LogFormat, ParseError, Profile, ProxyConfig, UpstreamUrl};
+pub use config::{
+    AffinityConfig, KeysFrom, ListenAddr, LogFormat, ParseError, Profile, ProxyConfig, UpstreamUrl,
+};
 pub use error::StartError;
 pub use proxy::Proxy;
 pub use reload::ReloadHandle;

@@ -180,7 +180,7 @@ impl Collector for KeyCollector {
         crate::shared::encode_metrics(&self.pool, &mut encoder)?;
 
         type Read = fn(&tower_key_rotation::pool::KeyStats) -> u64;
-        let counters: [(&str, &str, Read); 5] = [
+        let counters: [(&str, &str, Read); 7] = [
             ("key_requests", "Requests sent with each key.", |k| {
                 k.requests
             }),
@@ -199,6 +199,16 @@ impl Collector for KeyCollector {
                 "key_rejected",
                 "401/403 answers per key (the key is disabled only when another key then served the same request).",
                 |k| k.rejected,
+            ),
+            (
+                "key_affinity_hits",
+                "Requests of a session sent to the session's own key (its preferred key, or the one it last spilled to), per key.",
+                |k| k.affinity_hits,
+            ),
+            (
+                "key_affinity_spills",
+                "Requests of a session that spilled to this key because their own key could not take them in time.",
+                |k| k.affinity_spills,
             ),
         ];
         for (name, help, read) in counters {

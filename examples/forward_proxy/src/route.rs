@@ -8,9 +8,10 @@ use tower_key_rotation::route::{RequestHead, Router};
 use crate::config::Profile;
 use crate::handler::BodyFields;
 
-/// What the proxy routes requests by. Both off: the key is chosen before the request is
-/// read, as the configured strategy says, and bodies are not looked into. By default each
-/// key is metered apart per model, as providers do (`--buckets none` turns it off).
+/// What the proxy routes requests by. By default each key is metered apart per model,
+/// as providers do (`--buckets none` turns it off), and requests naming a session go to
+/// its key (`--affinity off` turns it off). Both off: the key is chosen before the request
+/// is read, as the configured strategy says, and bodies are not looked into.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Routing {
@@ -28,7 +29,7 @@ impl Default for Routing {
     fn default() -> Self {
         Self {
             bucket_by_model: true,
-            affinity: false,
+            affinity: true,
             session_header: HeaderName::from_static("x-session-id"),
         }
     }

@@ -87,11 +87,12 @@ async fn run_with(args: &[&str]) -> (std::process::ExitStatus, String, String) {
     config.run_to_exit().await
 }
 
-const HEADINGS: [&str; 7] = [
+const HEADINGS: [&str; 8] = [
     "Options:",
     "Keys:",
     "Upstream:",
     "Limits and waiting:",
+    "Prompt-cache affinity:",
     "Replicas:",
     "Admin and logs:",
     "Timeouts:",
