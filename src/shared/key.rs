@@ -119,6 +119,7 @@ pub(crate) struct Cell {
 
 impl Cell {
     /// Leases counted on the key here (admitted, or taken alone while the store was away).
+    #[cfg(feature = "redis")]
     pub(crate) fn count(&self) -> u32 {
         decode(self.word.load(Ordering::SeqCst)).count
     }

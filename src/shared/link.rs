@@ -31,6 +31,7 @@ impl BackendLink {
     }
 
     /// The count cell of the key `id`, if it ever had one here.
+    #[cfg(feature = "redis")]
     pub(crate) fn cell(&self, id: &str) -> Option<Arc<super::key::Cell>> {
         self.shared
             .cells

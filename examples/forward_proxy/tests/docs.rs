@@ -48,7 +48,7 @@ const SKIPPED: &[(&str, &str, &str)] = &[
     ),
     (
         "examples/forward_proxy/README.md",
-        "redis-server --port 6379",
+        "redis-server --bind 127.0.0.1 --port 6379",
         "starts a redis-server and three proxies in the background on fixed ports; \
          examples/forward_proxy/tests/shared.rs runs three proxies over a real redis-server",
     ),
