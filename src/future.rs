@@ -329,6 +329,9 @@ where
     let window_spent = outcome.is_rate_limited()
         && learned_reset_at(response.headers(), std::time::SystemTime::now).is_some();
     lease.record_answer(outcome, window_spent);
+    if response.status().is_success() {
+        lease.confirm_bucket();
+    }
     let rejected = (outcome == Outcome::KeyRejected).then(|| lease.rejected_key());
     let mut response = response.map(|body| body.into().track(lease));
     if outcome != Outcome::Success {

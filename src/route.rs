@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -113,6 +114,9 @@ impl BucketId {
 pub struct Route {
     pub(crate) bucket: BucketId,
     pub(crate) affinity: Option<u64>,
+    /// A name new to the pool, sent in the overflow bucket until the provider accepts a
+    /// request in it (its hash; see `Buckets`).
+    pub(crate) candidate: Option<u64>,
 }
 
 impl Route {
@@ -120,6 +124,7 @@ impl Route {
     pub const ANY: Self = Self {
         bucket: BucketId::DEFAULT,
         affinity: None,
+        candidate: None,
     };
 
     /// The bucket.
@@ -137,21 +142,86 @@ impl Route {
 /// bucket ([`KeyPoolBuilder::max_buckets`](crate::KeyPoolBuilder::max_buckets)).
 pub const DEFAULT_MAX_BUCKETS: usize = 64;
 
+/// Names a request may add before the provider has accepted any request in them: a caller
+/// inventing model names takes at most this many of the pool's bucket ids for good.
+const UNCONFIRMED: usize = 8;
+
+/// Names remembered while they wait for the provider's first acceptance in the overflow
+/// bucket, per generation (two generations: the older is dropped when the newer fills).
+const CANDIDATES: usize = 64;
+
 /// Bucket names interned into small ids: a lookup of a known name reads one map and
-/// allocates nothing; a new name takes a lock once. Bounded: names beyond `max` share
-/// the overflow id, so a caller inventing model names cannot grow the pool's state.
+/// allocates nothing; a new name takes a lock once. Bounded: names beyond `max` share the
+/// overflow id.
+///
+/// Names come from requests, which are untrusted: a name gets an id of its own only once
+/// the provider has accepted a request in it (a 2xx answer, [`Buckets::confirm`]), or
+/// while fewer than [`UNCONFIRMED`] names wait for their first acceptance. Other new names
+/// go to the overflow bucket as candidates, and get their own id with their first accepted
+/// request. So names a provider refuses (made up, misspelt) take at most [`UNCONFIRMED`]
+/// ids, and the models callers really use keep buckets of their own.
 pub(crate) struct Buckets {
     ids: ArcSwap<HashMap<Box<str>, BucketId>>,
-    /// Names by id (index 0: the default bucket's, empty); serialises additions.
-    names: Mutex<Vec<Arc<str>>>,
+    /// Names by id, and how many of them wait for their first acceptance; serialises
+    /// additions.
+    names: Mutex<Names>,
+    /// By id: has the provider accepted a request in this bucket (or did the operator name
+    /// it)? The default and overflow buckets are.
+    confirmed: Box<[AtomicBool]>,
+    /// New names routed to the overflow bucket, by hash, until their first acceptance.
+    candidates: Mutex<Candidates>,
     max: usize,
+}
+
+struct Names {
+    /// Index 0: the default bucket's, empty.
+    by_id: Vec<Arc<str>>,
+    unconfirmed: usize,
+}
+
+/// Two generations of candidate names, so that the table stays bounded however many
+/// names callers make up, while a name in use (noted again with each request) stays.
+#[derive(Default)]
+struct Candidates {
+    current: HashMap<u64, Box<str>>,
+    previous: HashMap<u64, Box<str>>,
+}
+
+impl Candidates {
+    fn note(&mut self, hash: u64, name: &str) {
+        if self.current.contains_key(&hash) {
+            return;
+        }
+        if let Some(name) = self.previous.remove(&hash) {
+            self.current.insert(hash, name);
+            return;
+        }
+        if self.current.len() >= CANDIDATES {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(hash, name.into());
+    }
+
+    fn take(&mut self, hash: u64) -> Option<Box<str>> {
+        self.current
+            .remove(&hash)
+            .or_else(|| self.previous.remove(&hash))
+    }
 }
 
 impl Buckets {
     pub(crate) fn new(max: usize) -> Self {
+        let confirmed: Box<[AtomicBool]> = (0..max + 2).map(|_| AtomicBool::new(false)).collect();
+        confirmed[0].store(true, Ordering::Relaxed);
+        confirmed[max + 1].store(true, Ordering::Relaxed);
         Self {
             ids: ArcSwap::from_pointee(HashMap::new()),
-            names: Mutex::new(vec![Arc::from("")]),
+            names: Mutex::new(Names {
+                by_id: vec![Arc::from("")],
+                unconfirmed: 0,
+            }),
+            confirmed,
+            candidates: Mutex::new(Candidates::default()),
             max,
         }
     }
@@ -161,30 +231,91 @@ impl Buckets {
         BucketId(u16::try_from(self.max + 1).unwrap_or(u16::MAX))
     }
 
-    /// The id of the bucket named `name`, added if new and within the bound.
+    /// The id of the bucket named `name`, added (as accepted) if new and within the bound:
+    /// for names the operator or the program gives, which need no acceptance.
     pub(crate) fn intern(&self, name: &str) -> BucketId {
         if let Some(&id) = self.ids.load().get(name) {
+            self.confirm(id);
             return id;
         }
-        self.add(name)
+        self.add(name, true).0
+    }
+
+    /// The bucket of a request naming `name`: its own if known, or new and within the
+    /// bound of unaccepted names; else the overflow bucket, with the name's hash as a
+    /// candidate to [`confirm_candidate`](Self::confirm_candidate) on acceptance.
+    #[inline]
+    pub(crate) fn route(&self, name: &str) -> (BucketId, Option<u64>) {
+        if let Some(&id) = self.ids.load().get(name) {
+            return (id, None);
+        }
+        self.add(name, false)
     }
 
     #[cold]
-    fn add(&self, name: &str) -> BucketId {
+    fn add(&self, name: &str, accepted: bool) -> (BucketId, Option<u64>) {
         let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
         let ids = self.ids.load();
         if let Some(&id) = ids.get(name) {
-            return id;
+            drop(names);
+            if accepted {
+                self.confirm(id);
+            }
+            return (id, None);
         }
-        if names.len() > self.max {
-            return self.overflow();
+        if names.by_id.len() > self.max {
+            return (self.overflow(), None);
         }
-        let id = BucketId(u16::try_from(names.len()).unwrap_or(u16::MAX));
-        names.push(Arc::from(name));
+        if !accepted && names.unconfirmed >= UNCONFIRMED {
+            drop(names);
+            let hash = affinity_hash(name.as_bytes());
+            self.candidates
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .note(hash, name);
+            return (self.overflow(), Some(hash));
+        }
+        let id = BucketId(u16::try_from(names.by_id.len()).unwrap_or(u16::MAX));
+        names.by_id.push(Arc::from(name));
+        if accepted {
+            self.confirmed[id.index()].store(true, Ordering::Relaxed);
+        } else {
+            names.unconfirmed += 1;
+        }
         let mut next = HashMap::clone(&ids);
         next.insert(Box::from(name), id);
         self.ids.store(Arc::new(next));
-        id
+        (id, None)
+    }
+
+    /// The provider accepted a request in bucket `id`: it no longer counts among the names
+    /// waiting for their first acceptance. One load once confirmed.
+    #[inline]
+    pub(crate) fn confirm(&self, id: BucketId) {
+        let Some(flag) = self.confirmed.get(id.index()) else {
+            return;
+        };
+        if flag.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        if !flag.swap(true, Ordering::Relaxed) {
+            names.unconfirmed -= 1;
+        }
+    }
+
+    /// The provider accepted a request of the candidate name `hash` (sent in the overflow
+    /// bucket): the name gets its own bucket, if there is room.
+    #[cold]
+    pub(crate) fn confirm_candidate(&self, hash: u64) {
+        let name = self
+            .candidates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(hash);
+        if let Some(name) = name {
+            self.intern(&name);
+        }
     }
 
     /// The name of bucket `id` (`None` for the default and overflow buckets).
@@ -193,7 +324,7 @@ impl Buckets {
             return None;
         }
         let names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
-        names.get(id.index()).cloned()
+        names.by_id.get(id.index()).cloned()
     }
 }
 
@@ -236,6 +367,79 @@ mod tests {
         assert_eq!(buckets.name(a).as_deref(), Some("glm-4-plus"));
         assert_eq!(buckets.name(BucketId::DEFAULT), None);
         assert_eq!(buckets.name(buckets.overflow()), None);
+    }
+
+    #[test]
+    fn names_from_requests_take_few_ids_until_the_provider_accepts_them() {
+        let buckets = Buckets::new(DEFAULT_MAX_BUCKETS);
+        // The first few new names get buckets of their own at once...
+        let early: Vec<BucketId> = (0..UNCONFIRMED)
+            .map(|i| {
+                let (id, candidate) = buckets.route(&format!("made-up-{i}"));
+                assert_eq!(candidate, None);
+                id
+            })
+            .collect();
+        assert!(early.iter().all(|&id| id != buckets.overflow()));
+        // ...then, while none of them is accepted, new names share the overflow bucket,
+        // however many a caller makes up.
+        for i in UNCONFIRMED..10_000 {
+            let (id, candidate) = buckets.route(&format!("made-up-{i}"));
+            assert_eq!(id, buckets.overflow());
+            assert!(candidate.is_some());
+        }
+        assert_eq!(buckets.ids.load().len(), UNCONFIRMED);
+        let candidates = buckets.candidates.lock().unwrap();
+        assert!(candidates.current.len() + candidates.previous.len() <= 2 * CANDIDATES);
+        drop(candidates);
+        // A real model's first accepted request, sent in the overflow bucket, gives it a
+        // bucket of its own.
+        let (id, candidate) = buckets.route("glm-4-plus");
+        assert_eq!(id, buckets.overflow());
+        buckets.confirm(id);
+        buckets.confirm_candidate(candidate.unwrap());
+        let (own, candidate) = buckets.route("glm-4-plus");
+        assert_eq!(candidate, None);
+        assert_ne!(own, buckets.overflow());
+        assert_eq!(buckets.name(own).as_deref(), Some("glm-4-plus"));
+        // An early name accepted later frees its place for the next new name.
+        buckets.confirm(early[0]);
+        buckets.confirm(early[0]);
+        let (next, candidate) = buckets.route("glm-4-flash");
+        assert_eq!(candidate, None);
+        assert_ne!(next, buckets.overflow());
+        assert_eq!(buckets.route("glm-4-air").0, buckets.overflow());
+    }
+
+    #[test]
+    fn a_candidate_in_use_outlives_a_flood_of_made_up_names() {
+        let buckets = Buckets::new(DEFAULT_MAX_BUCKETS);
+        for i in 0..UNCONFIRMED {
+            buckets.route(&format!("taken-{i}"));
+        }
+        let (_, real) = buckets.route("gpt-4o");
+        let made_up: Vec<u64> = (1..CANDIDATES)
+            .map(|i| buckets.route(&format!("made-up-{i}")).1.unwrap())
+            .collect();
+        // The table turns over (the older generation goes) as made-up names keep coming...
+        for i in 0..CANDIDATES {
+            buckets.route(&format!("more-{i}"));
+        }
+        // ...but a name in use is noted again by its next request, which keeps it.
+        buckets.route("gpt-4o");
+        buckets.route("one-more");
+        assert!(
+            buckets
+                .candidates
+                .lock()
+                .unwrap()
+                .take(made_up[0])
+                .is_none()
+        );
+        buckets.confirm_candidate(real.unwrap());
+        let (own, candidate) = buckets.route("gpt-4o");
+        assert_eq!(candidate, None);
+        assert_eq!(buckets.name(own).as_deref(), Some("gpt-4o"));
     }
 
     #[test]

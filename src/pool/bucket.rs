@@ -47,6 +47,20 @@ pub(super) struct Bucket {
     /// The waiters of this bucket, the settings every lane needs, and the lowest
     /// concurrency limit a lane of it learned.
     pub(super) signals: Arc<Signals>,
+    /// The pool's bucket names, told when the provider accepts a request in this bucket.
+    pub(super) names: Arc<Buckets>,
+}
+
+impl Bucket {
+    /// The provider accepted a request in this bucket; `candidate`, the request's name if
+    /// it was new and sent in the overflow bucket.
+    #[inline]
+    pub(super) fn confirm(&self, candidate: Option<u64>) {
+        self.names.confirm(BucketId(self.index as u16));
+        if let Some(hash) = candidate {
+            self.names.confirm_candidate(hash);
+        }
+    }
 }
 
 /// The state of each bucket, by id, made on first use.
@@ -78,7 +92,7 @@ impl BucketStates {
     pub(super) fn get(
         &self,
         id: BucketId,
-        names: &Buckets,
+        names: &Arc<Buckets>,
         root: &Signals,
     ) -> Option<&Arc<Bucket>> {
         let entry = self.entries.get(id.index())?;
@@ -86,7 +100,7 @@ impl BucketStates {
     }
 
     #[cold]
-    fn make(id: BucketId, names: &Buckets, root: &Signals) -> Arc<Bucket> {
+    fn make(id: BucketId, names: &Arc<Buckets>, root: &Signals) -> Arc<Bucket> {
         let name: Box<str> = if id == BucketId::DEFAULT {
             DEFAULT.into()
         } else {
@@ -98,6 +112,7 @@ impl BucketStates {
             index: id.index(),
             name,
             signals: Arc::new(root.for_bucket()),
+            names: names.clone(),
         })
     }
 }
@@ -223,7 +238,7 @@ mod tests {
         let held_b = take(&pool, &b).unwrap();
         let route_b = Route {
             bucket: pool.bucket("b"),
-            affinity: None,
+            ..Route::ANY
         };
         let mut waiter = Waiter::new();
         let mut waiting = tokio_test::task::spawn(poll_fn(|cx| {
@@ -250,7 +265,7 @@ mod tests {
         let held: Vec<Lease> = (0..2).map(|_| take(&pool, &b).unwrap()).collect();
         let route_b = Route {
             bucket: pool.bucket("b"),
-            affinity: None,
+            ..Route::ANY
         };
         let mut waiter = Waiter::new();
         let mut waiting = tokio_test::task::spawn(poll_fn(|cx| {

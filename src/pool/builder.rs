@@ -197,7 +197,9 @@ impl KeyPoolBuilder {
     /// At most `max` named buckets are tracked apart (default
     /// [`DEFAULT_MAX_BUCKETS`](crate::route::DEFAULT_MAX_BUCKETS)); requests naming further
     /// buckets share one overflow bucket, so that callers inventing names cannot grow the
-    /// pool's state.
+    /// pool's state. Names read from requests take buckets of their own only once the
+    /// provider accepts a request in them, beyond a few (8) provisional ones (see
+    /// [`KeyPool::route`]); names given in the key set's bucket limits count from the start.
     ///
     /// # Panics
     ///
@@ -266,7 +268,7 @@ impl KeyPoolBuilder {
                 ),
                 reload: Mutex::new(()),
                 router: self.router,
-                buckets: Buckets::new(self.max_buckets),
+                buckets: Arc::new(configured_buckets(&self.keys, self.max_buckets)),
                 bucket_states,
             }
         });
@@ -279,4 +281,14 @@ impl KeyPoolBuilder {
         }
         KeyPool { inner }
     }
+}
+
+/// The pool's bucket names, with those the key set configures limits for interned first:
+/// the operator named them, so they need no acceptance by the provider.
+fn configured_buckets(keys: &KeySet, max: usize) -> Buckets {
+    let buckets = Buckets::new(max);
+    for limits in keys.specs().iter().flat_map(|spec| &spec.buckets) {
+        buckets.intern(&limits.name);
+    }
+    buckets
 }

@@ -41,6 +41,9 @@ pub struct Lease {
     /// Where the quota unit this lease took ends: a refund gives back only what of it is
     /// still unused (see `Gcra::refund`).
     tat_after: PoolTime,
+    /// The request's bucket name, if it was new to the pool and sent in the overflow
+    /// bucket: its hash, to give it a bucket of its own once the provider accepts it.
+    candidate: Option<u64>,
     /// `SENT`, `PROBE`, `RESOLVED`, `REFUSED` bits. Only the lease's owner writes them, so
     /// a plain load and store suffice (no locked read-modify-write on the hot path); atomic only
     /// so that a lease is `Sync`.
@@ -99,6 +102,7 @@ impl Lease {
             at_limit: taken.at_limit,
             trial: taken.trial,
             tat_after: taken.tat_after,
+            candidate: None,
             flags: AtomicU8::new(flags),
         }
     }
@@ -119,6 +123,7 @@ impl Lease {
             at_limit: taken.at_limit,
             trial: taken.trial,
             tat_after: taken.tat_after,
+            candidate: None,
             flags: AtomicU8::new(flags),
         }
     }
@@ -127,6 +132,24 @@ impl Lease {
     #[inline]
     fn key_slot(&self) -> &Arc<Slot> {
         self.key.as_ref().unwrap_or(&self.slot)
+    }
+
+    /// Takes the request's candidate bucket name (see [`Route`](crate::route::Route)).
+    pub(super) fn with_candidate(mut self, candidate: Option<u64>) -> Self {
+        self.candidate = candidate;
+        self
+    }
+
+    /// Tells the pool the provider accepted the request (a 2xx answer), in a pool with
+    /// buckets: the request's bucket name is then one the provider knows, and keeps a
+    /// bucket of its own (see [`KeyPool::route`](super::KeyPool::route)).
+    /// [`KeyRotation`](crate::KeyRotation) calls it; call it when driving the pool by
+    /// hand. Nothing to do once the bucket is known: one load.
+    #[inline]
+    pub fn confirm_bucket(&self) {
+        if let Some(bucket) = &self.slot.bucket {
+            bucket.confirm(self.candidate);
+        }
     }
 
     /// The bucket this lease was taken in, in a pool with buckets.

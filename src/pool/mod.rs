@@ -173,7 +173,7 @@ pub(crate) struct PoolInner {
     /// Reads each request's route; `None`: keys are reserved in `poll_ready`.
     router: Option<Arc<dyn Router>>,
     /// Bucket names interned into small ids.
-    buckets: Buckets,
+    buckets: Arc<Buckets>,
     /// Per-bucket state (waiters, learned limits) in a pool with a router; `None`: one
     /// bucket, the key (see `bucket`).
     bucket_states: Option<BucketStates>,

@@ -15,22 +15,34 @@ impl KeyPool {
         self.inner.router.is_some()
     }
 
-    /// The route of a request: its bucket (interned; the overflow bucket past the bound)
-    /// and its affinity hash, as the pool's router reads them. [`Route::ANY`] without a
-    /// router.
+    /// The route of a request: its bucket and its affinity hash, as the pool's router reads
+    /// them. [`Route::ANY`] without a router.
+    ///
+    /// A bucket name new to the pool gets a bucket of its own at once while few names
+    /// wait for the provider's first acceptance; beyond that (and beyond
+    /// [`max_buckets`](super::KeyPoolBuilder::max_buckets)) its requests share the overflow
+    /// bucket until one of them is accepted (a 2xx answer: [`Lease::confirm_bucket`]).
+    /// Names the provider refuses, such as made-up models, therefore cannot take the
+    /// buckets of the models callers really use.
     pub fn route(&self, head: &RequestHead<'_>) -> Route {
         let Some(router) = &self.inner.router else {
             return Route::ANY;
         };
+        let (bucket, candidate) = router
+            .bucket(head)
+            .map_or((BucketId::DEFAULT, None), |name| {
+                self.inner.buckets.route(name)
+            });
         Route {
-            bucket: router
-                .bucket(head)
-                .map_or(BucketId::DEFAULT, |name| self.inner.buckets.intern(name)),
+            bucket,
             affinity: router.affinity(head).map(affinity_hash),
+            candidate,
         }
     }
 
-    /// The id of the bucket named `name`, added if new (and within the bound).
+    /// The id of the bucket named `name`, added if new (and within the bound), as a name
+    /// the provider accepts: for names the program trusts, not names read from requests
+    /// (those go through [`route`](Self::route)).
     pub fn bucket(&self, name: &str) -> BucketId {
         self.inner.buckets.intern(name)
     }
@@ -83,7 +95,7 @@ impl KeyPool {
     /// ```
     pub fn try_reserve_route(&self, route: &Route) -> Option<Lease> {
         let bucket = self.inner.bucket_state(route.bucket);
-        match (route.affinity, bucket) {
+        let lease = match (route.affinity, bucket) {
             (Some(id), bucket) => self
                 .reserve_affinity(id, bucket, Patience::For(self.inner.affinity.wait), |_| {
                     true
@@ -91,7 +103,8 @@ impl KeyPool {
                 .ok(),
             (None, Some(bucket)) => self.inner.try_reserve_in(bucket),
             (None, None) => self.try_reserve(),
-        }
+        };
+        lease.map(|lease| lease.with_candidate(route.candidate))
     }
 
     /// Reserves a key among those `allowed` (by 1-based position) that can take a request
@@ -102,7 +115,7 @@ impl KeyPool {
         allowed: impl Fn(usize) -> bool,
     ) -> Option<Lease> {
         let bucket = self.inner.bucket_state(route.bucket);
-        match (route.affinity, bucket) {
+        let lease = match (route.affinity, bucket) {
             // A retry: the next allowed key of the session's order, at once.
             (Some(id), bucket) => self
                 .reserve_affinity(id, bucket, Patience::None, allowed)
@@ -115,6 +128,7 @@ impl KeyPool {
                 .try_reserve()
                 .filter(|lease| allowed(lease.position()))
                 .or_else(|| self.try_reserve_where(allowed)),
-        }
+        };
+        lease.map(|lease| lease.with_candidate(route.candidate))
     }
 }

@@ -140,6 +140,9 @@ impl KeyPool {
             .map(|(j, slot)| (Identity::of(&slot.spec), j))
             .collect();
         let lanes = inner.bucket_states.as_ref().map_or(0, |b| b.capacity());
+        for limits in keys.specs().iter().flat_map(|spec| &spec.buckets) {
+            inner.buckets.intern(&limits.name);
+        }
         let mut summary = ReloadSummary::default();
         let mut kept = vec![false; old.slots.len()];
         let slots: Vec<Arc<Slot>> = keys

@@ -92,6 +92,7 @@ impl KeyPool {
                         None => Patience::For(wait),
                     };
                     self.reserve_affinity(id, bucket, patience, |_| true)
+                        .map(|lease| lease.with_candidate(route.candidate))
                 }
                 None => self.try_reserve_route(route).ok_or(None),
             };

@@ -15,11 +15,13 @@ use support::{MockUpstream, ProxyConfig, Seen, keys, post, reply};
 
 const KEYS: &str = "key-one,key-two";
 
-/// Per model: requests allowed in flight per key, and how long each is worked on.
-fn limit_of(model: &str) -> (u32, Duration) {
+/// Per model the stand-in serves: requests allowed in flight per key, and how long each
+/// is worked on.
+fn limit_of(model: &str) -> Option<(u32, Duration)> {
     match model {
-        "model-a" => (1, Duration::from_millis(150)),
-        _ => (8, Duration::from_millis(50)),
+        "model-a" => Some((1, Duration::from_millis(150))),
+        "model-b" => Some((8, Duration::from_millis(50))),
+        _ => None,
     }
 }
 
@@ -35,7 +37,15 @@ async fn per_model_provider() -> (MockUpstream, Arc<Mutex<HashMap<String, usize>
             let key = seen.bearer().unwrap_or_default();
             let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
             let model = body["model"].as_str().unwrap_or_default().to_owned();
-            let (limit, work) = limit_of(&model);
+            let Some((limit, work)) = limit_of(&model) else {
+                // OpenAI's answer for a model that does not exist
+                // (https://platform.openai.com/docs/guides/error-codes).
+                let message = format!("The model `{model}` does not exist");
+                let body = serde_json::json!({"error": {
+                    "message": message, "type": "invalid_request_error",
+                    "param": null, "code": "model_not_found"}});
+                return reply(404, &body.to_string());
+            };
             let slot = (key, model.clone());
             let admitted = {
                 let mut in_flight = in_flight.lock().unwrap();
@@ -145,6 +155,48 @@ async fn one_models_rests_never_hold_up_another_models_requests() {
         ),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_made_up_model_names_leaves_real_models_their_own_buckets() {
+    let (upstream, refusals) = per_model_provider().await;
+    let proxy = ProxyConfig::new(&upstream.url(""), KEYS).start().await;
+    let url = proxy.url("/v1/chat/completions");
+    // One caller makes up far more model names than the pool tracks apart (64).
+    for i in 0..300 {
+        let got = post(&url, &format!(r#"{{"model":"made-up-{i}","messages":[]}}"#)).await;
+        assert_eq!(got.status, 404, "{}", got.body);
+    }
+    // Then the real workloads: each real model still gets a bucket of its own, so model
+    // A's rests never hold up model B.
+    let base = proxy.url("");
+    let (a, b) = tokio::join!(
+        workload(&base, "model-a", 4, 4),
+        workload(&base, "model-b", 6, 20),
+    );
+    let refusals = refusals.lock().unwrap().clone();
+    assert!(
+        refusals.get("model-a").copied().unwrap_or(0) > 0,
+        "{refusals:?}"
+    );
+    assert_eq!(refusals.get("model-b"), None, "model B never refused");
+    assert!(a.iter().chain(&b).all(|(status, _)| *status == 200));
+    let slowest = b.iter().map(|(_, latency)| *latency).max().unwrap();
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a model B request took {slowest:?}"
+    );
+    // The made-up names hold a few buckets at most; the real ones are shown by name.
+    for key in keys(&proxy).await {
+        let models = key["models"].as_array().unwrap();
+        let named = |name: &str| models.iter().any(|m| m["model"] == name);
+        assert!(named("model-a") && named("model-b"), "{models:?}");
+        let made_up = models
+            .iter()
+            .filter(|m| m["model"].as_str().unwrap().starts_with("made-up"))
+            .count();
+        assert!(made_up <= 8, "{made_up} made-up names tracked apart");
+    }
 }
 
 /// The same workloads with one state per key (`--buckets none`): A's rests rest the key,
