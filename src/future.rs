@@ -23,7 +23,7 @@ use crate::classify::Outcome;
 use crate::classify::learned_reset_at;
 use crate::pool::{Admit, KeyPool, Lease, Reserve, Waiter};
 use crate::retry::TriedKeys;
-use crate::route::{Route, Waited};
+use crate::route::{RequestHead, Route, Waited};
 
 pin_project! {
     /// Response future of [`KeyRotation`](crate::KeyRotation).
@@ -170,6 +170,19 @@ where
                     Some(lease) => break lease,
                     // Full across the replicas: that key reads busy here now; look again.
                     None => continue,
+                }
+            }
+            if self.route.candidate.is_some() {
+                // A name new to the pool waits in the overflow bucket until the provider
+                // accepts a request in it: then it has a bucket of its own, and moves there.
+                let request = self
+                    .request
+                    .as_ref()
+                    .expect("a routed request is sent once");
+                let route = self.pool.route(&RequestHead::of(request));
+                if route.bucket != self.route.bucket {
+                    self.route = route;
+                    self.waiter.reroute();
                 }
             }
             let reserve =

@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -161,7 +162,10 @@ const CANDIDATES: usize = 64;
 /// request. So names a provider refuses (made up, misspelt) take at most [`UNCONFIRMED`]
 /// ids, and the models callers really use keep buckets of their own.
 pub(crate) struct Buckets {
-    ids: ArcSwap<HashMap<Box<str>, BucketId>>,
+    /// By the name's XXH3 hash: a short name hashes in a few dozen instructions, where the
+    /// standard map's SipHash takes a few hundred. A name whose hash another name already
+    /// holds (only ever a crafted one) is found by the slow path's scan of `names`.
+    ids: ArcSwap<Ids>,
     /// Names by id, and how many of them wait for their first acceptance; serialises
     /// additions.
     names: Mutex<Names>,
@@ -171,6 +175,29 @@ pub(crate) struct Buckets {
     /// New names routed to the overflow bucket, by hash, until their first acceptance.
     candidates: Mutex<Candidates>,
     max: usize,
+}
+
+type Ids = HashMap<u64, (Box<str>, BucketId), BuildHasherDefault<Prehashed>>;
+
+/// The hasher of a map whose keys are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed (`write_u64`); anything else is folded in.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
 }
 
 struct Names {
@@ -215,7 +242,7 @@ impl Buckets {
         confirmed[0].store(true, Ordering::Relaxed);
         confirmed[max + 1].store(true, Ordering::Relaxed);
         Self {
-            ids: ArcSwap::from_pointee(HashMap::new()),
+            ids: ArcSwap::from_pointee(Ids::default()),
             names: Mutex::new(Names {
                 by_id: vec![Arc::from("")],
                 unconfirmed: 0,
@@ -234,11 +261,19 @@ impl Buckets {
     /// The id of the bucket named `name`, added (as accepted) if new and within the bound:
     /// for names the operator or the program gives, which need no acceptance.
     pub(crate) fn intern(&self, name: &str) -> BucketId {
-        if let Some(&id) = self.ids.load().get(name) {
+        if let Some(id) = self.known(name) {
             self.confirm(id);
             return id;
         }
         self.add(name, true).0
+    }
+
+    /// The id of `name` if the fast map knows it.
+    #[inline]
+    fn known(&self, name: &str) -> Option<BucketId> {
+        let ids = self.ids.load();
+        let (known, id) = ids.get(&affinity_hash(name.as_bytes()))?;
+        (**known == *name).then_some(*id)
     }
 
     /// The bucket of a request naming `name`: its own if known, or new and within the
@@ -246,18 +281,24 @@ impl Buckets {
     /// candidate to [`confirm_candidate`](Self::confirm_candidate) on acceptance.
     #[inline]
     pub(crate) fn route(&self, name: &str) -> (BucketId, Option<u64>) {
-        if let Some(&id) = self.ids.load().get(name) {
-            return (id, None);
+        match self.known(name) {
+            Some(id) => (id, None),
+            None => self.add(name, false),
         }
-        self.add(name, false)
     }
 
     #[cold]
     fn add(&self, name: &str, accepted: bool) -> (BucketId, Option<u64>) {
         let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
-        let ids = self.ids.load();
-        if let Some(&id) = ids.get(name) {
+        // Known already (added meanwhile, or a name whose hash another holds)?
+        let found = names
+            .by_id
+            .iter()
+            .skip(1)
+            .position(|known| **known == *name);
+        if let Some(index) = found {
             drop(names);
+            let id = BucketId(u16::try_from(index + 1).unwrap_or(u16::MAX));
             if accepted {
                 self.confirm(id);
             }
@@ -266,9 +307,9 @@ impl Buckets {
         if names.by_id.len() > self.max {
             return (self.overflow(), None);
         }
+        let hash = affinity_hash(name.as_bytes());
         if !accepted && names.unconfirmed >= UNCONFIRMED {
             drop(names);
-            let hash = affinity_hash(name.as_bytes());
             self.candidates
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -282,8 +323,8 @@ impl Buckets {
         } else {
             names.unconfirmed += 1;
         }
-        let mut next = HashMap::clone(&ids);
-        next.insert(Box::from(name), id);
+        let mut next = Ids::clone(&self.ids.load());
+        next.entry(hash).or_insert_with(|| (Box::from(name), id));
         self.ids.store(Arc::new(next));
         (id, None)
     }
@@ -305,17 +346,16 @@ impl Buckets {
     }
 
     /// The provider accepted a request of the candidate name `hash` (sent in the overflow
-    /// bucket): the name gets its own bucket, if there is room.
+    /// bucket): the name gets its own bucket, if there is room;
+    /// `true` if it did: requests of that name waiting in the overflow bucket may move.
     #[cold]
-    pub(crate) fn confirm_candidate(&self, hash: u64) {
+    pub(crate) fn confirm_candidate(&self, hash: u64) -> bool {
         let name = self
             .candidates
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take(hash);
-        if let Some(name) = name {
-            self.intern(&name);
-        }
+        name.is_some_and(|name| self.intern(&name) != self.overflow())
     }
 
     /// The name of bucket `id` (`None` for the default and overflow buckets).
@@ -338,7 +378,8 @@ pub(crate) fn affinity_hash(id: &[u8]) -> u64 {
 }
 
 /// A request extension: the end of the request's wait budget, set by
-/// [`Retry`](crate::retry::Retry) on the attempts it sends, so that a routed request
+/// [`Retry`](crate::retry::Retry) on the attempts it sends that carry no
+/// [`TriedKeys`](crate::retry::TriedKeys) record (which keeps it otherwise), so that a routed request
 /// waiting in [`KeyRotation`](crate::KeyRotation)'s response future stops where the
 /// request's budget does, not a whole budget after its retry.
 #[derive(Debug, Clone, Copy)]
@@ -440,6 +481,22 @@ mod tests {
         let (own, candidate) = buckets.route("gpt-4o");
         assert_eq!(candidate, None);
         assert_eq!(buckets.name(own).as_deref(), Some("gpt-4o"));
+    }
+
+    #[test]
+    fn a_name_whose_hash_another_holds_keeps_an_id_of_its_own() {
+        let buckets = Buckets::new(DEFAULT_MAX_BUCKETS);
+        let first = buckets.intern("glm-4-plus");
+        // Stand in for a crafted collision: "glm-4-plus"'s entry under "gpt-4o"'s hash.
+        let mut ids = Ids::clone(&buckets.ids.load());
+        let entry = ids.remove(&affinity_hash(b"glm-4-plus")).unwrap();
+        ids.insert(affinity_hash(b"gpt-4o"), entry);
+        buckets.ids.store(Arc::new(ids));
+        let second = buckets.intern("gpt-4o");
+        assert_ne!(second, first);
+        assert_eq!(buckets.intern("gpt-4o"), second);
+        assert_eq!(buckets.route("glm-4-plus"), (first, None));
+        assert_eq!(buckets.name(second).as_deref(), Some("gpt-4o"));
     }
 
     #[test]

@@ -253,9 +253,12 @@ impl<S> KeyRotation<S> {
         let now = Instant::now();
         let budget_end = self.pool.max_wait().and_then(|wait| now.checked_add(wait));
         // A retry's attempt stops where the request's budget does.
-        let deadline = match (req.extensions().get::<WaitUntil>(), budget_end) {
-            (Some(until), Some(end)) => Some(until.0.min(end)),
-            (Some(until), None) => Some(until.0),
+        let until = tried
+            .and_then(TriedKeys::wait_until)
+            .or_else(|| req.extensions().get::<WaitUntil>().map(|until| until.0));
+        let deadline = match (until, budget_end) {
+            (Some(until), Some(end)) => Some(until.min(end)),
+            (Some(until), None) => Some(until),
             (None, end) => end,
         };
         let clone = self.inner.clone();

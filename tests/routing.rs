@@ -180,6 +180,48 @@ async fn routes_intern_buckets_and_hash_sessions_stably() {
     assert_ne!(route(None, Some("conversation-8")).affinity(), session);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_new_model_waiting_behind_made_up_names_moves_to_its_own_bucket_once_accepted() {
+    let pool = builder(1).max_in_flight_per_key(1).build();
+    // Made-up names (never accepted by the provider) take every provisional bucket.
+    for i in 0..8 {
+        let made_up = request(&format!("made-up-{i}"));
+        assert_ne!(
+            pool.route(&RequestHead::of(&made_up)).bucket(),
+            BucketId::DEFAULT
+        );
+    }
+    let overflow = pool.route(&RequestHead::of(&request("made-up-8"))).bucket();
+    let (inner, mut provider) = tower_test::mock::pair::<Request<()>, Response<Full<Bytes>>>();
+    let mut service = KeyRotation::new(inner, pool.clone());
+    // A real model's first request goes in the shared overflow bucket, and holds its slot.
+    let mut first = tokio_test::task::spawn(service.ready().await.unwrap().call(request("b")));
+    assert!(first.poll().is_pending());
+    let (_, answer_first) = provider.next_request().await.unwrap();
+    assert_eq!(
+        pool.route(&RequestHead::of(&request("b"))).bucket(),
+        overflow
+    );
+    // The next one waits there, behind it.
+    let mut second = tokio_test::task::spawn(service.ready().await.unwrap().call(request("b")));
+    assert!(second.poll().is_pending());
+    // The provider accepts the first: the model gets a bucket of its own, and the waiting
+    // request moves there at once (the first's answer still holds the overflow slot).
+    answer_first.send_response(Response::new(Full::new(Bytes::from_static(b"ok"))));
+    let first_answer = assert_ready_ok!(first.poll());
+    let own = pool.route(&RequestHead::of(&request("b"))).bucket();
+    assert_ne!(own, overflow);
+    assert_eq!(pool.bucket_name(own).as_deref(), Some("b"));
+    assert!(second.is_woken());
+    assert!(second.poll().is_pending());
+    let mut sent = tokio_test::task::spawn(provider.next_request());
+    let (sent, answer_second) = tokio_test::assert_ready!(sent.poll()).unwrap();
+    assert_eq!(sent.headers()["authorization"], "Bearer key-1");
+    answer_second.send_response(Response::new(Full::new(Bytes::new())));
+    assert_ready_ok!(second.poll());
+    drop(first_answer);
+}
+
 #[tokio::test]
 async fn a_pool_without_a_router_still_reserves_in_poll_ready() -> Result<(), BoxError> {
     let keys = KeySet::parse("key-1,key-2").unwrap();

@@ -58,7 +58,10 @@ impl Bucket {
     pub(super) fn confirm(&self, candidate: Option<u64>) {
         self.names.confirm(BucketId(self.index as u16));
         if let Some(hash) = candidate {
-            self.names.confirm_candidate(hash);
+            if self.names.confirm_candidate(hash) {
+                // Requests of that name waiting here move to its own bucket.
+                self.signals.notify_all();
+            }
         }
     }
 }

@@ -263,6 +263,12 @@ impl Waiter {
     fn rearm(&mut self) {
         self.armed = None;
     }
+
+    /// The caller now waits for another route (its bucket became known): its registration
+    /// with the old route's signals goes; how long it has waited stays.
+    pub(crate) fn reroute(&mut self) {
+        self.armed = None;
+    }
 }
 
 impl Drop for Armed {

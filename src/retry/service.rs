@@ -88,14 +88,20 @@ where
         }
         if self.policy.pool.routes() {
             // A routed request waits for its key in the key layer's future: within this
-            // request's budget, retries included.
+            // request's budget, retries included. The end goes on the request's record of
+            // tried keys when it has one (no extension of its own to insert and copy).
             if let Some(end) = self
                 .policy
                 .pool
                 .max_wait()
                 .and_then(|w| arrival.checked_add(w))
             {
-                req.extensions_mut().insert(WaitUntil(end));
+                match req.extensions().get::<TriedKeys>() {
+                    Some(tried) => tried.set_wait_until(end),
+                    None => {
+                        req.extensions_mut().insert(WaitUntil(end));
+                    }
+                }
             }
         }
         let policy = self.policy.clone();

@@ -2,6 +2,8 @@
 //! bucket its provider meters it in, and the session it belongs to, read from what the
 //! handler found in its body ([`BodyFields`]) and its header fields.
 
+use std::sync::Arc;
+
 use http::HeaderName;
 use tower_key_rotation::route::{RequestHead, Router};
 
@@ -54,7 +56,7 @@ impl Router for ProxyRouter {
         if self.1 == Profile::Gemini {
             return gemini_model(head.uri.path());
         }
-        let model = head.extensions.get::<BodyFields>()?.model.as_deref()?;
+        let model = head.extensions.get::<Arc<BodyFields>>()?.model.as_deref()?;
         Some(match self.1 {
             Profile::Openai => openai_bucket(model),
             Profile::Anthropic => anthropic_bucket(model),
@@ -66,7 +68,7 @@ impl Router for ProxyRouter {
         if !self.0.affinity {
             return None;
         }
-        let fields = head.extensions.get::<BodyFields>();
+        let fields = head.extensions.get::<Arc<BodyFields>>();
         fields
             .and_then(|fields| {
                 fields

@@ -167,8 +167,14 @@ async fn a_flood_of_made_up_model_names_leaves_real_models_their_own_buckets() {
         let got = post(&url, &format!(r#"{{"model":"made-up-{i}","messages":[]}}"#)).await;
         assert_eq!(got.status, 404, "{}", got.body);
     }
-    // Then the real workloads: each real model still gets a bucket of its own, so model
-    // A's rests never hold up model B.
+    // The real models, once the provider has accepted a request of each (their first
+    // requests share one bucket with every new name: `tests/routing.rs` shows how the
+    // waiting ones move when the first is accepted), still get buckets of their own, so
+    // model A's rests never hold up model B.
+    for model in ["model-a", "model-b"] {
+        let got = post(&url, &format!(r#"{{"model":"{model}","messages":[]}}"#)).await;
+        assert_eq!(got.status, 200, "{}", got.body);
+    }
     let base = proxy.url("");
     let (a, b) = tokio::join!(
         workload(&base, "model-a", 4, 4),

@@ -260,7 +260,8 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
                 asked = asks_for_usage(&mut parts, bytes);
             }
             if state.pool.routes() {
-                parts.extensions.insert(fields);
+                // Behind an `Arc`: the retry layer's copy of the extensions clones it.
+                parts.extensions.insert(Arc::new(fields));
             }
         }
     }
