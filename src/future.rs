@@ -182,6 +182,7 @@ where
                 Reserve::Lease(lease) => break lease,
                 Reserve::NoKey(error) => return Poll::Ready(Err(error.into())),
                 Reserve::AllDisabled(error) => return Poll::Ready(Err(error.into())),
+                Reserve::TooLarge(error) => return Poll::Ready(Err(error.into())),
             }
         };
         let mut request = self.request.take().expect("a routed request is sent once");
@@ -329,6 +330,15 @@ where
     let window_spent = outcome.is_rate_limited()
         && learned_reset_at(response.headers(), std::time::SystemTime::now).is_some();
     lease.record_answer(outcome, window_spent);
+    let reservation = lease.reservation();
+    if let Some(reservation) = &reservation {
+        // Only requests with a token cost read the token headers.
+        lease.observe_tokens(response.headers());
+        if outcome.is_rate_limited() {
+            // Refused: the provider used none of it.
+            reservation.refused();
+        }
+    }
     let rejected = (outcome == Outcome::KeyRejected).then(|| lease.rejected_key());
     let mut response = response.map(|body| body.into().track(lease));
     if outcome != Outcome::Success {
@@ -339,6 +349,9 @@ where
     }
     if !waited.is_zero() {
         response.extensions_mut().insert(Waited(waited));
+    }
+    if let Some(reservation) = reservation {
+        response.extensions_mut().insert(reservation);
     }
     response
 }

@@ -196,16 +196,18 @@ pub mod route;
 mod service;
 pub mod shared;
 mod sync;
+mod tokens;
 mod weights;
 
 pub use auth::Placement;
 pub use backoff::Backoff;
-pub use error::{AllKeysDisabled, NoKeyAvailable};
+pub use error::{AllKeysDisabled, CostTooLarge, NoKeyAvailable};
 pub use key::{ApiKey, ByteKind, KeyError, KeySet, KeySpec};
 pub use layer::KeyRotationLayer;
 pub use pool::{KeyPool, KeyPoolBuilder, RejectedKey, Selection};
 pub use quota::Quota;
 pub use service::KeyRotation;
+pub use tokens::TokenQuota;
 
 /// Compiles the README's examples as doctests, so the quick start cannot rot.
 #[cfg(doctest)]

@@ -91,6 +91,18 @@ pub trait Router: Send + Sync + fmt::Debug + 'static {
         let _ = head;
         None
     }
+
+    /// The request's cost in tokens, or `None` for none: the tokens it reserves of its
+    /// key's token quota ([`KeyPoolBuilder::token_quota_per_key`](crate::KeyPoolBuilder::token_quota_per_key)),
+    /// usually its estimated input plus the output it allows, settled later from the
+    /// answer's usage ([`TokenReservation`](crate::pool::TokenReservation)).
+    ///
+    /// The cost extractor of the pool: read here, with the bucket, because this is where a
+    /// request is read before a key is taken for it.
+    fn tokens(&self, head: &RequestHead<'_>) -> Option<u64> {
+        let _ = head;
+        None
+    }
 }
 
 /// A bucket's small id in one pool: 0 is the default bucket (requests that name none).
@@ -107,20 +119,32 @@ impl BucketId {
     }
 }
 
-/// What a request asks of the pool: the bucket it is metered in, and its session's
-/// affinity hash. `Copy`, and made without allocating.
+/// What a request asks of the pool: the bucket it is metered in, its session's affinity
+/// hash, and its cost in tokens. `Copy`, and made without allocating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Route {
     pub(crate) bucket: BucketId,
     pub(crate) affinity: Option<u64>,
+    pub(crate) tokens: u64,
 }
 
 impl Route {
-    /// The default bucket, no affinity: what a pool without a router uses.
+    /// The default bucket, no affinity, no token cost: what a pool without a router uses.
     pub const ANY: Self = Self {
         bucket: BucketId::DEFAULT,
         affinity: None,
+        tokens: 0,
     };
+
+    /// The request's token cost (0: none).
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// This route, costing `tokens` (0: none).
+    pub fn with_tokens(self, tokens: u64) -> Self {
+        Self { tokens, ..self }
+    }
 
     /// The bucket.
     pub fn bucket(&self) -> BucketId {
