@@ -381,6 +381,10 @@ impl KeyPool {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
                     };
+                    stats.token_wait = match (stats.token_wait, lane.token_wait) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     stats.probing |= lane.probing;
                     stats.concurrency_limit =
                         match (stats.concurrency_limit, lane.concurrency_limit) {

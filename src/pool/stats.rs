@@ -68,7 +68,8 @@ pub struct KeyStats {
     /// or learned from the provider's headers; in a pool with buckets, a key shows its
     /// tightest bucket's. `None`: no token quota.
     pub token_limit: Option<u64>,
-    /// How long until the token quota has room again, if it is spent now.
+    /// How long until the token quota has room again, if it is spent now (in a pool with
+    /// buckets, a key shows its soonest bucket's).
     pub token_wait: Option<Duration>,
 }
 
