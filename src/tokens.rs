@@ -159,23 +159,44 @@ impl TokenCell {
 
     /// Takes `tokens` if they fit at `now`: `Some(charged)` (0 without a limit), `None` if
     /// the request must wait.
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn try_take(&self, tokens: u64, now: PoolTime) -> Option<u64> {
+        self.try_take_ahead(tokens, now, 0)
+            .map(|(charged, _)| charged)
+    }
+
+    /// [`try_take`](Self::try_take), or books them `ahead` (nanoseconds) at most: the
+    /// tokens are taken now, for a request that goes at the time returned (now if they fit
+    /// now). Booking keeps waiters in the order they booked: a request of many tokens is
+    /// not overtaken, refill after refill, by smaller ones arriving later.
+    #[inline]
+    pub(crate) fn try_take_ahead(
+        &self,
+        tokens: u64,
+        now: PoolTime,
+        ahead: u64,
+    ) -> Option<(u64, PoolTime)> {
         let Some(limit) = self.limit() else {
-            return Some(0);
+            return Some((0, now));
         };
         if tokens > limit {
             return None;
         }
         let (now, span) = (now.as_nanos(), self.span(tokens, limit));
-        let horizon = now.saturating_add(self.period);
+        let horizon = now
+            .saturating_add(self.period)
+            .saturating_add(ahead.min(MAX_SPAN));
         self.tat
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
                 let next = t.max(now).saturating_add(span);
                 (next <= horizon).then_some(next)
             })
             .ok()
-            .map(|_| tokens)
+            .map(|t| {
+                let next = t.max(now).saturating_add(span);
+                let ready = next.saturating_sub(self.period).max(now);
+                (tokens, PoolTime::from_nanos(ready))
+            })
     }
 
     /// When `tokens` fit next: `None` if they never can (more than the whole window),

@@ -331,9 +331,10 @@ async fn a_request_larger_than_every_window_fails_at_once() {
 }
 
 /// A reservation whose answer never reported usage (a stream cut short) stays charged in
-/// full; one settled gives back what was not used, and waiters for it go at once.
+/// full; one settled gives back what was not used. A request that waits books its tokens
+/// where they fit soonest and goes then, not overtaken by later ones.
 #[tokio::test(start_paused = true)]
-async fn an_unsettled_reservation_stays_charged_and_a_settled_one_wakes_waiters() {
+async fn an_unsettled_reservation_stays_charged_and_a_settled_one_gives_back_the_rest() {
     let pool = KeyPool::builder(KeySet::parse("k1").unwrap())
         .router(ByCost)
         .token_quota_per_key(TokenQuota::per_minute(10_000))
@@ -354,7 +355,7 @@ async fn an_unsettled_reservation_stays_charged_and_a_settled_one_wakes_waiters(
     let stats = &pool.snapshot()[0];
     assert_eq!((stats.tokens_reserved, stats.tokens_used), (10_000, 0));
     assert_eq!(stats.token_wait, Some(Duration::from_nanos(6_000_000)));
-    // A caller waiting for 3,000 tokens: woken by the settlement, not 18 s later.
+    // A caller for 3,000 tokens books them: they fit in 18 s.
     let inner = tower::service_fn(|_req: Request<Full<Bytes>>| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     });
@@ -363,12 +364,16 @@ async fn an_unsettled_reservation_stays_charged_and_a_settled_one_wakes_waiters(
         .header("x-cost", 3_000)
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let waiting = tokio::spawn(async move { service.ready().await?.call(request).await });
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    assert!(!waiting.is_finished());
-    reservation.settle(500);
     let started = Instant::now();
-    waiting.await.unwrap().unwrap();
-    assert_eq!(started.elapsed(), Duration::ZERO);
+    let booked = tokio::spawn(async move { service.ready().await?.call(request).await });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!booked.is_finished());
+    // The answer used 500 of 4,000: 3,500 come back, at once (3,000 of them after the
+    // booking: 500 now).
+    assert!(pool.try_reserve_route(&route(500)).is_none());
+    reservation.settle(500);
     assert_eq!(pool.snapshot()[0].tokens_used, 500);
+    assert!(pool.try_reserve_route(&route(500)).is_some());
+    booked.await.unwrap().unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(18));
 }

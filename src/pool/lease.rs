@@ -45,6 +45,8 @@ pub struct Lease {
     /// The request's token cost, and of it the tokens taken from a token quota.
     cost: u64,
     charged: u64,
+    /// When the request may go (its booked tokens fit then; the epoch: at once).
+    ready_at: PoolTime,
     /// `SENT`, `PROBE`, `RESOLVED`, `REFUSED` bits. Only the lease's owner writes them, so
     /// a plain load and store suffice (no locked read-modify-write on the hot path); atomic only
     /// so that a lease is `Sync`.
@@ -105,6 +107,7 @@ impl Lease {
             tat_after: taken.tat_after,
             cost: taken.cost,
             charged: taken.tokens,
+            ready_at: taken.ready_at,
             flags: AtomicU8::new(flags),
         }
     }
@@ -127,6 +130,7 @@ impl Lease {
             tat_after: taken.tat_after,
             cost: taken.cost,
             charged: taken.tokens,
+            ready_at: taken.ready_at,
             flags: AtomicU8::new(flags),
         }
     }
@@ -321,6 +325,12 @@ impl Lease {
     /// [`Router::tokens`](crate::route::Router::tokens)).
     pub fn tokens(&self) -> u64 {
         self.cost
+    }
+
+    /// When a lease that booked its tokens ahead may be sent (`None`: now).
+    pub(crate) fn ready_at(&self) -> Option<tokio::time::Instant> {
+        let signals = &self.slot.signals;
+        (self.ready_at > signals.now()).then(|| signals.instant(self.ready_at))
     }
 
     /// A handle on this lease's token reservation, to settle it with the tokens the answer

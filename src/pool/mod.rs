@@ -71,6 +71,7 @@
 //! | `builder` | the settings |
 
 mod affinity;
+mod booking;
 mod bucket;
 mod builder;
 mod events;
@@ -524,6 +525,8 @@ struct LazyNow<'a> {
     signals: &'a Signals,
     now: Option<PoolTime>,
     cost: u64,
+    /// How far ahead (nanoseconds) the request may book its tokens (see `booking`).
+    ahead: u64,
 }
 
 impl<'a> LazyNow<'a> {
@@ -532,6 +535,7 @@ impl<'a> LazyNow<'a> {
             signals,
             now: None,
             cost: 0,
+            ahead: 0,
         }
     }
 
@@ -541,6 +545,7 @@ impl<'a> LazyNow<'a> {
             signals,
             now: None,
             cost,
+            ahead: 0,
         }
     }
 

@@ -118,6 +118,8 @@ pub(super) struct Taken {
     pub(super) tokens: u64,
     /// The request's token cost (as reserved, with or without a token quota).
     pub(super) cost: u64,
+    /// When the request may go: now, or the time its booked tokens fit (see `booking`).
+    pub(super) ready_at: PoolTime,
 }
 
 impl Slot {
@@ -339,9 +341,10 @@ impl Slot {
         }
         // Tokens next, only for a request that has a cost.
         let mut tokens = 0;
+        let mut ready_at = PoolTime::EPOCH;
         if now.cost != 0 {
             let at = now.get();
-            let Some(taken) = self.tokens.try_take(now.cost, at) else {
+            let Some((taken, ready)) = self.tokens.try_take_ahead(now.cost, at, now.ahead) else {
                 if let Some(quota) = self.quota {
                     quota.refund(&self.tat, tat_after, now_at);
                 }
@@ -349,6 +352,7 @@ impl Slot {
                 return None;
             };
             tokens = taken;
+            ready_at = ready;
         }
         let limit = self.take_limit();
         let in_flight = if limit == u32::MAX {
@@ -372,6 +376,7 @@ impl Slot {
                     && before.saturating_add(1) > self.floor.load(Ordering::Relaxed),
                 tokens,
                 cost: now.cost,
+                ready_at,
             });
         }
         if let Some(quota) = self.quota {

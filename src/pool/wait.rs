@@ -116,6 +116,19 @@ impl KeyPool {
                 )));
             }
             let now = Instant::now();
+            let tokens_bucket = bucket.filter(|_| route.tokens != 0 && route.affinity.is_none());
+            if let Some(bucket) = tokens_bucket {
+                // Tokens that fit no key now: booked where they fit soonest, within the
+                // budget, so that later requests queue behind (see `booking`).
+                let ahead = deadline.map_or(u64::MAX, |deadline| {
+                    u64::try_from(deadline.saturating_duration_since(now).as_nanos())
+                        .unwrap_or(u64::MAX)
+                });
+                if let Some(lease) = self.inner.book_in(bucket, route.tokens, ahead) {
+                    waiter.disarm();
+                    return Poll::Ready(Reserve::Lease(lease));
+                }
+            }
             let started = *waiter.since.get_or_insert(now);
             let availability = self.inner.availability_in(bucket, route.tokens);
             let give_up = |retry_after: Duration| {
