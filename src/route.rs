@@ -8,7 +8,7 @@
 //!
 //! ```text
 //!   poll_ready ──► the inner service is ready (no key reserved)
-//!   call(request) ──► Router reads its head ──► Route { bucket, affinity }
+//!   call(request) ──► Router reads its head ──► Route { bucket, affinity, tokens }
 //!        ├─ a key can take this route now ──► its header goes on, the request goes
 //!        └─ none can ──► the response future waits for one, within the wait budget,
 //!                        holding the readied inner service (a clone stays behind)
@@ -16,6 +16,10 @@
 //!
 //! A pool without a router reserves in `poll_ready`, as tower's own limits do, at no
 //! extra cost.
+//!
+//! A route's `tokens` ([`Router::tokens`]) are its cost against the keys' token quotas
+//! ([`TokenQuota`](crate::TokenQuota)): a request waits until they fit, and its
+//! [`TokenReservation`](crate::pool::TokenReservation) is settled from the answer's usage.
 
 use std::collections::HashMap;
 use std::fmt;

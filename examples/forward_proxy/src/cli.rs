@@ -644,10 +644,11 @@ where
 }
 
 fn positive_seconds(s: &str) -> Result<Duration, String> {
-    seconds(s)?
-        .is_zero()
-        .then(|| Err("expected a number of seconds above zero".to_owned()))
-        .unwrap_or_else(|| seconds(s))
+    let duration = seconds(s)?;
+    if duration.is_zero() {
+        return Err("expected a number of seconds above zero".to_owned());
+    }
+    Ok(duration)
 }
 
 fn seconds(s: &str) -> Result<Duration, String> {
