@@ -342,7 +342,8 @@ impl Slot {
         // Tokens next, only for a request that has a cost.
         let mut tokens = 0;
         let mut ready_at = PoolTime::EPOCH;
-        if now.cost != 0 {
+        // Only a token quota reads the clock: a cost on a lane without one takes nothing.
+        if now.cost != 0 && self.tokens.limit().is_some() {
             let at = now.get();
             let Some((taken, ready)) = self.tokens.try_take_ahead(now.cost, at, now.ahead) else {
                 if let Some(quota) = self.quota {
