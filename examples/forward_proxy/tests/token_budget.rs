@@ -293,3 +293,29 @@ async fn a_mix_of_prompts_above_three_keys_tpm_draws_no_429_and_keeps_them_busy(
     }
     proxy.assert_log_has_no_secret(&["tb-1", "tb-2", "tb-3"]);
 }
+
+/// A request whose tokens exceed every key's whole window (`--tpm`) is answered at once
+/// with a 413 that says so, and never reaches the provider.
+#[tokio::test]
+async fn a_request_larger_than_the_token_limit_is_answered_413_at_once() {
+    let (upstream, _ledger) = stand_in().await;
+    let proxy = ProxyConfig::new(&upstream.url(""), "tb-1")
+        .arg("--profile", "openai")
+        .arg("--keys-env", "BIGMODEL_API_KEY")
+        .arg("--tpm", "1000")
+        .start()
+        .await;
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":5000,"messages":[]}"#;
+    let got = post(&proxy.url("/v1/chat/completions"), body).await;
+    assert_eq!(got.status, 413, "{}", got.body);
+    let error = &got.json()["error"];
+    assert_eq!(error["code"], "tokens_exceed_limit", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("exceed every API key's whole token window (1000 tokens per 1 min 0 s)"),
+        "{error}"
+    );
+    assert!(upstream.seen().is_empty());
+}
