@@ -84,3 +84,62 @@ impl fmt::Display for NoKeyAvailable {
 }
 
 impl std::error::Error for NoKeyAvailable {}
+
+/// A request costs more tokens than any key's whole token window holds
+/// ([`TokenQuota`](crate::TokenQuota), configured or learned): no wait can make it fit, so
+/// it fails at once.
+///
+/// # Examples
+///
+/// ```
+/// # use tower_key_rotation::CostTooLarge;
+/// fn explain(error: &CostTooLarge) -> String {
+///     format!("{} tokens asked, {} at most", error.tokens(), error.window())
+/// }
+/// # let _ = explain;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostTooLarge {
+    tokens: u64,
+    window: u64,
+    period: Duration,
+}
+
+impl CostTooLarge {
+    pub(crate) fn new(tokens: u64, window: u64, period: Duration) -> Self {
+        Self {
+            tokens,
+            window,
+            period,
+        }
+    }
+
+    /// The tokens the request was to reserve.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// The largest token window of the keys that could take its route.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// The period of that window.
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+}
+
+impl fmt::Display for CostTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the request's {} tokens exceed every API key's whole token window ({} tokens per {}): it can never be sent",
+            self.tokens,
+            self.window,
+            HumanDuration(self.period)
+        )
+    }
+}
+
+impl std::error::Error for CostTooLarge {}

@@ -87,6 +87,8 @@ struct Routing<S, ReqB> {
     waiter: Waiter,
     /// A lease the store shared with other replicas is admitting.
     admit: Option<Admit>,
+    /// A lease whose tokens were booked ahead, and the wait until they fit.
+    booked: Option<(Lease, Pin<Box<tokio::time::Sleep>>)>,
     deadline: Option<Instant>,
     since: Instant,
 }
@@ -147,6 +149,7 @@ where
                 placement,
                 waiter: Waiter::new(),
                 admit: None,
+                booked: None,
                 deadline,
                 since: Instant::now(),
             })),
@@ -163,6 +166,15 @@ where
     /// the request with it.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(S::Future, Lease), BoxError>> {
         let lease = loop {
+            if let Some((_, sleep)) = &mut self.booked {
+                ready!(sleep.as_mut().poll(cx));
+                let (lease, _) = self.booked.take().expect("booked");
+                if lease.is_usable() {
+                    break lease;
+                }
+                // Its key started resting meanwhile: its tokens go back; look again.
+                continue;
+            }
             if let Some(admit) = &mut self.admit {
                 let admitted = ready!(Pin::new(admit).poll(cx));
                 self.admit = None;
@@ -192,9 +204,14 @@ where
                 Reserve::Lease(lease) if lease.needs_admission() => {
                     self.admit = Some(lease.admit());
                 }
-                Reserve::Lease(lease) => break lease,
+                Reserve::Lease(lease) => match lease.ready_at() {
+                    // Booked ahead: wait until its tokens fit.
+                    Some(at) => self.booked = Some((lease, Box::pin(tokio::time::sleep_until(at)))),
+                    None => break lease,
+                },
                 Reserve::NoKey(error) => return Poll::Ready(Err(error.into())),
                 Reserve::AllDisabled(error) => return Poll::Ready(Err(error.into())),
+                Reserve::TooLarge(error) => return Poll::Ready(Err(error.into())),
             }
         };
         let mut request = self.request.take().expect("a routed request is sent once");
@@ -345,6 +362,15 @@ where
     if response.status().is_success() {
         lease.confirm_bucket();
     }
+    let reservation = lease.reservation();
+    if let Some(reservation) = &reservation {
+        // Only requests with a token cost read the token headers.
+        lease.observe_tokens(response.headers());
+        if outcome.is_rate_limited() {
+            // Refused: the provider used none of it.
+            reservation.refused();
+        }
+    }
     let rejected = (outcome == Outcome::KeyRejected).then(|| lease.rejected_key());
     let mut response = response.map(|body| body.into().track(lease));
     if outcome != Outcome::Success {
@@ -355,6 +381,9 @@ where
     }
     if !waited.is_zero() {
         response.extensions_mut().insert(Waited(waited));
+    }
+    if let Some(reservation) = reservation {
+        response.extensions_mut().insert(reservation);
     }
     response
 }

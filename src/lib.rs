@@ -127,6 +127,11 @@
 //! - a per-key **quota** of requests per period ([`Quota`], [`KeyPoolBuilder::quota_per_key`]):
 //!   callers wait for the earliest key with quota;
 //! - **learned limits**: the providers' rate-limit headers rest a key before it is refused;
+//! - a **token quota** per key and bucket ([`TokenQuota`],
+//!   [`KeyPoolBuilder::token_quota_per_key`], or learned from the token headers): a request
+//!   whose [`Router`](route::Router) gives it a token cost waits until its tokens fit, fails
+//!   at once with [`CostTooLarge`] if they never can, and is settled from its answer's usage
+//!   ([`pool::TokenReservation`]);
 //! - per-key **settings** ([`KeySpec`]): a name for logs, a **weight** (smooth weighted
 //!   round-robin, as nginx does it), its own cap and quota, and the **account** it belongs
 //!   to;
@@ -196,16 +201,18 @@ pub mod route;
 mod service;
 pub mod shared;
 mod sync;
+mod tokens;
 mod weights;
 
 pub use auth::Placement;
 pub use backoff::Backoff;
-pub use error::{AllKeysDisabled, NoKeyAvailable};
+pub use error::{AllKeysDisabled, CostTooLarge, NoKeyAvailable};
 pub use key::{ApiKey, ByteKind, KeyError, KeySet, KeySpec};
 pub use layer::KeyRotationLayer;
 pub use pool::{KeyPool, KeyPoolBuilder, RejectedKey, Selection};
 pub use quota::Quota;
 pub use service::KeyRotation;
+pub use tokens::TokenQuota;
 
 /// Compiles the README's examples as doctests, so the quick start cannot rot.
 #[cfg(doctest)]

@@ -8,7 +8,7 @@
 //!
 //! ```text
 //!   poll_ready ──► the inner service is ready (no key reserved)
-//!   call(request) ──► Router reads its head ──► Route { bucket, affinity }
+//!   call(request) ──► Router reads its head ──► Route { bucket, affinity, tokens }
 //!        ├─ a key can take this route now ──► its header goes on, the request goes
 //!        └─ none can ──► the response future waits for one, within the wait budget,
 //!                        holding the readied inner service (a clone stays behind)
@@ -16,6 +16,10 @@
 //!
 //! A pool without a router reserves in `poll_ready`, as tower's own limits do, at no
 //! extra cost.
+//!
+//! A route's `tokens` ([`Router::tokens`]) are its cost against the keys' token quotas
+//! ([`TokenQuota`](crate::TokenQuota)): a request waits until they fit, and its
+//! [`TokenReservation`](crate::pool::TokenReservation) is settled from the answer's usage.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -93,6 +97,18 @@ pub trait Router: Send + Sync + fmt::Debug + 'static {
         let _ = head;
         None
     }
+
+    /// The request's cost in tokens, or `None` for none: the tokens it reserves of its
+    /// key's token quota ([`KeyPoolBuilder::token_quota_per_key`](crate::KeyPoolBuilder::token_quota_per_key)),
+    /// usually its estimated input plus the output it allows, settled later from the
+    /// answer's usage ([`TokenReservation`](crate::pool::TokenReservation)).
+    ///
+    /// The cost extractor of the pool: read here, with the bucket, because this is where a
+    /// request is read before a key is taken for it.
+    fn tokens(&self, head: &RequestHead<'_>) -> Option<u64> {
+        let _ = head;
+        None
+    }
 }
 
 /// A bucket's small id in one pool: 0 is the default bucket (requests that name none).
@@ -109,8 +125,8 @@ impl BucketId {
     }
 }
 
-/// What a request asks of the pool: the bucket it is metered in, and its session's
-/// affinity hash. `Copy`, and made without allocating.
+/// What a request asks of the pool: the bucket it is metered in, its session's affinity
+/// hash, and its cost in tokens. `Copy`, and made without allocating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Route {
     pub(crate) bucket: BucketId,
@@ -118,15 +134,27 @@ pub struct Route {
     /// A name new to the pool, sent in the overflow bucket until the provider accepts a
     /// request in it (its hash; see `Buckets`).
     pub(crate) candidate: Option<u64>,
+    pub(crate) tokens: u64,
 }
 
 impl Route {
-    /// The default bucket, no affinity: what a pool without a router uses.
+    /// The default bucket, no affinity, no token cost: what a pool without a router uses.
     pub const ANY: Self = Self {
         bucket: BucketId::DEFAULT,
         affinity: None,
         candidate: None,
+        tokens: 0,
     };
+
+    /// The request's token cost (0: none).
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// This route, costing `tokens` (0: none).
+    pub fn with_tokens(self, tokens: u64) -> Self {
+        Self { tokens, ..self }
+    }
 
     /// The bucket.
     pub fn bucket(&self) -> BucketId {

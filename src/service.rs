@@ -81,6 +81,7 @@ enum Reserved {
 enum Refused {
     NoKey(NoKeyAvailable),
     AllDisabled(AllKeysDisabled),
+    TooLarge(crate::CostTooLarge),
 }
 
 impl From<Refused> for BoxError {
@@ -88,6 +89,7 @@ impl From<Refused> for BoxError {
         match refused {
             Refused::NoKey(e) => e.into(),
             Refused::AllDisabled(e) => e.into(),
+            Refused::TooLarge(e) => e.into(),
         }
     }
 }
@@ -337,6 +339,7 @@ impl<S> KeyRotation<S> {
                 Reserve::Lease(lease) => Reserved::Lease(lease),
                 Reserve::NoKey(e) => Reserved::Refused(Refused::NoKey(e)),
                 Reserve::AllDisabled(e) => Reserved::Refused(Refused::AllDisabled(e)),
+                Reserve::TooLarge(e) => Reserved::Refused(Refused::TooLarge(e)),
             },
         );
         Poll::Ready(())

@@ -38,7 +38,7 @@
 //! rate-limit headers above say a used-up window resets). They take the wall clock's `now`
 //! as an argument, so they are pure and testable.
 
-mod limits;
+pub(crate) mod limits;
 mod profile;
 mod retry_after;
 

@@ -257,12 +257,13 @@ impl KeyPool {
         &self,
         id: u64,
         bucket: Option<&Arc<Bucket>>,
+        cost: u64,
         patience: Patience,
         allowed: impl Fn(usize) -> bool,
     ) -> Result<Lease, Option<Patient>> {
         let inner = &*self.inner;
         let table = inner.table.load();
-        let mut now = LazyNow::new(&inner.signals);
+        let mut now = LazyNow::costing(&inner.signals, cost);
         match inner.select_affinity(&table, id, bucket, &mut now, patience, allowed) {
             Placed::Taken(index, None, taken) => Ok(Lease::new(&table, index, taken)),
             Placed::Taken(index, Some(lane), taken) => {

@@ -153,7 +153,7 @@ mod tests {
     }
 
     fn take(pool: &KeyPool, bucket: &Arc<Bucket>) -> Option<Lease> {
-        let lease = pool.inner.try_reserve_in(bucket)?;
+        let lease = pool.inner.try_reserve_in(bucket, 0)?;
         lease.mark_sent();
         Some(lease)
     }
@@ -192,7 +192,7 @@ mod tests {
     async fn a_spent_account_quota_rests_every_bucket_of_the_key() {
         let pool = pool("k1,k2");
         let (a, b) = (bucket(&pool, "a"), bucket(&pool, "b"));
-        let lease = pool.inner.try_reserve_in_where(&a, |p| p == 1).unwrap();
+        let lease = pool.inner.try_reserve_in_where(&a, 0, |p| p == 1).unwrap();
         lease.record(Outcome::QuotaExhausted {
             reset_after: Some(Duration::from_secs(60)),
             scope: Scope::Key,
@@ -203,19 +203,19 @@ mod tests {
             assert_eq!(take(&pool, bucket).unwrap().position(), 2);
             assert!(
                 pool.inner
-                    .try_reserve_in_where(bucket, |p| p == 1)
+                    .try_reserve_in_where(bucket, 0, |p| p == 1)
                     .is_none()
             );
         }
         assert_eq!(pool.snapshot()[0].state, KeyState::Resting);
         // Back with one probe (of any bucket), then every bucket.
         tokio::time::advance(Duration::from_secs(60)).await;
-        let probe = pool.inner.try_reserve_in_where(&b, |p| p == 1).unwrap();
+        let probe = pool.inner.try_reserve_in_where(&b, 0, |p| p == 1).unwrap();
         assert!(probe.is_probe());
-        assert!(pool.inner.try_reserve_in_where(&a, |p| p == 1).is_none());
+        assert!(pool.inner.try_reserve_in_where(&a, 0, |p| p == 1).is_none());
         probe.record(Outcome::Success);
         drop(probe);
-        assert!(pool.inner.try_reserve_in_where(&a, |p| p == 1).is_some());
+        assert!(pool.inner.try_reserve_in_where(&a, 0, |p| p == 1).is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -296,11 +296,11 @@ mod tests {
         assert_eq!((over.index, &*over.name), (3, OVERFLOW));
         assert!(Arc::ptr_eq(&over, &bucket(&pool, "made-up-2")));
         // A rest of the overflow bucket leaves the named ones serving.
-        let lease = pool.inner.try_reserve_in(&over).unwrap();
+        let lease = pool.inner.try_reserve_in(&over, 0).unwrap();
         lease.record(refused(60));
         drop(lease);
-        assert!(pool.inner.try_reserve_in(&over).is_none());
-        assert!(pool.inner.try_reserve_in(&a).is_some());
+        assert!(pool.inner.try_reserve_in(&over, 0).is_none());
+        assert!(pool.inner.try_reserve_in(&a, 0).is_some());
         let default = pool.inner.bucket_state(BucketId::DEFAULT).unwrap();
         assert_eq!(&*default.name, DEFAULT);
     }
@@ -337,7 +337,7 @@ mod tests {
         let pool = pool("k1,k2,k3");
         let a = bucket(&pool, "a");
         let on = |p: usize| {
-            let lease = pool.inner.try_reserve_in_where(&a, |q| q == p).unwrap();
+            let lease = pool.inner.try_reserve_in_where(&a, 0, |q| q == p).unwrap();
             lease.mark_sent();
             lease
         };

@@ -17,6 +17,7 @@ use crate::key::KeySet;
 use crate::quota::Quota;
 use crate::route::{Buckets, Router};
 use crate::shared::{BackendLink, DegradedPolicy, Shared, StateBackend};
+use crate::tokens::TokenQuota;
 
 /// The wait budget of a request by default (see [`KeyPoolBuilder::max_wait`]).
 pub(super) const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
@@ -39,6 +40,8 @@ pub struct KeyPoolBuilder {
     pub(super) degraded: DegradedPolicy,
     pub(super) router: Option<Arc<dyn Router>>,
     pub(super) max_buckets: usize,
+    pub(super) token_quota: Option<TokenQuota>,
+    pub(super) token_window: Duration,
 }
 
 impl KeyPoolBuilder {
@@ -213,6 +216,66 @@ impl KeyPoolBuilder {
         self
     }
 
+    /// A token quota for each (key, bucket) (default: none, until learned): a request of
+    /// `n` tokens takes `n` units of it, and waits until they fit within its wait budget.
+    ///
+    /// A request's tokens are what its [`Route`](crate::route::Route) carries, read by the
+    /// pool's [`Router::tokens`](crate::route::Router::tokens): only a pool with a
+    /// [router](Self::router) knows them (keys are otherwise reserved before the request is
+    /// seen), and requests without tokens cost what they cost without this quota. A request
+    /// of more tokens than a whole window fails at once with
+    /// [`CostTooLarge`](crate::CostTooLarge). Without a configured quota, a (key, bucket)
+    /// learns its limit from the first answer whose headers report one
+    /// (`x-ratelimit-limit-tokens`, `anthropic-ratelimit-tokens-limit`), and every answer's
+    /// remaining tokens hold its quota no looser than the provider's.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_key_rotation::route::{RequestHead, Router};
+    /// use tower_key_rotation::{KeyPool, KeySet, TokenQuota};
+    ///
+    /// /// The caller's estimate of a request's tokens, in a header.
+    /// #[derive(Debug)]
+    /// struct Estimated;
+    ///
+    /// impl Router for Estimated {
+    ///     fn tokens(&self, head: &RequestHead<'_>) -> Option<u64> {
+    ///         head.headers.get("x-tokens")?.to_str().ok()?.parse().ok()
+    ///     }
+    /// }
+    ///
+    /// let pool = KeyPool::builder(KeySet::parse("k1")?)
+    ///     .router(Estimated)
+    ///     .token_quota_per_key(TokenQuota::per_minute(10_000))
+    ///     .build();
+    /// let request = |tokens: u64| http::Request::builder().header("x-tokens", tokens).body(());
+    /// let big = pool.route(&RequestHead::of(&request(8_000)?));
+    /// let held = pool.try_reserve_route(&big).expect("8,000 of 10,000 fit");
+    /// held.mark_sent();
+    /// assert!(pool.try_reserve_route(&big).is_none(), "another 8,000 must wait");
+    /// let small = pool.route(&RequestHead::of(&request(2_000)?));
+    /// assert!(pool.try_reserve_route(&small).is_some());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn token_quota_per_key(mut self, quota: TokenQuota) -> Self {
+        self.token_quota = Some(quota);
+        self
+    }
+
+    /// The window of token limits learned from the provider's headers (default a minute,
+    /// as OpenAI and Anthropic meter tokens per minute): a learned limit of `n` refills `n`
+    /// tokens over this long.
+    ///
+    /// # Panics
+    ///
+    /// If `window` is zero.
+    pub fn token_window(mut self, window: Duration) -> Self {
+        assert!(!window.is_zero(), "token_window must be longer than zero");
+        self.token_window = window;
+        self
+    }
+
     /// Builds the pool.
     ///
     /// # Panics
@@ -242,6 +305,8 @@ impl KeyPoolBuilder {
                 shared: shared.clone(),
                 fan_out: self.router.is_some(),
                 learned: AtomicU32::new(u32::MAX),
+                token_quota: self.token_quota,
+                token_window: self.token_window,
             });
             let bucket_states = self
                 .router

@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
 
 use http::HeaderValue;
@@ -19,6 +19,7 @@ use crate::classify::{Classifier, Outcome, Scope};
 use crate::key::ApiKey;
 use crate::pool_time::PoolTime;
 use crate::shared::{Admission, Answer};
+use crate::tokens::TokenHeaders;
 
 /// A reserved key: counts as in flight until dropped.
 ///
@@ -44,6 +45,11 @@ pub struct Lease {
     /// The request's bucket name, if it was new to the pool and sent in the overflow
     /// bucket: its hash, to give it a bucket of its own once the provider accepts it.
     candidate: Option<u64>,
+    /// The request's token cost, and of it the tokens taken from a token quota.
+    cost: u64,
+    charged: u64,
+    /// When the request may go (its booked tokens fit then; the epoch: at once).
+    ready_at: PoolTime,
     /// `SENT`, `PROBE`, `RESOLVED`, `REFUSED` bits. Only the lease's owner writes them, so
     /// a plain load and store suffice (no locked read-modify-write on the hot path); atomic only
     /// so that a lease is `Sync`.
@@ -103,6 +109,9 @@ impl Lease {
             trial: taken.trial,
             tat_after: taken.tat_after,
             candidate: None,
+            cost: taken.cost,
+            charged: taken.tokens,
+            ready_at: taken.ready_at,
             flags: AtomicU8::new(flags),
         }
     }
@@ -124,6 +133,9 @@ impl Lease {
             trial: taken.trial,
             tat_after: taken.tat_after,
             candidate: None,
+            cost: taken.cost,
+            charged: taken.tokens,
+            ready_at: taken.ready_at,
             flags: AtomicU8::new(flags),
         }
     }
@@ -332,6 +344,41 @@ impl Lease {
         self.flags.store(flags & !flag, Ordering::Relaxed);
     }
 
+    /// The request's token cost, as reserved (0: none; see
+    /// [`Router::tokens`](crate::route::Router::tokens)).
+    pub fn tokens(&self) -> u64 {
+        self.cost
+    }
+
+    /// When a lease that booked its tokens ahead may be sent (`None`: now).
+    pub(crate) fn ready_at(&self) -> Option<tokio::time::Instant> {
+        let signals = &self.slot.signals;
+        (self.ready_at > signals.now()).then(|| signals.instant(self.ready_at))
+    }
+
+    /// A handle on this lease's token reservation, to settle it with the tokens the answer
+    /// reported ([`TokenReservation::settle`]); `None` for a request without a token cost.
+    /// [`KeyRotation`](crate::KeyRotation) puts it in the response's extensions.
+    pub fn reservation(&self) -> Option<TokenReservation> {
+        (self.cost != 0).then(|| TokenReservation {
+            inner: Arc::new(ReservationInner {
+                slot: self.slot.clone(),
+                cost: self.cost,
+                charged: self.charged,
+                settled: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// What an answer's headers say of the provider's token count, for this lease's key
+    /// (and bucket): learns the token limit and holds the quota no looser than the
+    /// provider's (see [`KeyPoolBuilder::token_quota_per_key`](super::KeyPoolBuilder::token_quota_per_key)).
+    pub(crate) fn observe_tokens(&self, headers: &http::HeaderMap) {
+        if let Some(seen) = TokenHeaders::read(headers, std::time::SystemTime::now()) {
+            self.slot.tokens.observe(seen, self.slot.signals.now());
+        }
+    }
+
     /// Counts the request as sent with this key and logs `Using key i/n`.
     pub fn mark_sent(&self) {
         if self.flags.load(Ordering::Relaxed) & AT_PROVIDER != 0 {
@@ -340,6 +387,12 @@ impl Lease {
         self.set_flag(SENT | AT_PROVIDER);
         self.slot.sent.fetch_add(1, Ordering::AcqRel);
         self.slot.requests.fetch_add(1, Ordering::Relaxed);
+        if self.cost != 0 {
+            self.slot
+                .tokens
+                .reserved
+                .fetch_add(self.cost, Ordering::Relaxed);
+        }
         tracing::debug!(
             key = self.position(),
             keys = self.keys,
@@ -473,8 +526,14 @@ impl Drop for Lease {
             // The probe never got an answer: the next caller may probe.
             self.slot.probe_abandoned();
         }
-        // Reserved but never sent: what is left of its quota unit goes back.
+        // Reserved but never sent: what is left of its quota unit goes back, and its
+        // tokens.
         let unsent = (flags & SENT == 0).then_some(self.tat_after);
+        if unsent.is_some() && self.charged != 0 {
+            self.slot
+                .tokens
+                .refund(self.charged, self.slot.signals.now());
+        }
         self.slot.release(
             unsent,
             flags & AT_PROVIDER != 0,
@@ -534,5 +593,102 @@ impl Future for Admit {
 impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Lease({})", self.label())
+    }
+}
+
+/// A request's token reservation: the tokens its [`Lease`] took from its key's token quota
+/// (estimated input plus the output allowed), settled when the answer says what it used.
+///
+/// In the response's extensions of a request with a token cost
+/// ([`Router::tokens`](crate::route::Router::tokens)). Settle it once the answer's usage is
+/// known ([`settle`](Self::settle)): what was not used goes back to the quota (see the
+/// refund rule in [`TokenQuota`](crate::TokenQuota)'s docs), what was used beyond it is
+/// charged. One never settled (an answer cut short, or without usage) stays charged in
+/// full: tokens are never given back blind. Clones are the same reservation; it settles
+/// once.
+///
+/// # Examples
+///
+/// ```
+/// use tower_key_rotation::route::{RequestHead, Router};
+/// use tower_key_rotation::{KeyPool, KeySet, TokenQuota};
+///
+/// #[derive(Debug)]
+/// struct Thousand;
+///
+/// impl Router for Thousand {
+///     fn tokens(&self, _: &RequestHead<'_>) -> Option<u64> {
+///         Some(1_000)
+///     }
+/// }
+///
+/// let pool = KeyPool::builder(KeySet::parse("k1")?)
+///     .router(Thousand)
+///     .token_quota_per_key(TokenQuota::per_minute(1_500))
+///     .build();
+/// let route = pool.route(&RequestHead::of(&http::Request::new(())));
+/// let lease = pool.try_reserve_route(&route).unwrap();
+/// lease.mark_sent();
+/// let reservation = lease.reservation().unwrap();
+/// drop(lease);
+/// assert!(pool.try_reserve_route(&route).is_none(), "1,000 + 1,000 > 1,500");
+/// reservation.settle(300); // the answer used 300: 700 come back
+/// assert!(pool.try_reserve_route(&route).is_some());
+/// assert_eq!(pool.snapshot()[0].tokens_used, 300);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct TokenReservation {
+    inner: Arc<ReservationInner>,
+}
+
+struct ReservationInner {
+    slot: Arc<Slot>,
+    cost: u64,
+    charged: u64,
+    settled: AtomicBool,
+}
+
+impl TokenReservation {
+    /// The tokens reserved.
+    pub fn tokens(&self) -> u64 {
+        self.inner.cost
+    }
+
+    /// Settles the reservation with the tokens the answer reported using (input and
+    /// output together). Only the first call counts.
+    pub fn settle(&self, used: u64) {
+        let inner = &*self.inner;
+        if inner.settled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let slot = &*inner.slot;
+        slot.tokens.used.fetch_add(used, Ordering::Relaxed);
+        if inner.charged != 0 && slot.tokens.settle(inner.charged, used, slot.signals.now()) {
+            // Room came back sooner than the waiters' timers say.
+            slot.signals.notify_all();
+        }
+    }
+
+    /// Gives the whole reservation back: the provider refused the request (a 429), so it
+    /// used none of it.
+    pub(crate) fn refused(&self) {
+        let inner = &*self.inner;
+        if inner.settled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let slot = &*inner.slot;
+        if inner.charged != 0 && slot.tokens.refund(inner.charged, slot.signals.now()) {
+            slot.signals.notify_all();
+        }
+    }
+}
+
+impl fmt::Debug for TokenReservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenReservation")
+            .field("tokens", &self.inner.cost)
+            .field("settled", &self.inner.settled.load(Ordering::Relaxed))
+            .finish()
     }
 }

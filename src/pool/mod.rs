@@ -71,6 +71,7 @@
 //! | `builder` | the settings |
 
 mod affinity;
+mod booking;
 mod bucket;
 mod builder;
 mod events;
@@ -108,7 +109,7 @@ use crate::shared::{BackendHealth, Shared};
 
 pub use builder::KeyPoolBuilder;
 pub(crate) use lease::Check;
-pub use lease::{Admit, Lease};
+pub use lease::{Admit, Lease, TokenReservation};
 pub use rejected::RejectedKey;
 pub(crate) use state::PoolAvailability;
 pub use stats::{BucketStats, KeyState, KeyStats};
@@ -208,6 +209,10 @@ struct Signals {
     /// bucket) learned from refusals of its own (`u32::MAX`: none yet): keys that learned
     /// nothing yet, and lanes made later, start from it (see `Slot::teach_untaught`).
     learned: AtomicU32,
+    /// Each (key, bucket)'s token quota, unless learned ([`KeyPoolBuilder::token_quota_per_key`]).
+    token_quota: Option<crate::TokenQuota>,
+    /// The period of token limits learned from headers ([`KeyPoolBuilder::token_window`]).
+    token_window: Duration,
 }
 
 #[repr(align(128))]
@@ -246,6 +251,8 @@ impl KeyPool {
             degraded: Default::default(),
             router: None,
             max_buckets: crate::route::DEFAULT_MAX_BUCKETS,
+            token_quota: None,
+            token_window: crate::tokens::DEFAULT_WINDOW,
         }
     }
 
@@ -369,6 +376,16 @@ impl KeyPool {
                     stats.in_flight += lane.in_flight;
                     stats.sent += lane.sent;
                     stats.reserved += lane.reserved;
+                    stats.tokens_reserved += lane.tokens_reserved;
+                    stats.tokens_used += lane.tokens_used;
+                    stats.token_limit = match (stats.token_limit, lane.token_limit) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    stats.token_wait = match (stats.token_wait, lane.token_wait) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     stats.probing |= lane.probing;
                     stats.concurrency_limit =
                         match (stats.concurrency_limit, lane.concurrency_limit) {
@@ -464,6 +481,10 @@ fn slot_stats(slot: &slot::Slot, now: &mut LazyNow<'_>) -> KeyStats {
         quota_wait: (quota_at > now_at).then(|| quota_at.saturating_duration_since(now_at)),
         probing: slot.probe.is_pending(),
         disabled: rest == RestWord::Disabled,
+        tokens_reserved: slot.tokens.reserved.load(Ordering::Relaxed),
+        tokens_used: slot.tokens.used.load(Ordering::Relaxed),
+        token_limit: slot.tokens.limit(),
+        token_wait: slot.tokens.wait(1, now_at).filter(|wait| !wait.is_zero()),
     }
 }
 
@@ -497,14 +518,35 @@ impl fmt::Debug for KeyPool {
 }
 
 /// The clock, read at most once per selection and only if some key needs it.
+///
+/// Also what the selection is for: the tokens of the request (0: no cost, the token quotas
+/// are not asked), so that every key's `try_take` and `status` answer for that request.
 struct LazyNow<'a> {
     signals: &'a Signals,
     now: Option<PoolTime>,
+    cost: u64,
+    /// How far ahead (nanoseconds) the request may book its tokens (see `booking`).
+    ahead: u64,
 }
 
 impl<'a> LazyNow<'a> {
     fn new(signals: &'a Signals) -> Self {
-        Self { signals, now: None }
+        Self {
+            signals,
+            now: None,
+            cost: 0,
+            ahead: 0,
+        }
+    }
+
+    /// For a request of `cost` tokens.
+    fn costing(signals: &'a Signals, cost: u64) -> Self {
+        Self {
+            signals,
+            now: None,
+            cost,
+            ahead: 0,
+        }
     }
 
     fn get(&mut self) -> PoolTime {
@@ -590,6 +632,8 @@ impl Signals {
             shared: None,
             fan_out: false,
             learned: AtomicU32::new(u32::MAX),
+            token_quota: self.token_quota,
+            token_window: self.token_window,
         }
     }
 }

@@ -37,6 +37,7 @@ impl KeyPool {
             bucket,
             affinity: router.affinity(head).map(affinity_hash),
             candidate,
+            tokens: router.tokens(head).unwrap_or(0),
         }
     }
 
@@ -97,11 +98,15 @@ impl KeyPool {
         let bucket = self.inner.bucket_state(route.bucket);
         let lease = match (route.affinity, bucket) {
             (Some(id), bucket) => self
-                .reserve_affinity(id, bucket, Patience::For(self.inner.affinity.wait), |_| {
-                    true
-                })
+                .reserve_affinity(
+                    id,
+                    bucket,
+                    route.tokens,
+                    Patience::For(self.inner.affinity.wait),
+                    |_| true,
+                )
                 .ok(),
-            (None, Some(bucket)) => self.inner.try_reserve_in(bucket),
+            (None, Some(bucket)) => self.inner.try_reserve_in(bucket, route.tokens),
             (None, None) => self.try_reserve(),
         };
         lease.map(|lease| lease.with_candidate(route.candidate))
@@ -118,9 +123,11 @@ impl KeyPool {
         let lease = match (route.affinity, bucket) {
             // A retry: the next allowed key of the session's order, at once.
             (Some(id), bucket) => self
-                .reserve_affinity(id, bucket, Patience::None, allowed)
+                .reserve_affinity(id, bucket, route.tokens, Patience::None, allowed)
                 .ok(),
-            (None, Some(bucket)) => self.inner.try_reserve_in_where(bucket, allowed),
+            (None, Some(bucket)) => self
+                .inner
+                .try_reserve_in_where(bucket, route.tokens, allowed),
             // As an unrouted call does (a key reserved in `poll_ready`, traded in `call` if
             // the request was refused on it): the next key in rotation if allowed, so that
             // the rotation moves on as it would without a router.

@@ -146,10 +146,10 @@ impl PoolInner {
 /// key asked the one question of [`Slot::try_take_in`] (its key state and its lane for the
 /// bucket both allow), loads compared lane by lane.
 impl PoolInner {
-    /// Reserves a key for a request of `bucket` now, if one can take it.
-    pub(super) fn try_reserve_in(&self, bucket: &Arc<Bucket>) -> Option<Lease> {
+    /// Reserves a key for a request of `bucket` (and `cost` tokens) now, if one can take it.
+    pub(super) fn try_reserve_in(&self, bucket: &Arc<Bucket>, cost: u64) -> Option<Lease> {
         let table = self.table.load();
-        let mut now = LazyNow::new(&self.signals);
+        let mut now = LazyNow::costing(&self.signals, cost);
         match self.selection {
             Selection::RoundRobin => self.round_robin_in(&table, bucket, &mut now),
             Selection::LeastInFlight => self.least_in_flight_in(&table, bucket, &mut now),
@@ -238,12 +238,13 @@ impl PoolInner {
     pub(super) fn try_reserve_in_where(
         &self,
         bucket: &Arc<Bucket>,
+        cost: u64,
         allowed: impl Fn(usize) -> bool,
     ) -> Option<Lease> {
         let table = self.table.load();
         let n = table.slots.len();
         let start = self.cursor.load(Ordering::Relaxed) % n;
-        let mut now = LazyNow::new(&self.signals);
+        let mut now = LazyNow::costing(&self.signals, cost);
         let lane_of = |i: usize| table.slots[i].lanes[bucket.index].get();
         for _ in 0..4 {
             let best = (0..n)

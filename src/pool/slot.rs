@@ -19,6 +19,7 @@ use crate::key::KeySpec;
 use crate::pool_time::PoolTime;
 use crate::quota::{Gcra, Quota};
 use crate::shared::SharedKey;
+use crate::tokens::TokenCell;
 
 /// One key's state, hot fields first and on their own cache lines so that keys do not
 /// contend with each other.
@@ -58,6 +59,8 @@ pub(super) struct Slot {
     pub(super) deadline: Deadline,
     /// GCRA theoretical arrival time (see `quota`), a [`PoolTime`] as nanoseconds.
     pub(super) tat: AtomicU64,
+    /// The token quota (see `tokens`): asked only by requests with a token cost.
+    pub(super) tokens: TokenCell,
     pub(super) requests: AtomicU64,
     pub(super) successes: AtomicU64,
     pub(super) rate_limited: AtomicU64,
@@ -110,6 +113,13 @@ pub(super) struct Taken {
     /// Sent with more in flight than the limit known to hold (see `Slot::floor`): a try of
     /// a raised limit, whose refusal lowers the limit back without a rest.
     pub(super) trial: bool,
+    /// Tokens taken from the token quota (0 for a request without a cost, or a slot
+    /// without a token quota).
+    pub(super) tokens: u64,
+    /// The request's token cost (as reserved, with or without a token quota).
+    pub(super) cost: u64,
+    /// When the request may go: now, or the time its booked tokens fit (see `booking`).
+    pub(super) ready_at: PoolTime,
 }
 
 impl Slot {
@@ -186,6 +196,7 @@ impl Slot {
             probe: Probe::new(),
             deadline: Deadline::new(),
             tat: AtomicU64::new(0),
+            tokens: TokenCell::new(signals.token_quota, signals.token_window),
             requests: AtomicU64::new(0),
             successes: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
@@ -245,9 +256,17 @@ impl Slot {
     /// are those of the module docs' diagram; a key owing its probe reads `Healthy` (the
     /// next taker probes).
     pub(super) fn status(&self, now: &mut LazyNow<'_>) -> (KeyState, Availability) {
+        let cost = now.cost;
         let quota_at = || {
-            self.quota
-                .map_or(PoolTime::EPOCH, |q| q.available_at(&self.tat))
+            let at = self
+                .quota
+                .map_or(PoolTime::EPOCH, |q| q.available_at(&self.tat));
+            if cost == 0 {
+                return at;
+            }
+            // A request larger than the window never fits here: it waits as if for ever
+            // (the pool fails it at once when no key fits it: `KeyPool::poll_reserve_route`).
+            at.max(self.tokens.available_at(cost).unwrap_or(PoolTime::MAX))
         };
         match self.deadline.read() {
             RestWord::Disabled => return (KeyState::Disabled, Availability::Never),
@@ -266,6 +285,9 @@ impl Slot {
             return (KeyState::Busy, Availability::OnRelease);
         }
         let quota_at = quota_at();
+        if quota_at == PoolTime::MAX {
+            return (KeyState::Busy, Availability::Never);
+        }
         if quota_at != PoolTime::EPOCH && quota_at > now.get() {
             return (KeyState::Busy, Availability::At(quota_at));
         }
@@ -317,6 +339,22 @@ impl Slot {
             };
             tat_after = after;
         }
+        // Tokens next, only for a request that has a cost.
+        let mut tokens = 0;
+        let mut ready_at = PoolTime::EPOCH;
+        // Only a token quota reads the clock: a cost on a lane without one takes nothing.
+        if now.cost != 0 && self.tokens.limit().is_some() {
+            let at = now.get();
+            let Some((taken, ready)) = self.tokens.try_take_ahead(now.cost, at, now.ahead) else {
+                if let Some(quota) = self.quota {
+                    quota.refund(&self.tat, tat_after, now_at);
+                }
+                self.unprobe(probe);
+                return None;
+            };
+            tokens = taken;
+            ready_at = ready;
+        }
         let limit = self.take_limit();
         let in_flight = if limit == u32::MAX {
             Some(self.in_flight.fetch_add(1, Ordering::AcqRel))
@@ -337,10 +375,16 @@ impl Slot {
                 // Only a learned limit has a floor: no load on a key without a limit.
                 trial: limit != u32::MAX
                     && before.saturating_add(1) > self.floor.load(Ordering::Relaxed),
+                tokens,
+                cost: now.cost,
+                ready_at,
             });
         }
         if let Some(quota) = self.quota {
             quota.refund(&self.tat, tat_after, now_at);
+        }
+        if tokens != 0 {
+            self.tokens.refund(tokens, now.get());
         }
         self.unprobe(probe);
         None

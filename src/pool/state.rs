@@ -40,14 +40,18 @@ pub(crate) enum PoolAvailability {
 impl PoolInner {
     /// Every key's [`Availability`], combined.
     pub(super) fn availability(&self) -> PoolAvailability {
-        self.availability_in(None)
+        self.availability_in(None, 0)
     }
 
     /// Every key's [`Availability`] for a request of `bucket` (`None`: a pool without
-    /// buckets), combined.
-    pub(super) fn availability_in(&self, bucket: Option<&Arc<Bucket>>) -> PoolAvailability {
+    /// buckets) and `cost` tokens, combined.
+    pub(super) fn availability_in(
+        &self,
+        bucket: Option<&Arc<Bucket>>,
+        cost: u64,
+    ) -> PoolAvailability {
         let table = self.table.load();
-        let mut now = LazyNow::new(&self.signals);
+        let mut now = LazyNow::costing(&self.signals, cost);
         let mut on_release = false;
         let mut earliest: Option<PoolTime> = None;
         for slot in table.slots.iter() {
@@ -67,5 +71,40 @@ impl PoolInner {
             (false, Some(at)) => PoolAvailability::At(at),
             (false, None) => PoolAvailability::Never,
         }
+    }
+}
+
+impl PoolInner {
+    /// A request of `cost` tokens that no usable key's token window (for `bucket`) can ever
+    /// hold: the largest window, and its period. `None` if some key can (or has no token
+    /// quota there yet).
+    pub(super) fn too_large(
+        &self,
+        bucket: &Arc<Bucket>,
+        cost: u64,
+    ) -> Option<(u64, std::time::Duration)> {
+        let table = self.table.load();
+        let mut largest: Option<(u64, std::time::Duration)> = None;
+        for slot in table.slots.iter() {
+            if slot.deadline.is_disabled() {
+                continue;
+            }
+            let Some(lane) = slot.lanes[bucket.index].get() else {
+                // No lane yet: its limit is the key's default, if configured.
+                match self.signals.token_quota {
+                    Some(quota) if quota.tokens() < cost => {
+                        largest = largest.max(Some((quota.tokens(), quota.period())));
+                        continue;
+                    }
+                    _ => return None,
+                }
+            };
+            if lane.tokens.fits(cost) {
+                return None;
+            }
+            let window = (lane.tokens.limit().unwrap_or(0), lane.tokens.period());
+            largest = largest.max(Some(window));
+        }
+        largest
     }
 }

@@ -59,6 +59,18 @@ pub struct KeyStats {
     pub probing: bool,
     /// The key was rejected by the provider and takes no more requests.
     pub disabled: bool,
+    /// Tokens reserved by the requests sent with a token cost (estimated input plus the
+    /// output allowed; see [`TokenReservation`](crate::pool::TokenReservation)).
+    pub tokens_reserved: u64,
+    /// Tokens the answers to those requests reported using (settled reservations).
+    pub tokens_used: u64,
+    /// Tokens per window in force, configured ([`KeyPoolBuilder::token_quota_per_key`](crate::KeyPoolBuilder::token_quota_per_key))
+    /// or learned from the provider's headers; in a pool with buckets, a key shows its
+    /// tightest bucket's. `None`: no token quota.
+    pub token_limit: Option<u64>,
+    /// How long until the token quota has room again, if it is spent now (in a pool with
+    /// buckets, a key shows its soonest bucket's).
+    pub token_wait: Option<Duration>,
 }
 
 /// A snapshot of one (key, bucket) in a pool with buckets, from

@@ -49,7 +49,7 @@ use super::affinity::Patience;
 use super::lease::Lease;
 use super::state::PoolAvailability;
 use super::{KeyPool, Signals};
-use crate::error::{AllKeysDisabled, NoKeyAvailable};
+use crate::error::{AllKeysDisabled, CostTooLarge, NoKeyAvailable};
 use crate::route::Route;
 
 impl KeyPool {
@@ -91,7 +91,7 @@ impl KeyPool {
                         Some(since) => Patience::Until(self.inner.signals.pool_time(since + wait)),
                         None => Patience::For(wait),
                     };
-                    self.reserve_affinity(id, bucket, patience, |_| true)
+                    self.reserve_affinity(id, bucket, route.tokens, patience, |_| true)
                         .map(|lease| lease.with_candidate(route.candidate))
                 }
                 None => self.try_reserve_route(route).ok_or(None),
@@ -104,9 +104,34 @@ impl KeyPool {
                 Err(Some(patient)) if patient.free => continue,
                 Err(patient) => patient,
             };
+            if let Some((window, period)) = bucket
+                .filter(|_| route.tokens != 0)
+                .and_then(|bucket| self.inner.too_large(bucket, route.tokens))
+            {
+                // No wait can make it fit: say so now.
+                waiter.disarm();
+                return Poll::Ready(Reserve::TooLarge(CostTooLarge::new(
+                    route.tokens,
+                    window,
+                    period,
+                )));
+            }
             let now = Instant::now();
+            let tokens_bucket = bucket.filter(|_| route.tokens != 0 && route.affinity.is_none());
+            if let Some(bucket) = tokens_bucket {
+                // Tokens that fit no key now: booked where they fit soonest, within the
+                // budget, so that later requests queue behind (see `booking`).
+                let ahead = deadline.map_or(u64::MAX, |deadline| {
+                    u64::try_from(deadline.saturating_duration_since(now).as_nanos())
+                        .unwrap_or(u64::MAX)
+                });
+                if let Some(lease) = self.inner.book_in(bucket, route.tokens, ahead) {
+                    waiter.disarm();
+                    return Poll::Ready(Reserve::Lease(lease));
+                }
+            }
             let started = *waiter.since.get_or_insert(now);
-            let availability = self.inner.availability_in(bucket);
+            let availability = self.inner.availability_in(bucket, route.tokens);
             let give_up = |retry_after: Duration| {
                 Poll::Ready(Reserve::NoKey(NoKeyAvailable::new(
                     retry_after,
@@ -195,6 +220,8 @@ pub(crate) enum Reserve {
     NoKey(NoKeyAvailable),
     /// Every key is disabled.
     AllDisabled(AllKeysDisabled),
+    /// The request's tokens exceed every key's whole token window.
+    TooLarge(CostTooLarge),
 }
 
 /// A caller's registration for a wake-up while no key is free. Keep one per caller (a

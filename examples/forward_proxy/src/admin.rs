@@ -39,6 +39,11 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
             // lists its models (buckets) as they are metered apart, once one was used.
             let tokens = state.metrics.tokens().snapshot();
             let buckets = state.pool.bucket_snapshot();
+            let estimates = state
+                .estimator
+                .as_ref()
+                .map(|estimator| estimator.snapshot())
+                .unwrap_or_default();
             let models = |position: usize| -> Vec<serde_json::Value> {
                 buckets
                     .iter()
@@ -57,6 +62,15 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
                             "cooling_down_ms": key.cooling_down_for.map_or(0, |d| d.as_millis() as u64),
                             "quota_wait_ms": key.quota_wait.map_or(0, |d| d.as_millis() as u64),
                             "probing": key.probing,
+                            "tokens_reserved": key.tokens_reserved,
+                            "tokens_used": key.tokens_used,
+                            "token_limit": key.token_limit,
+                            "token_wait_ms": key.token_wait.map_or(0, |d| d.as_millis() as u64),
+                            "token_estimate": estimates.iter().find(|e| e.model == bucket.bucket).map(|e| json!({
+                                "bytes_per_token": e.bytes_per_token,
+                                "samples": e.samples,
+                                "mean_error": e.mean_error,
+                            })),
                         })
                     })
                     .collect()
@@ -98,6 +112,10 @@ pub(crate) fn respond(state: &State, method: &Method, path: &str) -> Response<Bo
                             "cache_read_input": counted.cache_read,
                             "answers_reported": counted.reported,
                             "answers_unreported": counted.unreported,
+                            "reserved": key.tokens_reserved,
+                            "settled": key.tokens_used,
+                            "limit": key.token_limit,
+                            "wait_ms": key.token_wait.map_or(0, |d| d.as_millis() as u64),
                         });
                     }
                     shown

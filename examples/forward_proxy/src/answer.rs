@@ -16,7 +16,7 @@ use http::{Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError};
 use tower::BoxError;
-use tower_key_rotation::{AllKeysDisabled, NoKeyAvailable};
+use tower_key_rotation::{AllKeysDisabled, CostTooLarge, NoKeyAvailable};
 
 use crate::config::Profile;
 use crate::connections::ConnectError;
@@ -185,6 +185,14 @@ impl Failure<'_> {
         tracing::warn!("request failed: {}", chain(error.as_ref()));
         if let Some(no_key) = error.downcast_ref::<NoKeyAvailable>() {
             return no_key_in_time(format, no_key);
+        }
+        if let Some(too_large) = error.downcast_ref::<CostTooLarge>() {
+            // No wait makes it fit: not a rate limit an SDK should retry.
+            return format.answer(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "tokens_exceed_limit",
+                &too_large.to_string(),
+            );
         }
         if error.downcast_ref::<AllKeysDisabled>().is_some() {
             return format.answer(

@@ -238,6 +238,28 @@ pub(crate) struct Args {
     #[arg(long, help_heading = LIMITS)]
     count_tokens: bool,
 
+    /// Tokens per minute per key × model (implies --count-tokens)
+    ///
+    /// Each request reserves its estimated input and the output it allows (max_tokens,
+    /// max_completion_tokens, max_output_tokens, else --default-output-tokens) and waits
+    /// until they fit; its answer's usage settles the reservation. Without it, counting
+    /// tokens learns each key × model's limit from the provider's token headers.
+    #[arg(long, value_name = "N", help_heading = LIMITS)]
+    tpm: Option<std::num::NonZeroU64>,
+
+    /// The window of --tpm and learned token limits
+    ///
+    /// A minute by default, as OpenAI and Anthropic meter tokens.
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = positive_seconds, help_heading = LIMITS)]
+    token_window: Duration,
+
+    /// Output tokens a request without a limit reserves
+    ///
+    /// With --count-tokens: what a request without max_tokens, max_completion_tokens or
+    /// max_output_tokens reserves of its key's tokens per minute until its answer settles.
+    #[arg(long, value_name = "N", default_value_t = 4096, help_heading = LIMITS)]
+    default_output_tokens: u64,
+
     /// Retry request bodies up to this size
     ///
     /// A body up to this many bytes is kept so that a 429 can be retried on another key;
@@ -397,7 +419,10 @@ impl Args {
         config.max_wait = self.max_wait;
         config.retries = self.retries;
         config.learn_concurrency = !self.no_learn_concurrency;
-        config.count_tokens = self.count_tokens;
+        config.count_tokens = self.count_tokens || self.tpm.is_some();
+        config.tokens.tpm = self.tpm;
+        config.tokens.window = self.token_window;
+        config.tokens.default_output = self.default_output_tokens;
         config.retry_body_limit = self.retry_body_limit;
         config.max_body_size = self.max_body_size;
         config.redis = self.shared.into_config();
@@ -616,6 +641,14 @@ where
     T::Err: std::fmt::Display,
 {
     s.parse().map_err(|e: T::Err| e.to_string())
+}
+
+fn positive_seconds(s: &str) -> Result<Duration, String> {
+    let duration = seconds(s)?;
+    if duration.is_zero() {
+        return Err("expected a number of seconds above zero".to_owned());
+    }
+    Ok(duration)
 }
 
 fn seconds(s: &str) -> Result<Duration, String> {

@@ -13,7 +13,7 @@ use http::{HeaderName, Uri};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use subtle::ConstantTimeEq;
 use tower_key_rotation::{
-    KeyPool, KeyPoolBuilder, KeySet, Placement, Quota, Selection, classify::Classifier,
+    KeyPool, KeyPoolBuilder, KeySet, Placement, Quota, Selection, TokenQuota, classify::Classifier,
 };
 use zeroize::Zeroizing;
 
@@ -104,9 +104,46 @@ pub struct ProxyConfig {
     /// (`stream_options.include_usage`), and what that adds to the stream is taken out
     /// again: the client gets the bytes it would have got.
     pub count_tokens: bool,
+    /// Token budgets (`--tpm`, `--token-window`, `--default-output-tokens`): see
+    /// [`TokenBudget`].
+    pub tokens: TokenBudget,
     /// How a session waits for, spills from, and is remembered on its key
     /// (`--affinity-wait`, `--affinity-ttl`, `--affinity-sessions`).
     pub affinity: AffinityConfig,
+}
+
+/// Token budgets: while the proxy counts tokens ([`ProxyConfig::count_tokens`]) and
+/// routes requests, each request reserves its estimated input plus the output it allows
+/// from its key × model's token quota, and settles with the usage its answer reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TokenBudget {
+    /// Tokens per [`window`](Self::window) per key × model (`--tpm`); `None`: learned from
+    /// the provider's headers.
+    pub tpm: Option<std::num::NonZeroU64>,
+    /// The window of the token limits (`--token-window`, a minute).
+    pub window: Duration,
+    /// The output reserved for a request that names no limit (`--default-output-tokens`).
+    pub default_output: u64,
+}
+
+impl Default for TokenBudget {
+    /// Learned limits, per minute, 4,096 output tokens by default.
+    fn default() -> Self {
+        Self {
+            tpm: None,
+            window: Duration::from_secs(60),
+            default_output: crate::usage::estimate::DEFAULT_OUTPUT_TOKENS,
+        }
+    }
+}
+
+impl TokenBudget {
+    /// Do requests carry a token cost? Only while tokens are counted (settlement reads the
+    /// answers' usage) and requests are routed (the cost is read before a key is taken).
+    pub(crate) fn is_on(config: &ProxyConfig) -> bool {
+        config.count_tokens && config.routing.is_on()
+    }
 }
 
 /// Prompt-cache affinity's settings beyond [`Routing::affinity`] (`--affinity-wait`,
@@ -167,6 +204,7 @@ impl ProxyConfig {
             abandoned_grace: Duration::from_secs(30),
             routing: Routing::default(),
             count_tokens: false,
+            tokens: TokenBudget::default(),
             affinity: AffinityConfig::default(),
         }
     }
@@ -210,7 +248,12 @@ impl ProxyConfig {
             routing.affinity = false;
         }
         if routing.is_on() {
-            pool = pool.router(ProxyRouter(routing, self.profile));
+            pool = pool
+                .router(ProxyRouter(routing, self.profile))
+                .token_window(self.tokens.window);
+            if let (Some(tpm), true) = (self.tokens.tpm, self.count_tokens) {
+                pool = pool.token_quota_per_key(TokenQuota::new(tpm.get(), self.tokens.window));
+            }
         }
         pool
     }

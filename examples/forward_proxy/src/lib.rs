@@ -67,7 +67,8 @@ mod upstream;
 mod usage;
 
 pub use config::{
-    AffinityConfig, KeysFrom, ListenAddr, LogFormat, ParseError, Profile, ProxyConfig, UpstreamUrl,
+    AffinityConfig, KeysFrom, ListenAddr, LogFormat, ParseError, Profile, ProxyConfig, TokenBudget,
+    UpstreamUrl,
 };
 pub use error::StartError;
 pub use proxy::Proxy;

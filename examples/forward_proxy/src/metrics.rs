@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 use tower_key_rotation::KeyPool;
 
 use crate::reload::ReloadCounter;
+use crate::usage::estimate::{EstimateStats, Estimator};
 
 /// Everything `/_keyrotation/metrics` shows.
 #[derive(Debug)]
@@ -33,7 +34,8 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(pool: KeyPool) -> Self {
+    /// The proxy's metrics over `pool`; with token budgets, `estimator`'s estimates too.
+    pub(crate) fn new(pool: KeyPool, estimator: Option<Arc<Estimator>>) -> Self {
         let mut registry = Registry::with_prefix("keyrotation");
         // Time to the response head: a streamed answer's length is the model's business.
         let latency = Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]);
@@ -76,6 +78,7 @@ impl Metrics {
         registry.register_collector(Box::new(KeyCollector {
             pool,
             tokens: tokens.clone(),
+            estimator,
         }));
         Self {
             registry,
@@ -145,6 +148,7 @@ impl Metrics {
 struct KeyCollector {
     pool: KeyPool,
     tokens: Arc<TokenCounts>,
+    estimator: Option<Arc<Estimator>>,
 }
 
 impl Collector for KeyCollector {
@@ -393,6 +397,85 @@ impl Collector for KeyCollector {
                 let counts = tokens.get(key.position - 1).copied().unwrap_or_default();
                 let labels = label(key);
                 ConstCounter::new(read(&counts)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        match &self.estimator {
+            Some(estimator) => self.encode_budgets(estimator, &mut encoder),
+            None => Ok(()),
+        }
+    }
+}
+
+impl KeyCollector {
+    /// Token budgets: each key × model's reservations, settlements and limit, and each
+    /// model's estimate.
+    fn encode_budgets(
+        &self,
+        estimator: &Estimator,
+        encoder: &mut DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        let buckets = self.pool.bucket_snapshot();
+        let model_label = |bucket: &tower_key_rotation::pool::BucketStats| {
+            [
+                ("key", bucket.key.position.to_string()),
+                ("name", bucket.key.name.clone().unwrap_or_default()),
+                ("model", bucket.bucket.clone()),
+            ]
+        };
+        type Read = fn(&tower_key_rotation::pool::KeyStats) -> u64;
+        let counters: [(&str, &str, Read); 2] = [
+            (
+                "key_model_tokens_reserved",
+                "Tokens reserved per key and model: each request's estimated input and the output it allows.",
+                |k| k.tokens_reserved,
+            ),
+            (
+                "key_model_tokens_used",
+                "Tokens per key and model that answers reported using (settled reservations).",
+                |k| k.tokens_used,
+            ),
+        ];
+        for (name, help, read) in counters {
+            let metric = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            for bucket in &buckets {
+                let labels = model_label(bucket);
+                ConstCounter::new(read(&bucket.key)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let metric = ConstGauge::new(0.0f64);
+        let mut family = encoder.encode_descriptor(
+            "key_model_token_limit",
+            "Tokens per window a key may use for a model: --tpm, or learned from the provider's token headers.",
+            None,
+            metric.metric_type(),
+        )?;
+        for bucket in &buckets {
+            if let Some(limit) = bucket.key.token_limit {
+                let labels = model_label(bucket);
+                ConstGauge::new(limit as f64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let estimates = estimator.snapshot();
+        type Estimate = fn(&EstimateStats) -> f64;
+        let gauges: [(&str, &str, Estimate); 2] = [
+            (
+                "token_estimate_error",
+                "Mean relative error of the input tokens estimated per model, against the usage answers reported.",
+                |e| e.mean_error,
+            ),
+            (
+                "token_estimate_bytes_per_token",
+                "Request body bytes per reported input token, learned per model.",
+                |e| e.bytes_per_token,
+            ),
+        ];
+        for (name, help, read) in gauges {
+            let metric = ConstGauge::new(0.0f64);
+            let mut family = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            for estimate in &estimates {
+                let labels = [("model", estimate.model.clone())];
+                ConstGauge::new(read(estimate)).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())

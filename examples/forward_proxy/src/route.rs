@@ -44,6 +44,11 @@ impl Routing {
     }
 }
 
+/// A request's token cost (estimated input plus the output it allows), as the handler
+/// found it when token budgets are on: read by [`ProxyRouter`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TokenCost(pub(crate) u64);
+
 /// The pool's [`Router`] in the proxy.
 #[derive(Debug)]
 pub(crate) struct ProxyRouter(pub(crate) Routing, pub(crate) Profile);
@@ -57,11 +62,11 @@ impl Router for ProxyRouter {
             return gemini_model(head.uri.path());
         }
         let model = head.extensions.get::<Arc<BodyFields>>()?.model.as_deref()?;
-        Some(match self.1 {
-            Profile::Openai => openai_bucket(model),
-            Profile::Anthropic => anthropic_bucket(model),
-            Profile::Generic | Profile::Bigmodel | Profile::Gemini => model,
-        })
+        Some(model_bucket(self.1, model))
+    }
+
+    fn tokens(&self, head: &RequestHead<'_>) -> Option<u64> {
+        head.extensions.get::<TokenCost>().map(|cost| cost.0)
     }
 
     fn affinity<'a>(&self, head: &RequestHead<'a>) -> Option<&'a [u8]> {
@@ -83,6 +88,15 @@ impl Router for ProxyRouter {
                     .get(&self.0.session_header)
                     .map(|value| value.as_bytes())
             })
+    }
+}
+
+/// The bucket `profile`'s provider meters `model` in.
+pub(crate) fn model_bucket(profile: Profile, model: &str) -> &str {
+    match profile {
+        Profile::Openai => openai_bucket(model),
+        Profile::Anthropic => anthropic_bucket(model),
+        Profile::Generic | Profile::Bigmodel | Profile::Gemini => model,
     }
 }
 

@@ -514,5 +514,7 @@ fn has_empty_choices(event: &[u8]) -> bool {
     })
 }
 
+pub(crate) mod estimate;
+
 #[cfg(test)]
 mod tests;

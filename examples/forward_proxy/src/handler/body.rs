@@ -12,7 +12,9 @@ use super::log::log_client_gone;
 use super::{RequestLabel, State};
 use crate::answer::Body;
 use crate::metrics::TokenCounts;
-use crate::usage::{UsageScan, UsageStrip};
+use crate::usage::estimate::{Estimated, Estimator};
+use crate::usage::{Usage, UsageScan, UsageStrip};
+use tower_key_rotation::pool::TokenReservation;
 
 /// The upstream's response body, as the key layer hands it on.
 pub(super) type UpstreamBody = tower_key_rotation::body::TrackedBody<crate::connections::Body>;
@@ -45,10 +47,42 @@ pub(super) struct CountedBody {
     pub(super) strip: Option<UsageStrip>,
     /// Where to count, and for which key (1-based); `None` once counted.
     pub(super) count: Option<(Arc<TokenCounts>, usize)>,
+    /// With token budgets: the reservation to settle, and the estimate to learn from.
+    pub(super) settle: Option<Settle>,
     /// The upstream's body has ended (what the strip holds may still be pending).
     pub(super) upstream_done: bool,
     /// The upstream's trailers, held until the strip has passed on the data before them.
     pub(super) trailers: Option<http_body::Frame<Bytes>>,
+}
+
+/// A request's token reservation and input estimate, settled and learned from when its
+/// answer reports usage. An answer cut short, or without usage, settles nothing: its
+/// reservation stays charged in full.
+pub(super) struct Settle {
+    pub(super) reservation: Option<TokenReservation>,
+    pub(super) estimated: Option<Estimated>,
+    pub(super) estimator: Arc<Estimator>,
+}
+
+impl Settle {
+    fn settle(self, usage: Usage) {
+        if !usage.is_reported() {
+            return;
+        }
+        let input = usage.input.unwrap_or(0);
+        let creation = usage.cache_creation.unwrap_or(0);
+        if let Some(reservation) = &self.reservation {
+            // What providers count against tokens per minute: input (with Anthropic's
+            // cache writes; its cache reads are not counted) and output.
+            let used = input + creation + usage.output.unwrap_or(0);
+            reservation.settle(used);
+        }
+        if let (Some(estimated), Some(_)) = (&self.estimated, usage.input) {
+            // The whole prompt, as the provider counted it.
+            let prompt = input + creation + usage.cache_read.unwrap_or(0);
+            self.estimator.learn(estimated, prompt);
+        }
+    }
 }
 
 impl CountedBody {
@@ -56,6 +90,9 @@ impl CountedBody {
         if let Some((counts, key)) = self.count.take() {
             let usage = ended.then(|| self.scan.usage());
             counts.record(key, usage);
+            if let (Some(settle), Some(usage)) = (self.settle.take(), usage) {
+                settle.settle(usage);
+            }
         }
     }
 }

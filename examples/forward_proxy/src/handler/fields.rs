@@ -27,6 +27,10 @@ pub(crate) struct BodyFields {
     pub(crate) stream_options: bool,
     /// `stream_options.include_usage`, when a boolean.
     pub(crate) include_usage: Option<bool>,
+    /// The output the request allows: `max_completion_tokens`, else `max_tokens` (OpenAI
+    /// chat, Anthropic, Zhipu), else `max_output_tokens` (OpenAI responses), when a
+    /// non-negative integer.
+    pub(crate) max_output: Option<u64>,
 }
 
 impl BodyFields {
@@ -44,6 +48,10 @@ impl BodyFields {
                 stream: top.stream,
                 stream_options: top.stream_options.is_some(),
                 include_usage: top.stream_options.flatten().and_then(|o| o.include_usage),
+                max_output: top
+                    .max_completion_tokens
+                    .or(top.max_tokens)
+                    .or(top.max_output_tokens),
             },
             Err(_) => Self::default(),
         }
@@ -70,6 +78,12 @@ struct Top<'a> {
     /// `Some(None)`: present, but not an object.
     #[serde(default, deserialize_with = "present_object")]
     stream_options: Option<Option<StreamOptions>>,
+    #[serde(default, deserialize_with = "count")]
+    max_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    max_completion_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    max_output_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -200,6 +214,53 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectOrSkip<T> {
     }
 }
 
+/// A non-negative integer, or `None` for any other value (skipped).
+fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    deserializer.deserialize_any(CountOrSkip)
+}
+
+struct CountOrSkip;
+
+impl<'de> Visitor<'de> for CountOrSkip {
+    type Value = Option<u64>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Some(v))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        IgnoredAny.visit_map(map).map(|_| None)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        IgnoredAny.visit_seq(seq).map(|_| None)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
 struct BoolOrSkip;
 
 impl<'de> Visitor<'de> for BoolOrSkip {
@@ -261,8 +322,22 @@ mod tests {
                 stream: Some(true),
                 stream_options: false,
                 include_usage: None,
+                max_output: None,
             }
         );
+    }
+
+    #[test]
+    fn reads_the_output_a_request_allows() {
+        let read = |body: &str| BodyFields::read(body.as_bytes()).max_output;
+        assert_eq!(read(r#"{"max_tokens":100}"#), Some(100));
+        assert_eq!(
+            read(r#"{"max_tokens":100,"max_completion_tokens":50}"#),
+            Some(50)
+        );
+        assert_eq!(read(r#"{"max_output_tokens":70}"#), Some(70));
+        assert_eq!(read(r#"{"max_tokens":"many"}"#), None);
+        assert_eq!(read(r#"{"max_tokens":-1}"#), None);
     }
 
     #[test]

@@ -19,19 +19,22 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_key_rotation::KeyPool;
+use tower_key_rotation::pool::TokenReservation;
 use tower_key_rotation::retry::{self, ReplayBody, TriedKeys};
 
 use crate::admin;
 use crate::answer::{self, Body, ErrorFormat};
 use crate::attempts::Attempts;
-use crate::config::{AccessToken, LogFormat, Profile, ProxyConfig, UpstreamUrl};
+use crate::config::{AccessToken, LogFormat, Profile, ProxyConfig, TokenBudget, UpstreamUrl};
 use crate::h1::server::ReceivedBody;
 use crate::metrics::Metrics;
+use crate::route::TokenCost;
 use crate::upstream::UpstreamClient;
+use crate::usage::estimate::{Estimated, Estimator};
 use crate::usage::{UsageScan, UsageStrip};
 
 use self::abandon::InFlight;
-use self::body::{ClientBody, CountedBody, ExchangeBody, GoneNote};
+use self::body::{ClientBody, CountedBody, ExchangeBody, GoneNote, Settle};
 pub(crate) use self::fields::BodyFields;
 use self::log::access_log;
 
@@ -57,6 +60,10 @@ pub(crate) struct State {
     pub(crate) count_tokens: bool,
     /// Ask OpenAI chat streams for their usage (counting tokens, with the OpenAI profile).
     pub(crate) ask_for_usage: bool,
+    /// Token budgets: estimates of each request's tokens (`None`: requests carry no cost).
+    pub(crate) estimator: Option<Arc<Estimator>>,
+    /// The provider, for the bucket a model is metered in.
+    pub(crate) profile: Profile,
 }
 
 impl State {
@@ -69,8 +76,10 @@ impl State {
         access_token: Option<AccessToken>,
         listen: SocketAddr,
     ) -> Self {
+        let estimator = TokenBudget::is_on(config)
+            .then(|| Arc::new(Estimator::new(config.tokens.default_output)));
         Self {
-            metrics: Arc::new(Metrics::new(pool.clone())),
+            metrics: Arc::new(Metrics::new(pool.clone(), estimator.clone())),
             key_names: Arc::new(KeyNames::new(key_names(&pool))),
             pool,
             upstream_url: config.upstream.clone(),
@@ -84,6 +93,8 @@ impl State {
             error_format: config.profile.into(),
             count_tokens: config.count_tokens,
             ask_for_usage: config.count_tokens && config.profile == Profile::Openai,
+            estimator,
+            profile: config.profile,
         }
     }
 }
@@ -253,11 +264,23 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
     // retry is not read: it routes as a request naming neither, and a stream in it is not
     // asked for usage).
     let mut asked = None;
+    let mut estimated: Option<Estimated> = None;
     if state.pool.routes() || state.ask_for_usage {
         if let Some(bytes) = body.buffered_bytes() {
             let fields = BodyFields::read(bytes);
             if state.ask_for_usage && fields.stream == Some(true) && !fields.stream_options {
                 asked = asks_for_usage(&mut parts, bytes);
+            }
+            if let (Some(estimator), true) = (&state.estimator, state.pool.routes()) {
+                // Token budgets: the estimated input and the output allowed.
+                let model = fields.model.as_deref().unwrap_or_default();
+                let bucket = crate::route::model_bucket(state.profile, model);
+                let input = estimator.estimate(bucket, bytes.len());
+                let output = fields.max_output.unwrap_or(estimator.default_output);
+                parts
+                    .extensions
+                    .insert(TokenCost(input.input.saturating_add(output)));
+                estimated = Some(input);
             }
             if state.pool.routes() {
                 // Behind an `Arc`: the retry layer's copy of the extensions clones it.
@@ -305,11 +328,17 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
                         // Shorter by what is taken out: its length is not the upstream's.
                         parts.headers.remove(http::header::CONTENT_LENGTH);
                     }
+                    let settle = state.estimator.as_ref().map(|estimator| Settle {
+                        reservation: parts.extensions.get::<TokenReservation>().cloned(),
+                        estimated: estimated.take(),
+                        estimator: estimator.clone(),
+                    });
                     ExchangeBody::Counted(Box::new(CountedBody {
                         inner: body,
                         scan: UsageScan::default(),
                         strip: strip_usage.then(UsageStrip::default),
                         count: Some((state.metrics.tokens().clone(), key)),
+                        settle,
                         upstream_done: false,
                         trailers: None,
                     }))
