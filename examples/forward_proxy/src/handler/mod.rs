@@ -57,6 +57,9 @@ pub(crate) struct State {
     pub(crate) count_tokens: bool,
     /// Ask OpenAI chat streams for their usage (counting tokens, with the OpenAI profile).
     pub(crate) ask_for_usage: bool,
+    /// A request naming no session takes its prompt prefix's hash as its affinity id
+    /// (`--affinity prefix`).
+    pub(crate) prefix_affinity: bool,
 }
 
 impl State {
@@ -84,6 +87,7 @@ impl State {
             error_format: config.profile.into(),
             count_tokens: config.count_tokens,
             ask_for_usage: config.count_tokens && config.profile == Profile::Openai,
+            prefix_affinity: config.routing.affinity && config.routing.prefix_affinity,
         }
     }
 }
@@ -255,7 +259,10 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
     let mut asked = None;
     if state.pool.routes() || state.ask_for_usage {
         if let Some(bytes) = body.buffered_bytes() {
-            let fields = BodyFields::read(bytes);
+            let mut fields = BodyFields::read(bytes);
+            if state.prefix_affinity && state.pool.routes() && !fields.names_session() {
+                fields.prefix = fields::prompt_prefix(bytes);
+            }
             if state.ask_for_usage && fields.stream == Some(true) && !fields.stream_options {
                 asked = asks_for_usage(&mut parts, bytes);
             }
