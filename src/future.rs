@@ -329,9 +329,10 @@ where
     let window_spent = outcome.is_rate_limited()
         && learned_reset_at(response.headers(), std::time::SystemTime::now).is_some();
     lease.record_answer(outcome, window_spent);
-    let rejected = (outcome == Outcome::KeyRejected).then(|| lease.rejected_key());
+    // `matches!`, not `==`: the derived comparison of the whole enum is a call.
+    let rejected = matches!(outcome, Outcome::KeyRejected).then(|| lease.rejected_key());
     let mut response = response.map(|body| body.into().track(lease));
-    if outcome != Outcome::Success {
+    if !matches!(outcome, Outcome::Success) {
         response.extensions_mut().insert(outcome);
     }
     if let Some(rejected) = rejected {

@@ -58,6 +58,14 @@ pub(super) struct Transition {
     pub(super) back: bool,
 }
 
+impl Transition {
+    /// Did anything change that the log reports?
+    #[inline]
+    pub(super) fn is_eventful(&self) -> bool {
+        self.learned.is_some() || self.rest.is_some() || self.disabled || self.back
+    }
+}
+
 /// A rest for a limit, and why.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RestChange {
@@ -90,8 +98,39 @@ impl Slot {
     /// `#[inline]`: its one caller, `Lease::record_answer`, is on every request's path and
     /// in another module, which the bench profile's 16 codegen units may put in another
     /// unit; without the hint, whether it inlines depends on how the crate is split.
+    ///
+    /// A plain success (nearly every answer) takes the short way here: no rest to start,
+    /// at most a learned limit to raise; every other outcome is `record_other`'s, out of
+    /// line, so that this stays small enough to inline.
     #[inline]
     pub(super) fn record(&self, outcome: Outcome, answered: Answered) -> Transition {
+        if !matches!(outcome, Outcome::Success) {
+            return self.record_other(outcome, answered);
+        }
+        if answered.trial || answered.at_limit {
+            self.learn_from_success(answered);
+        }
+        let recovered = self.succeeded(answered.generation);
+        if answered.probe || self.shared.is_some() {
+            return self.finish_record(outcome, answered, Transition::default(), recovered);
+        }
+        Transition::default()
+    }
+
+    /// A success sent above the limit known to hold, or at the limit: what it teaches.
+    #[inline(never)]
+    fn learn_from_success(&self, answered: Answered) {
+        if answered.trial {
+            self.raise_served();
+        }
+        if answered.at_limit {
+            self.learn_success();
+        }
+    }
+
+    /// [`record`](Self::record) for any outcome but a plain success.
+    #[inline(never)]
+    fn record_other(&self, outcome: Outcome, answered: Answered) -> Transition {
         let mut transition = Transition::default();
         if matches!(outcome, Outcome::Success | Outcome::SuccessAtLimit { .. }) {
             if answered.trial {
@@ -208,7 +247,8 @@ impl Slot {
     }
 
     /// The end of `record`: the probe's answer, and what the other replicas must hear.
-    #[inline]
+    /// Out of line: a plain success needs it only as a probe or with a state backend.
+    #[inline(never)]
     fn finish_record(
         &self,
         outcome: Outcome,
