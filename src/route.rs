@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -141,7 +142,7 @@ pub const DEFAULT_MAX_BUCKETS: usize = 64;
 /// allocates nothing; a new name takes a lock once. Bounded: names beyond `max` share
 /// the overflow id, so a caller inventing model names cannot grow the pool's state.
 pub(crate) struct Buckets {
-    ids: ArcSwap<HashMap<Box<str>, BucketId>>,
+    ids: ArcSwap<HashMap<Box<str>, BucketId, BuildHasherDefault<NameHasher>>>,
     /// Names by id (index 0: the default bucket's, empty); serialises additions.
     names: Mutex<Vec<Arc<str>>>,
     max: usize,
@@ -150,7 +151,7 @@ pub(crate) struct Buckets {
 impl Buckets {
     pub(crate) fn new(max: usize) -> Self {
         Self {
-            ids: ArcSwap::from_pointee(HashMap::new()),
+            ids: ArcSwap::from_pointee(HashMap::default()),
             names: Mutex::new(vec![Arc::from("")]),
             max,
         }
@@ -194,6 +195,32 @@ impl Buckets {
         }
         let names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
         names.get(id.index()).cloned()
+    }
+}
+
+/// The hasher of the interned bucket names: XXH3 over each name at once (a short name in
+/// ~20 instructions, where SipHash takes ~200: a bucket's name is looked up on every
+/// request). Without SipHash's keyed defence against chosen collisions, which a map of at
+/// most [`DEFAULT_MAX_BUCKETS`]-odd names (new names beyond the bound never enter it)
+/// does not need.
+#[derive(Debug, Default)]
+pub(crate) struct NameHasher(u64);
+
+impl Hasher for NameHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0);
+    }
+
+    #[inline]
+    fn write_u8(&mut self, byte: u8) {
+        // `str`'s terminator.
+        self.0 = self.0.rotate_left(5) ^ u64::from(byte);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
