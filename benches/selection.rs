@@ -22,11 +22,19 @@
 //! least-in-flight over the same pool.
 //!
 //! Before that group, the bench counts the allocations of 10,000 such selections (spills and
-//! remembered sessions included) with a counting global allocator, and stops if there is one.
+//! remembered sessions included), and of 10,000 selections in a pool with buckets (two
+//! buckets in turn), with a counting global allocator, and stops if there is one.
+//!
+//! `side_by_side` runs every kind of selection through one loop (`one_route`, never
+//! inlined): round-robin and least-in-flight without a router, the bucketed path, affinity,
+//! and round-robin for requests naming no session in a pool with a router. One run gives
+//! the ratios; `benches/selection_instructions.sh` counts each row's instructions.
 //!
 //! ```sh
 //! cargo bench --bench selection
 //! cargo bench --bench selection -- 'selection_1_thread/round_robin'   # a subset
+//! cargo bench --bench selection -- side_by_side                       # the kinds side by side
+//! bash benches/selection_instructions.sh                              # their instructions
 //! ```
 
 use std::convert::Infallible;
@@ -305,14 +313,21 @@ fn routes(pool: &KeyPool, sessions: usize) -> Vec<Route> {
         .collect()
 }
 
+/// One selection: `try_reserve_route` and the lease dropped. Never inlined, so that
+/// `benches/selection_instructions.sh` can count the instructions of each call.
+#[inline(never)]
+fn one_route(pool: &KeyPool, route: &Route) {
+    let lease = black_box(pool.try_reserve_route(route));
+    debug_assert!(lease.is_some());
+    drop(lease);
+}
+
 /// `try_reserve_route` and the lease dropped, over `routes` in turn, `iters` times.
 fn route_and_release(pool: &KeyPool, routes: &[Route], iters: u64) -> Duration {
     let start = Instant::now();
     let mut next = 0;
     for _ in 0..iters {
-        let lease = black_box(pool.try_reserve_route(&routes[next]));
-        debug_assert!(lease.is_some());
-        drop(lease);
+        one_route(pool, black_box(&routes[next]));
         next += 1;
         if next == routes.len() {
             next = 0;
@@ -333,11 +348,96 @@ fn affinity_allocations() -> usize {
     region.change().allocations
 }
 
+/// Allocations of 10,000 selections in a pool with buckets (two buckets in turn, over
+/// 16 keys), after a pass that makes each (key, bucket)'s lane (once per pool).
+fn bucketed_allocations() -> usize {
+    let keys = (0..16)
+        .map(|i| format!("bench-key-{i}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pool = KeyPool::builder(KeySet::parse(&keys).expect("valid keys"))
+        .router(ByModelHeader)
+        .build();
+    let routes: Vec<Route> = ["glm-4-flash", "glm-4-plus"]
+        .iter()
+        .map(|model| {
+            let request = http::Request::builder()
+                .header("x-model", *model)
+                .body(())
+                .expect("a request");
+            pool.route(&RequestHead::of(&request))
+        })
+        .collect();
+    route_and_release(&pool, &routes, 64);
+    let region = Region::new(GLOBAL);
+    route_and_release(&pool, &routes, 10_000);
+    region.change().allocations
+}
+
+/// The selections side by side, each through the same loop (`one_route` over a slice of
+/// routes): round-robin and least-in-flight on a pool without a router; the bucketed path
+/// (a known bucket: the key's state and its lane); affinity (4,096 sessions in turn, no
+/// spill); and round-robin on a pool with a router for requests naming no session.
+fn side_by_side(c: &mut Criterion) {
+    let mut group = c.benchmark_group("side_by_side");
+    group
+        .throughput(Throughput::Elements(1))
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50);
+    for n in [3, 16] {
+        let list = (0..n)
+            .map(|i| format!("bench-key-{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let keys = KeySet::parse(&list).expect("valid keys");
+        let any = [Route::ANY];
+        for (strategy, name) in [
+            (Selection::RoundRobin, "round_robin"),
+            (Selection::LeastInFlight, "least_in_flight"),
+        ] {
+            let plain = KeyPool::builder(keys.clone()).selection(strategy).build();
+            group.bench_with_input(BenchmarkId::new(name, n), &plain, |b, pool| {
+                b.iter_custom(|iters| route_and_release(pool, &any, iters));
+            });
+        }
+        let bucketed = KeyPool::builder(keys.clone()).router(ByModelHeader).build();
+        let request = http::Request::builder()
+            .header("x-model", "glm-4-flash")
+            .body(())
+            .expect("a request");
+        let bucket = [bucketed.route(&RequestHead::of(&request))];
+        group.bench_with_input(BenchmarkId::new("bucketed", n), &bucketed, |b, pool| {
+            b.iter_custom(|iters| route_and_release(pool, &bucket, iters));
+        });
+        for (strategy, name) in [
+            (Selection::RoundRobin, "affinity"),
+            (Selection::LeastInFlight, "affinity_least_in_flight"),
+        ] {
+            let pool = pool(n, strategy, 0);
+            let sessions = routes(&pool, 4096);
+            group.bench_with_input(BenchmarkId::new(name, n), &pool, |b, pool| {
+                b.iter_custom(|iters| route_and_release(pool, &sessions, iters));
+            });
+        }
+        let routed = pool(n, Selection::RoundRobin, 0);
+        let no_session = routes(&routed, 0);
+        let id = BenchmarkId::new("round_robin_route_without_session", n);
+        group.bench_with_input(id, &routed, |b, pool| {
+            b.iter_custom(|iters| route_and_release(pool, &no_session, iters));
+        });
+    }
+    group.finish();
+}
+
 /// Route-aware selection: affinity beside round-robin and least-in-flight.
 fn selection_affinity(c: &mut Criterion) {
     let allocations = affinity_allocations();
     println!("selection with affinity: {allocations} allocations in 10,000 requests");
     assert_eq!(allocations, 0, "selection with affinity allocated");
+    let allocations = bucketed_allocations();
+    println!("bucketed selection: {allocations} allocations in 10,000 requests");
+    assert_eq!(allocations, 0, "bucketed selection allocated");
     let mut group = c.benchmark_group("selection_affinity");
     group
         .throughput(Throughput::Elements(1))
@@ -377,5 +477,6 @@ fn main() {
     selection(&mut criterion);
     buckets(&mut criterion);
     selection_affinity(&mut criterion);
+    side_by_side(&mut criterion);
     criterion.final_summary();
 }

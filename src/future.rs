@@ -371,9 +371,10 @@ where
             reservation.refused();
         }
     }
-    let rejected = (outcome == Outcome::KeyRejected).then(|| lease.rejected_key());
+    // `matches!`, not `==`: the derived comparison of the whole enum is a call.
+    let rejected = matches!(outcome, Outcome::KeyRejected).then(|| lease.rejected_key());
     let mut response = response.map(|body| body.into().track(lease));
-    if outcome != Outcome::Success {
+    if !matches!(outcome, Outcome::Success) {
         response.extensions_mut().insert(outcome);
     }
     if let Some(rejected) = rejected {

@@ -204,6 +204,102 @@ async fn an_account_limit_refusal_teaches_the_key_too() {
     assert_eq!(pool.snapshot()[0].concurrency_limit, Some(2));
 }
 
+/// A refusal that says it is one of concurrency (BigModel's 1302) with others at the
+/// provider lowers the limit to them and rests nothing: the key serves again as soon as a
+/// slot frees. A 429 that does not say so rests the key as well.
+#[tokio::test(start_paused = true)]
+async fn a_concurrency_refusal_lowers_the_limit_without_a_rest() {
+    let concurrency = Outcome::ConcurrencyLimited {
+        retry_after: Some(Duration::from_secs(30)),
+    };
+    let pool = builder("k1").build();
+    let mut leases = reserve(&pool, 3);
+    leases[2].record(concurrency);
+    let stats = &pool.snapshot()[0];
+    assert_eq!(stats.concurrency_limit, Some(2));
+    assert_eq!(stats.cooling_down_for, None, "no rest: its limit holds");
+    drop(leases.pop());
+    assert!(pool.try_reserve().is_none(), "2 in flight: at the limit");
+    drop(leases.pop());
+    let next = pool
+        .try_reserve()
+        .expect("a slot freed: the key serves at once");
+    assert!(!next.is_probe());
+
+    // The same refusal as a plain account limit rests the key for its Retry-After.
+    let pool = builder("k1").build();
+    let leases = reserve(&pool, 3);
+    leases[2].record(Outcome::AccountLimited {
+        retry_after: Some(Duration::from_secs(30)),
+    });
+    assert_eq!(pool.snapshot()[0].concurrency_limit, Some(2));
+    assert!(pool.snapshot()[0].cooling_down_for.is_some());
+}
+
+/// A concurrency refusal at a limit already lowered (a second refusal of one burst) rests
+/// nothing either; alone on the key (the account's other users hold its slots) it is a
+/// short rest, as an account limit.
+#[tokio::test(start_paused = true)]
+async fn a_concurrency_refusal_rests_only_when_alone_on_the_key() {
+    let concurrency = Outcome::ConcurrencyLimited {
+        retry_after: Some(Duration::from_secs(3)),
+    };
+    let pool = builder("k1").build();
+    let leases = reserve(&pool, 4);
+    leases[3].record(concurrency); // 3 others: the limit is 3
+    leases[2].record(concurrency); // 2 others at the provider: 2
+    leases[1].record(concurrency); // 1 other: 1
+    let stats = &pool.snapshot()[0];
+    assert_eq!(stats.concurrency_limit, Some(1));
+    assert_eq!(stats.cooling_down_for, None);
+    drop(leases);
+
+    let pool = builder("k1").build();
+    reserve(&pool, 1)[0].record(concurrency);
+    let stats = &pool.snapshot()[0];
+    assert_eq!(stats.concurrency_limit, None, "alone: nothing to learn");
+    assert_eq!(stats.cooling_down_for, Some(Duration::from_secs(3)));
+
+    // With learning off, it is an account limit.
+    let pool = builder("k1").learn_concurrency(false).build();
+    let leases = reserve(&pool, 3);
+    leases[2].record(concurrency);
+    assert!(pool.snapshot()[0].cooling_down_for.is_some());
+}
+
+/// A concurrency refusal of a try above the limit that holds: back to that limit without
+/// a rest, and the next try waits twice as long, as for any refused raise.
+#[tokio::test(start_paused = true)]
+async fn a_concurrency_refusal_of_a_raise_doubles_the_wait_before_the_next() {
+    let concurrency = Outcome::ConcurrencyLimited { retry_after: None };
+    let pool = builder("k1").build();
+    let leases = reserve(&pool, 3);
+    leases[2].record(concurrency); // the limit is 2, learned from a refusal at 3
+    drop(leases);
+    assert_eq!(pool.snapshot()[0].cooling_down_for, None);
+    // Learned at 3: the first try waits the initial back-off, each refused try doubles it.
+    for wait in [1, 2, 4].map(|n| RAISE_BACKOFF * n) {
+        tokio::time::advance(wait - Duration::from_secs(1)).await;
+        served_at_limit(&pool);
+        served_at_limit(&pool);
+        assert_eq!(pool.snapshot()[0].concurrency_limit, Some(2), "too early");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        served_at_limit(&pool);
+        assert_eq!(pool.snapshot()[0].concurrency_limit, Some(3), "a try of 3");
+        // The third request in flight tries the raise: refused for concurrency.
+        let leases = reserve(&pool, 3);
+        leases[2].record(concurrency);
+        let stats = &pool.snapshot()[0];
+        assert_eq!(
+            stats.concurrency_limit,
+            Some(2),
+            "back to the limit that holds"
+        );
+        assert_eq!(stats.cooling_down_for, None, "no rest");
+        drop(leases);
+    }
+}
+
 /// Through the layer: a 429 whose rate-limit headers say the requests window is used up is
 /// about rate, and teaches no concurrency limit even with others in flight; one without
 /// such headers does.
@@ -312,6 +408,8 @@ async fn reservations_not_sent_do_not_count_as_at_the_provider() {
 #[derive(Clone)]
 struct ConcurrencyLimited {
     limit: usize,
+    /// Refuse as BigModel does (`429` with `error.code` `1302` and no `Retry-After`).
+    zhipu: bool,
     in_flight: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     refusals: std::sync::Arc<std::sync::Mutex<Vec<(tokio::time::Instant, String)>>>,
 }
@@ -320,6 +418,7 @@ impl ConcurrencyLimited {
     fn new(limit: usize) -> Self {
         Self {
             limit,
+            zhipu: false,
             in_flight: Default::default(),
             refusals: Default::default(),
         }
@@ -346,6 +445,11 @@ impl ConcurrencyLimited {
                 if !admitted {
                     let now = tokio::time::Instant::now();
                     this.refusals.lock().unwrap().push((now, key));
+                    if this.zhipu {
+                        let body = r#"{"error":{"code":"1302","message":"您当前使用该API的并发数过高，请降低并发，或联系客服增加限额。"}}"#;
+                        let refused = response.status(429).body(body.into()).unwrap();
+                        return Ok(refused);
+                    }
                     let refused = response.status(429).header("retry-after", "1");
                     return Ok(refused.body(Default::default()).unwrap());
                 }
@@ -363,12 +467,63 @@ impl ConcurrencyLimited {
 /// cost at most one refusal per key (a try of a raised limit, refused without a rest).
 #[tokio::test(start_paused = true)]
 async fn twenty_callers_on_three_keys_allowing_two_bounce_no_more_than_the_floor() {
+    let pool = builder("k1,k2,k3").build();
+    twenty_callers_at_the_limit(pool.clone(), ConcurrencyLimited::new(2), None).await;
+    let stats = pool.snapshot();
+    assert!(
+        stats.iter().all(|key| key.concurrency_limit == Some(2)),
+        "{stats:?}"
+    );
+}
+
+/// Buckets by the `x-model` header.
+#[derive(Debug)]
+struct ByModelHeader;
+
+impl tower_key_rotation::route::Router for ByModelHeader {
+    fn bucket<'a>(&self, head: &tower_key_rotation::route::RequestHead<'a>) -> Option<&'a str> {
+        head.headers.get("x-model")?.to_str().ok()
+    }
+}
+
+/// The same through BigModel's profile, in a pool with buckets: its concurrency refusal
+/// (`1302`, no `Retry-After`; <https://docs.bigmodel.cn/cn/faq/api-code>) teaches each
+/// (key, model) lane its limit, and rests no lane, so the first burst and ten minutes at
+/// the limit refuse no more than with a plain 429.
+#[tokio::test(start_paused = true)]
+async fn twenty_callers_on_three_zhipu_keys_bounce_no_more_than_the_floor() {
+    let pool = builder("k1,k2,k3")
+        .classifier(tower_key_rotation::classify::Classifier::bigmodel())
+        .router(ByModelHeader)
+        .build();
+    let provider = ConcurrencyLimited {
+        zhipu: true,
+        ..ConcurrencyLimited::new(2)
+    };
+    twenty_callers_at_the_limit(pool.clone(), provider, Some("glm-4-plus")).await;
+    let stats = pool.bucket_snapshot();
+    let lanes: Vec<_> = stats.iter().filter(|s| s.bucket == "glm-4-plus").collect();
+    assert_eq!(lanes.len(), 3);
+    assert!(
+        lanes.iter().all(
+            |lane| lane.key.concurrency_limit == Some(2) && lane.key.state != KeyState::Resting
+        ),
+        "{stats:?}"
+    );
+}
+
+/// 20 callers for ten minutes (paused time) on `pool`'s three keys, `provider` allowing 2
+/// at once on each: every caller served, at most 14 refusals in the first burst and at
+/// most one per key after it.
+async fn twenty_callers_at_the_limit(
+    pool: KeyPool,
+    provider: ConcurrencyLimited,
+    model: Option<&'static str>,
+) {
     use tower::{Service, ServiceBuilder, ServiceExt};
     use tower_key_rotation::KeyRotationLayer;
     use tower_key_rotation::retry::{ReplayBody, RetryLayer};
 
-    let pool = builder("k1,k2,k3").build();
-    let provider = ConcurrencyLimited::new(2);
     let service = ServiceBuilder::new()
         .layer(RetryLayer::new(pool.clone()))
         .layer(KeyRotationLayer::new(pool.clone()))
@@ -381,7 +536,12 @@ async fn twenty_callers_on_three_keys_allowing_two_bounce_no_more_than_the_floor
             tokio::spawn(async move {
                 let (mut served, mut failed) = (0, 0);
                 while tokio::time::Instant::now() < end {
-                    let request = http::Request::new(ReplayBody::buffered(bytes::Bytes::new()));
+                    let mut request = http::Request::new(ReplayBody::buffered(bytes::Bytes::new()));
+                    if let Some(model) = model {
+                        request
+                            .headers_mut()
+                            .insert("x-model", http::HeaderValue::from_static(model));
+                    }
                     let response = service.ready().await.unwrap().call(request).await;
                     match response {
                         Ok(response) if response.status() == 200 => served += 1,
@@ -423,9 +583,4 @@ async fn twenty_callers_on_three_keys_allowing_two_bounce_no_more_than_the_floor
             .collect();
         assert!(later.len() <= 1, "{key}: refused at {later:?}");
     }
-    let stats = pool.snapshot();
-    assert!(
-        stats.iter().all(|key| key.concurrency_limit == Some(2)),
-        "{stats:?}"
-    );
 }

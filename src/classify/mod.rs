@@ -6,21 +6,28 @@
 //! [`Classifier::openai`], [`Classifier::anthropic`], [`Classifier::gemini`]) also read the provider's small JSON
 //! error body, because status codes alone misclassify:
 //!
-//! | provider | signal | outcome | scope |
-//! | --- | --- | --- | --- |
-//! | Zhipu BigModel | `error.code` `1302` (concurrency), `1303` (frequency) | [`Outcome::AccountLimited`]: short cool-down | the model |
-//! | | `1113` (arrears), `1304` (daily quota) | [`Outcome::QuotaExhausted`]: until reset (`1304`: next midnight, Beijing time) | the key |
-//! | | `1308`, `1310` (quota, reset time in the message) | [`Outcome::QuotaExhausted`] until the time in the message (Beijing time) | the key |
-//! | | `1305`, `1312` (platform overloaded) | [`Outcome::Failure`]: no penalty for the key | |
-//! | | `1000`–`1004` (authentication) | [`Outcome::KeyRejected`] | the key |
-//! | OpenAI | 429 with `error.code` or `error.type` `insufficient_quota` (billing) | [`Outcome::QuotaExhausted`]: not retried, long cool-down | the key |
-//! | | other 429 (limits are per organisation and model) | [`Outcome::AccountLimited`] | the model |
-//! | Anthropic | 529 (overloaded, platform-wide) | [`Outcome::Failure`]: no penalty | |
-//! | | 429 (limits are per organisation and model class) | [`Outcome::AccountLimited`] | the model |
-//! | Gemini | 429 `QuotaFailure` with a per-minute `quotaId` (or none) | [`Outcome::RateLimited`] for `RetryInfo.retryDelay` | the model |
-//! | | 429 `QuotaFailure` with per-day `quotaId`s only | [`Outcome::QuotaExhausted`] until midnight Pacific time | the model (`...PerModel...` ids), else the key |
-//! | | 400 with `ErrorInfo.reason` `API_KEY_INVALID` | [`Outcome::KeyRejected`] | the key |
-//! | | 503 `UNAVAILABLE` (model overloaded) | [`Outcome::Failure`]: no penalty | |
+//! | provider | signal | outcome | scope | rest |
+//! | --- | --- | --- | --- | --- |
+//! | Zhipu BigModel | `error.code` `1302` (concurrency) | [`Outcome::ConcurrencyLimited`] | the model | none while other requests of the key are at the provider: its limit drops to them; alone on the key, a short cool-down |
+//! | | `1303` (frequency) | [`Outcome::AccountLimited`] | the model | `Retry-After`, else the backoff |
+//! | | `1304` (daily calls) | [`Outcome::QuotaExhausted`] | the key | until the next midnight, Beijing time |
+//! | | `1308`, `1310` (usage caps, the reset time in the message) | [`Outcome::QuotaExhausted`] | the key | until the time in the message (Beijing time) |
+//! | | `1113` (arrears) | [`Outcome::QuotaExhausted`] | the key | [`Backoff::quota_wait`](crate::Backoff::quota_wait), then a probe |
+//! | | `1305`, `1312` (platform overloaded) | [`Outcome::Failure`] | | none: not the key's fault, not retried |
+//! | | `1000`–`1004` (authentication) | [`Outcome::KeyRejected`] | the key | none (disabled once proven the key's fault) |
+//! | OpenAI | 429 with `error.code` or `error.type` `insufficient_quota` (billing) | [`Outcome::QuotaExhausted`]: not retried | the key | [`Backoff::quota_wait`](crate::Backoff::quota_wait) |
+//! | | other 429 (limits are per organisation and model) | [`Outcome::AccountLimited`] | the model | `Retry-After`, else the reset headers, else the backoff |
+//! | Anthropic | 529 (overloaded, platform-wide) | [`Outcome::Failure`] | | none |
+//! | | 429 (limits are per organisation and model class) | [`Outcome::AccountLimited`] | the model | `Retry-After`, else the backoff |
+//! | Gemini | 429 `RESOURCE_EXHAUSTED`, `QuotaFailure` with a per-minute `quotaId` (or none), even beside a per-day one | [`Outcome::RateLimited`] | the model | `RetryInfo.retryDelay` (a 39 s throttle rests 39 s) |
+//! | | 429 `QuotaFailure` with per-day `quotaId`s only | [`Outcome::QuotaExhausted`] | the model (`...PerModel...` ids), else the key | until midnight Pacific time |
+//! | | 400 with `ErrorInfo.reason` `API_KEY_INVALID` | [`Outcome::KeyRejected`] | the key | none (disabled once proven the key's fault) |
+//! | | 503 `UNAVAILABLE` (model overloaded) | [`Outcome::Failure`] | | none |
+//!
+//! A rest for a spent quota is capped at [`Backoff::max_quota_wait`](crate::Backoff::max_quota_wait)
+//! (a day by default), any other at [`Backoff::max_retry_after`](crate::Backoff::max_retry_after).
+//! `tests/provider_signals.rs` runs each Gemini and Zhipu signal, as the provider sends it,
+//! through its profile and a pool with buckets.
 //!
 //! The scope ([`Outcome::scope`]) matters in a pool whose requests have buckets
 //! ([`KeyPoolBuilder::router`](crate::KeyPoolBuilder)): "the model" rests the request's
@@ -84,6 +91,17 @@ pub enum Outcome {
         /// How long the provider asked us to wait.
         retry_after: Option<Duration>,
     },
+    /// Too many requests in flight at once (BigModel's `1302`): a limit of concurrency, not
+    /// of rate. With other requests of the key at the provider, the key's concurrency limit
+    /// drops to them (see [`KeyPoolBuilder::learn_concurrency`](crate::KeyPoolBuilder)) and
+    /// the key does not rest: its slots come back as those requests finish, and a request
+    /// waits for one instead of being refused again. Refused with nothing else in flight
+    /// (the account's other users hold its slots), or with learning off, it rests as
+    /// [`Outcome::AccountLimited`] does.
+    ConcurrencyLimited {
+        /// How long the provider asked us to wait, if it said.
+        retry_after: Option<Duration>,
+    },
     /// The key's quota is spent (daily quota, billing, arrears): a long rest until the
     /// reset, if known, else [`Backoff::quota_wait`](crate::Backoff::quota_wait); then one
     /// probe request decides whether it is back. Not worth retrying on another key of the
@@ -107,7 +125,12 @@ pub enum Outcome {
 impl Outcome {
     /// Is this a refusal for limits (the request was not served and another key might)?
     pub fn is_rate_limited(&self) -> bool {
-        matches!(self, Self::RateLimited { .. } | Self::AccountLimited { .. })
+        matches!(
+            self,
+            Self::RateLimited { .. }
+                | Self::AccountLimited { .. }
+                | Self::ConcurrencyLimited { .. }
+        )
     }
 
     /// What part of the key the outcome is about, in a pool whose requests have buckets
@@ -130,6 +153,7 @@ impl Outcome {
             Self::SuccessAtLimit { .. }
             | Self::RateLimited { .. }
             | Self::AccountLimited { .. }
+            | Self::ConcurrencyLimited { .. }
             | Self::Success => Scope::Bucket,
             Self::QuotaExhausted { scope, .. } => *scope,
             Self::KeyRejected | Self::Failure => Scope::Key,

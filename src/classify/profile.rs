@@ -218,7 +218,10 @@ fn civil_year(days: i64) -> i64 {
 fn bigmodel(status: StatusCode, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Outcome {
     let (code, _, message) = error_fields(body);
     match code.as_deref() {
-        Some("1302" | "1303") => Outcome::AccountLimited {
+        Some("1302") => Outcome::ConcurrencyLimited {
+            retry_after: retry_after(headers, now),
+        },
+        Some("1303") => Outcome::AccountLimited {
             retry_after: retry_after(headers, now),
         },
         Some("1113") => Outcome::QuotaExhausted {
@@ -323,7 +326,7 @@ mod tests {
         let now = at("2025-08-27T01:00:00Z"); // 09:00 in Beijing
         assert_eq!(
             bigmodel_code("1302", "concurrency", now),
-            Outcome::AccountLimited { retry_after: None }
+            Outcome::ConcurrencyLimited { retry_after: None }
         );
         assert!(matches!(
             bigmodel_code("1303", "", now),
@@ -574,7 +577,7 @@ mod tests {
             body,
             SystemTime::now(),
         );
-        assert!(matches!(outcome, Outcome::AccountLimited { .. }));
+        assert!(matches!(outcome, Outcome::ConcurrencyLimited { .. }));
     }
 
     #[test]

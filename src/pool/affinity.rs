@@ -215,9 +215,10 @@ impl Affinity {
 }
 
 /// What [`PoolInner::select_affinity`] found for a request of a session.
-pub(super) enum Placed {
-    /// A key (index), taken: its own slot, or its lane for the route's bucket.
-    Taken(usize, Option<Arc<Slot>>, Taken),
+pub(super) enum Placed<'t> {
+    /// A key (index), taken: its own slot, or its lane for the route's bucket (borrowed
+    /// from the key table: the lease clones it once).
+    Taken(usize, Option<&'t Arc<Slot>>, Taken),
     /// The session's first choice cannot take the request now but comes back
     /// within the affinity wait: wait for it, until `until` at most, then spill.
     Wait {
@@ -267,7 +268,7 @@ impl KeyPool {
         match inner.select_affinity(&table, id, bucket, &mut now, patience, allowed) {
             Placed::Taken(index, None, taken) => Ok(Lease::new(&table, index, taken)),
             Placed::Taken(index, Some(lane), taken) => {
-                Ok(Lease::new_in(&table, index, &lane, taken))
+                Ok(Lease::new_in(&table, index, lane, taken))
             }
             Placed::Wait {
                 availability,
@@ -313,15 +314,15 @@ impl PoolInner {
     /// preferred key), else, if that key does not come back within its `patience`, the
     /// next key of its order that can take it now. Never a key that cannot take it: every
     /// key is taken through `Slot::try_take`. Allocates nothing.
-    pub(super) fn select_affinity(
+    pub(super) fn select_affinity<'t>(
         &self,
-        table: &Table,
+        table: &'t Table,
         id: u64,
         bucket: Option<&Arc<Bucket>>,
         now: &mut LazyNow<'_>,
         patience: Patience,
         allowed: impl Fn(usize) -> bool,
-    ) -> Placed {
+    ) -> Placed<'t> {
         let ring = &table.ring;
         let n = table.slots.len();
         let recalled = self.affinity.recall(id, now);
@@ -422,15 +423,15 @@ impl PoolInner {
 /// Takes key `slot` for a request of `bucket` (its key state and its lane both allowing,
 /// in a pool with buckets), handing back the lane taken.
 #[inline]
-fn take(
-    slot: &Slot,
+fn take<'t>(
+    slot: &'t Slot,
     bucket: Option<&Arc<Bucket>>,
     now: &mut LazyNow<'_>,
-) -> Option<(Option<Arc<Slot>>, Taken)> {
+) -> Option<(Option<&'t Arc<Slot>>, Taken)> {
     match bucket {
         Some(bucket) => slot
             .try_take_in(bucket, now)
-            .map(|(lane, taken)| (Some(lane.clone()), taken)),
+            .map(|(lane, taken)| (Some(lane), taken)),
         None => slot.try_take(now).map(|taken| (None, taken)),
     }
 }

@@ -32,16 +32,14 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Logs what an outcome did to the key `label` names.
+/// Logs what an outcome did to the key `label` names (callers skip a transition that is
+/// not [eventful](Transition::is_eventful): nothing to log).
+#[cold]
 pub(super) fn log(label: &Label<'_>, transition: &Transition) {
     let Some(bucket) = label.bucket else {
         return log_lines(label, transition);
     };
-    let eventful = transition.learned.is_some()
-        || transition.rest.is_some()
-        || transition.disabled
-        || transition.back;
-    if eventful {
+    if transition.is_eventful() {
         let _bucket = tracing::info_span!("bucket", model = bucket).entered();
         log_lines(label, transition);
     }

@@ -435,7 +435,9 @@ impl Lease {
         }
         if let Some(key) = &self.key {
             let transition = self.record_in(key, outcome, flags, first_refusal, window_spent);
-            events::log(&self.label(), &transition);
+            if transition.is_eventful() {
+                events::log(&self.label(), &transition);
+            }
             return;
         }
         let transition = self.slot.record(
@@ -449,7 +451,9 @@ impl Lease {
                 learn: !window_spent,
             },
         );
-        events::log(&self.label(), &transition);
+        if transition.is_eventful() {
+            events::log(&self.label(), &transition);
+        }
     }
 }
 
@@ -511,10 +515,11 @@ impl Lease {
     }
 }
 
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let flags = *self.flags.get_mut();
-        if flags & KEY_PROBE != 0 && flags & RESOLVED == 0 {
+impl Lease {
+    /// A probe (the key's, the lane's, or both) dropped unanswered.
+    #[cold]
+    fn probes_abandoned(&self, flags: u8) {
+        if flags & KEY_PROBE != 0 {
             if let Some(key) = &self.key {
                 // The key's probe never got an answer: the next caller of any bucket may
                 // probe.
@@ -522,9 +527,18 @@ impl Drop for Lease {
                 key.signals.notify_all();
             }
         }
-        if flags & PROBE != 0 && flags & RESOLVED == 0 {
+        if flags & PROBE != 0 {
             // The probe never got an answer: the next caller may probe.
             self.slot.probe_abandoned();
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let flags = *self.flags.get_mut();
+        if flags & (KEY_PROBE | PROBE) != 0 && flags & RESOLVED == 0 {
+            self.probes_abandoned(flags);
         }
         // Reserved but never sent: what is left of its quota unit goes back, and its
         // tokens.

@@ -433,6 +433,16 @@ impl KeyPool {
                 {
                     stats.state = key_state;
                 }
+                // So does its rest, when longer (a rest of every bucket of the key).
+                let now_at = now.get();
+                match slot.deadline.read() {
+                    RestWord::Until(until) if until > now_at => {
+                        let key_rest = until.saturating_duration_since(now_at);
+                        stats.cooling_down_for = stats.cooling_down_for.max(Some(key_rest));
+                    }
+                    RestWord::Disabled => stats.disabled = true,
+                    RestWord::Until(_) | RestWord::Clear => {}
+                }
                 all.push(BucketStats {
                     bucket: bucket.name.to_string(),
                     key: stats,

@@ -58,6 +58,14 @@ pub(super) struct Transition {
     pub(super) back: bool,
 }
 
+impl Transition {
+    /// Did anything change that the log reports?
+    #[inline]
+    pub(super) fn is_eventful(&self) -> bool {
+        self.learned.is_some() || self.rest.is_some() || self.disabled || self.back
+    }
+}
+
 /// A rest for a limit, and why.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RestChange {
@@ -90,8 +98,39 @@ impl Slot {
     /// `#[inline]`: its one caller, `Lease::record_answer`, is on every request's path and
     /// in another module, which the bench profile's 16 codegen units may put in another
     /// unit; without the hint, whether it inlines depends on how the crate is split.
+    ///
+    /// A plain success (nearly every answer) takes the short way here: no rest to start,
+    /// at most a learned limit to raise; every other outcome is `record_other`'s, out of
+    /// line, so that this stays small enough to inline.
     #[inline]
     pub(super) fn record(&self, outcome: Outcome, answered: Answered) -> Transition {
+        if !matches!(outcome, Outcome::Success) {
+            return self.record_other(outcome, answered);
+        }
+        if answered.trial || answered.at_limit {
+            self.learn_from_success(answered);
+        }
+        let recovered = self.succeeded(answered.generation);
+        if answered.probe || self.shared.is_some() {
+            return self.finish_record(outcome, answered, Transition::default(), recovered);
+        }
+        Transition::default()
+    }
+
+    /// A success sent above the limit known to hold, or at the limit: what it teaches.
+    #[inline(never)]
+    fn learn_from_success(&self, answered: Answered) {
+        if answered.trial {
+            self.raise_served();
+        }
+        if answered.at_limit {
+            self.learn_success();
+        }
+    }
+
+    /// [`record`](Self::record) for any outcome but a plain success.
+    #[inline(never)]
+    fn record_other(&self, outcome: Outcome, answered: Answered) -> Transition {
         let mut transition = Transition::default();
         if matches!(outcome, Outcome::Success | Outcome::SuccessAtLimit { .. }) {
             if answered.trial {
@@ -127,28 +166,40 @@ impl Slot {
                     mates: 0,
                 });
             }
-            Outcome::RateLimited { retry_after } | Outcome::AccountLimited { retry_after } => {
-                // A refusal for a limit: the key's own, or its account's (which may be one
-                // of concurrency too, as BigModel's 1302): either teaches the key.
-                let mut raise_refused = false;
+            Outcome::RateLimited { retry_after }
+            | Outcome::AccountLimited { retry_after }
+            | Outcome::ConcurrencyLimited { retry_after } => {
+                // A refusal for a limit: the key's own, or its account's: either teaches the
+                // key.
+                let concurrency = matches!(outcome, Outcome::ConcurrencyLimited { .. });
+                // The limit holds, lowered if need be, and the key does not rest.
+                let mut held = false;
                 if answered.first_refusal {
                     let refused = self.refused_open.fetch_add(1, Ordering::AcqRel);
                     if answered.learn && answered.trial && self.signals.learn_concurrency {
                         // A try above the limit known to hold, refused: a concurrency
                         // refusal. Back to that limit, and the next try waits twice as
                         // long; the key does not rest (its limit holds).
-                        raise_refused = true;
+                        held = true;
                         transition.learned = self.refuse_raise();
                     } else if answered.learn {
-                        transition.learned = self.learn_refusal(refused);
+                        let (others, learned) = self.learn_refusal(refused);
+                        transition.learned = learned;
+                        // Said to be one of concurrency, with others at the provider: the
+                        // limit (now at most them) holds, and the bucket goes on serving as
+                        // they finish. A rest would only idle the slots they free.
+                        held = concurrency && others;
                     }
                 }
-                if raise_refused {
+                if held {
                     self.rate_limited.fetch_add(1, Ordering::Relaxed);
                     return self.finish_record(outcome, answered, transition, false);
                 }
                 let (wait, level, rest) = self.rate_limited(answered.generation, retry_after);
-                let account = matches!(outcome, Outcome::AccountLimited { .. });
+                let account = matches!(
+                    outcome,
+                    Outcome::AccountLimited { .. } | Outcome::ConcurrencyLimited { .. }
+                );
                 transition.rest = Some(RestChange {
                     cause: if account {
                         RestCause::Account
@@ -196,7 +247,8 @@ impl Slot {
     }
 
     /// The end of `record`: the probe's answer, and what the other replicas must hear.
-    #[inline]
+    /// Out of line: a plain success needs it only as a probe or with a state backend.
+    #[inline(never)]
     fn finish_record(
         &self,
         outcome: Outcome,
@@ -402,14 +454,15 @@ impl Slot {
 
     /// A refusal on a lease: if other requests were in flight on the key when it came
     /// back, the provider limits concurrency, and its limit is at most what was in flight
-    /// besides this request. Lowers `limit` to that (never below 1); returns (before,
-    /// after).
+    /// besides this request. Lowers `limit` to that (never below 1). Returns whether others
+    /// were at the provider (with learning on), and (before, after) if the limit was
+    /// lowered.
     ///
     /// `refused`: the other leases refused whose slots are not given back yet (the caller
     /// counted this one in `refused_open`, and its release takes it out again).
-    fn learn_refusal(&self, refused: u32) -> Option<(u32, u32)> {
+    fn learn_refusal(&self, refused: u32) -> (bool, Option<(u32, u32)>) {
         if !self.signals.learn_concurrency {
-            return None;
+            return (false, None);
         }
         // Only requests sent are at the provider (a reservation held by a ready service is
         // not). This lease still counts among them, and so do others already refused whose
@@ -421,22 +474,24 @@ impl Slot {
             .saturating_sub(refused);
         if others == 0 {
             // Alone on the key: a limit of rate, not of concurrency.
-            return None;
+            return (false, None);
         }
         self.gains.store(0, Ordering::Relaxed);
         self.taught.store(true, Ordering::Relaxed);
-        let before = self
+        let Ok(before) = self
             .limit
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |limit| {
                 (others < limit).then_some(others)
             })
-            .ok()?;
+        else {
+            return (true, None);
+        };
         // Learned from a refusal at `others + 1`: a refused raise to it.
         self.hold_from_now(others);
         if self.signals.learned.fetch_min(others, Ordering::AcqRel) > others {
             self.teach_untaught(others);
         }
-        Some((before, others))
+        (true, Some((before, others)))
     }
 
     /// A lower limit learned here: the keys (of this bucket) that have learned nothing

@@ -97,7 +97,7 @@ impl fmt::Display for Reason {
 ///
 /// | outcome | status | retried? |
 /// | --- | --- | --- |
-/// | [`Outcome::RateLimited`], [`Outcome::AccountLimited`] | 429 | yes: another key (of another account) may take it, or the same once its rest is over |
+/// | [`Outcome::RateLimited`], [`Outcome::AccountLimited`], [`Outcome::ConcurrencyLimited`] | 429 | yes: another key (of another account) may take it, or the same once its rest is over |
 /// | [`Outcome::RateLimited`] | 503 (with `Retry-After`) | yes |
 /// | [`Outcome::KeyRejected`] | any | yes, once, on a key not tried that can take it now: if that key serves it, the first is disabled; if it refuses it too, the request is to blame and the refusal is the answer |
 /// | [`Outcome::QuotaExhausted`] | any | no: billing or a spent quota, not a rate limit; the client must hear it |
@@ -106,11 +106,11 @@ impl fmt::Display for Reason {
 fn response_reason<R>(response: &Response<R>) -> Option<Reason> {
     let status = response.status();
     match response.extensions().get::<Outcome>() {
-        Some(Outcome::RateLimited { .. } | Outcome::AccountLimited { .. })
-            if status == StatusCode::TOO_MANY_REQUESTS =>
-        {
-            Some(Reason::RateLimited)
-        }
+        Some(
+            Outcome::RateLimited { .. }
+            | Outcome::AccountLimited { .. }
+            | Outcome::ConcurrencyLimited { .. },
+        ) if status == StatusCode::TOO_MANY_REQUESTS => Some(Reason::RateLimited),
         Some(Outcome::RateLimited { .. }) if status == StatusCode::SERVICE_UNAVAILABLE => {
             Some(Reason::Unavailable)
         }
@@ -603,6 +603,11 @@ mod tests {
             (
                 too_many,
                 Outcome::AccountLimited { retry_after: wait },
+                true,
+            ),
+            (
+                too_many,
+                Outcome::ConcurrencyLimited { retry_after: None },
                 true,
             ),
             // 503 + Retry-After, which `classify` reads as a rate limit of the key.

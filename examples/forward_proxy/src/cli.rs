@@ -273,12 +273,14 @@ pub(crate) struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 32 << 20, help_heading = LIMITS)]
     max_body_size: u64,
 
-    /// Keep a session's requests on one key: session (default) or off
+    /// Keep a session on one key: session (default), prefix or off
     ///
     /// `session`: a request naming a session (`prompt_cache_key`, `metadata.user_id` or
     /// `user` in its JSON body, else the --affinity-header) goes to that session's key,
-    /// so the provider's prompt cache stays warm; others go by --strategy. `off`: every
-    /// request by --strategy.
+    /// so the provider's prompt cache stays warm; others go by --strategy. `prefix`: as
+    /// `session`, and a request naming none goes to the key of its prompt's prefix (the
+    /// hash of its model, system prompt and first user message). `off`: every request by
+    /// --strategy.
     #[arg(
         long,
         value_enum,
@@ -433,7 +435,8 @@ impl Args {
         config.shutdown_timeout = self.shutdown_timeout;
         config.abandoned_grace = self.abandoned_grace;
         config.routing.bucket_by_model = self.buckets == BucketsArg::Model;
-        config.routing.affinity = self.affinity == AffinityArg::Session;
+        config.routing.affinity = self.affinity != AffinityArg::Off;
+        config.routing.prefix_affinity = self.affinity == AffinityArg::Prefix;
         config.routing.session_header = self.affinity_header;
         config.affinity.wait = self.affinity_wait;
         config.affinity.ttl = self.affinity_ttl;
@@ -569,6 +572,8 @@ impl From<StrategyArg> for Selection {
 enum AffinityArg {
     /// Requests naming a session go to its key.
     Session,
+    /// As `session`; a request naming none goes to its prompt prefix's key.
+    Prefix,
     /// Every request by --strategy.
     Off,
 }

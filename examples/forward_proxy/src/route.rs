@@ -25,6 +25,13 @@ pub struct Routing {
     pub affinity: bool,
     /// The header naming a request's session, when its body names none.
     pub session_header: HeaderName,
+    /// With [`affinity`](Self::affinity): a request naming no session (neither in its
+    /// body nor in the header) takes the hash of its prompt's stable prefix (model, system
+    /// prompt, first user message; bounded bytes) as its affinity id, so that the turns of
+    /// one conversation go to one key. Off by default (`--affinity prefix` turns it on):
+    /// conversations sharing a prefix share a key, which spreads load less evenly than the
+    /// configured strategy.
+    pub prefix_affinity: bool,
 }
 
 impl Default for Routing {
@@ -33,6 +40,7 @@ impl Default for Routing {
             bucket_by_model: true,
             affinity: true,
             session_header: HeaderName::from_static("x-session-id"),
+            prefix_affinity: false,
         }
     }
 }
@@ -87,6 +95,10 @@ impl Router for ProxyRouter {
                 head.headers
                     .get(&self.0.session_header)
                     .map(|value| value.as_bytes())
+            })
+            .or_else(|| {
+                let prefix = fields.filter(|_| self.0.prefix_affinity)?.prefix.as_ref()?;
+                Some(&prefix[..])
             })
     }
 }

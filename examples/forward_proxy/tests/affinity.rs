@@ -85,7 +85,11 @@ async fn cache_provider(
             let key = KEYS.iter().position(|k| *k == key_value).map_or(0, |i| i + 1);
             let body: Value = serde_json::from_slice(&seen.body).unwrap_or_default();
             let messages = body["messages"].as_array().cloned().unwrap_or_default();
-            let session = body["prompt_cache_key"].as_str().unwrap_or("").to_owned();
+            // A conversation naming no session is told by its system prompt.
+            let session = match body["prompt_cache_key"].as_str() {
+                Some(session) => session.to_owned(),
+                None => messages.first().map(|m| m["content"].to_string()).unwrap_or_default(),
+            };
             {
                 let mut provider = state.lock().unwrap();
                 let now = Instant::now();
@@ -305,6 +309,61 @@ async fn sessions_keep_their_cache_warm_over_three_keys_with_default_flags() {
         .map(|k| k["affinity_spills"].as_u64().unwrap())
         .sum();
     assert_eq!((hits, spills), ((CONVERSATIONS * TURNS) as u64, 0));
+}
+
+/// Conversations naming no session, with `--affinity prefix`: the turns of each share
+/// their prompt's prefix (model, system prompt, first user message), whose hash is their
+/// affinity id, so each conversation stays on one key and keeps its cache warm there. With
+/// default flags they name no session and go round-robin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_mode_keeps_conversations_naming_no_session_on_one_key() {
+    let (upstream, _) = cache_provider(None).await;
+    let proxy = ProxyConfig::new(&upstream.url(""), KEYS[0]).start().await;
+    let single = conversations(&proxy.url("/chat/completions"), false).await;
+    drop(proxy);
+
+    let (upstream, provider) = cache_provider(None).await;
+    let proxy = ProxyConfig::new(&upstream.url(""), &KEYS.join(","))
+        .arg("--affinity", "prefix")
+        .start()
+        .await;
+    let prefixed = conversations(&proxy.url("/chat/completions"), false).await;
+    let served = provider.lock().unwrap().served.clone();
+    let (per_key, sessions) = placement(&served);
+
+    let (upstream, _) = cache_provider(None).await;
+    let default = ProxyConfig::new(&upstream.url(""), &KEYS.join(","))
+        .start()
+        .await;
+    let rotated = conversations(&default.url("/chat/completions"), false).await;
+
+    println!(
+        "no session named: cached share of input: 1 key {:.1} %, 3 keys by prefix {:.1} %, 3 keys default flags {:.1} %; requests per key {per_key:?}",
+        100.0 * single.cached_share(),
+        100.0 * prefixed.cached_share(),
+        100.0 * rotated.cached_share(),
+    );
+    for run in [&single, &prefixed, &rotated] {
+        assert_eq!(run.statuses, BTreeMap::from([(200, CONVERSATIONS * TURNS)]));
+    }
+    assert_eq!(sessions.len(), CONVERSATIONS);
+    assert!(
+        sessions
+            .values()
+            .all(|turns| turns.iter().all(|t| t.1 == turns[0].1)),
+        "every conversation on one key"
+    );
+    assert!(prefixed.cached_share() >= 0.95 * single.cached_share());
+    assert!(rotated.cached_share() < 0.8 * single.cached_share());
+    let third = (CONVERSATIONS * TURNS) as f64 / 3.0;
+    for key in 1..=3 {
+        let count = per_key.get(&key).copied().unwrap_or(0) as f64;
+        assert!(
+            (count - third).abs() <= 0.2 * third,
+            "key {key}: {count} of {} requests",
+            CONVERSATIONS * TURNS
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,12 @@
 //! that name its session, and whether it asks for a stream with usage. Read from the top
 //! level of the buffered body without building a document: other values are skipped, not
 //! kept.
+//!
+//! In the opt-in prefix mode (`--affinity prefix`), a request naming no session gets the
+//! hash of its prompt's stable prefix as its affinity id ([`prompt_prefix`]): the model,
+//! the system prompt and the first user message, each read up to [`PREFIX_PART_BYTES`].
+//! The turns of one conversation share that prefix, so they go to one key, whose prompt
+//! cache holds it.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -9,6 +15,7 @@ use std::marker::PhantomData;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use xxhash_rust::xxh3::Xxh3Default;
 
 /// What the proxy read of a request's body, as a request extension for its router.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,6 +38,9 @@ pub(crate) struct BodyFields {
     /// chat, Anthropic, Zhipu), else `max_output_tokens` (OpenAI responses), when a
     /// non-negative integer.
     pub(crate) max_output: Option<u64>,
+    /// The hash of the prompt's stable prefix ([`prompt_prefix`]), in the prefix mode, for
+    /// a request whose body names no session.
+    pub(crate) prefix: Option<[u8; 8]>,
 }
 
 impl BodyFields {
@@ -52,9 +62,386 @@ impl BodyFields {
                     .max_completion_tokens
                     .or(top.max_tokens)
                     .or(top.max_output_tokens),
+                prefix: None,
             },
             Err(_) => Self::default(),
         }
+    }
+
+    /// Does the body name the request's session?
+    pub(crate) fn names_session(&self) -> bool {
+        self.prompt_cache_key.is_some() || self.metadata_user_id.is_some() || self.user.is_some()
+    }
+}
+
+/// The most bytes of each part of a prompt's prefix (the model, the system prompt, the
+/// first user message) that [`prompt_prefix`] hashes: enough to tell conversations apart,
+/// bounded so that a long prompt costs no more than a short one.
+pub(crate) const PREFIX_PART_BYTES: usize = 4096;
+
+/// The hash of the stable prefix of the prompt in `body`, a JSON request of any of the
+/// providers' shapes: the top-level `model`; the system prompt (`system` (Anthropic),
+/// `instructions` (OpenAI Responses), `systemInstruction` (Gemini), or the `system` and
+/// `developer` messages before the first user message); and the first user message of
+/// `messages` (OpenAI, Anthropic, Zhipu), `contents` (Gemini) or `input` (OpenAI Responses,
+/// a string or messages). Each part is read up to [`PREFIX_PART_BYTES`] of its text (every
+/// string of it, with the names of its fields), so that the same conversation hashes the
+/// same in every turn, whatever else the request carries. `None` when the body is not a
+/// JSON object, or has neither a system prompt nor a user message.
+///
+/// xxh3 (64 bits), as specified: replicas of the proxy agree on a conversation's id.
+pub(crate) fn prompt_prefix(body: &[u8]) -> Option<[u8; 8]> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let parts = PrefixParts::deserialize(&mut deserializer).ok()?;
+    if parts.system.is_none() && parts.first_user.is_none() {
+        return None;
+    }
+    let mut hasher = Xxh3Default::new();
+    for part in [parts.model, parts.system, parts.first_user] {
+        // A part's absence hashes apart from any digest.
+        match part {
+            Some(digest) => {
+                hasher.update(&[1]);
+                hasher.update(&digest.to_le_bytes());
+            }
+            None => hasher.update(&[0]),
+        }
+    }
+    Some(hasher.digest().to_le_bytes())
+}
+
+/// The digests of a prompt's prefix parts, read from the top level of its body.
+#[derive(Default)]
+struct PrefixParts {
+    model: Option<u64>,
+    system: Option<u64>,
+    first_user: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for PrefixParts {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(PrefixVisitor)
+    }
+}
+
+struct PrefixVisitor;
+
+impl<'de> Visitor<'de> for PrefixVisitor {
+    type Value = PrefixParts;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<PrefixParts, A::Error> {
+        let mut parts = PrefixParts::default();
+        // The system prompt of the messages, if the top level has none.
+        let mut in_messages = None;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "model" => parts.model = Some(map.next_value_seed(Digest)?),
+                "system" | "instructions" | "systemInstruction" => {
+                    parts.system = Some(map.next_value_seed(Digest)?);
+                }
+                "messages" | "contents" | "input" => {
+                    let messages = map.next_value_seed(Messages)?;
+                    in_messages = messages.system.or(in_messages);
+                    parts.first_user = messages.first_user.or(parts.first_user);
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        parts.system = parts.system.or(in_messages);
+        Ok(parts)
+    }
+}
+
+/// A JSON value's digest: every string, number and field name in it, in order, up to
+/// [`PREFIX_PART_BYTES`].
+struct Digest;
+
+impl<'de> de::DeserializeSeed<'de> for Digest {
+    type Value = u64;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<u64, D::Error> {
+        let mut hasher = Bounded::new();
+        de::DeserializeSeed::deserialize(Feed(&mut hasher), deserializer)?;
+        Ok(hasher.digest())
+    }
+}
+
+/// A hasher that takes at most [`PREFIX_PART_BYTES`].
+struct Bounded {
+    hasher: Xxh3Default,
+    left: usize,
+}
+
+impl Bounded {
+    fn new() -> Self {
+        Self {
+            hasher: Xxh3Default::new(),
+            left: PREFIX_PART_BYTES,
+        }
+    }
+
+    /// `tag` tells a string from a field name or a number of the same bytes; 0xff is no
+    /// byte of UTF-8, so it ends each text.
+    fn feed(&mut self, tag: u8, bytes: &[u8]) {
+        if self.left == 0 {
+            return;
+        }
+        let bytes = &bytes[..bytes.len().min(self.left)];
+        self.left -= bytes.len();
+        self.hasher.update(&[tag]);
+        self.hasher.update(bytes);
+        self.hasher.update(&[0xff]);
+    }
+
+    fn digest(&self) -> u64 {
+        self.hasher.digest()
+    }
+}
+
+/// Feeds a JSON value into a [`Bounded`] hasher.
+struct Feed<'h>(&'h mut Bounded);
+
+impl<'de> de::DeserializeSeed<'de> for Feed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Feed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.0.feed(b's', v.as_bytes());
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.0.feed(b'b', &[u8::from(v)]);
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.0.feed(b'i', &v.to_le_bytes());
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.0.feed(b'u', &v.to_le_bytes());
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.0.feed(b'f', &v.to_le_bytes());
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.0.feed(b'n', &[]);
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.0.feed(b'{', &[]);
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            self.0.feed(b'k', key.as_bytes());
+            map.next_value_seed(Feed(self.0))?;
+        }
+        self.0.feed(b'}', &[]);
+        Ok(())
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.0.feed(b'[', &[]);
+        while seq.next_element_seed(Feed(self.0))?.is_some() {}
+        self.0.feed(b']', &[]);
+        Ok(())
+    }
+}
+
+/// What a list of messages says of the prefix: the digests of its system messages before
+/// the first user message, and of that message.
+#[derive(Default)]
+struct MessagesPrefix {
+    system: Option<u64>,
+    first_user: Option<u64>,
+}
+
+/// Reads a list of messages (or, as OpenAI's Responses `input` may be, one string: the
+/// user's message).
+struct Messages;
+
+impl<'de> de::DeserializeSeed<'de> for Messages {
+    type Value = MessagesPrefix;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Messages {
+    type Value = MessagesPrefix;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of messages")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        let mut hasher = Bounded::new();
+        hasher.feed(b's', v.as_bytes());
+        Ok(MessagesPrefix {
+            system: None,
+            first_user: Some(hasher.digest()),
+        })
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut prefix = MessagesPrefix::default();
+        let mut system = Bounded::new();
+        let mut any_system = false;
+        while let Some(message) = seq.next_element::<Message>()? {
+            match message.role {
+                Role::System => {
+                    any_system = true;
+                    system.feed(b'm', &message.content.to_le_bytes());
+                }
+                Role::User => {
+                    prefix.first_user = Some(message.content);
+                    break;
+                }
+                Role::Other => {}
+            }
+        }
+        // The rest of the conversation is not the prefix: skipped.
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        prefix.system = any_system.then(|| system.digest());
+        Ok(prefix)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        IgnoredAny.visit_map(map).map(|_| MessagesPrefix::default())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(MessagesPrefix::default())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(MessagesPrefix::default())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(MessagesPrefix::default())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(MessagesPrefix::default())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(MessagesPrefix::default())
+    }
+}
+
+/// Whose message it is, as far as the prefix goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// `system`, `developer`.
+    System,
+    /// `user`.
+    User,
+    /// Anything else (`assistant`, `model`, `tool`), or none.
+    Other,
+}
+
+/// One message: its role, and the digest of its `content` (`parts` for Gemini).
+struct Message {
+    role: Role,
+    content: u64,
+}
+
+impl<'de> Deserialize<'de> for Message {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(MessageVisitor)
+    }
+}
+
+struct MessageVisitor;
+
+impl<'de> Visitor<'de> for MessageVisitor {
+    type Value = Message;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a message")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message, A::Error> {
+        let mut role = Role::Other;
+        let mut content = Bounded::new();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "role" => {
+                    role = match map.next_value_seed(Text)? {
+                        Some(r) if r == "system" || r == "developer" => Role::System,
+                        Some(r) if r == "user" => Role::User,
+                        _ => Role::Other,
+                    };
+                }
+                "content" | "parts" => map.next_value_seed(Feed(&mut content))?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Message {
+            role,
+            content: content.digest(),
+        })
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Message, E> {
+        Ok(Message {
+            role: Role::Other,
+            content: 0,
+        })
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Message, A::Error> {
+        IgnoredAny.visit_seq(seq).map(|_| Message {
+            role: Role::Other,
+            content: 0,
+        })
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Message, E> {
+        self.visit_str("")
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Message, E> {
+        self.visit_str("")
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Message, E> {
+        self.visit_str("")
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Message, E> {
+        self.visit_str("")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Message, E> {
+        self.visit_str("")
     }
 }
 
@@ -120,6 +507,17 @@ fn present_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 /// A boolean, or `None` for any other value (skipped).
 fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
     deserializer.deserialize_any(BoolOrSkip)
+}
+
+/// [`string`] as a seed.
+struct Text;
+
+impl<'de> de::DeserializeSeed<'de> for Text {
+    type Value = Option<Cow<'de, str>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        string(deserializer)
+    }
 }
 
 struct StringOrSkip;
@@ -323,6 +721,7 @@ mod tests {
                 stream_options: false,
                 include_usage: None,
                 max_output: None,
+                prefix: None,
             }
         );
     }
@@ -380,6 +779,101 @@ mod tests {
     fn escaped_strings_are_unescaped() {
         let fields = BodyFields::read(br#"{"model":"a\u002db"}"#);
         assert_eq!(fields.model.as_deref(), Some("a-b"));
+    }
+
+    /// A conversation's turns, OpenAI's shape: the system prompt and first user message
+    /// stay, later turns are appended.
+    fn turn(system: &str, first: &str, turns: usize) -> Vec<u8> {
+        let mut messages = vec![
+            serde_json::json!({"role": "system", "content": system}),
+            serde_json::json!({"role": "user", "content": first}),
+        ];
+        for t in 1..turns {
+            messages
+                .push(serde_json::json!({"role": "assistant", "content": format!("answer {t}")}));
+            messages.push(serde_json::json!({"role": "user", "content": format!("question {t}")}));
+        }
+        serde_json::json!({"model": "gpt-4o", "messages": messages, "temperature": 0.2 * turns as f64})
+            .to_string()
+            .into_bytes()
+    }
+
+    #[test]
+    fn a_conversations_turns_share_their_prompt_prefix() {
+        let first = prompt_prefix(&turn("You are terse.", "Hello", 1)).unwrap();
+        for turns in 2..5 {
+            assert_eq!(
+                prompt_prefix(&turn("You are terse.", "Hello", turns)),
+                Some(first)
+            );
+        }
+        // Another first message, another system prompt: another conversation.
+        assert_ne!(prompt_prefix(&turn("You are terse.", "Hi", 1)), Some(first));
+        assert_ne!(
+            prompt_prefix(&turn("You are brief.", "Hello", 1)),
+            Some(first)
+        );
+        // Another model: another cache.
+        let other_model = String::from_utf8(turn("You are terse.", "Hello", 1))
+            .unwrap()
+            .replace("gpt-4o", "gpt-4o-mini");
+        assert_ne!(prompt_prefix(other_model.as_bytes()), Some(first));
+    }
+
+    #[test]
+    fn the_prefix_reads_each_providers_shape() {
+        // Anthropic: `system` at the top level (a string or blocks), content blocks.
+        let anthropic = |first: &str| {
+            serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 64,
+                "system": [{"type": "text", "text": "Be kind.", "cache_control": {"type": "ephemeral"}}],
+                "messages": [{"content": [{"type": "text", "text": first}], "role": "user"}]})
+            .to_string()
+        };
+        let a = prompt_prefix(anthropic("one").as_bytes()).unwrap();
+        assert_ne!(prompt_prefix(anthropic("two").as_bytes()), Some(a));
+        // Gemini: `systemInstruction`, `contents` of `parts`.
+        let gemini = |first: &str| {
+            serde_json::json!({"systemInstruction": {"parts": [{"text": "Be kind."}]},
+                "contents": [{"role": "user", "parts": [{"text": first}]},
+                             {"role": "model", "parts": [{"text": "ok"}]}]})
+            .to_string()
+        };
+        let g = prompt_prefix(gemini("one").as_bytes()).unwrap();
+        assert_ne!(prompt_prefix(gemini("two").as_bytes()), Some(g));
+        // OpenAI Responses: `instructions` and `input` as a string.
+        let responses = br#"{"model":"gpt-4.1","instructions":"Be kind.","input":"one"}"#;
+        assert!(prompt_prefix(responses).is_some());
+        // Nothing to key on: no prefix.
+        assert_eq!(prompt_prefix(br#"{"model":"gpt-4o"}"#), None);
+        assert_eq!(
+            prompt_prefix(br#"{"model":"gpt-4o","messages":[{"role":"assistant","content":"x"}]}"#),
+            None
+        );
+        assert_eq!(prompt_prefix(b"not json"), None);
+    }
+
+    #[test]
+    fn the_prefix_reads_a_bounded_number_of_bytes_of_each_part() {
+        let long = "x".repeat(PREFIX_PART_BYTES);
+        let a = prompt_prefix(&turn(&format!("{long}a"), "Hello", 1));
+        let b = prompt_prefix(&turn(&format!("{long}b"), "Hello", 1));
+        assert!(a.is_some());
+        assert_eq!(a, b, "past the bound, the system prompt is not read");
+        let c = prompt_prefix(&turn(&long[..PREFIX_PART_BYTES - 8], "Hello", 1));
+        let d = prompt_prefix(&turn(
+            &format!("{}y", &long[..PREFIX_PART_BYTES - 9]),
+            "Hello",
+            1,
+        ));
+        assert_ne!(c, d, "within it, every byte counts");
+    }
+
+    #[test]
+    fn fields_say_whether_the_body_names_a_session() {
+        assert!(!BodyFields::read(&turn("s", "u", 1)).names_session());
+        assert!(BodyFields::read(br#"{"user":"alice"}"#).names_session());
+        assert!(BodyFields::read(br#"{"metadata":{"user_id":"u"}}"#).names_session());
+        assert!(BodyFields::read(br#"{"prompt_cache_key":"k"}"#).names_session());
     }
 
     #[test]

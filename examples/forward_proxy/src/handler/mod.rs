@@ -64,6 +64,9 @@ pub(crate) struct State {
     pub(crate) estimator: Option<Arc<Estimator>>,
     /// The provider, for the bucket a model is metered in.
     pub(crate) profile: Profile,
+    /// A request naming no session takes its prompt prefix's hash as its affinity id
+    /// (`--affinity prefix`).
+    pub(crate) prefix_affinity: bool,
 }
 
 impl State {
@@ -95,6 +98,7 @@ impl State {
             ask_for_usage: config.count_tokens && config.profile == Profile::Openai,
             estimator,
             profile: config.profile,
+            prefix_affinity: config.routing.affinity && config.routing.prefix_affinity,
         }
     }
 }
@@ -267,7 +271,10 @@ async fn proxy(state: &Arc<State>, req: Request<ReceivedBody>, request: &Request
     let mut estimated: Option<Estimated> = None;
     if state.pool.routes() || state.ask_for_usage {
         if let Some(bytes) = body.buffered_bytes() {
-            let fields = BodyFields::read(bytes);
+            let mut fields = BodyFields::read(bytes);
+            if state.prefix_affinity && state.pool.routes() && !fields.names_session() {
+                fields.prefix = fields::prompt_prefix(bytes);
+            }
             if state.ask_for_usage && fields.stream == Some(true) && !fields.stream_options {
                 asked = asks_for_usage(&mut parts, bytes);
             }
