@@ -443,6 +443,76 @@ async fn redis_killed_mid_run_degrades_without_failing_a_request_and_its_return_
     assert!(most <= 3);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_redis_admitted_before_it_went_away_and_the_split_deal_never_exceed_the_cap() {
+    let mut server = RedisServer::start().await;
+    let mut options = RedisOptions::default();
+    options.heartbeat = Duration::from_millis(200);
+    options.ttl = Duration::from_secs(1);
+    let ttl = options.ttl;
+    let (pools, backends) = three_replicas(Some(&server), "held", "sk-one", 3, options).await;
+    // A backstop heartbeat after the three connected: each knows there are three.
+    for backend in &backends {
+        let mut syncs = backend.syncs();
+        let seen = *syncs.borrow_and_update();
+        timeout(Duration::from_secs(5), syncs.wait_for(|n| *n >= seen + 2))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // The store admitted two requests of the first replica and one of the second: the
+    // key's cap of 3 is full, though the split deal gives each replica 1.
+    let mut first = Vec::new();
+    for _ in 0..2 {
+        let lease = pools[0].try_reserve().unwrap();
+        first.push(lease.admit().await.expect("admitted"));
+    }
+    let second = pools[1].try_reserve().unwrap();
+    let second = second.admit().await.expect("admitted");
+
+    let killed = Instant::now();
+    server.kill().await;
+    for backend in &backends {
+        timeout(Duration::from_secs(5), backend.sharing().wait_for(|s| !s))
+            .await
+            .expect("degraded within 5 s")
+            .unwrap();
+    }
+    for pool in &pools {
+        assert_eq!(pool.backend_health().unwrap().replicas, 3);
+    }
+    // The third replica holds none of the three running: it takes no slot beside them.
+    assert!(
+        pools[2].try_reserve().is_none(),
+        "4 in flight on a cap of 3"
+    );
+    // The first, above its share, does not replace a request that ends; the second
+    // replaces its own.
+    drop(first.pop());
+    assert!(
+        pools[0].try_reserve().is_none(),
+        "the first replica exceeds its share"
+    );
+    drop(second);
+    let second = pools[1]
+        .try_reserve()
+        .expect("the second replaces its own request");
+    assert!(
+        pools[2].try_reserve().is_none(),
+        "4 in flight on a cap of 3"
+    );
+
+    // After the time to live, the third takes its share: its caller waits (woken when
+    // the hold ends, no polling) and is served.
+    let provider = Provider::new(3);
+    let statuses = load(&pools[2..], &provider, 1, Duration::from_millis(1)).await;
+    let took = killed.elapsed();
+    eprintln!("the third replica's first degraded request went {took:?} after the kill");
+    assert_eq!(statuses, [200]);
+    assert!(took >= ttl, "{took:?}");
+    drop((first, second));
+}
+
 /// Requests sent by `pools`' callers (one each, back to back) for `run`.
 async fn callers_for(pools: &[KeyPool], provider: &Provider, run: Duration) -> u32 {
     let end = Instant::now() + run;

@@ -24,6 +24,8 @@ pub(crate) struct Shared {
     pub(super) rank: AtomicU32,
     /// The degraded policy's turn (see `DegradedPolicy::Split`).
     pub(super) turn: AtomicU32,
+    /// Holds begun so far (see `BackendLink::hold`).
+    pub(super) holds: AtomicU64,
     /// Each key's count cell by id, kept across reloads (a key removed and added again
     /// continues its versions, so the store never ignores its writes).
     pub(super) cells: Mutex<HashMap<Arc<str>, Arc<Cell>>>,
@@ -45,6 +47,7 @@ impl Shared {
             replicas: AtomicU32::new(1),
             rank: AtomicU32::new(0),
             turn: AtomicU32::new(0),
+            holds: AtomicU64::new(0),
             cells: Mutex::new(HashMap::new()),
             backend,
         });
@@ -115,6 +118,10 @@ pub(crate) struct Cell {
     pub(super) full: AtomicBool,
     /// The generation of the key's shared learned limit last applied here (0: none yet).
     pub(super) limit_generation: AtomicU64,
+    /// While the store's leases may still run after it went away (see
+    /// `BackendLink::hold`): 1 + this replica's count on the key when it went away; 0: no
+    /// hold.
+    pub(super) hold: AtomicU32,
 }
 
 impl Cell {
@@ -202,7 +209,7 @@ impl SharedKey {
                 return limit;
             }
             // The store's "full" is stale while it is away: the policy's share decides.
-            return shared
+            let share = shared
                 .policy
                 .share(
                     limit,
@@ -212,6 +219,13 @@ impl SharedKey {
                     shared.turn.load(Ordering::Relaxed),
                 )
                 .min(limit);
+            // Leases the store admitted before it went away may still run, here and in
+            // other replicas: no more than this replica held then.
+            let hold = self.cell.hold.load(Ordering::Acquire);
+            if hold != 0 && limit != u32::MAX && shared.policy == DegradedPolicy::Split {
+                return share.min(hold - 1);
+            }
+            return share;
         }
         // Full across the replicas, or another replica's probe of the key is running.
         if self.cell.full.load(Ordering::Acquire) {

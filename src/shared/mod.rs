@@ -300,7 +300,14 @@ pub enum DegradedPolicy {
     /// gets slots for one turn in every `replicas / slots` (rounded up). The cap holds
     /// exactly between replicas that saw the same heartbeat; at a change of turn, a
     /// request still in flight from the last turn overlaps the next (and so do clocks that
-    /// disagree by more than a few milliseconds). Quotas are split too: each replica
+    /// disagree by more than a few milliseconds). The requests the store admitted before
+    /// it went away run on beside the deal: for the backend's time to live (the Redis
+    /// backend's `RedisOptions::ttl`, 5 s by default) after a replica notices the outage,
+    /// it takes no more requests on a key than it had in flight then (it replaces its own
+    /// as they end, up to its share), so the cap holds across the change; only a request
+    /// admitted before the outage and still running after that overlaps the deal. A
+    /// replica that held nothing on a key waits that long for its share of it (its
+    /// requests wait within their budget). Quotas are split too: each replica
     /// spaces its requests `replicas` quota intervals apart. Rests and disables stay
     /// local until the store is back. The default.
     #[default]

@@ -58,8 +58,9 @@
 //! Every call has a budget ([`RedisOptions::call_timeout`], 100 ms). After
 //! [`RedisOptions::failures`] failures in a row, or at once when the subscription's
 //! connection closes, the breaker opens: the pool applies its
-//! [`DegradedPolicy`](crate::shared::DegradedPolicy), leases waiting for a grant look
-//! again under it, and the backend sends nothing to the store but the heartbeat's try at
+//! [`DegradedPolicy`](crate::shared::DegradedPolicy) (under `split`, for
+//! [`RedisOptions::ttl`] no key takes more requests here than it had in flight then, while
+//! the leases the store admitted end), leases waiting for a grant look again under it, and the backend sends nothing to the store but the heartbeat's try at
 //! coming back. A replica whose leases only wait (and so makes no call) pings the store
 //! when no call succeeded for 100 ms: it notices a hung store within 400 ms. When the
 //! store answers, this replica's rests, disables and levels are merged into it (the later
