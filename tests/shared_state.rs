@@ -203,10 +203,15 @@ mod caps {
             tower::service_fn(move |request: Request<Empty<Bytes>>| {
                 let provider = provider.clone();
                 async move {
-                    let key = request.headers()["authorization"]
+                    // Limits per key, or per key and model when the request names one.
+                    let mut key = request.headers()["authorization"]
                         .to_str()
                         .unwrap()
                         .to_owned();
+                    if let Some(model) = request.headers().get("x-model") {
+                        key.push(' ');
+                        key.push_str(model.to_str().unwrap());
+                    }
                     let accepted = {
                         let mut ledger = provider.state.lock().unwrap();
                         let count = ledger.in_flight.entry(key.clone()).or_default();
@@ -249,14 +254,29 @@ mod caps {
         requests: usize,
         work: Duration,
     ) -> Vec<u16> {
+        load_models(pools, provider, requests, work, &[]).await
+    }
+
+    /// [`load`], the `i`-th request naming the model `models[i % models.len()]` in
+    /// `x-model` (none if `models` is empty).
+    pub async fn load_models(
+        pools: &[KeyPool],
+        provider: &Provider,
+        requests: usize,
+        work: Duration,
+        models: &[&'static str],
+    ) -> Vec<u16> {
         let tasks: Vec<_> = (0..requests)
             .map(|i| {
                 let service =
                     KeyRotation::new(provider.service(work), pools[i % pools.len()].clone());
+                let model = (!models.is_empty()).then(|| models[i % models.len()]);
                 tokio::spawn(async move {
-                    let request = Request::get("http://provider.test/v1/chat")
-                        .body(Empty::<Bytes>::new())
-                        .unwrap();
+                    let mut request = Request::get("http://provider.test/v1/chat");
+                    if let Some(model) = model {
+                        request = request.header("x-model", model);
+                    }
+                    let request = request.body(Empty::<Bytes>::new()).unwrap();
                     let response = service.oneshot(request).await.expect("an answer");
                     let status = response.status().as_u16();
                     response.into_body().collect().await.unwrap();
@@ -272,7 +292,7 @@ mod caps {
     }
 }
 
-use caps::{Provider, load};
+use caps::{Provider, load, load_models};
 
 /// Three replicas with a cap of `cap` per key, sharing through `server` (or not).
 async fn three_replicas(
@@ -511,6 +531,85 @@ async fn requests_redis_admitted_before_it_went_away_and_the_split_deal_never_ex
     assert_eq!(statuses, [200]);
     assert!(took >= ttl, "{took:?}");
     drop((first, second));
+}
+
+/// Buckets by the `x-model` header.
+#[derive(Debug)]
+struct ByModel;
+
+impl tower_key_rotation::route::Router for ByModel {
+    fn bucket<'a>(&self, head: &tower_key_rotation::route::RequestHead<'a>) -> Option<&'a str> {
+        head.headers.get("x-model")?.to_str().ok()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_keep_the_cap_of_each_key_and_model_between_them() {
+    let server = RedisServer::start().await;
+    let work = Duration::from_millis(20);
+    let models = ["model-a", "model b/{2}"];
+    let replicas = |server: Option<&RedisServer>| {
+        let url = server.map(RedisServer::url);
+        async move {
+            let mut pools = Vec::new();
+            let mut backends = Vec::new();
+            for _ in 0..3 {
+                let mut pool = KeyPool::builder(KeySet::parse(KEYS).unwrap())
+                    .max_in_flight_per_key(2)
+                    .router(ByModel);
+                if let Some(url) = &url {
+                    let backend = RedisBackend::new(url, SECRET, options("buckets")).unwrap();
+                    assert!(backend.connect().await);
+                    pool = pool.state_backend(backend.clone());
+                    backends.push(backend);
+                }
+                pools.push(pool.build());
+            }
+            for backend in &backends {
+                timeout(Duration::from_secs(5), backend.subscribed())
+                    .await
+                    .unwrap();
+            }
+            (pools, backends)
+        }
+    };
+
+    // Each model allows 2 in flight per key: the cap of each (key, model).
+    let provider = Provider::new(2);
+    let (pools, _backends) = replicas(Some(&server)).await;
+    let before = server.command_stats();
+    let statuses = load_models(&pools, &provider, 600, work, &models).await;
+    let after = server.command_stats();
+    let (served, refused, most) = provider.tally();
+    let calls = (client_calls(&after) - client_calls(&before)) as f64 / 600.0;
+    eprintln!(
+        "buckets shared: {served} served, {refused} refused (429), at most {most} in flight \
+         per key and model, {calls:.2} Redis calls per request"
+    );
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!((served, refused), (600, 0));
+    assert!(most <= 2, "{most} in flight on one key and model");
+    // As for keys alone (see the thirty-client test): admission and release.
+    assert!(calls <= 2.1, "{calls:.2} Redis calls per request");
+    // Both models' lanes are in the store, each under its own (key, model) id.
+    let stored = server.cli(&["--scan", "--pattern", "tkr:buckets:*:c"]);
+    assert_eq!(stored.lines().count(), 6, "{stored}");
+    assert!(stored.contains(".model-a}:c"), "{stored}");
+    assert!(stored.contains(".model%20b%2F%7B2%7D}:c"), "{stored}");
+    for pool in &pools {
+        assert!(pool.snapshot().iter().all(|key| key.in_flight == 0));
+    }
+
+    // The control: the same replicas, each on its own.
+    let provider = Provider::new(2);
+    let (pools, _) = replicas(None).await;
+    load_models(&pools, &provider, 600, work, &models).await;
+    let (_, refused, _) = provider.tally();
+    eprintln!("control without Redis: {refused} refused (429)");
+    assert!(
+        refused > 0,
+        "the replicas alone exceed the provider's limit"
+    );
 }
 
 /// Requests sent by `pools`' callers (one each, back to back) for `run`.

@@ -257,6 +257,30 @@ impl SharedKey {
         (false, counted || self.capped || probe)
     }
 
+    /// The key's lane for the bucket named `bucket` (a pool with buckets), shared under
+    /// its own id: `<key id>.<bucket>`, the bucket's name with each byte outside
+    /// `[A-Za-z0-9_-]` written `%XX` (so that an id holds no space, dot or brace); `cap`
+    /// and `quota` are the lane's.
+    pub(crate) fn lane(
+        &self,
+        bucket: &str,
+        cap: u32,
+        quota: Option<crate::quota::Gcra>,
+    ) -> SharedKey {
+        use std::fmt::Write as _;
+        let mut id = String::with_capacity(self.id.len() + 1 + bucket.len());
+        id.push_str(&self.id);
+        id.push('.');
+        for byte in bucket.bytes() {
+            if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
+                id.push(char::from(byte));
+            } else {
+                let _ = write!(id, "%{byte:02X}");
+            }
+        }
+        self.shared.key(id, cap, quota)
+    }
+
     /// The generation of the key's shared learned limit last applied here.
     pub(crate) fn limit_generation(&self) -> &AtomicU64 {
         &self.cell.limit_generation

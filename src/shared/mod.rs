@@ -50,6 +50,10 @@
 //!   its return both sides are merged (a later deadline wins, a disable is kept, a higher
 //!   level wins) before sharing resumes.
 //!
+//! In a pool with buckets, each key's lane for a bucket is shared as a key is, under its
+//! own id (`<key id>.<bucket>`): its count, queue, rests, probe and learned limit; the key's
+//! own id keeps what is account-wide.
+//!
 //! A backend implements [`StateBackend`]: the Redis one is `shared::redis::RedisBackend`
 //! (cargo feature `redis`).
 

@@ -182,8 +182,8 @@ pub(crate) struct Args {
     /// file may set a model's own (`[key.models."NAME"]`). A key's account-wide state
     /// (disabled, a spent balance or daily cap) covers every model.
     ///
-    /// `none`: one state per key, whatever the model; always so with --redis-url (each
-    /// replica's buckets would be its own, and the keys' caps must hold across replicas).
+    /// `none`: one state per key, whatever the model. With --redis-url every (key, model)
+    /// is shared by the replicas as a key is.
     #[arg(
         long,
         value_enum,

@@ -4,10 +4,14 @@
 //! # In the store
 //!
 //! A key is named by a keyed hash of its value (HMAC-SHA-256 under the deployment's
-//! secret, 128 bits in hex): never the value. The backend treats that id as an opaque
-//! string. Every record of one key carries the whole id as a hash tag
+//! secret, 128 bits in hex): never the value. In a pool with buckets, each (key, bucket)
+//! is shared as a key is, under the id `<key id>.<bucket>` (the bucket's name with each
+//! byte outside `[A-Za-z0-9_-]` written `%XX`): the key's own id keeps what is
+//! account-wide (disabled, account rests). The backend treats an id as an opaque string.
+//! Every record of one id carries the whole id as a hash tag
 //! (`tkr:<namespace>:{<id>}:<kind>`), so that each script's keys share one slot of a Redis
-//! Cluster; the replicas' lives are one record of the namespace's own (`tkr:{<namespace>}:replicas`).
+//! Cluster; the replicas' lives are one record of the namespace's own
+//! (`tkr:{<namespace>}:replicas`).
 //!
 //! | name | type | holds |
 //! | --- | --- | --- |
