@@ -1431,3 +1431,71 @@ async fn redis_down_under_load_every_replica_serves_and_no_client_fails() {
 async fn redis_down_a_minute_under_load_every_replica_serves_and_no_client_fails() {
     outage_under_load(Duration::from_secs(60)).await;
 }
+
+#[cfg(feature = "redis-cluster")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_keep_each_keys_cap_between_them_on_a_three_master_redis_cluster() {
+    let cluster = test_support::RedisCluster::start().await;
+    let urls = cluster.urls();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let work = Duration::from_millis(20);
+    let models = ["model-a", "model-b"];
+
+    let mut pools = Vec::new();
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        let backend = RedisBackend::cluster(&urls, SECRET, options("cluster")).unwrap();
+        assert!(backend.connect().await, "{:?}", backend.last_failure());
+        pools.push(
+            KeyPool::builder(KeySet::parse(KEYS).unwrap())
+                .max_in_flight_per_key(2)
+                .router(ByModel)
+                .state_backend(backend.clone())
+                .build(),
+        );
+        backends.push(backend);
+    }
+    for backend in &backends {
+        timeout(Duration::from_secs(5), backend.subscribed())
+            .await
+            .unwrap();
+    }
+    let provider = Provider::new(2);
+    let before = cluster.command_stats();
+    // Keys alone, then keys × models.
+    let mut statuses = load(&pools, &provider, 300, work).await;
+    statuses.extend(load_models(&pools, &provider, 600, work, &models).await);
+    let after = cluster.command_stats();
+    let (served, refused, most) = provider.tally();
+    let calls = (client_calls(&after) - client_calls(&before)) as f64 / 900.0;
+    eprintln!(
+        "on a three-master cluster: {served} served, {refused} refused (429), at most {most} \
+         in flight per key (and model), {calls:.2} Redis calls per request"
+    );
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!((served, refused), (900, 0));
+    assert!(most <= 2, "{most} in flight on one key");
+    // The keys' records are spread over the masters (each script's on one of them).
+    let holding = cluster
+        .ports
+        .iter()
+        .filter(|port| {
+            let keys = std::process::Command::new("redis-cli")
+                .args([
+                    "-p",
+                    &port.to_string(),
+                    "--scan",
+                    "--pattern",
+                    "tkr:cluster:*",
+                ])
+                .output()
+                .unwrap();
+            !keys.stdout.is_empty()
+        })
+        .count();
+    assert!(holding >= 2, "the records sit on {holding} of 3 masters");
+    for pool in &pools {
+        assert!(pool.snapshot().iter().all(|key| key.in_flight == 0));
+        assert!(!pool.backend_health().unwrap().degraded);
+    }
+}

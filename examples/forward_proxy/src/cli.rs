@@ -424,8 +424,8 @@ struct SharedArgs {
     /// Share the keys' state with the other replicas through Redis
     ///
     /// Their rests, disables and in-flight caps, through this Redis or Valkey:
-    /// `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS) or `unix:///path`.
-    /// Default: the REDIS_URL variable (better for a password: a command line is visible
+    /// `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS) or `unix:///path`;
+    /// several `redis://` URLs, comma-separated: nodes of a Redis Cluster. Default: the REDIS_URL variable (better for a password: a command line is visible
     /// to other users); neither: no sharing.
     #[arg(long, value_name = "URL", value_parser = redis_url)]
     redis_url: Option<RedisUrl>,

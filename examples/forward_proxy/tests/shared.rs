@@ -97,13 +97,18 @@ async fn provider() -> (MockUpstream, Arc<Mutex<Ledger>>, watch::Receiver<u32>) 
 /// Three proxies over [`KEYS`] capped at 2 per key, sharing through `redis` if given
 /// (its URL in `REDIS_URL`, with a password).
 async fn replicas(upstream: &MockUpstream, redis: Option<&RedisServer>) -> Vec<Proxy> {
+    replicas_at(upstream, redis.map(RedisServer::url)).await
+}
+
+/// [`replicas`], sharing through the Redis at `url` (several: a cluster's nodes).
+async fn replicas_at(upstream: &MockUpstream, url: Option<String>) -> Vec<Proxy> {
     let mut proxies = Vec::new();
     for _ in 0..3 {
         let mut config =
             ProxyConfig::new(&upstream.url(""), KEYS).arg("--max-in-flight-per-key", "2");
-        if let Some(redis) = redis {
+        if let Some(url) = &url {
             config = config
-                .env("REDIS_URL", &redis.url())
+                .env("REDIS_URL", url)
                 .arg("--redis-namespace", "proxies")
                 .env("REPLICA_SECRET", "replica-secret-value")
                 .arg("--redis-secret-env", "REPLICA_SECRET");
@@ -239,6 +244,30 @@ async fn three_proxies_routing_by_model_share_each_key_and_models_cap_through_re
         refused > 0,
         "alone, the replicas exceed the provider's limit"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_proxies_share_through_a_three_master_redis_cluster() {
+    let cluster = test_support::RedisCluster::start().await;
+    let (upstream, ledger, _) = provider().await;
+    let proxies = replicas_at(&upstream, Some(cluster.urls().join(","))).await;
+    let backend = get(&proxies[0].url("/_keyrotation/backend")).await.json();
+    assert_eq!(backend["connected"], true, "{backend}");
+    let mut statuses = Vec::new();
+    for task in spread_models(&proxies, 600, &["glm-4-plus", "glm-4-flash"]) {
+        statuses.push(task.await.unwrap().expect("an answer"));
+    }
+    let (served, refused, most) = {
+        let ledger = ledger.lock().unwrap();
+        (ledger.served, ledger.refused, ledger.most)
+    };
+    eprintln!(
+        "3 proxies on a three-master Redis Cluster: {served} served, {refused} refused (429), \
+         at most {most} in flight per key and model"
+    );
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!((served, refused), (600, 0));
+    assert!(most <= 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
