@@ -26,6 +26,9 @@ pub(crate) struct Shared {
     pub(super) turn: AtomicU32,
     /// Holds begun so far (see `BackendLink::hold`).
     pub(super) holds: AtomicU64,
+    /// A hold is in force: a key seen for the first time takes nothing until it ends
+    /// (another replica may hold the store's leases on it).
+    pub(super) holding: AtomicBool,
     /// Each key's count cell by id, kept across reloads (a key removed and added again
     /// continues its versions, so the store never ignores its writes).
     pub(super) cells: Mutex<HashMap<Arc<str>, Arc<Cell>>>,
@@ -48,6 +51,7 @@ impl Shared {
             rank: AtomicU32::new(0),
             turn: AtomicU32::new(0),
             holds: AtomicU64::new(0),
+            holding: AtomicBool::new(false),
             cells: Mutex::new(HashMap::new()),
             backend,
         });
@@ -81,7 +85,13 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(id.clone())
-            .or_default()
+            .or_insert_with(|| {
+                let cell = Cell::default();
+                if self.holding.load(Ordering::Acquire) {
+                    cell.hold.store(1, Ordering::Release);
+                }
+                Arc::new(cell)
+            })
             .clone();
         cell.cap.store(cap, Ordering::Relaxed);
         SharedKey {

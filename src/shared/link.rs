@@ -141,14 +141,16 @@ impl BackendLink {
     /// The store went away while it admitted this replica's leases (and other replicas'):
     /// under [`DegradedPolicy::Split`], until [`unhold`](Self::unhold), each key takes no
     /// more requests here than it had in flight now (it may replace its own as they end,
-    /// up to its share), so that the leases the store admitted and the policy's deal
-    /// never run beside each other above a key's cap. Call it before the pool turns
-    /// degraded ([`set_health`](Self::set_health)). Returns the hold's number, for
-    /// [`unhold`](Self::unhold).
+    /// up to its share; a key first seen here meanwhile, none), so that the leases the
+    /// store admitted and the policy's deal never run beside each other above a key's
+    /// cap. Call it before the pool turns degraded ([`set_health`](Self::set_health)).
+    /// Returns the hold's number, for [`unhold`](Self::unhold).
     pub fn hold(&self) -> u64 {
         let shared = &*self.shared;
         let number = shared.holds.fetch_add(1, Ordering::AcqRel) + 1;
         let cells = shared.cells.lock().unwrap_or_else(PoisonError::into_inner);
+        // Under the lock: a key seen for the first time from now on holds at 0.
+        shared.holding.store(true, Ordering::Release);
         for cell in cells.values() {
             let count = decode(cell.word.load(Ordering::SeqCst)).count;
             cell.hold.store(count.saturating_add(1), Ordering::Release);
@@ -166,6 +168,7 @@ impl BackendLink {
         }
         {
             let cells = shared.cells.lock().unwrap_or_else(PoisonError::into_inner);
+            shared.holding.store(false, Ordering::Release);
             for cell in cells.values() {
                 cell.hold.store(0, Ordering::Release);
             }

@@ -311,7 +311,11 @@ pub enum DegradedPolicy {
     /// as they end, up to its share), so the cap holds across the change; only a request
     /// admitted before the outage and still running after that overlaps the deal. A
     /// replica that held nothing on a key waits that long for its share of it (its
-    /// requests wait within their budget). Quotas are split too: each replica
+    /// requests wait within their budget). When the store is back, each replica merges
+    /// and shares again at its own next heartbeat: for up to one heartbeat, a replica
+    /// already sharing does not see the requests another still takes under the deal
+    /// (the store, restarted empty, has not heard of them yet), and the two may overlap
+    /// by that replica's share. Quotas are split too: each replica
     /// spaces its requests `replicas` quota intervals apart. Rests and disables stay
     /// local until the store is back. The default.
     #[default]
