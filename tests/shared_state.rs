@@ -589,8 +589,10 @@ async fn three_replicas_keep_the_cap_of_each_key_and_model_between_them() {
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
     assert_eq!((served, refused), (600, 0));
     assert!(most <= 2, "{most} in flight on one key and model");
-    // As for keys alone (see the thirty-client test): admission and release.
-    assert!(calls <= 2.1, "{calls:.2} Redis calls per request");
+    // Admission and release, as for keys alone (the thirty-client test holds those to
+    // 2.1), plus the heartbeat's renewals, which cost per second and per lane in use (six
+    // here, against three keys there): 1.86-2.10 measured.
+    assert!(calls <= 2.2, "{calls:.2} Redis calls per request");
     // Both models' lanes are in the store, each under its own (key, model) id.
     let stored = server.cli(&["--scan", "--pattern", "tkr:buckets:*:c"]);
     assert_eq!(stored.lines().count(), 6, "{stored}");
