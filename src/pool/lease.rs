@@ -116,12 +116,21 @@ impl Lease {
         }
     }
 
-    /// A lease on the lane `lane` of the key at `index` (a pool with buckets). Lanes are
-    /// this replica's own: nothing to count in a shared store.
+    /// A lease on the lane `lane` of the key at `index` (a pool with buckets). With a
+    /// shared store, the lane is counted and admitted there as a key is, under its own id.
     pub(super) fn new_in(table: &Table, index: usize, lane: &Arc<Slot>, taken: Taken) -> Self {
         let mut flags = if taken.probe { PROBE } else { 0 };
         if taken.key_probe {
             flags |= KEY_PROBE;
+        }
+        if let Some(shared) = &lane.shared {
+            let (counted, ask) = shared.taken(taken.probe, lane.limit());
+            if counted {
+                flags |= COUNTED;
+            }
+            if ask {
+                flags |= ASK;
+            }
         }
         Self {
             slot: lane.clone(),

@@ -6,16 +6,24 @@
 use std::sync::Arc;
 
 use super::rest::RestWord;
-use super::{LazyNow, PoolInner};
+use super::slot::Slot;
+use super::{LazyNow, PoolInner, Table};
 use crate::shared::{LocalRest, RemoteLimit, RemoteRest};
+
+/// Every key's own slot and the lanes it has made (in a pool with buckets each lane is
+/// shared under its own id).
+fn shared_slots(table: &Table) -> impl Iterator<Item = &Arc<Slot>> {
+    table
+        .slots
+        .iter()
+        .flat_map(|slot| std::iter::once(slot).chain(slot.made_lanes()))
+}
 
 impl PoolInner {
     /// The store ids of the keys in force.
     pub(crate) fn key_ids(&self) -> Vec<Arc<str>> {
         let table = self.table.load();
-        table
-            .slots
-            .iter()
+        shared_slots(&table)
             .filter_map(|slot| Some(slot.shared.as_ref()?.id.clone()))
             .collect()
     }
@@ -25,9 +33,7 @@ impl PoolInner {
         let table = self.table.load();
         let mut now = LazyNow::new(&self.signals);
         let now = now.get();
-        table
-            .slots
-            .iter()
+        shared_slots(&table)
             .filter_map(|slot| {
                 let shared = slot.shared.as_ref()?;
                 let id = shared.id.clone();
@@ -59,7 +65,7 @@ impl PoolInner {
     pub(crate) fn apply_remote(&self, id: &str, rest: RemoteRest) -> bool {
         let table = self.table.load();
         let mut found = false;
-        for slot in table.slots.iter() {
+        for slot in shared_slots(&table) {
             if slot.shared.as_ref().is_some_and(|shared| &*shared.id == id) {
                 found = true;
                 slot.apply_remote(rest);
@@ -72,18 +78,20 @@ impl PoolInner {
     pub(crate) fn apply_limit(&self, id: &str, limit: RemoteLimit) -> bool {
         let table = self.table.load();
         let mut changed = false;
-        for (index, slot) in table.slots.iter().enumerate() {
-            if slot.shared.as_ref().is_some_and(|shared| &*shared.id == id)
-                && slot.apply_limit(limit)
-            {
-                changed = true;
-                tracing::debug!(
-                    key = index + 1,
-                    "Key {}/{}: concurrency limit now {} (shared by the replicas)",
-                    index + 1,
-                    table.slots.len(),
-                    slot.limit()
-                );
+        for (index, key) in table.slots.iter().enumerate() {
+            for slot in std::iter::once(key).chain(key.made_lanes()) {
+                if slot.shared.as_ref().is_some_and(|shared| &*shared.id == id)
+                    && slot.apply_limit(limit)
+                {
+                    changed = true;
+                    tracing::debug!(
+                        key = index + 1,
+                        "Key {}/{}: concurrency limit now {} (shared by the replicas)",
+                        index + 1,
+                        table.slots.len(),
+                        slot.limit()
+                    );
+                }
             }
         }
         changed
@@ -92,10 +100,11 @@ impl PoolInner {
     /// A lease on the key `id` was released somewhere: it may have room again.
     pub(crate) fn freed(&self, id: &str) {
         let table = self.table.load();
-        for slot in table.slots.iter() {
+        for slot in shared_slots(&table) {
             if let Some(shared) = slot.shared.as_ref().filter(|shared| &*shared.id == id) {
                 shared.freed();
-                self.signals.wake_one();
+                // A lane's own waiters (its bucket's), or the pool's.
+                slot.signals.wake_one();
             }
         }
     }
@@ -103,12 +112,13 @@ impl PoolInner {
     /// Another replica's probe of the key `id` was answered.
     pub(crate) fn probe_done(&self, id: &str, back: bool) {
         let table = self.table.load();
-        for slot in table.slots.iter() {
+        for slot in shared_slots(&table) {
             if let Some(shared) = slot.shared.as_ref().filter(|shared| &*shared.id == id) {
                 if back {
                     slot.probe.forgive();
                 }
                 shared.freed();
+                slot.signals.notify.notify_waiters();
             }
         }
         self.signals.notify.notify_waiters();
@@ -117,11 +127,12 @@ impl PoolInner {
     /// Forgets every "full", and lets every waiter look again.
     pub(crate) fn refresh(&self) {
         let table = self.table.load();
-        for slot in table.slots.iter() {
+        for slot in shared_slots(&table) {
             if let Some(shared) = &slot.shared {
                 shared.freed();
             }
         }
-        self.signals.notify.notify_waiters();
+        // Every bucket's waiters too.
+        self.signals.notify_all();
     }
 }

@@ -156,11 +156,16 @@ impl Slot {
             .and_then(|own| own.quota)
             .map(|q| q.gcra())
             .or(self.quota);
+        // Shared with the other replicas as the key is, under its own id.
+        let shared = self
+            .shared
+            .as_ref()
+            .map(|shared| shared.lane(&bucket.name, cap, quota));
         let lane = Self::build(
             self.spec.clone(),
             cap,
             quota,
-            None,
+            shared,
             &bucket.signals,
             Some(bucket.clone()),
             0,

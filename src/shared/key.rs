@@ -24,6 +24,11 @@ pub(crate) struct Shared {
     pub(super) rank: AtomicU32,
     /// The degraded policy's turn (see `DegradedPolicy::Split`).
     pub(super) turn: AtomicU32,
+    /// Holds begun so far (see `BackendLink::hold`).
+    pub(super) holds: AtomicU64,
+    /// A hold is in force: a key seen for the first time takes nothing until it ends
+    /// (another replica may hold the store's leases on it).
+    pub(super) holding: AtomicBool,
     /// Each key's count cell by id, kept across reloads (a key removed and added again
     /// continues its versions, so the store never ignores its writes).
     pub(super) cells: Mutex<HashMap<Arc<str>, Arc<Cell>>>,
@@ -45,6 +50,8 @@ impl Shared {
             replicas: AtomicU32::new(1),
             rank: AtomicU32::new(0),
             turn: AtomicU32::new(0),
+            holds: AtomicU64::new(0),
+            holding: AtomicBool::new(false),
             cells: Mutex::new(HashMap::new()),
             backend,
         });
@@ -78,7 +85,13 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(id.clone())
-            .or_default()
+            .or_insert_with(|| {
+                let cell = Cell::default();
+                if self.holding.load(Ordering::Acquire) {
+                    cell.hold.store(1, Ordering::Release);
+                }
+                Arc::new(cell)
+            })
             .clone();
         cell.cap.store(cap, Ordering::Relaxed);
         SharedKey {
@@ -115,6 +128,10 @@ pub(crate) struct Cell {
     pub(super) full: AtomicBool,
     /// The generation of the key's shared learned limit last applied here (0: none yet).
     pub(super) limit_generation: AtomicU64,
+    /// While the store's leases may still run after it went away (see
+    /// `BackendLink::hold`): 1 + this replica's count on the key when it went away; 0: no
+    /// hold.
+    pub(super) hold: AtomicU32,
 }
 
 impl Cell {
@@ -202,7 +219,7 @@ impl SharedKey {
                 return limit;
             }
             // The store's "full" is stale while it is away: the policy's share decides.
-            return shared
+            let share = shared
                 .policy
                 .share(
                     limit,
@@ -212,6 +229,13 @@ impl SharedKey {
                     shared.turn.load(Ordering::Relaxed),
                 )
                 .min(limit);
+            // Leases the store admitted before it went away may still run, here and in
+            // other replicas: no more than this replica held then.
+            let hold = self.cell.hold.load(Ordering::Acquire);
+            if hold != 0 && limit != u32::MAX && shared.policy == DegradedPolicy::Split {
+                return share.min(hold - 1);
+            }
+            return share;
         }
         // Full across the replicas, or another replica's probe of the key is running.
         if self.cell.full.load(Ordering::Acquire) {
@@ -241,6 +265,30 @@ impl SharedKey {
             return (counted, false);
         }
         (false, counted || self.capped || probe)
+    }
+
+    /// The key's lane for the bucket named `bucket` (a pool with buckets), shared under
+    /// its own id: `<key id>.<bucket>`, the bucket's name with each byte outside
+    /// `[A-Za-z0-9_-]` written `%XX` (so that an id holds no space, dot or brace); `cap`
+    /// and `quota` are the lane's.
+    pub(crate) fn lane(
+        &self,
+        bucket: &str,
+        cap: u32,
+        quota: Option<crate::quota::Gcra>,
+    ) -> SharedKey {
+        use std::fmt::Write as _;
+        let mut id = String::with_capacity(self.id.len() + 1 + bucket.len());
+        id.push_str(&self.id);
+        id.push('.');
+        for byte in bucket.bytes() {
+            if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
+                id.push(char::from(byte));
+            } else {
+                let _ = write!(id, "%{byte:02X}");
+            }
+        }
+        self.shared.key(id, cap, quota)
     }
 
     /// The generation of the key's shared learned limit last applied here.

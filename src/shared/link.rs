@@ -138,6 +138,44 @@ impl BackendLink {
         shared.turn.store(turn, Ordering::Relaxed);
     }
 
+    /// The store went away while it admitted this replica's leases (and other replicas'):
+    /// under [`DegradedPolicy::Split`], until [`unhold`](Self::unhold), each key takes no
+    /// more requests here than it had in flight now (it may replace its own as they end,
+    /// up to its share; a key first seen here meanwhile, none), so that the leases the
+    /// store admitted and the policy's deal never run beside each other above a key's
+    /// cap. Call it before the pool turns degraded ([`set_health`](Self::set_health)).
+    /// Returns the hold's number, for [`unhold`](Self::unhold).
+    pub fn hold(&self) -> u64 {
+        let shared = &*self.shared;
+        let number = shared.holds.fetch_add(1, Ordering::AcqRel) + 1;
+        let cells = shared.cells.lock().unwrap_or_else(PoisonError::into_inner);
+        // Under the lock: a key seen for the first time from now on holds at 0.
+        shared.holding.store(true, Ordering::Release);
+        for cell in cells.values() {
+            let count = decode(cell.word.load(Ordering::SeqCst)).count;
+            cell.hold.store(count.saturating_add(1), Ordering::Release);
+        }
+        number
+    }
+
+    /// Ends the hold `number` (if no later one began): each key takes its whole share of
+    /// the degraded policy's deal, and waiters look again. Call it once the leases the
+    /// store admitted have had time to end (the backend's time to live).
+    pub fn unhold(&self, number: u64) {
+        let shared = &*self.shared;
+        if shared.holds.load(Ordering::Acquire) != number {
+            return;
+        }
+        {
+            let cells = shared.cells.lock().unwrap_or_else(PoisonError::into_inner);
+            shared.holding.store(false, Ordering::Release);
+            for cell in cells.values() {
+                cell.hold.store(0, Ordering::Release);
+            }
+        }
+        self.refresh();
+    }
+
     /// Reports the store's state: `connected` (it answered), `degraded` (the policy
     /// applies), and the replicas alive at the last heartbeat (if known). Waiters look
     /// again when the pool leaves degraded mode.

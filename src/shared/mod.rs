@@ -50,6 +50,10 @@
 //!   its return both sides are merged (a later deadline wins, a disable is kept, a higher
 //!   level wins) before sharing resumes.
 //!
+//! In a pool with buckets, each key's lane for a bucket is shared as a key is, under its
+//! own id (`<key id>.<bucket>`): its count, queue, rests, probe and learned limit; the key's
+//! own id keeps what is account-wide.
+//!
 //! A backend implements [`StateBackend`]: the Redis one is `shared::redis::RedisBackend`
 //! (cargo feature `redis`).
 
@@ -300,7 +304,18 @@ pub enum DegradedPolicy {
     /// gets slots for one turn in every `replicas / slots` (rounded up). The cap holds
     /// exactly between replicas that saw the same heartbeat; at a change of turn, a
     /// request still in flight from the last turn overlaps the next (and so do clocks that
-    /// disagree by more than a few milliseconds). Quotas are split too: each replica
+    /// disagree by more than a few milliseconds). The requests the store admitted before
+    /// it went away run on beside the deal: for the backend's time to live (the Redis
+    /// backend's `RedisOptions::ttl`, 5 s by default) after a replica notices the outage,
+    /// it takes no more requests on a key than it had in flight then (it replaces its own
+    /// as they end, up to its share), so the cap holds across the change; only a request
+    /// admitted before the outage and still running after that overlaps the deal. A
+    /// replica that held nothing on a key waits that long for its share of it (its
+    /// requests wait within their budget). When the store is back, each replica merges
+    /// and shares again at its own next heartbeat: for up to one heartbeat, a replica
+    /// already sharing does not see the requests another still takes under the deal
+    /// (the store, restarted empty, has not heard of them yet), and the two may overlap
+    /// by that replica's share. Quotas are split too: each replica
     /// spaces its requests `replicas` quota intervals apart. Rests and disables stay
     /// local until the store is back. The default.
     #[default]

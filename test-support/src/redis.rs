@@ -8,6 +8,12 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// The server the tests start: `redis-server`, or the one `TKR_REDIS_SERVER` names
+/// (`valkey-server`: the same tests against Valkey).
+fn server_binary() -> String {
+    std::env::var("TKR_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned())
+}
+
 /// A running `redis-server`, killed when dropped.
 #[derive(Debug)]
 pub struct RedisServer {
@@ -59,7 +65,7 @@ impl RedisServer {
     /// persistence off.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "the server is running");
-        let mut command = Command::new("redis-server");
+        let mut command = Command::new(server_binary());
         match &self.tls {
             None => command.args(["--port", &self.port.to_string()]),
             Some((cert, key)) => command
@@ -139,5 +145,161 @@ impl RedisServer {
         let mut child = self.child.take().expect("the server is running");
         child.start_kill().unwrap();
         child.wait().await.unwrap();
+    }
+}
+
+/// A Redis Cluster of three masters (no replicas) on free loopback ports, each a real
+/// `redis-server --cluster-enabled yes` with its node file in a directory of its own,
+/// joined by `redis-cli --cluster create`; every server killed by pid when dropped.
+#[derive(Debug)]
+pub struct RedisCluster {
+    /// The nodes' loopback ports.
+    pub ports: Vec<u16>,
+    children: Vec<Child>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    /// Starts three nodes and makes them one cluster; returns once every slot is served
+    /// (`cluster_state:ok` on every node).
+    pub async fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "tkr-cluster-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut cluster = Self {
+            ports: Vec::new(),
+            children: Vec::new(),
+            dir,
+        };
+        for node in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let dir = cluster.dir.join(node.to_string());
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut child = Command::new(server_binary())
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("redis-server not found: apt-get install redis-server");
+            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            let ready = async {
+                while let Some(line) = lines.next_line().await.unwrap() {
+                    if line.contains("Ready to accept connections") {
+                        return;
+                    }
+                }
+                panic!("redis-server ended before it was ready");
+            };
+            tokio::time::timeout(Duration::from_secs(10), ready)
+                .await
+                .expect("redis-server ready within 10 s");
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            cluster.ports.push(port);
+            cluster.children.push(child);
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .expect("redis-cli not found: apt-get install redis-tools");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        // Every node agrees that every slot is served: the cluster's gossip, not a sleep,
+        // is what is waited for (asked every 50 ms).
+        let ok = async {
+            loop {
+                let mut all = true;
+                for port in &cluster.ports {
+                    let info = Command::new("redis-cli")
+                        .args(["-p", &port.to_string(), "CLUSTER", "INFO"])
+                        .output()
+                        .await
+                        .unwrap();
+                    all &= String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok");
+                }
+                if all {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), ok)
+            .await
+            .expect("the cluster serves every slot within 20 s");
+        cluster
+    }
+
+    /// The nodes' URLs, `redis://127.0.0.1:<port>`.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect()
+    }
+
+    /// Runs `redis-cli -c` against the first node with `args`; its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new("redis-cli")
+            .args(["-c", "-p", &self.ports[0].to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli not found: apt-get install redis-tools");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `INFO commandstats` of every node, summed: the calls of each command so far.
+    pub fn command_stats(&self) -> std::collections::HashMap<String, u64> {
+        let mut total = std::collections::HashMap::new();
+        for port in &self.ports {
+            let server = RedisServer {
+                port: *port,
+                tls: None,
+                child: None,
+            };
+            for (name, calls) in server.command_stats() {
+                *total.entry(name).or_default() += calls;
+            }
+        }
+        total
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -182,8 +182,8 @@ pub(crate) struct Args {
     /// file may set a model's own (`[key.models."NAME"]`). A key's account-wide state
     /// (disabled, a spent balance or daily cap) covers every model.
     ///
-    /// `none`: one state per key, whatever the model; always so with --redis-url (each
-    /// replica's buckets would be its own, and the keys' caps must hold across replicas).
+    /// `none`: one state per key, whatever the model. With --redis-url every (key, model)
+    /// is shared by the replicas as a key is.
     #[arg(
         long,
         value_enum,
@@ -452,8 +452,8 @@ struct SharedArgs {
     /// Share the keys' state with the other replicas through Redis
     ///
     /// Their rests, disables and in-flight caps, through this Redis or Valkey:
-    /// `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS) or `unix:///path`.
-    /// Default: the REDIS_URL variable (better for a password: a command line is visible
+    /// `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS) or `unix:///path`;
+    /// several `redis://` URLs, comma-separated: nodes of a Redis Cluster. Default: the REDIS_URL variable (better for a password: a command line is visible
     /// to other users); neither: no sharing.
     #[arg(long, value_name = "URL", value_parser = redis_url)]
     redis_url: Option<RedisUrl>,

@@ -235,18 +235,8 @@ impl ProxyConfig {
         if let Some(rpm) = self.rpm_per_key {
             pool = pool.quota_per_key(Quota::per_minute(rpm.get()));
         }
-        let mut routing = self.routing.clone();
-        let shared = self.redis.url.is_some()
-            || std::env::var(crate::shared::REDIS_URL_ENV).is_ok_and(|url| !url.trim().is_empty());
-        if shared {
-            // Buckets are each replica's own (the library shares a key's account-wide state,
-            // not its buckets'): replicas sharing a key's cap through Redis keep one state
-            // per key, so that the cap holds across them. Routed selection (affinity) is not
-            // yet measured against the store's admission: replicas keep today's selection,
-            // reserved in `poll_ready` and admitted by the store.
-            routing.bucket_by_model = false;
-            routing.affinity = false;
-        }
+        // With Redis too: each (key, bucket) is shared by the replicas as a key is.
+        let routing = self.routing.clone();
         if routing.is_on() {
             pool = pool
                 .router(ProxyRouter(routing, self.profile))

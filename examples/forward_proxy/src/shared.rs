@@ -121,8 +121,18 @@ pub(crate) async fn apply(
                 .map_err(|e| StartError::caused(format!("--redis-ca {}", path.display()), e))?,
         );
     }
-    let backend = RedisBackend::new(url.trim(), secret.as_bytes(), options)
-        .map_err(|e| StartError::new(format!("--redis-url (or {REDIS_URL_ENV}): {e}")))?;
+    // Several URLs: the nodes of a Redis Cluster.
+    let nodes: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|node| !node.is_empty())
+        .collect();
+    let backend = if nodes.len() > 1 {
+        RedisBackend::cluster(&nodes, secret.as_bytes(), options)
+    } else {
+        RedisBackend::new(url.trim(), secret.as_bytes(), options)
+    }
+    .map_err(|e| StartError::new(format!("--redis-url (or {REDIS_URL_ENV}): {e}")))?;
     let policy = config.degraded_policy;
     let connected = backend.connect().await;
     match backend.last_failure() {

@@ -54,7 +54,12 @@ async fn provider() -> (MockUpstream, Arc<Mutex<Ledger>>, watch::Receiver<u32>) 
         let ledger = shared.clone();
         let answered = answered.clone();
         async move {
-            let key = seen.bearer().unwrap_or_default();
+            // Limits per key and model, as providers meter them.
+            let model = serde_json::from_slice::<serde_json::Value>(&seen.body)
+                .ok()
+                .and_then(|body| Some(body["model"].as_str()?.to_owned()))
+                .unwrap_or_default();
+            let key = format!("{} {model}", seen.bearer().unwrap_or_default());
             let accepted = {
                 let mut ledger = ledger.lock().unwrap();
                 let count = ledger.in_flight.entry(key.clone()).or_default();
@@ -92,13 +97,18 @@ async fn provider() -> (MockUpstream, Arc<Mutex<Ledger>>, watch::Receiver<u32>) 
 /// Three proxies over [`KEYS`] capped at 2 per key, sharing through `redis` if given
 /// (its URL in `REDIS_URL`, with a password).
 async fn replicas(upstream: &MockUpstream, redis: Option<&RedisServer>) -> Vec<Proxy> {
+    replicas_at(upstream, redis.map(RedisServer::url)).await
+}
+
+/// [`replicas`], sharing through the Redis at `url` (several: a cluster's nodes).
+async fn replicas_at(upstream: &MockUpstream, url: Option<String>) -> Vec<Proxy> {
     let mut proxies = Vec::new();
     for _ in 0..3 {
         let mut config =
             ProxyConfig::new(&upstream.url(""), KEYS).arg("--max-in-flight-per-key", "2");
-        if let Some(redis) = redis {
+        if let Some(url) = &url {
             config = config
-                .env("REDIS_URL", &redis.url())
+                .env("REDIS_URL", url)
                 .arg("--redis-namespace", "proxies")
                 .env("REPLICA_SECRET", "replica-secret-value")
                 .arg("--redis-secret-env", "REPLICA_SECRET");
@@ -111,13 +121,23 @@ async fn replicas(upstream: &MockUpstream, redis: Option<&RedisServer>) -> Vec<P
 /// `n` chat requests at once, spread round the proxies; each one's status (`None` if the
 /// proxy it went to is gone).
 fn spread(proxies: &[Proxy], n: usize) -> Vec<tokio::task::JoinHandle<Option<u16>>> {
+    spread_models(proxies, n, &["glm-4"])
+}
+
+/// [`spread`], the `i`-th request for the model `models[i % models.len()]`.
+fn spread_models(
+    proxies: &[Proxy],
+    n: usize,
+    models: &[&str],
+) -> Vec<tokio::task::JoinHandle<Option<u16>>> {
     (0..n)
         .map(|i| {
             let url = proxies[i % proxies.len()].url("/chat/completions");
+            let body = format!("{{\"model\":\"{}\"}}", models[i % models.len()]);
             tokio::spawn(async move {
                 let request = http::Request::post(url)
                     .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from_static(b"{\"model\":\"glm-4\"}")))
+                    .body(Full::new(Bytes::from(body)))
                     .unwrap();
                 let response = timeout(Duration::from_secs(30), client().request(request))
                     .await
@@ -181,6 +201,73 @@ async fn three_proxies_sharing_through_redis_send_no_request_the_provider_refuse
         refused > 0,
         "alone, the replicas exceed the provider's limit"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_proxies_routing_by_model_share_each_key_and_models_cap_through_redis() {
+    // The provider meters each key per model (2 in flight each); the proxies meter each
+    // key per model too (buckets, on by default), and share every (key, model) through
+    // Redis.
+    let models = ["glm-4-plus", "glm-4-flash"];
+    let redis = RedisServer::start().await;
+    let (upstream, ledger, _) = provider().await;
+    let proxies = replicas(&upstream, Some(&redis)).await;
+    let mut statuses = Vec::new();
+    for task in spread_models(&proxies, 600, &models) {
+        statuses.push(task.await.unwrap().expect("an answer"));
+    }
+    let (served, refused, most) = {
+        let ledger = ledger.lock().unwrap();
+        (ledger.served, ledger.refused, ledger.most)
+    };
+    eprintln!(
+        "3 proxies routing by model through Redis: {served} served, {refused} refused (429), \
+         at most {most} in flight per key and model"
+    );
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!((served, refused), (600, 0));
+    assert!(most <= 2);
+    let keys = get(&proxies[0].url("/_keyrotation/keys")).await.body;
+    for model in models {
+        assert!(keys.contains(model), "{keys}");
+    }
+
+    // The control: the same three proxies, each on its own.
+    let (upstream, ledger, _) = provider().await;
+    let proxies = replicas(&upstream, None).await;
+    for task in spread_models(&proxies, 600, &models) {
+        task.await.unwrap();
+    }
+    let refused = ledger.lock().unwrap().refused;
+    eprintln!("3 proxies routing by model on their own: {refused} refused (429)");
+    assert!(
+        refused > 0,
+        "alone, the replicas exceed the provider's limit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_proxies_share_through_a_three_master_redis_cluster() {
+    let cluster = test_support::RedisCluster::start().await;
+    let (upstream, ledger, _) = provider().await;
+    let proxies = replicas_at(&upstream, Some(cluster.urls().join(","))).await;
+    let backend = get(&proxies[0].url("/_keyrotation/backend")).await.json();
+    assert_eq!(backend["connected"], true, "{backend}");
+    let mut statuses = Vec::new();
+    for task in spread_models(&proxies, 600, &["glm-4-plus", "glm-4-flash"]) {
+        statuses.push(task.await.unwrap().expect("an answer"));
+    }
+    let (served, refused, most) = {
+        let ledger = ledger.lock().unwrap();
+        (ledger.served, ledger.refused, ledger.most)
+    };
+    eprintln!(
+        "3 proxies on a three-master Redis Cluster: {served} served, {refused} refused (429), \
+         at most {most} in flight per key and model"
+    );
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!((served, refused), (600, 0));
+    assert!(most <= 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

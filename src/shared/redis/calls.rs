@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use super::Connection;
+
 use super::task::{PROBE_TTL, millis};
 use super::*;
 use crate::shared::{Acquire, BackendLink, RemoteLimit, RemoteRest};
@@ -31,8 +33,20 @@ impl Inner {
         format!("{}{{{id}}}:{kind}", self.prefix)
     }
 
+    /// Is the store a Redis Cluster?
+    #[cfg(feature = "redis-cluster")]
+    pub(super) fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Is the store a Redis Cluster? Not without the `redis-cluster` feature.
+    #[cfg(not(feature = "redis-cluster"))]
+    pub(super) fn is_cluster(&self) -> bool {
+        false
+    }
+
     /// The connection, made if there is none yet (within the budget).
-    pub(super) async fn manager(&self) -> Option<ConnectionManager> {
+    pub(super) async fn manager(&self) -> Option<Connection> {
         if let Some(manager) = self
             .connection
             .lock()
@@ -42,6 +56,28 @@ impl Inner {
             return Some(manager);
         }
         let budget = self.options.call_timeout;
+        #[cfg(feature = "redis-cluster")]
+        if let Some(cluster) = &self.cluster {
+            let made = tokio::time::timeout(budget * 2, cluster.get_async_connection()).await;
+            return match made {
+                Ok(Ok(connection)) => {
+                    let connection = Connection::Cluster(connection);
+                    *self
+                        .connection
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
+                    Some(connection)
+                }
+                Ok(Err(error)) => {
+                    self.failed_with(RedisFailure::of(&self.server, &error));
+                    None
+                }
+                Err(_) => {
+                    self.failed_with(RedisFailure::timeout(&self.server, budget * 2));
+                    None
+                }
+            };
+        }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(budget))
             .set_response_timeout(Some(budget))
@@ -53,6 +89,7 @@ impl Inner {
         .await;
         match made {
             Ok(Ok(manager)) => {
+                let manager = Connection::Single(manager);
                 *self
                     .connection
                     .lock()
@@ -299,13 +336,19 @@ impl Inner {
         if ids.is_empty() {
             return true;
         }
-        let mut invocation = self.scripts.sync.prepare_invoke();
-        for id in &ids {
-            invocation.key(self.key("k", id));
+        // A cluster runs a script on one node: one key a call there (each key its slot).
+        let chunk = if self.is_cluster() { 1 } else { ids.len() };
+        let mut states = Vec::with_capacity(ids.len());
+        for ids in ids.chunks(chunk) {
+            let mut invocation = self.scripts.sync.prepare_invoke();
+            for id in ids {
+                invocation.key(self.key("k", id));
+            }
+            let Some(part) = self.call::<Vec<(u64, u32, u8, u32, u64)>>(invocation).await else {
+                return false;
+            };
+            states.extend(part);
         }
-        let Some(states) = self.call::<Vec<(u64, u32, u8, u32, u64)>>(invocation).await else {
-            return false;
-        };
         for (id, (left, level, disabled, limit, generation)) in ids.iter().zip(states) {
             if limit > 0 {
                 link.apply_limit(id, RemoteLimit { limit, generation });

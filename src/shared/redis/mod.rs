@@ -4,10 +4,16 @@
 //! # In the store
 //!
 //! A key is named by a keyed hash of its value (HMAC-SHA-256 under the deployment's
-//! secret, 128 bits in hex): never the value. The backend treats that id as an opaque
-//! string. Every record of one key carries the whole id as a hash tag
+//! secret, 128 bits in hex): never the value. In a pool with buckets, each (key, bucket)
+//! is shared as a key is, under the id `<key id>.<bucket>` (the bucket's name with each
+//! byte outside `[A-Za-z0-9_-]` written `%XX`): the key's own id keeps what is
+//! account-wide (disabled, account rests). The backend treats an id as an opaque string.
+//! Every record of one id carries the whole id as a hash tag
 //! (`tkr:<namespace>:{<id>}:<kind>`), so that each script's keys share one slot of a Redis
-//! Cluster; the replicas' lives are one record of the namespace's own (`tkr:{<namespace>}:replicas`).
+//! Cluster; the replicas' lives are one record of the namespace's own
+//! (`tkr:{<namespace>}:replicas`). On a cluster (`RedisBackend::cluster`, feature
+//! `redis-cluster`) each script goes to the node of its keys' slot, the sync reads one key
+//! a call, and the replicas' messages go through the first node's subscription.
 //!
 //! | name | type | holds |
 //! | --- | --- | --- |
@@ -58,8 +64,9 @@
 //! Every call has a budget ([`RedisOptions::call_timeout`], 100 ms). After
 //! [`RedisOptions::failures`] failures in a row, or at once when the subscription's
 //! connection closes, the breaker opens: the pool applies its
-//! [`DegradedPolicy`](crate::shared::DegradedPolicy), leases waiting for a grant look
-//! again under it, and the backend sends nothing to the store but the heartbeat's try at
+//! [`DegradedPolicy`](crate::shared::DegradedPolicy) (under `split`, for
+//! [`RedisOptions::ttl`] no key takes more requests here than it had in flight then, while
+//! the leases the store admitted end), leases waiting for a grant look again under it, and the backend sends nothing to the store but the heartbeat's try at
 //! coming back. A replica whose leases only wait (and so makes no call) pings the store
 //! when no call succeeded for 100 ms: it notices a hung store within 400 ms. When the
 //! store answers, this replica's rests, disables and levels are merged into it (the later
@@ -183,7 +190,11 @@ struct Inner {
     channel: String,
     /// The sorted set of replicas' lives.
     replicas_key: String,
-    connection: Mutex<Option<ConnectionManager>>,
+    connection: Mutex<Option<Connection>>,
+    /// A Redis Cluster's client (its nodes): scripts go to the node of their keys' slot,
+    /// and `client` (the first node) carries the subscription.
+    #[cfg(feature = "redis-cluster")]
+    cluster: Option<redis::cluster::ClusterClient>,
     /// Leases waiting for the store's grant, per key.
     waiting: Mutex<std::collections::HashMap<Arc<str>, task::KeyWait>>,
     /// Keys whose count this replica renewed since the last heartbeat.
@@ -225,11 +236,63 @@ impl RedisBackend {
     pub fn new(url: &str, secret: &[u8], options: RedisOptions) -> Result<Self, RedisBackendError> {
         let client = client(url, options.tls_ca.as_deref())?;
         let server = client.get_connection_info().addr().to_string();
+        Ok(Self::with(client, server, secret, options))
+    }
+
+    /// A backend on the Redis Cluster (or Valkey cluster) whose nodes include those at
+    /// `urls` (`redis://[user:password@]host:port`; one is enough, the others are found
+    /// from it): each script runs on the node of its keys' slot (every record of one id
+    /// carries the id as a hash tag), and the replicas hear each other through the first
+    /// node's subscription (a cluster's `PUBLISH` reaches every node). Otherwise as
+    /// [`new`](Self::new). Needs the `redis-cluster` feature.
+    ///
+    /// # Errors
+    ///
+    /// If `urls` is empty or one is not a Redis URL (never repeated: it may hold a
+    /// password), or [`RedisOptions::tls_ca`] is given (TLS to a cluster is not built in).
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub fn cluster(
+        urls: &[&str],
+        secret: &[u8],
+        options: RedisOptions,
+    ) -> Result<Self, RedisBackendError> {
+        let Some(first) = urls.first() else {
+            return Err(RedisBackendError(
+                "a Redis Cluster needs at least one node's URL",
+            ));
+        };
+        if options.tls_ca.is_some() {
+            return Err(RedisBackendError(
+                "a CA for Redis is given, but TLS to a Redis Cluster is not built in",
+            ));
+        }
+        let client = client(first, None)?;
+        let server = format!("{} (cluster)", client.get_connection_info().addr());
+        let budget = options.call_timeout;
+        let cluster = redis::cluster::ClusterClient::builder(urls.iter().copied())
+            .connection_timeout(budget)
+            .response_timeout(budget)
+            .retries(1)
+            .build()
+            .map_err(|_| {
+                RedisBackendError("not a Redis URL (expected redis://[user:password@]host:port)")
+            })?;
+        let mut backend = Self::with(client, server, secret, options);
+        Arc::get_mut(&mut backend.inner)
+            .expect("a backend just made is not shared yet")
+            .cluster = Some(cluster);
+        Ok(backend)
+    }
+
+    fn with(client: Client, server: String, secret: &[u8], options: RedisOptions) -> Self {
         let prefix = format!("tkr:{}:", options.namespace);
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
                 client,
                 server,
+                #[cfg(feature = "redis-cluster")]
+                cluster: None,
                 last_failure: Mutex::new(None),
                 secret: Zeroizing::new(secret.to_vec()),
                 replica: format!("{:016x}", fastrand::u64(..)),
@@ -253,7 +316,7 @@ impl RedisBackend {
                 syncs: watch::Sender::new(0),
                 sharing: watch::Sender::new(false),
             }),
-        })
+        }
     }
 
     /// Connects and announces this replica, within the call budget; `true` on success.
@@ -315,6 +378,49 @@ impl RedisBackend {
     /// a test or a dashboard can wait for the next one.
     pub fn syncs(&self) -> watch::Receiver<u64> {
         self.inner.syncs.subscribe()
+    }
+}
+
+/// A connection to the store: to one server (made again when lost), or to a cluster's
+/// nodes (each command to the node of its keys' slot).
+#[derive(Clone)]
+pub(super) enum Connection {
+    Single(ConnectionManager),
+    #[cfg(feature = "redis-cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(connection) => connection.req_packed_command(cmd),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(connection) => connection.req_packed_commands(cmd, offset, count),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(connection) => connection.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(connection) => connection.get_db(),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(connection) => connection.get_db(),
+        }
     }
 }
 

@@ -83,7 +83,7 @@ impl KeyWait {
 }
 
 impl Inner {
-    pub(super) fn breaker_open(&self, link: &BackendLink) -> bool {
+    pub(super) fn breaker_open(&self, link: &Arc<BackendLink>) -> bool {
         if self.open.load(Ordering::Acquire) {
             return true;
         }
@@ -94,6 +94,15 @@ impl Inner {
                 "Redis unreachable: sharing suspended, each replica on its own ({} policy) until it is back",
                 link.policy().as_str()
             );
+            // The leases the store admitted run on: until they may have ended (as a dead
+            // replica's would in the store), each replica holds no more than it has now.
+            let hold = link.hold();
+            let ttl = self.options.ttl;
+            let held = link.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(ttl).await;
+                held.unhold(hold);
+            });
             link.set_health(false, true, None);
             self.sharing.send_replace(false);
             // Leases waiting for a grant look again, under the degraded policy.
@@ -110,7 +119,7 @@ impl Inner {
     }
 
     /// Trips the breaker now (the subscription's connection closed: the store is gone).
-    fn trip(&self, link: &BackendLink) {
+    fn trip(&self, link: &Arc<BackendLink>) {
         let failures = self.options.failures;
         self.failures.fetch_max(failures, Ordering::Relaxed);
         self.connected.store(false, Ordering::Relaxed);
