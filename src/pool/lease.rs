@@ -42,14 +42,9 @@ pub struct Lease {
     /// Where the quota unit this lease took ends: a refund gives back only what of it is
     /// still unused (see `Gcra::refund`).
     tat_after: PoolTime,
-    /// The request's bucket name, if it was new to the pool and sent in the overflow
-    /// bucket: its hash, to give it a bucket of its own once the provider accepts it.
-    candidate: Option<u64>,
-    /// The request's token cost, and of it the tokens taken from a token quota.
-    cost: u64,
-    charged: u64,
-    /// When the request may go (its booked tokens fit then; the epoch: at once).
-    ready_at: PoolTime,
+    /// What few leases carry (a token cost, a bucket name new to the pool): boxed, so that
+    /// the lease every request moves through the layers stays small.
+    extra: Option<Box<Extra>>,
     /// `SENT`, `PROBE`, `RESOLVED`, `REFUSED` bits. Only the lease's owner writes them, so
     /// a plain load and store suffice (no locked read-modify-write on the hot path); atomic only
     /// so that a lease is `Sync`.
@@ -67,6 +62,32 @@ pub(crate) enum Check {
     ProbeRunning,
     /// Removed or replaced by a reload, or disabled.
     Gone,
+}
+
+/// The fields of a [`Lease`] most requests do without.
+struct Extra {
+    /// The request's token cost, and of it the tokens taken from a token quota.
+    cost: u64,
+    charged: u64,
+    /// When the request may go (its booked tokens fit then; the epoch: at once).
+    ready_at: PoolTime,
+    /// The request's bucket name, if it was new to the pool and sent in the overflow
+    /// bucket: its hash, to give it a bucket of its own once the provider accepts it.
+    candidate: Option<u64>,
+}
+
+impl Extra {
+    /// What of `taken` needs a place of its own; `None` for a request without a cost.
+    fn of(taken: &Taken) -> Option<Box<Self>> {
+        (taken.cost != 0 || taken.tokens != 0 || taken.ready_at != PoolTime::EPOCH).then(|| {
+            Box::new(Self {
+                cost: taken.cost,
+                charged: taken.tokens,
+                ready_at: taken.ready_at,
+                candidate: None,
+            })
+        })
+    }
 }
 
 const SENT: u8 = 1;
@@ -108,10 +129,7 @@ impl Lease {
             at_limit: taken.at_limit,
             trial: taken.trial,
             tat_after: taken.tat_after,
-            candidate: None,
-            cost: taken.cost,
-            charged: taken.tokens,
-            ready_at: taken.ready_at,
+            extra: Extra::of(&taken),
             flags: AtomicU8::new(flags),
         }
     }
@@ -141,10 +159,7 @@ impl Lease {
             at_limit: taken.at_limit,
             trial: taken.trial,
             tat_after: taken.tat_after,
-            candidate: None,
-            cost: taken.cost,
-            charged: taken.tokens,
-            ready_at: taken.ready_at,
+            extra: Extra::of(&taken),
             flags: AtomicU8::new(flags),
         }
     }
@@ -157,7 +172,17 @@ impl Lease {
 
     /// Takes the request's candidate bucket name (see [`Route`](crate::route::Route)).
     pub(super) fn with_candidate(mut self, candidate: Option<u64>) -> Self {
-        self.candidate = candidate;
+        if candidate.is_some() {
+            let extra = self.extra.get_or_insert_with(|| {
+                Box::new(Extra {
+                    cost: 0,
+                    charged: 0,
+                    ready_at: PoolTime::EPOCH,
+                    candidate: None,
+                })
+            });
+            extra.candidate = candidate;
+        }
         self
     }
 
@@ -169,7 +194,7 @@ impl Lease {
     #[inline]
     pub fn confirm_bucket(&self) {
         if let Some(bucket) = &self.slot.bucket {
-            bucket.confirm(self.candidate);
+            bucket.confirm(self.extra.as_ref().and_then(|extra| extra.candidate));
         }
     }
 
@@ -356,24 +381,26 @@ impl Lease {
     /// The request's token cost, as reserved (0: none; see
     /// [`Router::tokens`](crate::route::Router::tokens)).
     pub fn tokens(&self) -> u64 {
-        self.cost
+        self.extra.as_ref().map_or(0, |extra| extra.cost)
     }
 
     /// When a lease that booked its tokens ahead may be sent (`None`: now).
     pub(crate) fn ready_at(&self) -> Option<tokio::time::Instant> {
+        let ready_at = self.extra.as_ref()?.ready_at;
         let signals = &self.slot.signals;
-        (self.ready_at > signals.now()).then(|| signals.instant(self.ready_at))
+        (ready_at > signals.now()).then(|| signals.instant(ready_at))
     }
 
     /// A handle on this lease's token reservation, to settle it with the tokens the answer
     /// reported ([`TokenReservation::settle`]); `None` for a request without a token cost.
     /// [`KeyRotation`](crate::KeyRotation) puts it in the response's extensions.
     pub fn reservation(&self) -> Option<TokenReservation> {
-        (self.cost != 0).then(|| TokenReservation {
+        let extra = self.extra.as_ref().filter(|extra| extra.cost != 0)?;
+        Some(TokenReservation {
             inner: Arc::new(ReservationInner {
                 slot: self.slot.clone(),
-                cost: self.cost,
-                charged: self.charged,
+                cost: extra.cost,
+                charged: extra.charged,
                 settled: AtomicBool::new(false),
             }),
         })
@@ -396,11 +423,11 @@ impl Lease {
         self.set_flag(SENT | AT_PROVIDER);
         self.slot.sent.fetch_add(1, Ordering::AcqRel);
         self.slot.requests.fetch_add(1, Ordering::Relaxed);
-        if self.cost != 0 {
+        if let Some(extra) = self.extra.as_ref().filter(|extra| extra.cost != 0) {
             self.slot
                 .tokens
                 .reserved
-                .fetch_add(self.cost, Ordering::Relaxed);
+                .fetch_add(extra.cost, Ordering::Relaxed);
         }
         tracing::debug!(
             key = self.position(),
@@ -552,10 +579,12 @@ impl Drop for Lease {
         // Reserved but never sent: what is left of its quota unit goes back, and its
         // tokens.
         let unsent = (flags & SENT == 0).then_some(self.tat_after);
-        if unsent.is_some() && self.charged != 0 {
-            self.slot
-                .tokens
-                .refund(self.charged, self.slot.signals.now());
+        if let Some(extra) = self.extra.as_ref().filter(|extra| extra.charged != 0) {
+            if unsent.is_some() {
+                self.slot
+                    .tokens
+                    .refund(extra.charged, self.slot.signals.now());
+            }
         }
         self.slot.release(
             unsent,
