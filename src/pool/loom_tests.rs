@@ -117,10 +117,8 @@ fn loom_a_rest_is_never_lost_to_a_concurrent_clear() {
             // ... while another thread rests the key until 50.
             thread::spawn(move || deadline.extend(PoolTime::from_nanos(50)))
         };
-        let mut now = LazyNow {
-            signals: &pool.inner.signals,
-            now: Some(PoolTime::from_nanos(20)),
-        };
+        let mut now = LazyNow::new(&pool.inner.signals);
+        now.now = Some(PoolTime::from_nanos(20));
         let _ = deadline.is_resting(&mut now);
         extender.join().unwrap();
         // Clearing the expired rest never wipes the new one.

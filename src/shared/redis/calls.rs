@@ -59,24 +59,7 @@ impl Inner {
         #[cfg(feature = "redis-cluster")]
         if let Some(cluster) = &self.cluster {
             let made = tokio::time::timeout(budget * 2, cluster.get_async_connection()).await;
-            return match made {
-                Ok(Ok(connection)) => {
-                    let connection = Connection::Cluster(connection);
-                    *self
-                        .connection
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
-                    Some(connection)
-                }
-                Ok(Err(error)) => {
-                    self.failed_with(RedisFailure::of(&self.server, &error));
-                    None
-                }
-                Err(_) => {
-                    self.failed_with(RedisFailure::timeout(&self.server, budget * 2));
-                    None
-                }
-            };
+            return self.keep(made.map(|made| made.map(Connection::Cluster)), budget * 2);
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(budget))
@@ -87,21 +70,30 @@ impl Inner {
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
         .await;
+        self.keep(made.map(|made| made.map(Connection::Single)), budget * 2)
+    }
+
+    /// Keeps a connection just made for the next calls; a failure to make one (within
+    /// `waited`) counts with the breaker.
+    fn keep(
+        &self,
+        made: Result<Result<Connection, redis::RedisError>, tokio::time::error::Elapsed>,
+        waited: Duration,
+    ) -> Option<Connection> {
         match made {
-            Ok(Ok(manager)) => {
-                let manager = Connection::Single(manager);
+            Ok(Ok(connection)) => {
                 *self
                     .connection
                     .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(manager.clone());
-                Some(manager)
+                    .unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
+                Some(connection)
             }
             Ok(Err(error)) => {
                 self.failed_with(RedisFailure::of(&self.server, &error));
                 None
             }
             Err(_) => {
-                self.failed_with(RedisFailure::timeout(&self.server, budget * 2));
+                self.failed_with(RedisFailure::timeout(&self.server, waited));
                 None
             }
         }
