@@ -286,18 +286,18 @@ impl<'de> de::DeserializeSeed<'de> for Messages {
     type Value = MessagesPrefix;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_any(self)
+        deserializer.deserialize_any(OrSkip(self))
     }
 }
 
-impl<'de> Visitor<'de> for Messages {
+impl<'de> Take<'de> for Messages {
     type Value = MessagesPrefix;
 
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a list of messages")
+    fn skipped(self) -> MessagesPrefix {
+        MessagesPrefix::default()
     }
 
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+    fn str<E: de::Error>(self, v: &str) -> Result<MessagesPrefix, E> {
         let mut hasher = Bounded::new();
         hasher.feed(b's', v.as_bytes());
         Ok(MessagesPrefix {
@@ -306,7 +306,7 @@ impl<'de> Visitor<'de> for Messages {
         })
     }
 
-    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+    fn seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<MessagesPrefix, A::Error> {
         let mut prefix = MessagesPrefix::default();
         let mut system = Bounded::new();
         let mut any_system = false;
@@ -327,30 +327,6 @@ impl<'de> Visitor<'de> for Messages {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         prefix.system = any_system.then(|| system.digest());
         Ok(prefix)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        IgnoredAny.visit_map(map).map(|_| MessagesPrefix::default())
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(MessagesPrefix::default())
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(MessagesPrefix::default())
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(MessagesPrefix::default())
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(MessagesPrefix::default())
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(MessagesPrefix::default())
     }
 }
 
@@ -373,20 +349,24 @@ struct Message {
 
 impl<'de> Deserialize<'de> for Message {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(MessageVisitor)
+        deserializer.deserialize_any(OrSkip(MessageFields))
     }
 }
 
-struct MessageVisitor;
+/// Reads a [`Message`]; anything but an object is a message of no role.
+struct MessageFields;
 
-impl<'de> Visitor<'de> for MessageVisitor {
+impl<'de> Take<'de> for MessageFields {
     type Value = Message;
 
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a message")
+    fn skipped(self) -> Message {
+        Message {
+            role: Role::Other,
+            content: 0,
+        }
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message, A::Error> {
+    fn map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message, A::Error> {
         let mut role = Role::Other;
         let mut content = Bounded::new();
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
@@ -408,40 +388,6 @@ impl<'de> Visitor<'de> for MessageVisitor {
             role,
             content: content.digest(),
         })
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Message, E> {
-        Ok(Message {
-            role: Role::Other,
-            content: 0,
-        })
-    }
-
-    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Message, A::Error> {
-        IgnoredAny.visit_seq(seq).map(|_| Message {
-            role: Role::Other,
-            content: 0,
-        })
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Message, E> {
-        self.visit_str("")
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Message, E> {
-        self.visit_str("")
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Message, E> {
-        self.visit_str("")
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Message, E> {
-        self.visit_str("")
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Message, E> {
-        self.visit_str("")
     }
 }
 
@@ -487,14 +433,14 @@ struct Metadata<'a> {
 
 /// A string, or `None` for any other value (skipped).
 fn string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Cow<'de, str>>, D::Error> {
-    deserializer.deserialize_any(StringOrSkip)
+    deserializer.deserialize_any(OrSkip(StringField))
 }
 
 /// An object with the fields of `T`, or `None` for any other value (skipped).
 fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     deserializer: D,
 ) -> Result<Option<T>, D::Error> {
-    deserializer.deserialize_any(ObjectOrSkip(PhantomData))
+    deserializer.deserialize_any(OrSkip(ObjectField(PhantomData)))
 }
 
 /// As [`object`], `Some` when the field is there at all.
@@ -506,7 +452,12 @@ fn present_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 
 /// A boolean, or `None` for any other value (skipped).
 fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
-    deserializer.deserialize_any(BoolOrSkip)
+    deserializer.deserialize_any(OrSkip(BoolField))
+}
+
+/// A non-negative integer, or `None` for any other value (skipped).
+fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    deserializer.deserialize_any(OrSkip(CountField))
 }
 
 /// [`string`] as a seed.
@@ -520,184 +471,155 @@ impl<'de> de::DeserializeSeed<'de> for Text {
     }
 }
 
-struct StringOrSkip;
+/// What a field takes of a JSON value. Every kind it does not take is read past and
+/// gives [`Take::skipped`]: a body whose field has an unexpected type still routes, by
+/// what else it names, instead of failing the read.
+trait Take<'de>: Sized {
+    /// What the field reads as.
+    type Value;
 
-impl<'de> Visitor<'de> for StringOrSkip {
-    type Value = Option<Cow<'de, str>>;
+    /// The value of a field whose JSON value this does not take.
+    fn skipped(self) -> Self::Value;
+
+    /// A string, escapes undone.
+    fn str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(self.skipped())
+    }
+
+    /// A string without escapes, borrowed from the body.
+    fn borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        self.str(v)
+    }
+
+    /// `true` or `false`.
+    fn bool(self, _: bool) -> Self::Value {
+        self.skipped()
+    }
+
+    /// A non-negative integer.
+    fn u64(self, _: u64) -> Self::Value {
+        self.skipped()
+    }
+
+    /// An object.
+    fn map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        IgnoredAny.visit_map(map).map(|_| self.skipped())
+    }
+
+    /// An array.
+    fn seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        IgnoredAny.visit_seq(seq).map(|_| self.skipped())
+    }
+}
+
+/// The visitor of a [`Take`]: any JSON value, given to the field or skipped.
+struct OrSkip<T>(T);
+
+impl<'de, T: Take<'de>> Visitor<'de> for OrSkip<T> {
+    type Value = T::Value;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
     fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Some(Cow::Borrowed(v)))
+        self.0.borrowed_str(v)
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Some(Cow::Owned(v.to_owned())))
-    }
-
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-        Ok(Some(Cow::Owned(v)))
+        self.0.str(v)
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        IgnoredAny.visit_map(map).map(|_| None)
+        self.0.map(map)
     }
 
     fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        IgnoredAny.visit_seq(seq).map(|_| None)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-}
-
-struct ObjectOrSkip<T>(PhantomData<T>);
-
-impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectOrSkip<T> {
-    type Value = Option<T>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Some)
-    }
-
-    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        IgnoredAny.visit_seq(seq).map(|_| None)
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-}
-
-/// A non-negative integer, or `None` for any other value (skipped).
-fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
-    deserializer.deserialize_any(CountOrSkip)
-}
-
-struct CountOrSkip;
-
-impl<'de> Visitor<'de> for CountOrSkip {
-    type Value = Option<u64>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(Some(v))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        IgnoredAny.visit_map(map).map(|_| None)
-    }
-
-    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        IgnoredAny.visit_seq(seq).map(|_| None)
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-}
-
-struct BoolOrSkip;
-
-impl<'de> Visitor<'de> for BoolOrSkip {
-    type Value = Option<bool>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
+        self.0.seq(seq)
     }
 
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
-        Ok(Some(v))
+        Ok(self.0.bool(v))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        IgnoredAny.visit_map(map).map(|_| None)
-    }
-
-    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        IgnoredAny.visit_seq(seq).map(|_| None)
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(self.0.u64(v))
     }
 
     fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
+        Ok(self.0.skipped())
     }
 
     fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
+        Ok(self.0.skipped())
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
+        Ok(self.0.skipped())
+    }
+}
+
+/// Takes a string, borrowed where it has no escapes.
+struct StringField;
+
+impl<'de> Take<'de> for StringField {
+    type Value = Option<Cow<'de, str>>;
+
+    fn skipped(self) -> Self::Value {
+        None
+    }
+
+    fn str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(v.to_owned())))
+    }
+
+    fn borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Borrowed(v)))
+    }
+}
+
+/// Takes an object with the fields of `T`.
+struct ObjectField<T>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Take<'de> for ObjectField<T> {
+    type Value = Option<T>;
+
+    fn skipped(self) -> Self::Value {
+        None
+    }
+
+    fn map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Some)
+    }
+}
+
+/// Takes a non-negative integer.
+struct CountField;
+
+impl<'de> Take<'de> for CountField {
+    type Value = Option<u64>;
+
+    fn skipped(self) -> Self::Value {
+        None
+    }
+
+    fn u64(self, v: u64) -> Self::Value {
+        Some(v)
+    }
+}
+
+/// Takes a boolean.
+struct BoolField;
+
+impl<'de> Take<'de> for BoolField {
+    type Value = Option<bool>;
+
+    fn skipped(self) -> Self::Value {
+        None
+    }
+
+    fn bool(self, v: bool) -> Self::Value {
+        Some(v)
     }
 }
 
