@@ -1,5 +1,5 @@
-# Shell pieces shared by the proxy load scripts (proxy_load.sh, load_1000.sh); sourced, not
-# run. Everything here stays on 127.0.0.1.
+# Shell pieces shared by the proxy load scripts (proxy_load.sh, proxy_rate.sh,
+# proxy_streams.sh, proxy_tls.sh, load_1000.sh, replicas_load.sh); sourced, not run. Everything here stays on 127.0.0.1.
 
 log() { printf '== %s\n' "$*" >&2; }
 
@@ -78,6 +78,21 @@ upstream_nginx_conf() {
     }"
 }
 
+# The http-level lines of nginx as the yardstick: the upstream `provider` at 127.0.0.1:PORT
+# with keep-alive 256 and no cap on the requests a kept connection carries (nginx's
+# default, 1,000, would reconnect once per 1,000 requests: the proxy does not), and
+# `$api_key`, one of the keys k1,k2,k3 per request. Arg: upstream port.
+nginx_keys_upstream() {
+    cat <<EOF
+upstream provider { server 127.0.0.1:$1; keepalive 256; keepalive_requests 1000000; }
+    split_clients "\${connection}\${connection_requests}" \$api_key {
+        33.3% "Bearer k1";
+        33.3% "Bearer k2";
+        *     "Bearer k3";
+    }
+EOF
+}
+
 # nginx as a key-injecting reverse proxy (the yardstick): one of the keys k1,k2,k3 on
 # Authorization per request, upstream keep-alive 256 with no cap on the requests a kept
 # connection carries (nginx's default, 1,000, would reconnect once per 1,000 requests:
@@ -85,12 +100,7 @@ upstream_nginx_conf() {
 # worker processes.
 proxy_nginx_conf() {
     nginx_conf "$1" "$2" "
-    upstream provider { server 127.0.0.1:$3; keepalive 256; keepalive_requests 1000000; }
-    split_clients \"\${connection}\${connection_requests}\" \$api_key {
-        33.3% \"Bearer k1\";
-        33.3% \"Bearer k2\";
-        *     \"Bearer k3\";
-    }
+    $(nginx_keys_upstream "$3")
     server {
         listen 127.0.0.1:$2;
         location / {
@@ -202,4 +212,47 @@ raise_priority() {
     rt) chrt -r -p 10 $$ >/dev/null && log "running in the real-time class (chrt -r 10)" ;;
     nice) renice -n -15 -p $$ >/dev/null && log "running at nice -15" ;;
     esac
+}
+
+# Makes $OUT afresh for a run: its reports, logs and the given subfolders removed (the
+# subfolders made again, empty), OUT made absolute, and every process started from now on
+# stopped on exit. Args: subfolders.
+prepare_out() {
+    local dir
+    mkdir -p "$OUT"
+    rm -rf "$OUT"/*.txt "$OUT"/*.log "$OUT/results.md"
+    for dir in "$@"; do
+        rm -rf "${OUT:?}/$dir"
+        mkdir -p "$OUT/$dir"
+    done
+    OUT=$(cd "$OUT" && pwd)
+    trap cleanup EXIT INT TERM
+}
+
+# Starts $PROXY on 127.0.0.1:$PORT_OURS with the keys $KEYS, log level warn, the given flags
+# and then $EXTRA_ARGS, its log appended to $OUT/forward_proxy.log, and waits for its
+# health page. Args: upstream base URL, further flags. Sets OURS_PID.
+start_forward_proxy() {
+    local upstream=$1
+    shift
+    BIGMODEL_API_KEY=$KEYS "$PROXY" --listen "127.0.0.1:$PORT_OURS" --upstream "$upstream" \
+        --log-level warn "$@" "${EXTRA_ARGS[@]}" 2>>"$OUT/forward_proxy.log" &
+    OURS_PID=$!
+    PIDS+=("$OURS_PID")
+    wait_ready "http://127.0.0.1:$PORT_OURS/_keyrotation/health" "forward_proxy"
+}
+
+# The chat-completions URL of each target: the upstream directly (over
+# $UPSTREAM_SCHEME, http unless set), forward_proxy, nginx_proxy.
+url_of() {
+    case $1 in
+    upstream) echo "${UPSTREAM_SCHEME:-http}://127.0.0.1:$PORT_UPSTREAM/api/paas/v4/chat/completions" ;;
+    forward_proxy) echo "http://127.0.0.1:$PORT_OURS/chat/completions" ;;
+    nginx_proxy) echo "http://127.0.0.1:$PORT_NGINX/chat/completions" ;;
+    esac
+}
+
+# The report's first line: the machine, and its load average now.
+machine_line() {
+    echo "Machine: $(nproc) cores, $(lscpu | awk -F: '/Model name/ { gsub(/^ +/, "", $2); print $2; exit }'); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 }

@@ -42,11 +42,7 @@ LOADGEN=$(loadgen_bin)
 [ -x "$LOADGEN" ] || { echo "benches/loadgen.rs did not build" >&2; exit 1; }
 raise_priority
 
-mkdir -p "$OUT"
-rm -rf "$OUT/nginx-upstream" "$OUT/nginx-proxy" "$OUT"/*.txt "$OUT/results.md" "$OUT"/*.log
-mkdir -p "$OUT/nginx-upstream" "$OUT/nginx-proxy"
-OUT=$(cd "$OUT" && pwd)
-trap cleanup EXIT INT TERM
+prepare_out nginx-upstream nginx-proxy
 
 upstream_nginx_conf "$OUT/nginx-upstream" "$PORT_UPSTREAM" >"$OUT/nginx-upstream/nginx.conf"
 proxy_nginx_conf "$OUT/nginx-proxy" "$PORT_NGINX" "$PORT_UPSTREAM" "$NGINX_WORKERS" >"$OUT/nginx-proxy/nginx.conf"
@@ -59,24 +55,12 @@ wait_ready "http://127.0.0.1:$PORT_UPSTREAM/api/paas/v4/chat/completions" "upstr
 NGINX_PROXY_PID=$!
 PIDS+=($NGINX_PROXY_PID)
 wait_ready "http://127.0.0.1:$PORT_NGINX/chat/completions" "nginx reverse proxy"
-BIGMODEL_API_KEY=$KEYS "$PROXY" --listen "127.0.0.1:$PORT_OURS" \
-    --upstream "http://127.0.0.1:$PORT_UPSTREAM/api/paas/v4" --log-level warn \
-    "${EXTRA_ARGS[@]}" 2>"$OUT/forward_proxy.log" &
-OURS_PID=$!
-PIDS+=($OURS_PID)
-wait_ready "http://127.0.0.1:$PORT_OURS/_keyrotation/health" "forward_proxy"
+start_forward_proxy "http://127.0.0.1:$PORT_UPSTREAM/api/paas/v4"
 
 pid_of() {
     case $1 in
     forward_proxy) pids_of "$OURS_PID" ;;
     nginx_proxy) pids_of "$NGINX_PROXY_PID" ;;
-    esac
-}
-url_of() {
-    case $1 in
-    upstream) echo "http://127.0.0.1:$PORT_UPSTREAM/api/paas/v4/chat/completions" ;;
-    forward_proxy) echo "http://127.0.0.1:$PORT_OURS/chat/completions" ;;
-    nginx_proxy) echo "http://127.0.0.1:$PORT_NGINX/chat/completions" ;;
     esac
 }
 
@@ -95,7 +79,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 {
-    echo "Machine: $(nproc) cores, $(lscpu | awk -F: '/Model name/ { gsub(/^ +/, "", $2); print $2; exit }'); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    machine_line
     echo "loadgen rate (open loop), POST, $CONNECTIONS connections, ${DURATION} s per run (the first 2 s not counted), $ROUNDS rounds interleaved; nginx $NGINX_WORKERS worker(s); (b) flags: ${EXTRA_ARGS[*]:-none}"
     echo
     python3 benches/load_report.py rate "$OUT/runs.txt"

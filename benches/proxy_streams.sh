@@ -49,23 +49,14 @@ LOADGEN=$(loadgen_bin)
 raise_priority
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-mkdir -p "$OUT"
-rm -rf "$OUT/nginx-proxy" "$OUT"/*.txt "$OUT/results.md" "$OUT"/*.log
-mkdir -p "$OUT/nginx-proxy"
-OUT=$(cd "$OUT" && pwd)
+prepare_out nginx-proxy
 export CLK_TCK
 CLK_TCK=$(getconf CLK_TCK)
-trap cleanup EXIT INT TERM
 
 # nginx for SSE: no buffering of the answer, keep-alive to the upstream; room for 2
 # connections per stream.
 nginx_conf "$OUT/nginx-proxy" "$PORT_NGINX" "
-    upstream provider { server 127.0.0.1:$PORT_UPSTREAM; keepalive 256; keepalive_requests 1000000; }
-    split_clients \"\${connection}\${connection_requests}\" \$api_key {
-        33.3% \"Bearer k1\";
-        33.3% \"Bearer k2\";
-        *     \"Bearer k3\";
-    }
+    $(nginx_keys_upstream "$PORT_UPSTREAM")
     server {
         listen 127.0.0.1:$PORT_NGINX backlog=8192;
         location / {
@@ -92,11 +83,8 @@ RUNNING_PID=""
 start_proxy() { # target: starts it, sets RUNNING_PID
     case $1 in
     forward_proxy)
-        BIGMODEL_API_KEY=$KEYS "$PROXY" --listen "127.0.0.1:$PORT_OURS" \
-            --upstream "http://127.0.0.1:$PORT_UPSTREAM/api/paas/v4" --log-level warn \
-            "${EXTRA_ARGS[@]}" 2>>"$OUT/forward_proxy.log" &
-        RUNNING_PID=$!
-        wait_ready "http://127.0.0.1:$PORT_OURS/_keyrotation/health" "forward_proxy"
+        start_forward_proxy "http://127.0.0.1:$PORT_UPSTREAM/api/paas/v4"
+        RUNNING_PID=$OURS_PID
         ;;
     nginx_proxy)
         "$NGINX" -p "$OUT/nginx-proxy" -c "$OUT/nginx-proxy/nginx.conf" 2>>"$OUT/nginx.log" &
@@ -108,14 +96,7 @@ start_proxy() { # target: starts it, sets RUNNING_PID
         ;;
     *) RUNNING_PID="" ;;
     esac
-    if [ -n "$RUNNING_PID" ]; then PIDS+=("$RUNNING_PID"); fi
-}
-url_of() {
-    case $1 in
-    upstream) echo "http://127.0.0.1:$PORT_UPSTREAM/api/paas/v4/chat/completions" ;;
-    forward_proxy) echo "http://127.0.0.1:$PORT_OURS/chat/completions" ;;
-    nginx_proxy) echo "http://127.0.0.1:$PORT_NGINX/chat/completions" ;;
-    esac
+    if [ "$1" = nginx_proxy ]; then PIDS+=("$RUNNING_PID"); fi
 }
 
 run() { # target, streams, round
@@ -140,7 +121,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 {
-    echo "Machine: $(nproc) cores, $(lscpu | awk -F: '/Model name/ { gsub(/^ +/, "", $2); print $2; exit }'); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    machine_line
     echo "$ROUNDS rounds × ${DURATION} s per run, interleaved; $CHUNKS events per stream, ${INTERVAL_MS} ms apart; nginx $NGINX_WORKERS worker(s); (b) flags: ${EXTRA_ARGS[*]:-none}"
     echo
     python3 benches/load_report.py streams "$OUT/runs.txt"

@@ -38,6 +38,7 @@ NGINX_WORKERS=${NGINX_WORKERS:-1}
 read -r -a EXTRA_ARGS <<<"${PROXY_EXTRA_ARGS:-}"
 OUT=${OUT:-target/proxy_tls}
 KEYS="k1,k2,k3"
+UPSTREAM_SCHEME=https
 
 # shellcheck source=benches/proxy_bench_lib.sh
 source benches/proxy_bench_lib.sh
@@ -48,11 +49,8 @@ PROXY=$(proxy_bin)
 raise_priority
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-mkdir -p "$OUT"
-rm -rf "$OUT/nginx-upstream" "$OUT/nginx-proxy" "$OUT/tls" "$OUT"/*.txt "$OUT/post.lua" "$OUT/results.md" "$OUT"/*.log
-mkdir -p "$OUT/nginx-upstream" "$OUT/nginx-proxy" "$OUT/tls"
-OUT=$(cd "$OUT" && pwd)
-trap cleanup EXIT INT TERM
+prepare_out nginx-upstream nginx-proxy tls
+rm -f "$OUT/post.lua"
 
 # --- certificates: a CA, and a server certificate it signed -----------------------------
 (
@@ -83,12 +81,7 @@ nginx_conf "$OUT/nginx-upstream" "$PORT_UPSTREAM" "
     }" >"$OUT/nginx-upstream/nginx.conf"
 
 nginx_conf "$OUT/nginx-proxy" "$PORT_NGINX" "
-    upstream provider { server 127.0.0.1:$PORT_UPSTREAM; keepalive 256; keepalive_requests 1000000; }
-    split_clients \"\${connection}\${connection_requests}\" \$api_key {
-        33.3% \"Bearer k1\";
-        33.3% \"Bearer k2\";
-        *     \"Bearer k3\";
-    }
+    $(nginx_keys_upstream "$PORT_UPSTREAM")
     server {
         listen 127.0.0.1:$PORT_NGINX;
         location / {
@@ -117,12 +110,7 @@ PIDS+=($NGINX_PROXY_PID)
 wait_ready "http://127.0.0.1:$PORT_NGINX/chat/completions" "nginx reverse proxy"
 
 log "starting forward_proxy on 127.0.0.1:$PORT_OURS"
-BIGMODEL_API_KEY=$KEYS "$PROXY" --listen "127.0.0.1:$PORT_OURS" \
-    --upstream "https://127.0.0.1:$PORT_UPSTREAM/api/paas/v4" --upstream-ca "$OUT/tls/ca.pem" \
-    --log-level warn "${EXTRA_ARGS[@]}" 2>"$OUT/forward_proxy.log" &
-OURS_PID=$!
-PIDS+=($OURS_PID)
-wait_ready "http://127.0.0.1:$PORT_OURS/_keyrotation/health" "forward_proxy"
+start_forward_proxy "https://127.0.0.1:$PORT_UPSTREAM/api/paas/v4" --upstream-ca "$OUT/tls/ca.pem"
 # One request each way, to see the TLS path works before measuring it.
 curl -fsS -o /dev/null -X POST "http://127.0.0.1:$PORT_OURS/chat/completions" ||
     { echo "forward_proxy cannot reach the TLS upstream (see $OUT/forward_proxy.log)" >&2; exit 1; }
@@ -131,13 +119,6 @@ curl -fsS -o /dev/null -X POST "http://127.0.0.1:$PORT_NGINX/chat/completions" |
 
 # --- load ------------------------------------------------------------------------------
 write_post_lua "$OUT/post.lua"
-url_of() {
-    case $1 in
-    upstream) echo "https://127.0.0.1:$PORT_UPSTREAM/api/paas/v4/chat/completions" ;;
-    forward_proxy) echo "http://127.0.0.1:$PORT_OURS/chat/completions" ;;
-    nginx_proxy) echo "http://127.0.0.1:$PORT_NGINX/chat/completions" ;;
-    esac
-}
 pid_of() {
     case $1 in
     forward_proxy) echo "$OURS_PID" ;;
@@ -183,7 +164,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 {
-    echo "Machine: $(nproc) cores, $(lscpu | awk -F: '/Model name/ { gsub(/^ +/, "", $2); print $2; exit }'); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    machine_line
     echo "wrk -t$WRK_THREADS, POST, ${DURATION} s per run, $ROUNDS rounds interleaved; upstream over TLS 1.3 (ECDSA P-256); nginx $NGINX_WORKERS worker(s); (b) flags: ${EXTRA_ARGS[*]:-none}"
     echo
     python3 benches/load_report.py tls "$OUT/runs.txt"
