@@ -63,159 +63,131 @@ def by_round(runs, key):
     return out
 
 
-def per_round(rounds, target, f, base=None, g=None):
-    """f(run of target) per round, or f(target) / g(base) when base is given."""
+def per_round(rounds, target, f, base=None, less=None):
+    """f(run of target) per round; f(target) / f(base) when base is given; f(target) -
+    f(less) when less is given."""
     values = []
     for runs in rounds.values():
         a = runs.get(target)
         if a is None:
             continue
         va = f(a)
-        if base is None:
+        other = base or less
+        if other is None:
             values.append(va)
             continue
-        b = runs.get(base)
-        vb = None if b is None else (g or f)(b)
-        values.append(va / vb if va is not None and vb else None)
+        b = runs.get(other)
+        vb = None if b is None else f(b)
+        if va is None or vb is None:
+            values.append(None)
+        elif base is not None:
+            values.append(va / vb if vb else None)
+        else:
+            values.append(va - vb)
     return values
+
+
+def field(name):
+    return lambda run: num(run, name)
+
+
+class Column:
+    """One column of a table: its title, the figure it takes of a run, its digits, and
+    whether it is that figure as a ratio to another target's (`base`) or as the difference
+    to another target's (`less`) in the same round, whether only the proxies have it, and
+    a suffix."""
+
+    def __init__(self, title, figure, digits=1, base=None, less=None, proxies=False, suffix=""):
+        self.title = title
+        self.figure = figure
+        self.digits = digits
+        self.base = base
+        self.less = less
+        self.proxies = proxies
+        self.suffix = suffix
+
+    def cell(self, rounds, target):
+        if self.proxies and target == "upstream":
+            return "-"
+        values = per_round(rounds, target, self.figure, self.base, self.less)
+        return summary(values, self.digits) + self.suffix
+
+
+def header(columns, lead=()):
+    """A table's first two lines; `lead` are the titles of cells after the target's name."""
+    titles = ["target", *lead] + [c.title for c in columns]
+    return ["| " + " | ".join(titles) + " |", "| --- |" + " ---: |" * (len(titles) - 1)]
+
+
+def rows(rounds, columns, lead=()):
+    """One row per target; `lead` are the cells after the target's name."""
+    return [
+        "| " + " | ".join([NAMES[t], *lead] + [c.cell(rounds, t) for c in columns]) + " |"
+        for t in ["upstream"] + PROXIES
+    ]
+
+
+BUSY = Column("bench CPU share", busy_pct, 0, suffix=" %")
+ERRORS = Column("errors", field("errors"), 0)
+
+STREAMS = [
+    Column("events/s", lambda r: num(r, "events") / num(r, "seconds"), 0),
+    Column("p50 µs", field("p50_us")),
+    Column("p99 µs", field("p99_us")),
+    Column("added p50 µs", field("p50_us"), less="upstream", proxies=True),
+    Column("added p99 µs", field("p99_us"), less="upstream", proxies=True),
+    Column("CPU µs/event", field("cpu_us_per_event"), 2, proxies=True),
+    Column("CPU ÷ nginx", field("cpu_us_per_event"), 2, base="nginx_proxy", proxies=True),
+    Column("RSS KiB/stream", field("rss_per_stream_kib"), 1, proxies=True),
+    Column("RSS ÷ nginx", field("rss_per_stream_kib"), 2, base="nginx_proxy", proxies=True),
+    BUSY,
+    ERRORS,
+]
+
+TLS = [
+    Column("req/s", field("rps"), 0),
+    Column("p99 ms", field("p99_ms"), 2),
+    Column("CPU µs/req", field("cpu_us"), 1, proxies=True),
+    Column("TLS handshakes per 1,000 req", lambda r: 1000 * num(r, "handshakes") / num(r, "requests"), 2),
+    Column("req/s ÷ direct", field("rps"), 2, base="upstream"),
+    Column("req/s ÷ nginx", field("rps"), 2, base="nginx_proxy"),
+    Column("CPU ÷ nginx", field("cpu_us"), 2, base="nginx_proxy", proxies=True),
+    ERRORS,
+]
+
+RATE = [
+    Column("p50 µs", field("p50_us")),
+    Column("p90 µs", field("p90_us")),
+    Column("p99 µs", field("p99_us")),
+    Column("added p50 µs", field("p50_us"), less="upstream", proxies=True),
+    Column("added p99 µs", field("p99_us"), less="upstream", proxies=True),
+    Column("sends late p99 µs", field("late_p99_us")),
+    BUSY,
+    ERRORS,
+]
 
 
 def streams(runs):
     out = []
     groups = by_round(runs, "streams")
     for n in sorted(groups, key=int):
-        rounds = groups[n]
-        out.append(f"#### {int(n):,} concurrent streams\n")
-        out.append(
-            "| target | events/s | p50 µs | p99 µs | added p50 µs | added p99 µs | CPU µs/event "
-            "| CPU ÷ nginx | RSS KiB/stream | RSS ÷ nginx | bench CPU share | errors |"
-        )
-        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for target in ["upstream"] + PROXIES:
-            def added(name):
-                return lambda r: (
-                    None
-                    if num(r, name) is None or num(rounds_of[id(r)]["upstream"], name) is None
-                    else num(r, name) - num(rounds_of[id(r)]["upstream"], name)
-                )
-
-            rounds_of = {id(r): rs for rs in rounds.values() for r in rs.values()}
-            rate = per_round(rounds, target, lambda r: num(r, "events") / num(r, "seconds"))
-            proxy = target != "upstream"
-            out.append(
-                "| "
-                + " | ".join(
-                    [
-                        NAMES[target],
-                        summary(rate, 0),
-                        summary(per_round(rounds, target, lambda r: num(r, "p50_us"))),
-                        summary(per_round(rounds, target, lambda r: num(r, "p99_us"))),
-                        summary(per_round(rounds, target, added("p50_us"))) if proxy else "-",
-                        summary(per_round(rounds, target, added("p99_us"))) if proxy else "-",
-                        summary(per_round(rounds, target, lambda r: num(r, "cpu_us_per_event")), 2)
-                        if proxy
-                        else "-",
-                        summary(
-                            per_round(rounds, target, lambda r: num(r, "cpu_us_per_event"), "nginx_proxy"), 2
-                        )
-                        if proxy
-                        else "-",
-                        summary(per_round(rounds, target, lambda r: num(r, "rss_per_stream_kib")), 1)
-                        if proxy
-                        else "-",
-                        summary(
-                            per_round(rounds, target, lambda r: num(r, "rss_per_stream_kib"), "nginx_proxy"), 2
-                        )
-                        if proxy
-                        else "-",
-                        summary(per_round(rounds, target, busy_pct), 0) + " %",
-                        summary(per_round(rounds, target, lambda r: num(r, "errors")), 0),
-                    ]
-                )
-                + " |"
-            )
-        out.append("")
+        out += [f"#### {int(n):,} concurrent streams\n"] + header(STREAMS) + rows(groups[n], STREAMS) + [""]
     return out
 
 
 def tls(runs):
-    out = []
     groups = by_round(runs, "connections")
-    out.append(
-        "| target | conns | req/s | p99 ms | CPU µs/req | TLS handshakes per 1,000 req "
-        "| req/s ÷ direct | req/s ÷ nginx | CPU ÷ nginx | errors |"
-    )
-    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    out = header(TLS, ["conns"])
     for c in sorted(groups, key=int):
-        rounds = groups[c]
-        for target in ["upstream"] + PROXIES:
-            proxy = target != "upstream"
-            out.append(
-                "| "
-                + " | ".join(
-                    [
-                        NAMES[target],
-                        c,
-                        summary(per_round(rounds, target, lambda r: num(r, "rps")), 0),
-                        summary(per_round(rounds, target, lambda r: num(r, "p99_ms")), 2),
-                        summary(per_round(rounds, target, lambda r: num(r, "cpu_us")), 1) if proxy else "-",
-                        summary(per_round(rounds, target, lambda r: 1000 * num(r, "handshakes") / num(r, "requests")), 2),
-                        summary(per_round(rounds, target, lambda r: num(r, "rps"), "upstream"), 2),
-                        summary(per_round(rounds, target, lambda r: num(r, "rps"), "nginx_proxy"), 2),
-                        summary(per_round(rounds, target, lambda r: num(r, "cpu_us"), "nginx_proxy"), 2)
-                        if proxy
-                        else "-",
-                        summary(per_round(rounds, target, lambda r: num(r, "errors")), 0),
-                    ]
-                )
-                + " |"
-            )
-    out.append("")
-    return out
+        out += rows(groups[c], TLS, [c])
+    return out + [""]
 
 
 def rate(runs):
     out = []
     groups = by_round(runs, "rate")
     for r in sorted(groups, key=int):
-        rounds = groups[r]
-        out.append(f"#### {int(r):,} requests/s\n")
-        out.append(
-            "| target | p50 µs | p90 µs | p99 µs | added p50 µs | added p99 µs | sends late p99 µs "
-            "| bench CPU share | errors |"
-        )
-        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        rounds_of = {id(x): rs for rs in rounds.values() for x in rs.values()}
-
-        def added(name):
-            def f(x):
-                base = rounds_of[id(x)].get("upstream")
-                if base is None or num(x, name) is None or num(base, name) is None:
-                    return None
-                return num(x, name) - num(base, name)
-
-            return f
-
-        for target in ["upstream"] + PROXIES:
-            proxy = target != "upstream"
-            out.append(
-                "| "
-                + " | ".join(
-                    [
-                        NAMES[target],
-                        summary(per_round(rounds, target, lambda x: num(x, "p50_us"))),
-                        summary(per_round(rounds, target, lambda x: num(x, "p90_us"))),
-                        summary(per_round(rounds, target, lambda x: num(x, "p99_us"))),
-                        summary(per_round(rounds, target, added("p50_us"))) if proxy else "-",
-                        summary(per_round(rounds, target, added("p99_us"))) if proxy else "-",
-                        summary(per_round(rounds, target, lambda x: num(x, "late_p99_us"))),
-                        summary(per_round(rounds, target, busy_pct), 0) + " %",
-                        summary(per_round(rounds, target, lambda x: num(x, "errors")), 0),
-                    ]
-                )
-                + " |"
-            )
-        out.append("")
+        out += [f"#### {int(r):,} requests/s\n"] + header(RATE) + rows(groups[r], RATE) + [""]
     return out
 
 
