@@ -285,7 +285,7 @@ impl KeyPoolBuilder {
     pub fn build(self) -> KeyPool {
         let shared = self
             .backend
-            .map(|backend| Shared::new(backend, self.degraded));
+            .map(|backend| Shared::new(backend, self.degraded, self.learn_concurrency));
         let (shared, ops) = match shared {
             Some((shared, ops)) => (Some(shared), Some(ops)),
             None => (None, None),

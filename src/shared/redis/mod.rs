@@ -113,6 +113,12 @@ pub struct RedisOptions {
     pub ttl: Duration,
     /// Failures in a row that open the breaker (default 3).
     pub failures: u32,
+    /// How long a key without a cap or learned limit is counted by the store after its
+    /// first use and after each refusal of it (default 60 s; zero: never): its leases
+    /// cost an admission and a release, as a capped key's do, so that a refusal teaches
+    /// its concurrency limit from the count across the replicas (see
+    /// [`StateBackend::learning_window`]).
+    pub learning_window: Duration,
     /// For a `rediss://` URL: the CA certificates (PEM) to trust instead of the public
     /// roots (Mozilla's, built in), e.g. a deployment's own CA. Needs the `redis-tls`
     /// feature.
@@ -127,6 +133,7 @@ impl Default for RedisOptions {
             heartbeat: Duration::from_secs(1),
             ttl: Duration::from_secs(5),
             failures: 3,
+            learning_window: Duration::from_secs(60),
             tls_ca: None,
         }
     }
@@ -479,6 +486,10 @@ impl StateBackend for RedisBackend {
         mac.update(spec.key().expose_secret().as_bytes());
         let digest = mac.finalize().into_bytes();
         digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn learning_window(&self) -> Duration {
+        self.inner.options.learning_window
     }
 
     fn attach(&self, link: BackendLink, ops: mpsc::UnboundedReceiver<Op>) {
