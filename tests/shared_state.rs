@@ -1289,6 +1289,55 @@ async fn with_default_flags_three_replicas_learn_each_limit_together_and_try_one
     }
 }
 
+/// Keys without a cap cost the store nothing per request once their learning window is
+/// over (a provider that never refuses): the store counts them, two calls a request, only
+/// while their limit may be learned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_without_a_cap_are_counted_by_redis_only_in_their_learning_window() {
+    let server = RedisServer::start().await;
+    let provider = Provider::new(1000);
+    let window = Duration::from_millis(1500);
+    let mut pools = Vec::new();
+    for _ in 0..3 {
+        let mut options = options("window");
+        options.learning_window = window;
+        let backend = RedisBackend::new(&server.url(), SECRET, options).unwrap();
+        assert!(backend.connect().await);
+        pools.push(
+            KeyPool::builder(KeySet::parse(KEYS).unwrap())
+                .state_backend(backend.clone())
+                .build(),
+        );
+        timeout(Duration::from_secs(5), backend.subscribed())
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    let mut per_request = Vec::new();
+    for run in [Duration::from_millis(1000), Duration::from_millis(2000)] {
+        let before = server.command_stats();
+        let sent = clients_for(&pools, &provider, 6, run, Duration::from_millis(5)).await;
+        let calls = client_calls(&server.command_stats()) - client_calls(&before);
+        per_request.push(calls as f64 / f64::from(sent));
+        eprintln!(
+            "{:?} after the start: {sent} requests, {calls} Redis calls ({:.3} per request)",
+            started.elapsed(),
+            per_request.last().unwrap()
+        );
+        // The window of each key began with the pools: past it after the first run.
+        tokio::time::sleep_until(started + window).await;
+    }
+    assert!(
+        per_request[0] >= 1.5,
+        "counted in the window: {per_request:?}"
+    );
+    assert!(
+        per_request[1] <= 0.05,
+        "only heartbeats after it: {per_request:?}"
+    );
+    assert_eq!(provider.tally().1, 0);
+}
+
 /// A provider stand-in that tells when its in-flight count on any key reaches `mark`
 /// after being armed.
 #[derive(Clone)]
