@@ -33,10 +33,22 @@
 //!   quota is admitted only if the shared quota has a unit (in the same round trip as the
 //!   in-flight count); else the key reads busy here until the store says it has one.
 //! - **Learned concurrency limits** are one per key for every replica: a replica that
-//!   learns one ([`Op::Limit`]) has the store keep it (a lower limit always wins; a raise
-//!   only if made on the limit in force), and every replica applies the store's answer
-//!   ([`BackendLink::apply_limit`]); the store also admits leases under it. A key with a
-//!   learned limit is counted and admitted as a key with a cap is.
+//!   learns something of one ([`Op::Limit`], a [`LimitChange`]) has the store keep it,
+//!   with the limit known to hold and the raise back-off (a lower limit always wins; a
+//!   raise only if made on the limit in force, once that limit holds and the back-off has
+//!   passed; a refused raise doubles the back-off), and every replica applies the store's
+//!   answer ([`BackendLink::apply_limit`]); the store also admits leases under it, and
+//!   only one lease at a time above the limit known to hold (the raise's try). A key with
+//!   a learned limit is counted and admitted as a key with a cap is, and a refusal teaches
+//!   from the key's count across the replicas when its request was sent (the store's
+//!   admission says it: [`Acquire::admit_at`]), not from this replica's.
+//! - **While a limit may be learned**, a key without a cap or learned limit is counted by
+//!   the store too ([`COUNT_ONLY`]): for [`StateBackend::learning_window`] after its first
+//!   use here and after each refusal of it (here, or a rest heard from another replica).
+//!   This costs such a key an admission and a release per request in that window, and
+//!   nothing after it: a key that is never refused costs the store no call per request.
+//!   A refusal outside the window teaches from this replica's count, and opens the window
+//!   again for the next.
 //! - **In-flight counts** of keys with a cap count requests *sent* (leases admitted),
 //!   never leases waiting for admission. A lease on a capped key is admitted by the store
 //!   (one round trip, while `poll_ready` waits) if the live replicas' counts leave room

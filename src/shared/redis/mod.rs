@@ -17,17 +17,21 @@
 //!
 //! | name | type | holds |
 //! | --- | --- | --- |
-//! | `tkr:<ns>:{<id>}:k` | hash | `until` (the rest's end, on the server's clock, ms), `level`, `disabled`, `cap`, `limit` (the learned concurrency limit) and `lgen` (its generation) |
+//! | `tkr:<ns>:{<id>}:k` | hash | `until` (the rest's end, on the server's clock, ms), `level`, `disabled`, `cap`, `limit` (the learned concurrency limit), `lgen` (its generation), `floor` (the limit known to hold), `rat` (no raise before, server ms), `rwait` (the raise back-off, ms), `trial` (a raise's single try runs until, server ms) |
 //! | `tkr:<ns>:{<id>}:c` | hash | per replica: `count:deadline:generation`, its requests sent on the key, the server time the entry lives until (renewed by each call and the heartbeat), and how many times the replica reset it |
 //! | `tkr:<ns>:{<id>}:w` | list | the queue: one entry (the replica's name) per lease waiting for the key, in arrival order across the replicas |
 //! | `tkr:<ns>:{<id>}:q` | string | the key's quota state (GCRA's theoretical arrival time, server µs) |
 //! | `tkr:<ns>:{<id>}:p` | string | the replica whose probe of the key (its single request after a rest) is running |
 //! | `tkr:{<ns>}:replicas` | sorted set | replica → when it is considered dead (server ms) |
-//! | `tkr:<ns>:events` | channel | `rest <id> <ms left> <level> <disabled> <replica>`, `grant <id> <replica> <n> <generation>`, `back <id> <0/1> <replica>`, `limit <id> <limit> <generation>` |
+//! | `tkr:<ns>:events` | channel | `rest <id> <ms left> <level> <disabled> <replica>`, `grant <id> <replica> <n> <generation> <total>`, `back <id> <0/1> <replica>`, `limit <id> <limit> <generation> <floor> <ms until a raise>` |
 //!
 //! # Admission
 //!
-//! A lease on a capped key costs two calls: its admission and its release.
+//! A lease on a capped key costs two calls: its admission and its release; so does a lease
+//! on a key without a cap in its learning window ([`RedisOptions::learning_window`]), which
+//! is counted (cap `COUNT_ONLY`) but never queued. Each admission tells the lease the key's
+//! total across the replicas when it goes (the answer to `acquire`, `release` or `renew`,
+//! or the `grant` message): a refusal of its request teaches the limit from that.
 //!
 //! - `acquire` admits the lease if the live replicas' counts leave room under the cap and
 //!   nobody waits; else it appends the replica to the key's queue and the lease waits
@@ -54,8 +58,12 @@
 //!   recovery), a disable for good; announced to the other replicas, and with it a
 //!   probe's answer (`back`: the other replicas owe no probe of their own).
 //! - `limit`: a key's learned concurrency limit, one for every replica (which `acquire`
-//!   admits under): a lower one always wins, a raise only if made on the limit kept (its
-//!   generation); every change raises the generation and is announced.
+//!   admits under), with the limit known to hold and the raise back-off: a lower one
+//!   always wins, a raise only if made on the limit kept (its generation), that limit
+//!   holds and the back-off has passed; a refused try goes back to the limit known to hold
+//!   and doubles the back-off (up to the pool's longest), a served one holds; every change
+//!   raises the generation and is announced. While a raise is tried, the admission
+//!   scripts let one lease at a time above the limit known to hold.
 //! - `sync`: every key's rest and learned limit, for the heartbeat's backstop and the
 //!   merge after an outage.
 //!
