@@ -176,6 +176,24 @@ mod caps {
         refusals: Vec<(String, tokio::time::Instant)>,
     }
 
+    /// A request the provider works on.
+    struct Working {
+        state: Arc<Mutex<Ledger>>,
+        key: String,
+    }
+
+    impl Drop for Working {
+        fn drop(&mut self) {
+            *self
+                .state
+                .lock()
+                .unwrap()
+                .in_flight
+                .get_mut(&self.key)
+                .unwrap() -= 1;
+        }
+    }
+
     impl Provider {
         pub fn new(limit: u32) -> Self {
             Self {
@@ -256,14 +274,12 @@ mod caps {
                         }
                         return Ok(response);
                     }
+                    // Out of flight when the work ends, or when the caller gives up.
+                    let _working = Working {
+                        state: provider.state.clone(),
+                        key,
+                    };
                     tokio::time::sleep(work).await;
-                    *provider
-                        .state
-                        .lock()
-                        .unwrap()
-                        .in_flight
-                        .get_mut(&key)
-                        .unwrap() -= 1;
                     Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
                 }
             })
@@ -1222,8 +1238,12 @@ async fn with_default_flags_three_replicas_learn_each_limit_together_and_try_one
     let ten_minutes = Duration::from_secs(600) / SCALE;
     let mut pools = Vec::new();
     let mut backends = Vec::new();
+    // A generous budget: this test is about learning, not about a busy machine's delays
+    // (a call past its budget would open the breaker, and each replica decide alone).
+    let mut options = options("learn-together");
+    options.call_timeout = Duration::from_secs(1);
     for _ in 0..3 {
-        let backend = RedisBackend::new(&server.url(), SECRET, options("learn-together")).unwrap();
+        let backend = RedisBackend::new(&server.url(), SECRET, options.clone()).unwrap();
         assert!(backend.connect().await);
         // Default flags: no cap, limits learned.
         pools.push(

@@ -181,7 +181,20 @@ impl Slot {
                 }
                 if answered.first_refusal {
                     let refused = self.refused_open.fetch_add(1, Ordering::AcqRel);
-                    if answered.learn && answered.trial && self.signals.learn_concurrency {
+                    // Shared by replicas, a refusal while a raise is tried is the try's: the
+                    // store lets one request at a time above the limit known to hold, but
+                    // requests admitted before it may reach the provider after it.
+                    let trying = answered.trial || self.trying();
+                    tracing::debug!(
+                        "DBG refusal trial={} trying={} floor={} limit={} total={} learn={}",
+                        answered.trial,
+                        self.trying(),
+                        self.floor.load(Ordering::Acquire),
+                        self.limit(),
+                        answered.total,
+                        answered.learn
+                    );
+                    if answered.learn && trying && self.signals.learn_concurrency {
                         // A try above the limit known to hold, refused: a concurrency
                         // refusal. Back to that limit, and the next try waits twice as
                         // long; the key does not rest (its limit holds).
@@ -291,13 +304,15 @@ impl Slot {
     /// backend's task carries it).
     #[inline(never)]
     fn share(&self, shared: &SharedKey, transition: &Transition, recovered: bool, probe: bool) {
-        if let Some((_, after)) = transition.learned {
-            let change = if transition.raise_refused {
-                LimitChange::RaiseRefused
-            } else {
-                LimitChange::Lowered
-            };
-            self.share_limit(shared, after, change);
+        if transition.raise_refused {
+            // Told the store even if this replica had not heard of the raise yet: the
+            // store ends the try for every replica.
+            let floor = self.floor.load(Ordering::Acquire);
+            if floor != u32::MAX {
+                self.share_limit(shared, floor, LimitChange::RaiseRefused);
+            }
+        } else if let Some((_, after)) = transition.learned {
+            self.share_limit(shared, after, LimitChange::Lowered);
         }
         if transition.disabled {
             shared.report(Op::Disable {
@@ -337,6 +352,15 @@ impl Slot {
             generation: shared.limit_generation().load(Ordering::Acquire),
             change,
         });
+    }
+
+    /// Shared by replicas, is a raise of the limit being tried (the limit in force is above
+    /// the limit known to hold)?
+    fn trying(&self) -> bool {
+        self.shared.is_some() && {
+            let floor = self.floor.load(Ordering::Acquire);
+            floor != u32::MAX && self.limit() > floor
+        }
     }
 
     /// What the store's count of the key across the replicas (`total`, with a request
@@ -510,16 +534,16 @@ impl Slot {
         // Only requests sent are at the provider (a reservation held by a ready service is
         // not). This lease still counts among them, and so do others already refused whose
         // slots are not given back yet; neither is at the provider now.
-        let others = if total != 0 {
-            // Sent with `total - 1` others in flight across the replicas. Refusals seen
-            // here since may be of requests sent after this one: not taken off.
-            total.saturating_sub(1)
+        // Sent with `total - 1` others in flight across the replicas (unknown: this
+        // replica's count now). Refusals seen here and not given back yet may have been
+        // among them, and no longer at the provider: taken off (erring low: a limit
+        // learned too low is raised again, one learned too high is refused again).
+        let sent = if total != 0 {
+            total
         } else {
-            self.sent
-                .load(Ordering::Acquire)
-                .saturating_sub(1)
-                .saturating_sub(refused)
+            self.sent.load(Ordering::Acquire)
         };
+        let others = sent.saturating_sub(1).saturating_sub(refused);
         if others == 0 {
             // Alone on the key: a limit of rate, not of concurrency.
             return (false, None);
@@ -608,6 +632,14 @@ impl Slot {
     /// and the next raise waits the initial back-off.
     fn raise_served(&self) {
         let limit = self.limit();
+        if let Some(shared) = &self.shared {
+            // The store decides when the raise holds (after tries enough), for every
+            // replica: its answer brings the new floor.
+            if limit != u32::MAX && limit > self.floor.load(Ordering::Acquire) {
+                self.share_limit(shared, limit, LimitChange::RaiseServed);
+            }
+            return;
+        }
         if self.floor.fetch_max(limit, Ordering::AcqRel) < limit {
             let wait = self.signals.backoff.raise_wait;
             self.raise_wait.store(nanos(wait), Ordering::Relaxed);
@@ -615,9 +647,6 @@ impl Slot {
                 self.signals.now().saturating_add(wait).as_nanos(),
                 Ordering::Relaxed,
             );
-            if let Some(shared) = &self.shared {
-                self.share_limit(shared, limit, LimitChange::RaiseServed);
-            }
         }
     }
 

@@ -194,8 +194,9 @@ pub enum LimitChange {
     /// A try above the limit known to hold was refused: back to that limit, and the next
     /// try waits twice as long as the last.
     RaiseRefused,
-    /// A try above the limit known to hold was served: the raised limit holds, and the next
-    /// try waits the initial raise back-off.
+    /// A try above the limit known to hold was served: once the store has seen as many
+    /// served in a row as the raised limit, that limit holds, and the next try waits the
+    /// initial raise back-off.
     RaiseServed,
 }
 

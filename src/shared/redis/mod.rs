@@ -17,7 +17,7 @@
 //!
 //! | name | type | holds |
 //! | --- | --- | --- |
-//! | `tkr:<ns>:{<id>}:k` | hash | `until` (the rest's end, on the server's clock, ms), `level`, `disabled`, `cap`, `limit` (the learned concurrency limit), `lgen` (its generation), `floor` (the limit known to hold), `rat` (no raise before, server ms), `rwait` (the raise back-off, ms), `trial` (a raise's single try runs until, server ms) |
+//! | `tkr:<ns>:{<id>}:k` | hash | `until` (the rest's end, on the server's clock, ms), `level`, `disabled`, `cap`, `limit` (the learned concurrency limit), `lgen` (its generation), `floor` (the limit known to hold), `rat` (no raise before, server ms), `rwait` (the raise back-off, ms), `trial` (a raise's single try runs until, server ms), `tries` (a raise's tries served so far) |
 //! | `tkr:<ns>:{<id>}:c` | hash | per replica: `count:deadline:generation`, its requests sent on the key, the server time the entry lives until (renewed by each call and the heartbeat), and how many times the replica reset it |
 //! | `tkr:<ns>:{<id>}:w` | list | the queue: one entry (the replica's name) per lease waiting for the key, in arrival order across the replicas |
 //! | `tkr:<ns>:{<id>}:q` | string | the key's quota state (GCRA's theoretical arrival time, server µs) |
@@ -61,7 +61,8 @@
 //!   admits under), with the limit known to hold and the raise back-off: a lower one
 //!   always wins, a raise only if made on the limit kept (its generation), that limit
 //!   holds and the back-off has passed; a refused try goes back to the limit known to hold
-//!   and doubles the back-off (up to the pool's longest), a served one holds; every change
+//!   and doubles the back-off (up to the pool's longest), one served as many times in a
+//!   row as the raised limit holds; every change
 //!   raises the generation and is announced. While a raise is tried, the admission
 //!   scripts let one lease at a time above the limit known to hold.
 //! - `sync`: every key's rest and learned limit, for the heartbeat's backstop and the

@@ -285,12 +285,16 @@ return {left, level, disabled}
 /// a refused try doubles (`rwait`, ms):
 ///
 /// - lowered: a lower limit always wins; it holds, and the next try waits the first wait;
+///   while a raise is tried, one lower than the limit known to hold by at most one is the
+///   try's refusal (a request admitted before the try, whose count missed it);
 /// - raised: wins only if made on the limit kept here (its generation is the one kept),
 ///   that limit holds (no other try runs: one replica's raise at a time) and `rat` has
 ///   passed;
 /// - raise refused: back to the limit known to hold, the wait doubled (up to the longest);
 ///   once per try, whichever replica's refusal comes first;
-/// - raise served: the raised limit holds, and the next try waits the first wait.
+/// - raise served: once as many tries as the raised limit were served in a row (`tries`;
+///   one could be served only because another request had just ended at the provider and
+///   not yet here), the raised limit holds, and the next try waits the first wait;
 ///
 /// A try is one request: the admission scripts let one lease at a time above the limit
 /// known to hold (see `room`), until the try's answer comes here.
@@ -315,7 +319,11 @@ end
 if kept == 0 then
   hold(l, first)
 elseif change == '0' then
-  if l < kept then
+  if kept > floor and l + 1 >= floor then
+    -- A refusal while a raise is tried, of a request admitted before the try's (its
+    -- count missed the try): the try's refusal.
+    hold(floor, math.min(math.max(rwait * 2, first), longest))
+  elseif l < kept then
     hold(l, first)
   end
 elseif change == '1' then
@@ -328,12 +336,18 @@ elseif change == '2' then
   end
 elseif change == '3' then
   if l > floor and l <= kept then
-    hold(l, first)
+    local tries = tonumber(redis.call('HGET', KEYS[1], 'tries') or '0') + 1
+    if tries >= l then
+      hold(l, first)
+    else
+      -- Not proven yet: the next request above the floor tries again.
+      redis.call('HSET', KEYS[1], 'tries', tries, 'trial', 0)
+    end
   end
 end
 if changed then
   gen = math.max(gen, g) + 1
-  redis.call('HSET', KEYS[1], 'limit', kept, 'lgen', gen, 'floor', floor, 'rat', rat, 'rwait', rwait, 'trial', 0)
+  redis.call('HSET', KEYS[1], 'limit', kept, 'lgen', gen, 'floor', floor, 'rat', rat, 'rwait', rwait, 'trial', 0, 'tries', 0)
   redis.call('PUBLISH', ARGV[4], string.format('limit %s %d %d %d %d', ARGV[5], kept, gen, floor, math.max(rat - now, 0)))
 end
 return {kept, gen, floor, math.max(rat - now, 0)}
