@@ -1299,16 +1299,39 @@ async fn with_default_flags_three_replicas_learn_each_limit_together_and_try_one
             late.len()
         );
     }
-    // Every replica learned each key's limit: the provider's (one more while a try runs).
-    for pool in &pools {
-        for key in pool.snapshot() {
-            assert!(
-                matches!(key.concurrency_limit, Some(2 | 3)),
-                "{:?}",
-                pool.snapshot()
-            );
-        }
+    // Every replica holds the same limit of each key, the one the store keeps: the
+    // provider's, one more while a try runs, or one less when a refusal read a count
+    // short (raised again after the back-off).
+    let limits: Vec<Vec<Option<u32>>> = pools
+        .iter()
+        .map(|pool| {
+            pool.snapshot()
+                .iter()
+                .map(|key| key.concurrency_limit)
+                .collect()
+        })
+        .collect();
+    for limits in &limits {
+        assert_eq!(
+            limits,
+            &limits_of_first(&pools),
+            "{:?}",
+            pools[0].snapshot()
+        );
+        assert!(
+            limits.iter().all(|limit| matches!(limit, Some(1..=3))),
+            "{limits:?}"
+        );
     }
+}
+
+/// Each key's concurrency limit in the first of `pools`.
+fn limits_of_first(pools: &[KeyPool]) -> Vec<Option<u32>> {
+    pools[0]
+        .snapshot()
+        .iter()
+        .map(|key| key.concurrency_limit)
+        .collect()
 }
 
 /// Keys without a cap cost the store nothing per request once their learning window is
