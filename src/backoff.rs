@@ -39,11 +39,15 @@ pub struct Backoff {
     jitter: bool,
     pub(crate) quota_wait: Duration,
     pub(crate) max_quota_wait: Duration,
+    pub(crate) raise_wait: Duration,
+    pub(crate) max_raise_wait: Duration,
 }
 
 impl Default for Backoff {
     /// Base 1 s, max 60 s, `Retry-After` capped at 5 minutes, full jitter; a spent quota
-    /// rests the key 1 hour when the reset is unknown, at most 24 hours when known.
+    /// rests the key 1 hour when the reset is unknown, at most 24 hours when known; a
+    /// learned concurrency limit is first tried higher after 5 minutes, at most an hour
+    /// apart after refused tries.
     fn default() -> Self {
         Self {
             base: Duration::from_secs(1),
@@ -52,6 +56,8 @@ impl Default for Backoff {
             jitter: true,
             quota_wait: Duration::from_secs(3600),
             max_quota_wait: Duration::from_secs(24 * 3600),
+            raise_wait: Duration::from_secs(5 * 60),
+            max_raise_wait: Duration::from_secs(3600),
         }
     }
 }
@@ -88,6 +94,23 @@ impl Backoff {
     /// hours).
     pub fn max_quota_wait(mut self, max: Duration) -> Self {
         self.max_quota_wait = max;
+        self
+    }
+
+    /// How long after a key's concurrency limit is learned (or a raise of it is served) the
+    /// first try above it waits (default 5 minutes; see
+    /// [`KeyPoolBuilder::learn_concurrency`](crate::KeyPoolBuilder::learn_concurrency)).
+    /// With a [state backend](crate::shared) the wait is kept by the store and holds for
+    /// every replica.
+    pub fn raise_wait(mut self, wait: Duration) -> Self {
+        self.raise_wait = wait;
+        self
+    }
+
+    /// The longest wait between tries above a learned concurrency limit: each refused try
+    /// doubles the wait, up to this (default 1 hour).
+    pub fn max_raise_wait(mut self, max: Duration) -> Self {
+        self.max_raise_wait = max;
         self
     }
 

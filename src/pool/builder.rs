@@ -96,8 +96,13 @@ impl KeyPoolBuilder {
     /// [`max_in_flight_per_key`](Self::max_in_flight_per_key): a raise is tried 5 minutes
     /// after the limit was learned, once the key was busy at its limit; a refused try lowers
     /// the limit back without resting the key (its limit holds) and doubles the wait before
-    /// the next (up to an hour); a served one holds. The limit in force shows in
+    /// the next (up to an hour); a served one holds (the waits:
+    /// [`Backoff::raise_wait`](crate::Backoff::raise_wait)). The limit in force shows in
     /// [`KeyStats::concurrency_limit`](crate::pool::KeyStats::concurrency_limit).
+    ///
+    /// With a [state backend](Self::state_backend) the replicas learn together: the "other
+    /// requests in flight" are every replica's, the limit, the back-off and the single try
+    /// of a raise are the store's (see [`shared`](crate::shared)).
     pub fn learn_concurrency(mut self, learn: bool) -> Self {
         self.learn_concurrency = learn;
         self
@@ -285,7 +290,7 @@ impl KeyPoolBuilder {
     pub fn build(self) -> KeyPool {
         let shared = self
             .backend
-            .map(|backend| Shared::new(backend, self.degraded));
+            .map(|backend| Shared::new(backend, self.degraded, self.learn_concurrency));
         let (shared, ops) = match shared {
             Some((shared, ops)) => (Some(shared), Some(ops)),
             None => (None, None),

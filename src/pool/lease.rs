@@ -39,6 +39,9 @@ pub struct Lease {
     at_limit: bool,
     /// Taken above the limit known to hold: a try of a raised limit (`Taken::trial`).
     trial: bool,
+    /// The key's count across the replicas when the store admitted the lease, with it
+    /// (0: unknown; see `Answered::total`).
+    total: u32,
     /// Where the quota unit this lease took ends: a refund gives back only what of it is
     /// still unused (see `Gcra::refund`).
     tat_after: PoolTime,
@@ -128,6 +131,7 @@ impl Lease {
             generation: taken.generation,
             at_limit: taken.at_limit,
             trial: taken.trial,
+            total: 0,
             tat_after: taken.tat_after,
             extra: Extra::of(&taken),
             flags: AtomicU8::new(flags),
@@ -158,6 +162,7 @@ impl Lease {
             generation: taken.generation,
             at_limit: taken.at_limit,
             trial: taken.trial,
+            total: 0,
             tat_after: taken.tat_after,
             extra: Extra::of(&taken),
             flags: AtomicU8::new(flags),
@@ -485,6 +490,7 @@ impl Lease {
                 probe: flags & PROBE != 0,
                 first_refusal,
                 learn: !window_spent,
+                total: self.total,
             },
         );
         if transition.is_eventful() {
@@ -521,6 +527,7 @@ impl Lease {
                     probe: key_probe,
                     first_refusal: false,
                     learn: false,
+                    total: 0,
                 },
             );
             if flags & PROBE != 0 {
@@ -538,6 +545,7 @@ impl Lease {
                 probe: flags & PROBE != 0,
                 first_refusal,
                 learn: !window_spent,
+                total: self.total,
             },
         );
         if key_probe {
@@ -609,7 +617,7 @@ impl Future for Admit {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Lease>> {
         let this = &mut *self;
         if let Some(admission) = &mut this.admission {
-            let lease = this.lease.as_ref().expect("Admit polled after completion");
+            let lease = this.lease.as_mut().expect("Admit polled after completion");
             let shared = lease
                 .slot
                 .shared
@@ -618,9 +626,16 @@ impl Future for Admit {
             let answer = ready!(admission.poll(shared, cx));
             this.admission = None;
             match answer {
-                Answer::Admitted { counted } => {
+                Answer::Admitted { counted, total } => {
                     if counted {
                         lease.set_flag(COUNTED);
+                    }
+                    if total != 0 {
+                        // What every replica sent is what the provider sees.
+                        let (at_limit, trial) = lease.slot.sent_with(total);
+                        lease.total = total;
+                        lease.at_limit |= at_limit;
+                        lease.trial |= trial;
                     }
                 }
                 Answer::Full => {

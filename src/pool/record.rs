@@ -8,16 +8,12 @@ use std::time::Duration;
 use super::rest::{Deadline, RestWord};
 use super::slot::Slot;
 use crate::classify::Outcome;
-use crate::shared::{Op, RemoteLimit, RemoteRest, SharedKey};
+use crate::shared::{LimitChange, Op, RemoteLimit, RemoteRest, SharedKey};
 
-/// How long after a limit is learned from a refusal the first try above it waits. A limit
-/// learned from a refusal at `L + 1` counts as a refused raise to `L + 1`: the next try
-/// waits this long, not for a number of successes.
-const RAISE_BACKOFF: Duration = Duration::from_secs(5 * 60);
-
-/// The longest wait between tries above a limit: each refused try doubles the wait up to
-/// this.
-const RAISE_BACKOFF_MAX: Duration = Duration::from_secs(60 * 60);
+// How long after a limit is learned from a refusal the first try above it waits is
+// `Backoff::raise_wait` (5 minutes by default). A limit learned from a refusal at `L + 1`
+// counts as a refused raise to `L + 1`: the next try waits this long, not for a number of
+// successes. Each refused try doubles the wait, up to `Backoff::max_raise_wait`.
 
 /// What a rest did to a key's deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +39,9 @@ pub(super) struct Answered {
     /// May a refusal teach a concurrency limit? Not when the answer says a rate window is
     /// used up.
     pub(super) learn: bool,
+    /// The key's count across the replicas sharing it when the request was sent, this one
+    /// included, as the store admitted it (0: unknown, the count here is used).
+    pub(super) total: u32,
 }
 
 /// What an outcome did to a key: the facts the log reports (see `events`).
@@ -50,6 +49,8 @@ pub(super) struct Answered {
 pub(super) struct Transition {
     /// The key's concurrency limit was lowered: (before, after).
     pub(super) learned: Option<(u32, u32)>,
+    /// That lowering was a try above the limit known to hold, refused.
+    pub(super) raise_refused: bool,
     /// A rest the outcome started, extended or left alone.
     pub(super) rest: Option<RestChange>,
     /// The key was disabled by this outcome.
@@ -174,16 +175,34 @@ impl Slot {
                 let concurrency = matches!(outcome, Outcome::ConcurrencyLimited { .. });
                 // The limit holds, lowered if need be, and the key does not rest.
                 let mut held = false;
+                if let Some(shared) = &self.shared {
+                    // Counted by the store again while the limit may be learned.
+                    shared.learning_again();
+                }
                 if answered.first_refusal {
                     let refused = self.refused_open.fetch_add(1, Ordering::AcqRel);
-                    if answered.learn && answered.trial && self.signals.learn_concurrency {
+                    // Shared by replicas, a refusal while a raise is tried is the try's: the
+                    // store lets one request at a time above the limit known to hold, but
+                    // requests admitted before it may reach the provider after it.
+                    let trying = answered.trial || self.trying();
+                    tracing::debug!(
+                        "DBG refusal trial={} trying={} floor={} limit={} total={} learn={}",
+                        answered.trial,
+                        self.trying(),
+                        self.floor.load(Ordering::Acquire),
+                        self.limit(),
+                        answered.total,
+                        answered.learn
+                    );
+                    if answered.learn && trying && self.signals.learn_concurrency {
                         // A try above the limit known to hold, refused: a concurrency
                         // refusal. Back to that limit, and the next try waits twice as
                         // long; the key does not rest (its limit holds).
                         held = true;
                         transition.learned = self.refuse_raise();
+                        transition.raise_refused = true;
                     } else if answered.learn {
-                        let (others, learned) = self.learn_refusal(refused);
+                        let (others, learned) = self.learn_refusal(refused, answered.total);
                         transition.learned = learned;
                         // Said to be one of concurrency, with others at the provider: the
                         // limit (now at most them) holds, and the bucket goes on serving as
@@ -285,8 +304,15 @@ impl Slot {
     /// backend's task carries it).
     #[inline(never)]
     fn share(&self, shared: &SharedKey, transition: &Transition, recovered: bool, probe: bool) {
-        if let Some((_, after)) = transition.learned {
-            self.share_limit(shared, after, false);
+        if transition.raise_refused {
+            // Told the store even if this replica had not heard of the raise yet: the
+            // store ends the try for every replica.
+            let floor = self.floor.load(Ordering::Acquire);
+            if floor != u32::MAX {
+                self.share_limit(shared, floor, LimitChange::RaiseRefused);
+            }
+        } else if let Some((_, after)) = transition.learned {
+            self.share_limit(shared, after, LimitChange::Lowered);
         }
         if transition.disabled {
             shared.report(Op::Disable {
@@ -315,23 +341,47 @@ impl Slot {
         }
     }
 
-    /// Sends a limit learned here (lowered, or raised after successes at it) to the store,
-    /// which keeps one for every replica.
+    /// Sends what was learned here of the limit (lowered, raised after successes at it, a
+    /// try above it refused or served) to the store, which keeps one limit for every
+    /// replica, with the limit known to hold and the raise back-off.
     #[inline(never)]
-    fn share_limit(&self, shared: &SharedKey, limit: u32, raise: bool) {
+    fn share_limit(&self, shared: &SharedKey, limit: u32, change: LimitChange) {
         shared.report(Op::Limit {
             key: shared.id.clone(),
             limit,
             generation: shared.limit_generation().load(Ordering::Acquire),
-            raise,
+            change,
         });
+    }
+
+    /// Shared by replicas, is a raise of the limit being tried (the limit in force is above
+    /// the limit known to hold)?
+    fn trying(&self) -> bool {
+        self.shared.is_some() && {
+            let floor = self.floor.load(Ordering::Acquire);
+            floor != u32::MAX && self.limit() > floor
+        }
+    }
+
+    /// What the store's count of the key across the replicas (`total`, with a request
+    /// just admitted) says of that request: (at the limit, a try above the limit known to
+    /// hold).
+    pub(super) fn sent_with(&self, total: u32) -> (bool, bool) {
+        let limit = self.limit();
+        if limit == u32::MAX || total == 0 {
+            return (false, false);
+        }
+        (total >= limit, total > self.floor.load(Ordering::Relaxed))
     }
 
     /// Applies the key's limit as the store keeps it for every replica (see
     /// [`RemoteLimit`]): a newer generation replaces the limit here (never above the cap),
-    /// the same generation keeps the lower one, an older one is ignored. Not shared again.
-    /// Returns whether the limit here changed.
-    pub(super) fn apply_limit(&self, remote: RemoteLimit) -> bool {
+    /// with the limit known to hold and when the next try above it may start (the raise
+    /// back-off holds in every replica); the same generation keeps the lower one, an older
+    /// one is ignored. With `own` (the store's answer to this replica's change), the same
+    /// generation is taken as is: the store decided. Not shared again. Returns whether the
+    /// limit here changed.
+    pub(super) fn apply_limit(&self, remote: RemoteLimit, own: bool) -> bool {
         let Some(shared) = &self.shared else {
             return false;
         };
@@ -342,9 +392,20 @@ impl Slot {
         let applied = shared
             .limit_generation()
             .fetch_max(remote.generation, Ordering::AcqRel);
-        let before = if applied < remote.generation {
+        let before = if applied < remote.generation || (own && applied == remote.generation) {
             // Another replica's change (or this one's, as the store kept it): take it.
             self.gains.store(0, Ordering::Relaxed);
+            if remote.floor != 0 {
+                self.floor
+                    .store(remote.floor.clamp(1, self.cap), Ordering::Release);
+                self.raise_at.store(
+                    self.signals
+                        .now()
+                        .saturating_add(remote.raise_in)
+                        .as_nanos(),
+                    Ordering::Relaxed,
+                );
+            }
             self.limit.swap(limit, Ordering::AcqRel)
         } else if applied == remote.generation {
             // Same generation: a lowering made here meanwhile stands.
@@ -422,6 +483,10 @@ impl Slot {
             Rest::Started => {
                 // A cool-down began elsewhere: leases taken here before it are stragglers
                 // whose 429 must not raise the level again, and the key owes its probe.
+                // Its limit may be learned: counted by the store again.
+                if let Some(shared) = &self.shared {
+                    shared.learning_again();
+                }
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 self.probe.owe();
                 true
@@ -459,19 +524,26 @@ impl Slot {
     /// lowered.
     ///
     /// `refused`: the other leases refused whose slots are not given back yet (the caller
-    /// counted this one in `refused_open`, and its release takes it out again).
-    fn learn_refusal(&self, refused: u32) -> (bool, Option<(u32, u32)>) {
+    /// counted this one in `refused_open`, and its release takes it out again). `total`:
+    /// the key's count across the replicas when the request was sent, this one included
+    /// (0: unknown): what the provider saw is what every replica sent, not this one's.
+    fn learn_refusal(&self, refused: u32, total: u32) -> (bool, Option<(u32, u32)>) {
         if !self.signals.learn_concurrency {
             return (false, None);
         }
         // Only requests sent are at the provider (a reservation held by a ready service is
         // not). This lease still counts among them, and so do others already refused whose
         // slots are not given back yet; neither is at the provider now.
-        let others = self
-            .sent
-            .load(Ordering::Acquire)
-            .saturating_sub(1)
-            .saturating_sub(refused);
+        // Sent with `total - 1` others in flight across the replicas (unknown: this
+        // replica's count now). Refusals seen here and not given back yet may have been
+        // among them, and no longer at the provider: taken off (erring low: a limit
+        // learned too low is raised again, one learned too high is refused again).
+        let sent = if total != 0 {
+            total
+        } else {
+            self.sent.load(Ordering::Acquire)
+        };
+        let others = sent.saturating_sub(1).saturating_sub(refused);
         if others == 0 {
             // Alone on the key: a limit of rate, not of concurrency.
             return (false, None);
@@ -550,7 +622,7 @@ impl Slot {
             self.floor.fetch_min(limit, Ordering::AcqRel);
         }
         if let Some(shared) = self.shared.as_ref().filter(|_| swapped) {
-            self.share_limit(shared, raised, true);
+            self.share_limit(shared, raised, LimitChange::Raised);
         }
         // One more slot: a waiter may take it.
         self.signals.wake_one();
@@ -560,19 +632,27 @@ impl Slot {
     /// and the next raise waits the initial back-off.
     fn raise_served(&self) {
         let limit = self.limit();
+        if let Some(shared) = &self.shared {
+            // The store decides when the raise holds (after tries enough), for every
+            // replica: its answer brings the new floor.
+            if limit != u32::MAX && limit > self.floor.load(Ordering::Acquire) {
+                self.share_limit(shared, limit, LimitChange::RaiseServed);
+            }
+            return;
+        }
         if self.floor.fetch_max(limit, Ordering::AcqRel) < limit {
-            self.raise_wait
-                .store(nanos(RAISE_BACKOFF), Ordering::Relaxed);
+            let wait = self.signals.backoff.raise_wait;
+            self.raise_wait.store(nanos(wait), Ordering::Relaxed);
             self.raise_at.store(
-                self.signals.now().saturating_add(RAISE_BACKOFF).as_nanos(),
+                self.signals.now().saturating_add(wait).as_nanos(),
                 Ordering::Relaxed,
             );
         }
     }
 
     /// A request sent above the limit known to hold was refused: back to that limit, and
-    /// the next try waits twice as long as the last (from [`RAISE_BACKOFF`], up to
-    /// [`RAISE_BACKOFF_MAX`]). Returns (before, after) if the limit was lowered here.
+    /// the next try waits twice as long as the last (from `Backoff::raise_wait`, up to
+    /// `Backoff::max_raise_wait`). Returns (before, after) if the limit was lowered here.
     fn refuse_raise(&self) -> Option<(u32, u32)> {
         let floor = self.floor.load(Ordering::Acquire);
         if floor == u32::MAX {
@@ -584,7 +664,13 @@ impl Slot {
             // Once per refused try, not once per refusal of it.
             let wait = Duration::from_nanos(self.raise_wait.load(Ordering::Relaxed))
                 .saturating_mul(2)
-                .clamp(RAISE_BACKOFF, RAISE_BACKOFF_MAX);
+                .clamp(
+                    self.signals.backoff.raise_wait,
+                    self.signals
+                        .backoff
+                        .max_raise_wait
+                        .max(self.signals.backoff.raise_wait),
+                );
             self.raise_wait.store(nanos(wait), Ordering::Relaxed);
             self.raise_at.store(
                 self.signals.now().saturating_add(wait).as_nanos(),
@@ -600,18 +686,22 @@ impl Slot {
     /// back-off.
     pub(super) fn start_from(&self, limit: u32) {
         let limit = limit.clamp(1, self.cap);
-        self.limit.fetch_min(limit, Ordering::AcqRel);
+        let before = self.limit.fetch_min(limit, Ordering::AcqRel);
         self.gains.store(0, Ordering::Relaxed);
         self.hold_from_now(limit);
+        if let Some(shared) = self.shared.as_ref().filter(|_| before > limit) {
+            // One limit for every replica: the store keeps it (a lower one wins).
+            self.share_limit(shared, limit, LimitChange::Lowered);
+        }
     }
 
     /// `limit` holds: the first try above it waits the initial back-off.
     fn hold_from_now(&self, limit: u32) {
+        let wait = self.signals.backoff.raise_wait;
         self.floor.store(limit, Ordering::Release);
-        self.raise_wait
-            .store(nanos(RAISE_BACKOFF), Ordering::Relaxed);
+        self.raise_wait.store(nanos(wait), Ordering::Relaxed);
         self.raise_at.store(
-            self.signals.now().saturating_add(RAISE_BACKOFF).as_nanos(),
+            self.signals.now().saturating_add(wait).as_nanos(),
             Ordering::Relaxed,
         );
     }

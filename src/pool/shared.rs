@@ -55,10 +55,18 @@ impl PoolInner {
                         generation: shared
                             .limit_generation()
                             .load(std::sync::atomic::Ordering::Acquire),
+                        floor: 0,
+                        raise_in: std::time::Duration::ZERO,
                     }),
                 })
             })
             .collect()
+    }
+
+    /// The raise back-off of learned limits: (first wait, longest wait).
+    pub(crate) fn raise_waits(&self) -> (std::time::Duration, std::time::Duration) {
+        let backoff = &self.signals.backoff;
+        (backoff.raise_wait, backoff.max_raise_wait)
     }
 
     /// Applies another replica's change to the key `id`; `false` if no key here has it.
@@ -74,14 +82,15 @@ impl PoolInner {
         found
     }
 
-    /// Applies the key `id`'s shared learned limit; `true` if the limit here changed.
-    pub(crate) fn apply_limit(&self, id: &str, limit: RemoteLimit) -> bool {
+    /// Applies the key `id`'s shared learned limit (`own`: the store's answer to this
+    /// replica's change, taken as is); `true` if the limit here changed.
+    pub(crate) fn apply_limit(&self, id: &str, limit: RemoteLimit, own: bool) -> bool {
         let table = self.table.load();
         let mut changed = false;
         for (index, key) in table.slots.iter().enumerate() {
             for slot in std::iter::once(key).chain(key.made_lanes()) {
                 if slot.shared.as_ref().is_some_and(|shared| &*shared.id == id)
-                    && slot.apply_limit(limit)
+                    && slot.apply_limit(limit, own)
                 {
                     changed = true;
                     tracing::debug!(

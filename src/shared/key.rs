@@ -33,14 +33,27 @@ pub(crate) struct Shared {
     /// continues its versions, so the store never ignores its writes).
     pub(super) cells: Mutex<HashMap<Arc<str>, Arc<Cell>>>,
     pub(crate) backend: Arc<dyn StateBackend>,
+    /// The pool learns concurrency limits: keys without a cap are counted by the store
+    /// for `window` after their first use and after each refusal (see
+    /// [`StateBackend::learning_window`]).
+    learning: bool,
+    window: Duration,
+    /// Time zero of each cell's `learning_until`.
+    started: tokio::time::Instant,
 }
 
 impl Shared {
     pub(crate) fn new(
         backend: Arc<dyn StateBackend>,
         policy: DegradedPolicy,
+        learning: bool,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Op>) {
         let (ops, receiver) = mpsc::unbounded_channel();
+        let window = if learning {
+            backend.learning_window()
+        } else {
+            Duration::ZERO
+        };
         let shared = Arc::new(Self {
             ops,
             policy,
@@ -54,6 +67,9 @@ impl Shared {
             holding: AtomicBool::new(false),
             cells: Mutex::new(HashMap::new()),
             backend,
+            learning: learning && !window.is_zero(),
+            window,
+            started: tokio::time::Instant::now(),
         });
         (shared, receiver)
     }
@@ -94,7 +110,7 @@ impl Shared {
             })
             .clone();
         cell.cap.store(cap, Ordering::Relaxed);
-        SharedKey {
+        let key = SharedKey {
             id,
             cell,
             capped: cap != u32::MAX || quota.is_some(),
@@ -103,7 +119,15 @@ impl Shared {
                 tolerance: quota.tolerance(),
             }),
             shared: self.clone(),
-        }
+        };
+        // Counted while its limit may be learned: from its first use here.
+        key.learning_again();
+        key
+    }
+
+    /// Milliseconds since `started`.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 
@@ -132,6 +156,10 @@ pub(crate) struct Cell {
     /// `BackendLink::hold`): 1 + this replica's count on the key when it went away; 0: no
     /// hold.
     pub(super) hold: AtomicU32,
+    /// Until when (ms since `Shared::started`) the key is counted by the store though it
+    /// has no cap nor learned limit: its limit may be learned (see
+    /// [`StateBackend::learning_window`]).
+    pub(super) learning_until: AtomicU64,
 }
 
 impl Cell {
@@ -200,7 +228,10 @@ impl Drop for Admission {
     fn drop(&mut self) {
         // Admitted, but its lease gave up before reading the answer: the slot the store
         // counted for it goes back.
-        if !self.answered && self.counted && self.answer.try_recv() == Ok(Verdict::Admitted) {
+        if !self.answered
+            && self.counted
+            && matches!(self.answer.try_recv(), Ok(Verdict::Admitted(_)))
+        {
             release(&self.id, &self.cell, &self.shared);
         }
     }
@@ -256,6 +287,9 @@ impl SharedKey {
     #[inline(never)]
     pub(crate) fn taken(&self, probe: bool, limit: u32) -> (bool, bool) {
         let counted = limit != u32::MAX;
+        // Counted by the store too while its limit may be learned (not taken alone while
+        // the store is away: nothing to learn from then).
+        let learning = !counted && self.learning();
         if self.shared.degraded.load(Ordering::Relaxed) {
             // Within the policy's share already (`limit`); the store hears of it at the
             // merge.
@@ -264,7 +298,27 @@ impl SharedKey {
             }
             return (counted, false);
         }
-        (false, counted || self.capped || probe)
+        (false, counted || learning || self.capped || probe)
+    }
+
+    /// Is the key, without a cap or learned limit, counted by the store now (its limit
+    /// may be learned: see [`StateBackend::learning_window`])?
+    fn learning(&self) -> bool {
+        let shared = &*self.shared;
+        shared.learning && shared.now_ms() < self.cell.learning_until.load(Ordering::Relaxed)
+    }
+
+    /// The key's limit may be learned from now on (first used, or refused here or in
+    /// another replica): the store counts it for the learning window.
+    #[inline(never)]
+    pub(crate) fn learning_again(&self) {
+        let shared = &*self.shared;
+        if shared.learning {
+            let until = shared
+                .now_ms()
+                .saturating_add(u64::try_from(shared.window.as_millis()).unwrap_or(u64::MAX));
+            self.cell.learning_until.fetch_max(until, Ordering::Relaxed);
+        }
     }
 
     /// The key's lane for the bucket named `bucket` (a pool with buckets), shared under
@@ -301,6 +355,11 @@ impl SharedKey {
     /// store accepts as well).
     #[inline(never)]
     pub(crate) fn ask(&self, cap: u32, probe: bool) -> Admission {
+        let cap = if cap == u32::MAX && self.learning() {
+            COUNT_ONLY
+        } else {
+            cap
+        };
         let frees = self.cell.frees.load(Ordering::Acquire);
         let (reply, answer) = oneshot::channel();
         self.shared.send(Op::Acquire(Acquire {
@@ -380,6 +439,8 @@ pub(crate) enum Answer {
     Admitted {
         /// Counted on the key.
         counted: bool,
+        /// The key's count across the replicas with this lease (0: unknown).
+        total: u32,
     },
     /// The key is full across the replicas (it reads busy here until a release).
     Full,
@@ -397,10 +458,14 @@ impl Admission {
         };
         self.answered = true;
         Poll::Ready(match verdict {
-            Ok(Verdict::Admitted) => Answer::Admitted {
+            Ok(Verdict::Admitted(total)) => Answer::Admitted {
                 counted: self.counted,
+                total,
             },
-            Err(_) => Answer::Admitted { counted: false },
+            Err(_) => Answer::Admitted {
+                counted: false,
+                total: 0,
+            },
             Ok(Verdict::Full) => {
                 key.refused(self.frees);
                 Answer::Full

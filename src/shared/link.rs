@@ -72,7 +72,27 @@ impl BackendLink {
     pub fn apply_limit(&self, id: &str, limit: RemoteLimit) -> bool {
         self.pool
             .upgrade()
-            .is_some_and(|pool| pool.apply_limit(id, limit))
+            .is_some_and(|pool| pool.apply_limit(id, limit, false))
+    }
+
+    /// Applies the store's answer to this replica's own [`Op::Limit`] on the key `id` as
+    /// it is (the store decides: a change it refused is undone here), unless a later
+    /// generation was applied meanwhile. Returns whether the limit here changed.
+    pub fn set_limit(&self, id: &str, limit: RemoteLimit) -> bool {
+        self.pool
+            .upgrade()
+            .is_some_and(|pool| pool.apply_limit(id, limit, true))
+    }
+
+    /// The pool's raise back-off of learned concurrency limits: the wait before the first
+    /// try above a limit learned or served, and the longest wait after refused tries (see
+    /// [`Backoff::raise_wait`](crate::Backoff::raise_wait)). The store applies it for
+    /// every replica.
+    pub fn raise_waits(&self) -> (Duration, Duration) {
+        self.pool.upgrade().map_or(
+            (Duration::from_secs(300), Duration::from_secs(3600)),
+            |pool| pool.raise_waits(),
+        )
     }
 
     /// A lease on the key `id` was released somewhere: waiters may find room on it.

@@ -33,10 +33,22 @@
 //!   quota is admitted only if the shared quota has a unit (in the same round trip as the
 //!   in-flight count); else the key reads busy here until the store says it has one.
 //! - **Learned concurrency limits** are one per key for every replica: a replica that
-//!   learns one ([`Op::Limit`]) has the store keep it (a lower limit always wins; a raise
-//!   only if made on the limit in force), and every replica applies the store's answer
-//!   ([`BackendLink::apply_limit`]); the store also admits leases under it. A key with a
-//!   learned limit is counted and admitted as a key with a cap is.
+//!   learns something of one ([`Op::Limit`], a [`LimitChange`]) has the store keep it,
+//!   with the limit known to hold and the raise back-off (a lower limit always wins; a
+//!   raise only if made on the limit in force, once that limit holds and the back-off has
+//!   passed; a refused raise doubles the back-off), and every replica applies the store's
+//!   answer ([`BackendLink::apply_limit`]); the store also admits leases under it, and
+//!   only one lease at a time above the limit known to hold (the raise's try). A key with
+//!   a learned limit is counted and admitted as a key with a cap is, and a refusal teaches
+//!   from the key's count across the replicas when its request was sent (the store's
+//!   admission says it: [`Acquire::admit_at`]), not from this replica's.
+//! - **While a limit may be learned**, a key without a cap or learned limit is counted by
+//!   the store too ([`COUNT_ONLY`]): for [`StateBackend::learning_window`] after its first
+//!   use here and after each refusal of it (here, or a rest heard from another replica).
+//!   This costs such a key an admission and a release per request in that window, and
+//!   nothing after it: a key that is never refused costs the store no call per request.
+//!   A refusal outside the window teaches from this replica's count, and opens the window
+//!   again for the next.
 //! - **In-flight counts** of keys with a cap count requests *sent* (leases admitted),
 //!   never leases waiting for admission. A lease on a capped key is admitted by the store
 //!   (one round trip, while `poll_ready` waits) if the live replicas' counts leave room
@@ -94,6 +106,15 @@ pub trait StateBackend: Send + Sync + fmt::Debug + 'static {
     /// Starts sharing the pool's state: read `ops` and apply other replicas' changes
     /// through `link`. Called once, by [`KeyPoolBuilder::build`].
     fn attach(&self, link: BackendLink, ops: mpsc::UnboundedReceiver<Op>);
+
+    /// How long a key without a cap or learned limit is counted by the store (its leases
+    /// admitted as a capped key's are, under [`COUNT_ONLY`]) after it is first used here,
+    /// and after each refusal of it heard here: while a concurrency limit may be learned,
+    /// so that a refusal teaches from the key's count across the replicas. Zero (the
+    /// default): never.
+    fn learning_window(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// What the pool asks of the store. Produced off the request path except for
@@ -142,11 +163,13 @@ pub enum Op {
         /// The key's [`StateBackend::key_id`].
         key: Arc<str>,
     },
-    /// This replica learned a key's concurrency limit: lowered it after a refusal, or
-    /// raised it after successes at it (`raise`). The store keeps one limit per key for
-    /// every replica: a lower one always wins; a raise wins only if it was made on the
-    /// limit in force there (`generation` is the store's, as this replica last heard it).
-    /// The store's answer goes to every replica ([`BackendLink::apply_limit`]).
+    /// This replica learned something of a key's concurrency limit (`change`). The store
+    /// keeps one limit per key for every replica, with the limit known to hold and when
+    /// the next try above it may start: a lower limit always wins; a raise wins only if
+    /// it was made on the limit in force there (`generation` is the store's, as this
+    /// replica last heard it), that limit is known to hold (no other try runs), and the
+    /// raise back-off has passed. The store's answer goes to every replica
+    /// ([`BackendLink::apply_limit`]).
     Limit {
         /// The key's [`StateBackend::key_id`].
         key: Arc<str>,
@@ -154,10 +177,34 @@ pub enum Op {
         limit: u32,
         /// The generation of the shared limit this replica last applied.
         generation: u64,
-        /// A raise (successes at the limit), not a lowering.
-        raise: bool,
+        /// What happened.
+        change: LimitChange,
     },
 }
+
+/// What a replica learned of a key's concurrency limit ([`Op::Limit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LimitChange {
+    /// A refusal lowered it: the new limit holds, and the first try above it waits the
+    /// initial raise back-off.
+    Lowered,
+    /// Successes at the limit raised it by one: a try above the limit known to hold.
+    Raised,
+    /// A try above the limit known to hold was refused: back to that limit, and the next
+    /// try waits twice as long as the last.
+    RaiseRefused,
+    /// A try above the limit known to hold was served: once the store has seen as many
+    /// served in a row as the raised limit, that limit holds, and the next try waits the
+    /// initial raise back-off.
+    RaiseServed,
+}
+
+/// The cap an [`Acquire`] names for a key without a cap or learned limit that is counted
+/// all the same (its concurrency limit is being learned: see
+/// [`StateBackend::learning_window`]): its leases count on the key, and the store admits
+/// them all.
+pub const COUNT_ONLY: u32 = u32::MAX - 1;
 
 /// A lease's request to be admitted under its key's cap, shared by every replica.
 ///
@@ -167,7 +214,7 @@ pub struct Acquire {
     /// The key's [`StateBackend::key_id`].
     pub key: Arc<str>,
     /// The key's cap (configured or learned; `u32::MAX`: none, the lease is not counted,
-    /// only its quota or probe is asked for).
+    /// only its quota or probe is asked for; [`COUNT_ONLY`]: none, but counted).
     pub cap: u32,
     /// The key's request quota, if it has one: shared by every replica.
     pub quota: Option<SharedQuota>,
@@ -190,7 +237,8 @@ pub struct SharedQuota {
 /// The store's answer to an [`Acquire`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
-    Admitted,
+    /// With the key's count across the replicas, this lease included (0: unknown).
+    Admitted(u32),
     Full,
     QuotaIn(Duration),
 }
@@ -202,6 +250,13 @@ impl Acquire {
     /// [`BackendLink::probe_done`]). Returns `false` if the lease was admitted but is gone
     /// (its caller gave up): the slot the store counted for it must then be released.
     pub fn admit(self, admitted: bool) -> bool {
+        self.admit_at(admitted, 0)
+    }
+
+    /// [`admit`](Self::admit), telling the lease how many requests the key had in flight
+    /// across the replicas with it (`total`, 0: unknown): a refusal of its request teaches
+    /// the key's limit from that, and a try above the limit known to hold is told by it.
+    pub fn admit_at(self, admitted: bool, total: u32) -> bool {
         if !admitted {
             // The lease may be gone (its caller gave up): nobody to tell.
             let _ = self.reply.send(Verdict::Full);
@@ -211,7 +266,7 @@ impl Acquire {
         if counted {
             self.cell.word.fetch_add(key::ONE, Ordering::AcqRel);
         }
-        if self.reply.send(Verdict::Admitted).is_err() && counted {
+        if self.reply.send(Verdict::Admitted(total)).is_err() && counted {
             self.cell.word.fetch_add(key::ONE_LESS, Ordering::AcqRel);
             return false;
         }
@@ -272,6 +327,12 @@ pub struct RemoteLimit {
     pub limit: u32,
     /// Raised by the store at every change of the limit.
     pub generation: u64,
+    /// The highest limit known to hold (0: unknown): requests sent with more in flight
+    /// across the replicas try a raise.
+    pub floor: u32,
+    /// How long from the store's answer until the next try above the limit known to hold
+    /// may start.
+    pub raise_in: Duration,
 }
 
 /// A key's local rest state, for merging into the store when it comes back.

@@ -493,6 +493,19 @@ struct SharedArgs {
         hide_possible_values = true
     )]
     degraded_policy: PolicyArg,
+
+    /// How long a replica's slots outlive it in Redis, in seconds
+    ///
+    /// A replica that dies (kill -9, a lost machine) frees its keys' slots within this
+    /// plus one heartbeat. Default 5.
+    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = positive_seconds, hide_default_value = true)]
+    redis_ttl: Duration,
+
+    /// How often a replica renews its life and counts in Redis, in seconds
+    ///
+    /// Keep it well below --redis-ttl. Default 1.
+    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = positive_seconds, hide_default_value = true)]
+    redis_heartbeat: Duration,
 }
 
 impl SharedArgs {
@@ -503,6 +516,8 @@ impl SharedArgs {
         config.namespace = self.redis_namespace;
         config.secret_env = self.redis_secret_env;
         config.degraded_policy = self.degraded_policy.into();
+        config.ttl = self.redis_ttl;
+        config.heartbeat = self.redis_heartbeat;
         config
     }
 }

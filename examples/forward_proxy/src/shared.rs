@@ -39,10 +39,17 @@ pub struct RedisConfig {
     pub secret_env: Option<String>,
     /// What each replica does while Redis is away (`--degraded-policy`).
     pub degraded_policy: DegradedPolicy,
+    /// How long a replica's slots outlive it in Redis (`--redis-ttl`, default 5 s): a
+    /// replica that dies frees them within this plus one heartbeat.
+    pub ttl: std::time::Duration,
+    /// How often a replica renews its life and counts in Redis (`--redis-heartbeat`,
+    /// default 1 s).
+    pub heartbeat: std::time::Duration,
 }
 
 impl Default for RedisConfig {
-    /// No URL (`REDIS_URL` if set), namespace `default`, the `split` policy.
+    /// No URL (`REDIS_URL` if set), namespace `default`, the `split` policy, a TTL of 5 s
+    /// and a heartbeat of 1 s.
     fn default() -> Self {
         Self {
             url: None,
@@ -50,6 +57,8 @@ impl Default for RedisConfig {
             namespace: "default".to_owned(),
             secret_env: None,
             degraded_policy: DegradedPolicy::Split,
+            ttl: RedisOptions::default().ttl,
+            heartbeat: RedisOptions::default().heartbeat,
         }
     }
 }
@@ -113,6 +122,8 @@ pub(crate) async fn apply(
     };
     let mut options = RedisOptions::default();
     options.namespace = config.namespace.clone();
+    options.ttl = config.ttl;
+    options.heartbeat = config.heartbeat;
     if let Some(path) = &config.ca {
         // Checked here for a clear error; the Redis client parses it again.
         crate::config::load_ca("--redis-ca", path)?;

@@ -11,7 +11,7 @@ use super::Connection;
 
 use super::task::{PROBE_TTL, millis};
 use super::*;
-use crate::shared::{Acquire, BackendLink, RemoteLimit, RemoteRest};
+use crate::shared::{Acquire, BackendLink, LimitChange, RemoteLimit, RemoteRest};
 
 /// The store's answer to an acquire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,8 +192,9 @@ impl Inner {
     }
 
     /// Asks the store to admit a lease; `None` if the store failed. With the grants to
-    /// this replica the same call made.
-    pub(super) async fn acquire(&self, acquire: &Acquire) -> Option<(Acquired, u32)> {
+    /// this replica the same call made, and the key's total across the replicas after it
+    /// (with the lease, if admitted).
+    pub(super) async fn acquire(&self, acquire: &Acquire) -> Option<(Acquired, u32, u32)> {
         // The interval rounded up and the tolerance down: the quota's promise holds (see
         // `Quota::interval`).
         let micros_up = |d: Duration| u64::try_from(d.as_nanos().div_ceil(1000));
@@ -221,7 +222,7 @@ impl Inner {
             .arg(millis(PROBE_TTL))
             .arg(&self.channel)
             .arg(&**id);
-        let (status, wait, _total, mine) = self.call::<(u8, u64, u32, u32)>(invocation).await?;
+        let (status, wait, total, mine) = self.call::<(u8, u64, u32, u32)>(invocation).await?;
         if acquire.cap != u32::MAX {
             self.touch(id);
         }
@@ -231,12 +232,13 @@ impl Inner {
             (_, 0) => Acquired::Refused,
             (_, ms) => Acquired::QuotaIn(Duration::from_millis(ms)),
         };
-        Some((acquired, mine))
+        Some((acquired, mine, total))
     }
 
     /// Releases `n` of this replica's slots on the key `id`; the grants to this replica
-    /// (its own leases queued first), or `None` if the store failed.
-    pub(super) async fn release(&self, id: &Arc<str>, n: u32) -> Option<u32> {
+    /// (its own leases queued first) and the key's total after, or `None` if the store
+    /// failed.
+    pub(super) async fn release(&self, id: &Arc<str>, n: u32) -> Option<(u32, u32)> {
         let mut invocation = self.scripts.release.prepare_invoke();
         invocation
             .key(self.key("c", id))
@@ -247,20 +249,20 @@ impl Inner {
             .arg(millis(self.options.ttl))
             .arg(&self.channel)
             .arg(&**id);
-        let mine = self.call::<u32>(invocation).await?;
+        let answer = self.call::<(u32, u32)>(invocation).await?;
         self.touch(id);
-        Some(mine)
+        Some(answer)
     }
 
     /// Renews this replica's count on the key `id`, resetting it to `own` if given, or
     /// claiming lost grants (see the script); (the grants to this replica, its
-    /// generation, its count there), or `None` if the store failed.
+    /// generation, its count there, the key's total), or `None` if the store failed.
     pub(super) async fn renew(
         &self,
         id: &str,
         own: Option<u32>,
         claim: bool,
-    ) -> Option<(u32, u64, u32)> {
+    ) -> Option<(u32, u64, u32, u32)> {
         let mut invocation = self.scripts.renew.prepare_invoke();
         invocation
             .key(self.key("c", id))
@@ -272,7 +274,7 @@ impl Inner {
             .arg(id)
             .arg(own.map_or(-1, i64::from))
             .arg(u8::from(claim));
-        self.call::<(u32, u64, u32)>(invocation).await
+        self.call::<(u32, u64, u32, u32)>(invocation).await
     }
 
     /// Writes a rest, disable or level (and a probe's answer: `probe` is `Some(back)`).
@@ -302,24 +304,40 @@ impl Inner {
         self.call::<(u64, u32, u8)>(invocation).await.is_some()
     }
 
-    /// Writes a learned limit (see [`Op::Limit`]); the limit the store keeps, if it answered.
+    /// Writes what this replica learned of a limit (see [`Op::Limit`]) under the pool's
+    /// raise back-off (`waits`: first, longest); the limit the store keeps, if it answered.
     pub(super) async fn limit(
         &self,
         id: &str,
         limit: u32,
         generation: u64,
-        raise: bool,
+        change: LimitChange,
+        waits: (Duration, Duration),
     ) -> Option<RemoteLimit> {
+        let change: u8 = match change {
+            LimitChange::Raised => 1,
+            LimitChange::RaiseRefused => 2,
+            LimitChange::RaiseServed => 3,
+            _ => 0,
+        };
         let mut invocation = self.scripts.limit.prepare_invoke();
         invocation
             .key(self.key("k", id))
             .arg(limit)
             .arg(generation)
-            .arg(u8::from(raise))
+            .arg(change)
             .arg(&self.channel)
-            .arg(id);
-        let (limit, generation) = self.call::<(u32, u64)>(invocation).await?;
-        Some(RemoteLimit { limit, generation })
+            .arg(id)
+            .arg(millis(waits.0))
+            .arg(millis(waits.1));
+        let (limit, generation, floor, raise_in) =
+            self.call::<(u32, u64, u32, u64)>(invocation).await?;
+        Some(RemoteLimit {
+            limit,
+            generation,
+            floor,
+            raise_in: Duration::from_millis(raise_in),
+        })
     }
 
     /// Reads every key's shared rest and applies it here; `false` if the store failed.
@@ -336,14 +354,27 @@ impl Inner {
             for id in ids {
                 invocation.key(self.key("k", id));
             }
-            let Some(part) = self.call::<Vec<(u64, u32, u8, u32, u64)>>(invocation).await else {
+            let Some(part) = self
+                .call::<Vec<(u64, u32, u8, u32, u64, u32, u64)>>(invocation)
+                .await
+            else {
                 return false;
             };
             states.extend(part);
         }
-        for (id, (left, level, disabled, limit, generation)) in ids.iter().zip(states) {
+        for (id, (left, level, disabled, limit, generation, floor, raise_in)) in
+            ids.iter().zip(states)
+        {
             if limit > 0 {
-                link.apply_limit(id, RemoteLimit { limit, generation });
+                link.apply_limit(
+                    id,
+                    RemoteLimit {
+                        limit,
+                        generation,
+                        floor,
+                        raise_in: Duration::from_millis(raise_in),
+                    },
+                );
             }
             let rest = RemoteRest {
                 remaining: (left > 0).then(|| Duration::from_millis(left)),
@@ -366,7 +397,13 @@ impl Inner {
             // A limit learned while away: the lower one wins.
             if let Some(limit) = rest.limit {
                 match self
-                    .limit(&rest.key, limit.limit, limit.generation, false)
+                    .limit(
+                        &rest.key,
+                        limit.limit,
+                        limit.generation,
+                        LimitChange::Lowered,
+                        link.raise_waits(),
+                    )
                     .await
                 {
                     Some(kept) => {

@@ -17,17 +17,21 @@
 //!
 //! | name | type | holds |
 //! | --- | --- | --- |
-//! | `tkr:<ns>:{<id>}:k` | hash | `until` (the rest's end, on the server's clock, ms), `level`, `disabled`, `cap`, `limit` (the learned concurrency limit) and `lgen` (its generation) |
+//! | `tkr:<ns>:{<id>}:k` | hash | `until` (the rest's end, on the server's clock, ms), `level`, `disabled`, `cap`, `limit` (the learned concurrency limit), `lgen` (its generation), `floor` (the limit known to hold), `rat` (no raise before, server ms), `rwait` (the raise back-off, ms), `trial` (a raise's single try runs until, server ms), `tries` (a raise's tries served so far) |
 //! | `tkr:<ns>:{<id>}:c` | hash | per replica: `count:deadline:generation`, its requests sent on the key, the server time the entry lives until (renewed by each call and the heartbeat), and how many times the replica reset it |
 //! | `tkr:<ns>:{<id>}:w` | list | the queue: one entry (the replica's name) per lease waiting for the key, in arrival order across the replicas |
 //! | `tkr:<ns>:{<id>}:q` | string | the key's quota state (GCRA's theoretical arrival time, server µs) |
 //! | `tkr:<ns>:{<id>}:p` | string | the replica whose probe of the key (its single request after a rest) is running |
 //! | `tkr:{<ns>}:replicas` | sorted set | replica → when it is considered dead (server ms) |
-//! | `tkr:<ns>:events` | channel | `rest <id> <ms left> <level> <disabled> <replica>`, `grant <id> <replica> <n> <generation>`, `back <id> <0/1> <replica>`, `limit <id> <limit> <generation>` |
+//! | `tkr:<ns>:events` | channel | `rest <id> <ms left> <level> <disabled> <replica>`, `grant <id> <replica> <n> <generation> <total>`, `back <id> <0/1> <replica>`, `limit <id> <limit> <generation> <floor> <ms until a raise>` |
 //!
 //! # Admission
 //!
-//! A lease on a capped key costs two calls: its admission and its release.
+//! A lease on a capped key costs two calls: its admission and its release; so does a lease
+//! on a key without a cap in its learning window ([`RedisOptions::learning_window`]), which
+//! is counted (cap `COUNT_ONLY`) but never queued. Each admission tells the lease the key's
+//! total across the replicas when it goes (the answer to `acquire`, `release` or `renew`,
+//! or the `grant` message): a refusal of its request teaches the limit from that.
 //!
 //! - `acquire` admits the lease if the live replicas' counts leave room under the cap and
 //!   nobody waits; else it appends the replica to the key's queue and the lease waits
@@ -54,8 +58,13 @@
 //!   recovery), a disable for good; announced to the other replicas, and with it a
 //!   probe's answer (`back`: the other replicas owe no probe of their own).
 //! - `limit`: a key's learned concurrency limit, one for every replica (which `acquire`
-//!   admits under): a lower one always wins, a raise only if made on the limit kept (its
-//!   generation); every change raises the generation and is announced.
+//!   admits under), with the limit known to hold and the raise back-off: a lower one
+//!   always wins, a raise only if made on the limit kept (its generation), that limit
+//!   holds and the back-off has passed; a refused try goes back to the limit known to hold
+//!   and doubles the back-off (up to the pool's longest), one served as many times in a
+//!   row as the raised limit holds; every change
+//!   raises the generation and is announced. While a raise is tried, the admission
+//!   scripts let one lease at a time above the limit known to hold.
 //! - `sync`: every key's rest and learned limit, for the heartbeat's backstop and the
 //!   merge after an outage.
 //!
@@ -113,6 +122,12 @@ pub struct RedisOptions {
     pub ttl: Duration,
     /// Failures in a row that open the breaker (default 3).
     pub failures: u32,
+    /// How long a key without a cap or learned limit is counted by the store after its
+    /// first use and after each refusal of it (default 60 s; zero: never): its leases
+    /// cost an admission and a release, as a capped key's do, so that a refusal teaches
+    /// its concurrency limit from the count across the replicas (see
+    /// [`StateBackend::learning_window`]).
+    pub learning_window: Duration,
     /// For a `rediss://` URL: the CA certificates (PEM) to trust instead of the public
     /// roots (Mozilla's, built in), e.g. a deployment's own CA. Needs the `redis-tls`
     /// feature.
@@ -127,6 +142,7 @@ impl Default for RedisOptions {
             heartbeat: Duration::from_secs(1),
             ttl: Duration::from_secs(5),
             failures: 3,
+            learning_window: Duration::from_secs(60),
             tls_ca: None,
         }
     }
@@ -479,6 +495,10 @@ impl StateBackend for RedisBackend {
         mac.update(spec.key().expose_secret().as_bytes());
         let digest = mac.finalize().into_bytes();
         digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn learning_window(&self) -> Duration {
+        self.inner.options.learning_window
     }
 
     fn attach(&self, link: BackendLink, ops: mpsc::UnboundedReceiver<Op>) {

@@ -27,10 +27,15 @@ pub(super) const NOW: &str = "local t = redis.call('TIME')\n\
 ///
 /// - `live()`: the live replicas' total, forgetting the dead ones.
 /// - `cap_of(cap)`: `cap` (or the one kept, if `nil`) under the learned limit.
+/// - `room(total, cap)`: may one more lease go? 0 no; 1 yes, under the limit known to
+///   hold (`floor`); 2 yes, as the single try above it (when a raise is being tried and
+///   no other try runs: `trial`, the server time a try's mark lasts until, is past).
+///   `took(r)` marks a try taken (cleared when the try's answer changes the limit).
 /// - `pump(total, cap, me, channel, id)`: hands each free slot to the queue's first live
 ///   entry (its count goes up by one: a *grant*), announcing grants to each other
-///   replica by name (`grant <id> <replica> <n> <generation>`); returns the grants to `me`
-///   and the total after.
+///   replica by name (`grant <id> <replica> <n> <generation> <total>`, the total after,
+///   which the granted requests are sent with); returns the grants to `me` and the total
+///   after.
 pub(super) const HELPERS: &str = r#"
 local function field(v)
   local c, d, g = string.match(v, '^(%d+):(%d+):(%d+)$')
@@ -58,9 +63,32 @@ local function cap_of(cap)
   end
   return cap
 end
+local function room(total, cap)
+  if total >= cap then
+    return 0
+  end
+  local s = redis.call('HMGET', KEYS[3], 'floor', 'trial')
+  local floor = tonumber(s[1] or '0')
+  if floor == 0 or total < floor then
+    return 1
+  end
+  if tonumber(s[2] or '0') > now then
+    return 0
+  end
+  return 2
+end
+local function took(r)
+  if r == 2 then
+    redis.call('HSET', KEYS[3], 'trial', now + 10000)
+  end
+end
 local function pump(total, cap, me, channel, id)
   local mine, others, gens = 0, {}, {}
-  while total < cap do
+  while true do
+    local r = room(total, cap)
+    if r == 0 then
+      break
+    end
     local head = redis.call('LPOP', KEYS[2])
     if not head then
       break
@@ -70,6 +98,7 @@ local function pump(total, cap, me, channel, id)
       local c, d, g = field(v)
       if d > now then
         redis.call('HSET', KEYS[1], head, string.format('%d:%d:%d', c + 1, d, g))
+        took(r)
         gens[head] = g
         total = total + 1
         if head == me then
@@ -81,7 +110,7 @@ local function pump(total, cap, me, channel, id)
     end
   end
   for who, n in pairs(others) do
-    redis.call('PUBLISH', channel, string.format('grant %s %s %d %d', id, who, n, gens[who]))
+    redis.call('PUBLISH', channel, string.format('grant %s %s %d %d %d', id, who, n, gens[who], total))
   end
   return mine, total
 end
@@ -140,8 +169,10 @@ if counted then
   total = live()
   mine, total = pump(total, cap, me, ARGV[8], ARGV[9])
   local c = mine_of(me)
-  if total < cap and redis.call('LLEN', KEYS[2]) == 0 then
+  local r = room(total, cap)
+  if r > 0 and redis.call('LLEN', KEYS[2]) == 0 then
     c, total = c + 1, total + 1
+    took(r)
   else
     redis.call('RPUSH', KEYS[2], me)
     status = 2
@@ -160,12 +191,12 @@ return {status, 0, total, mine}
 
 /// KEYS: counts, queue, state. ARGV: replica, leases released, ttl (ms), channel, id.
 /// Takes the leases off the replica's count and hands the freed slots to the queue.
-/// Returns the grants to this replica.
+/// Returns {grants to this replica, the key's total after}.
 pub(super) const RELEASE: &str = r#"
 local me, ttl = ARGV[1], tonumber(ARGV[3])
 put(me, math.max(mine_of(me) - tonumber(ARGV[2]), 0), ttl)
-local mine = pump(live(), cap_of(nil), me, ARGV[4], ARGV[5])
-return mine
+local mine, total = pump(live(), cap_of(nil), me, ARGV[4], ARGV[5])
+return {mine, total}
 "#;
 
 /// KEYS: counts, queue, state. ARGV: replica, ttl (ms), channel, id, the replica's own
@@ -177,7 +208,8 @@ return mine
 /// generation raised (grants announced before are void). With `claim` (ARGV 6: the
 /// replica's leases only wait, nothing else of its is on its way), the generation is
 /// raised and the count returned, so that grants whose messages were lost reach their
-/// leases. Returns {grants to this replica, its generation, its count here}.
+/// leases. Returns {grants to this replica, its generation, its count here, the key's
+/// total}.
 pub(super) const RENEW: &str = r#"
 local me, ttl, own = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
 local v = redis.call('HGET', KEYS[1], me)
@@ -198,9 +230,9 @@ end
 if v or own > 0 then
   redis.call('HSET', KEYS[1], me, string.format('%d:%d:%d', c, now + ttl, g))
 end
-local mine = pump(live(), cap_of(nil), me, ARGV[3], ARGV[4])
+local mine, total = pump(live(), cap_of(nil), me, ARGV[3], ARGV[4])
 local count = mine_of(me)
-return {mine, g, count}
+return {mine, g, count, total}
 "#;
 
 /// KEYS: replicas. ARGV: replica, ttl (ms). Renews the replica's life; returns the names
@@ -246,45 +278,97 @@ end
 return {left, level, disabled}
 "#;
 
-/// KEYS: state hash. ARGV: limit, generation, raise (0/1), channel, id. The key's learned
-/// concurrency limit, one for every replica: a lower limit always wins; a raise wins only
-/// if made on the limit kept here (its generation is the one kept); with none kept (a new
-/// key, or the store restarted empty) the first one sent is taken. Every change raises the
-/// generation (past the sender's, after a restart) and is announced. Returns {limit,
-/// generation}.
+/// KEYS: state hash. ARGV: limit, generation, change (0 lowered, 1 raised, 2 raise
+/// refused, 3 raise served), channel, id, the raise back-off's first and longest waits
+/// (ms). The key's learned concurrency limit, one for every replica, with the limit known
+/// to hold (`floor`), when the next try above it may start (`rat`, server ms) and the wait
+/// a refused try doubles (`rwait`, ms):
+///
+/// - lowered: a lower limit always wins; it holds, and the next try waits the first wait;
+///   while a raise is tried, one lower than the limit known to hold by at most one is the
+///   try's refusal (a request admitted before the try, whose count missed it);
+/// - raised: wins only if made on the limit kept here (its generation is the one kept),
+///   that limit holds (no other try runs: one replica's raise at a time) and `rat` has
+///   passed;
+/// - raise refused: back to the limit known to hold, the wait doubled (up to the longest);
+///   once per try, whichever replica's refusal comes first;
+/// - raise served: once as many tries as the raised limit were served in a row (`tries`;
+///   one could be served only because another request had just ended at the provider and
+///   not yet here), the raised limit holds, and the next try waits the first wait;
+///
+/// A try is one request: the admission scripts let one lease at a time above the limit
+/// known to hold (see `room`), until the try's answer comes here.
+///
+/// With none kept (a new key, or the store restarted empty) the first one sent is taken,
+/// as holding. Every change raises the generation (past the sender's, after a restart)
+/// and is announced (`limit <id> <limit> <generation> <floor> <ms until a raise>`).
+/// Returns {limit, generation, floor, ms until a raise}.
 pub(super) const LIMIT: &str = r#"
-local s = redis.call('HMGET', KEYS[1], 'limit', 'lgen')
+local s = redis.call('HMGET', KEYS[1], 'limit', 'lgen', 'floor', 'rat', 'rwait')
 local kept, gen = tonumber(s[1] or '0'), tonumber(s[2] or '0')
-local l, g = tonumber(ARGV[1]), tonumber(ARGV[2])
+local floor, rat, rwait = tonumber(s[3] or '0'), tonumber(s[4] or '0'), tonumber(s[5] or '0')
+local l, g, change = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local first, longest = tonumber(ARGV[6]), tonumber(ARGV[7])
+if floor == 0 then
+  floor = kept
+end
 local changed = false
+local function hold(limit, wait)
+  kept, floor, rwait, rat, changed = limit, limit, wait, now + wait, true
+end
 if kept == 0 then
-  kept, gen, changed = l, math.max(gen, g) + 1, true
-elseif ARGV[3] == '1' then
-  if g == gen and l > kept then
-    kept, gen, changed = l, gen + 1, true
+  hold(l, first)
+elseif change == '0' then
+  if kept > floor and l + 1 >= floor then
+    -- A refusal while a raise is tried, of a request admitted before the try's (its
+    -- count missed the try): the try's refusal.
+    hold(floor, math.min(math.max(rwait * 2, first), longest))
+  elseif l < kept then
+    hold(l, first)
   end
-elseif l < kept then
-  kept, gen, changed = l, math.max(gen, g) + 1, true
+elseif change == '1' then
+  if g == gen and l > kept and kept <= floor and now >= rat then
+    kept, changed = l, true
+  end
+elseif change == '2' then
+  if kept > floor then
+    hold(floor, math.min(math.max(rwait * 2, first), longest))
+  end
+elseif change == '3' then
+  if l > floor and l <= kept then
+    local tries = tonumber(redis.call('HGET', KEYS[1], 'tries') or '0') + 1
+    if tries >= l then
+      hold(l, first)
+    else
+      -- Not proven yet: the next request above the floor tries again.
+      redis.call('HSET', KEYS[1], 'tries', tries, 'trial', 0)
+    end
+  end
 end
 if changed then
-  redis.call('HSET', KEYS[1], 'limit', kept, 'lgen', gen)
-  redis.call('PUBLISH', ARGV[4], string.format('limit %s %d %d', ARGV[5], kept, gen))
+  gen = math.max(gen, g) + 1
+  redis.call('HSET', KEYS[1], 'limit', kept, 'lgen', gen, 'floor', floor, 'rat', rat, 'rwait', rwait, 'trial', 0, 'tries', 0)
+  redis.call('PUBLISH', ARGV[4], string.format('limit %s %d %d %d %d', ARGV[5], kept, gen, floor, math.max(rat - now, 0)))
 end
-return {kept, gen}
+return {kept, gen, floor, math.max(rat - now, 0)}
 "#;
 
 /// KEYS: state hashes (one, on a cluster). Returns per key {ms left, level, disabled,
-/// learned limit (0: none), its generation}.
+/// learned limit (0: none), its generation, the limit known to hold, ms until a raise}.
 pub(super) const SYNC: &str = r#"
 local out = {}
 for i = 1, #KEYS do
-  local s = redis.call('HMGET', KEYS[i], 'until', 'level', 'disabled', 'limit', 'lgen')
+  local s = redis.call('HMGET', KEYS[i], 'until', 'level', 'disabled', 'limit', 'lgen', 'floor', 'rat')
   local u = tonumber(s[1] or '0')
   local disabled = 0
   if s[3] == '1' then
     disabled = 1
   end
-  out[i] = {math.max(u - now, 0), tonumber(s[2] or '0'), disabled, tonumber(s[4] or '0'), tonumber(s[5] or '0')}
+  local floor = tonumber(s[6] or '0')
+  if floor == 0 then
+    floor = tonumber(s[4] or '0')
+  end
+  out[i] = {math.max(u - now, 0), tonumber(s[2] or '0'), disabled, tonumber(s[4] or '0'), tonumber(s[5] or '0'), floor, math.max(tonumber(s[7] or '0') - now, 0)}
 end
 return out
 "#;

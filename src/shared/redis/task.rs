@@ -45,14 +45,15 @@ pub(super) struct KeyWait {
 }
 
 impl KeyWait {
-    /// Hands `n` grants to the first leases still waiting; the grants nobody can take.
-    fn give(&mut self, n: u32) -> u32 {
+    /// Hands `n` grants to the first leases still waiting, sent with `total` in flight on
+    /// the key across the replicas (0: unknown); the grants nobody can take.
+    fn give(&mut self, n: u32, total: u32) -> u32 {
         let mut orphans = 0;
         for _ in 0..n {
             loop {
                 match self.queue.pop_front() {
                     Some(acquire) if acquire.is_waiting() => {
-                        if !acquire.admit(true) {
+                        if !acquire.admit_at(true, total) {
                             orphans += 1;
                         }
                         break;
@@ -273,25 +274,27 @@ fn release(inner: &Arc<Inner>, link: &Arc<BackendLink>, id: Arc<str>, n: u32, or
     }
     let (inner, link) = (inner.clone(), link.clone());
     tokio::spawn(async move {
-        let mine = inner.release(&id, n).await;
+        let answer = inner.release(&id, n).await;
         if let Some(cell) = &cell {
             cell.releasing.fetch_sub(n, Ordering::SeqCst);
         }
-        if let Some(mine) = mine.filter(|&mine| mine > 0) {
-            granted(&inner, &link, &id, mine, None);
+        if let Some((mine, total)) = answer.filter(|&(mine, _)| mine > 0) {
+            granted(&inner, &link, &id, mine, None, total);
         }
         inner.breaker_open(&link);
     });
 }
 
 /// `n` slots of the key `id` granted to this replica (under the store's `generation` of
-/// its count, if announced): admits its first waiting leases.
+/// its count, if announced), leaving `total` in flight on the key: admits its first
+/// waiting leases.
 fn granted(
     inner: &Arc<Inner>,
     link: &Arc<BackendLink>,
     id: &Arc<str>,
     n: u32,
     generation: Option<u64>,
+    total: u32,
 ) {
     let orphans = {
         let mut waiting = inner.waiting.lock().unwrap_or_else(PoisonError::into_inner);
@@ -300,7 +303,7 @@ fn granted(
             // Void: the count was reset since.
             return;
         }
-        wait.give(n)
+        wait.give(n, total)
     };
     if orphans > 0 {
         release(inner, link, id.clone(), orphans, true);
@@ -322,31 +325,33 @@ async fn ask(inner: &Arc<Inner>, link: &Arc<BackendLink>, acquire: Acquire) {
                 acquire.admit(false);
                 0
             }
-            Some((Acquired::Admitted, mine)) => {
-                if !acquire.admit(true) {
+            Some((Acquired::Admitted, mine, total)) => {
+                if !acquire.admit_at(true, total) {
                     orphans += 1;
                 }
                 mine
             }
-            Some((Acquired::Queued, mine)) => {
+            Some((Acquired::Queued, mine, _)) => {
                 // Behind its own replica's earlier leases, which the grants are for.
                 wait.queue.push_back(acquire);
                 if wait.credits > 0 {
                     wait.credits -= 1;
-                    orphans += wait.give(1);
+                    orphans += wait.give(1, 0);
                 }
                 mine
             }
-            Some((Acquired::Refused, _)) => {
+            Some((Acquired::Refused, _, _)) => {
                 acquire.admit(false);
                 0
             }
-            Some((Acquired::QuotaIn(left), _)) => {
+            Some((Acquired::QuotaIn(left), _, _)) => {
                 acquire.quota_in(left);
                 0
             }
         };
-        orphans + wait.give(mine)
+        // The lease's own grants (its replica's earlier leases queued): sent with the
+        // total after this call.
+        orphans + wait.give(mine, answer.map_or(0, |(_, _, total)| total))
     };
     if orphans > 0 {
         release(inner, link, id, orphans, true);
@@ -379,12 +384,15 @@ async fn report(inner: &Inner, link: &BackendLink, op: Op) {
             key,
             limit,
             generation,
-            raise,
+            change,
         } => {
             // The store's answer: this replica's own limit, or one it must take
             // (another replica's lower one, or a raise refused).
-            if let Some(kept) = inner.limit(&key, limit, generation, raise).await {
-                link.apply_limit(&key, kept);
+            if let Some(kept) = inner
+                .limit(&key, limit, generation, change, link.raise_waits())
+                .await
+            {
+                link.set_limit(&key, kept);
             }
         }
         Op::Acquire(_) | Op::Release { .. } => {}
@@ -450,7 +458,7 @@ impl Inner {
                     repair && waits_only && releasing == 0,
                 )
             };
-            let Some((mine, generation, stored)) = self.renew(&id, own, claim).await else {
+            let Some((mine, generation, stored, total)) = self.renew(&id, own, claim).await else {
                 return false;
             };
             let orphans = {
@@ -468,7 +476,7 @@ impl Inner {
                     }
                     _ => 0,
                 };
-                wait.give(mine + lost)
+                wait.give(mine + lost, total)
             };
             if orphans > 0 {
                 release(self, link, id, orphans, true);
@@ -565,7 +573,8 @@ pub(super) fn event(inner: &Arc<Inner>, link: &Arc<BackendLink>, text: &str) {
             ) else {
                 return;
             };
-            granted(inner, link, &Arc::from(id), n, Some(generation));
+            let total = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+            granted(inner, link, &Arc::from(id), n, Some(generation), total);
         }
         (Some("limit"), Some(id)) => {
             let (Some(limit), Some(generation)) = (
@@ -574,7 +583,15 @@ pub(super) fn event(inner: &Arc<Inner>, link: &Arc<BackendLink>, text: &str) {
             ) else {
                 return;
             };
-            if link.apply_limit(id, RemoteLimit { limit, generation }) {
+            let floor = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+            let raise_in = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+            let remote = RemoteLimit {
+                limit,
+                generation,
+                floor,
+                raise_in: Duration::from_millis(raise_in),
+            };
+            if link.apply_limit(id, remote) {
                 inner.applied.send_modify(|n| *n += 1);
             }
         }
