@@ -187,12 +187,6 @@ impl Ring {
         u64::MAX - (-u.ln() * key.inverse_weight).to_bits()
     }
 
-    /// Key `index`'s rank for session `id`: higher goes first.
-    #[cfg(test)]
-    pub(super) fn rank(&self, id: u64, index: usize) -> u64 {
-        self.rank_in(Self::point(id), index)
-    }
-
     /// The session's preferred key (index) from the table, if the pool keeps one.
     #[inline]
     pub(super) fn preferred_of(&self, id: u64) -> Option<usize> {
