@@ -314,10 +314,10 @@ impl Affinity {
 }
 
 /// What [`PoolInner::select_affinity`] found for a request of a session.
-pub(super) enum Placed<'t> {
-    /// A key (index), taken: its own slot, or its lane for the route's bucket (borrowed
-    /// from the key table: the lease clones it once).
-    Taken(usize, Option<&'t Arc<Slot>>, Taken),
+pub(super) enum Placed {
+    /// A key, taken: its lease (made where the key was taken, so that what the take
+    /// handed over goes straight into the lease).
+    Taken(Lease),
     /// The session's first choice cannot take the request now but comes back
     /// within the affinity wait: wait for it, until `until` at most, then spill.
     Wait {
@@ -365,10 +365,7 @@ impl KeyPool {
         let table = inner.table.load();
         let mut now = LazyNow::costing(&inner.signals, cost);
         match inner.select_affinity(&table, id, bucket, &mut now, patience, allowed) {
-            Placed::Taken(index, None, taken) => Ok(Lease::new(&table, index, taken)),
-            Placed::Taken(index, Some(lane), taken) => {
-                Ok(Lease::new_in(&table, index, lane, taken))
-            }
+            Placed::Taken(lease) => Ok(lease),
             Placed::Wait {
                 availability,
                 until,
@@ -413,15 +410,15 @@ impl PoolInner {
     /// preferred key), else, if that key does not come back within its `patience`, the
     /// next key of its order that can take it now. Never a key that cannot take it: every
     /// key is taken through `Slot::try_take`. Allocates nothing.
-    pub(super) fn select_affinity<'t>(
+    pub(super) fn select_affinity(
         &self,
-        table: &'t Table,
+        table: &Table,
         id: u64,
         bucket: Option<&Arc<Bucket>>,
         now: &mut LazyNow<'_>,
         patience: Patience,
         allowed: impl Fn(usize) -> bool,
-    ) -> Placed<'t> {
+    ) -> Placed {
         let ring = &table.ring;
         let n = table.slots.len();
         let point = Ring::point(id);
@@ -463,7 +460,7 @@ impl PoolInner {
                     recalled.refresh();
                 }
             }
-            return Placed::Taken(first, lane, taken);
+            return Placed::Taken(lease(table, first, lane, taken));
         }
         let availability = match bucket {
             Some(bucket) => slot.status_in(bucket, now).1,
@@ -515,11 +512,20 @@ impl PoolInner {
                 } else {
                     self.affinity.remember(id, ring.fingerprint(index), now);
                 }
-                return Placed::Taken(index, lane, taken);
+                return Placed::Taken(lease(table, index, lane, taken));
             }
             ceiling = (rank, index);
         }
         Placed::Nothing
+    }
+}
+
+/// The lease of key `index` taken, in its lane if any.
+#[inline(always)]
+fn lease(table: &Table, index: usize, lane: Option<&Arc<Slot>>, taken: Taken) -> Lease {
+    match lane {
+        Some(lane) => Lease::new_in(table, index, lane, taken),
+        None => Lease::new(table, index, taken),
     }
 }
 
