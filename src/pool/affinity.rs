@@ -4,20 +4,27 @@
 //! # The order of a session
 //!
 //! A request may carry an affinity id (a 64-bit hash of the session's id, from the pool's
-//! router). Each key has a *rank* for each id: the rendezvous (highest-random-weight) hash
-//! of the pair, scaled by the key's weight. The key of highest rank is the session's
-//! preferred key; the others follow in rank order. A rank depends only on the id and on
-//! the key itself (its name, or its value for a key without a name), never on the other
-//! keys nor on positions, so:
+//! router). Its top 16 bits put the session in one of 65,536 groups, and each key has a
+//! *rank* for each group: the rendezvous (highest-random-weight) hash of the pair, scaled
+//! by the key's weight. The key of highest rank is the session's preferred key; the others
+//! follow in rank order. A rank depends only on the group and on the key itself (its name,
+//! or its value for a key without a name), never on the other keys nor on positions, so:
 //!
-//! - adding a key moves to it only the sessions it now ranks first for (its weight's share);
-//!   removing one moves only its own sessions, each to the next key of its own order;
+//! - adding a key moves to it only the groups it now ranks first for (its weight's share);
+//!   removing one moves only its own groups, each to the next key of its own order;
 //! - replicas with the same keys compute the same orders without talking to each other.
 //!
 //! Weights: a key's rank is `-ln(u) / weight` for the pair's hash `u` in (0, 1), lowest
 //! first (the logarithmic method of weighted rendezvous hashing), which makes a key
-//! preferred by a share of sessions equal to its share of the weights. With equal weights
-//! this is the same order as the raw hash's, which is compared as it is (no logarithm).
+//! preferred by a share of groups equal to its share of the weights (within about 1 % at 3
+//! keys and 2 % at 16: 65,536 groups are a sample). With equal weights this is the same
+//! order as the raw hash's, which is compared as it is (no logarithm).
+//!
+//! Each group's preferred key is computed when the key set is built or reloaded (a table of
+//! one byte per group, 64 KiB, in pools of up to 256 keys with a router), so a request
+//! finds its key in one look-up, whatever the number of keys. The rest of its order is
+//! ranked only when the preferred key cannot take the request (a spill), or the session
+//! is remembered elsewhere. Pools of more keys rank every key per request (the same order).
 //!
 //! # Spills, and where a session went
 //!
@@ -60,6 +67,16 @@ pub(super) const DEFAULT_CAPACITY: usize = 1 << 17;
 /// Entries per set: one cache line of 8-byte words.
 const WAYS: usize = 8;
 
+/// Sessions fall into `2^GROUP_BITS` groups by the top bits of their affinity id; a
+/// session's order of keys is its group's. Fixed (never derived from the number of keys),
+/// so that a session's group never changes.
+const GROUP_BITS: u32 = 16;
+/// The number of session groups.
+const GROUPS: usize = 1 << GROUP_BITS;
+/// Pools of at most this many keys keep each group's preferred key in a table, built with
+/// the key set; larger pools rank their keys for each request (the same order, computed).
+const TABLE_KEYS: usize = 256;
+
 /// One key's place in every session's order, from the key's identity.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct KeyPoint {
@@ -69,16 +86,21 @@ pub(super) struct KeyPoint {
     inverse_weight: f64,
 }
 
-/// The keys in force, as affinity sees them: each key's point and whether weights differ.
+/// The keys in force, as affinity sees them: each key's point, whether weights differ,
+/// and each session group's preferred key.
 #[derive(Debug)]
 pub(super) struct Ring {
     points: Box<[KeyPoint]>,
     weighted: bool,
+    /// Each group's preferred key (an index), by group; empty above [`TABLE_KEYS`] keys,
+    /// and in a pool without a router.
+    preferred: Box<[u8]>,
 }
 
 impl Ring {
-    /// The ring of these keys (in position order).
-    pub(super) fn new(slots: &[std::sync::Arc<Slot>]) -> Self {
+    /// The ring of these keys (in position order); with `table`, the table of each
+    /// group's preferred key too (what a pool with a router reads for every request).
+    pub(super) fn new(slots: &[std::sync::Arc<Slot>], table: bool) -> Self {
         let points: Box<[KeyPoint]> = slots
             .iter()
             .map(|slot| KeyPoint {
@@ -87,21 +109,90 @@ impl Ring {
             })
             .collect();
         let weighted = slots.windows(2).any(|w| w[0].weight != w[1].weight);
-        Self { points, weighted }
+        Self::of_points(points, weighted, table)
     }
 
-    /// Key `index`'s rank for session `id`: higher goes first.
+    fn of_points(points: Box<[KeyPoint]>, weighted: bool, table: bool) -> Self {
+        let mut ring = Self {
+            points,
+            weighted,
+            preferred: Box::default(),
+        };
+        if table && !ring.points.is_empty() && ring.points.len() <= TABLE_KEYS {
+            ring.preferred = ring.build_table();
+        }
+        ring
+    }
+
+    /// Each group's preferred key: the key of highest rank for the group, lowest position
+    /// among equal ranks (as [`order`](Self::order) sorts). Keys of one weight rank as
+    /// their raw hashes do, so only the best of each weight is ranked by weight (a
+    /// logarithm): a few per group, not one per key.
+    fn build_table(&self) -> Box<[u8]> {
+        // Keys by weight: (inverse weight, indices in position order).
+        let mut classes: Vec<(f64, Vec<usize>)> = Vec::new();
+        for (index, point) in self.points.iter().enumerate() {
+            match classes
+                .iter_mut()
+                .find(|(w, _)| w.to_bits() == point.inverse_weight.to_bits())
+            {
+                Some((_, members)) => members.push(index),
+                None => classes.push((point.inverse_weight, vec![index])),
+            }
+        }
+        (0..GROUPS as u64)
+            .map(|group| {
+                let point = group_point(group);
+                let mut best: Option<(u64, usize)> = None;
+                for (_, members) in &classes {
+                    // The class's best: highest hash (as far as the weighted rank sees
+                    // it: its top 53 bits), lowest position among equals.
+                    let shift = if self.weighted { 11 } else { 0 };
+                    let mut top: Option<(u64, usize)> = None;
+                    for &index in members {
+                        let hash = mix(point ^ self.points[index].seed) >> shift;
+                        if top.is_none_or(|(h, _)| hash > h) {
+                            top = Some((hash, index));
+                        }
+                    }
+                    let Some((_, index)) = top else { continue };
+                    let rank = self.rank_in(point, index);
+                    if best.is_none_or(|(r, i)| rank > r || (rank == r && index < i)) {
+                        best = Some((rank, index));
+                    }
+                }
+                // At most TABLE_KEYS (256) keys: an index fits a byte.
+                best.map_or(0, |(_, index)| index as u8)
+            })
+            .collect()
+    }
+
+    /// The point of session `id`'s group in every rank (see [`group_point`]).
     #[inline]
-    pub(super) fn rank(&self, id: u64, index: usize) -> u64 {
-        let point = &self.points[index];
-        let hash = mix(id ^ point.seed);
+    pub(super) fn point(id: u64) -> u64 {
+        group_point(id >> (64 - GROUP_BITS))
+    }
+
+    /// Key `index`'s rank for the group of `point` ([`Ring::point`]): higher goes first.
+    #[inline]
+    pub(super) fn rank_in(&self, point: u64, index: usize) -> u64 {
+        let key = &self.points[index];
+        let hash = mix(point ^ key.seed);
         if !self.weighted {
             return hash;
         }
         // u in (0, 1) from the top 53 bits; -ln(u) / weight > 0, lowest first. Positive
         // doubles order as their bits do, so the complement ranks highest first.
         let u = ((hash >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
-        u64::MAX - (-u.ln() * point.inverse_weight).to_bits()
+        u64::MAX - (-u.ln() * key.inverse_weight).to_bits()
+    }
+
+    /// The session's preferred key (index) from the table, if the pool keeps one.
+    #[inline]
+    pub(super) fn preferred_of(&self, id: u64) -> Option<usize> {
+        self.preferred
+            .get((id >> (64 - GROUP_BITS)) as usize)
+            .map(|&index| usize::from(index))
     }
 
     /// The fingerprint that [`Memory`] keeps for key `index`.
@@ -118,11 +209,19 @@ impl Ring {
 
     /// Every key (indices) in the session's order.
     pub(super) fn order(&self, id: u64) -> Vec<usize> {
+        let point = Self::point(id);
         let mut order: Vec<usize> = (0..self.points.len()).collect();
         // Highest rank first; equal ranks (never seen in practice) by position.
-        order.sort_by_key(|&i| (std::cmp::Reverse(self.rank(id, i)), i));
+        order.sort_by_key(|&i| (std::cmp::Reverse(self.rank_in(point, i)), i));
         order
     }
+}
+
+/// A session group's point: the group number spread over 64 bits (an odd multiplier is
+/// a bijection), so that the groups' ranks of one key are independent.
+#[inline]
+fn group_point(group: u64) -> u64 {
+    mix(group.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// A key's identity hashed: its name when it has one (a named key keeps its sessions when
@@ -215,10 +314,10 @@ impl Affinity {
 }
 
 /// What [`PoolInner::select_affinity`] found for a request of a session.
-pub(super) enum Placed<'t> {
-    /// A key (index), taken: its own slot, or its lane for the route's bucket (borrowed
-    /// from the key table: the lease clones it once).
-    Taken(usize, Option<&'t Arc<Slot>>, Taken),
+pub(super) enum Placed {
+    /// A key, taken: its lease (made where the key was taken, so that what the take
+    /// handed over goes straight into the lease).
+    Taken(Lease),
     /// The session's first choice cannot take the request now but comes back
     /// within the affinity wait: wait for it, until `until` at most, then spill.
     Wait {
@@ -266,10 +365,7 @@ impl KeyPool {
         let table = inner.table.load();
         let mut now = LazyNow::costing(&inner.signals, cost);
         match inner.select_affinity(&table, id, bucket, &mut now, patience, allowed) {
-            Placed::Taken(index, None, taken) => Ok(Lease::new(&table, index, taken)),
-            Placed::Taken(index, Some(lane), taken) => {
-                Ok(Lease::new_in(&table, index, lane, taken))
-            }
+            Placed::Taken(lease) => Ok(lease),
             Placed::Wait {
                 availability,
                 until,
@@ -314,42 +410,46 @@ impl PoolInner {
     /// preferred key), else, if that key does not come back within its `patience`, the
     /// next key of its order that can take it now. Never a key that cannot take it: every
     /// key is taken through `Slot::try_take`. Allocates nothing.
-    pub(super) fn select_affinity<'t>(
+    pub(super) fn select_affinity(
         &self,
-        table: &'t Table,
+        table: &Table,
         id: u64,
         bucket: Option<&Arc<Bucket>>,
         now: &mut LazyNow<'_>,
         patience: Patience,
         allowed: impl Fn(usize) -> bool,
-    ) -> Placed<'t> {
+    ) -> Placed {
         let ring = &table.ring;
         let n = table.slots.len();
+        let point = Ring::point(id);
         let recalled = self.affinity.recall(id, now);
-        // The preferred key, and the key the session spilled to if remembered (of the keys
-        // sharing its fingerprint, the one it ranks highest).
-        let mut preferred: Option<(u64, usize)> = None;
-        let mut remembered: Option<(u64, usize)> = None;
-        for index in 0..n {
-            if !allowed(index + 1) {
-                continue;
-            }
-            let rank = ring.rank(id, index);
-            if preferred.is_none_or(|(best, _)| rank > best) {
-                preferred = Some((rank, index));
-            }
-            if let Some(recalled) = &recalled {
-                if ring.fingerprint(index) == recalled.fingerprint()
-                    && remembered.is_none_or(|(best, _)| rank > best)
-                {
-                    remembered = Some((rank, index));
+        // The preferred key: from the table if the pool keeps one and it is allowed, else
+        // the allowed key of highest rank.
+        let preferred = match ring.preferred_of(id) {
+            Some(index) if index < n && allowed(index + 1) => index,
+            _ => {
+                let best = (0..n)
+                    .filter(|&index| allowed(index + 1))
+                    .map(|index| (ring.rank_in(point, index), index))
+                    .reduce(|best, next| if next.0 > best.0 { next } else { best });
+                match best {
+                    Some((_, index)) => index,
+                    None => return Placed::Nothing,
                 }
             }
-        }
-        let Some((_, preferred)) = preferred else {
-            return Placed::Nothing;
         };
-        let first = remembered.map_or(preferred, |(_, index)| index);
+        // The key the session spilled to, if remembered: of the allowed keys sharing its
+        // fingerprint, the one it ranks highest.
+        let first = match &recalled {
+            None => preferred,
+            Some(recalled) => (0..n)
+                .filter(|&index| {
+                    ring.fingerprint(index) == recalled.fingerprint() && allowed(index + 1)
+                })
+                .map(|index| (ring.rank_in(point, index), index))
+                .reduce(|best, next| if next.0 > best.0 { next } else { best })
+                .map_or(preferred, |(_, index)| index),
+        };
         let slot = &*table.slots[first];
         if let Some((lane, taken)) = take(slot, bucket, now) {
             slot.affinity_hits.fetch_add(1, Ordering::Relaxed);
@@ -360,7 +460,7 @@ impl PoolInner {
                     recalled.refresh();
                 }
             }
-            return Placed::Taken(first, lane, taken);
+            return Placed::Taken(lease(table, first, lane, taken));
         }
         let availability = match bucket {
             Some(bucket) => slot.status_in(bucket, now).1,
@@ -385,7 +485,7 @@ impl PoolInner {
                 if index == first || !allowed(index + 1) {
                     continue;
                 }
-                let candidate = (ring.rank(id, index), index);
+                let candidate = (ring.rank_in(point, index), index);
                 // Below the ceiling in (rank descending, position ascending) order.
                 let below = candidate.0 < ceiling.0
                     || (candidate.0 == ceiling.0 && candidate.1 > ceiling.1);
@@ -412,11 +512,20 @@ impl PoolInner {
                 } else {
                     self.affinity.remember(id, ring.fingerprint(index), now);
                 }
-                return Placed::Taken(index, lane, taken);
+                return Placed::Taken(lease(table, index, lane, taken));
             }
             ceiling = (rank, index);
         }
         Placed::Nothing
+    }
+}
+
+/// The lease of key `index` taken, in its lane if any.
+#[inline(always)]
+fn lease(table: &Table, index: usize, lane: Option<&Arc<Slot>>, taken: Taken) -> Lease {
+    match lane {
+        Some(lane) => Lease::new_in(table, index, lane, taken),
+        None => Lease::new(table, index, taken),
     }
 }
 
@@ -605,10 +714,7 @@ mod tests {
                 inverse_weight: 1.0 / f64::from(w),
             })
             .collect();
-        Ring {
-            points,
-            weighted: weights.windows(2).any(|w| w[0] != w[1]),
-        }
+        Ring::of_points(points, weights.windows(2).any(|w| w[0] != w[1]), true)
     }
 
     #[test]
@@ -632,13 +738,96 @@ mod tests {
         }
     }
 
+    /// The share of session groups each key of `ring` is preferred by, from the table.
+    fn table_shares(ring: &Ring) -> Vec<f64> {
+        let mut counts = vec![0u32; ring.points.len()];
+        for group in 0..GROUPS as u64 {
+            counts[ring
+                .preferred_of(group << (64 - GROUP_BITS))
+                .expect("a table")] += 1;
+        }
+        counts
+            .iter()
+            .map(|&c| f64::from(c) / GROUPS as f64)
+            .collect()
+    }
+
+    #[test]
+    fn the_table_holds_each_groups_first_key_in_its_order() {
+        for weights in [
+            &[1, 1, 1][..],
+            &[3, 1][..],
+            &[1, 2, 5, 2, 1][..],
+            &[1; 16][..],
+        ] {
+            let ring = ring(weights);
+            for group in 0..GROUPS as u64 {
+                let id = (group << (64 - GROUP_BITS)) | (group * 7919);
+                assert_eq!(
+                    ring.preferred_of(id),
+                    Some(ring.order(id)[0]),
+                    "weights {weights:?}, group {group}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_shares_sessions_by_weight() {
+        for weights in [
+            &[1, 1, 1][..],
+            &[3, 1][..],
+            &[1, 2, 5][..],
+            &[1; 16][..],
+            &[2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4][..],
+        ] {
+            let shares = table_shares(&ring(weights));
+            let total: u32 = weights.iter().sum();
+            for (i, share) in shares.iter().enumerate() {
+                let expected = f64::from(weights[i]) / f64::from(total);
+                let off = (share - expected).abs() / expected;
+                assert!(
+                    off < 0.05,
+                    "weights {weights:?}: key {i} preferred by {share:.4}, weight's share {expected:.4}"
+                );
+            }
+        }
+    }
+
+    /// Adding a key moves to it about its share of sessions, and no others; removing it
+    /// moves back exactly those. Measured on the table, as requests read it.
+    #[test]
+    fn adding_or_removing_a_key_moves_only_its_share_of_sessions() {
+        for (n, weight) in [(3, 1), (16, 1), (16, 3)] {
+            let mut weights = vec![1; n];
+            let before = ring(&weights);
+            weights.push(weight);
+            let after = ring(&weights);
+            let mut moved = 0;
+            for group in 0..GROUPS as u64 {
+                let id = group << (64 - GROUP_BITS);
+                let (old, new) = (before.preferred_of(id), after.preferred_of(id));
+                if old != new {
+                    moved += 1;
+                    assert_eq!(new, Some(n), "a session moved, to another old key");
+                }
+            }
+            let moved = f64::from(moved) / GROUPS as f64;
+            let share = f64::from(weight) / f64::from(weights.iter().sum::<u32>());
+            assert!(
+                (moved - share).abs() < 0.05 * share,
+                "{n} keys + 1 of weight {weight}: moved {moved:.4}, its share {share:.4}"
+            );
+            println!(
+                "{n} keys + 1 of weight {weight}: moved {moved:.4} of sessions (its share {share:.4})"
+            );
+        }
+    }
+
     #[test]
     fn equal_weights_rank_by_the_raw_hash() {
         let ring = ring(&[2, 2, 2]);
-        let weighted = Ring {
-            points: ring.points.clone(),
-            weighted: true,
-        };
+        let weighted = Ring::of_points(ring.points.clone(), true, false);
         for id in ids(1000) {
             assert_eq!(ring.order(id), weighted.order(id));
         }
@@ -701,10 +890,11 @@ mod tests {
             let removed = removed % weights.len();
             let before = ring(&weights);
             let kept: Vec<usize> = (0..weights.len()).filter(|&i| i != removed).collect();
-            let after = Ring {
-                points: kept.iter().map(|&i| before.points[i]).collect(),
-                weighted: kept.windows(2).any(|w| weights[w[0]] != weights[w[1]]),
-            };
+            let after = Ring::of_points(
+                kept.iter().map(|&i| before.points[i]).collect(),
+                kept.windows(2).any(|w| weights[w[0]] != weights[w[1]]),
+                false,
+            );
             for id in ids(500).map(|id| id ^ salt) {
                 let old: Vec<usize> = before.order(id).into_iter().filter(|&i| i != removed).collect();
                 let new: Vec<usize> = after.order(id).into_iter().map(|j| kept[j]).collect();

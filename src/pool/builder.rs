@@ -325,7 +325,7 @@ impl KeyPoolBuilder {
                 .map(|spec| Slot::new(spec.clone(), self.cap, self.quota, &signals, lanes))
                 .collect();
             PoolInner {
-                table: ArcSwap::from_pointee(Table::new(slots)),
+                table: ArcSwap::from_pointee(Table::new(slots, self.router.is_some())),
                 signals,
                 selection: self.selection,
                 default_cap: self.cap,

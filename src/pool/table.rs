@@ -26,11 +26,13 @@ pub(super) struct Table {
 }
 
 impl Table {
-    pub(super) fn new(slots: Vec<Arc<Slot>>) -> Self {
+    /// The table of these keys; `routed`: in a pool with a router, whose requests may name
+    /// a session (the ring then keeps each session group's preferred key).
+    pub(super) fn new(slots: Vec<Arc<Slot>>, routed: bool) -> Self {
         let weights: Vec<u32> = slots.iter().map(|s| s.weight).collect();
         Self {
             schedule: schedule(&weights),
-            ring: Ring::new(&slots),
+            ring: Ring::new(&slots, routed),
             slots: slots.into_boxed_slice(),
         }
     }
@@ -190,7 +192,9 @@ impl KeyPool {
                 summary.removed.push((j + 1, slot.spec.name.clone()));
             }
         }
-        inner.table.store(Arc::new(Table::new(slots)));
+        inner
+            .table
+            .store(Arc::new(Table::new(slots, inner.router.is_some())));
         tracing::info!(keys = keys.len(), "keys reloaded: {summary}");
         // New keys may be free: let every waiter look again.
         inner.signals.notify_all();
