@@ -179,7 +179,14 @@ where
                 let admitted = ready!(Pin::new(admit).poll(cx));
                 self.admit = None;
                 match admitted {
-                    Some(lease) => break lease,
+                    // The store may have booked its tokens ahead.
+                    Some(lease) => match lease.ready_at() {
+                        Some(at) => {
+                            self.booked = Some((lease, Box::pin(tokio::time::sleep_until(at))));
+                            continue;
+                        }
+                        None => break lease,
+                    },
                     // Full across the replicas: that key reads busy here now; look again.
                     None => continue,
                 }

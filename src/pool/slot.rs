@@ -271,7 +271,15 @@ impl Slot {
             }
             // A request larger than the window never fits here: it waits as if for ever
             // (the pool fails it at once when no key fits it: `KeyPool::poll_reserve_route`).
-            at.max(self.tokens.available_at(cost).unwrap_or(PoolTime::MAX))
+            // While a shared store is away, the degraded policy's share of the window.
+            let units = match &self.shared {
+                None => Some(cost),
+                Some(_) => self.token_units(cost),
+            };
+            let tokens_at = units.map_or(Some(PoolTime::EPOCH), |units| {
+                self.tokens.available_at(units)
+            });
+            at.max(tokens_at.unwrap_or(PoolTime::MAX))
         };
         match self.deadline.read() {
             RestWord::Disabled => return (KeyState::Disabled, Availability::Never),
@@ -287,6 +295,11 @@ impl Slot {
             return (KeyState::Probing, Availability::OnRelease);
         }
         if self.in_flight.load(Ordering::Relaxed) >= self.take_limit() {
+            return (KeyState::Busy, Availability::OnRelease);
+        }
+        if cost != 0 && self.shared.is_some() && self.token_units(cost).is_none() {
+            // The degraded policy `closed`: no tokens until the store is back (its return
+            // wakes every waiter).
             return (KeyState::Busy, Availability::OnRelease);
         }
         let quota_at = quota_at();
@@ -350,7 +363,10 @@ impl Slot {
         // Only a token quota reads the clock: a cost on a lane without one takes nothing.
         if now.cost != 0 && self.tokens.limit().is_some() {
             let at = now.get();
-            let Some((taken, ready)) = self.tokens.try_take_ahead(now.cost, at, now.ahead) else {
+            let taken = self
+                .token_units(now.cost)
+                .and_then(|units| self.tokens.try_take_ahead(units, at, now.ahead));
+            let Some((taken, ready)) = taken else {
                 if let Some(quota) = self.quota {
                     quota.refund(&self.tat, tat_after, now_at);
                 }
@@ -491,6 +507,17 @@ impl Slot {
     /// A key's lanes made so far.
     pub(super) fn made_lanes(&self) -> impl Iterator<Item = &Arc<Slot>> {
         self.lanes.iter().filter_map(OnceLock::get)
+    }
+
+    /// Tokens a request of `cost` takes from this slot's token quota: `cost`, or while a
+    /// shared store is away, the degraded policy's (`None`: none may be taken until it is
+    /// back; see [`TokenAsk`](crate::shared::TokenAsk)).
+    #[inline]
+    pub(super) fn token_units(&self, cost: u64) -> Option<u64> {
+        match (&self.shared, self.tokens.limit()) {
+            (Some(shared), Some(limit)) => shared.token_units(cost, limit),
+            _ => Some(cost),
+        }
     }
 
     /// Gives back a probe won by a caller that could not take the key after all.
