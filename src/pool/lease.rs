@@ -244,6 +244,13 @@ impl Lease {
         }
     }
 
+    /// Is this lease in a bucket, or does it carry a token cost or a candidate bucket
+    /// name? (What the answer's handling must look at beyond the outcome.)
+    #[inline]
+    pub(crate) fn has_extras(&self) -> bool {
+        self.key.is_some() || self.extra.is_some()
+    }
+
     /// The bucket this lease was taken in, in a pool with buckets.
     pub fn bucket(&self) -> Option<&str> {
         self.slot.bucket.as_deref().map(|bucket| &*bucket.name)
