@@ -91,8 +91,8 @@ impl Extra {
     /// What of `taken` needs a place of its own; `None` for a request without a cost.
     #[inline]
     fn of(slot: &Slot, taken: &Taken, flags: &mut u8) -> Option<Box<Self>> {
-        (taken.cost != 0 || taken.tokens != 0 || taken.ready_at != PoolTime::EPOCH)
-            .then(|| Self::make(slot, taken, flags))
+        // Tokens taken, or a booking, come with a cost.
+        (taken.cost != 0).then(|| Self::make(slot, taken, flags))
     }
 
     #[cold]

@@ -361,18 +361,8 @@ impl Slot {
         let mut tokens = 0;
         let mut ready_at = PoolTime::EPOCH;
         // Only a token quota reads the clock: a cost on a lane without one takes nothing.
-        if now.cost != 0 && self.tokens.limit().is_some() {
-            let at = now.get();
-            let taken = self
-                .token_units(now.cost)
-                .and_then(|units| self.tokens.try_take_ahead(units, at, now.ahead));
-            let Some((taken, ready)) = taken else {
-                if let Some(quota) = self.quota {
-                    quota.refund(&self.tat, tat_after, now_at);
-                }
-                self.unprobe(probe);
-                return None;
-            };
+        if now.cost != 0 {
+            let (taken, ready) = self.take_tokens(now, tat_after, now_at, probe)?;
             tokens = taken;
             ready_at = ready;
         }
@@ -507,6 +497,35 @@ impl Slot {
     /// A key's lanes made so far.
     pub(super) fn made_lanes(&self) -> impl Iterator<Item = &Arc<Slot>> {
         self.lanes.iter().filter_map(OnceLock::get)
+    }
+
+    /// The token part of [`try_take`](Self::try_take), out of line (only a request with a
+    /// token cost comes here): the tokens taken and when the request may go, or `None`
+    /// (the quota unit and the probe given back) if they do not fit.
+    #[cold]
+    #[inline(never)]
+    fn take_tokens(
+        &self,
+        now: &mut LazyNow<'_>,
+        tat_after: PoolTime,
+        now_at: PoolTime,
+        probe: bool,
+    ) -> Option<(u64, PoolTime)> {
+        // Only a token quota reads the clock: a cost on a lane without one takes nothing.
+        if self.tokens.limit().is_none() {
+            return Some((0, PoolTime::EPOCH));
+        }
+        let at = now.get();
+        let taken = self
+            .token_units(now.cost)
+            .and_then(|units| self.tokens.try_take_ahead(units, at, now.ahead));
+        if taken.is_none() {
+            if let Some(quota) = self.quota {
+                quota.refund(&self.tat, tat_after, now_at);
+            }
+            self.unprobe(probe);
+        }
+        taken
     }
 
     /// Tokens a request of `cost` takes from this slot's token quota: `cost`, or while a
