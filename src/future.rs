@@ -179,7 +179,14 @@ where
                 let admitted = ready!(Pin::new(admit).poll(cx));
                 self.admit = None;
                 match admitted {
-                    Some(lease) => break lease,
+                    // The store may have booked its tokens ahead.
+                    Some(lease) => match lease.ready_at() {
+                        Some(at) => {
+                            self.booked = Some((lease, Box::pin(tokio::time::sleep_until(at))));
+                            continue;
+                        }
+                        None => break lease,
+                    },
                     // Full across the replicas: that key reads busy here now; look again.
                     None => continue,
                 }
@@ -359,18 +366,13 @@ where
     let window_spent = outcome.is_rate_limited()
         && learned_reset_at(response.headers(), std::time::SystemTime::now).is_some();
     lease.record_answer(outcome, window_spent);
-    if response.status().is_success() {
-        lease.confirm_bucket();
-    }
-    let reservation = lease.reservation();
-    if let Some(reservation) = &reservation {
-        // Only requests with a token cost read the token headers.
-        lease.observe_tokens(response.headers());
-        if outcome.is_rate_limited() {
-            // Refused: the provider used none of it.
-            reservation.refused();
-        }
-    }
+    // A lease in a bucket, or with a token cost: out of line, so that the others pay one
+    // branch.
+    let reservation = if lease.has_extras() {
+        finish_extras(&response, outcome, &lease)
+    } else {
+        None
+    };
     // `matches!`, not `==`: the derived comparison of the whole enum is a call.
     let rejected = matches!(outcome, Outcome::KeyRejected).then(|| lease.rejected_key());
     let mut response = response.map(|body| body.into().track(lease));
@@ -387,6 +389,28 @@ where
         response.extensions_mut().insert(reservation);
     }
     response
+}
+
+/// What an answer means for a lease in a bucket (the bucket confirmed) or with a token
+/// cost (the token headers read, a refusal's tokens given back): its reservation, if any.
+#[cold]
+#[inline(never)]
+fn finish_extras<T>(
+    response: &Response<T>,
+    outcome: Outcome,
+    lease: &Lease,
+) -> Option<crate::pool::TokenReservation> {
+    if response.status().is_success() {
+        lease.confirm_bucket();
+    }
+    let reservation = lease.reservation()?;
+    // Only requests with a token cost read the token headers.
+    lease.observe_tokens(response.headers());
+    if outcome.is_rate_limited() {
+        // Refused: the provider used none of it.
+        reservation.refused();
+    }
+    Some(reservation)
 }
 
 impl<S, ReqB, B> fmt::Debug for ResponseFuture<S, ReqB, B>

@@ -32,12 +32,14 @@
 //! holds its state no earlier than the provider's own (`…-remaining-tokens` and
 //! `…-reset-tokens`): estimates that fell short are corrected by the provider's count.
 //!
-//! # Shared between replicas (not yet)
+//! # Shared between replicas
 //!
-//! The state is one word per (key, bucket) plus the limit, updated by compare-and-swap
-//! with durations relative to now, as the request quota's: the Redis backend can keep it
-//! as it keeps request quotas (a server-side script adding `n` intervals on the store's
-//! clock), each replica settling by a signed number of tokens.
+//! With a [state backend](crate::shared), a (key, bucket)'s state is also kept in the
+//! store, for every replica: a request takes its tokens here first, then there (one round
+//! trip while it waits for its key), and is settled in both; each answer of the store
+//! holds the state here no earlier than the shared one (durations relative to now, so
+//! that clocks need not agree). While the store is away, each replica accounts alone by
+//! the degraded policy's rule (see [`TokenAsk`](crate::shared::TokenAsk)).
 
 use std::time::Duration;
 
@@ -152,7 +154,7 @@ impl TokenCell {
 
     /// The time `tokens` take to refill under `limit`: `tokens · period / limit`, rounded
     /// up to the nanosecond (so that a window never holds more than the limit).
-    fn span(&self, tokens: u64, limit: u64) -> u64 {
+    pub(crate) fn span(&self, tokens: u64, limit: u64) -> u64 {
         let nanos = (u128::from(tokens) * u128::from(self.period)).div_ceil(u128::from(limit));
         u64::try_from(nanos).unwrap_or(MAX_SPAN).min(MAX_SPAN)
     }
@@ -197,6 +199,23 @@ impl TokenCell {
                 let ready = next.saturating_sub(self.period).max(now);
                 (tokens, PoolTime::from_nanos(ready))
             })
+    }
+
+    /// The state ahead of `now` (zero if it is not ahead): how long until the window is
+    /// whole again.
+    pub(crate) fn ahead_of(&self, now: PoolTime) -> std::time::Duration {
+        let tat = self.tat.load(Ordering::Acquire);
+        std::time::Duration::from_nanos(tat.saturating_sub(now.as_nanos()))
+    }
+
+    /// Holds the state no earlier than `ahead` past `now`: what the store shared with other
+    /// replicas says of the quota (their use included).
+    pub(crate) fn hold(&self, ahead: std::time::Duration, now: PoolTime) {
+        let ahead = u64::try_from(ahead.as_nanos())
+            .unwrap_or(MAX_SPAN)
+            .min(MAX_SPAN);
+        self.tat
+            .fetch_max(now.as_nanos().saturating_add(ahead), Ordering::AcqRel);
     }
 
     /// When `tokens` fit next: `None` if they never can (more than the whole window),

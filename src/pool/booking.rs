@@ -40,7 +40,7 @@ impl PoolInner {
         now.ahead = ahead;
         for (_, index) in candidates {
             if let Some((lane, taken)) = table.slots[index].try_take_in(bucket, &mut now) {
-                return Some(Lease::new_in(&table, index, lane, taken));
+                return Some(Lease::new_in(&table, index, lane, taken).with_horizon(ahead));
             }
         }
         None

@@ -18,8 +18,9 @@ use super::table::Table;
 use crate::classify::{Classifier, Outcome, Scope};
 use crate::key::ApiKey;
 use crate::pool_time::PoolTime;
-use crate::shared::{Admission, Answer};
+use crate::shared::{Admission, Answer, TokenVerdict};
 use crate::tokens::TokenHeaders;
+use tokio::sync::oneshot;
 
 /// A reserved key: counts as in flight until dropped.
 ///
@@ -77,18 +78,59 @@ struct Extra {
     /// The request's bucket name, if it was new to the pool and sent in the overflow
     /// bucket: its hash, to give it a bucket of its own once the provider accepts it.
     candidate: Option<u64>,
+    /// With a shared state backend: the request asks the store for its tokens before it
+    /// goes (see [`Lease::admit`]), and whether it asks for admission under the key's cap
+    /// (or quota, or probe) as well.
+    ask_tokens: bool,
+    ask_cap: bool,
+    /// The tokens the store took for the request (0: none), settled there with its answer.
+    stored: u64,
+    /// How far ahead (nanoseconds) a request that booked its tokens here may book them in
+    /// the store (its wait budget when it booked; 0: it did not book).
+    horizon: u64,
 }
 
 impl Extra {
     /// What of `taken` needs a place of its own; `None` for a request without a cost.
-    fn of(taken: &Taken) -> Option<Box<Self>> {
-        (taken.cost != 0 || taken.tokens != 0 || taken.ready_at != PoolTime::EPOCH).then(|| {
-            Box::new(Self {
-                cost: taken.cost,
-                charged: taken.tokens,
-                ready_at: taken.ready_at,
-                candidate: None,
-            })
+    #[inline]
+    fn of(slot: &Slot, taken: &Taken, flags: &mut u8) -> Option<Box<Self>> {
+        // Tokens taken, or a booking, come with a cost.
+        (taken.cost != 0).then(|| Self::make(slot, taken, flags))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn make(slot: &Slot, taken: &Taken, flags: &mut u8) -> Box<Self> {
+        let mut extra = Box::new(Self {
+            cost: taken.cost,
+            charged: taken.tokens,
+            ready_at: taken.ready_at,
+            candidate: None,
+            ask_tokens: false,
+            ask_cap: false,
+            stored: 0,
+            horizon: 0,
+        });
+        // Tokens taken from a token quota here are taken from the store's too, while it
+        // is reachable.
+        if taken.tokens != 0 && slot.shared.as_ref().is_some_and(|s| s.shares_tokens()) {
+            extra.ask_tokens = true;
+            extra.ask_cap = *flags & ASK != 0;
+            *flags |= ASK;
+        }
+        extra
+    }
+
+    fn empty() -> Box<Self> {
+        Box::new(Self {
+            cost: 0,
+            charged: 0,
+            ready_at: PoolTime::EPOCH,
+            candidate: None,
+            ask_tokens: false,
+            ask_cap: false,
+            stored: 0,
+            horizon: 0,
         })
     }
 }
@@ -123,6 +165,7 @@ impl Lease {
                 flags |= ASK;
             }
         }
+        let extra = Extra::of(slot, &taken, &mut flags);
         Self {
             slot: slot.clone(),
             key: None,
@@ -133,7 +176,7 @@ impl Lease {
             trial: taken.trial,
             total: 0,
             tat_after: taken.tat_after,
-            extra: Extra::of(&taken),
+            extra,
             flags: AtomicU8::new(flags),
         }
     }
@@ -154,6 +197,7 @@ impl Lease {
                 flags |= ASK;
             }
         }
+        let extra = Extra::of(lane, &taken, &mut flags);
         Self {
             slot: lane.clone(),
             key: Some(table.slots[index].clone()),
@@ -164,7 +208,7 @@ impl Lease {
             trial: taken.trial,
             total: 0,
             tat_after: taken.tat_after,
-            extra: Extra::of(&taken),
+            extra,
             flags: AtomicU8::new(flags),
         }
     }
@@ -175,17 +219,19 @@ impl Lease {
         self.key.as_ref().unwrap_or(&self.slot)
     }
 
+    /// A lease that booked its tokens ahead (see `booking`) within `ahead` nanoseconds of
+    /// its wait budget: the store may book them as far ahead.
+    pub(super) fn with_horizon(mut self, ahead: u64) -> Self {
+        if let Some(extra) = &mut self.extra {
+            extra.horizon = ahead;
+        }
+        self
+    }
+
     /// Takes the request's candidate bucket name (see [`Route`](crate::route::Route)).
     pub(super) fn with_candidate(mut self, candidate: Option<u64>) -> Self {
         if candidate.is_some() {
-            let extra = self.extra.get_or_insert_with(|| {
-                Box::new(Extra {
-                    cost: 0,
-                    charged: 0,
-                    ready_at: PoolTime::EPOCH,
-                    candidate: None,
-                })
-            });
+            let extra = self.extra.get_or_insert_with(Extra::empty);
             extra.candidate = candidate;
         }
         self
@@ -201,6 +247,13 @@ impl Lease {
         if let Some(bucket) = &self.slot.bucket {
             bucket.confirm(self.extra.as_ref().and_then(|extra| extra.candidate));
         }
+    }
+
+    /// Is this lease in a bucket, or does it carry a token cost or a candidate bucket
+    /// name? (What the answer's handling must look at beyond the outcome.)
+    #[inline]
+    pub(crate) fn has_extras(&self) -> bool {
+        self.key.is_some() || self.extra.is_some()
     }
 
     /// The bucket this lease was taken in, in a pool with buckets.
@@ -364,17 +417,78 @@ impl Lease {
     /// reserves again. Ready at once for a lease that does not [need
     /// admission](Self::needs_admission). [`KeyRotation`](crate::KeyRotation) does this in
     /// `poll_ready`.
+    ///
+    /// A request with a token cost on a key with a token quota also takes its tokens from
+    /// the store's shared token quota (after its admission under the cap, if it needs
+    /// one): if they do not fit there, the future gives `None` as for a full key, having
+    /// given its tokens back and held the key's token state here at the store's, so that
+    /// the caller's next look waits until they fit.
     pub fn admit(self) -> Admit {
+        let cap = match &self.extra {
+            Some(extra) if extra.ask_tokens => extra.ask_cap,
+            _ => self.needs_admission(),
+        };
         let admission = match &self.slot.shared {
-            Some(shared) if self.needs_admission() => {
-                Some(shared.ask(self.slot.limit(), self.is_probe()))
-            }
+            Some(shared) if cap => Some(shared.ask(self.slot.limit(), self.is_probe())),
             _ => None,
         };
         self.set_flag_off(ASK);
+        let tokens = self.extra.as_ref().is_some_and(|extra| extra.ask_tokens);
         Admit {
             lease: Some(self),
             admission,
+            tokens: tokens.then_some(TokenStep::Ask),
+        }
+    }
+
+    /// Asks the store for the lease's tokens (see [`admit`](Self::admit)).
+    fn ask_tokens(&self) -> Option<oneshot::Receiver<TokenVerdict>> {
+        let extra = self.extra.as_ref()?;
+        let shared = self.slot.shared.as_ref()?;
+        let tokens = &self.slot.tokens;
+        let limit = tokens.limit()?;
+        if !shared.shares_tokens() {
+            // The store went away since the take: the degraded policy applies from now on.
+            return None;
+        }
+        let now = self.slot.signals.now();
+        // A request that booked here books there as far as its budget allows.
+        let ahead = extra
+            .ready_at
+            .saturating_duration_since(now)
+            .max(std::time::Duration::from_nanos(extra.horizon));
+        // This replica's state before the request (for a store that holds none).
+        let floor = tokens
+            .ahead_of(now)
+            .saturating_sub(std::time::Duration::from_nanos(
+                tokens.span(extra.charged, limit),
+            ));
+        Some(shared.ask_tokens(extra.cost, limit, tokens.period(), ahead, floor))
+    }
+
+    /// The store's answer for the lease's tokens: `false` if they do not fit there (the
+    /// lease's tokens given back here, the state held at the store's).
+    fn tokens_answered(&mut self, verdict: TokenVerdict) -> bool {
+        let slot = &*self.slot;
+        let now = slot.signals.now();
+        let Some(extra) = self.extra.as_mut() else {
+            return true;
+        };
+        match verdict {
+            TokenVerdict::Taken { ready_in, state } => {
+                extra.stored = extra.cost;
+                let ready = now.saturating_add(ready_in);
+                if ready > extra.ready_at && !ready_in.is_zero() {
+                    extra.ready_at = ready;
+                }
+                slot.tokens.hold(state, now);
+                true
+            }
+            TokenVerdict::Wait { state } => {
+                slot.tokens.refund(std::mem::take(&mut extra.charged), now);
+                slot.tokens.hold(state, now);
+                false
+            }
         }
     }
 
@@ -406,6 +520,7 @@ impl Lease {
                 slot: self.slot.clone(),
                 cost: extra.cost,
                 charged: extra.charged,
+                stored: extra.stored,
                 settled: AtomicBool::new(false),
             }),
         })
@@ -578,6 +693,24 @@ impl Lease {
     }
 }
 
+impl Lease {
+    /// Gives back the tokens of a lease dropped unsent: here, and in the store if it took
+    /// them.
+    #[cold]
+    fn tokens_unsent(&self, extra: &Extra) {
+        let slot = &*self.slot;
+        if extra.charged != 0 {
+            slot.tokens.refund(extra.charged, slot.signals.now());
+        }
+        if let (Some(shared), Some(limit)) = (&slot.shared, slot.tokens.limit()) {
+            if extra.stored != 0 {
+                let floor = slot.tokens.ahead_of(slot.signals.now());
+                shared.settle_tokens(extra.stored, 0, limit, slot.tokens.period(), floor);
+            }
+        }
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         let flags = *self.flags.get_mut();
@@ -587,11 +720,9 @@ impl Drop for Lease {
         // Reserved but never sent: what is left of its quota unit goes back, and its
         // tokens.
         let unsent = (flags & SENT == 0).then_some(self.tat_after);
-        if let Some(extra) = self.extra.as_ref().filter(|extra| extra.charged != 0) {
-            if unsent.is_some() {
-                self.slot
-                    .tokens
-                    .refund(extra.charged, self.slot.signals.now());
+        if let Some(extra) = self.extra.as_ref() {
+            if unsent.is_some() && (extra.charged != 0 || extra.stored != 0) {
+                self.tokens_unsent(extra);
             }
         }
         self.slot.release(
@@ -609,6 +740,16 @@ impl Drop for Lease {
 pub struct Admit {
     lease: Option<Lease>,
     admission: Option<Admission>,
+    tokens: Option<TokenStep>,
+}
+
+/// Where an [`Admit`] is with the store's token quota.
+#[derive(Debug)]
+enum TokenStep {
+    /// To ask, once admitted under the cap.
+    Ask,
+    /// Asked: the store's answer.
+    Asked(oneshot::Receiver<TokenVerdict>),
 }
 
 impl Future for Admit {
@@ -648,6 +789,27 @@ impl Future for Admit {
                     lease.set_flag(SENT);
                     this.lease = None;
                     return Poll::Ready(None);
+                }
+            }
+        }
+        if let Some(step) = &mut this.tokens {
+            let lease = this.lease.as_mut().expect("Admit polled after completion");
+            if let TokenStep::Ask = step {
+                match lease.ask_tokens() {
+                    Some(answer) => *step = TokenStep::Asked(answer),
+                    None => this.tokens = None,
+                }
+            }
+            if let Some(TokenStep::Asked(answer)) = &mut this.tokens {
+                let verdict = ready!(Pin::new(answer).poll(cx));
+                this.tokens = None;
+                // No answer (the store failed): the request goes on this replica's own
+                // accounting.
+                if let Ok(verdict) = verdict {
+                    if !lease.tokens_answered(verdict) {
+                        this.lease = None;
+                        return Poll::Ready(None);
+                    }
                 }
             }
         }
@@ -712,8 +874,25 @@ pub struct TokenReservation {
 struct ReservationInner {
     slot: Arc<Slot>,
     cost: u64,
+    /// Taken from the token quota here: the cost, or more while a shared store is away
+    /// (the degraded policy's share).
     charged: u64,
+    /// Taken from the store's shared token quota (0: none).
+    stored: u64,
     settled: AtomicBool,
+}
+
+impl ReservationInner {
+    /// Settles what the store took, if anything, with `used` (0: given back whole).
+    fn settle_stored(&self, used: u64) {
+        let slot = &*self.slot;
+        if let (Some(shared), Some(limit)) = (&slot.shared, slot.tokens.limit()) {
+            if self.stored != 0 {
+                let floor = slot.tokens.ahead_of(slot.signals.now());
+                shared.settle_tokens(self.stored, used, limit, slot.tokens.period(), floor);
+            }
+        }
+    }
 }
 
 impl TokenReservation {
@@ -731,7 +910,20 @@ impl TokenReservation {
         }
         let slot = &*inner.slot;
         slot.tokens.used.fetch_add(used, Ordering::Relaxed);
-        if inner.charged != 0 && slot.tokens.settle(inner.charged, used, slot.signals.now()) {
+        // Charged more than the cost (the degraded policy's share): settled in the same
+        // proportion.
+        let used_here = if inner.charged > inner.cost && inner.cost != 0 {
+            u64::try_from(u128::from(used) * u128::from(inner.charged) / u128::from(inner.cost))
+                .unwrap_or(u64::MAX)
+        } else {
+            used
+        };
+        let back = inner.charged != 0
+            && slot
+                .tokens
+                .settle(inner.charged, used_here, slot.signals.now());
+        inner.settle_stored(used);
+        if back {
             // Room came back sooner than the waiters' timers say.
             slot.signals.notify_all();
         }
@@ -745,7 +937,9 @@ impl TokenReservation {
             return;
         }
         let slot = &*inner.slot;
-        if inner.charged != 0 && slot.tokens.refund(inner.charged, slot.signals.now()) {
+        let back = inner.charged != 0 && slot.tokens.refund(inner.charged, slot.signals.now());
+        inner.settle_stored(0);
+        if back {
             slot.signals.notify_all();
         }
     }

@@ -271,7 +271,15 @@ impl Slot {
             }
             // A request larger than the window never fits here: it waits as if for ever
             // (the pool fails it at once when no key fits it: `KeyPool::poll_reserve_route`).
-            at.max(self.tokens.available_at(cost).unwrap_or(PoolTime::MAX))
+            // While a shared store is away, the degraded policy's share of the window.
+            let units = match &self.shared {
+                None => Some(cost),
+                Some(_) => self.token_units(cost),
+            };
+            let tokens_at = units.map_or(Some(PoolTime::EPOCH), |units| {
+                self.tokens.available_at(units)
+            });
+            at.max(tokens_at.unwrap_or(PoolTime::MAX))
         };
         match self.deadline.read() {
             RestWord::Disabled => return (KeyState::Disabled, Availability::Never),
@@ -287,6 +295,11 @@ impl Slot {
             return (KeyState::Probing, Availability::OnRelease);
         }
         if self.in_flight.load(Ordering::Relaxed) >= self.take_limit() {
+            return (KeyState::Busy, Availability::OnRelease);
+        }
+        if cost != 0 && self.shared.is_some() && self.token_units(cost).is_none() {
+            // The degraded policy `closed`: no tokens until the store is back (its return
+            // wakes every waiter).
             return (KeyState::Busy, Availability::OnRelease);
         }
         let quota_at = quota_at();
@@ -348,15 +361,8 @@ impl Slot {
         let mut tokens = 0;
         let mut ready_at = PoolTime::EPOCH;
         // Only a token quota reads the clock: a cost on a lane without one takes nothing.
-        if now.cost != 0 && self.tokens.limit().is_some() {
-            let at = now.get();
-            let Some((taken, ready)) = self.tokens.try_take_ahead(now.cost, at, now.ahead) else {
-                if let Some(quota) = self.quota {
-                    quota.refund(&self.tat, tat_after, now_at);
-                }
-                self.unprobe(probe);
-                return None;
-            };
+        if now.cost != 0 {
+            let (taken, ready) = self.take_tokens(now, tat_after, now_at, probe)?;
             tokens = taken;
             ready_at = ready;
         }
@@ -491,6 +497,46 @@ impl Slot {
     /// A key's lanes made so far.
     pub(super) fn made_lanes(&self) -> impl Iterator<Item = &Arc<Slot>> {
         self.lanes.iter().filter_map(OnceLock::get)
+    }
+
+    /// The token part of [`try_take`](Self::try_take), out of line (only a request with a
+    /// token cost comes here): the tokens taken and when the request may go, or `None`
+    /// (the quota unit and the probe given back) if they do not fit.
+    #[cold]
+    #[inline(never)]
+    fn take_tokens(
+        &self,
+        now: &mut LazyNow<'_>,
+        tat_after: PoolTime,
+        now_at: PoolTime,
+        probe: bool,
+    ) -> Option<(u64, PoolTime)> {
+        // Only a token quota reads the clock: a cost on a lane without one takes nothing.
+        if self.tokens.limit().is_none() {
+            return Some((0, PoolTime::EPOCH));
+        }
+        let at = now.get();
+        let taken = self
+            .token_units(now.cost)
+            .and_then(|units| self.tokens.try_take_ahead(units, at, now.ahead));
+        if taken.is_none() {
+            if let Some(quota) = self.quota {
+                quota.refund(&self.tat, tat_after, now_at);
+            }
+            self.unprobe(probe);
+        }
+        taken
+    }
+
+    /// Tokens a request of `cost` takes from this slot's token quota: `cost`, or while a
+    /// shared store is away, the degraded policy's (`None`: none may be taken until it is
+    /// back; see [`TokenAsk`](crate::shared::TokenAsk)).
+    #[inline]
+    pub(super) fn token_units(&self, cost: u64) -> Option<u64> {
+        match (&self.shared, self.tokens.limit()) {
+            (Some(shared), Some(limit)) => shared.token_units(cost, limit),
+            _ => Some(cost),
+        }
     }
 
     /// Gives back a probe won by a caller that could not take the key after all.

@@ -62,6 +62,13 @@
 //!   its return both sides are merged (a later deadline wins, a disable is kept, a higher
 //!   level wins) before sharing resumes.
 //!
+//! - **Token quotas** (a lane with a token quota, configured or learned, and requests
+//!   with a token cost) are one GCRA state per (key, bucket) in the store, in token
+//!   units: a lease with a token cost takes its tokens there too ([`Op::Tokens`], one
+//!   round trip while `poll_ready` or the routed request waits) and settles them with the
+//!   answer's usage ([`Op::TokenSettle`], off the request path). See [`TokenAsk`] for the
+//!   degraded rule.
+//!
 //! In a pool with buckets, each key's lane for a bucket is shared as a key is, under its
 //! own id (`<key id>.<bucket>`): its count, queue, rests, probe and learned limit; the key's
 //! own id keeps what is account-wide.
@@ -75,9 +82,11 @@ pub mod redis;
 
 mod key;
 mod link;
+mod tokens;
 
 pub(crate) use key::{Admission, Answer, Shared, SharedKey};
 pub use link::BackendLink;
+pub use tokens::{TokenAsk, TokenVerdict};
 
 use std::fmt;
 use std::sync::Arc;
@@ -179,6 +188,29 @@ pub enum Op {
         generation: u64,
         /// What happened.
         change: LimitChange,
+    },
+    /// A request with a token cost asks for its tokens from the key's shared token quota
+    /// (its request waits for the answer; see [`TokenAsk`]).
+    Tokens(TokenAsk),
+    /// A request's tokens the store took are settled: the answer reported `used` of the
+    /// `charged` tokens (0 when the whole reservation comes back: refused, or never sent).
+    /// What was not used goes back, never pulling the state before now; what was used
+    /// beyond is charged.
+    TokenSettle {
+        /// The key's [`StateBackend::key_id`].
+        key: Arc<str>,
+        /// The tokens the store took for the request.
+        charged: u64,
+        /// The tokens the answer reported using.
+        used: u64,
+        /// The quota's tokens per period in force here.
+        limit: u64,
+        /// The quota's period.
+        period: Duration,
+        /// This replica's own state of the quota after settling, ahead of now (held no
+        /// earlier than what its provider's headers said): the store holds its state no
+        /// earlier than this.
+        floor: Duration,
     },
 }
 

@@ -85,14 +85,22 @@ struct Ledger {
     /// (when admitted, tokens used) of each answer served.
     used: Vec<(Instant, u64)>,
     rng: Option<Rng>,
+    /// Each key's bucket starts whole (else spent: the key was busy elsewhere).
+    whole: bool,
 }
 
 /// The stand-in: counts a prompt's tokens as its body's bytes over 3.7 to 4.3 (by the
 /// body's length), charges prompt and allowed output when it takes a request, answers a
 /// tenth of a second later plus a millisecond per ten output tokens.
 async fn stand_in() -> (MockUpstream, Arc<Mutex<Ledger>>) {
+    stand_in_from(false).await
+}
+
+/// [`stand_in`], each key's bucket starting whole if `whole`.
+async fn stand_in_from(whole: bool) -> (MockUpstream, Arc<Mutex<Ledger>>) {
     let ledger = Arc::new(Mutex::new(Ledger {
         rng: Some(Rng(0x2323_2323)),
+        whole,
         ..Ledger::default()
     }));
     let shared = ledger.clone();
@@ -121,11 +129,12 @@ async fn answer(seen: Seen, ledger: Arc<Mutex<Ledger>>) -> Response<MockBody> {
         };
         ledger.first_answer.entry(key.clone()).or_insert(now);
         // Each key's bucket starts spent (the key was busy elsewhere): the keys are at
-        // their limit from the start.
-        let bucket = ledger.buckets.entry(key.clone()).or_insert(Bucket {
-            level: 0.0,
-            at: now,
-        });
+        // their limit from the start. Or whole, if asked.
+        let level = if ledger.whole { LIMIT } else { 0.0 };
+        let bucket = ledger
+            .buckets
+            .entry(key.clone())
+            .or_insert(Bucket { level, at: now });
         bucket.refill(now);
         let charge = (prompt + allowed) as f64;
         if bucket.level < charge {
@@ -318,4 +327,130 @@ async fn a_request_larger_than_the_token_limit_is_answered_413_at_once() {
         "{error}"
     );
     assert!(upstream.seen().is_empty());
+}
+
+/// Three proxies sharing three keys' token quotas (`--tpm`) through a real `redis-server`,
+/// each offered a third of a mix at 120 % of the keys' combined tokens per window (the
+/// stand-in's buckets start whole, as the proxies' quotas do): no 429 after each key's
+/// first answer, no client error, the keys' combined tokens per window respected (the
+/// stand-in refuses beyond them), and most of them served. Without the shared token state,
+/// each replica would spend each key's whole window on its own: three times the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_through_redis_keep_the_keys_combined_tpm() {
+    let redis = test_support::RedisServer::start().await;
+    let (upstream, ledger) = stand_in_from(true).await;
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        let mut config = ProxyConfig::new(&upstream.url(""), "tb-1,tb-2,tb-3")
+            .arg("--profile", "openai")
+            .arg("--keys-env", "BIGMODEL_API_KEY")
+            .arg("--tpm", &(LIMIT as u64).to_string())
+            .arg("--token-window", "2")
+            .arg("--default-output-tokens", &DEFAULT_OUTPUT.to_string())
+            .arg("--max-wait", "60")
+            .env("REDIS_URL", &redis.url())
+            .arg("--redis-namespace", "tokens")
+            .env("REPLICA_SECRET", "replica-secret-value")
+            .arg("--redis-secret-env", "REPLICA_SECRET");
+        config.args.push("--count-tokens".into());
+        proxies.push(config.start().await);
+    }
+    // The heartbeats' calls alone, over one window: what the load's calls are measured
+    // against.
+    let idle = redis.command_stats();
+    tokio::time::sleep(WINDOW).await;
+    let before = redis.command_stats();
+    let evalsha = |stats: &HashMap<String, u64>| stats.get("evalsha").copied().unwrap_or(0);
+    let heartbeats_per_window = evalsha(&before) - evalsha(&idle);
+
+    let windows = 5;
+    let run = WINDOW * windows;
+    let offered_per_second = 1.2 * 3.0 * LIMIT / WINDOW.as_secs_f64();
+    let mut rng = Rng(0x5eed_0024);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    let urls: Vec<String> = proxies
+        .iter()
+        .map(|proxy| proxy.url("/v1/chat/completions"))
+        .collect();
+    let mut sent = 0usize;
+    while start.elapsed() < run {
+        let prompt = rng.range(100, 8_000);
+        let max = (rng.range(0, 2) != 0).then(|| rng.range(100, 2_000));
+        let stream = rng.range(0, 1) == 0;
+        let allowed = max.unwrap_or(DEFAULT_OUTPUT);
+        let content = "x".repeat(prompt as usize * 4);
+        let mut body = serde_json::json!({
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": content}],
+        });
+        if let Some(max) = max {
+            body["max_tokens"] = max.into();
+        }
+        if stream {
+            body["stream"] = true.into();
+        }
+        // Each replica in turn.
+        let url = urls[sent % urls.len()].clone();
+        sent += 1;
+        tasks.push(tokio::spawn(async move {
+            post(&url, &body.to_string()).await.status
+        }));
+        let expected = (prompt + allowed * 5 / 8) as f64;
+        tokio::time::sleep(Duration::from_secs_f64(expected / offered_per_second)).await;
+    }
+    let mut failed = Vec::new();
+    for task in tasks {
+        let status = task.await.unwrap();
+        if status != 200 {
+            failed.push(status);
+        }
+    }
+    let after = redis.command_stats();
+    let took = start.elapsed();
+    let ledger = ledger.lock().unwrap();
+    let end = start + run;
+    let served: u64 = ledger
+        .used
+        .iter()
+        .filter(|(at, _)| *at <= end)
+        .map(|(_, used)| used)
+        .sum();
+    let share = served as f64 / (3.0 * LIMIT * windows as f64);
+    let after_first: Vec<_> = ledger
+        .refusals
+        .iter()
+        .filter(|(at, key)| *at > ledger.first_answer[key] + Duration::from_millis(50))
+        .map(|(at, key)| (at.duration_since(start), key.clone()))
+        .collect();
+    let heartbeats = heartbeats_per_window as f64 * took.as_secs_f64() / WINDOW.as_secs_f64();
+    let calls = (evalsha(&after) - evalsha(&before)) as f64;
+    let mut commands: Vec<_> = after
+        .iter()
+        .map(|(name, calls)| (name.as_str(), calls - before.get(name).unwrap_or(&0)))
+        .filter(|(_, calls)| *calls != 0)
+        .collect();
+    commands.sort_unstable();
+    eprintln!("commands run during the load: {commands:?}");
+    eprintln!(
+        "3 replicas: {sent} requests, served {share:.3} of the keys' tokens per window; {} \
+         refusals, {} after first answers; {:.2} script calls per request ({:.2} without the \
+         heartbeats' {heartbeats:.0})",
+        ledger.refusals.len(),
+        after_first.len(),
+        calls / sent as f64,
+        (calls - heartbeats) / sent as f64,
+    );
+    assert!(failed.is_empty(), "client errors: {failed:?}");
+    assert!(
+        after_first.is_empty(),
+        "refused after first answers: {after_first:?}"
+    );
+    assert!(
+        share >= 0.8,
+        "served {share:.3} of the keys' tokens per window"
+    );
+    for proxy in &proxies {
+        proxy.assert_log_has_no_secret(&["tb-1", "tb-2", "tb-3", "replica-secret-value"]);
+    }
 }

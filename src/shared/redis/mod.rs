@@ -21,6 +21,7 @@
 //! | `tkr:<ns>:{<id>}:c` | hash | per replica: `count:deadline:generation`, its requests sent on the key, the server time the entry lives until (renewed by each call and the heartbeat), and how many times the replica reset it |
 //! | `tkr:<ns>:{<id>}:w` | list | the queue: one entry (the replica's name) per lease waiting for the key, in arrival order across the replicas |
 //! | `tkr:<ns>:{<id>}:q` | string | the key's quota state (GCRA's theoretical arrival time, server µs) |
+//! | `tkr:<ns>:{<id>}:t` | string | the key's token quota state (GCRA in token units: its theoretical arrival time, server µs) |
 //! | `tkr:<ns>:{<id>}:p` | string | the replica whose probe of the key (its single request after a rest) is running |
 //! | `tkr:{<ns>}:replicas` | sorted set | replica → when it is considered dead (server ms) |
 //! | `tkr:<ns>:events` | channel | `rest <id> <ms left> <level> <disabled> <replica>`, `grant <id> <replica> <n> <generation> <total>`, `back <id> <0/1> <replica>`, `limit <id> <limit> <generation> <floor> <ms until a raise>` |
@@ -101,6 +102,7 @@ mod calls;
 mod failure;
 mod scripts;
 mod task;
+mod tokens;
 
 pub use failure::RedisFailure;
 use scripts::Scripts;

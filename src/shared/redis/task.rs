@@ -395,6 +395,7 @@ async fn report(inner: &Inner, link: &BackendLink, op: Op) {
                 link.set_limit(&key, kept);
             }
         }
+        op @ (Op::Tokens(_) | Op::TokenSettle { .. }) => super::tokens::report(inner, op).await,
         Op::Acquire(_) | Op::Release { .. } => {}
     }
 }
