@@ -53,6 +53,42 @@ impl Rng {
     }
 }
 
+/// One request of the mix the load tests offer: a prompt of 100 to 8,000 tokens, a
+/// `max_tokens` of 100 to 2,000 on two in three (else the proxy's default output), a
+/// stream on half.
+struct Mixed {
+    body: serde_json::Value,
+    stream: bool,
+    /// The tokens it is expected to use: its prompt and 5/8 of the output it allows.
+    expected: f64,
+}
+
+impl Mixed {
+    fn next(rng: &mut Rng) -> Self {
+        let prompt = rng.range(100, 8_000);
+        let max = (rng.range(0, 2) != 0).then(|| rng.range(100, 2_000));
+        let stream = rng.range(0, 1) == 0;
+        let allowed = max.unwrap_or(DEFAULT_OUTPUT);
+        // About 4 bytes a token, as the stand-in counts them.
+        let content = "x".repeat(prompt as usize * 4);
+        let mut body = serde_json::json!({
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": content}],
+        });
+        if let Some(max) = max {
+            body["max_tokens"] = max.into();
+        }
+        if stream {
+            body["stream"] = true.into();
+        }
+        Self {
+            body,
+            stream,
+            expected: (prompt + allowed * 5 / 8) as f64,
+        }
+    }
+}
+
 struct Bucket {
     level: f64,
     at: Instant,
@@ -217,29 +253,17 @@ async fn a_mix_of_prompts_above_three_keys_tpm_draws_no_429_and_keeps_them_busy(
     let mut tasks = Vec::new();
     let url = proxy.url("/v1/chat/completions");
     while start.elapsed() < run {
-        let prompt = rng.range(100, 8_000);
-        let max = (rng.range(0, 2) != 0).then(|| rng.range(100, 2_000));
-        let stream = rng.range(0, 1) == 0;
-        let allowed = max.unwrap_or(DEFAULT_OUTPUT);
-        // About 4 bytes a token, as the stand-in counts them.
-        let content = "x".repeat(prompt as usize * 4);
-        let mut body = serde_json::json!({
-            "model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": content}],
-        });
-        if let Some(max) = max {
-            body["max_tokens"] = max.into();
-        }
-        if stream {
-            body["stream"] = true.into();
-        }
+        let Mixed {
+            body,
+            stream,
+            expected,
+        } = Mixed::next(&mut rng);
         let url = url.clone();
         tasks.push(tokio::spawn(async move {
             let got = post(&url, &body.to_string()).await;
             (got, stream)
         }));
         // Open loop: the next request when the offered rate says.
-        let expected = (prompt + allowed * 5 / 8) as f64;
         tokio::time::sleep(Duration::from_secs_f64(expected / offered_per_second)).await;
     }
     let mut failed = Vec::new();
@@ -375,28 +399,13 @@ async fn three_replicas_through_redis_keep_the_keys_combined_tpm() {
         .collect();
     let mut sent = 0usize;
     while start.elapsed() < run {
-        let prompt = rng.range(100, 8_000);
-        let max = (rng.range(0, 2) != 0).then(|| rng.range(100, 2_000));
-        let stream = rng.range(0, 1) == 0;
-        let allowed = max.unwrap_or(DEFAULT_OUTPUT);
-        let content = "x".repeat(prompt as usize * 4);
-        let mut body = serde_json::json!({
-            "model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": content}],
-        });
-        if let Some(max) = max {
-            body["max_tokens"] = max.into();
-        }
-        if stream {
-            body["stream"] = true.into();
-        }
+        let Mixed { body, expected, .. } = Mixed::next(&mut rng);
         // Each replica in turn.
         let url = urls[sent % urls.len()].clone();
         sent += 1;
         tasks.push(tokio::spawn(async move {
             post(&url, &body.to_string()).await.status
         }));
-        let expected = (prompt + allowed * 5 / 8) as f64;
         tokio::time::sleep(Duration::from_secs_f64(expected / offered_per_second)).await;
     }
     let mut failed = Vec::new();
