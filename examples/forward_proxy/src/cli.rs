@@ -501,7 +501,7 @@ struct SharedArgs {
     #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = positive_seconds, hide_default_value = true)]
     redis_ttl: Duration,
 
-    /// How often a replica renews its life and counts in Redis, in seconds
+    /// How often a replica renews its slots in Redis, in seconds
     ///
     /// Keep it well below --redis-ttl. Default 1.
     #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = positive_seconds, hide_default_value = true)]
