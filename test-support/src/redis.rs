@@ -73,28 +73,7 @@ impl RedisServer {
                 .args(["--tls-cert-file", cert, "--tls-key-file", key])
                 .args(["--tls-auth-clients", "no"]),
         };
-        let mut child = command
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server not found: apt-get install redis-server");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready = async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if line.contains("Ready to accept connections") {
-                    return;
-                }
-            }
-            panic!("redis-server ended before it was ready");
-        };
-        tokio::time::timeout(Duration::from_secs(10), ready)
-            .await
-            .expect("redis-server ready within 10 s");
-        // Keep reading its log, or it blocks once the pipe is full.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        self.child = Some(child);
+        self.child = Some(spawn_ready(&mut command).await);
     }
 
     /// Runs `redis-cli` against the server with `args`; its output.
@@ -184,35 +163,18 @@ impl RedisCluster {
                 .port();
             let dir = cluster.dir.join(node.to_string());
             std::fs::create_dir_all(&dir).unwrap();
-            let mut child = Command::new(server_binary())
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            let mut command = Command::new(server_binary());
+            command
+                .args(["--port", &port.to_string()])
                 .args([
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
                     "nodes.conf",
                 ])
-                .args(["--save", "", "--appendonly", "no"])
                 .arg("--dir")
-                .arg(&dir)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("redis-server not found: apt-get install redis-server");
-            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-            let ready = async {
-                while let Some(line) = lines.next_line().await.unwrap() {
-                    if line.contains("Ready to accept connections") {
-                        return;
-                    }
-                }
-                panic!("redis-server ended before it was ready");
-            };
-            tokio::time::timeout(Duration::from_secs(10), ready)
-                .await
-                .expect("redis-server ready within 10 s");
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                .arg(&dir);
+            let child = spawn_ready(&mut command).await;
             cluster.ports.push(port);
             cluster.children.push(child);
         }
@@ -302,4 +264,31 @@ impl Drop for RedisCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Starts `command` (a `redis-server` with its port and mode) on loopback without
+/// persistence, and waits until it accepts connections; its log is read on, or the server
+/// would block once the pipe is full.
+async fn spawn_ready(command: &mut Command) -> Child {
+    let mut child = command
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server not found: apt-get install redis-server");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("Ready to accept connections") {
+                return;
+            }
+        }
+        panic!("redis-server ended before it was ready");
+    };
+    tokio::time::timeout(Duration::from_secs(10), ready)
+        .await
+        .expect("redis-server ready within 10 s");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
 }

@@ -125,6 +125,30 @@ struct Ledger {
     whole: bool,
 }
 
+impl Ledger {
+    /// The share of three keys' tokens over `windows` windows served by requests admitted
+    /// by `end` (the provider meters tokens when it takes a request).
+    fn share_served(&self, end: Instant, windows: u32) -> f64 {
+        let served: u64 = self
+            .used
+            .iter()
+            .filter(|(at, _)| *at <= end)
+            .map(|(_, used)| used)
+            .sum();
+        served as f64 / (3.0 * LIMIT * f64::from(windows))
+    }
+
+    /// The refusals after their key's first answer, as (time since `start`, key). A request
+    /// already on its way when the first answer went out is not after it.
+    fn refused_after_first_answers(&self, start: Instant) -> Vec<(Duration, String)> {
+        self.refusals
+            .iter()
+            .filter(|(at, key)| *at > self.first_answer[key] + Duration::from_millis(50))
+            .map(|(at, key)| (at.duration_since(start), key.clone()))
+            .collect()
+    }
+}
+
 /// The stand-in: counts a prompt's tokens as its body's bytes over 3.7 to 4.3 (by the
 /// body's length), charges prompt and allowed output when it takes a request, answers a
 /// tenth of a second later plus a millisecond per ten output tokens.
@@ -286,21 +310,8 @@ async fn a_mix_of_prompts_above_three_keys_tpm_draws_no_429_and_keeps_them_busy(
             key["tokens"]["input"].as_u64().unwrap() + key["tokens"]["output"].as_u64().unwrap()
         })
         .sum();
-    let end = start + run;
-    let served: u64 = ledger
-        .used
-        .iter()
-        .filter(|(at, _)| *at <= end)
-        .map(|(_, used)| used)
-        .sum();
-    let share = served as f64 / (3.0 * LIMIT * windows as f64);
-    // A request already on its way when a key's first answer went out is not after it.
-    let after_first: Vec<_> = ledger
-        .refusals
-        .iter()
-        .filter(|(at, key)| *at > ledger.first_answer[key] + Duration::from_millis(50))
-        .map(|(at, key)| (at.duration_since(start), key.clone()))
-        .collect();
+    let share = ledger.share_served(start + run, windows);
+    let after_first = ledger.refused_after_first_answers(start);
     let estimate = &keys[0]["models"][0]["token_estimate"];
     eprintln!(
         "served {share:.3} of the keys' tokens per window; {} refusals, {} after first answers; \
@@ -418,20 +429,8 @@ async fn three_replicas_through_redis_keep_the_keys_combined_tpm() {
     let after = redis.command_stats();
     let took = start.elapsed();
     let ledger = ledger.lock().unwrap();
-    let end = start + run;
-    let served: u64 = ledger
-        .used
-        .iter()
-        .filter(|(at, _)| *at <= end)
-        .map(|(_, used)| used)
-        .sum();
-    let share = served as f64 / (3.0 * LIMIT * windows as f64);
-    let after_first: Vec<_> = ledger
-        .refusals
-        .iter()
-        .filter(|(at, key)| *at > ledger.first_answer[key] + Duration::from_millis(50))
-        .map(|(at, key)| (at.duration_since(start), key.clone()))
-        .collect();
+    let share = ledger.share_served(start + run, windows);
+    let after_first = ledger.refused_after_first_answers(start);
     let heartbeats = heartbeats_per_window as f64 * took.as_secs_f64() / WINDOW.as_secs_f64();
     let calls = (evalsha(&after) - evalsha(&before)) as f64;
     let mut commands: Vec<_> = after
