@@ -187,6 +187,14 @@ impl Ring {
         u64::MAX - (-u.ln() * key.inverse_weight).to_bits()
     }
 
+    /// Of `indices`, the key ranked highest at `point` (the first of equals).
+    fn highest(&self, point: u64, indices: impl Iterator<Item = usize>) -> Option<usize> {
+        indices
+            .map(|index| (self.rank_in(point, index), index))
+            .reduce(|best, next| if next.0 > best.0 { next } else { best })
+            .map(|(_, index)| index)
+    }
+
     /// The session's preferred key (index) from the table, if the pool keeps one.
     #[inline]
     pub(super) fn preferred_of(&self, id: u64) -> Option<usize> {
@@ -427,28 +435,23 @@ impl PoolInner {
         // the allowed key of highest rank.
         let preferred = match ring.preferred_of(id) {
             Some(index) if index < n && allowed(index + 1) => index,
-            _ => {
-                let best = (0..n)
-                    .filter(|&index| allowed(index + 1))
-                    .map(|index| (ring.rank_in(point, index), index))
-                    .reduce(|best, next| if next.0 > best.0 { next } else { best });
-                match best {
-                    Some((_, index)) => index,
-                    None => return Placed::Nothing,
-                }
-            }
+            _ => match ring.highest(point, (0..n).filter(|&index| allowed(index + 1))) {
+                Some(index) => index,
+                None => return Placed::Nothing,
+            },
         };
         // The key the session spilled to, if remembered: of the allowed keys sharing its
         // fingerprint, the one it ranks highest.
         let first = match &recalled {
             None => preferred,
-            Some(recalled) => (0..n)
-                .filter(|&index| {
-                    ring.fingerprint(index) == recalled.fingerprint() && allowed(index + 1)
-                })
-                .map(|index| (ring.rank_in(point, index), index))
-                .reduce(|best, next| if next.0 > best.0 { next } else { best })
-                .map_or(preferred, |(_, index)| index),
+            Some(recalled) => ring
+                .highest(
+                    point,
+                    (0..n).filter(|&index| {
+                        ring.fingerprint(index) == recalled.fingerprint() && allowed(index + 1)
+                    }),
+                )
+                .unwrap_or(preferred),
         };
         let slot = &*table.slots[first];
         if let Some((lane, taken)) = take(slot, bucket, now) {

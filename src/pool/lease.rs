@@ -105,11 +105,7 @@ impl Extra {
             cost: taken.cost,
             charged: taken.tokens,
             ready_at: taken.ready_at,
-            candidate: None,
-            ask_tokens: false,
-            ask_cap: false,
-            stored: 0,
-            horizon: 0,
+            ..Self::NONE
         });
         // Tokens taken from a token quota here are taken from the store's too, while it
         // is reachable.
@@ -121,18 +117,17 @@ impl Extra {
         extra
     }
 
-    fn empty() -> Box<Self> {
-        Box::new(Self {
-            cost: 0,
-            charged: 0,
-            ready_at: PoolTime::EPOCH,
-            candidate: None,
-            ask_tokens: false,
-            ask_cap: false,
-            stored: 0,
-            horizon: 0,
-        })
-    }
+    /// No cost, no candidate name: what a lease without a side record stands for.
+    const NONE: Self = Self {
+        cost: 0,
+        charged: 0,
+        ready_at: PoolTime::EPOCH,
+        candidate: None,
+        ask_tokens: false,
+        ask_cap: false,
+        stored: 0,
+        horizon: 0,
+    };
 }
 
 const SENT: u8 = 1;
@@ -231,7 +226,7 @@ impl Lease {
     /// Takes the request's candidate bucket name (see [`Route`](crate::route::Route)).
     pub(super) fn with_candidate(mut self, candidate: Option<u64>) -> Self {
         if candidate.is_some() {
-            let extra = self.extra.get_or_insert_with(Extra::empty);
+            let extra = self.extra.get_or_insert_with(|| Box::new(Extra::NONE));
             extra.candidate = candidate;
         }
         self

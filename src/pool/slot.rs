@@ -272,13 +272,11 @@ impl Slot {
             // A request larger than the window never fits here: it waits as if for ever
             // (the pool fails it at once when no key fits it: `KeyPool::poll_reserve_route`).
             // While a shared store is away, the degraded policy's share of the window.
-            let units = match &self.shared {
-                None => Some(cost),
-                Some(_) => self.token_units(cost),
-            };
-            let tokens_at = units.map_or(Some(PoolTime::EPOCH), |units| {
-                self.tokens.available_at(units)
-            });
+            let tokens_at = self
+                .token_units(cost)
+                .map_or(Some(PoolTime::EPOCH), |units| {
+                    self.tokens.available_at(units)
+                });
             at.max(tokens_at.unwrap_or(PoolTime::MAX))
         };
         match self.deadline.read() {
@@ -360,7 +358,6 @@ impl Slot {
         // Tokens next, only for a request that has a cost.
         let mut tokens = 0;
         let mut ready_at = PoolTime::EPOCH;
-        // Only a token quota reads the clock: a cost on a lane without one takes nothing.
         if now.cost != 0 {
             let (taken, ready) = self.take_tokens(now, tat_after, now_at, probe)?;
             tokens = taken;
